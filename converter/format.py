@@ -1,0 +1,324 @@
+"""The polar block formats, defined once.
+
+Every constant the numpy codec, the llama.cpp patch and the CuPy kernels use comes from here.
+`docs/FORMAT.md` describes the bytes and the encoding algorithm; the C/CUDA header
+`converter/csrc/ggml-polar-format.h` and the stored tables `converter/_codebooks.py` are
+generated from this module by
+
+    python -m kvpolar.format --write
+
+Ring codes: ring j holds n_j points at radius r_j, angles phi_j + 2*pi*k/n_j with
+phi_j = (j % 2) * pi / n_j; code index = sum(n_0..n_{j-1}) + k. Ring 0 is the origin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("kvpolar.format")
+
+QK = 64  # coordinates per block (must divide the head size)
+PAIRS = QK // 2
+FP16_MAX = 65504.0
+VMAX = float(2.0**60)  # inputs are clamped to [-VMAX, VMAX] so that x*x + y*y cannot overflow
+
+# Design of the codebooks (docs/format-study.md chose these).
+DESIGN_SAMPLES = 400_000
+DESIGN_ITERS = 40
+DESIGN_SEED = 20250204
+SCALE_GRID = (0.8, 1.3)  # multipliers g_k of the outer radius, evenly spaced
+N_CAND = 16
+N_REFINE = 2
+
+LLAMA_LAST_TYPE_ID = 42  # GGML_TYPE_Q2_0 in llama.cpp 0c1e570
+
+
+@dataclasses.dataclass(frozen=True)
+class PolarFormat:
+    """One polar block type: layout and codebook definition."""
+
+    name: str  # ggml type name, what `-ctk` takes
+    type_id: int  # GGML_TYPE_* value, appended after llama.cpp's last id
+    code_bits: int  # bits per pair code
+    counts: tuple[int, ...]  # points per ring, ring 0 = origin
+
+    @property
+    def ncodes(self) -> int:
+        return 1 << self.code_bits
+
+    @property
+    def block_size(self) -> int:
+        return QK
+
+    @property
+    def type_size(self) -> int:
+        return 2 + PAIRS * self.code_bits // 8
+
+    @property
+    def bits_per_elem(self) -> float:
+        return 8.0 * self.type_size / QK
+
+    @property
+    def fields(self) -> tuple[tuple[str, str, int], ...]:
+        """(name, dtype, count) in struct order."""
+        if self.code_bits == 8:
+            return (("d", "<f2", 1), ("qs", "u1", PAIRS))
+        if self.code_bits == 6:
+            return (("d", "<f2", 1), ("qs", "u1", PAIRS // 2), ("qh", "u1", PAIRS // 4))
+        raise ValueError(f"unsupported code_bits {self.code_bits}")
+
+    @property
+    def ring_offsets(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in np.concatenate([[0], np.cumsum(self.counts)[:-1]]))
+
+    @property
+    def ring_phases(self) -> np.ndarray:
+        return np.array([(j % 2) * math.pi / n if n > 1 else 0.0 for j, n in enumerate(self.counts)])
+
+    def __post_init__(self) -> None:
+        assert sum(self.counts) == self.ncodes, (self.name, sum(self.counts))
+        assert self.counts[0] == 1
+
+
+POLAR = PolarFormat("polar", LLAMA_LAST_TYPE_ID + 1, 8, (1, 7, 14, 20, 26, 32, 37, 41, 40, 38))
+POLAR3 = PolarFormat("polar3", LLAMA_LAST_TYPE_ID + 2, 6, (1, 6, 11, 16, 16, 14))
+FORMATS: dict[str, PolarFormat] = {f.name: f for f in (POLAR, POLAR3)}
+
+
+def get_format(name: str) -> PolarFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown polar format {name!r}; expected one of {sorted(FORMATS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Codebook design
+
+
+def ring_points(counts, radii) -> np.ndarray:
+    """(sum(counts), 2) float64 points of a ring code."""
+    pts = []
+    for j, (n, r) in enumerate(zip(counts, radii, strict=True)):
+        phi = (j % 2) * math.pi / n if n > 1 else 0.0
+        a = phi + 2 * math.pi * np.arange(n) / n
+        pts.append(np.stack([r * np.cos(a), r * np.sin(a)], 1))
+    return np.concatenate(pts)
+
+
+def nearest(x: np.ndarray, pts: np.ndarray, chunk: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force nearest point (index, squared distance) for (n, 2) samples; design only."""
+    idx = np.empty(len(x), np.int64)
+    dist = np.empty(len(x))
+    p2 = (pts**2).sum(1)
+    for i in range(0, len(x), chunk):
+        xs = x[i : i + chunk]
+        d = p2[None, :] - 2.0 * (xs @ pts.T)
+        k = d.argmin(1)
+        idx[i : i + chunk] = k
+        dist[i : i + chunk] = ((xs - pts[k]) ** 2).sum(1)
+    return idx, dist
+
+
+def lloyd_ring_step(counts, radii, samples) -> tuple[np.ndarray, float]:
+    """One restricted Lloyd step: new radii (centroid condition along each point's direction)
+    and the mean squared error per coordinate before the step."""
+    pts = ring_points(counts, radii)
+    idx, dist = nearest(samples, pts)
+    ring = np.repeat(np.arange(len(counts)), counts)[idx]
+    norms = np.linalg.norm(pts, axis=1, keepdims=True)
+    unit = np.divide(pts, norms, out=np.zeros_like(pts), where=norms > 0)
+    proj = (samples * unit[idx]).sum(1)
+    new = np.array(radii, dtype=np.float64)
+    for j in range(1, len(counts)):
+        m = ring == j
+        if m.any():
+            new[j] = proj[m].mean()
+    return new, float(dist.mean() / 2)
+
+
+def design_samples(n: int = DESIGN_SAMPLES, seed: int = DESIGN_SEED) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 2))
+
+
+def design_ring_code(counts, iters: int = DESIGN_ITERS, samples: np.ndarray | None = None) -> np.ndarray:
+    """Radii of the ring code with these counts, Lloyd-optimal for N(0, I_2) (float64)."""
+    samples = design_samples() if samples is None else samples
+    q = (np.cumsum(counts) - np.asarray(counts) / 2) / sum(counts)
+    radii = np.sqrt(-2 * np.log1p(-q))  # Rayleigh quantiles
+    radii[0] = 0.0
+    for _ in range(iters):
+        radii, _ = lloyd_ring_step(counts, radii, samples)
+    return radii
+
+
+@dataclasses.dataclass(frozen=True)
+class Tables:
+    """float32 tables of one format, exactly as the C/CUDA code sees them."""
+
+    cx: np.ndarray  # (ncodes,) float32
+    cy: np.ndarray
+    ring_n: np.ndarray  # (R,) int32
+    ring_off: np.ndarray  # (R,) int32
+    ring_phi: np.ndarray  # (R,) float32
+    ring_istep: np.ndarray  # (R,) float32, n_j / (2 pi)
+    g: np.ndarray  # (N_CAND,) float32 scale-candidate multipliers of rmax
+    radii: np.ndarray  # (R,) float32, documentation and tests
+
+
+def make_tables(fmt: PolarFormat, radii) -> Tables:
+    radii = np.asarray(radii, dtype=np.float64)
+    pts = ring_points(fmt.counts, radii)
+    gk = np.linspace(SCALE_GRID[0], SCALE_GRID[1], N_CAND)
+    return Tables(
+        cx=pts[:, 0].astype(np.float32),
+        cy=pts[:, 1].astype(np.float32),
+        ring_n=np.array(fmt.counts, np.int32),
+        ring_off=np.array(fmt.ring_offsets, np.int32),
+        ring_phi=fmt.ring_phases.astype(np.float32),
+        ring_istep=(np.array(fmt.counts, np.float64) / (2 * math.pi)).astype(np.float32),
+        g=(1.0 / (radii[-1] * gk)).astype(np.float32),
+        radii=radii.astype(np.float32),
+    )
+
+
+@functools.cache
+def tables(name: str) -> Tables:
+    """The stored tables of a format (from converter/_codebooks.py, generated)."""
+    from . import _codebooks
+
+    fmt = get_format(name)
+    radii = np.array([float.fromhex(h) for h in _codebooks.RADII[name]], dtype=np.float64)
+    return make_tables(fmt, radii)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated files
+
+GEN_COMMAND = "python -m kvpolar.format --write"
+REPO = Path(__file__).resolve().parent
+HEADER_PATH = REPO / "csrc" / "ggml-polar-format.h"
+CODEBOOKS_PATH = REPO / "_codebooks.py"
+
+
+def _f32(v: float) -> str:
+    """A C float literal that parses back to exactly this float32 (9 significant digits)."""
+    v = float(np.float32(v))
+    assert math.isfinite(v)
+    s = f"{v:.9g}"
+    return s + ("f" if ("." in s or "e" in s) else ".0f")
+
+
+def _init(vals, fmt_one) -> str:
+    items = [fmt_one(v) for v in vals]
+    lines = []
+    for i in range(0, len(items), 8):
+        lines.append("    " + ", ".join(items[i : i + 8]))
+    return "{ \\\n" + ", \\\n".join(lines) + " \\\n}"
+
+
+def render_header() -> str:
+    out = [
+        "// Generated by `" + GEN_COMMAND + "` from converter/format.py. Do not edit.",
+        "// Layout and algorithm: docs/FORMAT.md. C99 and CUDA: tables are initializer-list macros,",
+        "// each consumer declares its own array (static const / __constant__).",
+        "#pragma once",
+        "",
+        f"#define POLAR_VMAX {VMAX:.1f}f",
+        f"#define POLAR_FP16_MAX {FP16_MAX:.1f}f",
+        f"#define POLAR_NCAND {N_CAND}",
+        f"#define POLAR_NREFINE {N_REFINE}",
+        "",
+    ]
+    for fmt in FORMATS.values():
+        t = tables(fmt.name)
+        u = fmt.name.upper()
+        out += [
+            f"// {fmt.name}: {fmt.type_size} bytes per {QK} values ({fmt.bits_per_elem} bits/elem), "
+            f"{fmt.ncodes}-point ring code",
+            f"//   rings (points): {list(fmt.counts)}",
+            f"//   radii: {[round(float(r), 6) for r in t.radii]}",
+            f"#define GGML_TYPE_{u}_ID {fmt.type_id}",
+            f"#define QK_{u} {QK}",
+            f"#define {u}_TYPE_SIZE {fmt.type_size}",
+            f"#define {u}_NCODES {fmt.ncodes}",
+            f"#define {u}_NRINGS {len(fmt.counts)}",
+            f"#define {u}_NCAND {N_CAND}",
+            f"#define {u}_NREFINE {N_REFINE}",
+            f"#define {u}_CX_INIT " + _init(t.cx, _f32),
+            f"#define {u}_CY_INIT " + _init(t.cy, _f32),
+            f"#define {u}_RING_N_INIT " + _init(t.ring_n, str),
+            f"#define {u}_RING_OFF_INIT " + _init(t.ring_off, str),
+            f"#define {u}_RING_PHI_INIT " + _init(t.ring_phi, _f32),
+            f"#define {u}_RING_ISTEP_INIT " + _init(t.ring_istep, _f32),
+            f"#define {u}_G_INIT " + _init(t.g, _f32),
+            "",
+        ]
+    return "\n".join(out)
+
+
+def render_codebooks(radii: dict[str, np.ndarray]) -> str:
+    lines = [
+        f'"""Generated by `{GEN_COMMAND}`: Lloyd-optimal ring radii (float64 hex). Do not edit."""',
+        "",
+        "RADII = {",
+    ]
+    for name, r in radii.items():
+        lines.append(f"    {name!r}: (")
+        lines += [f"        {float(v).hex()!r}," for v in r]
+        lines.append("    ),")
+    lines += ["}", ""]
+    return "\n".join(lines)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvpolar.format", description=__doc__)
+    ap.add_argument("--write", action="store_true", help="redesign the codebooks and write all generated files")
+    ap.add_argument("--write-header", action="store_true", help="write the C/CUDA header from stored tables")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if not (args.write or args.write_header):
+        ap.print_help()
+        return 0
+    if args.write:
+        samples = design_samples()
+        radii = {}
+        for fmt in FORMATS.values():
+            radii[fmt.name] = design_ring_code(fmt.counts, samples=samples)
+            log.info("%s radii %s", fmt.name, np.round(radii[fmt.name], 4))
+        atomic_write_text(CODEBOOKS_PATH, render_codebooks(radii))
+        import importlib
+
+        from . import _codebooks
+
+        importlib.reload(_codebooks)
+        tables.cache_clear()
+    atomic_write_text(HEADER_PATH, render_header())
+    print(f"wrote {HEADER_PATH}" + (f" and {CODEBOOKS_PATH}" if args.write else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
