@@ -235,8 +235,6 @@ def render_header() -> str:
         "",
         f"#define POLAR_VMAX {VMAX:.1f}f",
         f"#define POLAR_FP16_MAX {FP16_MAX:.1f}f",
-        f"#define POLAR_NCAND {N_CAND}",
-        f"#define POLAR_NREFINE {N_REFINE}",
         "",
     ]
     for fmt in FORMATS.values():

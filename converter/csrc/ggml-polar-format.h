@@ -5,8 +5,6 @@
 
 #define POLAR_VMAX 1152921504606846976.0f
 #define POLAR_FP16_MAX 65504.0f
-#define POLAR_NCAND 16
-#define POLAR_NREFINE 2
 
 // polar: 34 bytes per 64 values (4.25 bits/elem), 256-point ring code
 //   rings (points): [1, 7, 14, 20, 26, 32, 37, 41, 40, 38]
