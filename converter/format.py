@@ -29,7 +29,7 @@ log = logging.getLogger("kvpolar.format")
 QK = 64  # coordinates per block (must divide the head size)
 PAIRS = QK // 2
 FP16_MAX = 65504.0
-VMAX = float(2.0**60)  # inputs are clamped to [-VMAX, VMAX] so that x*x + y*y cannot overflow
+VMAX = float(2.0**20)  # inputs are clamped to [-VMAX, VMAX]: beyond 65504 * r_out (~2e5) nothing is representable
 
 # Design of the codebooks (docs/format-study.md chose these).
 DESIGN_SAMPLES = 400_000

@@ -3,7 +3,7 @@
 // each consumer declares its own array (static const / __constant__).
 #pragma once
 
-#define POLAR_VMAX 1152921504606846976.0f
+#define POLAR_VMAX 1048576.0f
 #define POLAR_FP16_MAX 65504.0f
 
 // polar: 34 bytes per 64 values (4.25 bits/elem), 256-point ring code
