@@ -1,0 +1,192 @@
+"""Quality, speed and memory of KV-cache types in the patched llama.cpp (CPU).
+
+    python scripts/bench_llama.py quality --model smollm2 [--chunks 4 --ctx 2048]
+    python scripts/bench_llama.py quality --model qwen    [--chunks 2 --ctx 1024]
+    python scripts/bench_llama.py speed   --model smollm2 [--depths 0 4096 8192]
+    python scripts/bench_llama.py memory  --model smollm2 [--ctx 8192 32768]
+
+Each writes docs/bench/<kind>-<model>.json (the raw figures, the machine and every command)
+and prints a markdown table; scripts/write_results.py assembles docs/results.md from them.
+
+quality: `llama-perplexity --kl-divergence` against an f16-cache base run on the SQuAD text;
+K types with V f16, each with centering off and on (env LLAMA_KV_CENTER), then K+V.
+speed: `llama-bench -fa 1`, pp512 and tg64 at the given depths. memory: the KV size
+llama.cpp reports at context creation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kvpolar import format as pformat  # noqa: E402
+from kvpolar import paths  # noqa: E402
+
+MODELS = {"smollm2": paths.SMOLLM2_GGUF, "qwen": paths.QWEN_GGUF}
+BITS = {"f16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "iq4_nl": 4.5, "q4_1": 5.0, "q4_0": 4.5}
+BITS.update({f.name: f.bits_per_elem for f in pformat.FORMATS.values()})
+QUALITY_K = ["q8_0", "q5_0", "iq4_nl", "q4_0", "polar", "polar3"]
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or platform.processor()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def run(cmd: list[str], env_extra: dict | None = None, log=None) -> str:
+    env = dict(os.environ, **(env_extra or {}))
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = p.stdout + p.stderr
+    if log is not None:
+        log.append({"cmd": " ".join(cmd), "env": env_extra or {}, "rc": p.returncode, "s": round(time.time() - t0, 1)})
+    if p.returncode != 0:
+        tail = "\n".join(out.splitlines()[-15:])
+        raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)}\n{tail}")
+    return out
+
+
+def _num(pat: str, text: str) -> float | None:
+    m = re.search(pat, text)
+    return float(m.group(1)) if m else None
+
+
+def parse_kld(out: str) -> dict:
+    return {
+        "mean_kld": _num(r"Mean\s+KLD:\s+([-\d.]+)", out),
+        "same_top_pct": _num(r"Same top p:\s+([-\d.]+)", out),
+        "ppl_ratio": _num(r"Mean PPL\(Q\)/PPL\(base\)\s+:\s+([-\d.e+]+)", out),
+        "ppl": _num(r"Mean PPL\(Q\)\s+:\s+([-\d.e+]+)", out),
+    }
+
+
+def quality(args, log) -> dict:
+    binp = str(paths.bin_path("llama-perplexity"))
+    model = str(paths.data_file(MODELS[args.model]))
+    text = str(paths.data_file(paths.SQUAD_TXT))
+    common = [binp, "-m", model, "-f", text, "-c", str(args.ctx), "--chunks", str(args.chunks),
+              "-t", str(args.threads), "-fa", "on", "-b", str(args.ctx)]
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        base = os.path.join(td, "base.kld")
+        out = run([*common, "--kl-divergence-base", base, "-ctk", "f16", "-ctv", "f16"], log=log)
+        rows.append({"k": "f16", "v": "f16", "center": False, "bits_k": 16.0,
+                     "ppl": _num(r"Final estimate: PPL = ([\d.]+)", out), "mean_kld": 0.0,
+                     "same_top_pct": 100.0, "ppl_ratio": 1.0})
+        plan = [(k, "f16", c) for k in QUALITY_K for c in (False, True)]
+        plan += [(k, k, True) for k in ("q4_0", "polar", "polar3")]
+        plan += [("f16", "f16", True)]
+        for k, v, center in plan:
+            if args.only and k not in args.only:
+                continue
+            env = {"LLAMA_KV_CENTER": "1" if center else "0"}
+            try:
+                out = run([*common, "--kl-divergence-base", base, "--kl-divergence", "-ctk", k, "-ctv", v],
+                          env_extra=env, log=log)
+                r = parse_kld(out)
+            except RuntimeError as e:
+                r = {"error": str(e).splitlines()[0]}
+            rows.append({"k": k, "v": v, "center": center, "bits_k": BITS[k], **r})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "chunks": args.chunks, "ctx": args.ctx}
+
+
+def speed(args, log) -> dict:
+    binp = str(paths.bin_path("llama-bench"))
+    model = str(paths.data_file(MODELS[args.model]))
+    rows = []
+    for kv in args.types:
+        for both in (False, True):
+            if kv == "f16" and both:
+                continue
+            ctv = kv if both else "f16"
+            cmd = [binp, "-m", model, "-fa", "1", "-ctk", kv, "-ctv", ctv, "-p", "512", "-n", "64",
+                   "-d", ",".join(str(d) for d in args.depths), "-r", str(args.reps), "-t", str(args.threads),
+                   "-o", "json"]
+            out = run(cmd, log=log)
+            data = json.loads(out[out.index("[") : out.rindex("]") + 1])
+            for d in data:
+                test = f"pp{d['n_prompt']}" if d["n_prompt"] else f"tg{d['n_gen']}"
+                rows.append({"k": kv, "v": ctv, "test": test, "depth": d.get("n_depth", 0),
+                             "tps": d["avg_ts"], "tps_sd": d["stddev_ts"]})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "reps": args.reps, "threads": args.threads}
+
+
+def memory(args, log) -> dict:
+    binp = str(paths.bin_path("llama-cli"))
+    model = str(paths.data_file(MODELS[args.model]))
+    rows = []
+    for ctx in args.ctx:
+        for kv in ("f16", "q8_0", "q4_0", "polar", "polar3"):
+            cmd = [binp, "-m", model, "-c", str(ctx), "-ctk", kv, "-ctv", kv, "-fa", "on", "-n", "1",
+                   "-p", "hi", "-no-cnv", "--temp", "0", "-t", str(args.threads)]
+            out = run(cmd, log=log)
+            m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB.*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB", out)
+            if not m:
+                raise RuntimeError(f"no KV size line in the output of {' '.join(cmd)}")
+            rows.append({"ctx": ctx, "kv": kv, "total_mib": float(m.group(1)), "k_mib": float(m.group(3)),
+                         "v_mib": float(m.group(5))})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("quality", "speed", "memory"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+        p.add_argument("--threads", type=int, default=os.cpu_count())
+        p.add_argument("--out", default=None, help="JSON path (default docs/bench/<cmd>-<model>.json)")
+    q = sub.choices["quality"]
+    q.add_argument("--chunks", type=int, default=4)
+    q.add_argument("--ctx", type=int, default=2048)
+    q.add_argument("--only", nargs="*", help="only these K types")
+    s = sub.choices["speed"]
+    s.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
+    s.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0", "polar", "polar3"])
+    s.add_argument("--reps", type=int, default=3)
+    m = sub.choices["memory"]
+    m.add_argument("--ctx", type=int, nargs="+", default=[8192, 32768])
+    args = ap.parse_args(argv)
+
+    log: list = []
+    t0 = time.time()
+    res = {"quality": quality, "speed": speed, "memory": memory}[args.cmd](args, log)
+    res.update({
+        "kind": args.cmd, "model": args.model, "model_file": MODELS[args.model], "machine": machine(),
+        "command": "python scripts/bench_llama.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "build": paths.build_info() if hasattr(paths, "build_info") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(time.time() - t0),
+        "runs": log,
+    })
+    out = Path(args.out) if args.out else REPO / "docs" / "bench" / f"{args.cmd}-{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
