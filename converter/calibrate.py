@@ -59,7 +59,7 @@ def compute_offsets(
         import torch
         import transformers
     except ImportError as e:
-        raise RuntimeError(
+        raise ImportError(
             "calibration needs torch and transformers: pip install 'torch==2.13.0' transformers"
         ) from e
     from tqdm import tqdm

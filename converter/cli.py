@@ -261,6 +261,27 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import calibrate, paths
+
+    src, out = Path(args.model), Path(args.output)
+    _input_file(src, "GGUF model")
+    if out.exists() and out.resolve() == src.resolve():
+        raise CLIError(f"output must be a new path, got the input {src}")
+    text_path = Path(args.text) if args.text else paths.data_file(paths.SQUAD_TXT)
+    _input_file(text_path, "calibration text")
+    res = calibrate.calibrate(
+        src, out, text_path.read_text(encoding="utf-8"), n_tokens=args.tokens, ctx=args.ctx,
+        progress=sys.stderr.isatty(),
+    )
+    if args.json:
+        json.dump(res, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(f"wrote {out}: centering offsets for {res['layers']} layers from {args.tokens} tokens of {text_path}")
+    return 0
+
+
 def run_dump(rest: list[str]) -> int:
     """gguf-py's gguf_dump.main on `rest`, in this process where the polar types are registered."""
     from gguf.scripts import gguf_dump
@@ -365,7 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
         "dump", add_help=False, help="gguf-py's gguf-dump, polar types known (see kvpolar dump --help)"
     )
     sub.add_parser("study", add_help=False, help="the polar format study (options: kvpolar study --help)")
-    # "calibrate" (another issue) is added here the same way: a parser plus set_defaults(func=...).
+
+    p = sub.add_parser(
+        "calibrate", parents=[common], help="measure K/V centering offsets on text and write them into a model copy"
+    )
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("output", metavar="OUT.gguf", help="the new model file (written atomically)")
+    p.add_argument("--text", help="calibration text file (default: the SQuAD text of the cache)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--ctx", type=int, default=1024, help="tokens per forward pass (default 1024)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=cmd_calibrate)
     return ap
 
 

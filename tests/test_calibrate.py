@@ -1,0 +1,33 @@
+"""Centering offsets: the layout map to llama.cpp and the GGUF copy (torch-free parts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvpolar import calibrate, gguf_io
+
+
+def test_hf_to_llama_dims_inverts_the_llama_permutation():
+    # llama.cpp's converter: w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2) on Q/K rows
+    d = 8
+    hf = np.arange(d)
+    llama = hf.reshape(2, d // 2).swapaxes(0, 1).reshape(-1)  # llama dim j holds HF dim llama[j]
+    np.testing.assert_array_equal(calibrate._hf_to_llama_dims(d), llama)
+
+
+def test_write_with_offsets_adds_tensors_atomically(tmp_path):
+    src = tmp_path / "m.gguf"
+    gguf_io.write_tensors(src, {"blk.0.attn_k.weight": np.ones((4, 64), np.float32)}, fmt=None, arch="llama")
+    k = np.arange(64, dtype=np.float32)
+    dst = tmp_path / "out.gguf"
+    calibrate.write_with_offsets(src, dst, {0: (k, -k)}, progress=False)
+    t = gguf_io.read_tensors(dst)
+    np.testing.assert_array_equal(t["blk.0.attn_k.center"], k)
+    np.testing.assert_array_equal(t["blk.0.attn_v.center"], -k)
+    np.testing.assert_array_equal(t["blk.0.attn_k.weight"], np.ones((4, 64), np.float32))
+    with pytest.raises(ValueError, match="already has blk.0.attn_k.center"):
+        calibrate.write_with_offsets(dst, tmp_path / "again.gguf", {0: (k, k)}, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "out.gguf"]  # no temp left behind
+    with pytest.raises(ValueError, match="must be a new path"):
+        calibrate.write_with_offsets(src, src, {0: (k, k)}, progress=False)
