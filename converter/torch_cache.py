@@ -1,0 +1,416 @@
+"""A transformers `Cache` that stores K and V as polar blocks (transformers 5.x).
+
+Keys and values are written through the GPU encoder (`kvpolar.gpu.encode_into`) into
+[B, Hkv, T_max, D/64, type_size] uint8 tensors, after the rotations llama.cpp applies:
+
+    K: k' = (k - mu_k) H_D        H_n = normalized Sylvester Hadamard matrix of order n;
+    q: q' = q H_D                 q'.k' = q.k - q.mu_k: the shift is the same for every key of
+                                  a query, so the softmax does not change
+    V: v' = (v - mu_v) H_64^(blocks of 64)   output o = o' H_64^(blocks) + mu_v (sum p = 1)
+
+mu_k / mu_v are optional per-layer centering offsets (`centering="prefill"` takes the mean of
+the first update's keys and values per sequence and head; or pass a dict layer -> (mu_k,
+mu_v) of [Hkv, D] tensors). Decode steps (up to `max_kernel_q` query tokens, no padding
+mask) run the split-K attention kernel on the compressed cache; prefill and masked steps
+dequantize the cache and call SDPA.
+
+Use:
+
+    from kvpolar.torch_cache import PolarCache, enable
+    enable(model)                                   # registers attention "kvpolar"
+    cache = PolarCache(model.config, kfmt="polar", vfmt="polar")
+    model.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=64)
+
+backend="reference" runs the same cache on any device with the numpy codec (kvpolar.codec)
+and SDPA: slow, for tests without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import codec, gpu
+from .format import QK
+
+log = logging.getLogger("kvpolar.torch_cache")
+
+ATTN_NAME = "kvpolar"
+BACKENDS = ("auto", "cupy", "reference")
+CAPACITY_STEP = 256  # tokens; T_max stays a multiple of 8 as the kernel needs
+
+
+@functools.cache
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {n}")
+    h = torch.ones((1, 1), dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(torch.float32)
+
+
+def hadamard(n: int, device) -> torch.Tensor:
+    """Normalized Sylvester Hadamard matrix [n, n] float32 (symmetric, orthonormal)."""
+    return _hadamard_cpu(n).to(device)
+
+
+def rotate_blocks(x: torch.Tensor, h64: torch.Tensor) -> torch.Tensor:
+    """x [..., D] -> x with every 64-block multiplied by H_64 (its own inverse)."""
+    shp = x.shape
+    return (x.reshape(*shp[:-1], shp[-1] // QK, QK) @ h64).reshape(shp)
+
+
+def _cupy_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class PolarKV:
+    """What PolarCacheLayer.update returns in place of the key and value tensors."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: PolarCacheLayer) -> None:
+        self.layer = layer
+
+
+class PolarCacheLayer(CacheLayerMixin):
+    """One layer: K and V blocks [B, Hkv, T_max, D/64, type_size] uint8 (V float16 [B, Hkv,
+    T_max, D] for vfmt="f16"), all sequences of the batch of equal length."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        kfmt: str = "polar",
+        vfmt: str = "polar",
+        rotate: bool = True,
+        offsets: tuple[torch.Tensor, torch.Tensor] | str | None = None,
+        backend: str = "auto",
+        max_kernel_q: int = 8,
+        attn_config: gpu.AttnConfig | None = None,
+    ):
+        super().__init__()
+        if kfmt not in ("polar", "polar3"):
+            raise ValueError(f"kfmt must be 'polar' or 'polar3', got {kfmt!r}")
+        if vfmt not in ("polar", "polar3", "f16"):
+            raise ValueError(f"vfmt must be 'polar', 'polar3' or 'f16', got {vfmt!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not (offsets is None or offsets == "prefill" or isinstance(offsets, tuple)):
+            raise ValueError(f"offsets must be None, 'prefill' or a (mu_k, mu_v) tuple, got {offsets!r}")
+        self.kfmt, self.vfmt, self.rotate = kfmt, vfmt, rotate
+        self.offsets = offsets
+        self.backend = backend
+        self.max_kernel_q = max_kernel_q
+        self.attn_config = attn_config
+        self.length = 0
+        self.mu_k = self.mu_v = None
+
+    # ---- storage ---------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        if D % QK:
+            raise ValueError(f"head size must be a multiple of {QK} for polar caches, got {D}")
+        self.B, self.H, self.D = B, H, D
+        if self.backend == "auto":
+            self.backend = "cupy" if _cupy_usable(self.device) else "reference"
+        if self.backend == "cupy" and not _cupy_usable(self.device):
+            raise ValueError(f"backend 'cupy' needs CuPy and CUDA tensors, got tensors on {self.device}")
+        self.hd = hadamard(D, self.device) if self.rotate else None
+        self.h64 = hadamard(QK, self.device) if self.rotate else None
+        self.keys = torch.empty(
+            (B, H, 0, D // QK, gpu.type_size(self.kfmt)), dtype=torch.uint8, device=self.device
+        )
+        if self.vfmt == "f16":
+            self.values = torch.empty((B, H, 0, D), dtype=torch.float16, device=self.device)
+        else:
+            self.values = torch.empty(
+                (B, H, 0, D // QK, gpu.type_size(self.vfmt)), dtype=torch.uint8, device=self.device
+            )
+        self.lens = torch.zeros((B,), dtype=torch.int32, device=self.device)
+        self.length = 0
+        if isinstance(self.offsets, tuple):
+            mk, mv = self.offsets
+            self.mu_k = mk.to(self.device, torch.float32).reshape(1, H, 1, D)
+            self.mu_v = mv.to(self.device, torch.float32).reshape(1, H, 1, D)
+        self.is_initialized = True
+
+    def _reserve(self, n: int) -> None:
+        cap = self.keys.shape[2]
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        new = -(-new // CAPACITY_STEP) * CAPACITY_STEP
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            t = torch.zeros(
+                (old.shape[0], old.shape[1], new, *old.shape[3:]), dtype=old.dtype, device=old.device
+            )
+            t[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, t)
+
+    def _prep(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        k = key_states.float()
+        v = value_states.float()
+        if self.offsets == "prefill" and self.mu_k is None:
+            self.mu_k = k.mean(2, keepdim=True)
+            self.mu_v = v.mean(2, keepdim=True)
+        if self.mu_k is not None:
+            k = k - self.mu_k
+            v = v - self.mu_v
+        if self.rotate:
+            k = k @ self.hd
+            v = rotate_blocks(v, self.h64)
+        return k, v
+
+    def _write(self, x: torch.Tensor, cache: torch.Tensor, fmt: str) -> None:
+        t = x.shape[2]
+        if fmt == "f16":
+            cache[:, :, self.length : self.length + t] = x.to(torch.float16)
+        elif self.backend == "cupy":
+            gpu.encode_into(x.contiguous(), cache, fmt, self.length)
+        else:
+            b = codec.quantize_blocks(x.detach().cpu().numpy().reshape(-1, QK), fmt)
+            cache[:, :, self.length : self.length + t] = (
+                torch.from_numpy(b).reshape(x.shape[0], x.shape[1], t, -1, b.shape[-1]).to(cache.device)
+            )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Encode the new keys/values [B, Hkv, t, D]; returns PolarKV handles for the
+        "kvpolar" attention function (which reads the blocks)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[2]
+        self._reserve(self.length + t)
+        k, v = self._prep(key_states, value_states)
+        self._write(k, self.keys, self.kfmt)
+        self._write(v, self.values, self.vfmt)
+        self.length += t
+        self.lens.fill_(self.length)
+        h = PolarKV(self)
+        return h, h
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated, centered K and V as float32 [B, Hkv, length, D] (what the kernel sees)."""
+        n = self.length
+        if self.backend == "cupy":
+            k = gpu.dequantize_cache(self.keys, self.kfmt, torch.float32, n)
+            v = (
+                self.values[:, :, :n].float()
+                if self.vfmt == "f16"
+                else gpu.dequantize_cache(self.values, self.vfmt, torch.float32, n)
+            )
+            return k, v
+
+        def deq(c, fmt):
+            if fmt == "f16":
+                return c[:, :, :n].float()
+            raw = c[:, :, :n].cpu().numpy()
+            y = codec.dequantize_blocks(raw.reshape(-1, raw.shape[-1]), fmt)
+            return torch.from_numpy(y).reshape(*raw.shape[:3], -1).to(c.device)
+
+        return deq(self.keys, self.kfmt), deq(self.values, self.vfmt)
+
+    def rotate_q(self, q: torch.Tensor) -> torch.Tensor:
+        q = q.float()
+        return q @ self.hd if self.rotate else q
+
+    def finish_output(self, o: torch.Tensor) -> torch.Tensor:
+        """Output in the rotated, centered V space [B, Hq, Tq, D] -> model space (float32)."""
+        if self.rotate:
+            o = rotate_blocks(o.float(), self.h64)
+        if self.mu_v is not None:
+            G = o.shape[1] // self.H
+            o = o + self.mu_v.repeat_interleave(G, 1)
+        return o
+
+    # ---- CacheLayerMixin API ---------------------------------------------------------------
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self.lens.zero_()
+        if self.offsets == "prefill":
+            self.mu_k = self.mu_v = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, 0)
+            self.values = self.values.repeat_interleave(repeats, 0)
+            self.lens = self.lens.repeat_interleave(repeats, 0)
+            self.B *= repeats
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys[indices]
+            self.values = self.values[indices]
+            self.lens = self.lens[indices]
+            self.B = self.keys.shape[0]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PolarCacheLayer does not support crop (assisted decoding)")
+
+
+class PolarCache(Cache):
+    """A Cache of PolarCacheLayer, one per decoder layer of `config` (or `num_layers`).
+
+    centering: None, "prefill", or {layer_idx: (mu_k [Hkv, D], mu_v [Hkv, D])}.
+    """
+
+    def __init__(
+        self,
+        config=None,
+        num_layers: int | None = None,
+        kfmt: str = "polar",
+        vfmt: str = "polar",
+        rotate: bool = True,
+        centering: str | dict | None = None,
+        backend: str = "auto",
+        max_kernel_q: int = 8,
+        attn_config: gpu.AttnConfig | None = None,
+    ):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("PolarCache needs a model config or num_layers")
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if not (centering is None or centering == "prefill" or isinstance(centering, dict)):
+            raise ValueError(f"centering must be None, 'prefill' or a dict, got {centering!r}")
+        layers = []
+        for i in range(num_layers):
+            off = centering.get(i) if isinstance(centering, dict) else centering
+            layers.append(PolarCacheLayer(kfmt, vfmt, rotate, off, backend, max_kernel_q, attn_config))
+        super().__init__(layers=layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention function
+
+
+def _causal_tail_mask(tq: int, kv: int, device) -> torch.Tensor:
+    i = torch.arange(tq, device=device)[:, None]
+    j = torch.arange(kv, device=device)[None, :]
+    return j <= (kv - tq) + i  # [tq, kv] True = attend
+
+
+def polar_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key,
+    value,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+):
+    """AttentionInterface function "kvpolar": query [B, Hq, Tq, D]; key/value PolarKV handles
+    (any other tensors go to SDPA). Returns ([B, Tq, Hq, D], None)."""
+    if not isinstance(key, PolarKV):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    layer = key.layer
+    _B, Hq, Tq, D = query.shape
+    scaling = D**-0.5 if scaling is None else scaling
+    q = layer.rotate_q(query)
+    n = layer.length
+    if attention_mask is not None and attention_mask.dtype == torch.bool and bool(attention_mask.all()):
+        attention_mask = None
+    if layer.backend == "cupy" and Tq <= layer.max_kernel_q and attention_mask is None:
+        o = gpu.attention(
+            q.contiguous(),
+            layer.keys,
+            layer.values,
+            layer.lens,
+            layer.kfmt,
+            layer.vfmt,
+            scale=scaling,
+            config=layer.attn_config,
+            max_len=n,
+        )
+    else:
+        k, v = layer.dequantized()
+        G = Hq // layer.H
+        k = k.repeat_interleave(G, 1)
+        v = v.repeat_interleave(G, 1)
+        if attention_mask is None:
+            mask = _causal_tail_mask(Tq, n, q.device)
+        elif attention_mask.dtype == torch.bool:
+            mask = attention_mask[..., -n:]
+        else:
+            mask = attention_mask[..., -n:].float()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    o = layer.finish_output(o).to(query.dtype)
+    return o.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register the "kvpolar" attention (and its mask, SDPA's) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, polar_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def enable(model) -> None:
+    """Register "kvpolar" and switch `model` to it (its other caches still run through SDPA)."""
+    register()
+    model.set_attn_implementation(ATTN_NAME)
+
+
+def reference_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, cache=None) -> torch.Tensor:
+    """Greedy tokens with a plain loop (one token a step), cache None = the model's default."""
+    past = cache
+    ids = input_ids
+    out = []
+    with torch.no_grad():
+        logits = model(ids, past_key_values=past, use_cache=True)
+        for _ in range(max_new_tokens):
+            past = logits.past_key_values
+            nxt = logits.logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = model(nxt, past_key_values=past, use_cache=True)
+    return torch.cat(out, 1)
+
+
+def first_divergence(a, b) -> int | None:
+    """Index of the first differing token of two [B, n] token arrays (None if equal)."""
+    a = np.asarray(a.cpu() if hasattr(a, "cpu") else a)
+    b = np.asarray(b.cpu() if hasattr(b, "cpu") else b)
+    n = min(a.shape[-1], b.shape[-1])
+    diff = np.nonzero((a[..., :n] != b[..., :n]).any(0) if a.ndim > 1 else a[:n] != b[:n])[0]
+    return int(diff[0]) if len(diff) else None

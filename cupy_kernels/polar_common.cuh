@@ -1,0 +1,116 @@
+// Shared definitions of the CuPy kernels: the block structs (docs/FORMAT.md), half/bfloat16
+// conversions and byte-level readers of blocks in shared memory.
+//
+// Compiled by NVRTC through kvpolar.gpu, which passes -I<repo>/cupy_kernels and
+// -I<kvpolar>/csrc (the generated ggml-polar-format.h) and prepends the compile-time
+// constants of the kernel variant as #defines. No CUDA headers are needed: the conversions are
+// single PTX instructions.
+#pragma once
+
+#include "ggml-polar-format.h"
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+// Byte layout, same as the C structs of the llama.cpp patch (little-endian, no padding):
+//   block_polar  { ggml_half d; uint8_t qs[32]; }                   34 bytes
+//   block_polar3 { ggml_half d; uint8_t qs[16]; uint8_t qh[8]; }    26 bytes
+// polar3 code of pair i (6 bits): (qs[i % 16] >> 4 * (i / 16)) & 15 | ((qh[i % 8] >> 2 * (i / 8)) & 3) << 4
+// paperb (the paper-B preset, kvpolar.paperb_kernel_ref): the polar layout, with qs[p] =
+//   angle index (high nibble) << 4 | radius index (low nibble) and d = fp16 block radius max.
+struct block_polar {
+    u16 d;       // binary16 block scale
+    u8 qs[32];   // code of pair p
+};
+struct block_polar3 {
+    u16 d;       // binary16 block scale
+    u8 qs[16];   // low 4 bits of the codes of pairs i and i + 16
+    u8 qh[8];    // high 2 bits of the codes of pairs i, i + 8, i + 16, i + 24
+};
+static_assert(sizeof(block_polar) == POLAR_TYPE_SIZE, "block_polar size");
+static_assert(sizeof(block_polar3) == POLAR3_TYPE_SIZE, "block_polar3 size");
+
+#define POLAR_QK 64
+#define POLAR_PAIRS 32
+
+// ---- conversions (round to nearest even, subnormals kept, like numpy's astype) -------------
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf2f(u16 b) { return __uint_as_float(((u32) b) << 16); }
+
+__device__ __forceinline__ u16 f2bf(float f) {
+    u16 b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+    return b;
+}
+
+// Input element types of the encoder (converted to float32 exactly).
+struct in_f32 {
+    typedef float T;
+    static __device__ __forceinline__ float load(const float * p) { return *p; }
+};
+struct in_f16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(const u16 * p) { return h2f(*p); }
+};
+struct in_bf16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(const u16 * p) { return bf2f(*p); }
+};
+
+// ---- readers of blocks held in shared memory ------------------------------------------------
+
+__device__ __forceinline__ u32 lds_u32(const u8 * base, u32 off) {
+    return *reinterpret_cast<const u32 *>(base + off);
+}
+
+// The 4 bytes at base + off for any off that is 2-byte aligned (blocks are 34 or 26 bytes, so
+// a block's qs is 4-byte aligned or 2 bytes off): two aligned loads and a funnel shift.
+__device__ __forceinline__ u32 lds_u32_a2(const u8 * base, u32 off) {
+    const u32 a  = off & ~3u;
+    const u32 sh = (off & 3u) * 8u;
+    const u32 lo = lds_u32(base, a);
+    const u32 hi = lds_u32(base, a + 4);
+    return __funnelshift_r(lo, hi, sh);
+}
+
+// n consecutive words starting at a 2-byte aligned offset (n + 1 aligned loads).
+template <int N> __device__ __forceinline__ void lds_words_a2(const u8 * base, u32 off, u32 (&w)[N]) {
+    const u32 a  = off & ~3u;
+    const u32 sh = (off & 3u) * 8u;
+    u32 raw[N + 1];
+#pragma unroll
+    for (int i = 0; i <= N; ++i) {
+        raw[i] = lds_u32(base, a + 4 * i);
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        w[i] = __funnelshift_r(raw[i], raw[i + 1], sh);
+    }
+}
+
+__device__ __forceinline__ u32 bfe(u32 v, u32 pos, u32 len) {
+    u32 r;
+    asm("bfe.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(pos), "r"(len));
+    return r;
+}
+
+// polar3: the 4 codes of pairs 4q .. 4q+3 (q = 0..7) packed in the bytes of a u32, from the
+// four qs words and two qh words of a block.
+__device__ __forceinline__ u32 polar3_quad(const u32 (&qs)[4], const u32 (&qh)[2], int q) {
+    const u32 lo = (qs[q & 3] >> (4 * (q >> 2))) & 0x0F0F0F0Fu;
+    const u32 hi = (qh[q & 1] >> (2 * (q >> 1))) & 0x03030303u;
+    return lo | (hi << 4);
+}

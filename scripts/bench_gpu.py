@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""GPU benchmarks of the polar kernels (CUDA events, warm-ups, median of --reps, L2 flushed
+before every timed repetition).
+
+    python scripts/bench_gpu.py attn   [--json out.json]   decode attention vs SDPA fp16
+    python scripts/bench_gpu.py tune   [--json out.json]   kernel shapes at the headline size
+    python scripts/bench_gpu.py kmode  [--json out.json]   (a) gather+FMA vs (b) LUT
+    python scripts/bench_gpu.py encode [--json out.json]   encoder throughput
+    python scripts/bench_gpu.py copy                       device-to-device copy rate
+    python scripts/bench_gpu.py all --json out.json        everything above
+
+Attention variants: polar K + polar V, polar K + fp16 V, polar3 K+V, the paper-B preset
+(paperb K+V, angle LUT), against torch SDPA on fp16 K/V (flash / memory-efficient backends;
+the GQA query heads of one KV head are folded into the query length) and against
+"dequantize the cache to fp16, then SDPA". Effective bandwidth = compressed cache bytes read
+per call / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+
+log = logging.getLogger("bench_gpu")
+
+COPY_RATE_REF = 3020e9  # H100 SXM device copy rate (bytes read + written per second), for %
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class Timer:
+    """Median time (ms) of fn() over reps, the L2 flushed (a 256 MB write) before each."""
+
+    def __init__(self, reps: int, warmup: int):
+        torch = _torch()
+        self.reps, self.warmup = reps, warmup
+        self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
+
+    def __call__(self, fn) -> dict:
+        torch = _torch()
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        ev = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(self.reps)
+        ]
+        for s, e in ev:
+            self.flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        ts = sorted(s.elapsed_time(e) for s, e in ev)
+        return {"ms": statistics.median(ts), "min_ms": ts[0], "max_ms": ts[-1], "reps": self.reps}
+
+
+def rand_blocks(fmt: str, B: int, H: int, T: int, D: int, gen):
+    """Random valid cache blocks (finite positive fp16 scales), or float16 values."""
+    torch = _torch()
+    from kvpolar import gpu
+
+    if fmt == "f16":
+        return torch.randn((B, H, T, D), generator=gen, device="cuda", dtype=torch.float16)
+    ts = gpu.type_size(fmt)
+    c = torch.randint(0, 256, (B, H, T, D // 64, ts), generator=gen, device="cuda", dtype=torch.uint8)
+    d = (torch.rand((B, H, T, D // 64, 1), generator=gen, device="cuda") + 0.5).half()
+    c[..., :2] = d.view(torch.uint8)
+    return c
+
+
+def attn_fn(q, kc, vc, lens, kfmt: str, vfmt: str, **kw):
+    """A no-argument closure over one attention call (binds its arguments now)."""
+    from kvpolar import gpu
+
+    return lambda: gpu.attention(q, kc, vc, lens, kfmt, vfmt, **kw)
+
+
+def cache_bytes(fmt: str, B: int, H: int, T: int, D: int) -> int:
+    from kvpolar import gpu
+
+    return B * H * T * (2 * D if fmt == "f16" else (D // 64) * gpu.type_size(fmt))
+
+
+@dataclasses.dataclass
+class Shape:
+    B: int
+    T: int
+    Hq: int
+    Hkv: int
+    D: int
+
+    @property
+    def label(self) -> str:
+        return f"B{self.B} T{self.T} {self.Hq}/{self.Hkv} D{self.D}"
+
+
+def sdpa_fns(q, k, v):
+    """SDPA on fp16 K/V, two ways of doing GQA decode; returns {name: fn}."""
+    torch = _torch()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qf = q.reshape(B, Hkv, Hq // Hkv, D)  # the group's heads as query rows (no mask needed)
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+    def folded():
+        with sdpa_kernel(backends):
+            return torch.nn.functional.scaled_dot_product_attention(qf, k, v)
+
+    def gqa():
+        with sdpa_kernel(backends):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    return {"sdpa_fold": folded, "sdpa_gqa": gqa}
+
+
+def bench_attn(args, timer, shapes, variants) -> list[dict]:
+    torch = _torch()
+    from kvpolar import gpu
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for sh in shapes:
+        B, T, Hq, Hkv, D = sh.B, sh.T, sh.Hq, sh.Hkv, sh.D
+        q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+        base = None
+        # fp16 SDPA baseline
+        k16 = rand_blocks("f16", B, Hkv, T, D, gen)
+        v16 = rand_blocks("f16", B, Hkv, T, D, gen)
+        best = None
+        for name, fn in sdpa_fns(q, k16, v16).items():
+            try:
+                r = timer(fn)
+            except RuntimeError as e:
+                log.warning("%s %s failed: %s", sh.label, name, e)
+                continue
+            nbytes = 2 * cache_bytes("f16", B, Hkv, T, D)
+            rows.append(
+                {
+                    "shape": sh.label,
+                    **dataclasses.asdict(sh),
+                    "variant": name,
+                    **r,
+                    "bytes": nbytes,
+                    "GBps": nbytes / r["ms"] / 1e6,
+                }
+            )
+            best = r["ms"] if best is None else min(best, r["ms"])
+        base = best
+        del k16, v16
+        for kfmt, vfmt, kmode in variants:
+            kc = rand_blocks(kfmt, B, Hkv, T, D, gen)
+            vc = rand_blocks(vfmt, B, Hkv, T, D, gen)
+            fallback = args.best.get(
+                ("polar", "f16" if vfmt == "f16" else "polar"), (gpu.default_config(vfmt), 0)
+            )
+            base_cfg = args.best.get((kfmt, vfmt), fallback)[0]
+            cfg = dataclasses.replace(base_cfg, kmode=kmode)
+            name = f"{kfmt}+{vfmt}" + (f" ({kmode})" if kmode != "gather" else "")
+            try:
+                r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T))
+            except Exception as e:
+                log.warning("%s %s failed: %s", sh.label, name, e)
+                continue
+            nbytes = cache_bytes(kfmt, B, Hkv, T, D) + cache_bytes(vfmt, B, Hkv, T, D)
+            row = {
+                "shape": sh.label,
+                **dataclasses.asdict(sh),
+                "variant": name,
+                "config": dataclasses.asdict(cfg),
+                **r,
+                "bytes": nbytes,
+                "GBps": nbytes / r["ms"] / 1e6,
+                "pct_copy_rate": 100 * nbytes / (r["ms"] * 1e-3) / COPY_RATE_REF,
+                "speedup_vs_sdpa": (base / r["ms"]) if base else None,
+            }
+            rows.append(row)
+            if kfmt == vfmt == "polar" and kmode == "gather" and args.dequant:
+
+                def deq_sdpa(kc=kc, vc=vc, q=q):
+                    kd = gpu.dequantize_cache(kc, "polar", torch.float16)
+                    vd = gpu.dequantize_cache(vc, "polar", torch.float16)
+                    return sdpa_fns(q, kd, vd)["sdpa_fold"]()
+
+                try:
+                    r = timer(deq_sdpa)
+                    rows.append(
+                        {
+                            "shape": sh.label,
+                            **dataclasses.asdict(sh),
+                            "variant": "dequant+sdpa",
+                            **r,
+                            "bytes": nbytes,
+                            "GBps": nbytes / r["ms"] / 1e6,
+                            "speedup_vs_sdpa": (base / r["ms"]) if base else None,
+                        }
+                    )
+                except RuntimeError as e:
+                    log.warning("%s dequant+sdpa failed: %s", sh.label, e)
+            del kc, vc
+            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
+        print_rows([r for r in rows if r["shape"] == sh.label])
+    return rows
+
+
+def print_rows(rows) -> None:
+    for r in rows:
+        extra = ""
+        if r.get("speedup_vs_sdpa"):
+            extra += f"  x{r['speedup_vs_sdpa']:.2f} vs sdpa"
+        if r.get("pct_copy_rate"):
+            extra += f"  {r['pct_copy_rate']:.0f}% of 3020"
+        print(
+            f"{r['shape']:<24} {r['variant']:<26} {r['ms'] * 1e3:9.1f} us  {r['GBps']:7.0f} GB/s{extra}",
+            flush=True,
+        )
+
+
+def cmd_attn(args, timer) -> list[dict]:
+    shapes = []
+    for Hq, Hkv, D in ((32, 8, 128), (9, 3, 64)):
+        for B in args.batches:
+            for T in args.contexts:
+                shapes.append(Shape(B, T, Hq, Hkv, D))
+    variants = [
+        ("polar", "polar", "gather"),
+        ("polar", "f16", "gather"),
+        ("polar3", "polar3", "gather"),
+        ("paperb", "paperb", "anglelut"),
+        ("paperb", "f16", "anglelut"),
+    ]
+    return bench_attn(args, timer, shapes, variants)
+
+
+def cmd_kmode(args, timer) -> list[dict]:
+    """(a) codebook gather + FMA vs (b) per-query LUT, where the LUT fits in shared memory."""
+    torch = _torch()
+    from kvpolar import gpu
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    cases = [  # (shape, kfmt, vfmt, kmodes)
+        (Shape(16, 32768, 9, 3, 64), "polar", "polar", ("gather", "lut")),
+        (Shape(16, 32768, 32, 32, 128), "polar", "polar", ("gather", "lut")),
+        (Shape(16, 32768, 32, 8, 128), "polar3", "polar3", ("gather", "lut")),
+        (Shape(16, 32768, 9, 3, 64), "polar3", "polar3", ("gather", "lut")),
+        (Shape(16, 32768, 32, 8, 128), "paperb", "paperb", ("gather", "anglelut")),
+        (Shape(16, 32768, 32, 8, 128), "paperb", "f16", ("gather", "anglelut")),
+    ]
+    for sh, kfmt, vfmt, modes in cases:
+        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((sh.B,), sh.T, dtype=torch.int32, device="cuda")
+        kc = rand_blocks(kfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
+        vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
+        nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
+        for mode in modes:
+            cfg = gpu.default_config(vfmt, mode)
+            try:
+                r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=sh.T))
+            except Exception as e:
+                log.warning("%s %s %s failed: %s", sh.label, kfmt, mode, e)
+                rows.append({"shape": sh.label, "variant": f"{kfmt}+{vfmt} ({mode})", "error": str(e)[:200]})
+                continue
+            rows.append(
+                {
+                    "shape": sh.label,
+                    **dataclasses.asdict(sh),
+                    "variant": f"{kfmt}+{vfmt} ({mode})",
+                    **r,
+                    "bytes": nbytes,
+                    "GBps": nbytes / r["ms"] / 1e6,
+                }
+            )
+            print_rows(rows[-1:])
+        del kc, vc
+        torch.cuda.empty_cache()
+    return rows
+
+
+def cmd_tune(args, timer) -> list[dict]:
+    """Kernel shapes (warps, keys per thread, stages, table copies, splits) at the headline sizes."""
+    torch = _torch()
+    from kvpolar import gpu
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for sh, kfmt, vfmt in (
+        (Shape(16, 32768, 32, 8, 128), "polar", "polar"),
+        (Shape(16, 32768, 32, 8, 128), "polar", "f16"),
+        (Shape(16, 131072, 32, 8, 128), "polar", "polar"),
+    ):
+        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((sh.B,), sh.T, dtype=torch.int32, device="cuda")
+        kc = rand_blocks(kfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
+        vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
+        nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
+        for nw, tpt, st, repl in args.tune_grid:
+            cfg = gpu.AttnConfig(nwarps=nw, tpt=tpt, stages=st, repl=repl)
+            for splits in (None, *args.tune_splits):
+                try:
+                    r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, splits=splits, max_len=sh.T))
+                except Exception as e:
+                    log.warning("tune %s failed: %s", cfg, e)
+                    continue
+                rows.append(
+                    {
+                        "shape": sh.label,
+                        **dataclasses.asdict(sh),
+                        "variant": f"{kfmt}+{vfmt}",
+                        "config": dataclasses.asdict(cfg),
+                        "splits": splits,
+                        **r,
+                        "bytes": nbytes,
+                        "GBps": nbytes / r["ms"] / 1e6,
+                        "pct_copy_rate": 100 * nbytes / (r["ms"] * 1e-3) / COPY_RATE_REF,
+                    }
+                )
+                key = (kfmt, vfmt)
+                if sh.T == 32768 and splits is None and (key not in args.best or r["ms"] < args.best[key][1]):
+                    args.best[key] = (cfg, r["ms"])
+                print(
+                    f"{sh.label} {kfmt}+{vfmt} nw{nw} tpt{tpt} st{st} repl{repl} splits={splits}: "
+                    f"{r['ms'] * 1e3:.1f} us {rows[-1]['GBps']:.0f} GB/s",
+                    flush=True,
+                )
+        del kc, vc
+        torch.cuda.empty_cache()
+    return rows
+
+
+def cmd_encode(args, timer) -> list[dict]:
+    torch = _torch()
+    from kvpolar import gpu
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    n = 1 << 26  # 64 Mi values
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn((n // 128, 128), generator=gen, device="cuda").to(dtype)
+        for fmt in ("polar", "polar3"):
+            r = timer(lambda x=x, fmt=fmt: gpu.encode(x, fmt))
+            nbytes = x.numel() * x.element_size()
+            rows.append(
+                {
+                    "variant": f"encode {fmt} from {str(dtype).split('.')[-1]}",
+                    **r,
+                    "bytes": nbytes,
+                    "GBps": nbytes / r["ms"] / 1e6,
+                    "Mblocks_per_s": n / 64 / r["ms"] / 1e3,
+                }
+            )
+            print(
+                f"{rows[-1]['variant']:<28} {r['ms']:8.2f} ms  {rows[-1]['GBps']:7.1f} GB/s of input  "
+                f"{rows[-1]['Mblocks_per_s']:.0f} M blocks/s",
+                flush=True,
+            )
+        del x
+    blocks = gpu.encode(torch.randn((n // 128, 128), generator=gen, device="cuda"), "polar")
+    r = timer(lambda: gpu.decode(blocks, "polar", torch.float16))
+    rows.append(
+        {
+            "variant": "decode polar to f16",
+            **r,
+            "bytes": blocks.numel() + n * 2,
+            "GBps": (blocks.numel() + n * 2) / r["ms"] / 1e6,
+        }
+    )
+    print(f"{'decode polar to f16':<28} {r['ms']:8.2f} ms  {rows[-1]['GBps']:7.1f} GB/s (read + written)")
+    return rows
+
+
+def cmd_copy(args, timer) -> list[dict]:
+    torch = _torch()
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    r = timer(lambda: b.copy_(a))
+    rate = 2 * a.numel() / r["ms"] / 1e6
+    print(f"device copy 1 GiB: {r['ms']:.3f} ms = {rate:.0f} GB/s (read + written)")
+    return [{"variant": "copy 1GiB", **r, "GBps": rate}]
+
+
+def device_info() -> dict:
+    torch = _torch()
+    p = torch.cuda.get_device_properties(0)
+    info = {"name": p.name, "sm_count": p.multi_processor_count, "torch": torch.__version__}
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+        info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+    except ImportError:
+        pass
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", nargs="?", choices=["attn", "tune", "kmode", "encode", "copy", "all"])
+    ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--no-dequant", dest="dequant", action="store_false", help="skip dequantize+SDPA")
+    ap.add_argument("--quick", action="store_true", help="tune: a small grid")
+    ap.add_argument("--tuned", action="store_true", help="attn: tune the kernel shape first")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if args.cmd is None:
+        ap.print_help()
+        return 0
+    args.tune_grid = [
+        (4, 1, 3, 16),
+        (4, 1, 2, 16),
+        (4, 2, 2, 16),
+        (4, 1, 2, 8),
+        (4, 2, 2, 8),
+        (8, 1, 2, 8),
+        (2, 2, 3, 16),
+        (2, 1, 4, 16),
+    ]  # (warps, keys per thread, stages, table copies)
+    args.best = {}
+    args.tune_splits = [] if args.quick else [32, 64]
+    if args.quick:
+        args.tune_grid = args.tune_grid[:3]
+    timer = Timer(args.reps, args.warmup)
+    out = {"device": device_info(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    cmds = ["copy", "encode", "kmode", "tune", "attn"] if args.cmd == "all" else [args.cmd]
+    if args.cmd == "attn" and args.tuned:  # kernel shapes picked by a quick tune first
+        args.tune_splits = []
+        cmd_tune(args, timer)
+    for c in cmds:
+        t0 = time.time()
+        out[c] = globals()[f"cmd_{c}"](args, timer)
+        if c == "tune":
+            out["chosen_configs"] = {f"{k[0]}+{k[1]}": dataclasses.asdict(v[0]) for k, v in args.best.items()}
+        log.info("%s took %.1f s", c, time.time() - t0)
+        if args.json:  # write as we go: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""numpy == GPU: the CuPy encoder writes the bytes of kvpolar.codec.quantize_blocks and the
+decoder the floats of dequantize_blocks, for both formats and float32/float16/bfloat16 input.
+
+Skipped without CuPy and a CUDA device (the gpu marker, tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from kvpolar import codec
+from kvpolar.format import FORMATS, QK, get_format
+
+pytestmark = pytest.mark.gpu
+FMTS = sorted(FORMATS)
+
+
+@pytest.fixture(scope="module")
+def torch():
+    pytest.importorskip("cupy")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch
+
+
+def _rows(kind: str, n: int, rng) -> np.ndarray:
+    """(n, 64) float32 test blocks of one kind."""
+    if kind == "gaussian":
+        return rng.standard_normal((n, QK)).astype(np.float32)
+    if kind == "scaled":
+        return (rng.standard_normal((n, QK)) * np.exp(rng.uniform(-12, 12, (n, 1)))).astype(np.float32)
+    if kind == "heavy":
+        return rng.standard_t(1.5, (n, QK)).astype(np.float32)
+    if kind == "outlier":
+        x = rng.standard_normal((n, QK)).astype(np.float32)
+        x[np.arange(n), rng.integers(0, QK, n)] *= 1000
+        return x
+    if kind == "zero":
+        x = np.zeros((n, QK), np.float32)
+        x[1::2, ::7] = -0.0
+        return x
+    if kind == "sparse":
+        x = np.zeros((n, QK), np.float32)
+        x[np.arange(n), rng.integers(0, QK, n)] = rng.standard_normal(n).astype(np.float32)
+        return x
+    if kind == "huge":
+        return (rng.standard_normal((n, QK)) * rng.choice([1e4, 1e6, 1e12, 3e38], (n, 1))).astype(np.float32)
+    if kind == "tiny":
+        return (rng.standard_normal((n, QK)) * rng.choice([1e-6, 1e-9, 1e-30], (n, 1))).astype(np.float32)
+    if kind == "subnormal":
+        return (rng.standard_normal((n, QK)) * 1e-39).astype(np.float32)
+    if kind == "nonfinite":
+        x = rng.standard_normal((n, QK)).astype(np.float32)
+        idx = rng.integers(0, QK, (n, 3))
+        for j, v in enumerate([np.nan, np.inf, -np.inf]):
+            x[np.arange(n), idx[:, j]] = v
+        x[::5] = np.nan
+        return x
+    if kind == "randbits":
+        return rng.integers(0, 2**32, (n, QK), dtype=np.uint64).astype(np.uint32).view(np.float32)
+    if kind == "fp16grid":  # values on the fp16 grid, incl. fp16 subnormals and extremes
+        h = rng.integers(0, 2**16, (n, QK), dtype=np.uint32).astype(np.uint16).view(np.float16)
+        return np.where(np.isfinite(h), h, 0).astype(np.float32)
+    raise AssertionError(kind)
+
+
+KINDS = [
+    "gaussian",
+    "scaled",
+    "heavy",
+    "outlier",
+    "zero",
+    "sparse",
+    "huge",
+    "tiny",
+    "subnormal",
+    "nonfinite",
+    "randbits",
+    "fp16grid",
+]
+
+
+def _first_diff(fmt, got: np.ndarray, want: np.ndarray) -> str:
+    bad = np.nonzero((got != want).any(1))[0]
+    i = int(bad[0])
+    f = get_format(fmt)
+    off = 0
+    for name, dt, cnt in f.fields:
+        size = np.dtype(dt).itemsize * cnt
+        if (got[i, off : off + size] != want[i, off : off + size]).any():
+            return (
+                f"{len(bad)} blocks differ; first block {i}, field {name}: "
+                f"gpu {got[i, off : off + size].tolist()} numpy {want[i, off : off + size].tolist()}"
+            )
+        off += size
+    return f"{len(bad)} blocks differ"
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_f32_bytes(torch, fmt, kind):
+    from kvpolar import gpu
+
+    rng = np.random.default_rng(zlib.crc32(f"{fmt}/{kind}".encode()))
+    x = _rows(kind, 1000, rng)
+    want = codec.quantize_blocks(x, fmt)
+    got = gpu.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
+    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["gaussian", "scaled", "heavy", "zero", "nonfinite", "huge"])
+def test_encode_half_inputs(torch, fmt, dtype, kind):
+    """float16/bfloat16 input is converted to float32 exactly, then encoded."""
+    from kvpolar import gpu
+
+    rng = np.random.default_rng(7)
+    tdt = getattr(torch, dtype)
+    xt = torch.from_numpy(_rows(kind, 700, rng)).to(tdt)
+    want = codec.quantize_blocks(xt.float().numpy(), fmt)
+    got = gpu.encode(xt.cuda(), fmt).reshape(len(xt), -1).cpu().numpy()
+    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_large_random(torch, fmt):
+    from kvpolar import gpu
+
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((20000, QK)) * np.exp(rng.standard_normal((20000, 1)))).astype(np.float32)
+    want = codec.quantize_blocks(x, fmt)
+    got = gpu.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
+    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_into_strided_ragged(torch, fmt):
+    """encode_into a [B, H, T_max, nb, ts] cache from a transposed view at per-sequence positions."""
+    from kvpolar import gpu
+
+    rng = np.random.default_rng(3)
+    B, H, T, D, T_max = 3, 2, 5, 128, 16
+    src = torch.from_numpy(rng.standard_normal((B, T, H, D)).astype(np.float32)).cuda()
+    x = src.transpose(1, 2)  # [B, H, T, D], not contiguous
+    ts = get_format(fmt).type_size
+    cache = torch.zeros((B, H, T_max, D // QK, ts), dtype=torch.uint8, device="cuda")
+    pos = torch.tensor([0, 3, 11], dtype=torch.int32, device="cuda")
+    gpu.encode_into(x, cache, fmt, pos)
+    c = cache.cpu().numpy()
+    xn = x.cpu().numpy()
+    for b, p in enumerate(pos.tolist()):
+        want = codec.quantize_blocks(xn[b].reshape(-1, QK), fmt).reshape(H, T, D // QK, ts)
+        assert np.array_equal(c[b, :, p : p + T], want)
+        assert not c[b, :, :p].any() and not c[b, :, p + T :].any()
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("source", ["encoded", "randbytes"])
+def test_decode_floats(torch, fmt, source):
+    from kvpolar import gpu
+
+    rng = np.random.default_rng(5)
+    ts = get_format(fmt).type_size
+    if source == "encoded":
+        b = codec.quantize_blocks(_rows("scaled", 3000, rng), fmt)
+    else:
+        b = rng.integers(0, 256, (3000, ts), dtype=np.uint8)
+        d = b[:, :2].copy().view(np.float16)
+        d[~np.isfinite(d)] = np.float16(1.5)  # Inf/NaN scales are rejected by readers
+        b[:, :2] = d.view(np.uint8)
+    want = codec.dequantize_blocks(b, fmt)
+    got = gpu.decode(torch.from_numpy(b).cuda(), fmt).cpu().numpy()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    got16 = gpu.decode(torch.from_numpy(b).cuda(), fmt, torch.float16).cpu().numpy()
+    assert np.array_equal(got16, want.astype(np.float16))
+
+
+def test_bad_inputs(torch):
+    from kvpolar import gpu
+
+    with pytest.raises(ValueError, match="multiple of 64"):
+        gpu.encode(torch.zeros((3, 96), device="cuda"))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        gpu.encode(torch.zeros((3, 64), dtype=torch.float64, device="cuda"))
+    with pytest.raises(ValueError, match="'polar' or 'polar3'"):
+        gpu.encode(torch.zeros((3, 64), device="cuda"), "q4_0")
+    with pytest.raises(ValueError, match="CUDA"):
+        gpu.encode(torch.zeros((3, 64)))
