@@ -1,0 +1,132 @@
+"""Shared fixtures: the patched llama.cpp build, the data files, the gpu/build markers.
+
+Policy for missing prerequisites (build, model, SQuAD text): the test is skipped, unless
+KVPOLAR_REQUIRE_BUILD=1 (set by ./scripts/test.sh, which bootstraps everything first), in
+which case it fails with the message saying how to create the missing piece.
+
+Markers:
+  gpu    skipped when cupy is not importable or no CUDA device is visible
+  build  skipped/failed (see policy) when <repo>/build/bin is absent
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_paths():
+    """kvpolar.paths, or converter/paths.py loaded directly when kvpolar is not installed."""
+    try:
+        from kvpolar import paths
+
+        return paths
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("_kvpolar_paths", REPO / "converter" / "paths.py")
+        mod = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        spec.loader.exec_module(mod)
+        return mod
+
+
+paths = _load_paths()
+
+
+def require_build() -> bool:
+    return os.environ.get("KVPOLAR_REQUIRE_BUILD", "") not in ("", "0", "false", "no")
+
+
+def _missing(msg: str):
+    if require_build():
+        pytest.fail(f"{msg} (KVPOLAR_REQUIRE_BUILD=1)", pytrace=False)
+    pytest.skip(msg)
+
+
+# Point llama_cpp (llama-cpp-python) at this checkout's build before any test imports it.
+try:
+    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(paths.build_dir() / "bin"))
+except FileNotFoundError:
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_status() -> str | None:
+    """None when a CUDA device is usable through cupy, else the reason it is not."""
+    if importlib.util.find_spec("cupy") is None:
+        return "cupy is not installed"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # any CUDA/driver failure means "no GPU"
+        return f"no usable CUDA device ({type(e).__name__}: {e})"
+    return None if n > 0 else "no CUDA device visible"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [it for it in items if it.get_closest_marker("gpu")]
+    if gpu_items:
+        reason = _gpu_status()
+        if reason:
+            for it in gpu_items:
+                it.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
+    build_items = [it for it in items if it.get_closest_marker("build")]
+    if build_items and not require_build():
+        try:
+            paths.build_dir()
+        except FileNotFoundError as e:
+            for it in build_items:
+                it.add_marker(pytest.mark.skip(reason=str(e)))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def build_dir() -> Path:
+    """<repo>/build (a link to the cached patched llama.cpp build); binaries in build/bin."""
+    try:
+        return paths.build_dir()
+    except FileNotFoundError as e:
+        _missing(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF (the default model)."""
+    try:
+        return paths.data_file(paths.SMOLLM2_GGUF)
+    except FileNotFoundError as e:
+        _missing(str(e))
+
+
+@pytest.fixture(scope="session")
+def squad_text_path() -> Path:
+    """SQuAD v2 dev articles joined as ' = Title = ' + paragraphs (~971 KB of prose)."""
+    try:
+        return paths.data_file(paths.SQUAD_TXT)
+    except FileNotFoundError as e:
+        _missing(str(e))
+
+
+@pytest.fixture(scope="session")
+def bootstrap_module():
+    """scripts/bootstrap.py imported as a module (it is stdlib-only)."""
+    name = "kvpolar_bootstrap"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "bootstrap.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
