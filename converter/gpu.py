@@ -177,6 +177,23 @@ def _codebook_dev(fmt: str, device: str):
     return torch.from_numpy(np.stack([cx, cy], 1).copy()).to(device)
 
 
+@functools.cache
+def _mma_table_dev(fmt: str, prec: int, device: str):
+    """The codebook in the shared-memory layout of polar_attn_mma: entry of code k, copy l at byte
+    k * 128 + l * size; prec 1: 16 copies of (hi half2, lo half2), prec 0: 32 copies of hi half2
+    (hi = fp16(v), lo = fp16(v - hi), round to nearest even, as the kernel's f2h)."""
+    torch = _torch()
+    cx, cy = codebook(fmt)
+    v = np.stack([cx, cy], 1).astype(np.float32)  # [NC, 2]
+    hi = v.astype(np.float16)
+    lo = (v - hi.astype(np.float32)).astype(np.float16)
+    ent = np.concatenate([hi, lo], 1) if prec else hi  # [NC, 4] or [NC, 2] halves
+    copies = 16 if prec else 32
+    tab = np.repeat(ent[:, None, :], copies, 1).copy()  # [NC, copies, halves]
+    assert tab.nbytes == v.shape[0] * 128
+    return torch.from_numpy(tab.reshape(-1).view(np.int16).copy()).to(device)
+
+
 _IN_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
@@ -315,32 +332,61 @@ def dequantize_cache(cache, fmt: str, dtype=None, length: int | None = None):
 
 @dataclasses.dataclass(frozen=True)
 class AttnConfig:
-    """Compile-time shape of the attention kernel (see polar_attention.cu)."""
+    """Compile-time shape of the attention kernel (see polar_attention.cu).
+
+    impl "mma": tensor-core kernel (polar_attn_mma; gather mode only): each warp streams warp
+    tiles of `wtile` keys through its own cp.async ring of `stages` stages; `tpt`/`repl` unused.
+    impl "simt": the float32 FMA kernel (polar_attn_partial; every kmode).
+    prec (mma only): "fp32" = fp16 hi + lo splits of the codebook, q and P*d (3 products, float32
+    accumulation: float32-level error, 1.9e-6 of max|out| in the tests); "fp16" = one fp16 product
+    (up to 1.4e-3 of max|out| on float32 q in the tests, 4.1e-4 on float16 q where the output
+    rounding dominates; docs/results-gpu.md); "auto" = "fp32" for float32 q, "fp16" for
+    float16/bfloat16 q."""
 
     kmode: str = "gather"  # "gather" (a), "lut" (b), "anglelut" (paper B keys only)
     nwarps: int = 4
-    tpt: int = 1  # keys per thread in the K phase; a tile holds 32 * nwarps * tpt keys
+    tpt: int = 1  # simt: keys per thread in the K phase; a tile holds 32 * nwarps * tpt keys
     stages: int = 3  # cp.async pipeline depth
-    repl: int = 16  # codebook copies in shared memory (bank-conflict-free gathers)
+    repl: int = 16  # simt: codebook copies in shared memory (bank-conflict-free gathers)
+    impl: str = "mma"  # "mma" | "simt"
+    wtile: int = 32  # mma: keys per warp tile (multiple of 16)
+    prec: str = "auto"  # mma: "auto" | "fp32" | "fp16"
 
     @property
     def tile(self) -> int:
+        if self.impl == "mma":
+            return self.wtile * self.nwarps
         return 32 * self.nwarps * self.tpt
 
 
-DEFAULT_CONFIG = AttnConfig(nwarps=4, tpt=2, stages=2, repl=16)  # quantized V
-DEFAULT_CONFIG_F16V = AttnConfig(nwarps=4, tpt=1, stages=2, repl=8)  # float16 V: smaller smem, 3 CTAs/SM
+IMPLS = ("mma", "simt")
+PRECS = ("auto", "fp32", "fp16")
+SIMT_CONFIG = AttnConfig(nwarps=4, tpt=2, stages=2, repl=16, impl="simt")  # quantized V
+SIMT_CONFIG_F16V = AttnConfig(nwarps=4, tpt=1, stages=2, repl=8, impl="simt")  # float16 V: 3 CTAs/SM
 # Picked by `scripts/bench_gpu.py tune` on an H100 at B=16, T=32768, 32/8 heads, D=128
 # (docs/results-gpu.md): 445 us vs 580 us for the first shape (4 warps, 1 key/thread, 3 stages).
+DEFAULT_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # quantized V
+DEFAULT_CONFIG_F16V = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # float16 V
+SMALL_MMA_CONFIG = AttnConfig(
+    impl="mma", nwarps=4, wtile=16, stages=2
+)  # where the default's smem does not fit
 
 
 def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
-    base = DEFAULT_CONFIG_F16V if vfmt == "f16" else DEFAULT_CONFIG
-    return base if kmode == base.kmode else dataclasses.replace(base, kmode=kmode)
+    if kmode != "gather":  # the LUT modes exist in the simt kernel only
+        base = SIMT_CONFIG_F16V if vfmt == "f16" else SIMT_CONFIG
+        return dataclasses.replace(base, kmode=kmode)
+    return DEFAULT_CONFIG_F16V if vfmt == "f16" else DEFAULT_CONFIG
 
 
 def _a16(x: int) -> int:
     return (x + 15) // 16 * 16
+
+
+def _prec_id(cfg: AttnConfig, qt: int) -> int:
+    if cfg.prec == "auto":
+        return int(qt == 0)
+    return int(cfg.prec == "fp32")
 
 
 def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig) -> dict[str, int]:
@@ -365,6 +411,9 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
         "REPL": cfg.repl,
         "SHARE_TAB": int(kfmt == vfmt and kmode == 0),
         "QT": qt,
+        "IMPL": IMPLS.index(cfg.impl) ^ 1,  # 1 = mma, 0 = simt
+        "PREC": _prec_id(cfg, qt) if cfg.impl == "mma" else 0,
+        "TW": cfg.wtile,
     }
 
 
@@ -372,6 +421,24 @@ def attn_smem_bytes(d: dict[str, int]) -> int:
     """Dynamic shared memory of a variant; mirrors the SMEM_TOTAL macros of polar_attention.cu."""
     HD, RB, nthreads = d["HD"], d["RB"], d["NWARPS"] * 32
     nb = HD // 64
+    if d.get("IMPL") == 1:  # polar_attn_mma: the MSMEM_TOTAL macros
+        rbp = 4 if RB <= 4 else 8
+        vquant = d["VFMT"] != 3
+        krow = nb * d["KTS"]
+        vrow = nb * d["VTS"] if vquant else HD * 2
+        vrows = vrow if vquant else vrow + 32
+        ktab = d["KNC"] * 128
+        vtab = d["VNC"] * 128 if (vquant and not d["SHARE_TAB"]) else 0
+        wst = _a16(d["TW"] * krow) + _a16(d["TW"] * vrows)
+        stage = d["NWARPS"] * d["STAGES"] * wst
+        red = d["NWARPS"] * rbp * HD * 4
+        return (
+            _a16(ktab)
+            + _a16(vtab)
+            + _a16(max(stage, red))
+            + _a16(d["NWARPS"] * d["TW"] * rbp * 4)
+            + _a16(d["NWARPS"] * rbp * 8)
+        )
     tt = nthreads * d["TPT"]
     vquant = d["VFMT"] != 3
     krow = nb * d["KTS"]
@@ -396,7 +463,7 @@ def attn_smem_bytes(d: dict[str, int]) -> int:
 @functools.cache
 def _attn_kernels(defines: tuple[tuple[str, int], ...], smem: int):
     mod = _module("polar_attention.cu", defines, False)
-    part = mod.get_function("polar_attn_partial")
+    part = mod.get_function("polar_attn_mma" if dict(defines).get("IMPL") == 1 else "polar_attn_partial")
     part.max_dynamic_shared_size_bytes = smem
     return part, mod.get_function("polar_attn_combine")
 
@@ -407,12 +474,37 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_splits(n_ctas: int, max_len: int, tile: int, smem: int, sm_count: int, waves: int = 8) -> int:
-    """Splits of the key range so that the grid covers the GPU in about `waves` waves."""
+    """Splits of the key range so that the grid covers the GPU in about `waves` waves (simt kernel)."""
     per_sm = max(1, min(SMEM_LIMIT // (smem + 1024), 16))
     slots = per_sm * sm_count
     max_splits = max(1, -(-max_len // (4 * tile)))  # at least 4 tiles a CTA (its table setup costs ~1)
     want = max(1, round(waves * slots / max(n_ctas, 1)))
     return int(min(want, max_splits))
+
+
+@functools.cache
+def choose_splits_mma(
+    n_ctas: int, max_len: int, tile: int, per_sm: int, sm_count: int, overhead: float = 2.5
+) -> int:
+    """Splits for polar_attn_mma: minimize waves(s) * (tiles / s + overhead), waves(s) =
+    ceil(n_ctas * s / slots). `overhead` = a CTA's fixed cost (table copy, first-stage latency, warp
+    merge) in CTA tiles: fitted on an H100 (B=16, 32/8 heads, D=128, 8 warps x 32 keys; 2/4/8/16
+    splits: 256/264/283/319 us = waves x (work / s + ~9 us), ~2.3 tiles; docs/results-gpu.md)."""
+    slots = max(1, per_sm * sm_count)
+    ntiles = max(1, -(-max_len // tile))
+    best, best_t = 1, None
+    for s in range(1, ntiles + 1):
+        t = -(-n_ctas * s // slots) * (ntiles / s + overhead)
+        if best_t is None or t < best_t - 1e-9:
+            best, best_t = s, t
+    return best
+
+
+def _per_sm(smem: int, nthreads: int, regs: int) -> int:
+    per_sm = max(1, min(SMEM_LIMIT // (smem + 1024), 2048 // nthreads, 16))
+    if regs:
+        per_sm = max(1, min(per_sm, 65536 // (regs * nthreads)))
+    return per_sm
 
 
 def _qt(dtype) -> int:
@@ -487,6 +579,14 @@ def attention(
         raise ValueError(f"kmode must be one of {tuple(KMODES)}, got {cfg.kmode!r}")
     if cfg.kmode == "anglelut" and kfmt != "paperb":
         raise ValueError("kmode 'anglelut' reads paper-B keys only")
+    if cfg.impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {cfg.impl!r}")
+    if cfg.prec not in PRECS:
+        raise ValueError(f"prec must be one of {PRECS}, got {cfg.prec!r}")
+    if cfg.impl == "mma" and cfg.kmode != "gather":  # the LUT modes are simt-only
+        cfg = dataclasses.replace(cfg, impl="simt")
+    if cfg.impl == "mma" and (cfg.wtile % 16 or cfg.wtile <= 0 or cfg.stages < 2):
+        raise ValueError(f"mma: wtile must be a positive multiple of 16 and stages >= 2, got {cfg}")
     Hkv = k_cache.shape[1] if k_cache.dim() >= 2 else -1
     if Hkv <= 0 or Hq % Hkv:
         raise ValueError(f"Hq ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
@@ -503,6 +603,13 @@ def attention(
     rb = min(R, 8)
     d = attn_defines(D, kfmt, vfmt, rb, _qt(q.dtype), cfg)
     smem = attn_smem_bytes(d)
+    if smem > SMEM_LIMIT and cfg.impl == "mma" and config is None:  # e.g. D=256 with float16 V
+        for fb in (SMALL_MMA_CONFIG, SIMT_CONFIG_F16V if vfmt == "f16" else SIMT_CONFIG):
+            cfg = fb
+            d = attn_defines(D, kfmt, vfmt, rb, _qt(q.dtype), cfg)
+            smem = attn_smem_bytes(d)
+            if smem <= SMEM_LIMIT:
+                break
     if smem > SMEM_LIMIT:
         raise ValueError(
             f"kernel variant {d} needs {smem} bytes of shared memory (> {SMEM_LIMIT}); "
@@ -513,7 +620,15 @@ def attention(
     ml = T_max if max_len is None else min(max_len, T_max)
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if splits is None:
-        splits = choose_splits(B * Hkv * n_groups, ml, cfg.tile, smem, _sm_count(dev))
+        if cfg.impl == "mma":
+            try:
+                regs = int(getattr(part, "num_regs", 0) or 0)
+            except Exception:  # pragma: no cover - depends on the cupy version
+                regs = 0
+            per_sm = _per_sm(smem, cfg.nwarps * 32, regs)
+            splits = choose_splits_mma(B * Hkv * n_groups, ml, cfg.tile, per_sm, _sm_count(dev))
+        else:
+            splits = choose_splits(B * Hkv * n_groups, ml, cfg.tile, smem, _sm_count(dev))
     chunk = -(-max(ml, 1) // splits)
     chunk = -(-chunk // cfg.tile) * cfg.tile
     splits = max(1, -(-max(ml, 1) // chunk))
@@ -521,8 +636,12 @@ def attention(
     m_part = torch.empty((B * Hkv * R * splits,), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     scale = D**-0.5 if scale is None else float(scale)
-    ktab = _codebook_dev(kfmt, str(q.device))
-    vtab = _codebook_dev(vfmt, str(q.device)) if vfmt != "f16" else ktab
+    if d["IMPL"] == 1:
+        ktab = _mma_table_dev(kfmt, d["PREC"], str(q.device))
+        vtab = _mma_table_dev(vfmt, d["PREC"], str(q.device)) if vfmt != "f16" else ktab
+    else:
+        ktab = _codebook_dev(kfmt, str(q.device))
+        vtab = _codebook_dev(vfmt, str(q.device)) if vfmt != "f16" else ktab
     args = (
         _ptr(q),
         np.int64(q.stride(0)),

@@ -7,6 +7,7 @@ before every timed repetition).
     python scripts/bench_gpu.py kmode  [--json out.json]   (a) gather+FMA vs (b) LUT
     python scripts/bench_gpu.py encode [--json out.json]   encoder throughput
     python scripts/bench_gpu.py copy                       device-to-device copy rate
+    python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
     python scripts/bench_gpu.py all --json out.json        everything above
 
 Attention variants: polar K + polar V, polar K + fp16 V, polar3 K+V, the paper-B preset
@@ -167,7 +168,11 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
                 ("polar", "f16" if vfmt == "f16" else "polar"), (gpu.default_config(vfmt), 0)
             )
             base_cfg = args.best.get((kfmt, vfmt), fallback)[0]
-            cfg = dataclasses.replace(base_cfg, kmode=kmode)
+            cfg = (
+                dataclasses.replace(base_cfg, kmode=kmode)
+                if kmode == "gather"
+                else gpu.default_config(vfmt, kmode)
+            )
             name = f"{kfmt}+{vfmt}" + (f" ({kmode})" if kmode != "gather" else "")
             try:
                 r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T))
@@ -308,7 +313,7 @@ def cmd_tune(args, timer) -> list[dict]:
         vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
         nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
         for nw, tpt, st, repl in args.tune_grid:
-            cfg = gpu.AttnConfig(nwarps=nw, tpt=tpt, stages=st, repl=repl)
+            cfg = gpu.AttnConfig(nwarps=nw, tpt=tpt, stages=st, repl=repl, impl="simt")
             for splits in (None, *args.tune_splits):
                 try:
                     r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, splits=splits, max_len=sh.T))
@@ -338,6 +343,188 @@ def cmd_tune(args, timer) -> list[dict]:
                 )
         del kc, vc
         torch.cuda.empty_cache()
+    return rows
+
+
+def graph_fn(fn):
+    """fn captured into a CUDA graph (after a warm-up on a side stream); returns the replay."""
+    torch = _torch()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g.replay
+
+
+COMPARE_CFGS = {  # name: AttnConfig kwargs (kvpolar.gpu) + optional "splits"; None = the simt kernel
+    "simt (before)": None,
+    "mma default": {},
+    "mma fp32-prec": dict(prec="fp32"),
+    "mma 8w32k2s splits4": dict(nwarps=8, wtile=32, stages=2, splits=4),
+    "mma 8w32k2s splits16": dict(nwarps=8, wtile=32, stages=2, splits=16),
+    "mma 16w32k2s": dict(nwarps=16, wtile=32, stages=2),
+    "mma 4w16k2s": dict(nwarps=4, wtile=16, stages=2),
+    "mma 4w32k3s (first mma shape)": dict(nwarps=4, wtile=32, stages=3, splits=16),
+}
+
+
+def cmd_compare(args, timer) -> list[dict]:
+    """The simt kernel (before) against tensor-core variants, same run, same data; fp16 q.
+
+    B=16 at --contexts (32/8 heads, D=128) for polar K+V, polar K + fp16 V, polar3 K+V, then
+    B=1 T=32768 eager vs CUDA-graph replay."""
+    torch = _torch()
+    from kvpolar import gpu
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    fmts = [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")]
+    for T in args.contexts:
+        sh = Shape(16, T, 32, 8, 128)
+        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
+        k16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+        v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+        r = timer(sdpa_fns(q, k16, v16)["sdpa_fold"])
+        base = r["ms"]
+        rows.append(
+            {
+                "shape": sh.label,
+                **dataclasses.asdict(sh),
+                "variant": "sdpa fp16",
+                **r,
+                "bytes": 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D),
+                "GBps": 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D) / r["ms"] / 1e6,
+            }
+        )
+        print_rows(rows[-1:])
+        del k16, v16
+        for kfmt, vfmt in fmts:
+            kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
+            vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
+            nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, T, sh.D)
+            names = list(COMPARE_CFGS) if (kfmt, vfmt) != ("polar3", "polar3") else list(COMPARE_CFGS)[:3]
+            if T > min(args.contexts):
+                names = names[:4]
+            for name in names:
+                kw = COMPARE_CFGS[name]
+                kw = dict(kw or {}) if kw is not None else None
+                splits = kw.pop("splits", None) if kw else None
+                if kw is None:
+                    cfg = gpu.SIMT_CONFIG_F16V if vfmt == "f16" else gpu.SIMT_CONFIG
+                else:
+                    cfg = dataclasses.replace(gpu.default_config(vfmt), **kw)
+                try:
+                    r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits))
+                except Exception as e:
+                    log.warning("%s %s %s failed: %s", sh.label, kfmt, name, e)
+                    print(f"{sh.label} {kfmt}+{vfmt} {name}: FAILED {str(e)[:300]}", flush=True)
+                    continue
+                rows.append(
+                    {
+                        "shape": sh.label,
+                        **dataclasses.asdict(sh),
+                        "variant": f"{kfmt}+{vfmt} {name}",
+                        "config": dataclasses.asdict(cfg),
+                        **r,
+                        "bytes": nbytes,
+                        "GBps": nbytes / r["ms"] / 1e6,
+                        "pct_copy_rate": 100 * nbytes / (r["ms"] * 1e-3) / COPY_RATE_REF,
+                        "speedup_vs_sdpa": base / r["ms"],
+                    }
+                )
+                print_rows(rows[-1:])
+            del kc, vc
+            torch.cuda.empty_cache()
+    # batch 1: host overhead vs a CUDA graph of the same call
+    for T in (4096, 32768):
+        sh = Shape(1, T, 32, 8, 128)
+        q = torch.randn((1, 32, 1, 128), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((1,), T, dtype=torch.int32, device="cuda")
+        kc = rand_blocks("polar", 1, 8, T, 128, gen)
+        vc = rand_blocks("polar", 1, 8, T, 128, gen)
+        k16 = rand_blocks("f16", 1, 8, T, 128, gen)
+        v16 = rand_blocks("f16", 1, 8, T, 128, gen)
+        nbytes = 2 * cache_bytes("polar", 1, 8, T, 128)
+        fns = {
+            "sdpa fp16 eager": sdpa_fns(q, k16, v16)["sdpa_fold"],
+            "polar+polar simt eager": attn_fn(
+                q, kc, vc, lens, "polar", "polar", config=gpu.SIMT_CONFIG, max_len=T
+            ),
+            "polar+polar mma eager": attn_fn(q, kc, vc, lens, "polar", "polar", max_len=T),
+        }
+        for name in list(fns):
+            try:
+                fns[name.replace("eager", "graph")] = graph_fn(fns[name])
+            except Exception as e:
+                print(f"graph capture of {name} failed: {str(e)[:300]}", flush=True)
+        for name, fn in fns.items():
+            r = timer(fn)
+            rows.append(
+                {
+                    "shape": sh.label,
+                    **dataclasses.asdict(sh),
+                    "variant": name,
+                    **r,
+                    "bytes": nbytes,
+                    "GBps": nbytes / r["ms"] / 1e6,
+                }
+            )
+            print_rows(rows[-1:])
+    return rows
+
+
+def cmd_small(args, timer) -> list[dict]:
+    """Small shapes: simt vs mma, eager vs CUDA-graph replay (host time vs kernel time), split counts."""
+    torch = _torch()
+    from kvpolar import gpu
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for sh in (Shape(16, 4096, 32, 8, 128), Shape(16, 16384, 9, 3, 64), Shape(1, 4096, 9, 3, 64)):
+        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((sh.B,), sh.T, dtype=torch.int32, device="cuda")
+        kc = rand_blocks("polar", sh.B, sh.Hkv, sh.T, sh.D, gen)
+        vc = rand_blocks("polar", sh.B, sh.Hkv, sh.T, sh.D, gen)
+        nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, sh.T, sh.D)
+        fns = {
+            "simt": attn_fn(q, kc, vc, lens, "polar", "polar", config=gpu.SIMT_CONFIG, max_len=sh.T),
+            "mma": attn_fn(q, kc, vc, lens, "polar", "polar", max_len=sh.T),
+        }
+        for sp in (1, 2, 4, 8, 16, 32):
+            fns[f"mma splits{sp}"] = attn_fn(q, kc, vc, lens, "polar", "polar", max_len=sh.T, splits=sp)
+        for name in ("simt", "mma", "mma splits8"):
+            try:
+                fns[name + " graph"] = graph_fn(fns[name])
+            except Exception as e:
+                print(f"graph capture of {name} failed: {str(e)[:300]}", flush=True)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(50):
+                fn()
+            host_us = (time.perf_counter() - t0) / 50 * 1e6
+            torch.cuda.synchronize()
+            r = timer(fn)
+            rows.append(
+                {
+                    "shape": sh.label,
+                    **dataclasses.asdict(sh),
+                    "variant": name,
+                    **r,
+                    "bytes": nbytes,
+                    "GBps": nbytes / r["ms"] / 1e6,
+                    "host_us_per_call": host_us,
+                }
+            )
+            print(
+                f"{sh.label:<24} {name:<18} {r['ms'] * 1e3:8.1f} us   host {host_us:6.1f} us/call", flush=True
+            )
     return rows
 
 
@@ -408,7 +595,9 @@ def device_info() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", nargs="?", choices=["attn", "tune", "kmode", "encode", "copy", "all"])
+    ap.add_argument(
+        "cmd", nargs="?", choices=["attn", "tune", "kmode", "encode", "copy", "compare", "small", "all"]
+    )
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=5)

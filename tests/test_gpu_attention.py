@@ -16,9 +16,13 @@ from kvpolar import paperb_kernel_ref as pb
 
 # float32 q/out: max over 2 seeds x 169 cases on an H100 was 1.7e-6 (docs/gpu/attn_errors_h100.jsonl):
 # float32 accumulation in another order than the reference, exp2f. float16 / bfloat16 q and out:
-# 2.2e-4 / 3.4e-3 (output rounding).
+# 2.2e-4 / 3.4e-3 (output rounding). The tensor-core kernel (impl "mma") with prec "fp32" (fp16 hi + lo
+# operands, float32 accumulation) is held to the same ATTN_TOL; with prec "fp16" (one fp16 product,
+# the default for float16/bfloat16 q) to FP16_PREC_TOL. Measured on the H100 (attn_errors_h100.jsonl):
+# mma "fp32" max 1.9e-6 over 137 float32 cases; mma "fp16" on float32 q max 1.4e-3 over 44 cases.
 ATTN_TOL = 1e-5
 HALF_TOL = {"float16": 2e-3, "bfloat16": 1e-2}
+FP16_PREC_TOL = 2e-3
 
 
 # ---- CPU: paper-B reference ------------------------------------------------------------------
@@ -77,6 +81,19 @@ def test_attention_reference_cpu():
     assert torch.allclose(out[b, h, t], want, atol=1e-6)
 
 
+def test_choose_splits_mma():
+    from kvpolar import gpu
+
+    # headline shape (B=16, 8 KV heads, 2 CTAs/SM on 132 SMs, tile 256): one full wave of 2 splits
+    assert gpu.choose_splits_mma(128, 32768, 256, 2, 132) == 2
+    # batch 1: fill one wave
+    assert gpu.choose_splits_mma(8, 32768, 256, 2, 132) == 33
+    assert gpu.choose_splits_mma(8, 100, 256, 2, 132) == 1
+    for n in (1, 7, 128, 300, 5000):
+        s = gpu.choose_splits_mma(n, 65536, 256, 2, 132)
+        assert 1 <= s <= 256
+
+
 # ---- GPU -------------------------------------------------------------------------------------
 
 
@@ -109,7 +126,7 @@ def _record(case: str, err: float) -> None:
             f.write(json.dumps({"case": case, "err": err}) + "\n")
 
 
-def _check(torch, q, kc, vc, lens, kfmt, vfmt, case, **kw):
+def _check(torch, q, kc, vc, lens, kfmt, vfmt, case, tol=None, **kw):
     from kvpolar import gpu
 
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
@@ -121,28 +138,35 @@ def _check(torch, q, kc, vc, lens, kfmt, vfmt, case, **kw):
     ref = gpu.attention_reference(q.float(), k, v, lens)
     err = float((out.float() - ref).abs().max() / ref.abs().max())
     _record(case, err)
-    tol = ATTN_TOL if q.dtype == torch.float32 else HALF_TOL[str(q.dtype).split(".")[-1]]
+    if tol is None:
+        tol = ATTN_TOL if q.dtype == torch.float32 else HALF_TOL[str(q.dtype).split(".")[-1]]
     assert err <= tol, f"{case}: relative error {err:.3g} > {tol}"
 
 
-CASES = [  # (kfmt, vfmt, kmode)
-    ("polar", "polar", "gather"),
-    ("polar3", "polar3", "gather"),
-    ("polar", "f16", "gather"),
-    ("polar3", "f16", "gather"),
-    ("polar", "polar3", "gather"),
-    ("paperb", "paperb", "gather"),
-    ("paperb", "paperb", "anglelut"),
-    ("paperb", "f16", "anglelut"),
-    ("polar3", "polar3", "lut"),
+CASES = [  # (kfmt, vfmt, kmode, impl)
+    *(
+        (k, v, "gather", impl)
+        for impl in ("mma", "simt")
+        for k, v in (
+            ("polar", "polar"),
+            ("polar3", "polar3"),
+            ("polar", "f16"),
+            ("polar3", "f16"),
+            ("polar", "polar3"),
+            ("paperb", "paperb"),
+        )
+    ),
+    ("paperb", "paperb", "anglelut", "simt"),
+    ("paperb", "f16", "anglelut", "simt"),
+    ("polar3", "polar3", "lut", "simt"),
 ]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (8, 1)])
-@pytest.mark.parametrize("kfmt,vfmt,kmode", CASES)
-def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode):
+@pytest.mark.parametrize("kfmt,vfmt,kmode,impl", CASES)
+def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode, impl):
     from kvpolar import gpu
 
     Hq, Hkv = heads
@@ -152,40 +176,95 @@ def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode):
     kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
     vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
     q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
-    cfg = gpu.AttnConfig(kmode=kmode)
-    _check(torch, q, kc, vc, lens, kfmt, vfmt, f"{kfmt}/{vfmt}/{kmode} D{D} {Hq}/{Hkv} s{seed}", config=cfg)
+    # mma: the shipped default shape; simt: the first kernel shape (4 warps, 1 key/thread, 3 stages)
+    cfg = gpu.default_config(vfmt) if impl == "mma" else gpu.AttnConfig(kmode=kmode, impl="simt")
+    case = f"{kfmt}/{vfmt}/{kmode}/{impl} D{D} {Hq}/{Hkv} s{seed}"
+    _check(torch, q, kc, vc, lens, kfmt, vfmt, case, config=cfg)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
+def test_mma_fp16_precision(torch, seed, D, heads, kfmt, vfmt):
+    """The tensor-core kernel with one fp16 product (prec "fp16") on float32 q: the error it adds."""
+    from kvpolar import gpu
+
+    Hq, Hkv = heads
+    gen = torch.Generator(device="cuda").manual_seed(100 + seed)
+    lens = torch.tensor([1, 37, 129, 700 + seed], dtype=torch.int32, device="cuda")
+    B, T_max = len(lens), 712
+    kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
+    vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
+    q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
+    cfg = gpu.AttnConfig(prec="fp16")
+    case = f"fp16prec {kfmt}/{vfmt} D{D} {Hq}/{Hkv} s{seed}"
+    _check(torch, q, kc, vc, lens, kfmt, vfmt, case, tol=FP16_PREC_TOL, config=cfg)
+
+
+@pytest.mark.parametrize("impl", ["mma", "simt"])
 @pytest.mark.parametrize("Tq", [2, 3, 5])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (16, 2)])
-def test_causal_tail(torch, Tq, heads):
+def test_causal_tail(torch, Tq, heads, impl):
     """Tq > 1 query tokens, causal within the tail, rows split across CTAs when R > 8."""
+    from kvpolar import gpu
+
     Hq, Hkv = heads
     gen = torch.Generator(device="cuda").manual_seed(Tq)
     lens = torch.tensor([Tq, 300, 77], dtype=torch.int32, device="cuda")
     kc = _rand_cache(torch, "polar", 3, Hkv, 304, 128, gen)
     vc = _rand_cache(torch, "polar", 3, Hkv, 304, 128, gen)
     q = torch.randn((3, Hq, Tq, 128), generator=gen, device="cuda")
-    _check(torch, q, kc, vc, lens, "polar", "polar", f"causal Tq{Tq} {Hq}/{Hkv}")
+    cfg = gpu.AttnConfig(impl=impl)
+    _check(torch, q, kc, vc, lens, "polar", "polar", f"causal Tq{Tq} {Hq}/{Hkv} {impl}", config=cfg)
+
+
+TILE_CFGS = {  # name: AttnConfig kwargs
+    **{
+        n: dict(impl="simt", nwarps=int(n[0]), tpt=int(n[2]), stages=int(n[4]), repl=int(n[6:-1]))
+        for n in ("4w1t3s16r", "4w2t2s16r", "8w1t2s8r", "2w2t4s16r", "4w1t2s8r")
+    },
+    "mma 8w32k2s": dict(nwarps=8, wtile=32, stages=2),
+    "mma 4w32k4s": dict(nwarps=4, wtile=32, stages=4),
+    "mma 8w16k2s": dict(nwarps=8, wtile=16, stages=2),
+    "mma 2w64k3s": dict(nwarps=2, wtile=64, stages=3),
+    "mma 2w48k5s fp16": dict(nwarps=2, wtile=48, stages=5, prec="fp16"),
+}
 
 
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
-@pytest.mark.parametrize("cfg", ["4w1t3s16r", "4w2t2s16r", "8w1t2s8r", "2w2t4s16r", "4w1t2s8r"])
-def test_splits_and_tiles(torch, splits, cfg):
+@pytest.mark.parametrize("cfg", list(TILE_CFGS))
+@pytest.mark.parametrize("vfmt", ["polar", "f16"])
+def test_splits_and_tiles(torch, splits, cfg, vfmt):
     from kvpolar import gpu
 
-    nw, tpt, st, repl = int(cfg[0]), int(cfg[2]), int(cfg[4]), int(cfg[6:-1])
+    if vfmt == "f16" and not cfg.startswith("mma"):
+        pytest.skip("simt shapes: polar V only")
     gen = torch.Generator(device="cuda").manual_seed(splits)
     lens = torch.tensor([3000, 1, 1234], dtype=torch.int32, device="cuda")
     kc = _rand_cache(torch, "polar", 3, 2, 3000, 128, gen)
-    vc = _rand_cache(torch, "polar", 3, 2, 3000, 128, gen)
+    vc = _rand_cache(torch, vfmt, 3, 2, 3000, 128, gen)
     q = torch.randn((3, 8, 1, 128), generator=gen, device="cuda")
-    c = gpu.AttnConfig(nwarps=nw, tpt=tpt, stages=st, repl=repl)
-    _check(torch, q, kc, vc, lens, "polar", "polar", f"splits{splits} {cfg}", config=c, splits=splits)
+    c = gpu.AttnConfig(**TILE_CFGS[cfg])
+    tol = FP16_PREC_TOL if c.prec == "fp16" else None
+    _check(
+        torch,
+        q,
+        kc,
+        vc,
+        lens,
+        "polar",
+        vfmt,
+        f"splits{splits} {cfg} {vfmt}",
+        tol=tol,
+        config=c,
+        splits=splits,
+    )
 
 
+@pytest.mark.parametrize("impl", ["mma", "simt"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_queries_and_encoded_cache(torch, dtype):
+def test_half_queries_and_encoded_cache(torch, dtype, impl):
     """Real encoded data (GPU encoder) and float16/bfloat16 q/out."""
     from kvpolar import gpu
 
@@ -199,7 +278,9 @@ def test_half_queries_and_encoded_cache(torch, dtype):
     gpu.encode_into(v, vc, "polar", 0)
     q = torch.randn((B, 9, 1, D), generator=gen, device="cuda").to(getattr(torch, dtype))
     lens = torch.tensor([520, 333], dtype=torch.int32, device="cuda")
-    _check(torch, q, kc, vc, lens, "polar", "polar", f"encoded {dtype}")
+    _check(
+        torch, q, kc, vc, lens, "polar", "polar", f"encoded {dtype} {impl}", config=gpu.AttnConfig(impl=impl)
+    )
 
 
 def test_attention_bad_inputs(torch):
