@@ -36,7 +36,7 @@ def offset_model(tmp_path_factory, smollm2_path):
 
 def perplexity(build_dir, model, text, env=None, ctk="f16", ctv="f16"):
     cmd = [str(build_dir / "bin" / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "256",
-           "--chunks", "3", "-b", "256", "-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", ctk, "-ctv", ctv]
+           "--chunks", "3", "-b", "256", "-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", ctk, "-ctv", ctv, "-v"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
@@ -64,7 +64,7 @@ def test_centering_off_ignores_offsets(build_dir, smollm2_path, offset_model, sq
 def test_centering_default_on_for_polar_k(build_dir, offset_model, squad_text_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_CENTER")}
     cmd = [str(build_dir / "bin" / "llama-perplexity"), "-m", str(offset_model), "-f", str(squad_text_path),
-           "-c", "128", "--chunks", "1", "-fa", "on", "-ctk", "polar", "-ctv", "f16"]
+           "-c", "128", "--chunks", "1", "-fa", "on", "-ctk", "polar", "-ctv", "f16", "-v"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
