@@ -33,7 +33,10 @@ sys.path.insert(0, str(REPO))
 from kvpolar import format as pformat  # noqa: E402
 from kvpolar import paths  # noqa: E402
 
-MODELS = {"smollm2": paths.SMOLLM2_GGUF, "qwen": paths.QWEN_GGUF}
+# smollm2c: SmolLM2 with centering offsets from `kvpolar calibrate` on the Paul Graham essays
+# (SmolLM2 has no k bias, so without them centering has nothing to subtract).
+SMOLLM2C_GGUF = "SmolLM2-135M-Instruct.Q4_1.centered.gguf"
+MODELS = {"smollm2": paths.SMOLLM2_GGUF, "smollm2c": SMOLLM2C_GGUF, "qwen": paths.QWEN_GGUF}
 BITS = {"f16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "iq4_nl": 4.5, "q4_1": 5.0, "q4_0": 4.5}
 BITS.update({f.name: f.bits_per_elem for f in pformat.FORMATS.values()})
 QUALITY_K = ["q8_0", "q5_0", "iq4_nl", "q4_0", "polar", "polar3"]
@@ -54,7 +57,7 @@ def machine() -> str:
 def run(cmd: list[str], env_extra: dict | None = None, log=None) -> str:
     env = dict(os.environ, **(env_extra or {}))
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     out = p.stdout + p.stderr
     if log is not None:
         log.append({"cmd": " ".join(cmd), "env": env_extra or {}, "rc": p.returncode, "s": round(time.time() - t0, 1)})
@@ -132,13 +135,13 @@ def speed(args, log) -> dict:
 
 
 def memory(args, log) -> dict:
-    binp = str(paths.bin_path("llama-cli"))
+    binp = str(paths.bin_path("llama-completion"))
     model = str(paths.data_file(MODELS[args.model]))
     rows = []
     for ctx in args.ctx:
         for kv in ("f16", "q8_0", "q4_0", "polar", "polar3"):
             cmd = [binp, "-m", model, "-c", str(ctx), "-ctk", kv, "-ctv", kv, "-fa", "on", "-n", "1",
-                   "-p", "hi", "-no-cnv", "--temp", "0", "-t", str(args.threads)]
+                   "-p", "hi", "-no-cnv", "--temp", "0", "-t", str(args.threads), "-v"]
             out = run(cmd, log=log)
             m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB.*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB", out)
             if not m:
