@@ -60,11 +60,11 @@ def speed_table(d: dict) -> list[str]:
 
 def memory_table(d: dict) -> list[str]:
     out = [f"### KV-cache memory: {d['model_file']} (K and V of the same type)", "", _src(d), "",
-           "| ctx | type | K MiB | V MiB | total MiB | vs f16 |", "|---|---|---|---|---|---|"]
+           "| ctx | type | K MiB | V MiB | total MiB | f16 size / this |", "|---|---|---|---|---|---|"]
     f16 = {r["ctx"]: r["total_mib"] for r in d["rows"] if r["kv"] == "f16"}
     for r in d["rows"]:
         out.append(f"| {r['ctx']} | {r['kv']} | {r['k_mib']:.2f} | {r['v_mib']:.2f} | {r['total_mib']:.2f} "
-                   f"| {f16[r['ctx']] / r['total_mib']:.2f}x smaller |")
+                   f"| {f16[r["ctx"]] / r["total_mib"]:.2f}x |")
     return [*out, ""]
 
 
