@@ -64,7 +64,7 @@ def memory_table(d: dict) -> list[str]:
     f16 = {r["ctx"]: r["total_mib"] for r in d["rows"] if r["kv"] == "f16"}
     for r in d["rows"]:
         out.append(f"| {r['ctx']} | {r['kv']} | {r['k_mib']:.2f} | {r['v_mib']:.2f} | {r['total_mib']:.2f} "
-                   f"| {f16[r["ctx"]] / r["total_mib"]:.2f}x |")
+                   f"| {f16[r['ctx']] / r['total_mib']:.2f}x |")
     return [*out, ""]
 
 
