@@ -26,13 +26,15 @@ CTX="${KVPOLAR_DEMO_CTX:-4096}"
 THREADS="${KVPOLAR_DEMO_THREADS:-$(nproc 2>/dev/null || echo 2)}"
 LOGDIR="$(mktemp -d "${TMPDIR:-/tmp}/kvpolar-demo.XXXXXX")"
 
-# Cache types this llama-cli accepts (the "allowed values" line under --cache-type-k).
-allowed="$("$CLI" --help 2>&1 | grep -A1 -- '--cache-type-k' | sed -n 's/.*allowed values: *//p' | head -n1)"
+# Cache types this llama-cli accepts (the "allowed values" under --cache-type-k; the list wraps).
+cli_help="$("$CLI" --help 2>&1 || true)"
+allowed="$(printf '%s\n' "$cli_help" | grep -m1 -A4 -- '--cache-type-k' | sed -n '/allowed values:/,/(default/p' \
+    | sed 's/.*allowed values: *//; s/(default.*//' | tr -d ' \n')"
 if [[ -n "${KVPOLAR_DEMO_TYPES:-}" ]]; then
     types=(${KVPOLAR_DEMO_TYPES})
 else
     types=(f16)
-    if [[ ",${allowed// /}," == *",polar,"* ]]; then
+    if [[ ",${allowed}," == *",polar,"* ]]; then
         types+=(polar)
     fi
 fi
