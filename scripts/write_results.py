@@ -74,7 +74,7 @@ def main() -> int:
              "`docs/results-gpu.md`. Re-run the commands named under each table after any change to",
              "`converter/`, `cupy_kernels/` or `patches/`.", ""]
     lines += ["## llama.cpp on the CPU", ""]
-    for model in ("smollm2", "qwen"):
+    for model in ("smollm2", "smollm2c", "qwen"):
         for kind, fn in (("quality", quality_table), ("speed", speed_table), ("memory", memory_table)):
             d = _load(kind, model)
             if d:
