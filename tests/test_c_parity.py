@@ -17,7 +17,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from kvpolar import codec
 from kvpolar import format as pformat
 
@@ -100,7 +99,9 @@ class Ggml:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         nrows = x.size // n_per_row
         out = np.zeros(x.size // QK * fmt.type_size, np.uint8)
-        n = self.base.ggml_quantize_chunk(fmt.type_id, x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
+        n = self.base.ggml_quantize_chunk(
+            fmt.type_id, x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None
+        )
         assert n == out.size, (n, out.size)
         return out.reshape(-1, fmt.type_size)
 
@@ -235,7 +236,9 @@ def assert_same_blocks(name: str, got: np.ndarray, want: np.ndarray, x: np.ndarr
         field = f"code[{p}]: {what} {int(gc[0, p])} vs numpy {int(wc[0, p])} (d = {_f16(got[i])!r})"
         if x is not None:
             field += f", pair ({x[i, 2 * p]!r}, {x[i, 2 * p + 1]!r})"
-    extra = "" if x is None else f"\n  block {i} input: {np.array2string(x[i], precision=9, max_line_width=200)}"
+    extra = (
+        "" if x is None else f"\n  block {i} input: {np.array2string(x[i], precision=9, max_line_width=200)}"
+    )
     pytest.fail(f"{name}: {len(diff)} of {len(got)} blocks differ; first block {i}, {field}{extra}")
 
 
@@ -245,8 +248,9 @@ def assert_same_floats(name: str, got: np.ndarray, want: np.ndarray, what="C to_
     if np.array_equal(g, w):
         return
     i, j = (int(v[0]) for v in np.nonzero(g != w))
+    n = int((g != w).sum())
     pytest.fail(
-        f"{name}: {what} differs from codec.dequantize_blocks in {int((g != w).sum())} values; first block {i}, "
+        f"{name}: {what} differs from codec.dequantize_blocks in {n} values; first block {i}, "
         f"value {j} (code index {j // 2}): {got[i, j]!r} vs {want[i, j]!r}"
     )
 
@@ -277,9 +281,19 @@ def test_encode_parity(ggml, name, kind):
     assert_same_blocks(name, ggml.quantize_chunk(name, x), want, x, "ggml_quantize_chunk")
     # the same rows as one long row (n_per_row = 8 blocks), the shape of a KV-cache row
     n8 = len(x) // 8 * 8
-    assert_same_blocks(name, ggml.quantize_chunk(name, x[:n8], 8 * QK), want[:n8], x, "ggml_quantize_chunk (rows of 8 blocks)")
-    assert_same_blocks(name, ggml.from_float(ggml.traits(name).from_float_ref, name, x), want, x, "from_float_ref")
-    assert_same_blocks(name, ggml.from_float(ggml.traits_cpu(name).from_float, name, x), want, x, "CPU from_float")
+    assert_same_blocks(
+        name,
+        ggml.quantize_chunk(name, x[:n8], 8 * QK),
+        want[:n8],
+        x,
+        "ggml_quantize_chunk (rows of 8 blocks)",
+    )
+    assert_same_blocks(
+        name, ggml.from_float(ggml.traits(name).from_float_ref, name, x), want, x, "from_float_ref"
+    )
+    assert_same_blocks(
+        name, ggml.from_float(ggml.traits_cpu(name).from_float, name, x), want, x, "CPU from_float"
+    )
     assert_same_floats(name, ggml.to_float(name, want), codec.dequantize_blocks(want, name))
 
 
@@ -341,3 +355,65 @@ def test_vec_dot(ggml, name, n_blocks, impl):
         # float32 accumulation in any order: a few ulps of the sum of |terms|
         tol = 1e-6 * float(np.abs(y * q).sum()) + 1e-30
         assert abs(got - want) <= tol, (trial, got, want, tol)
+
+
+class GgmlInitParams(ctypes.Structure):
+    """struct ggml_init_params (ggml/include/ggml.h)."""
+
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+GGML_TYPE_I64 = 27
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+@pytest.mark.parametrize("n_rows", [1, 3])
+@pytest.mark.parametrize("name", TYPES)
+def test_set_rows_cache_write(ggml, name, n_rows, n_threads):
+    """SET_ROWS, the KV-cache write (rows of 3 blocks, the threads splitting the rows or the blocks of
+    one row), stores exactly codec.quantize_blocks' bytes."""
+    b, c = ggml.base, ggml.cpu
+    b.ggml_init.restype = ctypes.c_void_p
+    b.ggml_init.argtypes = [GgmlInitParams]
+    b.ggml_free.argtypes = [ctypes.c_void_p]
+    b.ggml_new_tensor_2d.restype = ctypes.c_void_p
+    b.ggml_new_tensor_2d.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    b.ggml_new_tensor_1d.restype = ctypes.c_void_p
+    b.ggml_new_tensor_1d.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    b.ggml_get_data.restype = ctypes.c_void_p
+    b.ggml_get_data.argtypes = [ctypes.c_void_p]
+    b.ggml_set_rows.restype = ctypes.c_void_p
+    b.ggml_set_rows.argtypes = [ctypes.c_void_p] * 4
+    b.ggml_new_graph.restype = ctypes.c_void_p
+    b.ggml_new_graph.argtypes = [ctypes.c_void_p]
+    b.ggml_build_forward_expand.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    c.ggml_graph_compute_with_ctx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+    fmt = pformat.get_format(name)
+    nc, n_cells = 3 * QK, 8
+    x = blocks("reallike", n_rows * 3, seed=n_rows).reshape(n_rows, nc)
+    cells = (np.arange(n_rows) * 5 + 2) % n_cells
+
+    ctx = b.ggml_init(GgmlInitParams(16 << 20, None, False))
+    assert ctx
+    try:
+        cache = b.ggml_new_tensor_2d(ctx, fmt.type_id, nc, n_cells)
+        src = b.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, nc, n_rows)
+        idx = b.ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_rows)
+        cache_bytes = n_cells * nc // QK * fmt.type_size
+        ctypes.memset(b.ggml_get_data(cache), 0, cache_bytes)
+        ctypes.memmove(b.ggml_get_data(src), np.ascontiguousarray(x).ctypes.data, x.nbytes)
+        cells64 = cells.astype(np.int64)
+        ctypes.memmove(b.ggml_get_data(idx), cells64.ctypes.data, cells64.nbytes)
+        graph = b.ggml_new_graph(ctx)
+        b.ggml_build_forward_expand(graph, b.ggml_set_rows(ctx, cache, src, idx))
+        assert c.ggml_graph_compute_with_ctx(ctx, graph, n_threads) == 0
+        got = np.ctypeslib.as_array(
+            (ctypes.c_uint8 * cache_bytes).from_address(b.ggml_get_data(cache))
+        ).copy()
+    finally:
+        b.ggml_free(ctx)
+    got = got.reshape(n_cells, 3, fmt.type_size)[cells].reshape(-1, fmt.type_size)
+    assert_same_blocks(
+        name, got, codec.quantize_blocks(x.reshape(-1, QK), name), x.reshape(-1, QK), "SET_ROWS"
+    )
