@@ -103,7 +103,9 @@ def compute_offsets(
 
         return hook
 
-    handles = [layer.self_attn.v_proj.register_forward_hook(v_hook(i)) for i, layer in enumerate(model.model.layers)]
+    handles = [
+        layer.self_attn.v_proj.register_forward_hook(v_hook(i)) for i, layer in enumerate(model.model.layers)
+    ]
     modeling.apply_rotary_pos_emb = capture
     try:
         with torch.no_grad():
@@ -133,10 +135,11 @@ def compute_offsets(
     return out
 
 
-def write_with_offsets(src: str | os.PathLike, dst: str | os.PathLike, offsets, progress: bool = True) -> None:
+def write_with_offsets(
+    src: str | os.PathLike, dst: str | os.PathLike, offsets, progress: bool = True
+) -> None:
     """Copy GGUF `src` to `dst` adding the centering tensors; dst appears only when complete."""
     import gguf
-    from tqdm import tqdm
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
@@ -173,6 +176,37 @@ def write_with_offsets(src: str | os.PathLike, dst: str | os.PathLike, offsets, 
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def read_offsets(path: str | os.PathLike) -> tuple[str, dict[int, tuple]]:
+    """(architecture, {layer: (k_center, v_center)}) as stored in a GGUF (llama.cpp layout,
+    float32 [n_embd_k_gqa]; None where a layer has no such tensor)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    f = r.fields.get("general.architecture")
+    if f is None:
+        raise ValueError(f"{path}: not a model GGUF (no general.architecture)")
+    out: dict[int, list] = {}
+    for t in r.tensors:
+        for j, pat in enumerate((K_CENTER, V_CENTER)):
+            pre, post = pat.split("{}")
+            if t.name.startswith(pre) and t.name.endswith(post):
+                il = int(t.name[len(pre) : len(t.name) - len(post)])
+                if t.tensor_type.name != "F32":
+                    raise ValueError(f"{path}: {t.name} has type {t.tensor_type.name}, expected F32")
+                out.setdefault(il, [None, None])[j] = np.array(t.data, dtype=np.float32).reshape(-1)
+    return str(f.contents()), {il: (kv[0], kv[1]) for il, kv in out.items()}
+
+
+def llama_to_hf_dims(x: np.ndarray, head_dim: int, arch: str) -> np.ndarray:
+    """Undo _hf_to_llama_dims on [..., n_heads*head_dim] (identity for non-llama archs)."""
+    if arch != "llama":
+        return x
+    perm = _hf_to_llama_dims(head_dim)
+    y = np.empty_like(x).reshape(*x.shape[:-1], -1, head_dim)
+    y[..., perm] = x.reshape(*x.shape[:-1], -1, head_dim)
+    return y.reshape(x.shape)
 
 
 def calibrate(src, dst, text: str, n_tokens: int = 4096, ctx: int = 1024, progress: bool = True) -> dict:

@@ -314,6 +314,41 @@ class PolarCache(Cache):
         super().__init__(layers=layers)
 
 
+def model_offsets(model, gguf_path=None, center_v: bool = False) -> dict:
+    """Centering offsets as the patched llama.cpp picks them, for PolarCache(centering=...).
+
+    {layer: (mu_k [Hkv, D], mu_v [Hkv, D])} float32: K from blk.N.attn_k.center in the GGUF
+    (written by `kvpolar calibrate`) when `gguf_path` has it, else the layer's k_proj bias;
+    V (only with center_v, llama.cpp's LLAMA_KV_CENTER_V=1) from attn_v.center or the v_proj
+    bias, zeros otherwise. Layers with no K source are left out (no centering there)."""
+    from . import calibrate
+
+    cfg = model.config.get_text_config(decoder=True)
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    H = cfg.num_key_value_heads
+    arch, stored = ("", {})
+    if gguf_path is not None:
+        arch, stored = calibrate.read_offsets(gguf_path)
+    out = {}
+    for il, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        ks, vs = stored.get(il, (None, None))
+
+        def pick(stored_vec, proj):
+            if stored_vec is not None:
+                return torch.from_numpy(calibrate.llama_to_hf_dims(stored_vec, D, arch).copy())
+            b = getattr(proj, "bias", None)
+            return None if b is None else b.detach().float().cpu()
+
+        mk = pick(ks, attn.k_proj)
+        if mk is None:
+            continue
+        mv = pick(vs, attn.v_proj) if center_v else None
+        mv = torch.zeros(H * D) if mv is None else mv
+        out[il] = (mk.reshape(H, D), mv.reshape(H, D))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # The attention function
 
@@ -362,17 +397,22 @@ def polar_attention_forward(
             max_len=n,
         )
     else:
+        # Prefill / masked steps: dequantize and SDPA (in the model's dtype on CUDA, so long
+        # prompts take the flash kernel; float32 elsewhere).
         k, v = layer.dequantized()
         G = Hq // layer.H
-        k = k.repeat_interleave(G, 1)
-        v = v.repeat_interleave(G, 1)
-        if attention_mask is None:
-            mask = _causal_tail_mask(Tq, n, q.device)
-        elif attention_mask.dtype == torch.bool:
-            mask = attention_mask[..., -n:]
+        dt = query.dtype if q.is_cuda else torch.float32
+        q, k, v = q.to(dt), k.repeat_interleave(G, 1).to(dt), v.repeat_interleave(G, 1).to(dt)
+        if attention_mask is None and Tq == n:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
         else:
-            mask = attention_mask[..., -n:].float()
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+            if attention_mask is None:
+                mask = _causal_tail_mask(Tq, n, q.device)
+            elif attention_mask.dtype == torch.bool:
+                mask = attention_mask[..., -n:]
+            else:
+                mask = attention_mask[..., -n:].to(dt)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     o = layer.finish_output(o).to(query.dtype)
     return o.transpose(1, 2).contiguous(), None
 

@@ -29,12 +29,14 @@ PROMPT = (
 VARIANTS = [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")]
 
 
-def load_gguf(path: Path):
+def load_gguf(path: Path, dtype: str = "float16"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float16)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
+    )
     return model.cuda().eval(), tok
 
 
@@ -75,6 +77,9 @@ def main(argv=None) -> int:
     common.add_argument("--max-new-tokens", type=int, default=128)
     common.add_argument("--json", help="write the results to this file")
     common.add_argument("--verbose", action="store_true")
+    common.add_argument("--no-center", action="store_true",
+                        help="no centering (default: llama.cpp's offsets, kvpolar.torch_cache.model_offsets)")
+    common.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     g = sub.add_parser("gguf", help="a GGUF model file", parents=[common])
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
     if args.cmd == "gguf":
         if not args.path.is_file():
             raise SystemExit(f"no such GGUF file: {args.path}")
-        model, tok = load_gguf(args.path)
+        model, tok = load_gguf(args.path, args.dtype)
         ids = tok(args.prompt, return_tensors="pt").input_ids.cuda()
         name = args.path.name
     else:
@@ -100,6 +105,9 @@ def main(argv=None) -> int:
         ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(1)).cuda()
         name = "tiny random Llama (4 layers, 4/2 heads, D=64)"
     tc.enable(model)
+    offsets = None
+    if not args.no_center:
+        offsets = tc.model_offsets(model, args.path if args.cmd == "gguf" else None) or None
     run(model, ids, 4)  # warm-up (cuBLAS, SDPA)
     ref, dt_ref = run(model, ids, args.max_new_tokens)
     res = {
@@ -108,14 +116,15 @@ def main(argv=None) -> int:
         "prompt_tokens": ids.shape[1],
         "max_new_tokens": args.max_new_tokens,
         "argv": sys.argv,
+        "centering": f"{len(offsets)} layers" if offsets else "none",
         "fp16": {"tokens": ref[0].tolist(), "tok_per_s": args.max_new_tokens / dt_ref},
     }
     if tok is not None:
         res["fp16"]["text"] = tok.decode(ref[0])
     print(f"{name}: fp16 cache {args.max_new_tokens / dt_ref:.1f} tok/s")
     for kfmt, vfmt in VARIANTS:
-        run(model, ids, 4, tc.PolarCache(model.config, kfmt=kfmt, vfmt=vfmt))  # compile the kernels
-        cache = tc.PolarCache(model.config, kfmt=kfmt, vfmt=vfmt)
+        run(model, ids, 4, tc.PolarCache(model.config, kfmt=kfmt, vfmt=vfmt, centering=offsets))  # compile
+        cache = tc.PolarCache(model.config, kfmt=kfmt, vfmt=vfmt, centering=offsets)
         got, dt = run(model, ids, args.max_new_tokens, cache)
         div = tc.first_divergence(ref, got)
         key = f"{kfmt}+{vfmt}"

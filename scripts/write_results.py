@@ -55,6 +55,16 @@ def speed_table(d: dict) -> list[str]:
             m = [r for r in d["rows"] if (r["k"], r["v"], r["test"], r["depth"]) == (k, v, t, dep)]
             cells.append(f"{m[0]['tps']:.1f} ± {m[0]['tps_sd']:.1f}" if m else "")
         out.append(f"| {k} | {v} | " + " | ".join(cells) + " |")
+    tps = {(r["k"], r["v"], r["test"], r["depth"]): r["tps"] for r in d["rows"]}
+    notes = []
+    for t, dep in tests:
+        f16 = tps.get(("f16", "f16", t, dep))
+        for kv in ("polar", "polar3"):
+            mine, q4 = tps.get((kv, kv, t, dep)), tps.get(("q4_0", "q4_0", t, dep))
+            if mine and q4 and f16:
+                notes.append(f"{t} @ d{dep}: K+V {kv} {mine / q4:.2f}x K+V q4_0, {mine / f16:.2f}x f16")
+    if notes:
+        out += ["", "Ratios (same run): " + "; ".join(notes) + "."]
     return [*out, ""]
 
 

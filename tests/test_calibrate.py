@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from kvpolar import calibrate, gguf_io
 
 
@@ -31,3 +30,20 @@ def test_write_with_offsets_adds_tensors_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "out.gguf"]  # no temp left behind
     with pytest.raises(ValueError, match="must be a new path"):
         calibrate.write_with_offsets(src, src, {0: (k, k)}, progress=False)
+
+
+def test_read_offsets_and_llama_to_hf_dims(tmp_path):
+    d = 64
+    k_hf = np.arange(2 * d, dtype=np.float32)  # 2 heads
+    perm = calibrate._hf_to_llama_dims(d)
+    k_llama = k_hf.reshape(2, d)[:, perm].reshape(-1)
+    src = tmp_path / "m.gguf"
+    gguf_io.write_tensors(src, {"blk.0.attn_k.weight": np.ones((4, 64), np.float32)}, fmt=None, arch="llama")
+    dst = tmp_path / "c.gguf"
+    calibrate.write_with_offsets(src, dst, {0: (k_llama, -k_llama), 3: (k_llama, k_llama)}, progress=False)
+    arch, off = calibrate.read_offsets(dst)
+    assert arch == "llama" and sorted(off) == [0, 3]
+    np.testing.assert_array_equal(off[0][1], -k_llama)
+    np.testing.assert_array_equal(calibrate.llama_to_hf_dims(off[0][0], d, "llama"), k_hf)
+    np.testing.assert_array_equal(calibrate.llama_to_hf_dims(k_llama, d, "qwen2"), k_llama)
+    assert calibrate.read_offsets(src)[1] == {}

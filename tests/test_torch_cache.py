@@ -183,3 +183,50 @@ def test_gpu_generate_tiny(cuda, vfmt):
     assert cache.layers[0].backend == "cupy" and cache.get_seq_length() == 16 + 31
     div = tc.first_divergence(ref[:, 16:], got[:, 16:])
     print(f"tiny llama fp16 vs polar/{vfmt}: first divergence {div}")
+
+
+def test_model_offsets_from_bias_and_gguf(tmp_path):
+    """Centering offsets as llama.cpp picks them: the GGUF's attn_k.center (llama dim order
+    undone), else the k_proj bias; V only on request."""
+    from kvpolar import calibrate, gguf_io
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    m = Qwen2ForCausalLM(cfg).eval()
+    for layer in m.model.layers:
+        torch.nn.init.normal_(layer.self_attn.k_proj.bias)
+        torch.nn.init.normal_(layer.self_attn.v_proj.bias)
+    off = tc.model_offsets(m)
+    assert sorted(off) == [0, 1]
+    assert torch.equal(off[1][0], m.model.layers[1].self_attn.k_proj.bias.reshape(1, 64))
+    assert torch.count_nonzero(off[1][1]) == 0
+    off_v = tc.model_offsets(m, center_v=True)
+    assert torch.equal(off_v[0][1], m.model.layers[0].self_attn.v_proj.bias.reshape(1, 64))
+
+    src, dst = tmp_path / "m.gguf", tmp_path / "c.gguf"
+    gguf_io.write_tensors(src, {"blk.0.attn_k.weight": np.ones((4, 64), np.float32)}, fmt=None, arch="llama")
+    k_hf = np.linspace(-1, 1, 64, dtype=np.float32)
+    k_llama = k_hf[calibrate._hf_to_llama_dims(64)]
+    calibrate.write_with_offsets(src, dst, {0: (k_llama, np.zeros(64, np.float32))}, progress=False)
+    off = tc.model_offsets(m, dst)
+    assert torch.equal(off[0][0], torch.from_numpy(k_hf).reshape(1, 64))  # from the file
+    assert torch.equal(off[1][0], m.model.layers[1].self_attn.k_proj.bias.reshape(1, 64))  # bias
+
+
+def test_prefill_is_causal_matches_masked():
+    """The prefill path (Tq == length, no mask: SDPA is_causal) equals the explicit tail mask."""
+    layer, _k, _v = _layer_roundtrip("reference", "cpu", "polar", None)
+    q = torch.randn(2, 4, 8, 128, generator=torch.Generator().manual_seed(3))
+
+    class M(torch.nn.Module):
+        num_key_value_groups = 2
+
+    h = tc.PolarKV(layer)
+    out, _ = tc.polar_attention_forward(M(), q, h, h, None, scaling=0.1)
+    mask = tc._causal_tail_mask(8, 8, "cpu")
+    out2, _ = tc.polar_attention_forward(M(), q, h, h, mask[None, None], scaling=0.1)
+    assert torch.allclose(out, out2, atol=1e-6)
+    out3, _ = tc.polar_attention_forward(M(), q[:, :, -3:], h, h, None, scaling=0.1)
+    assert torch.allclose(out[:, -3:], out3, atol=1e-6)
