@@ -108,6 +108,9 @@ def generate_table(d: dict, path: str) -> list[str]:
     return [*out, ""]
 
 
+BITS_NOTE = {"q4_0": "4.5", "iq4_nl": "4.5", "q5_0": "5.5"}
+
+
 def _row(d: dict | None, **kw) -> dict | None:
     if not d:
         return None
@@ -127,6 +130,9 @@ def headline() -> list[str]:
         out.append(f"- Qwen2.5-Coder-1.5B, K = polar with centering: mean KLD {r['mean_kld']:.4f}, PPL ratio "
                    f"{r['ppl_ratio']:.3f} (target <= 0.015 and <= 1.01; q4_0 without centering: "
                    f"{r0['mean_kld']:.2f} and {r0['ppl_ratio']:.0f}x).")
+        others = [(t, _row(q, k=t, v="f16", center=True)) for t in ("q4_0", "iq4_nl", "q5_0")]
+        out.append("  With the same centering: " + ", ".join(
+            f"{t} ({BITS_NOTE[t]} bits) {o['mean_kld']:.4f}" for t, o in others if o) + ".")
     s = _load("quality", "smollm2c")
     for center in (True, False):
         r = _row(s, k="polar", v="f16", center=center)
