@@ -27,7 +27,7 @@ K_CENTER = "blk.{}.attn_k.center"
 V_CENTER = "blk.{}.attn_v.center"
 
 
-def _hf_to_llama_dims(head_dim: int) -> np.ndarray:
+def hf_to_llama_dims(head_dim: int) -> np.ndarray:
     """Index map: llama.cpp dim j of a head holds HF dim perm[j].
 
     llama.cpp's converter permutes Q/K rows of llama models so that RoPE pairs are (2i, 2i+1);
@@ -47,6 +47,25 @@ def gguf_arch(path: str | os.PathLike) -> str:
     return str(f.contents())
 
 
+def load_gguf_model(path: str | os.PathLike, dtype: str = "float32"):
+    """(model in eval mode, tokenizer) from a GGUF file through transformers' GGUF loader
+    (weights dequantized to `dtype`, a torch dtype name), on the CPU."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            "loading a GGUF model needs torch and transformers: pip install 'kvpolar[calibrate]'"
+        ) from e
+    path = Path(path)
+    kw = {"gguf_file": path.name}
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), dtype=getattr(torch, dtype), **kw
+    )
+    return model.eval(), tok
+
+
 def compute_offsets(
     model_path: str | os.PathLike,
     text: str,
@@ -55,24 +74,15 @@ def compute_offsets(
     progress: bool = True,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{layer: (k_mean [n_kv_heads*head_dim], v_mean [same]) float32} in llama.cpp layout."""
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        raise ImportError(
-            "calibration needs torch and transformers: pip install 'torch==2.13.0' transformers"
-        ) from e
-    from tqdm import tqdm
-
     model_path = Path(model_path)
     arch = gguf_arch(model_path)
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"calibrate supports architectures {SUPPORTED_ARCHS}, got {arch!r} ({model_path})")
-    kw = {"gguf_file": model_path.name}
-    tok = transformers.AutoTokenizer.from_pretrained(model_path.parent, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_path.parent, torch_dtype=torch.float32, **kw
-    ).eval()
+    model, tok = load_gguf_model(model_path, "float32")
+    import torch
+    import transformers
+    from tqdm import tqdm
+
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
@@ -125,7 +135,7 @@ def compute_offsets(
         for h in handles:
             h.remove()
 
-    perm = _hf_to_llama_dims(head_dim) if arch == "llama" else np.arange(head_dim)
+    perm = hf_to_llama_dims(head_dim) if arch == "llama" else np.arange(head_dim)
     out = {}
     for il in range(n_layers):
         k = (k_sum[il] / count).numpy()[:, perm].reshape(-1)
@@ -200,10 +210,10 @@ def read_offsets(path: str | os.PathLike) -> tuple[str, dict[int, tuple]]:
 
 
 def llama_to_hf_dims(x: np.ndarray, head_dim: int, arch: str) -> np.ndarray:
-    """Undo _hf_to_llama_dims on [..., n_heads*head_dim] (identity for non-llama archs)."""
+    """Undo hf_to_llama_dims on [..., n_heads*head_dim] (identity for non-llama archs)."""
     if arch != "llama":
         return x
-    perm = _hf_to_llama_dims(head_dim)
+    perm = hf_to_llama_dims(head_dim)
     y = np.empty_like(x).reshape(*x.shape[:-1], -1, head_dim)
     y[..., perm] = x.reshape(*x.shape[:-1], -1, head_dim)
     return y.reshape(x.shape)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paperb_kernel_ref
+from . import codec, paperb_kernel_ref
 from .format import QK, get_format, tables
 
 log = logging.getLogger("kvpolar.gpu")
@@ -365,8 +365,7 @@ SIMT_CONFIG = AttnConfig(nwarps=4, tpt=2, stages=2, repl=16, impl="simt")  # qua
 SIMT_CONFIG_F16V = AttnConfig(nwarps=4, tpt=1, stages=2, repl=8, impl="simt")  # float16 V: 3 CTAs/SM
 # Picked by `scripts/bench_gpu.py tune` on an H100 at B=16, T=32768, 32/8 heads, D=128
 # (docs/results-gpu.md): 445 us vs 580 us for the first shape (4 warps, 1 key/thread, 3 stages).
-DEFAULT_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # quantized V
-DEFAULT_CONFIG_F16V = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # float16 V
+DEFAULT_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # quantized and float16 V
 SMALL_MMA_CONFIG = AttnConfig(
     impl="mma", nwarps=4, wtile=16, stages=2
 )  # where the default's smem does not fit
@@ -376,7 +375,7 @@ def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
     if kmode != "gather":  # the LUT modes exist in the simt kernel only
         base = SIMT_CONFIG_F16V if vfmt == "f16" else SIMT_CONFIG
         return dataclasses.replace(base, kmode=kmode)
-    return DEFAULT_CONFIG_F16V if vfmt == "f16" else DEFAULT_CONFIG
+    return DEFAULT_CONFIG
 
 
 def _a16(x: int) -> int:
@@ -450,8 +449,7 @@ def attn_smem_bytes(d: dict[str, int]) -> int:
         ktab = (HD // 2) * d["KNC"] * RB * 4
     else:
         ktab = (HD // 2) * 16 * RB * 4
-    shared = d["SHARE_TAB"] and d["KMODE"] == 0
-    vtab = d["VNC"] * d["REPL"] * 8 if (vquant and not shared) else 0
+    vtab = d["VNC"] * d["REPL"] * 8 if (vquant and not d["SHARE_TAB"]) else 0
     qs = _a16((HD // 2) * RB * 8)
     stage = d["STAGES"] * (_a16(tt * krow) + _a16(tt * vrow))
     red = nthreads * 8 * RB * 4
@@ -461,6 +459,23 @@ def attn_smem_bytes(d: dict[str, int]) -> int:
 
 
 @functools.cache
+@functools.cache
+def _select_variant(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig, fallback: bool):
+    """(config, defines, shared-memory bytes) of a call shape, computed once per shape. With
+    `fallback` (no explicit config), an mma variant whose shared memory does not fit (e.g. D=256
+    with float16 V) falls back to SMALL_MMA_CONFIG, then to the simt kernel."""
+    d = attn_defines(D, kfmt, vfmt, rb, qt, cfg)
+    smem = attn_smem_bytes(d)
+    if smem > SMEM_LIMIT and cfg.impl == "mma" and fallback:
+        for fb in (SMALL_MMA_CONFIG, SIMT_CONFIG_F16V if vfmt == "f16" else SIMT_CONFIG):
+            cfg = fb
+            d = attn_defines(D, kfmt, vfmt, rb, qt, cfg)
+            smem = attn_smem_bytes(d)
+            if smem <= SMEM_LIMIT:
+                break
+    return cfg, d, smem
+
+
 def _attn_kernels(defines: tuple[tuple[str, int], ...], smem: int):
     mod = _module("polar_attention.cu", defines, False)
     part = mod.get_function("polar_attn_mma" if dict(defines).get("IMPL") == 1 else "polar_attn_partial")
@@ -531,7 +546,7 @@ def check_cache(name: str, c, B: int, H: int, D: int, fmt: str) -> None:
             and tuple(c.shape[:2]) == (B, H)
             and tuple(c.shape[3:]) == (D // QK, type_size(fmt))
         )
-        want = f"uint8 [{B}, {H}, T_max, {D // QK}, {type_size(fmt) if fmt in CACHE_FORMATS else '?'}]"
+        want = f"uint8 [{B}, {H}, T_max, {D // QK}, {type_size(fmt)}]"
     if not ok:
         raise ValueError(f"{name} ({fmt}) must be {want}, got {c.dtype} {tuple(c.shape)}")
     if not c.is_contiguous():
@@ -601,15 +616,9 @@ def attention(
     G = Hq // Hkv
     R = G * Tq
     rb = min(R, 8)
-    d = attn_defines(D, kfmt, vfmt, rb, _qt(q.dtype), cfg)
-    smem = attn_smem_bytes(d)
-    if smem > SMEM_LIMIT and cfg.impl == "mma" and config is None:  # e.g. D=256 with float16 V
-        for fb in (SMALL_MMA_CONFIG, SIMT_CONFIG_F16V if vfmt == "f16" else SIMT_CONFIG):
-            cfg = fb
-            d = attn_defines(D, kfmt, vfmt, rb, _qt(q.dtype), cfg)
-            smem = attn_smem_bytes(d)
-            if smem <= SMEM_LIMIT:
-                break
+    if q.stride(3) != 1:
+        raise ValueError("q's last dimension must be contiguous")
+    cfg, d, smem = _select_variant(D, kfmt, vfmt, rb, _qt(q.dtype), cfg, config is None)
     if smem > SMEM_LIMIT:
         raise ValueError(
             f"kernel variant {d} needs {smem} bytes of shared memory (> {SMEM_LIMIT}); "
@@ -662,8 +671,6 @@ def attention(
         _ptr(m_part),
         _ptr(l_part),
     )
-    if q.stride(3) != 1:
-        raise ValueError("q's last dimension must be contiguous")
     launch(part, (splits, n_groups, B * Hkv), (cfg.nwarps * 32,), args, shared_mem=smem)
     if out is None:
         out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
@@ -695,28 +702,16 @@ def attention(
 
 def dequantize_any(cache, fmt: str, length: int | None = None):
     """[B, H, T_max, D/64, ts] blocks (any cache format) or float16 [B, H, T_max, D] ->
-    float32 [B, H, length, D], decoded exactly as the numpy references do (d * CX[c])."""
+    float32 [B, H, length, D], decoded on the CPU by the numpy references (kvpolar.codec,
+    kvpolar.paperb_kernel_ref): independent of the kernels' tables, so a wrong table shows."""
     torch = _torch()
     length = cache.shape[2] if length is None else length
     if fmt == "f16":
         return cache[:, :, :length].float()
     c = cache[:, :, :length]
-    ts = type_size(fmt)
-    raw = c.reshape(-1, ts)
-    d = raw[:, :2].contiguous().view(torch.float16).float()  # (n, 1)
-    if fmt == "polar3":
-        qs = raw[:, 2:18].long()
-        qh = raw[:, 18:26].long()
-        lo = torch.cat([qs & 15, qs >> 4], 1)
-        hi = torch.cat([(qh >> (2 * k)) & 3 for k in range(4)], 1)
-        codes = lo | (hi << 4)
-    else:
-        codes = raw[:, 2:].long()
-    tab = _codebook_dev(fmt, str(cache.device))
-    y = torch.empty((raw.shape[0], QK), dtype=torch.float32, device=cache.device)
-    y[:, 0::2] = d * tab[codes, 0]
-    y[:, 1::2] = d * tab[codes, 1]
-    return y.reshape(*c.shape[:3], -1)
+    raw = c.reshape(-1, type_size(fmt)).cpu().numpy()
+    y = paperb_kernel_ref.dequantize_blocks(raw) if fmt == "paperb" else codec.dequantize_blocks(raw, fmt)
+    return torch.from_numpy(y).to(cache.device).reshape(*c.shape[:3], -1)
 
 
 def attention_reference(q, k, v, lens, scale: float | None = None):

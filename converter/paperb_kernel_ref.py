@@ -27,14 +27,13 @@ import math
 
 import numpy as np
 
+from .format import FP16_MAX, QK
+
 NAME = "paperb"
-QK = 64
-PAIRS = 32
-TYPE_SIZE = 34
 RBITS = 4
 ABITS = 4
-NCODES = 256
-FP16_MAX = 65504.0
+NCODES = 1 << (RBITS + ABITS)  # one byte per pair
+TYPE_SIZE = 2 + QK // 2  # fp16 rmax + one code per pair
 
 
 @functools.cache

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import codec, gpu
+from .study import paper_a
 from .format import QK
 
 log = logging.getLogger("kvpolar.torch_cache")
@@ -47,12 +48,7 @@ CAPACITY_STEP = 256  # tokens; T_max stays a multiple of 8 as the kernel needs
 
 @functools.cache
 def _hadamard_cpu(n: int) -> torch.Tensor:
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard order must be a power of two, got {n}")
-    h = torch.ones((1, 1), dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / n**0.5).to(torch.float32)
+    return torch.from_numpy(paper_a.sylvester_hadamard(n)).to(torch.float32)  # ggml_gen_hadamard's
 
 
 def hadamard(n: int, device) -> torch.Tensor:
@@ -430,21 +426,6 @@ def enable(model) -> None:
     """Register "kvpolar" and switch `model` to it (its other caches still run through SDPA)."""
     register()
     model.set_attn_implementation(ATTN_NAME)
-
-
-def reference_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, cache=None) -> torch.Tensor:
-    """Greedy tokens with a plain loop (one token a step), cache None = the model's default."""
-    past = cache
-    ids = input_ids
-    out = []
-    with torch.no_grad():
-        logits = model(ids, past_key_values=past, use_cache=True)
-        for _ in range(max_new_tokens):
-            past = logits.past_key_values
-            nxt = logits.logits[:, -1].argmax(-1, keepdim=True)
-            out.append(nxt)
-            logits = model(nxt, past_key_values=past, use_cache=True)
-    return torch.cat(out, 1)
 
 
 def first_divergence(a, b) -> int | None:

@@ -26,6 +26,9 @@ import logging
 import statistics
 import sys
 import time
+from pathlib import Path
+
+from kvpolar.format import atomic_write_text
 
 log = logging.getLogger("bench_gpu")
 
@@ -639,8 +642,7 @@ def main(argv=None) -> int:
             out["chosen_configs"] = {f"{k[0]}+{k[1]}": dataclasses.asdict(v[0]) for k, v in args.best.items()}
         log.info("%s took %.1f s", c, time.time() - t0)
         if args.json:  # write as we go: a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+            atomic_write_text(Path(args.json), json.dumps(out, indent=1) + "\n")
     return 0
 
 

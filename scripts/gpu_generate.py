@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvpolar.format import atomic_write_text
+
 log = logging.getLogger("gpu_generate")
 
 PROMPT = (
@@ -30,14 +32,10 @@ VARIANTS = [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")]
 
 
 def load_gguf(path: Path, dtype: str = "float16"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvpolar.calibrate import load_gguf_model
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
-    )
-    return model.cuda().eval(), tok
+    model, tok = load_gguf_model(path, dtype)
+    return model.cuda(), tok
 
 
 def load_tiny():
@@ -144,8 +142,7 @@ def main(argv=None) -> int:
         for k in ("fp16", *(f"{a}+{b}" for a, b in VARIANTS)):
             print(f"--- {k}\n{res[k]['text']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
     return 0
 
 

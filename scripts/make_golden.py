@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from kvpolar import codec, format
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden.json"
@@ -49,10 +48,7 @@ def main() -> None:
             for fmt in format.FORMATS:
                 entry[fmt] = codec.quantize_blocks(row[None], fmt)[0].tobytes().hex()
             doc["cases"].append(entry)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(OUT)
+    format.atomic_write_text(OUT, json.dumps(doc, indent=1) + "\n")
     print(f"wrote {OUT} ({len(doc['cases'])} blocks)")
 
 

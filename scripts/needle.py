@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvpolar.format import atomic_write_text
+
 log = logging.getLogger("needle")
 
 CITIES = [
@@ -43,14 +45,10 @@ HOLE = "\u0000HAYSTACK\u0000"
 
 
 def load_model(path: Path, dtype: str, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvpolar.calibrate import load_gguf_model
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
-    )
-    return model.to(device).eval(), tok
+    model, tok = load_gguf_model(path, dtype)
+    return model.to(device), tok
 
 
 def template_parts(tok, question: str) -> tuple[list[int], list[int]]:
@@ -101,11 +99,8 @@ def generate(model, ids, max_new: int, cache=None):
 
 def save(path: Path | None, res: dict) -> None:
     """Write the results atomically (after every cell, so a run cut short keeps what it did)."""
-    if path is None:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    tmp.replace(path)
+    if path is not None:
+        atomic_write_text(path, json.dumps(res, indent=1) + "\n")
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
     python scripts/python_inference.py [--model PATH] [--type-k polar] [--type-v polar] [-n 48]
 
 Runs the same greedy prompt with an f16 cache and with the polar cache and prints both
-completions, the first differing token and the KV-cache sizes.
+completions and the first differing token (`scripts/demo.sh` prints the KV-cache sizes).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    model = args.model or str(paths.data_file("SmolLM2-135M-Instruct.Q4_1.gguf"))
+    model = args.model or str(paths.data_file(paths.SMOLLM2_GGUF))
     base = run(model, "f16", "f16", args.n, args.ctx)
     pol = run(model, args.type_k, args.type_v, args.n, args.ctx)
     first_diff = next(

@@ -100,22 +100,42 @@ def build_dir() -> Path:
         _missing(str(e))
 
 
+def _data(name: str) -> Path:
+    try:
+        return paths.data_file(name)
+    except FileNotFoundError as e:
+        _missing(str(e))
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF (the default model)."""
-    try:
-        return paths.data_file(paths.SMOLLM2_GGUF)
-    except FileNotFoundError as e:
-        _missing(str(e))
+    return _data(paths.SMOLLM2_GGUF)
 
 
 @pytest.fixture(scope="session")
 def squad_text_path() -> Path:
     """SQuAD v2 dev articles joined as ' = Title = ' + paragraphs (~971 KB of prose)."""
-    try:
-        return paths.data_file(paths.SQUAD_TXT)
-    except FileNotFoundError as e:
-        _missing(str(e))
+    return _data(paths.SQUAD_TXT)
+
+
+@pytest.fixture(scope="session")
+def squad_head(squad_text_path, tmp_path_factory) -> Path:
+    """The first ~40 KB of the SQuAD text (enough for 3 chunks of 512 tokens, ~8 KB): short
+    perplexity runs read only this instead of tokenizing the whole file."""
+    path = tmp_path_factory.mktemp("ppl") / "squad_head.txt"
+    path.write_text(squad_text_path.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cuda_torch():
+    """torch, when CuPy and a CUDA device are usable; GPU tests skip cleanly otherwise."""
+    pytest.importorskip("cupy")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,12 @@ import pytest
 from kvpolar import calibrate, gguf_io
 
 
-def test_hf_to_llama_dims_inverts_the_llama_permutation():
+def testhf_to_llama_dims_inverts_the_llama_permutation():
     # llama.cpp's converter: w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2) on Q/K rows
     d = 8
     hf = np.arange(d)
     llama = hf.reshape(2, d // 2).swapaxes(0, 1).reshape(-1)  # llama dim j holds HF dim llama[j]
-    np.testing.assert_array_equal(calibrate._hf_to_llama_dims(d), llama)
+    np.testing.assert_array_equal(calibrate.hf_to_llama_dims(d), llama)
 
 
 def test_write_with_offsets_adds_tensors_atomically(tmp_path):
@@ -35,7 +35,7 @@ def test_write_with_offsets_adds_tensors_atomically(tmp_path):
 def test_read_offsets_and_llama_to_hf_dims(tmp_path):
     d = 64
     k_hf = np.arange(2 * d, dtype=np.float32)  # 2 heads
-    perm = calibrate._hf_to_llama_dims(d)
+    perm = calibrate.hf_to_llama_dims(d)
     k_llama = k_hf.reshape(2, d)[:, perm].reshape(-1)
     src = tmp_path / "m.gguf"
     gguf_io.write_tensors(src, {"blk.0.attn_k.weight": np.ones((4, 64), np.float32)}, fmt=None, arch="llama")

@@ -45,25 +45,31 @@ def perplexity(build_dir, model, text, env=None, ctk="f16", ctv="f16"):
     return float(m.group(1)), out
 
 
-def test_centering_is_exact_with_f16_cache(build_dir, smollm2_path, offset_model, squad_text_path):
-    base, _ = perplexity(build_dir, smollm2_path, squad_text_path, env={"LLAMA_KV_CENTER": "0"})
+@pytest.fixture(scope="module")
+def base_ppl(build_dir, smollm2_path, squad_head) -> float:
+    """Perplexity of the model without offsets, centering off."""
+    return perplexity(build_dir, smollm2_path, squad_head, env={"LLAMA_KV_CENTER": "0"})[0]
+
+
+def test_centering_is_exact_with_f16_cache(build_dir, base_ppl, offset_model, squad_head):
+    base = base_ppl
     cen, log = perplexity(
-        build_dir, offset_model, squad_text_path, env={"LLAMA_KV_CENTER": "1", "LLAMA_KV_CENTER_V": "1"}
+        build_dir, offset_model, squad_head, env={"LLAMA_KV_CENTER": "1", "LLAMA_KV_CENTER_V": "1"}
     )
     assert re.search(r"KV centering: K offsets in 30 of 30 layers, V offsets in 30", log), log[-3000:]
     assert abs(cen / base - 1) < 2e-3, (base, cen)
 
 
-def test_centering_off_ignores_offsets(build_dir, smollm2_path, offset_model, squad_text_path):
-    base, _ = perplexity(build_dir, smollm2_path, squad_text_path, env={"LLAMA_KV_CENTER": "0"})
-    off, log = perplexity(build_dir, offset_model, squad_text_path, env={"LLAMA_KV_CENTER": "0"})
+def test_centering_off_ignores_offsets(build_dir, base_ppl, offset_model, squad_head):
+    base = base_ppl
+    off, log = perplexity(build_dir, offset_model, squad_head, env={"LLAMA_KV_CENTER": "0"})
     assert "KV centering:" not in log
     assert off == base
 
 
-def test_centering_default_on_for_polar_k(build_dir, offset_model, squad_text_path):
+def test_centering_default_on_for_polar_k(build_dir, offset_model, squad_head):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_CENTER")}
-    cmd = [str(build_dir / "bin" / "llama-perplexity"), "-m", str(offset_model), "-f", str(squad_text_path),
+    cmd = [str(build_dir / "bin" / "llama-perplexity"), "-m", str(offset_model), "-f", str(squad_head),
            "-c", "128", "--chunks", "1", "-fa", "on", "-ctk", "polar", "-ctv", "f16", "-v"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     out = p.stdout + p.stderr

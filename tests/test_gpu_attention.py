@@ -40,7 +40,8 @@ def test_paperb_layout_and_tables():
 
 
 def test_paperb_matches_study_module():
-    study = pytest.importorskip("kvpolar.study.paper_b")
+    from kvpolar.study import paper_b as study
+
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3, 40, 128)) * np.exp(rng.standard_normal((3, 40, 1)))).astype(np.float32)
     ref = study.roundtrip(x, pb.study_config())
@@ -98,12 +99,8 @@ def test_choose_splits_mma():
 
 
 @pytest.fixture(scope="module")
-def torch():
-    pytest.importorskip("cupy")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    return torch
+def torch(cuda_torch):
+    return cuda_torch
 
 
 def _rand_cache(torch, fmt, B, H, T_max, D, gen):

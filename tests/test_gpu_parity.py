@@ -18,12 +18,8 @@ FMTS = sorted(FORMATS)
 
 
 @pytest.fixture(scope="module")
-def torch():
-    pytest.importorskip("cupy")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    return torch
+def torch(cuda_torch):
+    return cuda_torch
 
 
 def _rows(kind: str, n: int, rng) -> np.ndarray:

@@ -158,14 +158,6 @@ def perplexity(bindir, model, text_file, ctk, ctv) -> float:
     return float(m.group(1))
 
 
-@pytest.fixture(scope="module")
-def squad_head(squad_text_path, tmp_path_factory) -> Path:
-    """The first ~40 KB of the SQuAD text (3 chunks of 512 tokens need ~8 KB)."""
-    path = tmp_path_factory.mktemp("ppl") / "squad_head.txt"
-    path.write_text(squad_text_path.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
-
-
 def test_perplexity(bindir, smollm2_path, squad_head, record_property):
     ppl = {t: perplexity(bindir, smollm2_path, squad_head, t, t) for t in ("f16", "polar", "polar3")}
     record_property("ppl", ppl)

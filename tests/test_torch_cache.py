@@ -128,10 +128,7 @@ def test_first_divergence():
 
 
 @pytest.fixture(scope="module")
-def cuda():
-    pytest.importorskip("cupy")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+def cuda(cuda_torch):
     return "cuda"
 
 
@@ -208,7 +205,7 @@ def test_model_offsets_from_bias_and_gguf(tmp_path):
     src, dst = tmp_path / "m.gguf", tmp_path / "c.gguf"
     gguf_io.write_tensors(src, {"blk.0.attn_k.weight": np.ones((4, 64), np.float32)}, fmt=None, arch="llama")
     k_hf = np.linspace(-1, 1, 64, dtype=np.float32)
-    k_llama = k_hf[calibrate._hf_to_llama_dims(64)]
+    k_llama = k_hf[calibrate.hf_to_llama_dims(64)]
     calibrate.write_with_offsets(src, dst, {0: (k_llama, np.zeros(64, np.float32))}, progress=False)
     off = tc.model_offsets(m, dst)
     assert torch.equal(off[0][0], torch.from_numpy(k_hf).reshape(1, 64))  # from the file

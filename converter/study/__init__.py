@@ -21,7 +21,7 @@ import numpy as np
 
 from . import baselines, paper_a, paper_b, variants
 
-__all__ = ["AttentionRef", "Layout", "attention_sums", "finish_attention", "layouts", "rel_mse_sums"]
+__all__ = ["AttentionRef", "Layout", "finish_attention", "layouts", "rel_mse_sums"]
 
 Shape = tuple[int, int, int]
 
@@ -250,24 +250,6 @@ class AttentionRef:
             ov = self.p[g] @ vhat[g].astype(np.float64) - self.o[g]
             s["outv_se"] += float((ov * ov).sum())
         return s
-
-
-def attention_sums(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    qpos: np.ndarray,
-    khat: np.ndarray | None = None,
-    vhat: np.ndarray | None = None,
-) -> dict[str, float]:
-    """`AttentionRef(q, k, v, qpos)`'s k_sums(khat) and/or v_sums(vhat), merged."""
-    ref = AttentionRef(q, k, v, qpos)
-    s: dict[str, float] = {"out_sq": ref.out_sq}
-    if khat is not None:
-        s.update(ref.k_sums(khat))
-    if vhat is not None:
-        s.update(ref.v_sums(vhat))
-    return s
 
 
 def finish_attention(s: dict[str, float]) -> dict[str, float]:

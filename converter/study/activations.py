@@ -68,12 +68,6 @@ def activations_dir(key: str, n_seq: int, seq_len: int) -> Path:
     return cache_dir() / "activations" / f"{key}-{n_seq}x{seq_len}"
 
 
-def llamacpp_perm(d: int) -> np.ndarray:
-    """Index array: cache_row = hf_row[perm] (cache[2i] = hf[i], cache[2i+1] = hf[i + d/2])."""
-    h = d // 2
-    return np.stack([np.arange(h), np.arange(h) + h], 1).ravel()
-
-
 def have(key: str, n_seq: int, seq_len: int) -> bool:
     d = activations_dir(key, n_seq, seq_len)
     if not (d / "meta.json").is_file():
@@ -92,18 +86,17 @@ def dump(key: str, n_seq: int = 2, seq_len: int = 1024, force: bool = False) -> 
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..calibrate import hf_to_llama_dims, load_gguf_model
 
     gguf = data_file(spec.gguf)  # raises DataNotFoundError naming the bootstrap command
     text = data_file(SQUAD_TXT).read_text(encoding="utf-8")
     t0 = time.time()
     torch.set_grad_enabled(False)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model, tok = load_gguf_model(gguf, "float32")
     ids = tok(text[: 12 * n_seq * seq_len], add_special_tokens=False, return_tensors="pt").input_ids[0]
     if len(ids) < n_seq * seq_len:
         raise ValueError(f"squad.txt gave only {len(ids)} tokens, need {n_seq * seq_len}")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.eval()
     cfg = model.config
     if cfg.model_type != spec.arch:
         raise ValueError(f"{key}: expected model_type {spec.arch}, got {cfg.model_type}")
@@ -111,7 +104,7 @@ def dump(key: str, n_seq: int = 2, seq_len: int = 1024, force: bool = False) -> 
 
     n_layer = cfg.num_hidden_layers
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    perm = llamacpp_perm(hd) if spec.arch == "llama" else np.arange(hd)
+    perm = hf_to_llama_dims(hd) if spec.arch == "llama" else np.arange(hd)
     mod = importlib.import_module(type(model).__module__)
     orig = mod.apply_rotary_pos_emb
     cur = {"layer": -1}

@@ -21,13 +21,13 @@ GGML_TYPE_IQ4_NL = 20  # enum ggml_type in ggml.h (llama.cpp 0c1e570)
 
 # bits per element: block bytes * 8 / block elements (ggml-common.h)
 BITS = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q8_0": 8.5, "iq4_nl": 4.5}
-BLOCK = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q8_0": 32, "iq4_nl": 32}
 
 IQ4NL_MISSING: str | None = None
 
 
-class _TypeTraits(ctypes.Structure):
-    # struct ggml_type_traits (ggml.h)
+class GgmlTypeTraits(ctypes.Structure):
+    """struct ggml_type_traits (ggml/include/ggml.h), field for field."""
+
     _fields_ = [
         ("type_name", ctypes.c_char_p),
         ("blck_size", ctypes.c_int64),
@@ -69,7 +69,7 @@ def _ggml():
         ctypes.c_int64,
         ctypes.POINTER(ctypes.c_float),
     ]
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(GgmlTypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     tr = lib.ggml_get_type_traits(GGML_TYPE_IQ4_NL).contents
     if tr.type_name != b"iq4_nl" or tr.blck_size != 32 or tr.type_size != 18:

@@ -181,11 +181,6 @@ class RingCode:
     def bits_per_elem(self) -> float:
         return math.log2(self.npoints) / 2 + 16 / self.block
 
-    @property
-    def label(self) -> str:
-        s = "scale search" if self.search else "scale = rmax/r_out"
-        return f"ring code {self.npoints} pts {len(self.counts)} rings, block {self.block}, {s}"
-
 
 def _nearest_ring(counts, radii, pts, xn, yn):
     """Exact nearest ring-code point of each (xn, yn) (float64): two angular neighbours per ring."""
