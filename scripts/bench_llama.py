@@ -27,11 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from kvpolar import format as pformat
+from kvpolar import paths
 
-from kvpolar import format as pformat  # noqa: E402
-from kvpolar import paths  # noqa: E402
+REPO = paths.repo_root()
 
 # smollm2c: SmolLM2 with centering offsets from `kvpolar calibrate` on the Paul Graham essays
 # (SmolLM2 has no k bias, so without them centering has nothing to subtract).

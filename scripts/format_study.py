@@ -6,7 +6,7 @@
     python3 scripts/format_study.py render         # rewrite the .md from the .json
     python3 scripts/format_study.py run --quick    # small smoke run, writes to /tmp
 
-What `run` measures (kvpolar.study):
+What `run` measures (study):
   (a) i.i.d. N(0, 1) blocks: every layout's relative MSE and bits/elem, against the Shannon
       bound 2^(-2R) of a Gaussian source;
   (b) real post-RoPE K and V of SmolLM2-135M and Qwen2.5-Coder-1.5B on the SQuAD text,
@@ -162,7 +162,7 @@ def _worker_init() -> None:
 
 
 def gauss_task(key: str, n_blocks: int, seed: int) -> dict:
-    from kvpolar.study import layouts
+    from study import layouts
 
     lay = layouts("norm")[key]
     x = np.random.default_rng(seed).standard_normal((1, n_blocks, 64)).astype(np.float32)
@@ -185,7 +185,7 @@ def gauss_task(key: str, n_blocks: int, seed: int) -> dict:
 def hadamard_rows(x: np.ndarray, n: int) -> np.ndarray:
     """x (..., d) -> each consecutive n-chunk multiplied by the normalized Sylvester Hadamard
     matrix (ggml_gen_hadamard's; symmetric and its own inverse)."""
-    from kvpolar.study.paper_a import sylvester_hadamard
+    from study.paper_a import sylvester_hadamard
 
     h = sylvester_hadamard(n)
     sh = x.shape
@@ -219,7 +219,7 @@ def cells_for(meta: dict) -> list[dict]:
 
 
 def layer_task(model: str, layer: int, n_seq: int, seq_len: int, nq: int, cells: list[dict]) -> dict:
-    from kvpolar.study import AttentionRef, activations, layouts, rel_mse_sums
+    from study import AttentionRef, activations, layouts, rel_mse_sums
 
     meta = activations.meta(model, n_seq, seq_len)
     data = activations.load_layer(model, layer, n_seq, seq_len)
@@ -289,7 +289,7 @@ def run_gaussian(pool, n_blocks: int, seed: int, keys: list[str]) -> list[dict]:
 
 
 def combine(results: list[dict], cells: list[dict]) -> dict:
-    from kvpolar.study import finish_attention
+    from study import finish_attention
 
     out = {}
     for cell in cells:
@@ -325,7 +325,7 @@ def combine(results: list[dict], cells: list[dict]) -> dict:
 
 
 def run_real(pool, model: str, args) -> dict | None:
-    from kvpolar.study import activations
+    from study import activations
 
     spec = activations.get_model(model)
     dumped_s = None
@@ -349,7 +349,7 @@ def run_real(pool, model: str, args) -> dict | None:
                 [
                     sys.executable,
                     "-m",
-                    "kvpolar.study.activations",
+                    "study.activations",
                     "dump",
                     "--model",
                     model,
@@ -425,7 +425,7 @@ def decide(res: dict) -> dict:
 
 
 def cmd_run(args) -> int:
-    from kvpolar.study import baselines, layouts
+    from study import baselines, layouts
 
     t_start = time.time()
     m = machine()
@@ -522,7 +522,7 @@ def _iq4_note(v: str | None) -> str:
 
 
 def render(res: dict) -> str:
-    from kvpolar.study import layouts
+    from study import layouts
 
     labels = {k: lay.label for k, lay in layouts("norm").items()}
     m = res["machine"]
@@ -541,7 +541,7 @@ def render(res: dict) -> str:
     )
     w("")
     w(
-        "Code: `kvpolar.study` (`paper_a`, `paper_b`, `variants`, `baselines`, `activations`); the chosen "
+        "Code: `study` (`paper_a`, `paper_b`, `variants`, `baselines`, `activations`); the chosen "
         "formats are measured through the reference codec `kvpolar.codec` itself. Bits/elem count every "
         "stored scale, norm, min/max and codebook. Tests: `tests/test_paper_a.py`, `tests/test_paper_b.py`, "
         "`tests/test_variants.py`. q4_0, q4_1, q5_0, q8_0: gguf-py's numpy quants (bit-exact with ggml); "

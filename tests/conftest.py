@@ -12,31 +12,16 @@ Markers:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from kvpolar import paths
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_paths():
-    """kvpolar.paths, or converter/paths.py loaded directly when kvpolar is not installed."""
-    try:
-        from kvpolar import paths
-
-        return paths
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("_kvpolar_paths", REPO / "converter" / "paths.py")
-        mod = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        spec.loader.exec_module(mod)
-        return mod
-
-
-paths = _load_paths()
 
 
 def require_build() -> bool:

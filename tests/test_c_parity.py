@@ -21,7 +21,7 @@ import pytest
 from conftest import require_build
 from kvpolar import codec
 from kvpolar import format as pformat
-from kvpolar.study.baselines import GgmlTypeTraits
+from study.baselines import GgmlTypeTraits
 
 pytestmark = pytest.mark.build
 

@@ -1,4 +1,4 @@
-"""The kvpolar command line: inspect/encode/decode/dump/study, exit codes and error lines."""
+"""The kvpolar command line: inspect/encode/decode/dump, exit codes and error lines."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _error_line(err: str) -> str:
 def test_no_arguments_prints_help(capsys):
     rc, out, _ = run(capsys)
     assert rc == 0 and "usage: kvpolar" in out
-    for cmd in ("inspect", "encode", "decode", "dump", "study"):
+    for cmd in ("inspect", "encode", "decode", "dump"):
         assert cmd in out
 
 
@@ -120,19 +120,6 @@ def test_dump_prints_polar(tmp_path, capsys):
     assert rc == 0 and "POLAR3" in out and "| k" in out
     rc, out, _ = run(capsys, "dump", "--json", tmp_path / "k.gguf")
     assert rc == 0 and json.loads(out)["tensors"]["k"]["type"] == "POLAR3"
-
-
-def test_study_delegates_with_its_arguments(capsys, monkeypatch):
-    seen = []
-    fake = types.ModuleType("kvpolar.study")
-    fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "kvpolar.study", fake)
-    rc, _, _ = run(capsys, "study", "--help", "--seed", "3")
-    assert rc == 0 and seen == [["--help", "--seed", "3"]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors: exit 2, one line naming what was expected and what was received
 
 
 def test_error_missing_input(tmp_path, capsys):
@@ -219,15 +206,6 @@ def test_error_safetensors_not_installed(tmp_path, capsys, monkeypatch):
     (tmp_path / "kv.safetensors").write_bytes(b"\0" * 16)
     rc, _, err = run(capsys, "encode", tmp_path / "kv.safetensors", tmp_path / "kv.gguf")
     assert rc == 2 and "pip install safetensors" in _error_line(err)
-
-
-def test_error_study_missing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "kvpolar.study", None)
-    monkeypatch.setenv("KVPOLAR_REPO", str(tmp_path))
-    rc, _, err = run(capsys, "study")
-    assert rc == 2
-    line = _error_line(err)
-    assert "format study is not available" in line and "format_study.py (not found)" in line
 
 
 def test_verbose_shows_traceback(tmp_path, capsys):

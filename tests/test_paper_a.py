@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from kvpolar.study import paper_a as A
+from study import paper_a as A
 
 scipy_stats = pytest.importorskip("scipy.stats")
 scipy_integrate = pytest.importorskip("scipy.integrate")

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from kvpolar.study import paper_b as B
+from study import paper_b as B
 
 
 def test_pair_indices():

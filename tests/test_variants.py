@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from kvpolar import codec
 from kvpolar import format as kf
-from kvpolar.study import AttentionRef, finish_attention, layouts
-from kvpolar.study import variants as V
+from study import AttentionRef, finish_attention, layouts
+from study import variants as V
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 

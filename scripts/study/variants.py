@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import codec as kc
-from .. import format as kf
+from kvpolar import codec as kc
+from kvpolar import format as kf
 from .paper_a import ScalarCodebook, lloyd_max
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ DESIGN_SAMPLES = 200_000  # samples of N(0, I_2) for new ring codes (the formats
 
 
 def _radii_cache_dir() -> Path:
-    from ..paths import cache_dir
+    from kvpolar.paths import cache_dir
 
     return cache_dir() / "study"
 

@@ -56,11 +56,11 @@ def cache_dir() -> Path:
 
 
 def repo_root() -> Path:
-    """The checkout holding pyproject.toml (this file is <repo>/converter/paths.py)."""
+    """The checkout holding pyproject.toml (this file is <repo>/converter/kvpolar/paths.py)."""
     env = os.environ.get("KVPOLAR_REPO")
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def _build_missing(where: Path, what: str = "patched llama.cpp build") -> BuildNotFoundError:

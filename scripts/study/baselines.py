@@ -48,7 +48,7 @@ def _ggml():
     path = os.environ.get("KVPOLAR_GGML_BASE")
     if not path:
         try:
-            from ..paths import lib_path
+            from kvpolar.paths import lib_path
 
             path = str(lib_path("ggml-base"))
         except FileNotFoundError as e:

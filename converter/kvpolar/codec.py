@@ -210,3 +210,13 @@ def dequantize(b, fmt: PolarFormat | str = "polar") -> np.ndarray:
     nb = b.shape[-1] // fmt.type_size
     y = dequantize_blocks(b.reshape(-1, fmt.type_size), fmt)
     return y.reshape(*lead, nb * QK)
+
+
+def sylvester_hadamard(n: int) -> np.ndarray:
+    """Normalized Sylvester Hadamard matrix (n, n) float64, H @ H = I (ggml_gen_hadamard's)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)

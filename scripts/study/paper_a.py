@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from kvpolar.codec import sylvester_hadamard
 
 PRECONDITIONERS = ("none", "hadamard", "gaussian")
 CODEBOOKS = ("offline", "online")
@@ -145,16 +146,6 @@ def kmeans_1d(v: np.ndarray, init: np.ndarray, iters: int = 30) -> ScalarCodeboo
 
 # ----------------------------------------------------------------------------------------------
 # Preconditioning
-
-
-def sylvester_hadamard(n: int) -> np.ndarray:
-    """Normalized Sylvester Hadamard matrix (n, n) float64, H @ H = I (ggml_gen_hadamard's)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h / math.sqrt(n)
 
 
 @functools.cache

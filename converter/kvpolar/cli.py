@@ -4,7 +4,6 @@
     kvpolar encode IN OUT.gguf [--type polar|polar3] [--strict] [--sanitize] [--name NAME] [--json]
     kvpolar decode IN.gguf OUT [--tensor NAME] [--json]
     kvpolar dump FILE.gguf [gguf-dump options]   gguf-py's gguf-dump with the polar types registered
-    kvpolar study [format-study options]        the format study (kvpolar.study / scripts/format_study.py)
 
 IN and OUT arrays: .npy (one tensor), .npz or .safetensors (several; needs the safetensors
 package). `encode` stores every float tensor whose last dimension is a multiple of 64 as
@@ -18,8 +17,6 @@ Exit status: 0 on success; 2 on a usage or input error, reported as one line on 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -302,42 +299,7 @@ def run_dump(rest: list[str]) -> int:
     return 0
 
 
-def _study_main() -> Callable[[list[str]], Any]:
-    """main(argv) of the format study: kvpolar.study.main, else scripts/format_study.py's."""
-    tried = []
-    try:
-        mod = importlib.import_module("kvpolar.study")
-    except ModuleNotFoundError as e:
-        if e.name != "kvpolar.study":
-            raise
-        tried.append("the module kvpolar.study (not found)")
-    else:
-        if callable(getattr(mod, "main", None)):
-            return mod.main
-        tried.append(f"kvpolar.study.main (not defined in {mod.__file__})")
-    from .paths import repo_root
-
-    script = repo_root() / "scripts" / "format_study.py"
-    if script.is_file():
-        spec = importlib.util.spec_from_file_location("kvpolar_format_study", script)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        if callable(getattr(mod, "main", None)):
-            return mod.main
-        tried.append(f"{script} (no main function)")
-    else:
-        tried.append(f"{script} (not found)")
-    raise CLIError("the format study is not available: expected a main(argv) in " + " or in ".join(tried))
-
-
-def run_study(rest: list[str]) -> int:
-    return int(_study_main()(rest) or 0)
-
-
-# Commands whose arguments go, unparsed, to another program's argparse.
-PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"dump": run_dump, "study": run_study}
+PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"dump": run_dump}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "dump", add_help=False, help="gguf-py's gguf-dump, polar types known (see kvpolar dump --help)"
     )
-    sub.add_parser("study", add_help=False, help="the polar format study (options: kvpolar study --help)")
 
     p = sub.add_parser(
         "calibrate", parents=[common], help="measure K/V centering offsets on text and write them into a model copy"

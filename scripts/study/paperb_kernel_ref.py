@@ -1,6 +1,6 @@
 """Paper B's per-token preset as a block format for the GPU attention kernel (numpy reference).
 
-The preset is `kvpolar.study.paper_b.PaperBConfig(4, 4, pairing="norm", grouping="token",
+The preset is `study.paper_b.PaperBConfig(4, 4, pairing="norm", grouping="token",
 group=64, params="scale")`: per 64-value block of a row, the 32 pairs (x[2p], x[2p+1]) are
 written as a radius quantized uniformly on [0, rmax] with 4 bits and an angle on the full
 circle with 4 bits, plus one fp16 rmax per block: 2 + 32 = 34 bytes per 64 values (4.25
@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .format import FP16_MAX, QK
+from kvpolar.format import FP16_MAX, QK
 
 NAME = "paperb"
 RBITS = 4
@@ -90,7 +90,7 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
 
 
 def study_config():
-    """The equivalent `kvpolar.study.paper_b.PaperBConfig` (imports the study module)."""
-    from .study.paper_b import PaperBConfig
+    """The equivalent `study.paper_b.PaperBConfig` (imports the study module)."""
+    from .paper_b import PaperBConfig
 
     return PaperBConfig(RBITS, ABITS, pairing="norm", grouping="token", group=QK, params="scale")

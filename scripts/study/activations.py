@@ -19,7 +19,7 @@ transformers undoes that permutation when it loads the GGUF, so Q/K (and the k b
 permuted back here: cache[2i] = hf[i], cache[2i+1] = hf[i + d/2]. Qwen2 uses NEOX RoPE and
 no permutation (pairs (i, i + d/2)). V is never permuted.
 
-    python -m kvpolar.study.activations dump --model smollm2-135m
+    python -m study.activations dump --model smollm2-135m
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..paths import QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, cache_dir, data_file
+from kvpolar.paths import QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, cache_dir, data_file
 
-log = logging.getLogger("kvpolar.study.activations")
+log = logging.getLogger("study.activations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ def dump(key: str, n_seq: int = 2, seq_len: int = 1024, force: bool = False) -> 
     import torch
     import transformers
 
-    from ..calibrate import hf_to_llama_dims, load_gguf_model
+    from kvpolar.calibrate import hf_to_llama_dims, load_gguf_model
 
     gguf = data_file(spec.gguf)  # raises DataNotFoundError naming the bootstrap command
     text = data_file(SQUAD_TXT).read_text(encoding="utf-8")
@@ -205,7 +205,7 @@ def load_layer(key: str, layer: int, n_seq: int = 2, seq_len: int = 1024) -> dic
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m kvpolar.study.activations",
+        prog="python -m study.activations",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import codec, gpu
-from .study import paper_a
+from cupy_kernels import gpu
+
+from . import codec
 from .format import QK
 
 log = logging.getLogger("kvpolar.torch_cache")
@@ -48,7 +49,7 @@ CAPACITY_STEP = 256  # tokens; T_max stays a multiple of 8 as the kernel needs
 
 @functools.cache
 def _hadamard_cpu(n: int) -> torch.Tensor:
-    return torch.from_numpy(paper_a.sylvester_hadamard(n)).to(torch.float32)  # ggml_gen_hadamard's
+    return torch.from_numpy(codec.sylvester_hadamard(n)).to(torch.float32)  # ggml_gen_hadamard's
 
 
 def hadamard(n: int, device) -> torch.Tensor:

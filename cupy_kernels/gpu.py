@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import codec, paperb_kernel_ref
-from .format import QK, get_format, tables
+import kvpolar
+from kvpolar import codec
+from kvpolar.format import QK, get_format, tables
 
 log = logging.getLogger("kvpolar.gpu")
 
@@ -52,25 +53,22 @@ SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum on sm_90
 # Sources and modules
 
 
+def _paperb():
+    """The paper-B preset's byte format lives with the research code (scripts/study)."""
+    try:
+        from study import paperb_kernel_ref
+    except ImportError as e:
+        raise ValueError("the 'paperb' format is a research preset: run from the checkout with scripts/ on the path") from e
+    return paperb_kernel_ref
+
+
 def kernel_dir() -> Path:
     """Folder holding the CUDA sources (see the module docstring for the search order)."""
-    env = os.environ.get("KVPOLAR_KERNELS")
-    cands = [Path(env).expanduser()] if env else []
-    here = Path(__file__).resolve().parent
-    cands += [here / "cupy_kernels", here.parent / "cupy_kernels"]
-    for c in cands:
-        if all((c / f).is_file() for f in KERNEL_FILES):
-            return c
-    raise FileNotFoundError(
-        "kvpolar CUDA sources ("
-        + ", ".join(KERNEL_FILES)
-        + ") not found in "
-        + ", ".join(str(c) for c in cands)
-    )
+    return Path(__file__).resolve().parent
 
 
 def header_dir() -> Path:
-    return Path(__file__).resolve().parent / "csrc"
+    return Path(kvpolar.__file__).resolve().parent / "csrc"
 
 
 def _sources_digest() -> str:
@@ -158,14 +156,14 @@ def _check_cuda(name: str, t) -> None:
 
 def type_size(fmt: str) -> int:
     if fmt == "paperb":
-        return paperb_kernel_ref.TYPE_SIZE
+        return _paperb().TYPE_SIZE
     return get_format(fmt).type_size
 
 
 def codebook(fmt: str) -> tuple[np.ndarray, np.ndarray]:
     """(CX, CY) float32 of a cache format."""
     if fmt == "paperb":
-        return paperb_kernel_ref.tables()
+        return _paperb().tables()
     t = tables(fmt)
     return t.cx, t.cy
 
@@ -710,7 +708,7 @@ def dequantize_any(cache, fmt: str, length: int | None = None):
         return cache[:, :, :length].float()
     c = cache[:, :, :length]
     raw = c.reshape(-1, type_size(fmt)).cpu().numpy()
-    y = paperb_kernel_ref.dequantize_blocks(raw) if fmt == "paperb" else codec.dequantize_blocks(raw, fmt)
+    y = _paperb().dequantize_blocks(raw) if fmt == "paperb" else codec.dequantize_blocks(raw, fmt)
     return torch.from_numpy(y).to(cache.device).reshape(*c.shape[:3], -1)
 
 

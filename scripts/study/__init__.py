@@ -70,7 +70,7 @@ def layouts(pairing: str = "norm") -> dict[str, Layout]:
             )
         )
 
-    from .. import format as kf
+    from kvpolar import format as kf
 
     for f in ("polar", "polar3"):
         bits = kf.get_format(f).bits_per_elem
