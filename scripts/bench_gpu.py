@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvpolar.format import atomic_write_text
+from kvpolar.atomic import atomic_write_text
 
 log = logging.getLogger("bench_gpu")
 
@@ -642,7 +642,7 @@ def main(argv=None) -> int:
             out["chosen_configs"] = {f"{k[0]}+{k[1]}": dataclasses.asdict(v[0]) for k, v in args.best.items()}
         log.info("%s took %.1f s", c, time.time() - t0)
         if args.json:  # write as we go: a run cut short keeps what it measured
-            atomic_write_text(Path(args.json), json.dumps(out, indent=1) + "\n")
+            atomic_write_text(Path(args.json), json.dumps(out, indent=1) + "\n", mkdir=True)
     return 0
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from kvpolar import format as pformat
 from kvpolar import paths
+from kvpolar.atomic import atomic_write_text
 
 REPO = paths.repo_root()
 
@@ -182,10 +183,7 @@ def main(argv=None) -> int:
         "runs": log,
     })
     out = Path(args.out) if args.out else REPO / "docs" / "bench" / f"{args.cmd}-{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(res, indent=1) + "\n", mkdir=True)
     print(f"wrote {out}")
     return 0
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvpolar.format import atomic_write_text
+from kvpolar.atomic import atomic_write_text
 
 log = logging.getLogger("gpu_generate")
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         for k in ("fp16", *(f"{a}+{b}" for a, b in VARIANTS)):
             print(f"--- {k}\n{res[k]['text']}")
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n", mkdir=True)
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from kvpolar import codec, format
+from kvpolar.atomic import atomic_write_text
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden.json"
 
@@ -48,7 +49,7 @@ def main() -> None:
             for fmt in format.FORMATS:
                 entry[fmt] = codec.quantize_blocks(row[None], fmt)[0].tobytes().hex()
             doc["cases"].append(entry)
-    format.atomic_write_text(OUT, json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(OUT, json.dumps(doc, indent=1) + "\n")
     print(f"wrote {OUT} ({len(doc['cases'])} blocks)")
 
 

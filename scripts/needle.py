@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvpolar.format import atomic_write_text
+from kvpolar.atomic import atomic_write_text
 
 log = logging.getLogger("needle")
 
@@ -100,7 +100,7 @@ def generate(model, ids, max_new: int, cache=None):
 def save(path: Path | None, res: dict) -> None:
     """Write the results atomically (after every cell, so a run cut short keeps what it did)."""
     if path is not None:
-        atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(res, indent=1) + "\n", mkdir=True)
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvpolar.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "docs" / "bench"
 OUT = REPO / "docs" / "results.md"
@@ -190,7 +192,7 @@ def main() -> int:
         lines += needle_table(json.loads(p.read_text()))
     for p in sorted((REPO / "docs" / "gpu").glob("generate_qwen*.json")):
         lines += generate_table(json.loads(p.read_text()), str(p.relative_to(REPO)))
-    OUT.write_text("\n".join(lines) + "\n")
+    atomic_write_text(OUT, "\n".join(lines) + "\n")
     print(f"wrote {OUT}")
     return 0
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
-from kvpolar import cli, codec, gguf_io
+from kvpolar import cli, codec, gguf_scan
 
 
 def _x(shape, seed=0) -> np.ndarray:
@@ -162,7 +161,7 @@ def test_error_shape_not_multiple_of_64(tmp_path, capsys, caplog):
     assert not (tmp_path / "k.gguf").exists()
     rc, _, err = run(capsys, "encode", tmp_path / "k.npy", tmp_path / "k.gguf")  # not strict: kept as F32
     assert rc == 0 and "tensor 'k'" in caplog.text and "stored as F32" in caplog.text
-    assert gguf_io.scan(tmp_path / "k.gguf").tensors[0].type.name == "F32"
+    assert gguf_scan.scan(tmp_path / "k.gguf").tensors[0].type.name == "F32"
 
 
 def test_error_nan_names_the_tensor(tmp_path, capsys):
@@ -192,12 +191,18 @@ def test_error_corrupt_gguf(tmp_path, capsys):
     assert run(capsys, "encode", tmp_path / "k.npy", tmp_path / "k.gguf")[0] == 0
     data = (tmp_path / "k.gguf").read_bytes()
     (tmp_path / "k.gguf").write_bytes(data[:-100])
-    for cmd in (["inspect"], ["decode"], ["dump"]):
-        argv = [*cmd, tmp_path / "k.gguf"] + ([tmp_path / "o.npy"] if cmd == ["decode"] else [])
+    (tmp_path / "text.txt").write_text("calibration text")
+    outputs = {
+        "decode": [tmp_path / "o.npy"],
+        "calibrate": [tmp_path / "c.gguf", "--text", tmp_path / "text.txt"],
+    }
+    for cmd in (["inspect"], ["decode"], ["dump"], ["calibrate"]):
+        argv = [*cmd, tmp_path / "k.gguf", *outputs.get(cmd[0], [])]
         rc, _, err = run(capsys, *argv)
         assert rc == 2
         line = _error_line(err)
         assert "truncated GGUF file" in line and str(tmp_path / "k.gguf") in line
+    assert not (tmp_path / "c.gguf").exists()
 
 
 def test_error_safetensors_not_installed(tmp_path, capsys, monkeypatch):

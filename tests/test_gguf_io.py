@@ -1,5 +1,5 @@
-"""kvpolar.gguf_io: polar types registered in gguf-py, byte-identical GGUF round trips, bounded
-reading of truncated/corrupt files, atomic writes."""
+"""kvpolar.gguf_types / gguf_scan / gguf_io: polar types registered in gguf-py, byte-identical
+GGUF round trips, bounded reading of truncated/corrupt files, atomic writes."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import gguf.quants
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValue, GGUFValueType
-from kvpolar import codec, gguf_io
+from kvpolar import codec, gguf_io, gguf_scan, gguf_types
 from kvpolar.format import FORMATS
-from kvpolar.gguf_io import GGUFFormatError, RawTensor
+from kvpolar.gguf_io import RawTensor
+from kvpolar.gguf_scan import GGUFFormatError
 
 T = GGMLQuantizationType
 FMTS = sorted(FORMATS)
@@ -67,7 +68,7 @@ def _mixed(tmp_path, fmt, name="mixed.gguf"):
 @pytest.mark.parametrize("name", FMTS)
 def test_registration_ids_sizes_lookups(name):
     fmt = FORMATS[name]
-    qt = gguf_io.ggml_type(name)
+    qt = gguf_types.ggml_type(name)
     assert int(qt) == fmt.type_id == {"polar": 43, "polar3": 44}[name]
     assert T(fmt.type_id) is qt
     assert T[name.upper()] is qt
@@ -77,17 +78,17 @@ def test_registration_ids_sizes_lookups(name):
     assert pickle.loads(pickle.dumps(qt)) is qt
     assert GGML_QUANT_SIZES[qt] == (64, fmt.type_size)
     cls = gguf.quants._type_traits[qt]
-    assert cls is gguf_io.QUANT_CLASSES[name]
+    assert cls is gguf_types.QUANT_CLASSES[name]
     assert cls.__name__ == name.upper() and issubclass(cls, vars(gguf.quants)["__Quant"])
     assert (cls.qtype, cls.block_size, cls.type_size) == (qt, 64, fmt.type_size)
-    assert gguf_io.polar_format_of(qt) == fmt and gguf_io.polar_format_of(T.F32) is None
+    assert gguf_types.polar_format_of(qt) == fmt and gguf_types.polar_format_of(T.F32) is None
 
 
 def test_register_is_idempotent():
     n, names = len(T), list(T.__members__)
     traits, sizes = dict(gguf.quants._type_traits), dict(GGML_QUANT_SIZES)
     for _ in range(3):
-        assert gguf_io.register() == {"polar": T.POLAR, "polar3": T.POLAR3}
+        assert gguf_types.register() == {"polar": T.POLAR, "polar3": T.POLAR3}
     assert len(T) == n and list(T.__members__) == names
     assert gguf.quants._type_traits == traits and dict(GGML_QUANT_SIZES) == sizes
 
@@ -98,12 +99,12 @@ def test_enum_extension_refuses_conflicts():
         B = 43
 
     with pytest.raises(RuntimeError, match="already defines E value 43 as B"):
-        gguf_io._add_enum_member(E, "POLAR", 43)
+        gguf_types._add_enum_member(E, "POLAR", 43)
     with pytest.raises(RuntimeError, match=r"E\.A exists with value 0, not 5"):
-        gguf_io._add_enum_member(E, "A", 5)
-    m = gguf_io._add_enum_member(E, "C", 44)
+        gguf_types._add_enum_member(E, "A", 5)
+    m = gguf_types._add_enum_member(E, "C", 44)
     assert E(44) is m is E["C"] is E.C and list(E)[-1] is m and len(E) == 3
-    assert gguf_io._add_enum_member(E, "C", 44) is m and len(E) == 3
+    assert gguf_types._add_enum_member(E, "C", 44) is m and len(E) == 3
     with pytest.raises(AttributeError):
         E.C = 1
 
@@ -111,7 +112,7 @@ def test_enum_extension_refuses_conflicts():
 @pytest.mark.parametrize("name", FMTS)
 def test_gguf_quants_dispatch(name):
     x = _x((3, 2, 128))
-    qt = gguf_io.ggml_type(name)
+    qt = gguf_types.ggml_type(name)
     b = gguf.quants.quantize(x, qt)
     assert b.dtype == np.uint8 and b.shape == (3, 2, 2 * FORMATS[name].type_size)
     np.testing.assert_array_equal(b, codec.quantize(x, name))
@@ -122,7 +123,7 @@ def test_gguf_quants_dispatch(name):
 @pytest.mark.parametrize("name", FMTS)
 def test_gguf_writer_and_reader_handle_polar(tmp_path, name):
     """Plain gguf-py: GGUFWriter takes the bytes with raw_dtype, GGUFReader gives them back."""
-    qt = gguf_io.ggml_type(name)
+    qt = gguf_types.ggml_type(name)
     x = _x((3, 128))
     b = codec.quantize(x, name)
     path = tmp_path / "plain.gguf"
@@ -152,7 +153,7 @@ def test_round_trip_byte_identical(tmp_path, name):
     f = gguf_io.read_gguf(p1, decode=False)
     assert f.arch == "kvpolar" and f.version == 3 and f.alignment == 32
     k = f.tensors["blk.0.k"]
-    assert k.type is gguf_io.ggml_type(name) and k.shape == (2, 4, 128)
+    assert k.type is gguf_types.ggml_type(name) and k.shape == (2, 4, 128)
     assert (
         k.data.shape == (2, 4, 2 * FORMATS[name].type_size) and k.bits_per_elem == FORMATS[name].bits_per_elem
     )
@@ -178,7 +179,7 @@ def test_round_trip_byte_identical(tmp_path, name):
 def test_write_encodes_floats_and_custom_alignment(tmp_path):
     x = _x((8, 256)).astype(np.float64)
     p = gguf_io.write_tensors(tmp_path / "a.gguf", {"k": x}, "polar3", {"general.alignment": np.uint32(64)})
-    lay = gguf_io.scan(p)
+    lay = gguf_scan.scan(p)
     assert lay.alignment == 64 and lay.data_offset % 64 == 0
     (t,) = lay.tensors
     assert (t.type, t.shape, t.nbytes, t.bits_per_elem) == (T.POLAR3, (8, 256), 8 * 4 * 26, 3.25)
@@ -188,8 +189,42 @@ def test_write_encodes_floats_and_custom_alignment(tmp_path):
     assert p.read_bytes() == p2.read_bytes()
 
 
+def test_read_without_copy_views_the_file(tmp_path):
+    p = _mixed(tmp_path, "polar")
+    copied = gguf_io.read_gguf(p, decode=False).tensors
+    viewed = gguf_io.read_gguf(p, decode=False, copy=False).tensors
+    for name, t in viewed.items():
+        assert (t.type, t.shape) == (copied[name].type, copied[name].shape)
+        np.testing.assert_array_equal(t.data, copied[name].data)
+        assert not t.data.flags.writeable and copied[name].data.flags.writeable
+    with pytest.raises(ValueError, match="copy=False applies to decode=False"):
+        gguf_io.read_gguf(p, copy=False)
+
+
+def test_read_big_endian_file(tmp_path):
+    """gguf-py writes big-endian files (values and tensor data byte-swapped); read as native."""
+    p = tmp_path / "be.gguf"
+    x = _x((3, 64))
+    w = gguf.GGUFWriter(p, "kvpolar", endianess=gguf.GGUFEndian.BIG)
+    w.add_uint32("kvpolar.n", 7)
+    w.add_array("kvpolar.ids", [1, 2, 3])
+    w.add_tensor("x", x)
+    w.add_tensor("i", np.arange(4, dtype=np.int32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf_scan.scan(p).byte_order == ">"
+    f = gguf_io.read_gguf(p)
+    assert f.metadata["kvpolar.n"] == GGUFValue(7, GGUFValueType.UINT32)
+    assert f.metadata["kvpolar.ids"] == GGUFValue([1, 2, 3], GGUFValueType.ARRAY, GGUFValueType.INT32)
+    assert f.tensors["x"].dtype == np.float32 and f.tensors["x"].dtype.isnative
+    np.testing.assert_array_equal(f.tensors["x"], x)
+    assert f.tensors["i"].tolist() == [0, 1, 2, 3]
+
+
 def test_summary(tmp_path):
-    s = gguf_io.summary(_mixed(tmp_path, "polar"))
+    s = gguf_scan.summary(_mixed(tmp_path, "polar"))
     assert [t["type"] for t in s["tensors"]] == ["POLAR", "POLAR", "F32", "I32"]
     k = s["tensors"][0]
     assert k["shape"] == [2, 4, 128] and k["ne"] == [128, 4, 2] and k["bits_per_elem"] == 4.25
@@ -298,12 +333,12 @@ def test_written_file_mode_follows_umask(tmp_path):
 # Reading truncated and corrupt files
 
 
-def _one_polar(tmp_path) -> tuple[bytes, gguf_io.Layout]:
+def _one_polar(tmp_path) -> tuple[bytes, gguf_scan.Layout]:
     p = gguf_io.write_tensors(tmp_path / "src.gguf", {"k": _x((4, 128))}, "polar", {"kvpolar.note": "abcdef"})
-    return p.read_bytes(), gguf_io.scan(p)
+    return p.read_bytes(), gguf_scan.scan(p)
 
 
-def _cut_points(lay: gguf_io.Layout) -> dict[str, int]:
+def _cut_points(lay: gguf_scan.Layout) -> dict[str, int]:
     t = lay.tensors[0]
     return {
         "empty": 0,
@@ -331,7 +366,7 @@ def test_truncated_files_raise_clear_errors(tmp_path, where):
     assert 0 <= cut < len(data)
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[:cut])
-    for fn in (gguf_io.read_tensors, gguf_io.scan, gguf_io.summary):
+    for fn in (gguf_io.read_tensors, gguf_scan.scan, gguf_scan.summary):
         with pytest.raises(GGUFFormatError, match=re.escape(str(bad))) as ei:
             fn(bad)
         msg = str(ei.value)
@@ -392,7 +427,7 @@ def test_corrupt_files_raise_clear_errors(tmp_path):
 def test_huge_array_length_is_bounded_not_looped(tmp_path):
     """gguf-py's reader would walk 2^60 elements past EOF; scan refuses at once."""
     p = gguf_io.write_tensors(tmp_path / "a.gguf", {"k": _x((1, 64))}, "polar", {"ids": [1, 2, 3]})
-    lay = gguf_io.scan(p)
+    lay = gguf_scan.scan(p)
     at = lay.kv["ids"].offset + 8 + len("ids") + 4 + 4  # key, value type, element type
     p.write_bytes(_patched(p.read_bytes(), at, "<Q", 1 << 60))
     t0 = time.perf_counter()
@@ -415,7 +450,7 @@ def test_missing_and_directory_paths(tmp_path):
 
 
 def _dump(args: list[str], register: bool) -> subprocess.CompletedProcess:
-    code = "import kvpolar.gguf_io\n" if register else ""
+    code = "import kvpolar.gguf_types\n" if register else ""
     code += "import sys\nfrom gguf.scripts import gguf_dump\n"
     code += "sys.argv = ['gguf-dump', *sys.argv[1:]]\ngguf_dump.main()\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)

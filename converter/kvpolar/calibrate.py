@@ -12,13 +12,14 @@ GGUF and dequantizes it), and writes a copy of the model with those tensors, ato
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .gguf_io import RawTensor, read_gguf, write_tensors
+from .gguf_scan import scan
 
 log = logging.getLogger("kvpolar.calibrate")
 
@@ -38,13 +39,11 @@ def hf_to_llama_dims(head_dim: int) -> np.ndarray:
 
 
 def gguf_arch(path: str | os.PathLike) -> str:
-    from gguf import GGUFReader
-
-    r = GGUFReader(path)
-    f = r.fields.get("general.architecture")
-    if f is None:
+    """general.architecture of a GGUF model (the file bounds-checked by gguf_scan.scan)."""
+    kv = scan(path).kv.get("general.architecture")
+    if kv is None or not isinstance(kv.value, str):
         raise ValueError(f"{path}: not a model GGUF (no general.architecture)")
-    return str(f.contents())
+    return kv.value
 
 
 def load_gguf_model(path: str | os.PathLike, dtype: str = "float32"):
@@ -149,64 +148,38 @@ def write_with_offsets(
     src: str | os.PathLike, dst: str | os.PathLike, offsets, progress: bool = True
 ) -> None:
     """Copy GGUF `src` to `dst` adding the centering tensors; dst appears only when complete."""
-    import gguf
-
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"output must be a new path, got the input {src}")
-    reader = gguf.GGUFReader(src)
-    arch = str(reader.fields["general.architecture"].contents())
-    names = {t.name for t in reader.tensors}
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch=arch)
-        for name, field in reader.fields.items():
-            if name.startswith("GGUF.") or name == "general.architecture":
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(name, field.contents(), vtype, sub_type=sub)
-        for t in reader.tensors:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # byte shape for quantized data
-        for il, (k, v) in sorted(offsets.items()):
-            for tmpl, arr in ((K_CENTER, k), (V_CENTER, v)):
-                name = tmpl.format(il)
-                if name in names:
-                    raise ValueError(f"{src} already has {name}: calibrate the original model")
-                w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=progress)
-        w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    f = read_gguf(src, decode=False, copy=False)  # tensor data stay in the file mapping
+    if f.arch is None:
+        raise ValueError(f"{src}: not a model GGUF (no general.architecture)")
+    tensors: dict[str, RawTensor | np.ndarray] = dict(f.tensors)
+    for il, (k, v) in sorted(offsets.items()):
+        for tmpl, arr in ((K_CENTER, k), (V_CENTER, v)):
+            name = tmpl.format(il)
+            if name in tensors:
+                raise ValueError(f"{src} already has {name}: calibrate the original model")
+            tensors[name] = np.ascontiguousarray(arr, np.float32)
+    write_tensors(dst, tensors, None, f.metadata, f.arch, progress=progress)
 
 
 def read_offsets(path: str | os.PathLike) -> tuple[str, dict[int, tuple]]:
     """(architecture, {layer: (k_center, v_center)}) as stored in a GGUF (llama.cpp layout,
     float32 [n_embd_k_gqa]; None where a layer has no such tensor)."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(path)
-    f = r.fields.get("general.architecture")
-    if f is None:
+    f = read_gguf(path, decode=False, metadata=False, copy=False)
+    if f.arch is None:
         raise ValueError(f"{path}: not a model GGUF (no general.architecture)")
     out: dict[int, list] = {}
-    for t in r.tensors:
+    for name, t in f.tensors.items():
         for j, pat in enumerate((K_CENTER, V_CENTER)):
             pre, post = pat.split("{}")
-            if t.name.startswith(pre) and t.name.endswith(post):
-                il = int(t.name[len(pre) : len(t.name) - len(post)])
-                if t.tensor_type.name != "F32":
-                    raise ValueError(f"{path}: {t.name} has type {t.tensor_type.name}, expected F32")
+            if name.startswith(pre) and name.endswith(post):
+                il = int(name[len(pre) : len(name) - len(post)])
+                if t.type.name != "F32":
+                    raise ValueError(f"{path}: {name} has type {t.type.name}, expected F32")
                 out.setdefault(il, [None, None])[j] = np.array(t.data, dtype=np.float32).reshape(-1)
-    return str(f.contents()), {il: (kv[0], kv[1]) for il, kv in out.items()}
+    return f.arch, {il: (kv[0], kv[1]) for il, kv in out.items()}
 
 
 def llama_to_hf_dims(x: np.ndarray, head_dim: int, arch: str) -> np.ndarray:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .format import FORMATS, QK
 
 log = logging.getLogger("kvpolar")
@@ -92,8 +93,6 @@ def load_arrays(path: Path, name: str | None = None) -> dict[str, np.ndarray]:
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write {name: array} atomically as .npy (exactly one array), .npz or .safetensors."""
-    from .gguf_io import atomic_path
-
     suf = _suffix(path, ARRAY_SUFFIXES, "the output")
     if suf == ".npy" and len(arrays) != 1:
         raise CLIError(f"a .npy file holds one tensor, got {len(arrays)}")
@@ -122,7 +121,7 @@ def _fmt_bits(b: float | None) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .gguf_io import summary
+    from .gguf_scan import summary
 
     path = Path(args.file)
     _input_file(path, "GGUF file")
@@ -184,6 +183,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .gguf_io import encode_tensor, write_tensors
+    from .gguf_scan import summary
 
     src, out = Path(args.input), Path(args.output)
     _suffix(src, ARRAY_SUFFIXES, "the input")
@@ -206,9 +206,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
         else:
             tensors[name] = x
     write_tensors(out, tensors, None)
-
-    from .gguf_io import summary
-
     s = summary(out)
     s["input"] = str(src)
     if args.json:
@@ -225,7 +222,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .gguf_io import read_tensors, scan
+    from .gguf_io import read_tensors
+    from .gguf_scan import scan
 
     src, out = Path(args.input), Path(args.output)
     suf = _suffix(out, ARRAY_SUFFIXES, "the output")
@@ -275,7 +273,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         json.dump(res, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(f"wrote {out}: centering offsets for {res['layers']} layers from {args.tokens} tokens of {text_path}")
+        print(
+            f"wrote {out}: centering offsets for {res['layers']} layers from {args.tokens} tokens "
+            f"of {text_path}"
+        )
     return 0
 
 
@@ -283,7 +284,7 @@ def run_dump(rest: list[str]) -> int:
     """gguf-py's gguf_dump.main on `rest`, in this process where the polar types are registered."""
     from gguf.scripts import gguf_dump
 
-    from .gguf_io import scan
+    from .gguf_scan import scan
 
     files = [a for a in rest if not a.startswith("-")]
     if len(files) == 1:  # check the file first: gguf-py's errors on corrupt files are obscure
@@ -349,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "calibrate", parents=[common], help="measure K/V centering offsets on text and write them into a model copy"
+        "calibrate",
+        parents=[common],
+        help="measure K/V centering offsets on text and write them into a model copy",
     )
     p.add_argument("model", metavar="MODEL.gguf")
     p.add_argument("output", metavar="OUT.gguf", help="the new model file (written atomically)")

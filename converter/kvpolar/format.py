@@ -18,11 +18,11 @@ import dataclasses
 import functools
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write_text
 
 log = logging.getLogger("kvpolar.format")
 
@@ -276,18 +276,6 @@ def render_codebooks(radii: dict[str, np.ndarray]) -> str:
         lines.append("    ),")
     lines += ["}", ""]
     return "\n".join(lines)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:

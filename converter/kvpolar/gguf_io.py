@@ -1,41 +1,21 @@
-"""GGUF files holding polar tensors, through gguf-py (0.19.0) with the polar types registered.
+"""GGUF files holding polar tensors: read, write, encode.
 
-Importing this module extends gguf-py in place, without a fork (`register`, idempotent):
-
-- `gguf.GGMLQuantizationType` gains POLAR = 43 and POLAR3 = 44: `GGMLQuantizationType(43)`,
-  `GGMLQuantizationType["POLAR"]`, `.POLAR`, iteration and pickling work as for built-in members;
-- `gguf.GGML_QUANT_SIZES[POLAR] = (64, 34)`, `[POLAR3] = (64, 26)`;
-- `gguf.quants.quantize` / `dequantize` dispatch the two types to `kvpolar.codec`'s block
-  functions through classes POLAR and POLAR3 built on gguf-py's own `__Quant` base, exactly as
-  `class Q4_0(__Quant, qtype=...)` is.
-
-So in this process `gguf.GGUFWriter`, `gguf.GGUFReader` and `gguf/scripts/gguf_dump.py` handle
-polar tensors. A process that has not imported `kvpolar.gguf_io` does not know ids 43/44
-(gguf-py's reader raises "43 is not a valid GGMLQuantizationType").
-
-Reading is bounded: `scan` walks the header itself (every count, length and offset checked
-against the file size, the layout rules of llama.cpp's gguf.cpp) before gguf-py's reader, which
-does not bound counts (a corrupt array length can make it loop for ever), touches the file.
-Errors are `GGUFFormatError` (a ValueError) naming the path, what was expected and what was found.
-
-Writing goes to a temporary file in the target directory, renamed over the target at the end;
-on any error the temporary file is removed and the target is untouched.
+Reading is bounded: `kvpolar.gguf_scan.scan` checks the header, every count and every offset
+against the file size first; the tensor data are then taken from the offsets it found. Errors
+are `GGUFFormatError` (a ValueError) naming the path, what was expected and what was found.
+Writing goes through gguf-py's GGUFWriter (with the polar types registered by
+`kvpolar.gguf_types`) into a temporary file renamed over the target at the end
+(`kvpolar.atomic`); on any error the target is untouched.
 
 Shapes are numpy order throughout (the last axis is ggml's ne[0], the one split into blocks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import mmap
 import os
-import struct
-import tempfile
-import threading
-import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,451 +25,20 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValue, GGUFValueType
 
 from . import codec
-from .format import FORMATS, PolarFormat, get_format
+from .atomic import atomic_path
+from .format import PolarFormat, get_format
+from .gguf_scan import GGML_MAX_DIMS, GGUFFormatError, KVInfo, TensorInfo, scan
+from .gguf_types import ggml_type, polar_format_of
 
 log = logging.getLogger("kvpolar.gguf_io")
 
-__all__ = [
-    "POLAR_TYPES",
-    "GGUFFile",
-    "GGUFFormatError",
-    "Layout",
-    "RawTensor",
-    "TensorInfo",
-    "atomic_path",
-    "encode_tensor",
-    "ggml_type",
-    "polar_format_of",
-    "read_gguf",
-    "read_tensors",
-    "register",
-    "scan",
-    "summary",
-    "write_tensors",
-]
+__all__ = ["GGUFFile", "RawTensor", "encode_tensor", "read_gguf", "read_tensors", "write_tensors"]
 
-GGML_MAX_DIMS = 4  # ggml.h
 GGML_MAX_NAME = 64  # ggml.h, including the terminating NUL
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (2, 3)  # what gguf-py's reader accepts; v2 and v3 share the layout below
-GGUF_HEADER_BYTES = 24  # magic u32, version u32, n_tensors u64, n_kv u64
-_INT64_MAX = (1 << 63) - 1
-
-
-class GGUFFormatError(ValueError):
-    """A GGUF file is truncated, corrupt or uses something kvpolar cannot read."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Registration of the polar types in gguf-py
-
-_lock = threading.Lock()
-POLAR_TYPES: dict[str, GGMLQuantizationType] = {}  # "polar" -> GGMLQuantizationType.POLAR, ...
-
-
-def _add_enum_member(cls: type, name: str, value: int):
-    """Add `name = value` to an existing IntEnum, as its class body would have (3.10 - 3.13).
-
-    Builds the member like enum's `_proto_member.__set_name__` does for an int-based enum and
-    records it in the three tables lookups use: `_member_map_` (cls[name]), `_value2member_map_`
-    (cls(value)) and `_member_names_` (iteration, len). Already present with this value: no-op.
-    """
-    existing = cls._member_map_.get(name)
-    if existing is not None:
-        if int(existing) != value:
-            raise RuntimeError(f"{cls.__name__}.{name} exists with value {int(existing)}, not {value}")
-        return existing
-    other = cls._value2member_map_.get(value)
-    if other is not None:
-        raise RuntimeError(
-            f"gguf {_gguf_version()} already defines {cls.__name__} value {value} as {other.name}; "
-            f"kvpolar wants it for {name} (kvpolar.format.LLAMA_LAST_TYPE_ID must follow llama.cpp)"
-        )
-    member = int.__new__(cls, value)
-    member._value_ = value
-    member._name_ = name
-    member.__objclass__ = cls
-    member._sort_order_ = len(cls._member_names_)
-    type.__setattr__(cls, name, member)  # EnumType.__setattr__ refuses to touch members
-    cls._member_names_.append(name)
-    cls._member_map_[name] = member
-    cls._value2member_map_[value] = member
-    if not (cls(value) is member and cls[name] is member and getattr(cls, name) is member):
-        raise RuntimeError(f"could not extend {cls.__name__} with {name} = {value} on this Python")
-    return member
-
-
-def _gguf_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("gguf")
-    except Exception:  # only used in messages
-        return "(unknown version)"
-
-
-def _quant_base() -> type:
-    """gguf-py's base class of its block types (`class Q4_0(__Quant, qtype=...)`)."""
-    base = vars(gguf.quants).get("__Quant")
-    if base is None:
-        raise RuntimeError(f"gguf {_gguf_version()}: gguf.quants has no __Quant base; kvpolar needs 0.19.0")
-    return base
-
-
-def _make_quant_class(fmt: PolarFormat, qtype: GGMLQuantizationType) -> type:
-    """`class POLAR(__Quant, qtype=GGMLQuantizationType.POLAR)` with kvpolar's block codec."""
-
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        # (n, 64) float32 -> (n, type_size) uint8; sanitizes NaN/Inf as the C encoder does
-        return codec.quantize_blocks(blocks, fmt)
-
-    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        # (n, type_size) uint8 -> (n, 64) float32
-        return codec.dequantize_blocks(blocks, fmt)
-
-    def body(ns: dict) -> None:
-        ns["__module__"] = __name__
-        ns["__doc__"] = f"{fmt.name}: {fmt.type_size} bytes per {fmt.block_size} values (kvpolar.codec)."
-        ns["kvpolar_format"] = fmt.name
-        ns["quantize_blocks"] = classmethod(quantize_blocks)
-        ns["dequantize_blocks"] = classmethod(dequantize_blocks)
-
-    return types.new_class(fmt.name.upper(), (_quant_base(),), {"qtype": qtype}, body)
-
-
-QUANT_CLASSES: dict[str, type] = {}  # "polar" -> the gguf.quants class registered for it
-
-
-def register() -> dict[str, GGMLQuantizationType]:
-    """Register POLAR/POLAR3 with gguf-py (enum, GGML_QUANT_SIZES, gguf.quants). Idempotent.
-
-    Returns {"polar": GGMLQuantizationType.POLAR, "polar3": GGMLQuantizationType.POLAR3}.
-    Raises RuntimeError when the installed gguf already uses the ids or names otherwise.
-    """
-    with _lock:
-        traits = gguf.quants._type_traits
-        for fmt in FORMATS.values():
-            qtype = _add_enum_member(GGMLQuantizationType, fmt.name.upper(), fmt.type_id)
-            sizes = (fmt.block_size, fmt.type_size)
-            if GGML_QUANT_SIZES.setdefault(qtype, sizes) != sizes:
-                raise RuntimeError(
-                    f"gguf.GGML_QUANT_SIZES[{qtype.name}] is {GGML_QUANT_SIZES[qtype]}, kvpolar needs {sizes}"
-                )
-            have = traits.get(qtype)
-            if have is None:
-                have = _make_quant_class(fmt, qtype)
-            elif getattr(have, "kvpolar_format", None) != fmt.name:
-                raise RuntimeError(f"gguf.quants already has {have!r} for {qtype.name}")
-            QUANT_CLASSES[fmt.name] = have
-            POLAR_TYPES[fmt.name] = qtype
-        return dict(POLAR_TYPES)
-
-
-register()
-
-
-def ggml_type(fmt: PolarFormat | str) -> GGMLQuantizationType:
-    """The gguf-py type of a polar format name ('polar', 'polar3')."""
-    name = fmt.name if isinstance(fmt, PolarFormat) else get_format(fmt).name
-    return POLAR_TYPES[name]
-
-
-def polar_format_of(qtype: int) -> PolarFormat | None:
-    """The polar format of a ggml type id, None for other types."""
-    for fmt in FORMATS.values():
-        if fmt.type_id == int(qtype):
-            return fmt
-    return None
-
-
-def _known_type_ids() -> str:
-    ids = sorted(int(t) for t in GGML_QUANT_SIZES)
-    runs: list[str] = []
-    start = prev = ids[0]
-    for i in [*ids[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        runs.append(str(start) if start == prev else f"{start}..{prev}")
-        if i is not None:
-            start = prev = i
-    return ", ".join(runs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bounded header scan
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """One tensor-info record of a GGUF file, checked against the file size."""
-
-    name: str
-    type: GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order (reversed ggml ne)
-    n_elements: int
-    nbytes: int
-    offset: int  # absolute file offset of the data
-    info_offset: int  # absolute file offset of the tensor-info record
-
-    @property
-    def bits_per_elem(self) -> float | None:
-        return 8.0 * self.nbytes / self.n_elements if self.n_elements else None
-
-
-@dataclasses.dataclass(frozen=True)
-class KVInfo:
-    """One metadata key/value record: scalars and strings with their value, arrays summarized."""
-
-    type: GGUFValueType
-    value: Any  # scalar / str (bytes if not UTF-8) / None for arrays
-    sub_type: GGUFValueType | None = None  # arrays: element type
-    length: int | None = None  # arrays: element count
-    offset: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    path: Path
-    file_size: int
-    version: int
-    byte_order: str  # "<" or ">"
-    alignment: int
-    data_offset: int
-    kv: dict[str, KVInfo]
-    tensors: list[TensorInfo]
-
-
-_SCALAR_FMT = {
-    GGUFValueType.UINT8: "B",
-    GGUFValueType.INT8: "b",
-    GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I",
-    GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f",
-    GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q",
-    GGUFValueType.FLOAT64: "d",
-    GGUFValueType.BOOL: "?",
-}
-_MAX_ARRAY_NESTING = 8
-
-
-class _Cursor:
-    def __init__(self, path: Path, buf, order: str):
-        self.path, self.buf, self.order = path, buf, order
-        self.size = len(buf)
-        self.pos = 0
-
-    def fail(self, msg: str) -> GGUFFormatError:
-        return GGUFFormatError(f"{self.path}: corrupt GGUF file: {msg}")
-
-    def need(self, n: int, what: str) -> None:
-        if self.pos + n > self.size:
-            raise GGUFFormatError(
-                f"{self.path}: truncated GGUF file: {what} at offset {self.pos} needs {n} bytes, "
-                f"found {max(self.size - self.pos, 0)} (file size {self.size})"
-            )
-
-    def unpack(self, fmt: str, what: str):
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        v = struct.unpack_from(self.order + fmt, self.buf, self.pos)[0]
-        self.pos += n
-        return v
-
-    def string(self, what: str) -> bytes:
-        n = self.unpack("Q", f"length of {what}")
-        self.need(n, f"{what} ({n} bytes)")
-        s = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return s
-
-    def text(self, what: str) -> str:
-        raw = self.string(what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail(f"{what} at offset {self.pos - len(raw)} is not UTF-8: {raw[:40]!r}") from None
-
-    def vtype(self, raw: int, what: str) -> GGUFValueType:
-        try:
-            return GGUFValueType(raw)
-        except ValueError:
-            known = ", ".join(f"{t.value} ({t.name})" for t in GGUFValueType)
-            raise self.fail(f"{what} has value type {raw}, expected one of {known}") from None
-
-    def skip_value(self, t: GGUFValueType, what: str, depth: int = 0):
-        """Walk one value of type t; return it for scalars and strings, (sub_type, n) for arrays."""
-        if t in _SCALAR_FMT:
-            return self.unpack(_SCALAR_FMT[t], what)
-        if t == GGUFValueType.STRING:
-            raw = self.string(what)
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return raw
-        assert t == GGUFValueType.ARRAY
-        if depth >= _MAX_ARRAY_NESTING:
-            raise self.fail(f"{what} nests arrays deeper than {_MAX_ARRAY_NESTING}")
-        sub = self.vtype(self.unpack("I", f"element type of {what}"), f"element of {what}")
-        n = self.unpack("Q", f"length of {what}")
-        if sub in _SCALAR_FMT:
-            min_item = struct.calcsize(_SCALAR_FMT[sub])
-        else:  # string: its length; array: element type and length
-            min_item = 8 if sub == GGUFValueType.STRING else 12
-        if n * min_item > self.size - self.pos:
-            raise GGUFFormatError(
-                f"{self.path}: truncated or corrupt GGUF file: {what} at offset {self.pos} declares {n} "
-                f"elements of {sub.name} (at least {n * min_item} bytes), found {self.size - self.pos} bytes "
-                f"left in the file"
-            )
-        if sub in _SCALAR_FMT:
-            self.pos += n * min_item
-        else:
-            for i in range(n):
-                self.skip_value(sub, f"{what}[{i}]", depth + 1)
-        return sub, n
-
-
-def scan(path: os.PathLike | str) -> Layout:
-    """Walk a GGUF file's header and tensor infos, checking every count, length and offset.
-
-    Layout rules (as llama.cpp's gguf.cpp): magic "GGUF", version 2 or 3, known value and tensor
-    types, at most 4 dims, ne[0] a multiple of the type's block size, tensor data stored in
-    order at offsets padded to `general.alignment` (default 32), each tensor inside the file.
-    Raises GGUFFormatError (ValueError) naming the path, what was expected and what was found;
-    FileNotFoundError/IsADirectoryError for a missing path.
-    """
-    path = Path(path)
-    size = path.stat().st_size  # FileNotFoundError names the path
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: expected a GGUF file, found a directory")
-    if size < GGUF_HEADER_BYTES:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head[:4] != GGUF_MAGIC[: len(head)]:
-            raise GGUFFormatError(f"{path}: not a GGUF file: expected magic {GGUF_MAGIC!r}, found {head!r}")
-        raise GGUFFormatError(
-            f"{path}: truncated GGUF file: expected a {GGUF_HEADER_BYTES}-byte header, found {size} bytes"
-        )
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        try:
-            return _scan(path, buf)
-        finally:
-            buf.release()
-
-
-def _scan(path: Path, buf) -> Layout:
-    size = len(buf)
-    magic = bytes(buf[:4])
-    if magic != GGUF_MAGIC:
-        raise GGUFFormatError(f"{path}: not a GGUF file: expected magic {GGUF_MAGIC!r}, found {magic!r}")
-    order = "<"
-    (version,) = struct.unpack_from("<I", buf, 4)
-    if version & 0xFFFF == 0:  # written on a host of the other byte order (as gguf-py decides)
-        order = ">"
-        (version,) = struct.unpack_from(">I", buf, 4)
-    if version not in GGUF_VERSIONS:
-        raise GGUFFormatError(
-            f"{path}: unsupported GGUF version {version}; expected one of {list(GGUF_VERSIONS)}"
-        )
-    c = _Cursor(path, buf, order)
-    c.pos = 8
-    n_tensors = c.unpack("Q", "tensor count")
-    n_kv = c.unpack("Q", "key/value count")
-    # smallest records: key/value = key length 8 + type 4 + 1-byte value; tensor info = name
-    # length 8 + n_dims 4 + type 4 + offset 8
-    min_bytes = 13 * n_kv + 24 * n_tensors
-    if min_bytes > size - c.pos:
-        raise GGUFFormatError(
-            f"{path}: truncated or corrupt GGUF file: the header declares {n_tensors} tensors and {n_kv} "
-            f"key/value pairs (at least {min_bytes} bytes), found {size - c.pos} bytes after the header"
-        )
-
-    kv: dict[str, KVInfo] = {}
-    for i in range(n_kv):
-        start = c.pos
-        key = c.text(f"key of metadata entry {i}")
-        if key in kv:
-            raise c.fail(f"duplicate metadata key {key!r} at offset {start}")
-        t = c.vtype(c.unpack("I", f"value type of {key!r}"), f"metadata key {key!r}")
-        val = c.skip_value(t, f"value of {key!r}")
-        if t == GGUFValueType.ARRAY:
-            kv[key] = KVInfo(t, None, sub_type=val[0], length=val[1], offset=start)
-        else:
-            kv[key] = KVInfo(t, val, offset=start)
-
-    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-    al = kv.get(gguf.Keys.General.ALIGNMENT)
-    if al is not None:
-        if al.type != GGUFValueType.UINT32 or al.value == 0 or al.value & (al.value - 1):
-            raise c.fail(
-                f"{gguf.Keys.General.ALIGNMENT} must be a UINT32 power of two, "
-                f"found {al.type.name} {al.value!r}"
-            )
-        alignment = al.value
-
-    infos = []
-    names: set[str] = set()
-    for i in range(n_tensors):
-        start = c.pos
-        name = c.text(f"name of tensor {i}")
-        if name in names:
-            raise c.fail(f"duplicate tensor name {name!r} at offset {start}")
-        names.add(name)
-        n_dims = c.unpack("I", f"n_dims of tensor {name!r}")
-        if n_dims > GGML_MAX_DIMS:
-            raise c.fail(f"tensor {name!r} has {n_dims} dimensions, expected at most {GGML_MAX_DIMS}")
-        ne = [c.unpack("Q", f"dimension {d} of tensor {name!r}") for d in range(n_dims)]
-        if any(d > _INT64_MAX for d in ne):
-            raise c.fail(f"tensor {name!r} has dimensions {ne}, expected each below 2^63")
-        tid = c.unpack("I", f"type of tensor {name!r}")
-        try:
-            qtype = GGMLQuantizationType(tid)
-            block_size, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise GGUFFormatError(
-                f"{path}: tensor {name!r} has ggml type id {tid}, which is not a known type "
-                f"(gguf {_gguf_version()} with kvpolar's polar types knows ids {_known_type_ids()})"
-            ) from None
-        ne0 = ne[0] if ne else 1
-        if ne0 % block_size:
-            raise c.fail(
-                f"tensor {name!r} of type {qtype.name} has ne = {ne} (ne[0] = {ne0}), expected ne[0] a "
-                f"multiple of its block size {block_size}"
-            )
-        off = c.unpack("Q", f"data offset of tensor {name!r}")
-        n = 1
-        for d in ne:
-            n *= d
-        infos.append((name, qtype, tuple(reversed(ne)), n, n * type_size // block_size, off, start))
-
-    data_offset = -(-c.pos // alignment) * alignment
-    tensors = []
-    expect = 0
-    for name, qtype, shape, n, nbytes, off, start in infos:
-        if off != expect:
-            raise c.fail(
-                f"tensor {name!r} has data offset {off}, expected {expect} (tensors are stored in order, "
-                f"each padded to the alignment {alignment})"
-            )
-        begin = data_offset + off
-        if begin + nbytes > size:
-            raise GGUFFormatError(
-                f"{path}: truncated GGUF file: tensor {name!r} ({qtype.name}, shape {shape}) needs bytes "
-                f"[{begin}, {begin + nbytes}), found a file of {size} bytes"
-            )
-        tensors.append(TensorInfo(name, qtype, shape, n, nbytes, begin, start))
-        expect += -(-nbytes // alignment) * alignment
-    return Layout(path, size, version, order, alignment, data_offset, kv, tensors)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tensors
-
 
 @dataclasses.dataclass(frozen=True)
 class RawTensor:
@@ -685,29 +234,11 @@ def _to_gguf_value(key: str, v: Any) -> GGUFValue:
     return GGUFValue(v, _scalar_type(key, v))
 
 
-def _field_value(path: Path, field) -> GGUFValue:
-    """gguf-py ReaderField -> GGUFValue that GGUFWriter writes back byte for byte."""
-    main = field.types[0]
-    if main == GGUFValueType.ARRAY:
-        sub = GGUFValueType(int(field.parts[3][0]))  # parts: key len, key, type, element type, n, ...
-        if sub == GGUFValueType.ARRAY:
-            raise ValueError(f"{path}: metadata {field.name!r} is a nested array, which kvpolar cannot copy")
-        if sub == GGUFValueType.STRING:
-            vals = [_str_or_bytes(field.parts[i]) for i in field.data]
-        else:
-            vals = [field.parts[i].tolist()[0] for i in field.data]
-        return GGUFValue(vals, main, sub)
-    if main == GGUFValueType.STRING:
-        return GGUFValue(_str_or_bytes(field.parts[-1]), main)
-    return GGUFValue(field.parts[-1].tolist()[0], main)
-
-
-def _str_or_bytes(a: np.ndarray) -> str | bytes:
-    raw = a.tobytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw
+def _metadata_value(path: Path, key: str, kv: KVInfo) -> GGUFValue:
+    """A scanned record -> the GGUFValue that GGUFWriter writes back byte for byte."""
+    if kv.sub_type == GGUFValueType.ARRAY:
+        raise ValueError(f"{path}: metadata {key!r} is a nested array, which kvpolar cannot copy")
+    return GGUFValue(kv.value, kv.type, kv.sub_type)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -727,60 +258,73 @@ class GGUFFile:
 
 
 def read_gguf(
-    path: os.PathLike | str, decode: bool = True, metadata: bool = True, *, progress: bool = False
+    path: os.PathLike | str,
+    decode: bool = True,
+    metadata: bool = True,
+    *,
+    copy: bool = True,
+    progress: bool = False,
 ) -> GGUFFile:
-    """Read a GGUF file (bounds-checked by `scan`, then through gguf.GGUFReader).
+    """Read a GGUF file, bounds-checked by `kvpolar.gguf_scan.scan` before any data is read.
 
     decode=True: polar and other block types are dequantized to float32 (..., k*64), F32/F16/BF16
     to float32, F64 and integer tensors kept as they are. decode=False: RawTensor per tensor.
-    Polar blocks with a non-finite scale raise GGUFFormatError either way. progress: a tqdm bar
-    over the tensors (shown on a terminal only).
+    copy=False (decode=False only): RawTensor data are read-only views of the file mapping
+    instead of copies in memory, for copying a large model; the file must not change while
+    they live. Polar blocks with a non-finite scale raise GGUFFormatError either way.
+    metadata=False skips the metadata (arch is read either way). progress: a tqdm bar over the
+    tensors (shown on a terminal only).
     """
+    if decode and not copy:
+        raise ValueError("copy=False applies to decode=False (decoded tensors are new arrays)")
     path = Path(path)
     layout = scan(path)
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # scan() passed, so this is something gguf-py cannot handle
-        raise GGUFFormatError(f"{path}: gguf-py could not read the file: {type(e).__name__}: {e}") from e
-    try:
-        tensors: dict[str, Any] = {}
-        pairs = zip(layout.tensors, reader.tensors, strict=True)
-        if progress:
-            from tqdm import tqdm
+    arch_kv = layout.kv.get(gguf.Keys.General.ARCHITECTURE)
+    if arch_kv is not None and arch_kv.type != GGUFValueType.STRING:
+        arch_kv = None  # not a name: left in the metadata
+    arch = arch_kv.value if arch_kv is not None else None
+    meta: dict[str, GGUFValue] = {}
+    if metadata:
+        meta = {k: _metadata_value(path, k, kv) for k, kv in layout.kv.items() if kv is not arch_kv}
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    if mm.size != layout.file_size:
+        raise GGUFFormatError(
+            f"{path}: the file changed while being read: {layout.file_size} bytes, then {mm.size}"
+        )
+    infos = layout.tensors
+    if progress:
+        from tqdm import tqdm
 
-            desc = "decoding" if decode else "reading"
-            pairs = tqdm(
-                pairs, total=len(layout.tensors), desc=desc, unit="tensor", disable=None, leave=False
-            )
-        for info, t in pairs:
-            assert (t.name, int(t.tensor_type), t.data_offset) == (info.name, int(info.type), info.offset)
-            data = np.array(t.data)  # copy out of the memmap
-            if data.dtype.byteorder not in "=|":
-                data = data.astype(data.dtype.newbyteorder("="))
-            pf = polar_format_of(info.type)
-            if pf is not None:
-                try:
-                    _check_polar_scales(f"tensor {info.name!r}", pf, data)
-                except ValueError as e:
-                    raise GGUFFormatError(f"{path}: corrupt GGUF file: {e}") from None
-            if decode:
-                tensors[info.name] = _decode(path, info, data, pf)
-            else:
-                tensors[info.name] = RawTensor(info.type, info.shape, data)
-        arch = None
-        meta: dict[str, GGUFValue] = {}
-        if metadata:
-            for key, field in reader.fields.items():
-                if key.startswith("GGUF."):
-                    continue
-                v = _field_value(path, field)
-                if key == gguf.Keys.General.ARCHITECTURE and v.type == GGUFValueType.STRING:
-                    arch = v.value
-                else:
-                    meta[key] = v
-    finally:
-        del reader  # the memmap closes when its last view goes; data above are copies
+        desc = "decoding" if decode else "reading"
+        infos = tqdm(infos, desc=desc, unit="tensor", disable=None, leave=False)
+    tensors: dict[str, Any] = {}
+    for info in infos:
+        data = _tensor_data(mm, info, layout.byte_order)
+        if copy:
+            data = np.array(data)
+        pf = polar_format_of(info.type)
+        if pf is not None:
+            try:
+                _check_polar_scales(f"tensor {info.name!r}", pf, data)
+            except ValueError as e:
+                raise GGUFFormatError(f"{path}: corrupt GGUF file: {e}") from None
+        if decode:
+            tensors[info.name] = _decode(path, info, data, pf)
+        else:
+            tensors[info.name] = RawTensor(info.type, info.shape, data)
+    del mm  # with copy=True the mapping closes here; views (copy=False) keep it open
     return GGUFFile(path, arch, meta, tensors, layout.version, layout.alignment)
+
+
+def _tensor_data(mm: np.ndarray, info: TensorInfo, byte_order: str) -> np.ndarray:
+    """A tensor's bytes in the file as RawTensor.data's dtype and shape (a view, or a native
+    byte-order copy for a big-endian file)."""
+    raw = mm[info.offset : info.offset + info.nbytes].view(np.ndarray)
+    native = _NATIVE.get(info.type)
+    if native is None:  # block types: uint8 (..., n_blocks * type_size)
+        return raw.reshape(gguf.quant_shape_to_byte_shape(info.shape, info.type))
+    data = raw.view(native.newbyteorder(byte_order)).reshape(info.shape)
+    return data if data.dtype.isnative else data.astype(native)
 
 
 def _decode(path: Path, info: TensorInfo, data: np.ndarray, pf: PolarFormat | None) -> np.ndarray:
@@ -806,35 +350,6 @@ def read_tensors(path: os.PathLike | str, decode: bool = True, *, progress: bool
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-
-@contextlib.contextmanager
-def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
-    """Yield a temporary path in path's directory; on success it replaces path (fsync'd, mode
-    0666 & ~umask), on any exception it is removed and path is left as it was."""
-    path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"{path}: the output directory {parent} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: expected a file path for the output, found a directory")
-    fd, name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_tensors(
@@ -909,62 +424,3 @@ def write_tensors(
             w.close()
     log.info("wrote %s: %d tensors", path, len(raws))
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Summary (kvpolar inspect)
-
-
-def summary(path: os.PathLike | str) -> dict:
-    """JSON-ready description of a GGUF file from its header (no tensor data is read)."""
-    lay = scan(path)
-    tensors = []
-    by_type: dict[str, dict[str, int]] = {}
-    for t in lay.tensors:
-        tensors.append(
-            {
-                "name": t.name,
-                "type": t.type.name,
-                "type_id": int(t.type),
-                "shape": list(t.shape),
-                "ne": list(reversed(t.shape)),
-                "n_elements": t.n_elements,
-                "nbytes": t.nbytes,
-                "bits_per_elem": t.bits_per_elem,
-                "offset": t.offset,
-            }
-        )
-        agg = by_type.setdefault(t.type.name, {"n_tensors": 0, "n_elements": 0, "nbytes": 0})
-        agg["n_tensors"] += 1
-        agg["n_elements"] += t.n_elements
-        agg["nbytes"] += t.nbytes
-    n_el = sum(t.n_elements for t in lay.tensors)
-    nbytes = sum(t.nbytes for t in lay.tensors)
-    meta = {}
-    for key, kv in lay.kv.items():
-        if kv.type == GGUFValueType.ARRAY:
-            meta[key] = {"type": f"[{kv.sub_type.name}]", "length": kv.length}
-        else:
-            val = kv.value if not isinstance(kv.value, bytes) else kv.value.hex()
-            meta[key] = {"type": kv.type.name, "value": val}
-    arch = lay.kv.get(gguf.Keys.General.ARCHITECTURE)
-    return {
-        "path": str(lay.path),
-        "file_size": lay.file_size,
-        "version": lay.version,
-        "endian": "little" if lay.byte_order == "<" else "big",
-        "alignment": lay.alignment,
-        "data_offset": lay.data_offset,
-        "architecture": arch.value if arch is not None else None,
-        "metadata": meta,
-        "tensors": tensors,
-        "by_type": by_type,
-        "totals": {
-            "n_tensors": len(lay.tensors),
-            "n_elements": n_el,
-            "nbytes": nbytes,
-            "bits_per_elem": 8.0 * nbytes / n_el if n_el else None,
-            "f32_nbytes": 4 * n_el,
-            "compression_vs_f32": 4.0 * n_el / nbytes if nbytes else None,
-        },
-    }
