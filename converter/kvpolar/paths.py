@@ -1,10 +1,11 @@
 """Where kvpolar's cache, data files and the patched llama.cpp build live.
 
 Standard library only (imported by tests and tools before anything heavy). The layout is the
-one `scripts/bootstrap.py` creates:
+one the set-up (`scripts/bootstrap.py`, package `scripts/kvsetup`) creates, from these functions:
 
     $KVPOLAR_CACHE (default ~/.cache/kvpolar)/data/<file>     verified data files
-    <repo>/build -> $KVPOLAR_CACHE/build-<key>                patched llama.cpp build
+    $KVPOLAR_CACHE/llama-<key>/{src,build}                    patched sources and their build
+    <repo>/build -> $KVPOLAR_CACHE/llama-<key>/build
     <repo>/build/bin/{llama-cli,...,libllama.so,libggml*.so}
 
 Overrides: KVPOLAR_CACHE (cache root), KVPOLAR_REPO (checkout root), KVPOLAR_BUILD (build dir).
@@ -27,6 +28,7 @@ __all__ = [
     "build_dir",
     "build_info",
     "cache_dir",
+    "data_dir",
     "data_file",
     "lib_path",
     "repo_root",
@@ -53,6 +55,11 @@ def cache_dir() -> Path:
     """$KVPOLAR_CACHE, else ~/.cache/kvpolar (not created here)."""
     env = os.environ.get("KVPOLAR_CACHE")
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "kvpolar").resolve()
+
+
+def data_dir() -> Path:
+    """$KVPOLAR_CACHE/data: the verified data files (not created here)."""
+    return cache_dir() / "data"
 
 
 def repo_root() -> Path:
@@ -117,7 +124,7 @@ def lib_path(name: str) -> Path:
 
 def data_file(name: str) -> Path:
     """A verified data file under $KVPOLAR_CACHE/data, e.g. data_file(SMOLLM2_GGUF)."""
-    path = cache_dir() / "data" / name
+    path = data_dir() / name
     if not path.is_file():
         flag = _FETCH_FLAG.get(name, "")
         raise DataNotFoundError(

@@ -1,0 +1,362 @@
+"""The patched llama.cpp: sdist, source tree, build key, cmake build, <repo>/build link."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from kvpolar.atomic import atomic_write_text
+from kvpolar.paths import cache_dir
+
+from . import binding, smoke
+from .cpu import cpu_cmake_flags
+from .patches import BASE_TAG, UPSTREAM_TAG, apply_patches, git, git_init_commit, tag
+from .pins import (
+    BUILD_INFO,
+    BUILD_MARKER,
+    BUILD_TARGETS,
+    CMAKE_FLAGS,
+    CSRC_DIR,
+    LAYOUT_VERSION,
+    LLAMA_CPP_PYTHON_PIN,
+    LLAMA_CPP_PYTHON_SDIST,
+    LLAMA_CPP_PYTHON_SDIST_ROOT,
+    LLAMA_CPP_PYTHON_SDIST_SHA256,
+    PATCH_DIRS,
+    SRC_MARKER,
+    VENDOR,
+)
+from .util import (
+    BootstrapError,
+    PatchError,
+    file_lock,
+    have_verified,
+    log,
+    repo_root,
+    require_tool,
+    run,
+    run_logged,
+    sha256_file,
+    verify_sha256,
+    write_stamp,
+)
+from .venv import cmd_venv, pip_download
+
+
+def patch_files(root: Path) -> list[Path]:
+    out: list[Path] = []
+    for d in PATCH_DIRS:
+        out += sorted((root / d).glob("*.patch"))
+    return out
+
+
+def header_files(root: Path) -> list[Path]:
+    return sorted((root / CSRC_DIR).glob("*.h"))
+
+
+def generator() -> str:
+    return "Ninja" if shutil.which("ninja") else "Unix Makefiles"
+
+
+def cmake_flags() -> tuple[str, ...]:
+    """Fixed flags, the probed CPU flags, then KVPOLAR_CMAKE_ARGS (all part of the build key)."""
+    extra = tuple(shlex.split(os.environ.get("KVPOLAR_CMAKE_ARGS", "")))
+    return CMAKE_FLAGS + cpu_cmake_flags() + extra
+
+
+def compute_build_key(root: Path, flags: Iterable[str] | None = None, gen: str | None = None) -> str:
+    """Short sha256 over the pin, every patch, every generated header, and the build flags.
+
+    Files enter with their path relative to `root` and their bytes, in a fixed order, so
+    renaming, editing, adding or removing any of them changes the key.
+    """
+    h = hashlib.sha256()
+
+    def put(tag: str, data: bytes) -> None:
+        h.update(f"{tag}\0{len(data)}\0".encode())
+        h.update(data)
+
+    put("layout", LAYOUT_VERSION.encode())
+    put("pin", f"{LLAMA_CPP_PYTHON_PIN} {LLAMA_CPP_PYTHON_SDIST_SHA256}".encode())
+    for p in patch_files(root):
+        put("patch:" + p.relative_to(root).as_posix(), p.read_bytes())
+    for p in header_files(root):
+        put("header:" + p.relative_to(root).as_posix(), p.read_bytes())
+    put("flags", "\n".join(cmake_flags() if flags is None else flags).encode())
+    put("targets", "\n".join(BUILD_TARGETS).encode())
+    put("generator", (gen or generator()).encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_sdist() -> Path:
+    dest = cache_dir() / "dl" / LLAMA_CPP_PYTHON_SDIST
+    if have_verified(dest, LLAMA_CPP_PYTHON_SDIST_SHA256):
+        return dest
+    with tempfile.TemporaryDirectory(prefix="dl-", dir=cache_dir()) as td:
+        log(f"pip download --no-binary :all: {LLAMA_CPP_PYTHON_PIN} (~77 MB)")
+        f = pip_download(LLAMA_CPP_PYTHON_PIN, Path(td), sdist=True)
+        verify_sha256(f, LLAMA_CPP_PYTHON_SDIST_SHA256, f.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, dest)
+    write_stamp(dest, LLAMA_CPP_PYTHON_SDIST_SHA256)
+    return dest
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive) as tf:
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, filter="data")
+        else:  # pragma: no cover - Python < 3.10.12 / 3.11.4
+            tf.extractall(dest)
+
+
+def prepare_src(root: Path, key: str, src: Path) -> None:
+    """Extract the sdist, make git repos, apply the patches, copy headers; rename onto `src`."""
+    sdist = ensure_sdist()
+    require_tool("git", "to apply the patches", "Install git (apt-get install git).")
+    failed = cache_dir() / f"failed-src-{key}"
+    if failed.exists():
+        shutil.rmtree(failed)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-src-", dir=src.parent))
+    try:
+        log(f"extracting {sdist.name}")
+        _extract_tar(sdist, tmp)
+        tree = tmp / LLAMA_CPP_PYTHON_SDIST_ROOT
+        vendor = tree / VENDOR
+        # llama.cpp commit, from the submodule metadata shipped in the sdist.
+        commit = "unknown"
+        head = tree / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
+        if head.is_file():
+            commit = head.read_text().strip()
+        # Stale git metadata: vendor/llama.cpp/.git is a file pointing into the sdist's
+        # shallow .git/modules; replace both with fresh repos holding the pristine trees.
+        for stale in (vendor / ".git", tree / ".git"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            elif stale.exists() or stale.is_symlink():
+                stale.unlink()
+        git_init_commit(vendor, f"pristine llama.cpp {commit[:7]} from {LLAMA_CPP_PYTHON_PIN}")
+        git_init_commit(tree, f"pristine {LLAMA_CPP_PYTHON_PIN}", exclude=[f"/{VENDOR}/", f"/{SRC_MARKER}"])
+
+        # Generated headers first (tag kvpolar-base), so that `patches export` writes exactly
+        # the patch commits; patch 0001 includes ggml-polar-format.h.
+        headers = header_files(root)
+        dst = vendor / "ggml" / "src"
+        for h in headers:
+            shutil.copy2(h, dst / h.name)
+        tag(vendor, UPSTREAM_TAG)
+        tag(tree, UPSTREAM_TAG)
+        if headers:
+            git(["add", "-f", "--", *[f"ggml/src/{h.name}" for h in headers]], vendor, "git add headers")
+            git(
+                ["commit", "-q", "--no-verify", "-m", "kvpolar: generated headers"],
+                vendor,
+                "git commit headers",
+            )
+            log(f"copied {len(headers)} header(s) from {CSRC_DIR}/ into {VENDOR}/ggml/src/")
+        tag(vendor, BASE_TAG)
+        tag(tree, BASE_TAG)
+
+        lcpp = sorted((root / PATCH_DIRS[0]).glob("*.patch"))
+        lpy = sorted((root / PATCH_DIRS[1]).glob("*.patch"))
+        try:
+            if lcpp:
+                log(
+                    f"applying {len(lcpp)} llama.cpp patch(es) with git am: {', '.join(p.name for p in lcpp)}"
+                )
+                apply_patches(vendor, lcpp)
+            if lpy:
+                log(
+                    f"applying {len(lpy)} llama-cpp-python patch(es) with git am: "
+                    + ", ".join(p.name for p in lpy)
+                )
+                apply_patches(tree, lpy)
+        except PatchError as e:
+            os.replace(tree, failed)
+            raise PatchError(str(e).replace(str(tree), str(failed))) from None
+
+        info = {
+            "key": key,
+            "pin": LLAMA_CPP_PYTHON_PIN,
+            "sdist_sha256": LLAMA_CPP_PYTHON_SDIST_SHA256,
+            "llama_cpp_commit": commit,
+            "patches": [p.relative_to(root).as_posix() for p in lcpp + lpy],
+            "patch_sha256": {p.relative_to(root).as_posix(): sha256_file(p) for p in lcpp + lpy},
+            "headers": [h.relative_to(root).as_posix() for h in headers],
+        }
+        (tree / SRC_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        if src.exists():
+            shutil.rmtree(src)
+        os.replace(tree, src)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_build_tools() -> None:
+    require_tool(
+        "cmake",
+        "to configure llama.cpp",
+        "Install cmake >= 3.21 (apt-get install cmake, or pip install cmake).",
+    )
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cc or not cxx:
+        raise BootstrapError(
+            "no C/C++ compiler found (cc/gcc/clang and c++/g++/clang++); needed to build llama.cpp. "
+            "Install one: apt-get install build-essential"
+        )
+    out = run(["cmake", "--version"], what="cmake --version", capture=True).stdout
+    m = re.search(r"(\d+)\.(\d+)", out)
+    if m and (int(m.group(1)), int(m.group(2))) < (3, 21):
+        raise BootstrapError(
+            f"cmake {m.group(0)} is too old; llama-cpp-python needs cmake >= 3.21 (pip install cmake)."
+        )
+
+
+def build_complete(build: Path, key: str) -> bool:
+    marker = build / BUILD_MARKER
+    if not marker.is_file() or marker.read_text().strip() != key:
+        return False
+    return all((build / "bin" / t).exists() for t in BUILD_TARGETS)
+
+
+def llama_dir(key: str) -> Path:
+    """$CACHE/llama-<key>: holds src/ (patched sdist) and build/ (cmake build).
+
+    src and build are siblings so that the compile commands, rewritten relative to the build
+    dir by ccache (CCACHE_BASEDIR=$CACHE), are identical for every key: a new key (a patch
+    edit) then recompiles only the translation units whose preprocessed input changed.
+    """
+    return cache_dir() / f"llama-{key}"
+
+
+def ccache_setup() -> tuple[list[str], dict]:
+    """cmake args + environment for ccache when it is installed (optional accelerator)."""
+    env = dict(os.environ)
+    if not shutil.which("ccache") or env.get("KVPOLAR_NO_CCACHE"):
+        # Explicitly empty: a build dir configured while ccache was present must not keep it.
+        return ["-DCMAKE_C_COMPILER_LAUNCHER=", "-DCMAKE_CXX_COMPILER_LAUNCHER=", "-DGGML_CCACHE=OFF"], env
+    env.setdefault("CCACHE_DIR", str(cache_dir() / "ccache"))
+    env.setdefault("CCACHE_MAXSIZE", "3G")
+    env["CCACHE_BASEDIR"] = str(cache_dir())
+    env["CCACHE_NOHASHDIR"] = "1"
+    return ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"], env
+
+
+def build_llama(src: Path, build: Path, key: str) -> float:
+    """Configure + build into `build`; resumes a partial build. Returns seconds spent."""
+    t0 = time.time()
+    check_build_tools()
+    marker = build / BUILD_MARKER
+    if marker.exists():
+        marker.unlink()
+    build.mkdir(parents=True, exist_ok=True)
+    logfile = build / "kvpolar-build.log"
+    gen = generator()
+    jobs = str(os.cpu_count() or 2)
+    launcher, env = ccache_setup()
+    cc_note = (
+        "with ccache"
+        if launcher[0].endswith("=ccache")
+        else "without ccache (apt-get install ccache makes rebuilds after a patch edit incremental)"
+    )
+    log(f"configuring llama.cpp ({gen}, {cc_note}) in {build}; log: {logfile}")
+    run_logged(
+        ["cmake", "-S", src / VENDOR, "-B", build, "-G", gen, *cmake_flags(), *launcher],
+        cwd=build,
+        logfile=logfile,
+        what="cmake configure",
+        env=env,
+    )
+    log(f"building {', '.join(BUILD_TARGETS)} with -j{jobs} (cold: ~9 min on 2 cores)")
+    run_logged(
+        ["cmake", "--build", build, "--target", *BUILD_TARGETS, "-j", jobs],
+        cwd=build,
+        logfile=logfile,
+        what="cmake build",
+        env=env,
+    )
+    missing = [t for t in BUILD_TARGETS if not (build / "bin" / t).exists()]
+    if missing:
+        raise BootstrapError(f"build finished but {missing} are missing from {build / 'bin'}; see {logfile}")
+    secs = time.time() - t0
+    atomic_write_text(marker, key + "\n", mkdir=True)
+    return secs
+
+
+def link_build(root: Path, build: Path) -> Path:
+    """Point <repo>/build at the cache build dir (atomically)."""
+    link = root / "build"
+    if link.exists() and not link.is_symlink():
+        raise BootstrapError(
+            f"{link} exists and is not a symlink; bootstrap manages it as a link to the cached build. "
+            f"Move it away (e.g. mv {link} {link}.old) and rerun."
+        )
+    if link.is_symlink() and os.readlink(link) == str(build):
+        return link
+    tmp = root / f".build.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(build, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def cmd_llama(args: argparse.Namespace) -> dict:
+    root = repo_root()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    key = compute_build_key(root)
+    ldir = llama_dir(key)
+    src = ldir / "src"
+    build = ldir / "build"
+    result: dict = {"key": key, "src": str(src), "build": str(build), "built_s": None}
+    with file_lock(f"llama-{key}"):
+        ldir.mkdir(parents=True, exist_ok=True)
+        (ldir / "last-used").write_text(f"{time.time():.0f} {root}\n")
+        if not (src / SRC_MARKER).is_file():
+            prepare_src(root, key, src)
+        else:
+            log(f"patched source ok: {src}")
+        if build_complete(build, key):
+            log(f"llama.cpp build ok: {build}")
+        else:
+            secs = build_llama(src, build, key)
+            result["built_s"] = secs
+            log(f"llama.cpp built in {secs / 60:.1f} min")
+        src_info = json.loads((src / SRC_MARKER).read_text())
+        info = {
+            **src_info,
+            "src": str(src),
+            "build": str(build),
+            "cmake_flags": list(cmake_flags()),
+            "generator": generator(),
+            "targets": list(BUILD_TARGETS),
+        }
+        info_path = build / BUILD_INFO
+        if not info_path.is_file() or json.loads(info_path.read_text()) != info:
+            atomic_write_text(info_path, json.dumps(info, indent=2) + "\n", mkdir=True)
+        link = link_build(root, build)
+        log(f"{link} -> {build}")
+        if getattr(args, "no_python", False):
+            if not getattr(args, "no_smoke", False):
+                smoke.run_smoke(build, key, None, force=getattr(args, "smoke", False))
+            return result
+        py = cmd_venv()
+        pkg, ran = binding.install_llama_cpp_python(py, src, build, key)
+        if ran or getattr(args, "verify", False):
+            out = binding.verify_binding(py, build)
+            log("llama_cpp loads the patched build:\n    " + "\n    ".join(out.splitlines()))
+        result["llama_cpp"] = str(pkg)
+        if not getattr(args, "no_smoke", False):
+            smoke.run_smoke(build, key, py, force=getattr(args, "smoke", False))
+    return result
