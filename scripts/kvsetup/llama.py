@@ -253,8 +253,18 @@ def ccache_setup() -> tuple[list[str], dict]:
     return ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"], env
 
 
-def build_llama(src: Path, build: Path, key: str) -> float:
-    """Configure + build into `build`; resumes a partial build. Returns seconds spent."""
+def build_llama(
+    src: Path,
+    build: Path,
+    key: str,
+    flags: tuple[str, ...] | None = None,
+    targets: tuple[str, ...] = BUILD_TARGETS,
+) -> float:
+    """Configure + build into `build`; resumes a partial build. Returns seconds spent.
+
+    flags: the cmake flags (default: cmake_flags(), the ones in the build key); targets: what
+    to build. Benchmarks build variants (e.g. GGML_NATIVE=ON) of the same sources this way.
+    """
     t0 = time.time()
     check_build_tools()
     marker = build / BUILD_MARKER
@@ -272,21 +282,31 @@ def build_llama(src: Path, build: Path, key: str) -> float:
     )
     log(f"configuring llama.cpp ({gen}, {cc_note}) in {build}; log: {logfile}")
     run_logged(
-        ["cmake", "-S", src / VENDOR, "-B", build, "-G", gen, *cmake_flags(), *launcher],
+        [
+            "cmake",
+            "-S",
+            src / VENDOR,
+            "-B",
+            build,
+            "-G",
+            gen,
+            *(cmake_flags() if flags is None else flags),
+            *launcher,
+        ],
         cwd=build,
         logfile=logfile,
         what="cmake configure",
         env=env,
     )
-    log(f"building {', '.join(BUILD_TARGETS)} with -j{jobs} (cold: ~9 min on 2 cores)")
+    log(f"building {', '.join(targets)} with -j{jobs} (cold: ~9 min on 2 cores)")
     run_logged(
-        ["cmake", "--build", build, "--target", *BUILD_TARGETS, "-j", jobs],
+        ["cmake", "--build", build, "--target", *targets, "-j", jobs],
         cwd=build,
         logfile=logfile,
         what="cmake build",
         env=env,
     )
-    missing = [t for t in BUILD_TARGETS if not (build / "bin" / t).exists()]
+    missing = [t for t in targets if not (build / "bin" / t).exists()]
     if missing:
         raise BootstrapError(f"build finished but {missing} are missing from {build / 'bin'}; see {logfile}")
     secs = time.time() - t0
