@@ -21,7 +21,8 @@ import pytest
 from conftest import require_build
 from kvpolar import codec
 from kvpolar import format as pformat
-from study.baselines import GgmlTypeTraits
+from study import ggml_lib
+from study.ggml_lib import FROM_FLOAT, TO_FLOAT, GgmlTypeTraits
 
 pytestmark = pytest.mark.build
 
@@ -40,8 +41,6 @@ class GgmlTypeTraitsCpu(ctypes.Structure):
     ]
 
 
-TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 VEC_DOT = ctypes.CFUNCTYPE(
     None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
@@ -56,17 +55,9 @@ class Ggml:
     def __init__(self, bindir):
         ext = ".dylib" if sys.platform == "darwin" else ".so"
         mode = getattr(ctypes, "RTLD_GLOBAL", 0)
-        self.base = ctypes.CDLL(str(bindir / f"libggml-base{ext}"), mode=mode)
+        self.base = b = ggml_lib.load_base(bindir / f"libggml-base{ext}", mode=mode)
         self.cpu = ctypes.CDLL(str(bindir / f"libggml-cpu{ext}"), mode=mode)
 
-        b = self.base
-        b.ggml_get_type_traits.restype = ctypes.POINTER(GgmlTypeTraits)
-        b.ggml_get_type_traits.argtypes = [ctypes.c_int]
-        b.ggml_quantize_chunk.restype = ctypes.c_size_t
-        b.ggml_quantize_chunk.argtypes = [
-            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_int64, ctypes.c_void_p,
-        ]  # fmt: skip
         b.ggml_row_size.restype = ctypes.c_size_t
         b.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         b.ggml_validate_row_data.restype = ctypes.c_bool
@@ -78,21 +69,14 @@ class Ggml:
         self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
 
     def traits(self, name: str) -> GgmlTypeTraits:
-        return self.base.ggml_get_type_traits(pformat.get_format(name).type_id).contents
+        return ggml_lib.type_traits(self.base, pformat.get_format(name).type_id)
 
     def traits_cpu(self, name: str) -> GgmlTypeTraitsCpu:
         return self.cpu.ggml_get_type_traits_cpu(pformat.get_format(name).type_id).contents
 
     def quantize_chunk(self, name: str, x: np.ndarray, n_per_row: int = QK) -> np.ndarray:
         fmt = pformat.get_format(name)
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        nrows = x.size // n_per_row
-        out = np.zeros(x.size // QK * fmt.type_size, np.uint8)
-        n = self.base.ggml_quantize_chunk(
-            fmt.type_id, x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None
-        )
-        assert n == out.size, (n, out.size)
-        return out.reshape(-1, fmt.type_size)
+        return ggml_lib.quantize_chunk(self.base, fmt.type_id, x, n_per_row).reshape(-1, fmt.type_size)
 
     def from_float(self, fn_ptr: int, name: str, x: np.ndarray) -> np.ndarray:
         fmt = pformat.get_format(name)
@@ -102,10 +86,7 @@ class Ggml:
         return out.reshape(-1, fmt.type_size)
 
     def to_float(self, name: str, b: np.ndarray) -> np.ndarray:
-        b = np.ascontiguousarray(b, dtype=np.uint8)
-        y = np.empty(len(b) * QK, np.float32)
-        TO_FLOAT(self.traits(name).to_float)(b.ctypes.data, y.ctypes.data, y.size)
-        return y.reshape(-1, QK)
+        return ggml_lib.to_float(self.base, pformat.get_format(name).type_id, b).reshape(-1, QK)
 
     def vec_dot(self, name: str, b: np.ndarray, q: np.ndarray, fn_ptr: int | None = None) -> float:
         b = np.ascontiguousarray(b, dtype=np.uint8)

@@ -3,9 +3,10 @@ metrics they are compared by.
 
 Modules: `paper_a` (recursive polar transform, arXiv 2502.02617), `paper_b` (pairwise radius +
 angle over RoPE pairs, NeurIPS 2025), `variants` (Lloyd-Max pairs, the chosen ring codes with and
-without scale search, other ring counts), `baselines` (llama.cpp types), `activations` (real
-post-RoPE Q/K/V). `scripts/format_study.py` runs everything and writes docs/format-study.md and
-docs/format-study.json.
+without scale search, other ring counts), `baselines` (llama.cpp types, iq4_nl through
+`ggml_lib`), `activations` (real post-RoPE Q/K/V); `run` measures (docs/format-study.json),
+`report` writes docs/format-study.md from report_template.md, `cli` is the command line
+(`python3 scripts/format_study.py`).
 
 Every layout is a `Layout`: `fn` maps (heads, tokens, head_dim) float32 -> the same shape after
 quantization and dequantization, `bits(shape)` is the exact storage cost per element counting
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import baselines, paper_a, paper_b, variants
 
-__all__ = ["AttentionRef", "Layout", "finish_attention", "layouts", "rel_mse_sums"]
+__all__ = ["AttentionRef", "Layout", "finish_attention", "labels", "layouts", "rel_mse_sums"]
 
 Shape = tuple[int, int, int]
 
@@ -50,6 +51,26 @@ def _const(b: float) -> Callable[[Shape], float]:
     return lambda _shape: b
 
 
+BASELINES = ("q8_0", "q5_0", "q4_1", "q4_0", "iq4_nl")
+
+
+def _baseline(t: str) -> Layout:
+    return Layout(
+        t,
+        f"llama.cpp {t}",
+        "llama.cpp",
+        _const(baselines.BITS[t]),
+        _rows(lambda b: baselines.roundtrip(b, t), 32),
+    )
+
+
+def labels(pairing: str = "norm") -> dict[str, str]:
+    """Table text of every layout, iq4_nl included where this machine has no llama.cpp build
+    to run it (the report is rendered from the JSON alone)."""
+    everything = {**{t: _baseline(t) for t in BASELINES}, **layouts(pairing)}
+    return {key: lay.label for key, lay in everything.items()}
+
+
 def layouts(pairing: str = "norm") -> dict[str, Layout]:
     """All layouts of the study. `pairing`: the RoPE pairing of the rows ("norm" / "neox"),
     used by paper B (which quantizes RoPE pairs); "B-44-ch-other" uses the other one."""
@@ -57,18 +78,9 @@ def layouts(pairing: str = "norm") -> dict[str, Layout]:
     out: list[Layout] = []
     add = out.append
 
-    for t in ("q8_0", "q5_0", "q4_1", "q4_0", "iq4_nl"):
-        if t == "iq4_nl" and not baselines.iq4_nl_available():
-            continue
-        add(
-            Layout(
-                t,
-                f"llama.cpp {t}",
-                "llama.cpp",
-                _const(baselines.BITS[t]),
-                _rows(lambda b, t=t: baselines.roundtrip(b, t), 32),
-            )
-        )
+    for t in BASELINES:
+        if t != "iq4_nl" or baselines.iq4_nl_available():
+            add(_baseline(t))
 
     from kvpolar import format as kf
 

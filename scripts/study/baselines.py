@@ -1,7 +1,7 @@
 """llama.cpp's block types as reference points, on (n, k*32) float rows.
 
 q4_0, q4_1, q5_0, q8_0: gguf-py's numpy quants (`gguf.quants.quantize` / `dequantize`, bit-exact
-twins of ggml's `quantize_row_*_ref`). iq4_nl: the built libggml-base through ctypes
+twins of ggml's `quantize_row_*_ref`). iq4_nl: the built libggml-base through `study.ggml_lib`
 (`ggml_quantize_chunk`, which searches the block scale, and the type traits' `to_float`);
 unavailable (`iq4_nl_available()` False, with the reason in `IQ4NL_MISSING`) when the
 llama.cpp build (`kvpolar.paths.lib_path("ggml-base")`, or $KVPOLAR_GGML_BASE) is absent.
@@ -9,11 +9,12 @@ llama.cpp build (`kvpolar.paths.lib_path("ggml-base")`, or $KVPOLAR_GGML_BASE) i
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 
 import numpy as np
+
+from . import ggml_lib
 
 GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q8_0")
 ALL_TYPES = (*GGUF_TYPES, "iq4_nl")
@@ -23,23 +24,6 @@ GGML_TYPE_IQ4_NL = 20  # enum ggml_type in ggml.h (llama.cpp 0c1e570)
 BITS = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q8_0": 8.5, "iq4_nl": 4.5}
 
 IQ4NL_MISSING: str | None = None
-
-
-class GgmlTypeTraits(ctypes.Structure):
-    """struct ggml_type_traits (ggml/include/ggml.h), field for field."""
-
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
-
-
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
 
 
 @functools.cache
@@ -55,29 +39,17 @@ def _ggml():
             IQ4NL_MISSING = f"iq4_nl skipped: {e}"
             return None
     try:
-        lib = ctypes.CDLL(path)
+        lib = ggml_lib.load_base(path)
     except OSError as e:
         IQ4NL_MISSING = f"iq4_nl skipped: cannot load {path}: {e}"
         return None
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [
-        ctypes.c_int,
-        ctypes.POINTER(ctypes.c_float),
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.POINTER(ctypes.c_float),
-    ]
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(GgmlTypeTraits)
-    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    tr = lib.ggml_get_type_traits(GGML_TYPE_IQ4_NL).contents
+    tr = ggml_lib.type_traits(lib, GGML_TYPE_IQ4_NL)
     if tr.type_name != b"iq4_nl" or tr.blck_size != 32 or tr.type_size != 18:
         IQ4NL_MISSING = (
             f"iq4_nl skipped: unexpected traits {tr.type_name!r} {tr.blck_size} {tr.type_size} in {path}"
         )
         return None
-    return lib, _TO_FLOAT(tr.to_float), path
+    return lib, path
 
 
 def iq4_nl_available() -> bool:
@@ -86,23 +58,16 @@ def iq4_nl_available() -> bool:
 
 def ggml_library() -> str | None:
     g = _ggml()
-    return None if g is None else g[2]
+    return None if g is None else g[1]
 
 
 def _iq4_nl(x: np.ndarray) -> np.ndarray:
     g = _ggml()
     if g is None:
         raise RuntimeError(IQ4NL_MISSING or "iq4_nl unavailable")
-    lib, to_float, _ = g
-    x = np.ascontiguousarray(x, np.float32)
-    nrows, k = x.shape
-    buf = np.empty(nrows * (k // 32) * 18, np.uint8)
-    fp = ctypes.POINTER(ctypes.c_float)
-    n = lib.ggml_quantize_chunk(GGML_TYPE_IQ4_NL, x.ctypes.data_as(fp), buf.ctypes.data, 0, nrows, k, None)
-    assert n == buf.nbytes, (n, buf.nbytes)
-    y = np.empty(x.size, np.float32)
-    to_float(buf.ctypes.data, y.ctypes.data_as(fp), x.size)
-    return y.reshape(x.shape)
+    lib = g[0]
+    buf = ggml_lib.quantize_chunk(lib, GGML_TYPE_IQ4_NL, x, x.shape[1])
+    return ggml_lib.to_float(lib, GGML_TYPE_IQ4_NL, buf).reshape(x.shape)
 
 
 def roundtrip(x: np.ndarray, qtype: str) -> np.ndarray:

@@ -20,9 +20,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 from kvpolar import codec as kc
 from kvpolar import format as kf
+
 from .paper_a import ScalarCodebook, lloyd_max
 
 # ----------------------------------------------------------------------------------------------
