@@ -1,5 +1,5 @@
-// Shared definitions of the CuPy kernels: the block structs (docs/FORMAT.md), half/bfloat16
-// conversions and byte-level readers of blocks in shared memory.
+// Shared definitions of the CuPy kernels: half/bfloat16 conversions and byte-level readers of
+// blocks in shared memory. The block structs come from the generated ggml-polar-format.h.
 //
 // Compiled by NVRTC through kvpolar.gpu, which passes -I<repo>/cupy_kernels and
 // -I<kvpolar>/csrc (the generated ggml-polar-format.h) and prepends the compile-time
@@ -13,23 +13,11 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
-// Byte layout, same as the C structs of the llama.cpp patch (little-endian, no padding):
-//   block_polar  { ggml_half d; uint8_t qs[32]; }                   34 bytes
-//   block_polar3 { ggml_half d; uint8_t qs[16]; uint8_t qh[8]; }    26 bytes
+// Byte layout: block_polar (34 bytes) and block_polar3 (26 bytes) in ggml-polar-format.h.
 // polar3 code of pair i (6 bits): (qs[i % 16] >> 4 * (i / 16)) & 15 | ((qh[i % 8] >> 2 * (i / 8)) & 3) << 4
 // paperb (the paper-B preset, kvpolar.paperb_kernel_ref): the polar layout, with qs[p] =
 //   angle index (high nibble) << 4 | radius index (low nibble) and d = fp16 block radius max.
-struct block_polar {
-    u16 d;       // binary16 block scale
-    u8 qs[32];   // code of pair p
-};
-struct block_polar3 {
-    u16 d;       // binary16 block scale
-    u8 qs[16];   // low 4 bits of the codes of pairs i and i + 16
-    u8 qh[8];    // high 2 bits of the codes of pairs i, i + 8, i + 16, i + 24
-};
-static_assert(sizeof(block_polar) == POLAR_TYPE_SIZE, "block_polar size");
-static_assert(sizeof(block_polar3) == POLAR3_TYPE_SIZE, "block_polar3 size");
+static_assert(POLAR_KERNEL_ID == 0 && POLAR3_KERNEL_ID == 1, "FMT 0 is polar and 1 is polar3 in the kernels");
 
 #define POLAR_QK 64
 #define POLAR_PAIRS 32

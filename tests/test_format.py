@@ -1,12 +1,15 @@
-"""The format definition: sizes, generated files up to date, codebooks Lloyd-optimal."""
+"""The format definition: sizes, the generated header (up to date, and its structs compiled
+against the Python layout), codebooks Lloyd-optimal."""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
-
 from kvpolar import format
 
 
@@ -14,8 +17,11 @@ def test_layout_constants():
     assert format.POLAR.type_size == 34 and format.POLAR.bits_per_elem == 4.25
     assert format.POLAR3.type_size == 26 and format.POLAR3.bits_per_elem == 3.25
     assert [f.type_id for f in format.FORMATS.values()] == [43, 44]  # after GGML_TYPE_Q2_0 = 42
+    assert [f.kernel_id for f in format.FORMATS.values()] == [0, 1]  # KFMT/VFMT of cupy_kernels
+    assert format.POLAR.offsets == {"d": 0, "qs": 2}
+    assert format.POLAR3.offsets == {"d": 0, "qs": 2, "qh": 18}
     for f in format.FORMATS.values():
-        assert sum(np.dtype(dt).itemsize * n for _, dt, n in f.fields) == f.type_size
+        assert sum(fld.dtype.itemsize for fld in f.layout) == f.type_size  # no padding
         assert 64 % f.block_size == 0 and 128 % f.block_size == 0
 
 
@@ -32,6 +38,59 @@ def test_header_literals_parse_back_exactly():
         body = text.split(f"#define {name.upper()}_CX_INIT {{")[1].split("}")[0]
         vals = np.array([float(v.strip().rstrip("f")) for v in body.replace("\\", "").split(",")], np.float32)
         np.testing.assert_array_equal(vals, t.cx)
+
+
+def _probe_source() -> str:
+    """A C program printing what the compiler made of the header: one `key value` per line."""
+    lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "ggml-polar-format.h"']
+    lines.append("int main(void) {")
+    for f in format.FORMATS.values():
+        st, u = f"block_{f.name}", f.name.upper()
+        lines.append(f'    printf("{st} %d\\n", (int) sizeof({st}));')
+        for fld in f.layout:
+            lines.append(
+                f'    printf("{st}.{fld.name} %d %d\\n", (int) offsetof({st}, {fld.name}), '
+                f"(int) sizeof((({st} *) 0)->{fld.name}));"
+            )
+        for macro in (f"GGML_TYPE_{u}_ID", f"{u}_KERNEL_ID", f"{u}_TYPE_SIZE", f"QK_{u}"):
+            lines.append(f'    printf("{macro} %d\\n", (int) ({macro}));')
+    return "\n".join([*lines, "    return 0;", "}", ""])
+
+
+def _expected() -> dict[str, str]:
+    want = {}
+    for f in format.FORMATS.values():
+        st, u = f"block_{f.name}", f.name.upper()
+        want[st] = str(f.type_size)
+        for fld in f.layout:
+            want[f"{st}.{fld.name}"] = f"{f.offsets[fld.name]} {fld.dtype.itemsize}"
+        want[f"GGML_TYPE_{u}_ID"] = str(f.type_id)
+        want[f"{u}_KERNEL_ID"] = str(f.kernel_id)
+        want[f"{u}_TYPE_SIZE"] = str(f.type_size)
+        want[f"QK_{u}"] = str(f.block_size)
+    return want
+
+
+@pytest.mark.parametrize(
+    ("compiler", "std", "suffix"), [("cc", "c99", ".c"), ("cc", "c11", ".c"), ("c++", "c++17", ".cpp")]
+)
+def test_header_structs_match_layout(tmp_path, compiler, std, suffix):
+    """sizeof/offsetof of every field of every block struct and the ids, as a compiler sees
+    the generated header, equal the layout in kvpolar.format."""
+    env = {"cc": "CC", "c++": "CXX"}[compiler]
+    cc = shutil.which(os.environ.get(env, compiler))
+    if cc is None:
+        pytest.skip(f"no {compiler} compiler (set ${env})")
+    src = tmp_path / f"probe{suffix}"
+    src.write_text(_probe_source())
+    exe = tmp_path / "probe"
+    flags = [f"-std={std}", "-Wall", "-Wextra", "-pedantic", "-Werror"]
+    cmd = [cc, *flags, "-I", str(format.HEADER_PATH.parent), str(src), "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    got = dict(line.split(" ", 1) for line in out.splitlines())
+    assert got == _expected()
 
 
 @pytest.mark.parametrize("name", list(format.FORMATS))

@@ -113,37 +113,44 @@ def _encode_chunk(fmt: PolarFormat, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return best_s, best_c
 
 
+def _split_codes(fmt: PolarFormat, c: np.ndarray) -> dict[str, np.ndarray]:
+    """Codes (n, 32) uint8 -> the code fields of the block (FORMAT.md, byte layout)."""
+    if fmt.code_bits == 8:
+        return {"qs": c}
+    lo, hi = c & 15, c >> 4
+    return {
+        "qs": lo[:, :16] | (lo[:, 16:] << 4),
+        "qh": hi[:, 0:8] | (hi[:, 8:16] << 2) | (hi[:, 16:24] << 4) | (hi[:, 24:32] << 6),
+    }
+
+
+def _join_codes(fmt: PolarFormat, blk: np.ndarray) -> np.ndarray:
+    """The inverse of _split_codes: blocks (n,) of fmt.dtype -> codes (n, 32) int32."""
+    if fmt.code_bits == 8:
+        return blk["qs"].astype(np.int32)
+    qs = blk["qs"].astype(np.int32)
+    qh = blk["qh"].astype(np.int32)
+    lo = np.concatenate([qs & 15, qs >> 4], 1)
+    hi = np.concatenate([(qh >> (2 * k)) & 3 for k in range(4)], 1)
+    return lo | (hi << 4)
+
+
 def pack(fmt: PolarFormat | str, d: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Scales (n,) float and codes (n, 32) -> (n, type_size) uint8 blocks."""
+    """Scales (n,) float and codes (n, 32) -> (n, type_size) uint8 blocks, fields as fmt.layout."""
     fmt = _fmt(fmt)
     n = len(d)
-    out = np.empty((n, fmt.type_size), np.uint8)
-    out[:, :2] = np.asarray(d, np.float32).astype("<f2").view(np.uint8).reshape(n, 2)
-    c = codes.astype(np.uint8)
-    if fmt.code_bits == 8:
-        out[:, 2:] = c
-    else:
-        lo = c & 15
-        hi = c >> 4
-        out[:, 2:18] = lo[:, :16] | (lo[:, 16:] << 4)
-        out[:, 18:26] = hi[:, 0:8] | (hi[:, 8:16] << 2) | (hi[:, 16:24] << 4) | (hi[:, 24:32] << 6)
-    return out
+    blk = np.zeros(n, fmt.dtype)
+    blk["d"] = np.asarray(d, np.float32).astype(np.float16)
+    for name, v in _split_codes(fmt, codes.astype(np.uint8)).items():
+        blk[name] = v
+    return blk.view(np.uint8).reshape(n, fmt.type_size)
 
 
 def unpack(fmt: PolarFormat | str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, type_size) uint8 -> scales (n,) float32 and codes (n, 32) int32."""
     fmt = _fmt(fmt)
-    b = np.ascontiguousarray(b, dtype=np.uint8)
-    d = b[:, :2].copy().view("<f2")[:, 0].astype(np.float32)
-    if fmt.code_bits == 8:
-        codes = b[:, 2:].astype(np.int32)
-    else:
-        qs = b[:, 2:18].astype(np.int32)
-        qh = b[:, 18:26].astype(np.int32)
-        lo = np.concatenate([qs & 15, qs >> 4], 1)
-        hi = np.concatenate([(qh >> (2 * k)) & 3 for k in range(4)], 1)
-        codes = lo | (hi << 4)
-    return d, codes
+    blk = np.ascontiguousarray(b, dtype=np.uint8).view(fmt.dtype)[:, 0]
+    return blk["d"].astype(np.float32), _join_codes(fmt, blk)
 
 
 def quantize_blocks(x: np.ndarray, fmt: PolarFormat | str) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 Every constant the numpy codec, the llama.cpp patch and the CuPy kernels use comes from here.
 `docs/FORMAT.md` describes the bytes and the encoding algorithm; the C/CUDA header
-`converter/csrc/ggml-polar-format.h` and the stored tables `converter/_codebooks.py` are
-generated from this module by
+`converter/kvpolar/csrc/ggml-polar-format.h` (block structs, type and kernel ids, tables)
+and the stored tables `converter/kvpolar/_codebooks.py` are generated from this module by
 
     python -m kvpolar.format --write
 
@@ -29,7 +29,8 @@ log = logging.getLogger("kvpolar.format")
 QK = 64  # coordinates per block (must divide the head size)
 PAIRS = QK // 2
 FP16_MAX = 65504.0
-VMAX = float(2.0**20)  # inputs are clamped to [-VMAX, VMAX]: beyond 65504 * r_out (~2e5) nothing is representable
+# inputs are clamped to [-VMAX, VMAX]: beyond 65504 * r_out (~2e5) nothing is representable
+VMAX = float(2.0**20)
 
 # Design of the codebooks (docs/format-study.md chose these).
 DESIGN_SAMPLES = 400_000
@@ -42,14 +43,39 @@ N_REFINE = 2
 LLAMA_LAST_TYPE_ID = 42  # GGML_TYPE_Q2_0 in llama.cpp 0c1e570
 
 
+_CTYPES = {"half": ("POLAR_HALF", "<f2"), "uint8": ("uint8_t", "u1")}  # C type, numpy dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One member of a block struct: `ctype name[count]; // comment`."""
+
+    name: str
+    ctype: str  # "half" (IEEE binary16: ggml_half in ggml, POLAR_HALF elsewhere) or "uint8"
+    count: int
+    comment: str
+
+    @property
+    def c_type(self) -> str:
+        return _CTYPES[self.ctype][0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """numpy dtype of the member, little-endian (count > 1: a subarray)."""
+        base = _CTYPES[self.ctype][1]
+        return np.dtype(base if self.count == 1 else (base, (self.count,)))
+
+
 @dataclasses.dataclass(frozen=True)
 class PolarFormat:
-    """One polar block type: layout and codebook definition."""
+    """One polar block type: byte layout and codebook definition."""
 
     name: str  # ggml type name, what `-ctk` takes
     type_id: int  # GGML_TYPE_* value, appended after llama.cpp's last id
+    kernel_id: int  # KFMT/VFMT value of the CuPy kernels (cupy_kernels/gpu.py FMT_ID)
     code_bits: int  # bits per pair code
     counts: tuple[int, ...]  # points per ring, ring 0 = origin
+    layout: tuple[Field, ...]  # the C struct block_<name>, in struct order
 
     @property
     def ncodes(self) -> int:
@@ -60,8 +86,18 @@ class PolarFormat:
         return QK
 
     @property
+    def dtype(self) -> np.dtype:
+        """numpy structured dtype of one block, laid out as the C compiler lays out the struct."""
+        return np.dtype([(f.name, f.dtype) for f in self.layout], align=True)
+
+    @property
     def type_size(self) -> int:
-        return 2 + PAIRS * self.code_bits // 8
+        return self.dtype.itemsize
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of each field in the block (C: offsetof(block_<name>, field))."""
+        return {f.name: self.dtype.fields[f.name][1] for f in self.layout}
 
     @property
     def bits_per_elem(self) -> float:
@@ -69,12 +105,8 @@ class PolarFormat:
 
     @property
     def fields(self) -> tuple[tuple[str, str, int], ...]:
-        """(name, dtype, count) in struct order."""
-        if self.code_bits == 8:
-            return (("d", "<f2", 1), ("qs", "u1", PAIRS))
-        if self.code_bits == 6:
-            return (("d", "<f2", 1), ("qs", "u1", PAIRS // 2), ("qh", "u1", PAIRS // 4))
-        raise ValueError(f"unsupported code_bits {self.code_bits}")
+        """(name, numpy dtype, count) in struct order."""
+        return tuple((f.name, _CTYPES[f.ctype][1], f.count) for f in self.layout)
 
     @property
     def ring_offsets(self) -> tuple[int, ...]:
@@ -87,10 +119,36 @@ class PolarFormat:
     def __post_init__(self) -> None:
         assert sum(self.counts) == self.ncodes, (self.name, sum(self.counts))
         assert self.counts[0] == 1
+        # a half scale and the pair codes, nothing else and no padding
+        assert self.type_size == 2 + PAIRS * self.code_bits // 8, (self.name, self.type_size)
 
 
-POLAR = PolarFormat("polar", LLAMA_LAST_TYPE_ID + 1, 8, (1, 7, 14, 20, 26, 32, 37, 41, 40, 38))
-POLAR3 = PolarFormat("polar3", LLAMA_LAST_TYPE_ID + 2, 6, (1, 6, 11, 16, 16, 14))
+_D = Field("d", "half", 1, "block scale")
+POLAR = PolarFormat(
+    name="polar",
+    type_id=LLAMA_LAST_TYPE_ID + 1,
+    kernel_id=0,
+    code_bits=8,
+    counts=(1, 7, 14, 20, 26, 32, 37, 41, 40, 38),
+    layout=(_D, Field("qs", "uint8", PAIRS, "code c[p] of pair p (0..255)")),
+)
+POLAR3 = PolarFormat(
+    name="polar3",
+    type_id=LLAMA_LAST_TYPE_ID + 2,
+    kernel_id=1,
+    code_bits=6,
+    counts=(1, 6, 11, 16, 16, 14),
+    layout=(
+        _D,
+        Field("qs", "uint8", PAIRS // 2, "low 4 bits: qs[i] = c[i] & 15 | (c[i+16] & 15) << 4"),
+        Field(
+            "qh",
+            "uint8",
+            PAIRS // 4,
+            "high 2 bits: qh[i] = c[i] >> 4 | c[i+8] >> 4 << 2 | c[i+16] >> 4 << 4 | c[i+24] >> 4 << 6",
+        ),
+    ),
+)
 FORMATS: dict[str, PolarFormat] = {f.name: f for f in (POLAR, POLAR3)}
 
 
@@ -226,15 +284,66 @@ def _init(vals, fmt_one) -> str:
     return "{ \\\n" + ", \\\n".join(lines) + " \\\n}"
 
 
+_HEADER_TYPES = """\
+// Types of the block structs. ggml-common.h includes this file among its own block structs,
+// where uint8_t and ggml_half (half under CUDA) are declared; a standalone includer gets
+// <stdint.h> and the binary16 bits in a uint16_t, or its own POLAR_HALF. NVRTC has no
+// standard headers.
+#if !defined(GGML_COMMON_DECL)
+#if defined(__CUDACC_RTC__)
+typedef unsigned char  uint8_t;
+typedef unsigned short uint16_t;
+#else
+#include <stdint.h>
+#endif
+#endif
+
+#ifndef POLAR_HALF
+#if defined(GGML_COMMON_DECL)
+#define POLAR_HALF ggml_half
+#else
+#define POLAR_HALF uint16_t
+#endif
+#endif
+
+#if defined(__cplusplus)
+#define POLAR_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#define POLAR_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
+#else
+#define POLAR_STATIC_ASSERT(cond, msg) extern char polar_static_assert[(cond) ? 1 : -1]
+#endif
+"""
+
+
+def render_struct(fmt: PolarFormat) -> list[str]:
+    """`typedef struct { ... } block_<name>;` with a comment per field and a size check."""
+    tw = max(len(f.c_type) for f in fmt.layout)
+    decls = [f"{f.c_type:<{tw}} {f.name}" + (f"[{f.count}]" if f.count > 1 else "") + ";" for f in fmt.layout]
+    w = max(map(len, decls))
+    return [
+        "typedef struct {",
+        *(f"    {d:<{w}} // {f.comment}" for f, d in zip(fmt.layout, decls, strict=True)),
+        f"}} block_{fmt.name};",
+        f"POLAR_STATIC_ASSERT(sizeof(block_{fmt.name}) == {fmt.name.upper()}_TYPE_SIZE, "
+        f'"wrong {fmt.name} block size/padding");',
+    ]
+
+
 def render_header() -> str:
     out = [
         "// Generated by `" + GEN_COMMAND + "` from converter/kvpolar/format.py. Do not edit.",
-        "// Layout and algorithm: docs/FORMAT.md. C99 and CUDA: tables are initializer-list macros,",
-        "// each consumer declares its own array (static const / __constant__).",
+        "// Layout and algorithm: docs/FORMAT.md. C99, C++ and CUDA (nvcc, NVRTC): the block structs,",
+        "// and the tables as initializer-list macros, each consumer declaring its own array",
+        "// (static const / __constant__). ggml-common.h includes this file for block_polar*.",
         "#pragma once",
         "",
         f"#define POLAR_VMAX {VMAX:.1f}f",
         f"#define POLAR_FP16_MAX {FP16_MAX:.1f}f",
+        "",
+        _HEADER_TYPES,
+        "// A block holds 64 floats as 32 pairs (x[2p], x[2p+1]); pair p is coded as c[p], one point",
+        "// of a 2-D ring codebook (CX, CY) scaled by d.",
         "",
     ]
     for fmt in FORMATS.values():
@@ -246,12 +355,16 @@ def render_header() -> str:
             f"//   rings (points): {list(fmt.counts)}",
             f"//   radii: {[round(float(r), 6) for r in t.radii]}",
             f"#define GGML_TYPE_{u}_ID {fmt.type_id}",
+            f"#define {u}_KERNEL_ID {fmt.kernel_id} // KFMT/VFMT of the CuPy kernels",
             f"#define QK_{u} {QK}",
             f"#define {u}_TYPE_SIZE {fmt.type_size}",
             f"#define {u}_NCODES {fmt.ncodes}",
             f"#define {u}_NRINGS {len(fmt.counts)}",
             f"#define {u}_NCAND {N_CAND}",
             f"#define {u}_NREFINE {N_REFINE}",
+            "",
+            *render_struct(fmt),
+            "",
             f"#define {u}_CX_INIT " + _init(t.cx, _f32),
             f"#define {u}_CY_INIT " + _init(t.cy, _f32),
             f"#define {u}_RING_N_INIT " + _init(t.ring_n, str),
@@ -280,7 +393,9 @@ def render_codebooks(radii: dict[str, np.ndarray]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvpolar.format", description=__doc__)
-    ap.add_argument("--write", action="store_true", help="redesign the codebooks and write all generated files")
+    ap.add_argument(
+        "--write", action="store_true", help="redesign the codebooks and write all generated files"
+    )
     ap.add_argument("--write-header", action="store_true", help="write the C/CUDA header from stored tables")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
