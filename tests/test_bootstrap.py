@@ -330,3 +330,9 @@ def test_paths_messages(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"squad\.txt not found"):
         paths.data_file(paths.SQUAD_TXT)
     assert paths.cache_dir() == (tmp_path / "c").resolve()
+
+
+def test_repo_root_is_the_checkout():
+    root = util.repo_root()
+    assert (root / "pyproject.toml").is_file() and (root / "patches" / "upstream.json").is_file()
+    assert llama.patch_files(root) and llama.header_files(root)

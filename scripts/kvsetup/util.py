@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import cache_dir
 
@@ -41,7 +42,8 @@ def log(msg: str) -> None:
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    """The checkout (kvpolar.paths.repo_root: $KVPOLAR_REPO, else the tree holding converter/)."""
+    return paths.repo_root()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
