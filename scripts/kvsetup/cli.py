@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -157,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--smoke", action="store_true", help="run the smoke run even if this build passed it here"
         )
         p.add_argument("--no-smoke", action="store_true", help="skip the smoke run (a few tokens per tool)")
+        p.add_argument("--cuda", action="store_true", help="build with GGML_CUDA=ON (same as KVPOLAR_CUDA=1)")
+        p.add_argument(
+            "--cuda-archs", help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 (default: native; KVPOLAR_CUDA_ARCHS)"
+        )
     p = sub.add_parser("patches", help="the patch series: export the patched tree back into patches/")
     p.add_argument(
         "action", choices=["export"], help="export: git format-patch kvpolar-base..HEAD into patches/"
@@ -174,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
     util.VERBOSE = args.verbose
+    if getattr(args, "cuda", False):
+        os.environ["KVPOLAR_CUDA"] = "1"
+    if getattr(args, "cuda_archs", None):
+        os.environ["KVPOLAR_CUDA_ARCHS"] = args.cuda_archs
     handlers = {
         "venv": lambda a: print(cmd_venv(a)),
         "data": cmd_data,

@@ -26,7 +26,7 @@ from .pins import (
     BUILD_MARKER,
     BUILD_TARGETS,
     CMAKE_FLAGS,
-    CSRC_DIR,
+    CUDA_FLAGS,
     LAYOUT_VERSION,
     LLAMA_CPP_PYTHON_PIN,
     LLAMA_CPP_PYTHON_SDIST,
@@ -34,6 +34,7 @@ from .pins import (
     LLAMA_CPP_PYTHON_SDIST_SHA256,
     PATCH_DIRS,
     SRC_MARKER,
+    TREE_HEADERS,
     VENDOR,
 )
 from .util import (
@@ -61,17 +62,52 @@ def patch_files(root: Path) -> list[Path]:
 
 
 def header_files(root: Path) -> list[Path]:
-    return sorted((root / CSRC_DIR).glob("*.h"))
+    """The checkout's headers copied into the tree (pins.TREE_HEADERS), in a fixed order."""
+    return [p for pattern, _ in TREE_HEADERS for p in sorted(root.glob(pattern))]
+
+
+def header_destination(root: Path, header: Path) -> str:
+    """Where `header` goes in vendor/llama.cpp (relative path)."""
+    rel = header.relative_to(root)
+    for pattern, dest in TREE_HEADERS:
+        if rel.match(pattern):
+            return f"{dest}/{header.name}"
+    raise BootstrapError(f"{rel} matches no entry of TREE_HEADERS")
 
 
 def generator() -> str:
     return "Ninja" if shutil.which("ninja") else "Unix Makefiles"
 
 
+def cuda_requested() -> bool:
+    return os.environ.get("KVPOLAR_CUDA", "") not in ("", "0", "false", "no")
+
+
+def cuda_cmake_flags() -> tuple[str, ...]:
+    """The CUDA variant's flags (KVPOLAR_CUDA=1): GGML_CUDA=ON and the architectures."""
+    if not cuda_requested():
+        return ()
+    archs = os.environ.get("KVPOLAR_CUDA_ARCHS", "native")
+    if archs == "native" and not shutil.which("nvidia-smi"):
+        raise BootstrapError(
+            "a CUDA build for the 'native' architecture needs a visible NVIDIA GPU (nvidia-smi not found); "
+            "name the architectures instead, e.g. --cuda-archs 90 (H100/H200) or KVPOLAR_CUDA_ARCHS='80;90'"
+        )
+    if not shutil.which("nvcc") and not os.environ.get("CUDACXX"):
+        raise BootstrapError(
+            "a CUDA build needs nvcc on PATH (or CUDACXX): install the CUDA toolkit, "
+            "or pip install nvidia-cuda-nvcc and put its bin/ on PATH"
+        )
+    return (*CUDA_FLAGS, f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
+
+
 def cmake_flags() -> tuple[str, ...]:
-    """Fixed flags, the probed CPU flags, then KVPOLAR_CMAKE_ARGS (all part of the build key)."""
+    """Fixed flags, the probed CPU flags, CUDA (if asked for), then KVPOLAR_CMAKE_ARGS.
+
+    All of them enter the build key, so a CUDA build and a CPU build live in separate dirs.
+    """
     extra = tuple(shlex.split(os.environ.get("KVPOLAR_CMAKE_ARGS", "")))
-    return CMAKE_FLAGS + cpu_cmake_flags() + extra
+    return CMAKE_FLAGS + cpu_cmake_flags() + cuda_cmake_flags() + extra
 
 
 def compute_build_key(root: Path, flags: Iterable[str] | None = None, gen: str | None = None) -> str:
@@ -151,19 +187,19 @@ def prepare_src(root: Path, key: str, src: Path) -> None:
         # Generated headers first (tag kvpolar-base), so that `patches export` writes exactly
         # the patch commits; patch 0001 includes ggml-polar-format.h.
         headers = header_files(root)
-        dst = vendor / "ggml" / "src"
-        for h in headers:
-            shutil.copy2(h, dst / h.name)
+        dests = [header_destination(root, h) for h in headers]
+        for h, rel in zip(headers, dests, strict=True):
+            shutil.copy2(h, vendor / rel)
         tag(vendor, UPSTREAM_TAG)
         tag(tree, UPSTREAM_TAG)
         if headers:
-            git(["add", "-f", "--", *[f"ggml/src/{h.name}" for h in headers]], vendor, "git add headers")
+            git(["add", "-f", "--", *dests], vendor, "git add headers")
             git(
                 ["commit", "-q", "--no-verify", "-m", "kvpolar: generated headers"],
                 vendor,
                 "git commit headers",
             )
-            log(f"copied {len(headers)} header(s) from {CSRC_DIR}/ into {VENDOR}/ggml/src/")
+            log(f"copied {len(headers)} header(s) into {VENDOR}: " + ", ".join(dests))
         tag(vendor, BASE_TAG)
         tag(tree, BASE_TAG)
 

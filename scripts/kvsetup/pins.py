@@ -83,6 +83,17 @@ LAYOUT_VERSION = "2"
 PATCH_DIRS = ("patches/llama.cpp", "patches/llama-cpp-python")
 
 CSRC_DIR = "converter/kvpolar/csrc"
+# Headers the set-up copies into the llama.cpp tree before the patches (tag kvpolar-base):
+# (glob in the checkout, destination folder in vendor/llama.cpp). The generated format header
+# serves ggml and ggml-cpu; the CUDA block codec is the one copy of the device code that the
+# CuPy kernels and ggml-cuda share.
+TREE_HEADERS = (
+    (CSRC_DIR + "/*.h", "ggml/src"),
+    ("cupy_kernels/polar_block.cuh", "ggml/src/ggml-cuda"),
+)
+# CUDA build (bootstrap.py llama --cuda, or KVPOLAR_CUDA=1): extra cmake flags; the
+# architectures come from --cuda-archs / KVPOLAR_CUDA_ARCHS (default: native).
+CUDA_FLAGS = ("-DGGML_CUDA=ON",)
 
 VENDOR = "vendor/llama.cpp"
 
