@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010: polar/polar3 in ggml-cuda and
+# the backend guard in llama) on a machine with an NVIDIA GPU.
+#
+#   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
+#   (or the environment: LLAMA_BIN, MODEL, OUT)
+#
+# BIN_DIR holds test-backend-ops and llama-completion of a GGML_CUDA=ON build. Logs go to OUT_DIR
+# ($OUT, else ./cuda_llama_check). Steps, each failing the script:
+#   1. test-backend-ops -b CUDA0 for SET_ROWS, GET_ROWS, CPY, FLASH_ATTN_EXT, cases whose
+#      parameters name polar/polar3 (-p polar): every one supported and OK (polar SET_ROWS/CPY
+#      compare bytes exactly: max NMSE 0);
+#   2. test-backend-ops support -b CUDA0, same filter: every case supported;
+#   3. the guard: with GGML_CUDA_NO_POLAR=1 (the CUDA backend then reports every polar op
+#      unsupported, as Metal/Vulkan/SYCL do) the support query says "not supported" and
+#      llama-completion -ngl 99 -ctk polar -ctv polar runs, keeping the cache on the host with the
+#      warning "cannot write a polar KV cache";
+#   4. greedy llama-completion -ngl 99 -fa on -ctk polar -ctv polar on a fixed prompt gives the
+#      text of the CPU run (--device none), for polar and polar3.
+set -euo pipefail
+
+BIN=${1:-${LLAMA_BIN:-}}
+MODEL=${2:-${MODEL:-}}
+OUTDIR=${3:-${OUT:-./cuda_llama_check}}
+if [[ -z "$BIN" || -z "$MODEL" ]]; then
+    echo "usage: $0 BIN_DIR MODEL.gguf [OUT_DIR]   (or LLAMA_BIN, MODEL, OUT in the environment)" >&2
+    exit 2
+fi
+for exe in test-backend-ops llama-completion; do
+    if [[ ! -x "$BIN/$exe" ]]; then
+        echo "error: $BIN/$exe not found (build with -DGGML_CUDA=ON -DLLAMA_BUILD_TESTS=ON)" >&2
+        exit 2
+    fi
+done
+[[ -f "$MODEL" ]] || { echo "error: model $MODEL not found" >&2; exit 2; }
+mkdir -p "$OUTDIR"
+
+status=0
+fail() {
+    echo "FAIL: $*"
+    status=1
+}
+
+# Lines of a test-backend-ops log that report a polar case: "  OP(params): OK|FAIL|not supported [..]"
+polar_cases() {
+    sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -E '^  [A-Z_]+\(.*polar.*\): ' || true
+}
+
+# check_cases LOG WHAT: every polar case in LOG is OK, and there is at least one
+check_cases() {
+    local log=$1 what=$2 n bad
+    n=$(polar_cases "$log" | wc -l)
+    bad=$(polar_cases "$log" | grep -v -E '\): OK$' || true)
+    if [[ "$n" -eq 0 ]]; then
+        fail "$what: no polar case ran ($log)"
+    elif [[ -n "$bad" ]]; then
+        fail "$what: $(echo "$bad" | wc -l) of $n polar cases not OK ($log):"
+        echo "$bad" | head -20
+    else
+        echo "ok: $what: $n polar cases OK"
+    fi
+}
+
+# 1. correctness
+for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+    log="$OUTDIR/test-backend-ops-$op.log"
+    "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
+    check_cases "$log" "test-backend-ops -o $op"
+done
+
+# 2. support matrix
+log="$OUTDIR/test-backend-ops-support.log"
+"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,GET_ROWS,CPY,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+check_cases "$log" "test-backend-ops support"
+
+# 3. the guard: a backend without the polar ops
+log="$OUTDIR/test-backend-ops-support-no-polar.log"
+GGML_CUDA_NO_POLAR=1 "$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+n=$(polar_cases "$log" | wc -l)
+nsup=$(polar_cases "$log" | grep -c 'not supported' || true)
+if [[ "$n" -gt 0 && "$n" -eq "$nsup" ]]; then
+    echo "ok: GGML_CUDA_NO_POLAR=1: $n polar cases not supported"
+else
+    fail "GGML_CUDA_NO_POLAR=1: $nsup of $n polar cases not supported ($log)"
+fi
+
+PROMPT="The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+completion() { # completion LOG_PREFIX ARGS...: greedy 48 tokens, text on stdout
+    local prefix=$1
+    shift
+    "$BIN/llama-completion" -m "$MODEL" -c 2048 -n 48 --temp 0 --seed 1 -no-cnv --no-warmup \
+        --ignore-eos -p "$PROMPT" "$@" > "$prefix.txt" 2> "$prefix.log"
+}
+
+prefix="$OUTDIR/completion-no-polar-ngl99-polar"
+if GGML_CUDA_NO_POLAR=1 completion "$prefix" -ngl 99 -fa on -ctk polar -ctv polar; then
+    if grep -q "cannot write a polar KV cache" "$prefix.log"; then
+        echo "ok: GGML_CUDA_NO_POLAR=1 -ngl 99 -ctk polar: ran, cache kept on the host with a warning"
+    else
+        fail "GGML_CUDA_NO_POLAR=1 -ngl 99 -ctk polar: ran but without the host-cache warning ($prefix.log)"
+    fi
+else
+    fail "GGML_CUDA_NO_POLAR=1 -ngl 99 -ctk polar: llama-completion failed ($prefix.log)"
+    tail -5 "$prefix.log"
+fi
+
+# 4. GPU text == CPU text
+for type in polar polar3; do
+    gpu="$OUTDIR/completion-ngl99-$type"
+    cpu="$OUTDIR/completion-cpu-$type"
+    if ! completion "$gpu" -ngl 99 -fa on -ctk "$type" -ctv "$type"; then
+        fail "-ngl 99 -ctk $type: llama-completion failed ($gpu.log)"
+        tail -5 "$gpu.log"
+        continue
+    fi
+    if ! completion "$cpu" -ngl 0 --device none -fa on -ctk "$type" -ctv "$type"; then
+        fail "CPU -ctk $type: llama-completion failed ($cpu.log)"
+        tail -5 "$cpu.log"
+        continue
+    fi
+    if cmp -s "$gpu.txt" "$cpu.txt"; then
+        echo "ok: -ngl 99 -ctk/-ctv $type: greedy text equals the CPU run"
+    else
+        fail "-ngl 99 -ctk/-ctv $type: greedy text differs from the CPU run ($gpu.txt vs $cpu.txt)"
+        diff <(tr ' ' '\n' < "$cpu.txt") <(tr ' ' '\n' < "$gpu.txt") | head -10 || true
+    fi
+done
+
+# control (information only): the f16 cache, GPU vs CPU; a difference here is the model's float
+# arithmetic (cuBLAS vs the CPU kernels), not the cache codec
+if completion "$OUTDIR/completion-ngl99-f16" -ngl 99 -fa on && completion "$OUTDIR/completion-cpu-f16" -ngl 0 --device none -fa on; then
+    if cmp -s "$OUTDIR/completion-ngl99-f16.txt" "$OUTDIR/completion-cpu-f16.txt"; then
+        echo "info: f16 cache: GPU text equals the CPU text"
+    else
+        echo "info: f16 cache: GPU text differs from the CPU text too"
+    fi
+fi
+
+if [[ $status -eq 0 ]]; then
+    echo "all checks passed (logs in $OUTDIR)"
+fi
+exit $status
