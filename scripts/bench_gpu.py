@@ -148,7 +148,7 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
             try:
                 r = timer(fn)
             except RuntimeError as e:
-                log.warning("%s %s failed: %s", sh.label, name, e)
+                failed(args, f"{sh.label} {name}", e)
                 continue
             nbytes = 2 * cache_bytes("f16", B, Hkv, T, D)
             rows.append(
@@ -180,7 +180,7 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
             try:
                 r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T))
             except Exception as e:
-                log.warning("%s %s failed: %s", sh.label, name, e)
+                failed(args, f"{sh.label} {name}", e)
                 continue
             nbytes = cache_bytes(kfmt, B, Hkv, T, D) + cache_bytes(vfmt, B, Hkv, T, D)
             row = {
@@ -216,12 +216,18 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
                         }
                     )
                 except RuntimeError as e:
-                    log.warning("%s dequant+sdpa failed: %s", sh.label, e)
+                    failed(args, f"{sh.label} dequant+sdpa", e)
             del kc, vc
             torch.cuda.empty_cache()
         torch.cuda.empty_cache()
         print_rows([r for r in rows if r["shape"] == sh.label])
     return rows
+
+
+def failed(args, what: str, e: Exception) -> None:
+    """A measurement that could not run: logged, and kept for main's exit status and the JSON."""
+    log.warning("%s failed: %s", what, e)
+    args.failures.append(f"{what}: {str(e)[:300]}")
 
 
 def print_rows(rows) -> None:
@@ -279,7 +285,7 @@ def cmd_kmode(args, timer) -> list[dict]:
             try:
                 r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=sh.T))
             except Exception as e:
-                log.warning("%s %s %s failed: %s", sh.label, kfmt, mode, e)
+                failed(args, f"{sh.label} {kfmt} {mode}", e)
                 rows.append({"shape": sh.label, "variant": f"{kfmt}+{vfmt} ({mode})", "error": str(e)[:200]})
                 continue
             rows.append(
@@ -321,7 +327,7 @@ def cmd_tune(args, timer) -> list[dict]:
                 try:
                     r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, splits=splits, max_len=sh.T))
                 except Exception as e:
-                    log.warning("tune %s failed: %s", cfg, e)
+                    failed(args, f"tune {cfg}", e)
                     continue
                 rows.append(
                     {
@@ -426,7 +432,7 @@ def cmd_compare(args, timer) -> list[dict]:
                 try:
                     r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits))
                 except Exception as e:
-                    log.warning("%s %s %s failed: %s", sh.label, kfmt, name, e)
+                    failed(args, f"{sh.label} {kfmt} {name}", e)
                     print(f"{sh.label} {kfmt}+{vfmt} {name}: FAILED {str(e)[:300]}", flush=True)
                     continue
                 rows.append(
@@ -466,7 +472,7 @@ def cmd_compare(args, timer) -> list[dict]:
             try:
                 fns[name.replace("eager", "graph")] = graph_fn(fns[name])
             except Exception as e:
-                print(f"graph capture of {name} failed: {str(e)[:300]}", flush=True)
+                failed(args, f"graph capture of {name}", e)
         for name, fn in fns.items():
             r = timer(fn)
             rows.append(
@@ -506,7 +512,7 @@ def cmd_small(args, timer) -> list[dict]:
             try:
                 fns[name + " graph"] = graph_fn(fns[name])
             except Exception as e:
-                print(f"graph capture of {name} failed: {str(e)[:300]}", flush=True)
+                failed(args, f"graph capture of {name}", e)
         for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(50):
@@ -626,11 +632,13 @@ def main(argv=None) -> int:
         (2, 1, 4, 16),
     ]  # (warps, keys per thread, stages, table copies)
     args.best = {}
+    args.failures = []
     args.tune_splits = [] if args.quick else [32, 64]
     if args.quick:
         args.tune_grid = args.tune_grid[:3]
     timer = Timer(args.reps, args.warmup)
-    out = {"device": device_info(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = {"device": device_info(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "failures": args.failures}
     cmds = ["copy", "encode", "kmode", "tune", "attn"] if args.cmd == "all" else [args.cmd]
     if args.cmd == "attn" and args.tuned:  # kernel shapes picked by a quick tune first
         args.tune_splits = []
@@ -643,6 +651,9 @@ def main(argv=None) -> int:
         log.info("%s took %.1f s", c, time.time() - t0)
         if args.json:  # write as we go: a run cut short keeps what it measured
             atomic_write_text(Path(args.json), json.dumps(out, indent=1) + "\n", mkdir=True)
+    if args.failures:
+        print(f"{len(args.failures)} measurements failed:", *args.failures, sep="\n  ", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -185,6 +185,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else REPO / "docs" / "bench" / f"{args.cmd}-{args.model}.json"
     atomic_write_text(out, json.dumps(res, indent=1) + "\n", mkdir=True)
     print(f"wrote {out}")
+    failed = [r for r in res["rows"] if "error" in r]
+    if failed:  # quality goes on past a failed type; the exit status still says so
+        print(f"{len(failed)} runs failed: " + "; ".join(r["error"] for r in failed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -41,7 +41,7 @@ def golden_inputs() -> dict[str, np.ndarray]:
     return cases
 
 
-def main() -> None:
+def main() -> int:
     doc = {"format_doc": "docs/FORMAT.md", "cases": []}
     for name, x in golden_inputs().items():
         for i, row in enumerate(x):
@@ -51,7 +51,8 @@ def main() -> None:
             doc["cases"].append(entry)
     atomic_write_text(OUT, json.dumps(doc, indent=1) + "\n")
     print(f"wrote {OUT} ({len(doc['cases'])} blocks)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
