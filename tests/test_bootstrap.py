@@ -336,3 +336,20 @@ def test_repo_root_is_the_checkout():
     root = util.repo_root()
     assert (root / "pyproject.toml").is_file() and (root / "patches" / "upstream.json").is_file()
     assert llama.patch_files(root) and llama.header_files(root)
+
+
+@pytest.mark.build
+@needs_git
+def test_build_tree_gives_back_the_patch_files(tmp_path):
+    """`bootstrap.py patches export` from the built tree reproduces patches/ byte for byte."""
+    try:
+        src = Path(paths.build_info()["src"])
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    root = util.repo_root()
+    for repo, rel in ((src / pins.VENDOR, pins.PATCH_DIRS[0]), (src, pins.PATCH_DIRS[1])):
+        written = patches.export_series(repo, tmp_path / rel)
+        committed = sorted((root / rel).glob("*.patch"))
+        assert [p.name for p in written] == [p.name for p in committed]
+        for a, b in zip(committed, written, strict=True):
+            assert a.read_bytes() == b.read_bytes(), f"{a.name} differs from the tree's export"
