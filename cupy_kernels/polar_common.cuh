@@ -1,7 +1,7 @@
 // Shared definitions of the CuPy kernels: half/bfloat16 conversions and byte-level readers of
 // blocks in shared memory. The block structs come from the generated ggml-polar-format.h.
 //
-// Compiled by NVRTC through kvpolar.gpu, which passes -I<repo>/cupy_kernels and
+// Compiled by NVRTC through cupy_kernels.loader, which passes -I<repo>/cupy_kernels and
 // -I<kvpolar>/csrc (the generated ggml-polar-format.h) and prepends the compile-time
 // constants of the kernel variant as #defines. No CUDA headers are needed: the conversions are
 // single PTX instructions.
@@ -15,8 +15,9 @@ typedef unsigned int u32;
 
 // Byte layout: block_polar (34 bytes) and block_polar3 (26 bytes) in ggml-polar-format.h.
 // polar3 code of pair i (6 bits): (qs[i % 16] >> 4 * (i / 16)) & 15 | ((qh[i % 8] >> 2 * (i / 8)) & 3) << 4
-// paperb (the paper-B preset, kvpolar.paperb_kernel_ref): the polar layout, with qs[p] =
-//   angle index (high nibble) << 4 | radius index (low nibble) and d = fp16 block radius max.
+// A registered format (cupy_kernels.formats) uses one of these layouts with its own codebook, e.g.
+//   the paper-B preset (scripts/study/paperb_kernel_ref.py): polar's, with qs[p] = angle index
+//   (high nibble) << 4 | radius index (low nibble) and d = fp16 block radius max.
 static_assert(POLAR_KERNEL_ID == 0 && POLAR3_KERNEL_ID == 1, "FMT 0 is polar and 1 is polar3 in the kernels");
 
 #define POLAR_QK 64

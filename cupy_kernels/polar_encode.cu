@@ -5,7 +5,7 @@
 // lane i adds v[i ^ h] for h = 16..1, which for i < h is numpy's v[i] + v[i + h]; float
 // addition being commutative, every lane ends with the same bits as numpy's v[0].
 // Must be compiled with --fmad=false (no contraction) and IEEE division and square root
-// (NVRTC's defaults --prec-div=true --prec-sqrt=true --ftz=false); kvpolar.gpu does so.
+// (NVRTC's defaults --prec-div=true --prec-sqrt=true --ftz=false); cupy_kernels.loader does so.
 //
 // Addressing: the input is a 4-D view x[B][H][T][64 * NB] with element strides (sb, sh, st, 1);
 // the output is a cache out[B][H][T_max][NB][TYPE_SIZE] (byte strides ob, oh, ot) written at

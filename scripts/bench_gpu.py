@@ -71,11 +71,11 @@ class Timer:
 def rand_blocks(fmt: str, B: int, H: int, T: int, D: int, gen):
     """Random valid cache blocks (finite positive fp16 scales), or float16 values."""
     torch = _torch()
-    from kvpolar import gpu
+    from cupy_kernels import formats
 
     if fmt == "f16":
         return torch.randn((B, H, T, D), generator=gen, device="cuda", dtype=torch.float16)
-    ts = gpu.type_size(fmt)
+    ts = formats.type_size(fmt)
     c = torch.randint(0, 256, (B, H, T, D // 64, ts), generator=gen, device="cuda", dtype=torch.uint8)
     d = (torch.rand((B, H, T, D // 64, 1), generator=gen, device="cuda") + 0.5).half()
     c[..., :2] = d.view(torch.uint8)
@@ -84,15 +84,15 @@ def rand_blocks(fmt: str, B: int, H: int, T: int, D: int, gen):
 
 def attn_fn(q, kc, vc, lens, kfmt: str, vfmt: str, **kw):
     """A no-argument closure over one attention call (binds its arguments now)."""
-    from kvpolar import gpu
+    from cupy_kernels.attention import attention
 
-    return lambda: gpu.attention(q, kc, vc, lens, kfmt, vfmt, **kw)
+    return lambda: attention(q, kc, vc, lens, kfmt, vfmt, **kw)
 
 
 def cache_bytes(fmt: str, B: int, H: int, T: int, D: int) -> int:
-    from kvpolar import gpu
+    from cupy_kernels import formats
 
-    return B * H * T * (2 * D if fmt == "f16" else (D // 64) * gpu.type_size(fmt))
+    return B * H * T * (2 * D if fmt == "f16" else (D // 64) * formats.type_size(fmt))
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def sdpa_fns(q, k, v):
 
 def bench_attn(args, timer, shapes, variants) -> list[dict]:
     torch = _torch()
-    from kvpolar import gpu
+    from cupy_kernels import attention, codec
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -168,13 +168,13 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
             kc = rand_blocks(kfmt, B, Hkv, T, D, gen)
             vc = rand_blocks(vfmt, B, Hkv, T, D, gen)
             fallback = args.best.get(
-                ("polar", "f16" if vfmt == "f16" else "polar"), (gpu.default_config(vfmt), 0)
+                ("polar", "f16" if vfmt == "f16" else "polar"), (attention.default_config(vfmt), 0)
             )
             base_cfg = args.best.get((kfmt, vfmt), fallback)[0]
             cfg = (
                 dataclasses.replace(base_cfg, kmode=kmode)
                 if kmode == "gather"
-                else gpu.default_config(vfmt, kmode)
+                else attention.default_config(vfmt, kmode)
             )
             name = f"{kfmt}+{vfmt}" + (f" ({kmode})" if kmode != "gather" else "")
             try:
@@ -198,8 +198,8 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
             if kfmt == vfmt == "polar" and kmode == "gather" and args.dequant:
 
                 def deq_sdpa(kc=kc, vc=vc, q=q):
-                    kd = gpu.dequantize_cache(kc, "polar", torch.float16)
-                    vd = gpu.dequantize_cache(vc, "polar", torch.float16)
+                    kd = codec.dequantize_cache(kc, "polar", torch.float16)
+                    vd = codec.dequantize_cache(vc, "polar", torch.float16)
                     return sdpa_fns(q, kd, vd)["sdpa_fold"]()
 
                 try:
@@ -256,13 +256,23 @@ def cmd_attn(args, timer) -> list[dict]:
         ("paperb", "paperb", "anglelut"),
         ("paperb", "f16", "anglelut"),
     ]
+    register_paperb()
     return bench_attn(args, timer, shapes, variants)
+
+
+def register_paperb() -> None:
+    """The paper-B preset (research: scripts/study) as the kernels' "paperb" format."""
+    from study import paperb_kernel_ref
+
+    paperb_kernel_ref.register_kernel_format()
 
 
 def cmd_kmode(args, timer) -> list[dict]:
     """(a) codebook gather + FMA vs (b) per-query LUT, where the LUT fits in shared memory."""
     torch = _torch()
-    from kvpolar import gpu
+    from cupy_kernels import attention
+
+    register_paperb()
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -281,7 +291,7 @@ def cmd_kmode(args, timer) -> list[dict]:
         vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
         nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
         for mode in modes:
-            cfg = gpu.default_config(vfmt, mode)
+            cfg = attention.default_config(vfmt, mode)
             try:
                 r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=sh.T))
             except Exception as e:
@@ -307,7 +317,7 @@ def cmd_kmode(args, timer) -> list[dict]:
 def cmd_tune(args, timer) -> list[dict]:
     """Kernel shapes (warps, keys per thread, stages, table copies, splits) at the headline sizes."""
     torch = _torch()
-    from kvpolar import gpu
+    from cupy_kernels import attention
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(2)
@@ -322,7 +332,7 @@ def cmd_tune(args, timer) -> list[dict]:
         vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
         nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
         for nw, tpt, st, repl in args.tune_grid:
-            cfg = gpu.AttnConfig(nwarps=nw, tpt=tpt, stages=st, repl=repl, impl="simt")
+            cfg = attention.AttnConfig(nwarps=nw, tpt=tpt, stages=st, repl=repl, impl="simt")
             for splits in (None, *args.tune_splits):
                 try:
                     r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, splits=splits, max_len=sh.T))
@@ -371,7 +381,7 @@ def graph_fn(fn):
     return g.replay
 
 
-COMPARE_CFGS = {  # name: AttnConfig kwargs (kvpolar.gpu) + optional "splits"; None = the simt kernel
+COMPARE_CFGS = {  # name: AttnConfig kwargs (cupy_kernels.attention) + optional "splits"; None = simt
     "simt (before)": None,
     "mma default": {},
     "mma fp32-prec": dict(prec="fp32"),
@@ -389,7 +399,7 @@ def cmd_compare(args, timer) -> list[dict]:
     B=16 at --contexts (32/8 heads, D=128) for polar K+V, polar K + fp16 V, polar3 K+V, then
     B=1 T=32768 eager vs CUDA-graph replay."""
     torch = _torch()
-    from kvpolar import gpu
+    from cupy_kernels import attention
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(4)
@@ -426,9 +436,9 @@ def cmd_compare(args, timer) -> list[dict]:
                 kw = dict(kw or {}) if kw is not None else None
                 splits = kw.pop("splits", None) if kw else None
                 if kw is None:
-                    cfg = gpu.SIMT_CONFIG_F16V if vfmt == "f16" else gpu.SIMT_CONFIG
+                    cfg = attention.SIMT_CONFIG_F16V if vfmt == "f16" else attention.SIMT_CONFIG
                 else:
-                    cfg = dataclasses.replace(gpu.default_config(vfmt), **kw)
+                    cfg = dataclasses.replace(attention.default_config(vfmt), **kw)
                 try:
                     r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits))
                 except Exception as e:
@@ -464,7 +474,7 @@ def cmd_compare(args, timer) -> list[dict]:
         fns = {
             "sdpa fp16 eager": sdpa_fns(q, k16, v16)["sdpa_fold"],
             "polar+polar simt eager": attn_fn(
-                q, kc, vc, lens, "polar", "polar", config=gpu.SIMT_CONFIG, max_len=T
+                q, kc, vc, lens, "polar", "polar", config=attention.SIMT_CONFIG, max_len=T
             ),
             "polar+polar mma eager": attn_fn(q, kc, vc, lens, "polar", "polar", max_len=T),
         }
@@ -492,7 +502,7 @@ def cmd_compare(args, timer) -> list[dict]:
 def cmd_small(args, timer) -> list[dict]:
     """Small shapes: simt vs mma, eager vs CUDA-graph replay (host time vs kernel time), split counts."""
     torch = _torch()
-    from kvpolar import gpu
+    from cupy_kernels import attention
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(5)
@@ -503,7 +513,7 @@ def cmd_small(args, timer) -> list[dict]:
         vc = rand_blocks("polar", sh.B, sh.Hkv, sh.T, sh.D, gen)
         nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, sh.T, sh.D)
         fns = {
-            "simt": attn_fn(q, kc, vc, lens, "polar", "polar", config=gpu.SIMT_CONFIG, max_len=sh.T),
+            "simt": attn_fn(q, kc, vc, lens, "polar", "polar", config=attention.SIMT_CONFIG, max_len=sh.T),
             "mma": attn_fn(q, kc, vc, lens, "polar", "polar", max_len=sh.T),
         }
         for sp in (1, 2, 4, 8, 16, 32):
@@ -539,7 +549,7 @@ def cmd_small(args, timer) -> list[dict]:
 
 def cmd_encode(args, timer) -> list[dict]:
     torch = _torch()
-    from kvpolar import gpu
+    from cupy_kernels import codec
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -547,7 +557,7 @@ def cmd_encode(args, timer) -> list[dict]:
     for dtype in (torch.float16, torch.float32):
         x = torch.randn((n // 128, 128), generator=gen, device="cuda").to(dtype)
         for fmt in ("polar", "polar3"):
-            r = timer(lambda x=x, fmt=fmt: gpu.encode(x, fmt))
+            r = timer(lambda x=x, fmt=fmt: codec.encode(x, fmt))
             nbytes = x.numel() * x.element_size()
             rows.append(
                 {
@@ -564,8 +574,8 @@ def cmd_encode(args, timer) -> list[dict]:
                 flush=True,
             )
         del x
-    blocks = gpu.encode(torch.randn((n // 128, 128), generator=gen, device="cuda"), "polar")
-    r = timer(lambda: gpu.decode(blocks, "polar", torch.float16))
+    blocks = codec.encode(torch.randn((n // 128, 128), generator=gen, device="cuda"), "polar")
+    r = timer(lambda: codec.decode(blocks, "polar", torch.float16))
     rows.append(
         {
             "variant": "decode polar to f16",

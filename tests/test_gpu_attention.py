@@ -14,6 +14,10 @@ import numpy as np
 import pytest
 from study import paperb_kernel_ref as pb
 
+from cupy_kernels import attention as attn
+from cupy_kernels import codec as gpu_codec
+from cupy_kernels import formats
+
 # float32 q/out: max over 2 seeds x 169 cases on an H100 was 1.7e-6 (docs/gpu/attn_errors_h100.jsonl):
 # float32 accumulation in another order than the reference, exp2f. float16 / bfloat16 q and out:
 # 2.2e-4 / 3.4e-3 (output rounding). The tensor-core kernel (impl "mma") with prec "fp32" (fp16 hi + lo
@@ -64,16 +68,29 @@ def test_paperb_codes():
         pb.quantize_blocks(np.zeros((3, 32)))
 
 
+def test_paperb_kernel_format():
+    """The research side registers paper B with the kernels (cupy_kernels.formats)."""
+    fmt = pb.register_kernel_format()
+    assert formats.get("paperb") is fmt and pb.register_kernel_format() is fmt
+    assert (fmt.kernel_id, fmt.type_size, fmt.ncodes, fmt.angle_lut) == (0, 34, 256, True)
+    assert np.array_equal(fmt.cx, pb.tables()[0])
+    assert formats.type_size("polar") == 34 and not formats.get("polar").angle_lut
+    with pytest.raises(ValueError, match="another definition"):
+        formats.register_format("paperb", "polar", fmt.cy, fmt.cx, angle_lut=True)
+    with pytest.raises(ValueError, match="built-in"):
+        formats.register_format("polar", "polar", fmt.cx, fmt.cy)
+
+
 def test_attention_reference_cpu():
     torch = pytest.importorskip("torch")
-    from kvpolar import gpu
+    from gpu_reference import attention_reference
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 3, 64, generator=g)
     k = torch.randn(2, 2, 10, 64, generator=g)
     v = torch.randn(2, 2, 10, 64, generator=g)
     lens = torch.tensor([10, 6], dtype=torch.int32)
-    out = gpu.attention_reference(q, k, v, lens)
+    out = attention_reference(q, k, v, lens)
     # row tq of sequence b sees keys 0 .. lens[b] - 3 + tq
     b, h, t = 1, 3, 1
     n = 6 - 3 + t + 1
@@ -83,15 +100,13 @@ def test_attention_reference_cpu():
 
 
 def test_choose_splits_mma():
-    from kvpolar import gpu
-
     # headline shape (B=16, 8 KV heads, 2 CTAs/SM on 132 SMs, tile 256): one full wave of 2 splits
-    assert gpu.choose_splits_mma(128, 32768, 256, 2, 132) == 2
+    assert attn.choose_splits_mma(128, 32768, 256, 2, 132) == 2
     # batch 1: fill one wave
-    assert gpu.choose_splits_mma(8, 32768, 256, 2, 132) == 33
-    assert gpu.choose_splits_mma(8, 100, 256, 2, 132) == 1
+    assert attn.choose_splits_mma(8, 32768, 256, 2, 132) == 33
+    assert attn.choose_splits_mma(8, 100, 256, 2, 132) == 1
     for n in (1, 7, 128, 300, 5000):
-        s = gpu.choose_splits_mma(n, 65536, 256, 2, 132)
+        s = attn.choose_splits_mma(n, 65536, 256, 2, 132)
         assert 1 <= s <= 256
 
 
@@ -100,16 +115,15 @@ def test_choose_splits_mma():
 
 @pytest.fixture(scope="module")
 def torch(cuda_torch):
+    pb.register_kernel_format()  # the "paperb" cases
     return cuda_torch
 
 
 def _rand_cache(torch, fmt, B, H, T_max, D, gen):
     """Random valid blocks (finite positive scales) or float16 values."""
-    from kvpolar import gpu
-
     if fmt == "f16":
         return torch.randn((B, H, T_max, D), generator=gen, device="cuda").half()
-    ts = gpu.type_size(fmt)
+    ts = formats.type_size(fmt)
     c = torch.randint(0, 256, (B, H, T_max, D // 64, ts), generator=gen, device="cuda", dtype=torch.uint8)
     d = (torch.rand((B, H, T_max, D // 64, 1), generator=gen, device="cuda") * 1.5 + 0.25).half()
     c[..., :2] = d.view(torch.uint8)
@@ -124,15 +138,15 @@ def _record(case: str, err: float) -> None:
 
 
 def _check(torch, q, kc, vc, lens, kfmt, vfmt, case, tol=None, **kw):
-    from kvpolar import gpu
+    from gpu_reference import attention_reference, dequantize_any
 
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
-    gpu.attention(q, kc, vc, lens, kfmt, vfmt, out=out, **kw)
+    attn.attention(q, kc, vc, lens, kfmt, vfmt, out=out, **kw)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all(), f"{case}: unwritten or non-finite outputs"
-    k = gpu.dequantize_any(kc, kfmt)
-    v = gpu.dequantize_any(vc, vfmt)
-    ref = gpu.attention_reference(q.float(), k, v, lens)
+    k = dequantize_any(kc, kfmt)
+    v = dequantize_any(vc, vfmt)
+    ref = attention_reference(q.float(), k, v, lens)
     err = float((out.float() - ref).abs().max() / ref.abs().max())
     _record(case, err)
     if tol is None:
@@ -164,8 +178,6 @@ CASES = [  # (kfmt, vfmt, kmode, impl)
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (8, 1)])
 @pytest.mark.parametrize("kfmt,vfmt,kmode,impl", CASES)
 def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode, impl):
-    from kvpolar import gpu
-
     Hq, Hkv = heads
     gen = torch.Generator(device="cuda").manual_seed(seed)
     lens = torch.tensor([1, 37, 129, 700 + seed], dtype=torch.int32, device="cuda")
@@ -174,7 +186,7 @@ def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode, impl):
     vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
     q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
     # mma: the shipped default shape; simt: the first kernel shape (4 warps, 1 key/thread, 3 stages)
-    cfg = gpu.default_config(vfmt) if impl == "mma" else gpu.AttnConfig(kmode=kmode, impl="simt")
+    cfg = attn.default_config(vfmt) if impl == "mma" else attn.AttnConfig(kmode=kmode, impl="simt")
     case = f"{kfmt}/{vfmt}/{kmode}/{impl} D{D} {Hq}/{Hkv} s{seed}"
     _check(torch, q, kc, vc, lens, kfmt, vfmt, case, config=cfg)
 
@@ -185,8 +197,6 @@ def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode, impl):
 @pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
 def test_mma_fp16_precision(torch, seed, D, heads, kfmt, vfmt):
     """The tensor-core kernel with one fp16 product (prec "fp16") on float32 q: the error it adds."""
-    from kvpolar import gpu
-
     Hq, Hkv = heads
     gen = torch.Generator(device="cuda").manual_seed(100 + seed)
     lens = torch.tensor([1, 37, 129, 700 + seed], dtype=torch.int32, device="cuda")
@@ -194,7 +204,7 @@ def test_mma_fp16_precision(torch, seed, D, heads, kfmt, vfmt):
     kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
     vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
     q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
-    cfg = gpu.AttnConfig(prec="fp16")
+    cfg = attn.AttnConfig(prec="fp16")
     case = f"fp16prec {kfmt}/{vfmt} D{D} {Hq}/{Hkv} s{seed}"
     _check(torch, q, kc, vc, lens, kfmt, vfmt, case, tol=FP16_PREC_TOL, config=cfg)
 
@@ -204,15 +214,13 @@ def test_mma_fp16_precision(torch, seed, D, heads, kfmt, vfmt):
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (16, 2)])
 def test_causal_tail(torch, Tq, heads, impl):
     """Tq > 1 query tokens, causal within the tail, rows split across CTAs when R > 8."""
-    from kvpolar import gpu
-
     Hq, Hkv = heads
     gen = torch.Generator(device="cuda").manual_seed(Tq)
     lens = torch.tensor([Tq, 300, 77], dtype=torch.int32, device="cuda")
     kc = _rand_cache(torch, "polar", 3, Hkv, 304, 128, gen)
     vc = _rand_cache(torch, "polar", 3, Hkv, 304, 128, gen)
     q = torch.randn((3, Hq, Tq, 128), generator=gen, device="cuda")
-    cfg = gpu.AttnConfig(impl=impl)
+    cfg = attn.AttnConfig(impl=impl)
     _check(torch, q, kc, vc, lens, "polar", "polar", f"causal Tq{Tq} {Hq}/{Hkv} {impl}", config=cfg)
 
 
@@ -233,8 +241,6 @@ TILE_CFGS = {  # name: AttnConfig kwargs
 @pytest.mark.parametrize("cfg", list(TILE_CFGS))
 @pytest.mark.parametrize("vfmt", ["polar", "f16"])
 def test_splits_and_tiles(torch, splits, cfg, vfmt):
-    from kvpolar import gpu
-
     if vfmt == "f16" and not cfg.startswith("mma"):
         pytest.skip("simt shapes: polar V only")
     gen = torch.Generator(device="cuda").manual_seed(splits)
@@ -242,7 +248,7 @@ def test_splits_and_tiles(torch, splits, cfg, vfmt):
     kc = _rand_cache(torch, "polar", 3, 2, 3000, 128, gen)
     vc = _rand_cache(torch, vfmt, 3, 2, 3000, 128, gen)
     q = torch.randn((3, 8, 1, 128), generator=gen, device="cuda")
-    c = gpu.AttnConfig(**TILE_CFGS[cfg])
+    c = attn.AttnConfig(**TILE_CFGS[cfg])
     tol = FP16_PREC_TOL if c.prec == "fp16" else None
     _check(
         torch,
@@ -263,36 +269,51 @@ def test_splits_and_tiles(torch, splits, cfg, vfmt):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_queries_and_encoded_cache(torch, dtype, impl):
     """Real encoded data (GPU encoder) and float16/bfloat16 q/out."""
-    from kvpolar import gpu
-
     gen = torch.Generator(device="cuda").manual_seed(9)
     B, Hkv, T, D = 2, 3, 520, 64
     k = torch.randn((B, Hkv, T, D), generator=gen, device="cuda")
     v = torch.randn((B, Hkv, T, D), generator=gen, device="cuda")
     kc = torch.empty((B, Hkv, T, 1, 34), dtype=torch.uint8, device="cuda")
     vc = torch.empty_like(kc)
-    gpu.encode_into(k, kc, "polar", 0)
-    gpu.encode_into(v, vc, "polar", 0)
+    gpu_codec.encode_into(k, kc, "polar", 0)
+    gpu_codec.encode_into(v, vc, "polar", 0)
     q = torch.randn((B, 9, 1, D), generator=gen, device="cuda").to(getattr(torch, dtype))
     lens = torch.tensor([520, 333], dtype=torch.int32, device="cuda")
     _check(
-        torch, q, kc, vc, lens, "polar", "polar", f"encoded {dtype} {impl}", config=gpu.AttnConfig(impl=impl)
+        torch, q, kc, vc, lens, "polar", "polar", f"encoded {dtype} {impl}", config=attn.AttnConfig(impl=impl)
     )
 
 
 def test_attention_bad_inputs(torch):
-    from kvpolar import gpu
-
     q = torch.zeros((1, 4, 1, 128), device="cuda")
     kc = torch.zeros((1, 2, 64, 2, 34), dtype=torch.uint8, device="cuda")
     lens = torch.tensor([5], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
-        gpu.attention(torch.zeros((1, 3, 1, 128), device="cuda"), kc, kc, lens)
+        attn.attention(torch.zeros((1, 3, 1, 128), device="cuda"), kc, kc, lens)
     with pytest.raises(ValueError, match="k_cache"):
-        gpu.attention(q, kc[..., :26].contiguous(), kc, lens)
+        attn.attention(q, kc[..., :26].contiguous(), kc, lens)
     with pytest.raises(ValueError, match="anglelut"):
-        gpu.attention(q, kc, kc, lens, config=gpu.AttnConfig(kmode="anglelut"))
+        attn.attention(q, kc, kc, lens, config=attn.AttnConfig(kmode="anglelut"))
     with pytest.raises(ValueError, match="lens"):
-        gpu.attention(q, kc, kc, lens.long())
+        attn.attention(q, kc, kc, lens.long())
     with pytest.raises(ValueError, match="T_max must be a multiple of 8"):
-        gpu.attention(q, kc[:, :, :60].contiguous(), kc[:, :, :60].contiguous(), lens)
+        attn.attention(q, kc[:, :, :60].contiguous(), kc[:, :, :60].contiguous(), lens)
+
+
+def test_plan_run(torch):
+    """plan() is cached per shape and run(plan) is attention(): same bits; run checks its inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    lens = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
+    kc = _rand_cache(torch, "polar", 2, 2, 304, 128, gen)
+    vc = _rand_cache(torch, "polar3", 2, 2, 304, 128, gen)
+    q = torch.randn((2, 8, 1, 128), generator=gen, device="cuda")
+    p = attn.plan(2, 8, 2, 1, 128, 304, "polar", "polar3", q.dtype, device=q.device.index or 0)
+    assert attn.plan(2, 8, 2, 1, 128, 304, "polar", "polar3", q.dtype, device=q.device.index or 0) is p
+    assert p.kernel == "polar_attn_mma" and p.splits * p.chunk >= 304 and p.chunk % p.config.tile == 0
+    got = attn.run(p, q, kc, vc, lens)
+    want = attn.attention(q, kc, vc, lens, "polar", "polar3")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="plan"):
+        attn.run(p, q.half(), kc, vc, lens)
+    with pytest.raises(ValueError, match="v_cache"):
+        attn.run(p, q, kc, kc, lens)

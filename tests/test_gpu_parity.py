@@ -1,5 +1,6 @@
-"""numpy == GPU: the CuPy encoder writes the bytes of kvpolar.codec.quantize_blocks and the
-decoder the floats of dequantize_blocks, for both formats and float32/float16/bfloat16 input.
+"""numpy == GPU: the CuPy encoder (cupy_kernels.codec) writes the bytes of
+kvpolar.codec.quantize_blocks and the decoder the floats of dequantize_blocks, for both formats
+and float32/float16/bfloat16 input.
 
 Skipped without CuPy and a CUDA device (the gpu marker, tests/conftest.py).
 """
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 from kvpolar import codec
 from kvpolar.format import FORMATS, QK, get_format
+
+from cupy_kernels import codec as gpu_codec
 
 pytestmark = pytest.mark.gpu
 FMTS = sorted(FORMATS)
@@ -98,12 +101,10 @@ def _first_diff(fmt, got: np.ndarray, want: np.ndarray) -> str:
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_encode_f32_bytes(torch, fmt, kind):
-    from kvpolar import gpu
-
     rng = np.random.default_rng(zlib.crc32(f"{fmt}/{kind}".encode()))
     x = _rows(kind, 1000, rng)
     want = codec.quantize_blocks(x, fmt)
-    got = gpu.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
+    got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
     assert np.array_equal(got, want), _first_diff(fmt, got, want)
 
 
@@ -112,32 +113,26 @@ def test_encode_f32_bytes(torch, fmt, kind):
 @pytest.mark.parametrize("kind", ["gaussian", "scaled", "heavy", "zero", "nonfinite", "huge"])
 def test_encode_half_inputs(torch, fmt, dtype, kind):
     """float16/bfloat16 input is converted to float32 exactly, then encoded."""
-    from kvpolar import gpu
-
     rng = np.random.default_rng(7)
     tdt = getattr(torch, dtype)
     xt = torch.from_numpy(_rows(kind, 700, rng)).to(tdt)
     want = codec.quantize_blocks(xt.float().numpy(), fmt)
-    got = gpu.encode(xt.cuda(), fmt).reshape(len(xt), -1).cpu().numpy()
+    got = gpu_codec.encode(xt.cuda(), fmt).reshape(len(xt), -1).cpu().numpy()
     assert np.array_equal(got, want), _first_diff(fmt, got, want)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_encode_large_random(torch, fmt):
-    from kvpolar import gpu
-
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((20000, QK)) * np.exp(rng.standard_normal((20000, 1)))).astype(np.float32)
     want = codec.quantize_blocks(x, fmt)
-    got = gpu.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
+    got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
     assert np.array_equal(got, want), _first_diff(fmt, got, want)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_encode_into_strided_ragged(torch, fmt):
     """encode_into a [B, H, T_max, nb, ts] cache from a transposed view at per-sequence positions."""
-    from kvpolar import gpu
-
     rng = np.random.default_rng(3)
     B, H, T, D, T_max = 3, 2, 5, 128, 16
     src = torch.from_numpy(rng.standard_normal((B, T, H, D)).astype(np.float32)).cuda()
@@ -145,7 +140,7 @@ def test_encode_into_strided_ragged(torch, fmt):
     ts = get_format(fmt).type_size
     cache = torch.zeros((B, H, T_max, D // QK, ts), dtype=torch.uint8, device="cuda")
     pos = torch.tensor([0, 3, 11], dtype=torch.int32, device="cuda")
-    gpu.encode_into(x, cache, fmt, pos)
+    gpu_codec.encode_into(x, cache, fmt, pos)
     c = cache.cpu().numpy()
     xn = x.cpu().numpy()
     for b, p in enumerate(pos.tolist()):
@@ -157,8 +152,6 @@ def test_encode_into_strided_ragged(torch, fmt):
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("source", ["encoded", "randbytes"])
 def test_decode_floats(torch, fmt, source):
-    from kvpolar import gpu
-
     rng = np.random.default_rng(5)
     ts = get_format(fmt).type_size
     if source == "encoded":
@@ -169,20 +162,18 @@ def test_decode_floats(torch, fmt, source):
         d[~np.isfinite(d)] = np.float16(1.5)  # Inf/NaN scales are rejected by readers
         b[:, :2] = d.view(np.uint8)
     want = codec.dequantize_blocks(b, fmt)
-    got = gpu.decode(torch.from_numpy(b).cuda(), fmt).cpu().numpy()
+    got = gpu_codec.decode(torch.from_numpy(b).cuda(), fmt).cpu().numpy()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
-    got16 = gpu.decode(torch.from_numpy(b).cuda(), fmt, torch.float16).cpu().numpy()
+    got16 = gpu_codec.decode(torch.from_numpy(b).cuda(), fmt, torch.float16).cpu().numpy()
     assert np.array_equal(got16, want.astype(np.float16))
 
 
 def test_bad_inputs(torch):
-    from kvpolar import gpu
-
     with pytest.raises(ValueError, match="multiple of 64"):
-        gpu.encode(torch.zeros((3, 96), device="cuda"))
+        gpu_codec.encode(torch.zeros((3, 96), device="cuda"))
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        gpu.encode(torch.zeros((3, 64), dtype=torch.float64, device="cuda"))
+        gpu_codec.encode(torch.zeros((3, 64), dtype=torch.float64, device="cuda"))
     with pytest.raises(ValueError, match="'polar' or 'polar3'"):
-        gpu.encode(torch.zeros((3, 64), device="cuda"), "q4_0")
+        gpu_codec.encode(torch.zeros((3, 64), device="cuda"), "q4_0")
     with pytest.raises(ValueError, match="CUDA"):
-        gpu.encode(torch.zeros((3, 64)))
+        gpu_codec.encode(torch.zeros((3, 64)))

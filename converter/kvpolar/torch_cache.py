@@ -1,6 +1,6 @@
 """A transformers `Cache` that stores K and V as polar blocks (transformers 5.x).
 
-Keys and values are written through the GPU encoder (`kvpolar.gpu.encode_into`) into
+Keys and values are written through the GPU encoder (`cupy_kernels.codec.encode_into`) into
 [B, Hkv, T_max, D/64, type_size] uint8 tensors, after the rotations llama.cpp applies:
 
     K: k' = (k - mu_k) H_D        H_n = normalized Sylvester Hadamard matrix of order n;
@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from cupy_kernels import gpu
+from cupy_kernels import attention as gpu_attn
+from cupy_kernels import codec as gpu_codec
 
 from . import codec
-from .format import QK
+from .format import QK, get_format
 
 log = logging.getLogger("kvpolar.torch_cache")
 
@@ -98,7 +99,7 @@ class PolarCacheLayer(CacheLayerMixin):
         offsets: tuple[torch.Tensor, torch.Tensor] | str | None = None,
         backend: str = "auto",
         max_kernel_q: int = 8,
-        attn_config: gpu.AttnConfig | None = None,
+        attn_config: gpu_attn.AttnConfig | None = None,
     ):
         super().__init__()
         if kfmt not in ("polar", "polar3"):
@@ -132,13 +133,13 @@ class PolarCacheLayer(CacheLayerMixin):
         self.hd = hadamard(D, self.device) if self.rotate else None
         self.h64 = hadamard(QK, self.device) if self.rotate else None
         self.keys = torch.empty(
-            (B, H, 0, D // QK, gpu.type_size(self.kfmt)), dtype=torch.uint8, device=self.device
+            (B, H, 0, D // QK, get_format(self.kfmt).type_size), dtype=torch.uint8, device=self.device
         )
         if self.vfmt == "f16":
             self.values = torch.empty((B, H, 0, D), dtype=torch.float16, device=self.device)
         else:
             self.values = torch.empty(
-                (B, H, 0, D // QK, gpu.type_size(self.vfmt)), dtype=torch.uint8, device=self.device
+                (B, H, 0, D // QK, get_format(self.vfmt).type_size), dtype=torch.uint8, device=self.device
             )
         self.lens = torch.zeros((B,), dtype=torch.int32, device=self.device)
         self.length = 0
@@ -181,7 +182,7 @@ class PolarCacheLayer(CacheLayerMixin):
         if fmt == "f16":
             cache[:, :, self.length : self.length + t] = x.to(torch.float16)
         elif self.backend == "cupy":
-            gpu.encode_into(x.contiguous(), cache, fmt, self.length)
+            gpu_codec.encode_into(x.contiguous(), cache, fmt, self.length)
         else:
             b = codec.quantize_blocks(x.detach().cpu().numpy().reshape(-1, QK), fmt)
             cache[:, :, self.length : self.length + t] = (
@@ -209,11 +210,11 @@ class PolarCacheLayer(CacheLayerMixin):
         """Rotated, centered K and V as float32 [B, Hkv, length, D] (what the kernel sees)."""
         n = self.length
         if self.backend == "cupy":
-            k = gpu.dequantize_cache(self.keys, self.kfmt, torch.float32, n)
+            k = gpu_codec.dequantize_cache(self.keys, self.kfmt, torch.float32, n)
             v = (
                 self.values[:, :, :n].float()
                 if self.vfmt == "f16"
-                else gpu.dequantize_cache(self.values, self.vfmt, torch.float32, n)
+                else gpu_codec.dequantize_cache(self.values, self.vfmt, torch.float32, n)
             )
             return k, v
 
@@ -296,7 +297,7 @@ class PolarCache(Cache):
         centering: str | dict | None = None,
         backend: str = "auto",
         max_kernel_q: int = 8,
-        attn_config: gpu.AttnConfig | None = None,
+        attn_config: gpu_attn.AttnConfig | None = None,
     ):
         if num_layers is None:
             if config is None:
@@ -382,7 +383,7 @@ def polar_attention_forward(
     if attention_mask is not None and attention_mask.dtype == torch.bool and bool(attention_mask.all()):
         attention_mask = None
     if layer.backend == "cupy" and Tq <= layer.max_kernel_q and attention_mask is None:
-        o = gpu.attention(
+        o = gpu_attn.attention(
             q.contiguous(),
             layer.keys,
             layer.values,

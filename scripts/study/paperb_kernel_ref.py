@@ -18,6 +18,11 @@ d * CY[c] with CX[a << 4 | k] = (float32) (k / 15 cos(-pi + a pi / 8)), so the p
 decode it with another table. The attention kernel's KMODE 2 uses the paper's trick instead:
 per query a LUT over the 16 angles, LUT[p][a] = (q[2p] cos a + q[2p+1] sin a) / 15, and
 score = d * sum_p k_p LUT[p][a_p].
+
+The GPU kernels (cupy_kernels, the product) do not import this research module: the format
+reaches them through `register_kernel_format()`, which hands cupy_kernels.formats the layout
+(polar's block struct), the tables and the angle-LUT property; after it, "paperb" is a kfmt/vfmt
+of cupy_kernels.attention.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import functools
 import math
 
 import numpy as np
-
 from kvpolar.format import FP16_MAX, QK
 
 NAME = "paperb"
@@ -87,6 +91,16 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     y[:, 0::2] = d[:, None] * cx[c]
     y[:, 1::2] = d[:, None] * cy[c]
     return y
+
+
+def register_kernel_format():
+    """Register the preset with the CuPy kernels (cupy_kernels.formats) as NAME; idempotent."""
+    from cupy_kernels import formats
+
+    cx, cy = tables()
+    fmt = formats.register_format(NAME, "polar", cx, cy, angle_lut=True)
+    assert fmt.type_size == TYPE_SIZE and fmt.ncodes == NCODES
+    return fmt
 
 
 def study_config():

@@ -1,0 +1,487 @@
+"""Split-K decode attention over a compressed KV cache: a cached `plan` and its `run`.
+
+    p = plan(B, Hq, Hkv, Tq, D, max_len, kfmt, vfmt, q_dtype)   # once per shape (cached)
+    out = run(p, q, k_cache, v_cache, lens)                     # every step
+    out = attention(q, k_cache, v_cache, lens, kfmt, vfmt)      # both
+
+`plan` picks the kernel variant (polar_attn_mma on tensor cores, or the float32 polar_attn_simt
+for the LUT modes and where the mma variant's shared memory does not fit), its #defines and
+shared-memory bytes, and the number of key splits for the GPU; it compiles the variant and
+returns a `Plan` (a small frozen dataclass). `run` checks the tensors against the plan, launches
+the partial kernel on the grid (splits, row groups, B * Hkv) and polar_attn_combine to merge the
+splits. The kernels and their contract: polar_attn_common.cuh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+from kvpolar.format import QK
+
+from . import codec, formats, loader
+
+HEAD_DIMS = (64, 128, 256)
+V_F16 = "f16"  # vfmt of a float16 V cache [B, Hkv, T_max, D]
+F16_KERNEL_ID = 3  # its VFMT (F16_KERNEL_ID of polar_attn_common.cuh)
+KMODES = {"gather": 0, "lut": 1, "anglelut": 2}
+IMPLS = ("mma", "simt")
+PRECS = ("auto", "fp32", "fp16")
+KERNELS = {"mma": "polar_attn_mma", "simt": "polar_attn_simt"}  # kernel = file name without .cu
+SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum on sm_90
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    """Compile-time shape of the attention kernel.
+
+    impl "mma": tensor-core kernel (polar_attn_mma.cu; gather mode only): each warp streams warp
+    tiles of `wtile` keys through its own cp.async ring of `stages` stages; `tpt`/`repl` unused.
+    impl "simt": the float32 FMA kernel (polar_attn_simt.cu; every kmode).
+    prec (mma only): "fp32" = fp16 hi + lo splits of the codebook, q and P*d (3 products, float32
+    accumulation: float32-level error, 1.9e-6 of max|out| in the tests); "fp16" = one fp16 product
+    (up to 1.4e-3 of max|out| on float32 q in the tests, 4.1e-4 on float16 q where the output
+    rounding dominates; docs/results-gpu.md); "auto" = "fp32" for float32 q, "fp16" for
+    float16/bfloat16 q."""
+
+    kmode: str = "gather"  # "gather" (a), "lut" (b), "anglelut" (angle-LUT formats, paper B)
+    nwarps: int = 4
+    tpt: int = 1  # simt: keys per thread in the K phase; a tile holds 32 * nwarps * tpt keys
+    stages: int = 3  # cp.async pipeline depth
+    repl: int = 16  # simt: codebook copies in shared memory (bank-conflict-free gathers)
+    impl: str = "mma"  # "mma" | "simt"
+    wtile: int = 32  # mma: keys per warp tile (multiple of 16)
+    prec: str = "auto"  # mma: "auto" | "fp32" | "fp16"
+
+    @property
+    def tile(self) -> int:
+        if self.impl == "mma":
+            return self.wtile * self.nwarps
+        return 32 * self.nwarps * self.tpt
+
+
+SIMT_CONFIG = AttnConfig(nwarps=4, tpt=2, stages=2, repl=16, impl="simt")  # quantized V
+SIMT_CONFIG_F16V = AttnConfig(nwarps=4, tpt=1, stages=2, repl=8, impl="simt")  # float16 V: 3 CTAs/SM
+# Picked by `scripts/bench_gpu.py tune` on an H100 at B=16, T=32768, 32/8 heads, D=128
+# (docs/results-gpu.md): 445 us vs 580 us for the first shape (4 warps, 1 key/thread, 3 stages).
+DEFAULT_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # quantized and float16 V
+# where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
+SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
+
+
+def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
+    if kmode != "gather":  # the LUT modes exist in the simt kernel only
+        base = SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG
+        return dataclasses.replace(base, kmode=kmode)
+    return DEFAULT_CONFIG
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants: #defines and shared memory
+
+
+def _a16(x: int) -> int:
+    return (x + 15) // 16 * 16
+
+
+def _q_type(dtype) -> int:
+    """QT / OT of the kernels: 0 float32, 1 float16, 2 bfloat16."""
+    name = str(dtype).replace("torch.", "")
+    qt = {"float32": 0, "float16": 1, "bfloat16": 2}.get(name)
+    if qt is None:
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {dtype}")
+    return qt
+
+
+def _format(arg: str, name: str) -> formats.CacheFormat:
+    try:
+        return formats.get(name)
+    except ValueError as e:
+        raise ValueError(f"{arg}: {e}" + (f", or {V_F16!r} for float16 V" if arg == "vfmt" else "")) from None
+
+
+def _prec_id(cfg: AttnConfig, qt: int) -> int:
+    if cfg.prec == "auto":
+        return int(qt == 0)
+    return int(cfg.prec == "fp32")
+
+
+def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig) -> dict[str, int]:
+    """The #defines of the kernel variant (polar_attn_common.cuh and the kernel file of cfg.impl)."""
+    kf = formats.get(kfmt)
+    vf = None if vfmt == V_F16 else formats.get(vfmt)
+    kmode = KMODES[cfg.kmode]
+    d = {
+        "HD": D,
+        "KFMT": kf.kernel_id,
+        "VFMT": F16_KERNEL_ID if vf is None else vf.kernel_id,
+        "KTS": kf.type_size,
+        "VTS": 0 if vf is None else vf.type_size,
+        "KNC": kf.ncodes,
+        "VNC": 0 if vf is None else vf.ncodes,
+        "RB": rb,
+        "NWARPS": cfg.nwarps,
+        "QT": qt,
+        "STAGES": cfg.stages,
+        "SHARE_TAB": int(kf is vf and kmode == 0),
+    }
+    if cfg.impl == "mma":
+        d.update(TW=cfg.wtile, PREC=_prec_id(cfg, qt))
+    else:
+        d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
+    return d
+
+
+def smem_bytes(impl: str, d: dict[str, int]) -> int:
+    """Dynamic shared memory of a variant: the MSMEM_TOTAL macros of polar_attn_mma.cu (impl
+    "mma") or SMEM_TOTAL of polar_attn_simt.cu."""
+    HD, RB, nthreads = d["HD"], d["RB"], d["NWARPS"] * 32
+    nb = HD // QK
+    vquant = d["VFMT"] != F16_KERNEL_ID
+    krow = nb * d["KTS"]
+    vrow = nb * d["VTS"] if vquant else HD * 2
+    if impl == "mma":
+        rbp = 4 if RB <= 4 else 8
+        vrows = vrow if vquant else vrow + 32
+        ktab = d["KNC"] * 128
+        vtab = d["VNC"] * 128 if (vquant and not d["SHARE_TAB"]) else 0
+        wst = _a16(d["TW"] * krow) + _a16(d["TW"] * vrows)
+        stage = d["NWARPS"] * d["STAGES"] * wst
+        red = d["NWARPS"] * rbp * HD * 4
+        return (
+            _a16(ktab)
+            + _a16(vtab)
+            + _a16(max(stage, red))
+            + _a16(d["NWARPS"] * d["TW"] * rbp * 4)
+            + _a16(d["NWARPS"] * rbp * 8)
+        )
+    tt = nthreads * d["TPT"]
+    nbv = nb if vquant else 1
+    if d["KMODE"] == 0:
+        ktab = d["KNC"] * d["REPL"] * 8
+    elif d["KMODE"] == 1:
+        ktab = (HD // 2) * d["KNC"] * RB * 4
+    else:
+        ktab = (HD // 2) * 16 * RB * 4
+    vtab = d["VNC"] * d["REPL"] * 8 if (vquant and not d["SHARE_TAB"]) else 0
+    qs = _a16((HD // 2) * RB * 8)
+    stage = d["STAGES"] * (_a16(tt * krow) + _a16(tt * vrow))
+    red = nthreads * 8 * RB * 4
+    ws = _a16(tt * nbv * RB * 4)
+    maxred = _a16(d["NWARPS"] * RB * 4 * 2)
+    return _a16(ktab) + _a16(vtab) + qs + _a16(max(stage, red)) + ws + maxred
+
+
+@functools.cache
+def select_variant(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig, fallback: bool):
+    """(config, defines, shared-memory bytes) of a call shape. With `fallback` (no explicit
+    config), an mma variant whose shared memory does not fit (e.g. D=256 with float16 V) falls
+    back to SMALL_MMA_CONFIG, then to the simt kernel."""
+    d = attn_defines(D, kfmt, vfmt, rb, qt, cfg)
+    smem = smem_bytes(cfg.impl, d)
+    if smem > SMEM_LIMIT and cfg.impl == "mma" and fallback:
+        for fb in (SMALL_MMA_CONFIG, SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG):
+            cfg = fb
+            d = attn_defines(D, kfmt, vfmt, rb, qt, cfg)
+            smem = smem_bytes(cfg.impl, d)
+            if smem <= SMEM_LIMIT:
+                break
+    return cfg, d, smem
+
+
+@functools.cache
+def _kernels(impl: str, defines: tuple[tuple[str, int], ...], smem: int):
+    """(partial kernel, combine kernel) of a variant, compiled."""
+    name = KERNELS[impl]
+    part = loader.module(f"{name}.cu", defines).get_function(name)
+    part.max_dynamic_shared_size_bytes = smem
+    comb = loader.module("polar_attn_combine.cu", (("HD", dict(defines)["HD"]),))
+    return part, comb.get_function("polar_attn_combine")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return loader.torch().cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_splits(n_ctas: int, max_len: int, tile: int, smem: int, sm_count: int, waves: int = 8) -> int:
+    """Splits of the key range so that the grid covers the GPU in about `waves` waves (simt kernel)."""
+    per_sm = max(1, min(SMEM_LIMIT // (smem + 1024), 16))
+    slots = per_sm * sm_count
+    max_splits = max(1, -(-max_len // (4 * tile)))  # at least 4 tiles a CTA (its table setup costs ~1)
+    want = max(1, round(waves * slots / max(n_ctas, 1)))
+    return int(min(want, max_splits))
+
+
+@functools.cache
+def choose_splits_mma(
+    n_ctas: int, max_len: int, tile: int, per_sm: int, sm_count: int, overhead: float = 2.5
+) -> int:
+    """Splits for polar_attn_mma: minimize waves(s) * (tiles / s + overhead), waves(s) =
+    ceil(n_ctas * s / slots). `overhead` = a CTA's fixed cost (table copy, first-stage latency, warp
+    merge) in CTA tiles: fitted on an H100 (B=16, 32/8 heads, D=128, 8 warps x 32 keys; 2/4/8/16
+    splits: 256/264/283/319 us = waves x (work / s + ~9 us), ~2.3 tiles; docs/results-gpu.md)."""
+    slots = max(1, per_sm * sm_count)
+    ntiles = max(1, -(-max_len // tile))
+    best, best_t = 1, None
+    for s in range(1, ntiles + 1):
+        t = -(-n_ctas * s // slots) * (ntiles / s + overhead)
+        if best_t is None or t < best_t - 1e-9:
+            best, best_t = s, t
+    return best
+
+
+def _per_sm(smem: int, nthreads: int, regs: int) -> int:
+    per_sm = max(1, min(SMEM_LIMIT // (smem + 1024), 2048 // nthreads, 16))
+    if regs:
+        per_sm = max(1, min(per_sm, 65536 // (regs * nthreads)))
+    return per_sm
+
+
+# ----------------------------------------------------------------------------------------------
+# plan / run
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `run` launches for one call shape (from `plan`)."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Tq: int
+    D: int
+    kfmt: str
+    vfmt: str
+    qt: int  # q dtype: 0 float32, 1 float16, 2 bfloat16
+    config: AttnConfig  # the variant (after the mma -> simt fallbacks)
+    defines: tuple[tuple[str, int], ...]
+    smem: int  # dynamic shared memory bytes of the partial kernel
+    rb: int  # query rows per CTA
+    n_groups: int  # row groups: grid.y
+    splits: int  # key splits: grid.x
+    chunk: int  # keys per split (a multiple of the tile)
+
+    @property
+    def kernel(self) -> str:
+        return KERNELS[self.config.impl]
+
+    @property
+    def prec(self) -> int:
+        """PREC of the mma kernel (1: fp16 hi + lo operands), 0 for simt."""
+        return dict(self.defines).get("PREC", 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(
+    B: int,
+    Hq: int,
+    Hkv: int,
+    Tq: int,
+    D: int,
+    max_len: int,
+    kfmt: str = "polar",
+    vfmt: str = "polar",
+    q_dtype="float32",
+    config: AttnConfig | None = None,
+    splits: int | None = None,
+    device: int = 0,
+) -> Plan:
+    """The plan of decode attention for q [B, Hq, Tq, D] of `q_dtype` (torch dtype or its name)
+    over caches of kfmt/vfmt holding at most `max_len` valid keys, on CUDA device `device`.
+
+    config: the kernel shape (default: DEFAULT_CONFIG, with the fallbacks of `select_variant`);
+    splits: the number of key splits (default: chosen for the GPU's SM count). Compiles the
+    variant. Cached per arguments; raises ValueError naming the allowed values."""
+    cfg = config or default_config(vfmt)
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
+    kf = _format("kfmt", kfmt)
+    if vfmt != V_F16:
+        _format("vfmt", vfmt)
+    if cfg.kmode not in KMODES:
+        raise ValueError(f"kmode must be one of {tuple(KMODES)}, got {cfg.kmode!r}")
+    if cfg.kmode == "anglelut" and not kf.angle_lut:
+        raise ValueError(f"kmode 'anglelut' reads angle-LUT formats only (paper B keys), got kfmt {kfmt!r}")
+    if cfg.impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {cfg.impl!r}")
+    if cfg.prec not in PRECS:
+        raise ValueError(f"prec must be one of {PRECS}, got {cfg.prec!r}")
+    if cfg.impl == "mma" and cfg.kmode != "gather":  # the LUT modes are simt-only
+        cfg = dataclasses.replace(cfg, impl="simt")
+    if cfg.impl == "mma" and (cfg.wtile % 16 or cfg.wtile <= 0 or cfg.stages < 2):
+        raise ValueError(f"mma: wtile must be a positive multiple of 16 and stages >= 2, got {cfg}")
+    if Hkv <= 0 or Hq % Hkv:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
+    qt = _q_type(q_dtype)
+    R = Hq // Hkv * Tq
+    rb = min(R, 8)
+    cfg, d, smem = select_variant(D, kfmt, vfmt, rb, qt, cfg, config is None)
+    if smem > SMEM_LIMIT:
+        raise ValueError(
+            f"kernel variant {d} needs {smem} bytes of shared memory (> {SMEM_LIMIT}); "
+            "use kmode='gather' or fewer rows / a smaller tile"
+        )
+    defines = tuple(d.items())
+    part, _ = _kernels(cfg.impl, defines, smem)
+    n_groups = -(-R // rb)
+    if splits is None:
+        if cfg.impl == "mma":
+            try:
+                regs = int(getattr(part, "num_regs", 0) or 0)
+            except Exception:  # pragma: no cover - depends on the cupy version
+                regs = 0
+            per_sm = _per_sm(smem, cfg.nwarps * 32, regs)
+            splits = choose_splits_mma(B * Hkv * n_groups, max_len, cfg.tile, per_sm, _sm_count(device))
+        else:
+            splits = choose_splits(B * Hkv * n_groups, max_len, cfg.tile, smem, _sm_count(device))
+    chunk = -(-max(max_len, 1) // splits)
+    chunk = -(-chunk // cfg.tile) * cfg.tile
+    splits = max(1, -(-max(max_len, 1) // chunk))
+    return Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk)
+
+
+def check_cache(name: str, c, B: int, H: int, D: int, fmt: str) -> None:
+    """ValueError unless c is a contiguous CUDA cache of format fmt: uint8 [B, H, T_max, D/64,
+    type_size] (float16 [B, H, T_max, D] for "f16") with T_max a multiple of 8."""
+    torch = loader.torch()
+    loader.check_cuda(name, c)
+    if fmt == V_F16:
+        ok = c.dtype == torch.float16 and c.dim() == 4 and tuple(c.shape[:2]) == (B, H) and c.shape[3] == D
+        want = f"float16 [{B}, {H}, T_max, {D}]"
+    else:
+        ts = formats.type_size(fmt)
+        ok = (
+            c.dtype == torch.uint8
+            and c.dim() == 5
+            and tuple(c.shape[:2]) == (B, H)
+            and tuple(c.shape[3:]) == (D // QK, ts)
+        )
+        want = f"uint8 [{B}, {H}, T_max, {D // QK}, {ts}]"
+    if not ok:
+        raise ValueError(f"{name} ({fmt}) must be {want}, got {c.dtype} {tuple(c.shape)}")
+    if not c.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if c.shape[2] % 8:
+        raise ValueError(f"{name}: T_max must be a multiple of 8 (16-byte aligned rows), got {c.shape[2]}")
+
+
+def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None):
+    """Launch plan p: decode attention of q [B, Hq, Tq, D] (the plan's shape and dtype, last dim
+    contiguous) over k_cache / v_cache (see `attention`), keys 0 .. lens[b] - 1 (at most the
+    plan's max_len). Returns [B, Hq, Tq, D] in q's dtype (or writes `out`)."""
+    torch = loader.torch()
+    loader.check_cuda("q", q)
+    B, Hq, Hkv, Tq, D = p.B, p.Hq, p.Hkv, p.Tq, p.D
+    if tuple(q.shape) != (B, Hq, Tq, D) or _q_type(q.dtype) != p.qt:
+        want = f"[{B}, {Hq}, {Tq}, {D}] {('float32', 'float16', 'bfloat16')[p.qt]}"
+        raise ValueError(f"q must be the plan's {want}, got {tuple(q.shape)} {q.dtype}")
+    check_cache("k_cache", k_cache, B, Hkv, D, p.kfmt)
+    check_cache("v_cache", v_cache, B, Hkv, D, p.vfmt)
+    if k_cache.shape[2] != v_cache.shape[2]:
+        raise ValueError(f"k_cache and v_cache hold {k_cache.shape[2]} and {v_cache.shape[2]} tokens")
+    loader.check_cuda("lens", lens)
+    if lens.dtype != torch.int32 or tuple(lens.shape) != (B,):
+        raise ValueError(f"lens must be an int32 tensor [{B}], got {lens.dtype} {tuple(lens.shape)}")
+    if q.stride(3) != 1:
+        raise ValueError("q's last dimension must be contiguous")
+    if out is None:
+        out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (B, Hq, Tq, D) or out.stride(3) != 1:
+        raise ValueError(
+            f"out must be [{B}, {Hq}, {Tq}, {D}] with a contiguous last dim, got {tuple(out.shape)}"
+        )
+    part, comb = _kernels(p.config.impl, p.defines, p.smem)
+    R = Hq // Hkv * Tq
+    o_part = torch.empty((B * Hkv * R * p.splits * D,), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((B * Hkv * R * p.splits,), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    scale = D**-0.5 if scale is None else float(scale)
+    dev = str(q.device)
+    if p.config.impl == "mma":
+        ktab = codec.mma_table(p.kfmt, p.prec, dev)
+        vtab = codec.mma_table(p.vfmt, p.prec, dev) if p.vfmt != V_F16 else ktab
+    else:
+        ktab = codec.codebook_table(p.kfmt, dev)
+        vtab = codec.codebook_table(p.vfmt, dev) if p.vfmt != V_F16 else ktab
+    ptr = loader.ptr
+    args = (
+        ptr(q),
+        np.int64(q.stride(0)),
+        np.int64(q.stride(1)),
+        np.int64(q.stride(2)),
+        ptr(k_cache),
+        ptr(v_cache),
+        ptr(ktab),
+        ptr(vtab),
+        ptr(lens),
+        np.int32(Hkv),
+        np.int32(Hq // Hkv),
+        np.int32(Tq),
+        np.int32(k_cache.shape[2]),
+        np.int32(p.chunk),
+        np.float32(scale * math.log2(math.e)),
+        ptr(o_part),
+        ptr(m_part),
+        ptr(l_part),
+    )
+    loader.launch(part, (p.splits, p.n_groups, B * Hkv), (p.config.nwarps * 32,), args, shared_mem=p.smem)
+    cargs = (
+        ptr(o_part),
+        ptr(m_part),
+        ptr(l_part),
+        ptr(out),
+        np.int64(out.stride(0)),
+        np.int64(out.stride(1)),
+        np.int64(out.stride(2)),
+        np.int32(Hq),
+        np.int32(Hkv),
+        np.int32(Tq),
+        np.int32(p.splits),
+        np.int32(_q_type(out.dtype)),
+    )
+    loader.launch(comb, (B * Hq * Tq,), (D,), cargs)
+    return out
+
+
+def attention(
+    q,
+    k_cache,
+    v_cache,
+    lens,
+    kfmt: str = "polar",
+    vfmt: str = "polar",
+    scale: float | None = None,
+    config: AttnConfig | None = None,
+    splits: int | None = None,
+    out=None,
+    max_len: int | None = None,
+):
+    """Decode attention of q [B, Hq, Tq, D] over a compressed cache (`plan` + `run`).
+
+    k_cache: uint8 [B, Hkv, T_max, D/64, type_size(kfmt)], kfmt "polar", "polar3" or a
+             registered format (cupy_kernels.formats).
+    v_cache: the same for vfmt, or float16 [B, Hkv, T_max, D] for vfmt == "f16".
+    lens:    int32 CUDA tensor [B]; keys 0..lens[b]-1 are valid and query row tq sits at
+             position lens[b] - Tq + tq (causal inside the last Tq keys).
+    Hq must be a multiple of Hkv (GQA); D in 64, 128, 256; T_max a multiple of 8.
+    Returns [B, Hq, Tq, D] in q's dtype (or writes `out`). softmax scale defaults to D**-0.5.
+    max_len: an upper bound of lens (avoids a device-to-host copy); defaults to T_max.
+    """
+    torch = loader.torch()
+    loader.check_cuda("q", q)
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, Hq, Tq, D], got {tuple(q.shape)}")
+    B, Hq, Tq, D = q.shape
+    Hkv = k_cache.shape[1] if k_cache.dim() >= 2 else -1
+    T_max = k_cache.shape[2] if k_cache.dim() >= 3 else 0
+    ml = T_max if max_len is None else min(max_len, T_max)
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    p = plan(B, Hq, Hkv, Tq, D, ml, kfmt, vfmt, q.dtype, config, splits, dev)
+    return run(p, q, k_cache, v_cache, lens, scale, out)

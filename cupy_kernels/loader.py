@@ -1,0 +1,121 @@
+"""Loading the CUDA sources of cupy_kernels and launching them on torch's stream.
+
+The kernels are real files next to this module: `polar_common.cuh` (conversions, block
+readers), `polar_encode.cu` (encoder, decoder), `polar_attn_common.cuh` + `polar_attn_simt.cu`,
+`polar_attn_mma.cu`, `polar_attn_combine.cu` (decode attention). `module(name, defines)` compiles
+one file with NVRTC into a `cupy.RawModule`, once per process and variant (functools.cache), with
+the variant's compile-time constants prepended as #defines (`build_source`); the generated
+`kvpolar/csrc/ggml-polar-format.h` (block structs, kernel format ids, tables from
+`kvpolar.format`) is on the include path.
+
+CuPy and torch are imported on first use: importing cupy_kernels needs neither, and a missing
+CuPy raises a RuntimeError naming the package to install.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from pathlib import Path
+
+import kvpolar
+import numpy as np
+
+log = logging.getLogger("cupy_kernels")
+
+CUPY_PACKAGE = "cupy-cuda13x"
+# NVRTC options of every module; EXACT_OPTIONS are added for the encoder (IEEE float32 as
+# docs/FORMAT.md requires: no contraction, IEEE division and square root, subnormals kept).
+OPTIONS = ("--std=c++17",)
+EXACT_OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false")
+
+
+def kernel_dir() -> Path:
+    """Folder holding the CUDA sources (this package)."""
+    return Path(__file__).resolve().parent
+
+
+def header_dir() -> Path:
+    """Folder holding the generated ggml-polar-format.h."""
+    return Path(kvpolar.__file__).resolve().parent / "csrc"
+
+
+def include_options() -> tuple[str, ...]:
+    return (f"-I{kernel_dir()}", f"-I{header_dir()}")
+
+
+@functools.cache
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    for p in [*sorted(kernel_dir().glob("*.cu*")), header_dir() / "ggml-polar-format.h"]:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_source(name: str, defines: dict[str, int | float]) -> str:
+    """The NVRTC source of kernel file `name`: a digest line of all sources (CuPy's cache key,
+    so an edited header recompiles), the #defines, then the file."""
+    lines = [f"// kvpolar {name} sources {_sources_digest()}"]
+    lines += [f"#define {k} {v}" for k, v in defines.items()]
+    return "\n".join(lines) + "\n" + (kernel_dir() / name).read_text()
+
+
+def cupy():
+    """The cupy module, or a RuntimeError saying how to install it."""
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError(f"the CuPy kernels need CuPy: pip install {CUPY_PACKAGE}") from e
+    return cupy
+
+
+def torch():
+    import torch
+
+    return torch
+
+
+@functools.cache
+def module(name: str, defines: tuple[tuple[str, int | float], ...] = (), exact: bool = False):
+    """cupy.RawModule of kernel file `name` with `defines` (compiled once per process)."""
+    cp = cupy()
+    opts = OPTIONS + include_options() + (EXACT_OPTIONS if exact else ())
+    log.debug("compiling %s %s", name, defines)
+    return cp.RawModule(code=build_source(name, dict(defines)), options=opts)
+
+
+class _Launcher:
+    """Launches cupy kernels on torch's current stream with raw pointers."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, object] = {}
+
+    def stream(self):
+        ptr = torch().cuda.current_stream().cuda_stream
+        s = self._streams.get(ptr)
+        if s is None:
+            s = self._streams[ptr] = cupy().cuda.ExternalStream(ptr)
+        return s
+
+    def __call__(self, kern, grid, block, args, shared_mem: int = 0) -> None:
+        with self.stream():
+            kern(grid, block, args, shared_mem=shared_mem)
+
+
+launch = _Launcher()
+
+
+def ptr(t) -> np.uint64:
+    """Device address of a torch tensor, as a kernel argument."""
+    return np.uint64(t.data_ptr())
+
+
+def check_cuda(name: str, t) -> None:
+    """ValueError unless `t` is a CUDA torch.Tensor."""
+    th = torch()
+    if not isinstance(t, th.Tensor) or not t.is_cuda:
+        raise ValueError(
+            f"{name} must be a CUDA torch.Tensor, got {type(t).__name__}"
+            + (f" on {t.device}" if isinstance(t, th.Tensor) else "")
+        )

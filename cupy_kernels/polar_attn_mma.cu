@@ -1,0 +1,571 @@
+// Split-K decode attention on tensor cores (polar_attn_mma, KMODE 0 only): the contract of
+// polar_attn_simt (tensors, grid, partials: polar_attn_common.cuh), computed with
+// mma.sync.m16n8k16 (f16 operands, f32 accumulation) on codebook entries gathered as half2.
+//
+// Each warp is an independent flash-decoding stream over warp tiles of TW keys (tiles w, w + NWARPS,
+// ... of the CTA's chunk) with its own cp.async ring of STAGES stages, its own running max / sum and
+// its own output accumulators; no CTA barrier in the main loop. The warps are merged at the end.
+//   K phase, per 16 keys: S[key][col] = sum over the 8 k-steps of a 64-block of A x B, A = 16 keys x 16
+//     (8 pairs x (x, y)) = the codebook entries (CX, CY)[code] (one half2 gather per pair, no FMA),
+//     B = the query rows (pairs permuted the same way). score = sum_blocks d * 2^E * scale * S.
+//     PREC 1: the codebook and q are split into fp16 hi + lo (hi + lo = the float32 value to ~2^-22);
+//     the B columns hold [q_hi rows | q_lo rows], and A_hi x B + A_lo x B adds every term but lo x lo.
+//   V phase, per 8 keys: out[pair][(row, xy)] += A x B with A = 16 pairs x 16 (8 keys x (x, y)) =
+//     the gathered half2 entries again, B[(key, xy)][(row, xy')] = P[key][row] d[key] [xy == xy'].
+//     PREC 1: 3 mma (A_hi B_hi, A_hi B_lo, A_lo B_hi).
+// Fragment layouts (PTX ISA, m16n8k16 .f16): g = lane / 4, c = lane % 4;
+//   A regs: (row g, k 2c..2c+1), (row g+8, k 2c..), (row g, k 2c+8..), (row g+8, k 2c+8..)
+//   B regs: (k 2c..2c+1, col g), (k 2c+8..2c+9, col g);  C: (row g, col 2c, 2c+1), (row g+8, ...)
+// K phase pair order: row-slot k 2c.. of k-step ks <-> pair 8c + 2ks, slot 2c+8.. <-> pair 8c + 2ks + 1.
+// V phase: m-tile h of 64-block j, row g <-> pair 32j + 4g + 2h, row g+8 <-> pair 32j + 4g + 2h + 1.
+//
+// Compile-time constants besides those of polar_attn_common.cuh: TW, STAGES, PREC, SHARE_TAB.
+
+#include "polar_attn_common.cuh"
+
+#define RBP (RB <= 4 ? 4 : 8)                  // rows padded
+#define QPARTS (PREC ? 2 : 1)
+#define NQT ((QPARTS * RBP + 7) / 8)           // K-phase n-tiles
+#define NVT (RBP / 4)                          // V-phase n-tiles (4 rows x (x, y) each)
+#define NMT (HD / 32)                          // V-phase m-tiles (16 pairs each)
+#define VROWS (VQUANT ? VROW : VROW + 32)      // smem row stride of V (f16 rows padded: no bank conflicts)
+// shared memory layout (bytes); cupy_kernels.attention computes MSMEM_TOTAL the same way
+#define MKTAB_BYTES (KNC * 128)
+#define MVTAB_BYTES ((VQUANT && !SHARE_TAB) ? VNC * 128 : 0)
+#define WKST ALIGN16(TW * KROW)
+#define WST (WKST + ALIGN16(TW * VROWS))
+#define MSTAGE_BYTES (NWARPS * STAGES * WST)
+#define MRED_BYTES (NWARPS * RBP * HD * 4)
+#define MOFF_KTAB 0
+#define MOFF_VTAB (MOFF_KTAB + ALIGN16(MKTAB_BYTES))
+#define MOFF_STAGE (MOFF_VTAB + ALIGN16(MVTAB_BYTES))
+#define MOFF_WS (MOFF_STAGE + ALIGN16(MSTAGE_BYTES > MRED_BYTES ? MSTAGE_BYTES : MRED_BYTES))
+#define MOFF_ML (MOFF_WS + ALIGN16(NWARPS * TW * RBP * 4))
+#define MSMEM_TOTAL (MOFF_ML + ALIGN16(NWARPS * RBP * 4 * 2))
+
+static_assert(TW % 16 == 0, "warp tile must be a multiple of 16 keys");
+static_assert(RB <= 8, "at most 8 rows per CTA");
+
+#if PREC
+typedef uint2 tab_t;  // (hi half2, lo half2)
+#define TAB_LANE_OFF(lane) (((lane) & 15) * 8)
+#else
+typedef u32 tab_t;  // hi half2
+#define TAB_LANE_OFF(lane) ((lane) * 4)
+#endif
+
+__device__ __forceinline__ u32 tab_hi(const uint2 e) { return e.x; }
+__device__ __forceinline__ u32 tab_hi(const u32 e) { return e; }
+__device__ __forceinline__ u32 tab_lo(const uint2 e) { return e.y; }
+__device__ __forceinline__ u32 tab_lo(const u32) { return 0u; }
+
+// entry of code `code` (the lane's own copy): tl = table + TAB_LANE_OFF(lane)
+__device__ __forceinline__ tab_t tab_get(const u8 * tl, u32 code) { return *reinterpret_cast<const tab_t *>(tl + code * 128u); }
+
+__device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16_zfill(u32 dst, const void * src, u32 nbytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(nbytes));
+}
+
+__device__ __forceinline__ u32 pack_h2(u16 lo, u16 hi) { return (u32) lo | ((u32) hi << 16); }
+
+// float2 -> (hi half2, lo half2) with hi + lo ~ v
+__device__ __forceinline__ void split_h2(float x, float y, u32 & hi, u32 & lo) {
+    const u16 hx = f2h(x), hy = f2h(y);
+    hi = pack_h2(hx, hy);
+    lo = pack_h2(f2h(x - h2f(hx)), f2h(y - h2f(hy)));
+}
+
+template <int N> __device__ __forceinline__ float sel_arr(const float (&a)[N], int i) {
+    float v = a[0];
+#pragma unroll
+    for (int k = 1; k < N; ++k) {
+        v = i == k ? a[k] : v;
+    }
+    return v;
+}
+template <int N> __device__ __forceinline__ int sel_arr(const int (&a)[N], int i) {
+    int v = a[0];
+#pragma unroll
+    for (int k = 1; k < N; ++k) {
+        v = i == k ? a[k] : v;
+    }
+    return v;
+}
+
+// K phase: the codes of pairs 8c .. 8c+7 of one block (quads 2c, 2c+1), block at byte `off`
+template <int FMT> __device__ __forceinline__ void k_quads(const u8 * st, u32 off, int c, u32 (&w)[2]);
+template <> __device__ __forceinline__ void k_quads<POLAR_KERNEL_ID>(const u8 * st, u32 off, int c, u32 (&w)[2]) {
+    lds_words_a2<2>(st, off + 2 + 8 * c, w);
+}
+template <> __device__ __forceinline__ void k_quads<POLAR3_KERNEL_ID>(const u8 * st, u32 off, int c, u32 (&w)[2]) {
+    u32 qs[2], qh[2];
+    lds_words_a2<2>(st, off + 2 + 8 * (c & 1), qs);  // qs words 2(c&1), 2(c&1)+1
+    lds_words_a2<2>(st, off + 18, qh);
+    const int s4 = 4 * (c >> 1), s2 = 2 * c;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        w[i] = ((qs[i] >> s4) & 0x0F0F0F0Fu) | (((qh[i] >> s2) & 0x03030303u) << 4);
+    }
+}
+
+// The warps' partials of row r merged: M = max_w m_w and sum_w 2^(m_w - M) x(w) over the warps
+// with m_w > -inf (0 if there are none); mw = m [NWARPS][RBP].
+template <class X> __device__ __forceinline__ float merge_warps(const float * mw, int r, float & M, X x) {
+    M = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+        M = fmaxf(M, mw[w * RBP + r]);
+    }
+    float sum = 0.0f;
+    if (M != NEG_INF) {
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) {
+            const float mv = mw[w * RBP + r];
+            if (mv != NEG_INF) {
+                sum += exp2f(mv - M) * x(w);
+            }
+        }
+    }
+    return sum;
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN_PARAMS) {
+    extern __shared__ __align__(16) u8 smem[];
+    const int      tid  = threadIdx.x;
+    const int      lane = tid & 31;
+    const int      warp = tid >> 5;
+    const int      g    = lane >> 2;
+    const int      c    = lane & 3;
+    const attn_cta cta  = attn_cta_get(lens, Hkv, G, Tq, chunk);
+    const int      r0 = cta.r0, z = cta.z, R = cta.R, c0 = cta.c0, c1 = cta.c1;
+
+    if (c0 >= c1) {
+        attn_write_empty(cta, tid, o_part, m_part, l_part);
+        return;
+    }
+
+    const u8 * kbase = kc + (long long) z * T_max * KROW;
+    const u8 * vbase = vc + (long long) z * T_max * VROW;
+    const int  ntw   = (c1 - c0 + TW - 1) / TW;                                 // warp tiles in the chunk
+    const int  nmine = ntw > warp ? (ntw - warp + NWARPS - 1) / NWARPS : 0;     // this warp's
+    u8 *       wstage = smem + MOFF_STAGE + warp * (STAGES * WST);
+
+    // stage a warp tile (keys t0 .. t0 + TW - 1; bytes past the valid keys are zero-filled)
+    auto issue = [&](int i) {
+        const int  t0     = c0 + (warp + i * NWARPS) * TW;
+        const int  nvalid = min(TW, c1 - t0);
+        u8 *       kst    = wstage + (i % STAGES) * WST;
+        const u32  kdst   = smem_u32(kst);
+        const u32  vdst   = kdst + WKST;
+        const u8 * ksrc   = kbase + (long long) t0 * KROW;
+        const u8 * vsrc   = vbase + (long long) t0 * VROW;
+        const int  kvb    = nvalid * KROW;
+        for (int ch = lane; ch < TW * KROW / 16; ch += 32) {
+            const int n = min(max(kvb - 16 * ch, 0), 16);
+            cp_async16_zfill(kdst + 16 * ch, n ? ksrc + 16 * ch : kc, n);
+        }
+        const int vvb = nvalid * VROW;
+        for (int ch = lane; ch < TW * VROW / 16; ch += 32) {
+            const int n = min(max(vvb - 16 * ch, 0), 16);
+#if VQUANT
+            const u32 d = vdst + 16 * ch;
+#else
+            const u32 d = vdst + (ch / (VROW / 16)) * VROWS + (ch % (VROW / 16)) * 16;
+#endif
+            cp_async16_zfill(d, n ? vsrc + 16 * ch : vc, n);
+        }
+    };
+    // codebook tables, prebuilt by cupy_kernels.codec in the shared-memory layout (entry (hi half2
+    // [, lo half2]) of code k, copy l at byte k * 128 + TAB_LANE_OFF(l)): one cp.async group of
+    // their own (the oldest), overlapping the first K/V stages
+    {
+        const u32 kt = smem_u32(smem + MOFF_KTAB);
+        for (int ch = tid; ch < MKTAB_BYTES / 16; ch += NTHREADS) {
+            cp_async16(kt + 16 * ch, reinterpret_cast<const u8 *>(ktab_g) + 16 * ch);
+        }
+#if VQUANT && !SHARE_TAB
+        const u32 vt = smem_u32(smem + MOFF_VTAB);
+        for (int ch = tid; ch < MVTAB_BYTES / 16; ch += NTHREADS) {
+            cp_async16(vt + 16 * ch, reinterpret_cast<const u8 *>(vtab_g) + 16 * ch);
+        }
+#endif
+        cp_async_commit();
+    }
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < nmine) {
+            issue(s);
+        }
+        cp_async_commit();
+    }
+    const u8 * ktl = smem + MOFF_KTAB + TAB_LANE_OFF(lane);
+#if VQUANT
+    const u8 * vtl = smem + (SHARE_TAB ? MOFF_KTAB : MOFF_VTAB) + TAB_LANE_OFF(lane);
+#endif
+
+    // q: a power-of-two normalization 2^-E (max |q| of the CTA's rows < 1, so fp16 never overflows),
+    // then this lane's B fragments. score = fac * sum_blocks d * S, fac = scale * log2(e) * 2^E.
+    float qmax = 0.0f;
+    for (int e = lane; e < RB * HD; e += 32) {
+        const int rr = r0 + e / HD;
+        if (rr < R) {
+            qmax = fmaxf(qmax, fabsf(load_q(q, cta.q_row(rr, sqb, sqh, sqt) + e % HD)));
+        }
+    }
+#pragma unroll
+    for (int h = 16; h >= 1; h >>= 1) {
+        qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, h));
+    }
+    int qexp = 0;
+    if (qmax > 0.0f && qmax <= 3.0e38f) {
+        frexpf(qmax, &qexp);
+        qexp = max(min(qexp, 120), -120);
+    }
+    const float qnorm = __int_as_float((127 - qexp) << 23);
+    const float fac   = scale_log2 * __int_as_float((127 + qexp) << 23);
+
+    u32 qf[NB][4][NQT][2];
+#pragma unroll
+    for (int t = 0; t < NQT; ++t) {
+        const int col  = 8 * t + g;
+        const int part = col / RBP;
+        const int r    = col % RBP;
+        const int rr   = r0 + r;
+        const bool ok  = r < RB && rr < R && part < QPARTS;
+        long long qoff = 0;
+        if (ok) {
+            qoff = cta.q_row(rr, sqb, sqh, sqt);
+        }
+#pragma unroll
+        for (int j = 0; j < NB; ++j) {
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int p = 32 * j + 8 * c + 2 * ks + e;
+                    u32 v = 0;
+                    if (ok) {
+                        u32 hi, lo;
+                        split_h2(load_q(q, qoff + 2 * p) * qnorm, load_q(q, qoff + 2 * p + 1) * qnorm, hi, lo);
+                        v = part == 0 ? hi : lo;
+                    }
+                    qf[j][ks][t][e] = v;
+                }
+            }
+        }
+    }
+
+    // rows of this lane in the K phase (ra, ra + 1); owner lanes write P and l
+#if RBP == 4
+    const int  ra    = 2 * (c & 1);
+    const bool owner = c < 2;
+#else
+    const int  ra    = 2 * c;
+    const bool owner = true;
+#endif
+    int lim_a, lim_b;  // key t is visible to row r iff t < lim
+    {
+        const int rra = r0 + ra, rrb = r0 + ra + 1;
+        lim_a = (ra < RB && rra < R) ? cta.limit(rra) : 0;
+        lim_b = (ra + 1 < RB && rrb < R) ? cta.limit(rrb) : 0;
+    }
+
+    float m_run[RBP];
+#pragma unroll
+    for (int r = 0; r < RBP; ++r) {
+        m_run[r] = NEG_INF;
+    }
+    float l_a = 0.0f, l_b = 0.0f;
+    float acc[NMT][NVT][4];
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NVT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[mt][nt][e] = 0.0f;
+            }
+        }
+    }
+    float * ws = reinterpret_cast<float *>(smem + MOFF_WS) + warp * TW * RBP;  // P [TW][RBP]
+
+    cp_async_wait<STAGES - 1>();  // the table group (the oldest) has landed
+    __syncthreads();               // tables ready
+
+#pragma unroll 1
+    for (int i = 0; i < nmine; ++i) {
+        cp_async_wait<STAGES - 2>();
+        __syncwarp();
+        if (i + STAGES - 1 < nmine) {
+            issue(i + STAGES - 1);
+        }
+        cp_async_commit();
+
+        const u8 * kst = wstage + (i % STAGES) * WST;
+        const u8 * vst = kst + WKST;
+        const int  t0  = c0 + (warp + i * NWARPS) * TW;
+
+        // ---- K phase ----------------------------------------------------------------------------
+        float s[TW / 16][2][2];  // [m-tile][key g, g+8][row ra, ra+1]
+#pragma unroll
+        for (int mt = 0; mt < TW / 16; ++mt) {
+            const u32 rowg  = (u32) (mt * 16 + g) * KROW;
+            const u32 rowg8 = rowg + 8 * KROW;
+            float     sc[NQT][4];
+#pragma unroll
+            for (int t = 0; t < NQT; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    sc[t][e] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NB; ++j) {
+                const float dg  = h2f(lds_u16(kst, rowg + j * KTS));
+                const float dg8 = h2f(lds_u16(kst, rowg8 + j * KTS));
+                u32 wa[2], wb[2];
+                k_quads<KFMT>(kst, rowg + j * KTS, c, wa);
+                k_quads<KFMT>(kst, rowg8 + j * KTS, c, wb);
+                float C[NQT][4];
+#pragma unroll
+                for (int t = 0; t < NQT; ++t) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        C[t][e] = 0.0f;
+                    }
+                }
+#pragma unroll
+                for (int ks = 0; ks < 4; ++ks) {
+                    const u32   xa = wa[ks >> 1], xb = wb[ks >> 1];
+                    const int   sh = 16 * (ks & 1);
+                    const tab_t e0 = tab_get(ktl, bfe(xa, sh, 8));
+                    const tab_t e1 = tab_get(ktl, bfe(xb, sh, 8));
+                    const tab_t e2 = tab_get(ktl, bfe(xa, sh + 8, 8));
+                    const tab_t e3 = tab_get(ktl, bfe(xb, sh + 8, 8));
+#pragma unroll
+                    for (int t = 0; t < NQT; ++t) {
+                        mma16816(C[t], tab_hi(e0), tab_hi(e1), tab_hi(e2), tab_hi(e3), qf[j][ks][t][0], qf[j][ks][t][1]);
+                    }
+#if PREC
+                    mma16816(C[0], tab_lo(e0), tab_lo(e1), tab_lo(e2), tab_lo(e3), qf[j][ks][0][0], qf[j][ks][0][1]);
+#endif
+                }
+#pragma unroll
+                for (int t = 0; t < NQT; ++t) {
+                    sc[t][0] = fmaf(dg, C[t][0], sc[t][0]);
+                    sc[t][1] = fmaf(dg, C[t][1], sc[t][1]);
+                    sc[t][2] = fmaf(dg8, C[t][2], sc[t][2]);
+                    sc[t][3] = fmaf(dg8, C[t][3], sc[t][3]);
+                }
+            }
+            // columns -> rows ra, ra + 1 (hi + lo parts), scale, mask
+#pragma unroll
+            for (int kk = 0; kk < 2; ++kk) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+#if RBP == 4
+                    float v = sc[0][2 * kk + e];
+                    v += __shfl_xor_sync(0xffffffffu, v, 2);
+#elif NQT == 2
+                    const float v = sc[0][2 * kk + e] + sc[1][2 * kk + e];
+#else
+                    const float v = sc[0][2 * kk + e];
+#endif
+                    const int t = t0 + mt * 16 + g + 8 * kk;
+                    s[mt][kk][e] = t < (e ? lim_b : lim_a) ? v * fac : NEG_INF;
+                }
+            }
+        }
+
+        // ---- online softmax (per warp) ----------------------------------------------------------
+        float tm[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float x = NEG_INF;
+#pragma unroll
+            for (int mt = 0; mt < TW / 16; ++mt) {
+                x = fmaxf(x, fmaxf(s[mt][0][e], s[mt][1][e]));
+            }
+            x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+            x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+            x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+            tm[e] = x;
+        }
+        float tmax[RBP];  // every lane: all rows
+#if RBP == 4
+        {
+            const float o0 = __shfl_xor_sync(0xffffffffu, tm[0], 1);
+            const float o1 = __shfl_xor_sync(0xffffffffu, tm[1], 1);
+            const bool  od = c & 1;
+            tmax[0] = od ? o0 : tm[0];
+            tmax[1] = od ? o1 : tm[1];
+            tmax[2] = od ? tm[0] : o0;
+            tmax[3] = od ? tm[1] : o1;
+        }
+#else
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            tmax[2 * cc]     = __shfl_sync(0xffffffffu, tm[0], (lane & ~3) | cc);
+            tmax[2 * cc + 1] = __shfl_sync(0xffffffffu, tm[1], (lane & ~3) | cc);
+        }
+#endif
+        float alpha[RBP];
+#pragma unroll
+        for (int r = 0; r < RBP; ++r) {
+            const float mn = fmaxf(m_run[r], tmax[r]);
+            alpha[r]       = mn == NEG_INF ? 1.0f : exp2f(m_run[r] - mn);
+            m_run[r]       = mn;
+        }
+        {
+            const float ma = sel_arr(m_run, ra), mb = sel_arr(m_run, ra + 1);
+            l_a *= sel_arr(alpha, ra);
+            l_b *= sel_arr(alpha, ra + 1);
+#pragma unroll
+            for (int mt = 0; mt < TW / 16; ++mt) {
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                    const float pa = s[mt][kk][0] == NEG_INF ? 0.0f : exp2f(s[mt][kk][0] - ma);
+                    const float pb = s[mt][kk][1] == NEG_INF ? 0.0f : exp2f(s[mt][kk][1] - mb);
+                    l_a += pa;
+                    l_b += pb;
+                    if (owner) {
+                        *reinterpret_cast<float2 *>(ws + (mt * 16 + g + 8 * kk) * RBP + ra) = make_float2(pa, pb);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NVT; ++nt) {
+            const float al = sel_arr(alpha, 4 * nt + c);
+#pragma unroll
+            for (int mt = 0; mt < NMT; ++mt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    acc[mt][nt][e] *= al;
+                }
+            }
+        }
+        __syncwarp();  // P in ws
+
+        // ---- V phase ----------------------------------------------------------------------------
+#pragma unroll 2
+        for (int k8 = 0; k8 < TW / 8; ++k8) {
+            const int kc0 = k8 * 8 + c, kc1 = kc0 + 4;
+            float     p0[NVT], p1[NVT];
+#pragma unroll
+            for (int nt = 0; nt < NVT; ++nt) {
+                p0[nt] = ws[kc0 * RBP + 4 * nt + (g >> 1)];
+                p1[nt] = ws[kc1 * RBP + 4 * nt + (g >> 1)];
+            }
+            const int hs = 16 * (g & 1);  // column g holds (row, x) for even g, (row, y) for odd g
+#pragma unroll
+            for (int j = 0; j < NB; ++j) {
+#if VQUANT
+                const float dv0 = h2f(lds_u16(vst, (u32) kc0 * VROWS + j * VTS));
+                const float dv1 = h2f(lds_u16(vst, (u32) kc1 * VROWS + j * VTS));
+#else
+                const float dv0 = 1.0f, dv1 = 1.0f;
+#endif
+                u32 bh0[NVT], bh1[NVT];
+#if PREC
+                u32 bl0[NVT], bl1[NVT];
+#endif
+#pragma unroll
+                for (int nt = 0; nt < NVT; ++nt) {
+                    const float w0 = p0[nt] * dv0, w1 = p1[nt] * dv1;
+                    const u16   h0 = f2h(w0), h1 = f2h(w1);
+                    bh0[nt] = (u32) h0 << hs;
+                    bh1[nt] = (u32) h1 << hs;
+#if PREC
+                    bl0[nt] = (u32) f2h(w0 - h2f(h0)) << hs;
+                    bl1[nt] = (u32) f2h(w1 - h2f(h1)) << hs;
+#endif
+                }
+#if VQUANT
+                const u32 x0 = v_quad<VFMT>(vst, (u32) kc0 * VROWS, j, g);
+                const u32 x1 = v_quad<VFMT>(vst, (u32) kc1 * VROWS, j, g);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const tab_t e0 = tab_get(vtl, bfe(x0, 16 * h, 8));
+                    const tab_t e1 = tab_get(vtl, bfe(x0, 16 * h + 8, 8));
+                    const tab_t e2 = tab_get(vtl, bfe(x1, 16 * h, 8));
+                    const tab_t e3 = tab_get(vtl, bfe(x1, 16 * h + 8, 8));
+#pragma unroll
+                    for (int nt = 0; nt < NVT; ++nt) {
+                        mma16816(acc[2 * j + h][nt], tab_hi(e0), tab_hi(e1), tab_hi(e2), tab_hi(e3), bh0[nt], bh1[nt]);
+#if PREC
+                        mma16816(acc[2 * j + h][nt], tab_hi(e0), tab_hi(e1), tab_hi(e2), tab_hi(e3), bl0[nt], bl1[nt]);
+                        mma16816(acc[2 * j + h][nt], tab_lo(e0), tab_lo(e1), tab_lo(e2), tab_lo(e3), bh0[nt], bh1[nt]);
+#endif
+                    }
+                }
+#else
+                const uint4 v0 = *reinterpret_cast<const uint4 *>(vst + (u32) kc0 * VROWS + 128 * j + 16 * g);
+                const uint4 v1 = *reinterpret_cast<const uint4 *>(vst + (u32) kc1 * VROWS + 128 * j + 16 * g);
+#pragma unroll
+                for (int nt = 0; nt < NVT; ++nt) {
+                    mma16816(acc[2 * j][nt], v0.x, v0.y, v1.x, v1.y, bh0[nt], bh1[nt]);
+                    mma16816(acc[2 * j + 1][nt], v0.z, v0.w, v1.z, v1.w, bh0[nt], bh1[nt]);
+#if PREC
+                    mma16816(acc[2 * j][nt], v0.x, v0.y, v1.x, v1.y, bl0[nt], bl1[nt]);
+                    mma16816(acc[2 * j + 1][nt], v0.z, v0.w, v1.z, v1.w, bl0[nt], bl1[nt]);
+#endif
+                }
+#endif
+            }
+        }
+    }
+
+    // ---- epilogue: merge the warps, write partials ---------------------------------------------
+    cp_async_wait<0>();
+    __syncthreads();  // stage buffers free
+    float * red = reinterpret_cast<float *>(smem + MOFF_STAGE);  // [NWARPS][RBP][HD]
+    float * mw  = reinterpret_cast<float *>(smem + MOFF_ML);     // [NWARPS][RBP]
+    float * lw  = mw + NWARPS * RBP;
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NVT; ++nt) {
+            const int r = 4 * nt + c;
+            const int d = 64 * (mt >> 1) + 8 * g + 4 * (mt & 1);
+            *reinterpret_cast<float4 *>(red + (warp * RBP + r) * HD + d) =
+                make_float4(acc[mt][nt][0], acc[mt][nt][1], acc[mt][nt][2], acc[mt][nt][3]);
+        }
+    }
+#pragma unroll
+    for (int h = 4; h <= 16; h <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffffu, l_a, h);
+        l_b += __shfl_xor_sync(0xffffffffu, l_b, h);
+    }
+    if (g == 0 && owner) {
+        lw[warp * RBP + ra]     = l_a;
+        lw[warp * RBP + ra + 1] = l_b;
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < RBP; ++r) {
+            mw[warp * RBP + r] = m_run[r];
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < RB * HD; e += NTHREADS) {
+        const int r = e / HD;
+        const int d = e % HD;
+        if (r0 + r < R) {
+            float M;
+            o_part[cta.part(r) * HD + d] = merge_warps(mw, r, M, [&](int w) { return red[(w * RBP + r) * HD + d]; });
+        }
+    }
+    if (tid < RB && r0 + tid < R) {
+        float       M;
+        const float L = merge_warps(mw, tid, M, [&](int w) { return lw[w * RBP + tid]; });
+        m_part[cta.part(tid)] = M;
+        l_part[cta.part(tid)] = L;
+    }
+}

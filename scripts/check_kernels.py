@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Compile every CuPy kernel variant with nvcc, without a GPU.
+
+    python scripts/check_kernels.py              the variants of the tested shapes (cubin, sm_90)
+    python scripts/check_kernels.py --all        every shape with every format, q type and row count
+    python scripts/check_kernels.py --emit ptx --out DIR   keep the PTX of each variant in DIR
+    python scripts/check_kernels.py --list       print the variants, compile nothing
+
+The source of each variant is the text cupy_kernels.loader gives NVRTC (`build_source`: the
+#defines of cupy_kernels.attention's plan, then the file), compiled with the loader's options
+plus -arch. Variants: the encoder, polar_attn_combine per head dim, and polar_attn_mma /
+polar_attn_simt for head dims 64/128/256, K/V formats polar, polar3, paperb (the research
+preset, registered from scripts/study) and float16 V, every kmode, q float32/float16/bfloat16
+(mma precision fp32/fp16), the configurations of tests/test_gpu_attention.py and the shipped
+defaults. NVRTC has no host headers: the kernel sources may include only each other and the
+generated header (checked first). Exit status 1 if anything fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from study import paperb_kernel_ref
+
+from cupy_kernels import attention, loader
+
+log = logging.getLogger("check_kernels")
+
+ATTN_CASES = [  # (kfmt, vfmt, kmode)
+    *((k, v, "gather") for k, v in (("polar", "polar"), ("polar3", "polar3"), ("polar", "f16"),
+                                     ("polar3", "f16"), ("polar", "polar3"), ("paperb", "paperb"),
+                                     ("paperb", "f16"))),
+    ("paperb", "paperb", "anglelut"),
+    ("paperb", "f16", "anglelut"),
+    ("polar3", "polar3", "lut"),
+    ("polar", "polar", "lut"),
+]
+CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py, scripts/bench_gpu.py
+    attention.SIMT_CONFIG,
+    attention.SIMT_CONFIG_F16V,
+    attention.AttnConfig(impl="simt"),
+    attention.AttnConfig(impl="simt", nwarps=8, tpt=1, stages=2, repl=8),
+    attention.AttnConfig(impl="simt", nwarps=2, tpt=2, stages=4, repl=16),
+    attention.AttnConfig(nwarps=4, wtile=32, stages=4),
+    attention.AttnConfig(nwarps=8, wtile=16, stages=2),
+    attention.AttnConfig(nwarps=2, wtile=64, stages=3),
+    attention.AttnConfig(nwarps=2, wtile=48, stages=5, prec="fp16"),
+    attention.AttnConfig(prec="fp16"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    file: str
+    defines: tuple[tuple[str, int], ...]
+    exact: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.file} " + " ".join(f"{k}={v}" for k, v in self.defines)
+
+    @property
+    def key(self) -> str:
+        stem = self.file.removesuffix(".cu")
+        return f"{stem}-{hashlib.sha256(self.label.encode()).hexdigest()[:12]}"
+
+
+def _attn(seen: dict, D: int, kfmt: str, vfmt: str, cfg, fallback: bool, qt: int, rb: int) -> None:
+    if cfg.kmode != "gather" and cfg.impl == "mma":
+        cfg = dataclasses.replace(cfg, impl="simt")
+    c, d, smem = attention.select_variant(D, kfmt, vfmt, rb, qt, cfg, fallback)
+    if smem <= attention.SMEM_LIMIT:
+        seen.setdefault(Variant(f"{attention.KERNELS[c.impl]}.cu", tuple(d.items())), None)
+
+
+def variants(full: bool) -> list[Variant]:
+    """Default: every format pair, kmode, head dim, q type and 1/4/8 rows with the default shape
+    and the tests' simt shape, and the other shapes at D=128, 4 rows, float32 q (as the tests
+    run them). full: every shape with every format pair, q type and row count 1..8."""
+    paperb_kernel_ref.register_kernel_format()
+    out = [Variant("polar_encode.cu", (), exact=True)]
+    out += [Variant("polar_attn_combine.cu", (("HD", D),)) for D in attention.HEAD_DIMS]
+    seen: dict[Variant, None] = {}
+    rows = range(1, 9) if full else (1, 4, 8)
+    for D in attention.HEAD_DIMS:
+        for kfmt, vfmt, kmode in ATTN_CASES:
+            for qt in (0, 1, 2):
+                for rb in rows:
+                    _attn(seen, D, kfmt, vfmt, attention.default_config(vfmt, kmode), True, qt, rb)
+                    _attn(seen, D, kfmt, vfmt, attention.AttnConfig(kmode=kmode, impl="simt"), False, qt, rb)
+                    for cfg in CONFIGS if full else ():
+                        _attn(seen, D, kfmt, vfmt, dataclasses.replace(cfg, kmode=kmode), False, qt, rb)
+    for cfg in () if full else CONFIGS:
+        for vfmt in ("polar", "f16"):
+            _attn(seen, 128, "polar", vfmt, cfg, False, 0, 4)
+    return out + list(seen)
+
+
+def check_includes() -> list[str]:
+    """Problems with the #includes of the kernel sources: NVRTC finds only the include path."""
+    dirs = (loader.kernel_dir(), loader.header_dir())
+    bad = []
+    for p in sorted(loader.kernel_dir().glob("*.cu*")):
+        for m in re.finditer(r'^\s*#\s*include\s*([<"])([^>"]+)', p.read_text(), re.M):
+            if m.group(1) == "<":
+                bad.append(f"{p.name}: #include <{m.group(2)}> (a host header: NVRTC has none)")
+            elif not any((d / m.group(2)).is_file() for d in dirs):
+                bad.append(f'{p.name}: #include "{m.group(2)}" is not on the include path')
+    return bad
+
+
+def compile_one(v: Variant, nvcc: str, arch: str, emit: str, tmp: Path, out: Path | None) -> str | None:
+    """None if `v` compiles, else the compiler's message."""
+    src = tmp / f"{v.key}.cu"
+    src.write_text(loader.build_source(v.file, dict(v.defines)))
+    opts = [*loader.OPTIONS, *loader.include_options(), *(loader.EXACT_OPTIONS if v.exact else ())]
+    dst = (out or tmp) / f"{v.key}.{emit}"
+    cmd = [nvcc, *opts, f"-arch={arch}", f"--{emit}", str(src), "-o", str(dst)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode or not dst.is_file():
+        return f"nvcc exit status {r.returncode}\n" + (r.stderr + r.stdout).strip()[-3000:]
+    if out is not None:
+        (out / f"{v.key}.txt").write_text(v.label + "\n")
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="every shape x format pair x q type x rows 1..8")
+    ap.add_argument("--arch", default="sm_90", help="nvcc -arch (default sm_90)")
+    ap.add_argument("--emit", choices=("cubin", "ptx"), default="cubin", help="cubin also runs ptxas")
+    ap.add_argument("--out", type=Path, help="keep the outputs here, with a .txt naming each variant")
+    ap.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/bin/nvcc")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+
+    bad = check_includes()
+    for b in bad:
+        log.error("%s", b)
+    vs = variants(args.all)
+    if args.list:
+        print(*(v.label for v in vs), sep="\n")
+        return 1 if bad else 0
+    if not Path(args.nvcc).exists():
+        log.error("nvcc not found (%s): pass --nvcc", args.nvcc)
+        return 1
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    log.info("compiling %d variants with %s (-arch=%s, %d jobs)", len(vs), args.nvcc, args.arch, args.jobs)
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as ex:
+        jobs = {ex.submit(compile_one, v, args.nvcc, args.arch, args.emit, Path(tmp), args.out): v
+                for v in vs}
+        for i, fut in enumerate(concurrent.futures.as_completed(jobs), 1):
+            v, err = jobs[fut], fut.result()
+            if err:
+                failed += 1
+                log.error("FAILED %s\n%s", v.label, err)
+            else:
+                log.debug("ok %s", v.label)
+            if i % 50 == 0:
+                log.info("%d/%d", i, len(vs))
+    log.info("%d variants, %d failed", len(vs), failed)
+    return 1 if failed or bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
