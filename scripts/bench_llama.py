@@ -60,7 +60,8 @@ def run(cmd: list[str], env_extra: dict | None = None, log=None) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     out = p.stdout + p.stderr
     if log is not None:
-        log.append({"cmd": " ".join(cmd), "env": env_extra or {}, "rc": p.returncode, "s": round(time.time() - t0, 1)})
+        log.append({"cmd": " ".join(cmd), "env": env_extra or {}, "rc": p.returncode,
+                    "s": round(time.time() - t0, 1)})
     if p.returncode != 0:
         tail = "\n".join(out.splitlines()[-15:])
         raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)}\n{tail}")
@@ -143,7 +144,8 @@ def memory(args, log) -> dict:
             cmd = [binp, "-m", model, "-c", str(ctx), "-ctk", kv, "-ctv", kv, "-fa", "on", "-n", "1",
                    "-p", "hi", "-no-cnv", "--temp", "0", "-t", str(args.threads), "-v"]
             out = run(cmd, log=log)
-            m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB.*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB", out)
+            m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB.*K \((\w+)\): +([\d.]+) MiB, "
+                          r"V \((\w+)\): +([\d.]+) MiB", out)
             if not m:
                 raise RuntimeError(f"no KV size line in the output of {' '.join(cmd)}")
             rows.append({"ctx": ctx, "kv": kv, "total_mib": float(m.group(1)), "k_mib": float(m.group(3)),

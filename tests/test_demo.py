@@ -29,8 +29,8 @@ def test_parse_log():
     got = demo.parse_log(LOG_SAMPLE.read_text())
     assert got == {
         "kv_mib": 23.91, "k_mib": 11.95, "v_mib": 11.95,
-        "prompt_tokens": 3340, "prompt_tps": 39.60,
-        "gen_tokens": 24, "gen_tps": 5.51,
+        "prompt_tokens": 2999, "prompt_tps": 110.46,
+        "gen_tokens": 24, "gen_tps": 32.59,
     }  # fmt: skip
     assert demo.parse_log("no timings here") == {}
 
