@@ -46,18 +46,19 @@ polar_cases() {
     sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -E '^  [A-Z_]+\(.*polar.*\): ' || true
 }
 
-# check_cases LOG WHAT: every polar case in LOG is OK, and there is at least one
+# check_cases LOG WHAT [STATUS]: every polar case in LOG ends in STATUS (default OK; the support
+# query prints SUPPORTED), and there is at least one
 check_cases() {
-    local log=$1 what=$2 n bad
+    local log=$1 what=$2 want=${3:-OK} n bad
     n=$(polar_cases "$log" | wc -l)
-    bad=$(polar_cases "$log" | grep -v -E '\): OK$' || true)
+    bad=$(polar_cases "$log" | grep -v -E "\\): $want\$" || true)
     if [[ "$n" -eq 0 ]]; then
         fail "$what: no polar case ran ($log)"
     elif [[ -n "$bad" ]]; then
         fail "$what: $(echo "$bad" | wc -l) of $n polar cases not OK ($log):"
-        echo "$bad" | head -20
+        sed -n '1,20p' <<<"$bad"
     else
-        echo "ok: $what: $n polar cases OK"
+        echo "ok: $what: $n polar cases $want"
     fi
 }
 
@@ -71,13 +72,13 @@ done
 # 2. support matrix
 log="$OUTDIR/test-backend-ops-support.log"
 "$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,GET_ROWS,CPY,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
-check_cases "$log" "test-backend-ops support"
+check_cases "$log" "test-backend-ops support" SUPPORTED
 
 # 3. the guard: a backend without the polar ops
 log="$OUTDIR/test-backend-ops-support-no-polar.log"
 GGML_CUDA_NO_POLAR=1 "$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
 n=$(polar_cases "$log" | wc -l)
-nsup=$(polar_cases "$log" | grep -c 'not supported' || true)
+nsup=$(polar_cases "$log" | grep -c -i 'not supported' || true)
 if [[ "$n" -gt 0 && "$n" -eq "$nsup" ]]; then
     echo "ok: GGML_CUDA_NO_POLAR=1: $n polar cases not supported"
 else
@@ -122,7 +123,8 @@ for type in polar polar3; do
         echo "ok: -ngl 99 -ctk/-ctv $type: greedy text equals the CPU run"
     else
         fail "-ngl 99 -ctk/-ctv $type: greedy text differs from the CPU run ($gpu.txt vs $cpu.txt)"
-        diff <(tr ' ' '\n' < "$cpu.txt") <(tr ' ' '\n' < "$gpu.txt") | head -10 || true
+        diff <(tr ' ' '\n' < "$cpu.txt") <(tr ' ' '\n' < "$gpu.txt") > "$OUTDIR/diff-$type.txt" || true
+        sed -n '1,10p' "$OUTDIR/diff-$type.txt"
     fi
 done
 
