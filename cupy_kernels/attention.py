@@ -19,6 +19,7 @@ import functools
 import math
 
 import numpy as np
+
 from kvpolar.format import QK
 
 from . import codec, formats, loader

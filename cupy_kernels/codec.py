@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
 from kvpolar.format import QK, get_format
 
 from . import formats, loader

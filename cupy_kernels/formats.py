@@ -16,6 +16,7 @@ import dataclasses
 import functools
 
 import numpy as np
+
 from kvpolar import format as kvformat
 
 BUILTIN = ("polar", "polar3")

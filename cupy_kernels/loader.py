@@ -19,8 +19,9 @@ import hashlib
 import logging
 from pathlib import Path
 
-import kvpolar
 import numpy as np
+
+import kvpolar
 
 log = logging.getLogger("cupy_kernels")
 

@@ -31,9 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from study import paperb_kernel_ref
-
 from cupy_kernels import attention, loader
+from study import paperb_kernel_ref
 
 log = logging.getLogger("check_kernels")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Greedy generation with an fp16 KV cache vs the polar cache (kvpolar.torch_cache) on a GPU.
+"""Greedy generation with an fp16 KV cache vs the polar cache (cupy_kernels.torch_cache) on a GPU.
 
     python scripts/gpu_generate.py gguf PATH.gguf [--prompt TEXT] [--max-new-tokens N] [--json out.json]
     python scripts/gpu_generate.py tiny [--max-new-tokens N] [--json out.json]
@@ -75,8 +75,11 @@ def main(argv=None) -> int:
     common.add_argument("--max-new-tokens", type=int, default=128)
     common.add_argument("--json", help="write the results to this file")
     common.add_argument("--verbose", action="store_true")
-    common.add_argument("--no-center", action="store_true",
-                        help="no centering (default: llama.cpp's offsets, kvpolar.torch_cache.model_offsets)")
+    common.add_argument(
+        "--no-center",
+        action="store_true",
+        help="no centering (default: llama.cpp's offsets, cupy_kernels.torch_cache.model_offsets)",
+    )
     common.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
     import torch
-    from kvpolar import torch_cache as tc
+
+    from cupy_kernels import torch_cache as tc
 
     if args.cmd == "gguf":
         if not args.path.is_file():

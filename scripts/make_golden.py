@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from kvpolar import codec, format
 from kvpolar.atomic import atomic_write_text
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Needle in a haystack with the polar KV cache (kvpolar.torch_cache) against the model's
+"""Needle in a haystack with the polar KV cache (cupy_kernels.torch_cache) against the model's
 default fp16/bf16 cache, on a GPU (or, slowly, the CPU reference backend).
 
     python scripts/needle.py MODEL.gguf [--haystack pg_essays.txt] [--contexts 8192 16384 32768]
@@ -13,7 +13,7 @@ The needle is "The special magic number for <city> is <7 digits>." (city and num
 per cell from a fixed seed); the question asks for that number. Greedy decoding, up to
 `--max-new-tokens` tokens; a cell is "found" when the number appears in the answer.
 Every variant runs on the same prompt: the reference cache (the model's own, SDPA), then each
-`kfmt+vfmt` PolarCache with the llama.cpp centering offsets (kvpolar.torch_cache.model_offsets:
+`kfmt+vfmt` PolarCache with the llama.cpp centering offsets (cupy_kernels.torch_cache.model_offsets:
 attn_k.center from the GGUF, else the k bias). Reports found/not per cell and variant, the
 answers, and where the polar answer first differs from the reference's.
 """
@@ -122,8 +122,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
     import torch
+
+    from cupy_kernels import torch_cache as tc
     from kvpolar import paths
-    from kvpolar import torch_cache as tc
 
     if not args.model.is_file():
         raise SystemExit(f"no such GGUF file: {args.model}")

@@ -29,14 +29,24 @@ def _src(d: dict) -> str:
 
 
 def quality_table(d: dict) -> list[str]:
-    out = [f"### KV-cache quality: {d['model_file']}, {d['chunks']} chunks x {d['ctx']} tokens", "", _src(d), "",
-           "| K | V | centering | K bits/elem | mean KLD | same top token | PPL ratio |", "|---|---|---|---|---|---|---|"]
+    out = [
+        f"### KV-cache quality: {d['model_file']}, {d['chunks']} chunks x {d['ctx']} tokens",
+        "",
+        _src(d),
+        "",
+        "| K | V | centering | K bits/elem | mean KLD | same top token | PPL ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in d["rows"]:
         if "error" in r:
-            out.append(f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {r['bits_k']} | error: {r['error']} | | |")
+            out.append(
+                f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {r['bits_k']} "
+                f"| error: {r['error']} | | |"
+            )
             continue
         out.append(
-            f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {r['bits_k']:g} | {r['mean_kld']:.4f} "
+            f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {r['bits_k']:g} "
+            f"| {r['mean_kld']:.4f} "
             f"| {r['same_top_pct']:.1f} % | {r['ppl_ratio']:.3f} |"
         )
     return [*out, ""]
@@ -44,9 +54,14 @@ def quality_table(d: dict) -> list[str]:
 
 def speed_table(d: dict) -> list[str]:
     tests = sorted({(r["test"], r["depth"]) for r in d["rows"]}, key=lambda t: (t[0].startswith("tg"), t[1]))
-    out = [f"### Speed: {d['model_file']}, llama-bench -fa 1, {d['threads']} threads, {d['reps']} reps", "", _src(d), "",
-           "| K | V | " + " | ".join(f"{t} @ d{dep} (t/s)" for t, dep in tests) + " |",
-           "|---|---|" + "---|" * len(tests)]
+    out = [
+        f"### Speed: {d['model_file']}, llama-bench -fa 1, {d['threads']} threads, {d['reps']} reps",
+        "",
+        _src(d),
+        "",
+        "| K | V | " + " | ".join(f"{t} @ d{dep} (t/s)" for t, dep in tests) + " |",
+        "|---|---|" + "---|" * len(tests),
+    ]
     combos = []
     for r in d["rows"]:
         if (r["k"], r["v"]) not in combos:
@@ -71,41 +86,61 @@ def speed_table(d: dict) -> list[str]:
 
 
 def memory_table(d: dict) -> list[str]:
-    out = [f"### KV-cache memory: {d['model_file']} (K and V of the same type)", "", _src(d), "",
-           "| ctx | type | K MiB | V MiB | total MiB | f16 size / this |", "|---|---|---|---|---|---|"]
+    out = [
+        f"### KV-cache memory: {d['model_file']} (K and V of the same type)",
+        "",
+        _src(d),
+        "",
+        "| ctx | type | K MiB | V MiB | total MiB | f16 size / this |",
+        "|---|---|---|---|---|---|",
+    ]
     f16 = {r["ctx"]: r["total_mib"] for r in d["rows"] if r["kv"] == "f16"}
     for r in d["rows"]:
-        out.append(f"| {r['ctx']} | {r['kv']} | {r['k_mib']:.2f} | {r['v_mib']:.2f} | {r['total_mib']:.2f} "
-                   f"| {f16[r['ctx']] / r['total_mib']:.2f}x |")
+        out.append(
+            f"| {r['ctx']} | {r['kv']} | {r['k_mib']:.2f} | {r['v_mib']:.2f} | {r['total_mib']:.2f} "
+            f"| {f16[r['ctx']] / r['total_mib']:.2f}x |"
+        )
     return [*out, ""]
 
 
 def needle_table(d: dict) -> list[str]:
     names = [k for k in d["cells"][0] if isinstance(d["cells"][0][k], dict)]
     ctxs = sorted({c["ctx"] for c in d["cells"]})
-    out = [f"### Needle in a haystack: {d['model']} ({d['device']}, {d['dtype']}, centering: {d['centering']})", "",
-           f"Command: `{d['command']}` — {d['date']}; haystack {d['haystack']}, {len(d['cells'])} cells "
-           f"({len(d['cells']) // len(ctxs)} needle depths from 0 to 1 per context), greedy answers.", "",
-           "| cache | " + " | ".join(f"found @ {c}" for c in ctxs) + " | missed where the reference found it |",
-           "|---|" + "---|" * (len(ctxs) + 1)]
+    out = [
+        f"### Needle in a haystack: {d['model']} ({d['device']}, {d['dtype']}, centering: {d['centering']})",
+        "",
+        f"Command: `{d['command']}` — {d['date']}; haystack {d['haystack']}, {len(d['cells'])} cells "
+        f"({len(d['cells']) // len(ctxs)} needle depths from 0 to 1 per context), greedy answers.",
+        "",
+        "| cache | " + " | ".join(f"found @ {c}" for c in ctxs) + " | missed where the reference found it |",
+        "|---|" + "---|" * (len(ctxs) + 1),
+    ]
     for n in names:
         found = [sum(c[n]["found"] for c in d["cells"] if c["ctx"] == x) for x in ctxs]
-        miss = [f"{c['ctx']}@{c['depth']:.1f} ({c[n]['answer']!r})" for c in d["cells"]
-                if c["reference"]["found"] and not c[n]["found"]]
+        miss = [
+            f"{c['ctx']}@{c['depth']:.1f} ({c[n]['answer']!r})"
+            for c in d["cells"]
+            if c["reference"]["found"] and not c[n]["found"]
+        ]
         per = len(d["cells"]) // len(ctxs)
-        out.append(f"| {n} | " + " | ".join(f"{f}/{per}" for f in found) + f" | {', '.join(miss) or '–'} |")
+        out.append(f"| {n} | " + " | ".join(f"{f}/{per}" for f in found) + f" | {', '.join(miss) or '–'} |")  # noqa: RUF001 - the table's dash
     return [*out, ""]
 
 
 def generate_table(d: dict, path: str) -> list[str]:
     keys = [k for k in d if isinstance(d[k], dict) and "tok_per_s" in d[k]]
-    out = [f"### Greedy generation: {d['model']} ({d['device']}), {d['prompt_tokens']}-token prompt, "
-           f"{d['max_new_tokens']} new tokens, centering: {d.get('centering', 'none')}", "",
-           f"Command: `python {' '.join(d['argv'])}` (`{path}`). tok/s = new tokens / the whole "
-           "generate call (prefill included, eager transformers: host-bound, not a kernel comparison).", "",
-           "| cache | first token differing from the fp16 cache | tok/s |", "|---|---|---|"]
+    out = [
+        f"### Greedy generation: {d['model']} ({d['device']}), {d['prompt_tokens']}-token prompt, "
+        f"{d['max_new_tokens']} new tokens, centering: {d.get('centering', 'none')}",
+        "",
+        f"Command: `python {' '.join(d['argv'])}` (`{path}`). tok/s = new tokens / the whole "
+        "generate call (prefill included, eager transformers: host-bound, not a kernel comparison).",
+        "",
+        "| cache | first token differing from the fp16 cache | tok/s |",
+        "|---|---|---|",
+    ]
     for k in keys:
-        div = d[k].get("first_divergence", "–")
+        div = d[k].get("first_divergence", "–")  # noqa: RUF001 - the table's dash
         out.append(f"| {k} | {'none' if div is None else div} | {d[k]['tok_per_s']:.1f} |")
     return [*out, ""]
 
@@ -129,20 +164,28 @@ def headline() -> list[str]:
     r = _row(q, k="polar", v="f16", center=True)
     r0 = _row(q, k="q4_0", v="f16", center=False)
     if r and r0:
-        out.append(f"- Qwen2.5-Coder-1.5B, K = polar with centering: mean KLD {r['mean_kld']:.4f}, PPL ratio "
-                   f"{r['ppl_ratio']:.3f} (target <= 0.015 and <= 1.01; q4_0 without centering: "
-                   f"{r0['mean_kld']:.2f} and {r0['ppl_ratio']:.0f}x).")
+        out.append(
+            f"- Qwen2.5-Coder-1.5B, K = polar with centering: mean KLD {r['mean_kld']:.4f}, PPL ratio "
+            f"{r['ppl_ratio']:.3f} (target <= 0.015 and <= 1.01; q4_0 without centering: "
+            f"{r0['mean_kld']:.2f} and {r0['ppl_ratio']:.0f}x)."
+        )
         others = [(t, _row(q, k=t, v="f16", center=True)) for t in ("q4_0", "iq4_nl", "q5_0")]
-        out.append("  With the same centering: " + ", ".join(
-            f"{t} ({BITS_NOTE[t]} bits) {o['mean_kld']:.4f}" for t, o in others if o) + ".")
+        out.append(
+            "  With the same centering: "
+            + ", ".join(f"{t} ({BITS_NOTE[t]} bits) {o['mean_kld']:.4f}" for t, o in others if o)
+            + "."
+        )
     s = _load("quality", "smollm2c")
     for center in (True, False):
         r = _row(s, k="polar", v="f16", center=center)
         iq = _row(s, k="iq4_nl", v="f16", center=center)
         if r and iq:
-            out.append(f"- SmolLM2-135M, K = polar ({r['bits_k']:g} bits), centering {'on (calibrated offsets)' if center else 'off'}: "
-                       f"mean KLD {r['mean_kld']:.4f} (iq4_nl at 4.5 bits, same setting: {iq['mean_kld']:.4f}; "
-                       "target <= 0.0345).")
+            out.append(
+                f"- SmolLM2-135M, K = polar ({r['bits_k']:g} bits), "
+                f"centering {'on (calibrated offsets)' if center else 'off'}: "
+                f"mean KLD {r['mean_kld']:.4f} (iq4_nl at 4.5 bits, same setting: {iq['mean_kld']:.4f}; "
+                "target <= 0.0345)."
+            )
     for model, label in (("smollm2", "SmolLM2-135M"), ("qwen", "Qwen2.5-Coder-1.5B")):
         sp = _load("speed", model)
         if not sp:
@@ -150,34 +193,47 @@ def headline() -> list[str]:
         t = {(r["k"], r["v"], r["test"], r["depth"]): r["tps"] for r in sp["rows"]}
         a, b, f = (t.get((x, x, "tg64", 4096)) for x in ("polar", "q4_0", "f16"))
         if a and b and f:
-            out.append(f"- {label}, tg64 @ depth 4096, K+V polar: {a:.1f} t/s = {a / b:.2f}x K+V q4_0 "
-                       f"({b:.1f}), {a / f:.2f}x f16 ({f:.1f}) (target >= 1.0x q4_0).")
+            out.append(
+                f"- {label}, tg64 @ depth 4096, K+V polar: {a:.1f} t/s = {a / b:.2f}x K+V q4_0 "
+                f"({b:.1f}), {a / f:.2f}x f16 ({f:.1f}) (target >= 1.0x q4_0)."
+            )
         k1, k0 = t.get(("polar", "f16", "tg64", 4096)), t.get(("q4_0", "f16", "tg64", 4096))
         if k1 and k0:
-            out.append(f"- {label}, tg64 @ depth 4096, K-only polar (V f16): {k1:.1f} t/s = {k1 / k0:.2f}x "
-                       f"K-only q4_0 ({k0:.1f}){' (a loss)' if k1 < k0 else ''}.")
+            out.append(
+                f"- {label}, tg64 @ depth 4096, K-only polar (V f16): {k1:.1f} t/s = {k1 / k0:.2f}x "
+                f"K-only q4_0 ({k0:.1f}){' (a loss)' if k1 < k0 else ''}."
+            )
     m = _load("memory", "smollm2")
     if m:
         f16 = {r["ctx"]: r["total_mib"] for r in m["rows"] if r["kv"] == "f16"}
         for r in m["rows"]:
             if r["kv"] == "polar":
-                out.append(f"- KV memory at ctx {r['ctx']}: polar K+V {r['total_mib']:.1f} MiB = "
-                           f"{f16[r['ctx']] / r['total_mib']:.2f}x smaller than f16.")
+                out.append(
+                    f"- KV memory at ctx {r['ctx']}: polar K+V {r['total_mib']:.1f} MiB = "
+                    f"{f16[r['ctx']] / r['total_mib']:.2f}x smaller than f16."
+                )
                 break
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
     if nd.exists():
         d = json.loads(nd.read_text())
         for name in [k for k in d["cells"][0] if isinstance(d["cells"][0][k], dict)]:
             n = sum(c[name]["found"] for c in d["cells"])
-            out.append(f"- GPU needle in a haystack, Qwen2.5-Coder-1.5B, 8k/16k/32k x 11 depths: {name} finds {n}/{len(d['cells'])}.")
+            out.append(
+                f"- GPU needle in a haystack, Qwen2.5-Coder-1.5B, 8k/16k/32k x 11 depths: "
+                f"{name} finds {n}/{len(d['cells'])}."
+            )
     return [*out, "", "GPU decode-attention speed and bandwidth targets: see the GPU section.", ""]
 
 
 def main() -> int:
-    lines = ["# Results", "",
-             "Generated by `python scripts/write_results.py` from the raw files in `docs/bench/` and",
-             "`docs/results-gpu.md`. Re-run the commands named under each table after any change to",
-             "`converter/`, `cupy_kernels/` or `patches/`.", ""]
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python scripts/write_results.py` from the raw files in `docs/bench/` and",
+        "`docs/results-gpu.md`. Re-run the commands named under each table after any change to",
+        "`converter/`, `cupy_kernels/` or `patches/`.",
+        "",
+    ]
     lines += headline()
     lines += ["## llama.cpp on the CPU", ""]
     for model in ("smollm2", "smollm2c", "qwen"):

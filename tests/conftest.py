@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from kvpolar import paths
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,6 +4,7 @@ attention, independent of the kernels and of their codebook tables."""
 from __future__ import annotations
 
 import torch
+
 from kvpolar import codec
 from study import paperb_kernel_ref
 

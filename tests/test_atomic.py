@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from kvpolar.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 
 

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from kvpolar import atomic, paths
 from kvsetup import data, llama, patches, pins, util
 

@@ -18,6 +18,7 @@ import zlib
 
 import numpy as np
 import pytest
+
 from conftest import require_build
 from kvpolar import codec
 from kvpolar import format as pformat

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+
 from kvpolar import calibrate, gguf_io
 from kvpolar.gguf_scan import GGUFFormatError
 

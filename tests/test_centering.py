@@ -26,7 +26,10 @@ N_LAYER, N_EMBD_KV = 30, 192  # SmolLM2-135M: 3 KV heads x 64
 def offset_model(tmp_path_factory, smollm2_path):
     rng = np.random.default_rng(0)
     offsets = {
-        il: (rng.normal(0, 2.0, N_EMBD_KV).astype(np.float32), rng.normal(0, 0.5, N_EMBD_KV).astype(np.float32))
+        il: (
+            rng.normal(0, 2.0, N_EMBD_KV).astype(np.float32),
+            rng.normal(0, 0.5, N_EMBD_KV).astype(np.float32),
+        )
         for il in range(N_LAYER)
     }
     out = tmp_path_factory.mktemp("centered") / "smollm2-offsets.gguf"
@@ -35,8 +38,28 @@ def offset_model(tmp_path_factory, smollm2_path):
 
 
 def perplexity(build_dir, model, text, env=None, ctk="f16", ctv="f16"):
-    cmd = [str(build_dir / "bin" / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "256",
-           "--chunks", "3", "-b", "256", "-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", ctk, "-ctv", ctv, "-v"]
+    cmd = [
+        str(build_dir / "bin" / "llama-perplexity"),
+        "-m",
+        str(model),
+        "-f",
+        str(text),
+        "-c",
+        "256",
+        "--chunks",
+        "3",
+        "-b",
+        "256",
+        "-t",
+        str(os.cpu_count() or 2),
+        "-fa",
+        "on",
+        "-ctk",
+        ctk,
+        "-ctv",
+        ctv,
+        "-v",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
@@ -69,8 +92,24 @@ def test_centering_off_ignores_offsets(build_dir, base_ppl, offset_model, squad_
 
 def test_centering_default_on_for_polar_k(build_dir, offset_model, squad_head):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_CENTER")}
-    cmd = [str(build_dir / "bin" / "llama-perplexity"), "-m", str(offset_model), "-f", str(squad_head),
-           "-c", "128", "--chunks", "1", "-fa", "on", "-ctk", "polar", "-ctv", "f16", "-v"]
+    cmd = [
+        str(build_dir / "bin" / "llama-perplexity"),
+        "-m",
+        str(offset_model),
+        "-f",
+        str(squad_head),
+        "-c",
+        "128",
+        "--chunks",
+        "1",
+        "-fa",
+        "on",
+        "-ctk",
+        "polar",
+        "-ctv",
+        "f16",
+        "-v",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]

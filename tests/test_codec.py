@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kvpolar import codec, format
 
 F32 = np.float32

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import demo
 import pytest
+
+import demo
 
 REPO = Path(__file__).resolve().parent.parent
 

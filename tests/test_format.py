@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+
 from kvpolar import format
 
 

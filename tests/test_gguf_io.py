@@ -17,6 +17,7 @@ import gguf.quants
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValue, GGUFValueType
+
 from kvpolar import codec, gguf_io, gguf_scan, gguf_types
 from kvpolar.format import FORMATS
 from kvpolar.gguf_io import RawTensor

@@ -11,10 +11,10 @@ import zlib
 
 import numpy as np
 import pytest
-from kvpolar import codec
-from kvpolar.format import FORMATS, QK, get_format
 
 from cupy_kernels import codec as gpu_codec
+from kvpolar import codec
+from kvpolar.format import FORMATS, QK, get_format
 
 pytestmark = pytest.mark.gpu
 FMTS = sorted(FORMATS)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from study import paper_b as B
 
 

@@ -28,7 +28,13 @@ def test_constants_match_the_format(llama_cpp):
 def test_llama_generates_with_polar_cache(llama_cpp, smollm2_path, name):
     t = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
     llm = llama_cpp.Llama(
-        model_path=str(smollm2_path), n_ctx=256, type_k=t, type_v=t, flash_attn=True, verbose=False, n_threads=2
+        model_path=str(smollm2_path),
+        n_ctx=256,
+        type_k=t,
+        type_v=t,
+        flash_attn=True,
+        verbose=False,
+        n_threads=2,
     )
     out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0, top_k=1)
     text = out["choices"][0]["text"]

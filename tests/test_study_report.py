@@ -8,6 +8,7 @@ import itertools
 import json
 
 import pytest
+
 from kvpolar.paths import repo_root
 from study import report
 

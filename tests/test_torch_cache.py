@@ -1,4 +1,4 @@
-"""kvpolar.torch_cache: the transformers Cache holding polar blocks.
+"""cupy_kernels.torch_cache: the transformers Cache holding polar blocks.
 
 CPU tests use backend="reference" (numpy codec + SDPA); GPU tests (skipped without CuPy and
 CUDA) check that the kernel path computes what the reference path computes, on the same
@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from cupy_kernels import torch_cache as tc  # noqa: E402
 from kvpolar import codec  # noqa: E402
-from kvpolar import torch_cache as tc  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, device: str = "cpu", dtype=None):
@@ -185,8 +185,9 @@ def test_gpu_generate_tiny(cuda, vfmt):
 def test_model_offsets_from_bias_and_gguf(tmp_path):
     """Centering offsets as llama.cpp picks them: the GGUF's attn_k.center (llama dim order
     undone), else the k_proj bias; V only on request."""
-    from kvpolar import calibrate, gguf_io
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from kvpolar import calibrate, gguf_io
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kvpolar import codec
 from kvpolar import format as kf
 from study import AttentionRef, finish_attention, layouts

@@ -41,7 +41,14 @@ BASE_TAG = "kvpolar-base"
 UPSTREAM_TAG = "upstream"
 # One author for the whole series; `export` rewrites nothing else of a commit.
 PATCH_AUTHOR = "kvpolar <kvpolar@users.noreply.github.com>"
-FORMAT_PATCH_ARGS = ("format-patch", "--no-numbered", "--zero-commit", "--no-signature", "--full-index", "--abbrev=12")
+FORMAT_PATCH_ARGS = (
+    "format-patch",
+    "--no-numbered",
+    "--zero-commit",
+    "--no-signature",
+    "--full-index",
+    "--abbrev=12",
+)
 
 
 def tag(tree: Path, name: str) -> None:

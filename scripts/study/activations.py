@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from kvpolar.paths import QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, cache_dir, data_file
 
 log = logging.getLogger("study.activations")
@@ -85,6 +86,7 @@ def dump(key: str, n_seq: int = 2, seq_len: int = 1024, force: bool = False) -> 
 
     import torch
     import transformers
+
     from kvpolar.calibrate import hf_to_llama_dims, load_gguf_model
 
     gguf = data_file(spec.gguf)  # raises DataNotFoundError naming the bootstrap command

@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
 from kvpolar.codec import sylvester_hadamard
 
 PRECONDITIONERS = ("none", "hadamard", "gaussian")

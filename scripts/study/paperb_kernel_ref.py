@@ -31,6 +31,7 @@ import functools
 import math
 
 import numpy as np
+
 from kvpolar.format import FP16_MAX, QK
 
 NAME = "paperb"

@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
 from kvpolar.paths import DataNotFoundError, repo_root
 
 from . import AttentionRef, activations, baselines, finish_attention, layouts, rel_mse_sums

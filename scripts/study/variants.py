@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+
 from kvpolar import codec as kc
 from kvpolar import format as kf
 

@@ -16,7 +16,7 @@ dequantize the cache and call SDPA.
 
 Use:
 
-    from kvpolar.torch_cache import PolarCache, enable
+    from cupy_kernels.torch_cache import PolarCache, enable
     enable(model)                                   # registers attention "kvpolar"
     cache = PolarCache(model.config, kfmt="polar", vfmt="polar")
     model.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=64)
@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from cupy_kernels import attention as gpu_attn
-from cupy_kernels import codec as gpu_codec
+from kvpolar import codec
+from kvpolar.format import QK, get_format
 
-from . import codec
-from .format import QK, get_format
+from . import attention as gpu_attn
+from . import codec as gpu_codec
 
-log = logging.getLogger("kvpolar.torch_cache")
+log = logging.getLogger("cupy_kernels.torch_cache")
 
 ATTN_NAME = "kvpolar"
 BACKENDS = ("auto", "cupy", "reference")
@@ -319,7 +319,7 @@ def model_offsets(model, gguf_path=None, center_v: bool = False) -> dict:
     (written by `kvpolar calibrate`) when `gguf_path` has it, else the layer's k_proj bias;
     V (only with center_v, llama.cpp's LLAMA_KV_CENTER_V=1) from attn_v.center or the v_proj
     bias, zeros otherwise. Layers with no K source are left out (no centering there)."""
-    from . import calibrate
+    from kvpolar import calibrate
 
     cfg = model.config.get_text_config(decoder=True)
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
