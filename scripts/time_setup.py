@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- setup-times:begin -->", "<!-- setup-times:end -->"
+DEMO_BEGIN, DEMO_END = "<!-- demo-output:begin -->", "<!-- demo-output:end -->"
 STEPS = (
     ("bootstrap, cold (empty cache, no ccache)", ["python3", "scripts/bootstrap.py", "all"]),
     ("bootstrap, warm", ["python3", "scripts/bootstrap.py", "all"]),
@@ -61,6 +62,25 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def demo_table(log: str) -> str:
+    """The demo's side-by-side table and answers, from its output (the '== kvpolar demo' header on)."""
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("== kvpolar demo")), None)
+    end = next((i for i, line in enumerate(lines) if line.startswith("full logs:")), len(lines))
+    if start is None:
+        return ""
+    keep = [line for line in lines[start:end] if not line.lstrip().startswith(("logs:", "-- "))]
+    return "\n".join(keep).strip()
+
+
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text or end not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + body + "\n" + end + tail
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="keep the temporary clone and cache")
@@ -93,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = ROOT / "docs" / "setup-times.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
-    readme = (ROOT / "README.md").read_text()
-    if BEGIN in readme and END in readme:
-        head, rest = readme.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        (ROOT / "README.md").write_text(head + BEGIN + "\n" + render(res) + "\n" + END + tail)
+    readme = replace_block((ROOT / "README.md").read_text(), BEGIN, END, render(res))
+    demo = demo_table((tmp / f"step{len(STEPS) - 1}.log").read_text(errors="replace"))
+    if demo and steps[-1]["exit"] == 0:
+        note = f"Output of the warm `./scripts/demo.sh` step above ({res['machine']}, commit {commit}):"
+        readme = replace_block(readme, DEMO_BEGIN, DEMO_END, note + "\n\n```\n" + demo + "\n```")
+    (ROOT / "README.md").write_text(readme)
     print(render(res))
     if args.keep:
         print(f"kept {tmp}")
