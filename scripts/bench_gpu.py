@@ -23,110 +23,28 @@ import argparse
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from bench_gpu_lib import (
+    COPY_RATE_REF,
+    Shape,
+    Timer,
+    _torch,
+    attn_fn,
+    cache_bytes,
+    device_info,
+    failed,
+    graph_fn,
+    print_rows,
+    rand_blocks,
+    register_paperb,
+    sdpa_fns,
+)
 from kvpolar.atomic import atomic_write_text
 
 log = logging.getLogger("bench_gpu")
-
-COPY_RATE_REF = 3020e9  # H100 SXM device copy rate (bytes read + written per second), for %
-
-
-def _torch():
-    import torch
-
-    return torch
-
-
-class Timer:
-    """Median time (ms) of fn() over reps, the L2 flushed (a 256 MB write) before each."""
-
-    def __init__(self, reps: int, warmup: int):
-        torch = _torch()
-        self.reps, self.warmup = reps, warmup
-        self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
-
-    def __call__(self, fn) -> dict:
-        torch = _torch()
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
-        ev = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(self.reps)
-        ]
-        for s, e in ev:
-            self.flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        ts = sorted(s.elapsed_time(e) for s, e in ev)
-        return {"ms": statistics.median(ts), "min_ms": ts[0], "max_ms": ts[-1], "reps": self.reps}
-
-
-def rand_blocks(fmt: str, B: int, H: int, T: int, D: int, gen):
-    """Random valid cache blocks (finite positive fp16 scales), or float16 values."""
-    torch = _torch()
-    from cupy_kernels import formats
-
-    if fmt == "f16":
-        return torch.randn((B, H, T, D), generator=gen, device="cuda", dtype=torch.float16)
-    ts = formats.type_size(fmt)
-    c = torch.randint(0, 256, (B, H, T, D // 64, ts), generator=gen, device="cuda", dtype=torch.uint8)
-    d = (torch.rand((B, H, T, D // 64, 1), generator=gen, device="cuda") + 0.5).half()
-    c[..., :2] = d.view(torch.uint8)
-    return c
-
-
-def attn_fn(q, kc, vc, lens, kfmt: str, vfmt: str, **kw):
-    """A no-argument closure over one attention call (binds its arguments now)."""
-    from cupy_kernels.attention import attention
-
-    return lambda: attention(q, kc, vc, lens, kfmt, vfmt, **kw)
-
-
-def cache_bytes(fmt: str, B: int, H: int, T: int, D: int) -> int:
-    from cupy_kernels import formats
-
-    return B * H * T * (2 * D if fmt == "f16" else (D // 64) * formats.type_size(fmt))
-
-
-@dataclasses.dataclass
-class Shape:
-    B: int
-    T: int
-    Hq: int
-    Hkv: int
-    D: int
-
-    @property
-    def label(self) -> str:
-        return f"B{self.B} T{self.T} {self.Hq}/{self.Hkv} D{self.D}"
-
-
-def sdpa_fns(q, k, v):
-    """SDPA on fp16 K/V, two ways of doing GQA decode; returns {name: fn}."""
-    torch = _torch()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    qf = q.reshape(B, Hkv, Hq // Hkv, D)  # the group's heads as query rows (no mask needed)
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
-    def folded():
-        with sdpa_kernel(backends):
-            return torch.nn.functional.scaled_dot_product_attention(qf, k, v)
-
-    def gqa():
-        with sdpa_kernel(backends):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-    return {"sdpa_fold": folded, "sdpa_gqa": gqa}
 
 
 def bench_attn(args, timer, shapes, variants) -> list[dict]:
@@ -224,25 +142,6 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
     return rows
 
 
-def failed(args, what: str, e: Exception) -> None:
-    """A measurement that could not run: logged, and kept for main's exit status and the JSON."""
-    log.warning("%s failed: %s", what, e)
-    args.failures.append(f"{what}: {str(e)[:300]}")
-
-
-def print_rows(rows) -> None:
-    for r in rows:
-        extra = ""
-        if r.get("speedup_vs_sdpa"):
-            extra += f"  x{r['speedup_vs_sdpa']:.2f} vs sdpa"
-        if r.get("pct_copy_rate"):
-            extra += f"  {r['pct_copy_rate']:.0f}% of 3020"
-        print(
-            f"{r['shape']:<24} {r['variant']:<26} {r['ms'] * 1e3:9.1f} us  {r['GBps']:7.0f} GB/s{extra}",
-            flush=True,
-        )
-
-
 def cmd_attn(args, timer) -> list[dict]:
     shapes = []
     for Hq, Hkv, D in ((32, 8, 128), (9, 3, 64)):
@@ -258,13 +157,6 @@ def cmd_attn(args, timer) -> list[dict]:
     ]
     register_paperb()
     return bench_attn(args, timer, shapes, variants)
-
-
-def register_paperb() -> None:
-    """The paper-B preset (research: scripts/study) as the kernels' "paperb" format."""
-    from study import paperb_kernel_ref
-
-    paperb_kernel_ref.register_kernel_format()
 
 
 def cmd_kmode(args, timer) -> list[dict]:
@@ -363,22 +255,6 @@ def cmd_tune(args, timer) -> list[dict]:
         del kc, vc
         torch.cuda.empty_cache()
     return rows
-
-
-def graph_fn(fn):
-    """fn captured into a CUDA graph (after a warm-up on a side stream); returns the replay."""
-    torch = _torch()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g.replay
 
 
 COMPARE_CFGS = {  # name: AttnConfig kwargs (cupy_kernels.attention) + optional "splits"; None = simt
@@ -598,20 +474,6 @@ def cmd_copy(args, timer) -> list[dict]:
     return [{"variant": "copy 1GiB", **r, "GBps": rate}]
 
 
-def device_info() -> dict:
-    torch = _torch()
-    p = torch.cuda.get_device_properties(0)
-    info = {"name": p.name, "sm_count": p.multi_processor_count, "torch": torch.__version__}
-    try:
-        import cupy
-
-        info["cupy"] = cupy.__version__
-        info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
-    except ImportError:
-        pass
-    return info
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -647,8 +509,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.tune_grid = args.tune_grid[:3]
     timer = Timer(args.reps, args.warmup)
-    out = {"device": device_info(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "failures": args.failures}
+    out = {
+        "device": device_info(),
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "failures": args.failures,
+    }
     cmds = ["copy", "encode", "kmode", "tune", "attn"] if args.cmd == "all" else [args.cmd]
     if args.cmd == "attn" and args.tuned:  # kernel shapes picked by a quick tune first
         args.tune_splits = []

@@ -90,63 +90,12 @@ def smoke_commands(build: Path, threads: int) -> list[tuple[str, list[str]]]:
     model = str(data_dir() / SMOLLM2_GGUF)
     text = str(data_dir() / SQUAD_TXT)
     common = ["-m", model, "-t", str(threads), "-ctk", "polar", "-ctv", "polar"]
+    generate = [*common, "-fa", "on", "-c", "256", "-n", "4", "--temp", "0", "--no-warmup", "-p", PROMPT]
+    perplexity = [*common, "-fa", "on", "-c", "128", "-b", "128", "--chunks", "1", "-f", text]
     return [
-        (
-            "llama-completion",
-            [
-                str(bindir / "llama-completion"),
-                *common,
-                "-fa",
-                "on",
-                "-c",
-                "256",
-                "-n",
-                "4",
-                "--temp",
-                "0",
-                "-no-cnv",
-                "--no-warmup",
-                "-p",
-                PROMPT,
-            ],
-        ),
-        (
-            "llama-cli",
-            [
-                str(bindir / "llama-cli"),
-                *common,
-                "-fa",
-                "on",
-                "-c",
-                "256",
-                "-n",
-                "4",
-                "--temp",
-                "0",
-                "-st",
-                "--simple-io",
-                "--no-warmup",
-                "-p",
-                PROMPT,
-            ],
-        ),
-        (
-            "llama-perplexity",
-            [
-                str(bindir / "llama-perplexity"),
-                *common,
-                "-fa",
-                "on",
-                "-c",
-                "128",
-                "-b",
-                "128",
-                "--chunks",
-                "1",
-                "-f",
-                text,
-            ],
-        ),
+        ("llama-completion", [str(bindir / "llama-completion"), *generate, "-no-cnv"]),
+        ("llama-cli", [str(bindir / "llama-cli"), *generate, "-st", "--simple-io"]),
+        ("llama-perplexity", [str(bindir / "llama-perplexity"), *perplexity]),
         ("llama-bench", [str(bindir / "llama-bench"), *common, "-fa", "1", "-p", "16", "-n", "4", "-r", "1"]),
     ]
 

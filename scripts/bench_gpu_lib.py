@@ -1,0 +1,164 @@
+"""Shared pieces of the GPU benchmarks (scripts/bench_gpu.py): timer, inputs, references.
+
+CUDA events, warm-ups, median of the repetitions, L2 flushed before every timed repetition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+
+log = logging.getLogger("bench_gpu")
+
+COPY_RATE_REF = 3020e9  # H100 SXM device copy rate (bytes read + written per second), for %
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class Timer:
+    """Median time (ms) of fn() over reps, the L2 flushed (a 256 MB write) before each."""
+
+    def __init__(self, reps: int, warmup: int):
+        torch = _torch()
+        self.reps, self.warmup = reps, warmup
+        self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
+
+    def __call__(self, fn) -> dict:
+        torch = _torch()
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        ev = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(self.reps)
+        ]
+        for s, e in ev:
+            self.flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        ts = sorted(s.elapsed_time(e) for s, e in ev)
+        return {"ms": statistics.median(ts), "min_ms": ts[0], "max_ms": ts[-1], "reps": self.reps}
+
+
+def rand_blocks(fmt: str, B: int, H: int, T: int, D: int, gen):
+    """Random valid cache blocks (finite positive fp16 scales), or float16 values."""
+    torch = _torch()
+    from cupy_kernels import formats
+
+    if fmt == "f16":
+        return torch.randn((B, H, T, D), generator=gen, device="cuda", dtype=torch.float16)
+    ts = formats.type_size(fmt)
+    c = torch.randint(0, 256, (B, H, T, D // 64, ts), generator=gen, device="cuda", dtype=torch.uint8)
+    d = (torch.rand((B, H, T, D // 64, 1), generator=gen, device="cuda") + 0.5).half()
+    c[..., :2] = d.view(torch.uint8)
+    return c
+
+
+def attn_fn(q, kc, vc, lens, kfmt: str, vfmt: str, **kw):
+    """A no-argument closure over one attention call (binds its arguments now)."""
+    from cupy_kernels.attention import attention
+
+    return lambda: attention(q, kc, vc, lens, kfmt, vfmt, **kw)
+
+
+def cache_bytes(fmt: str, B: int, H: int, T: int, D: int) -> int:
+    from cupy_kernels import formats
+
+    return B * H * T * (2 * D if fmt == "f16" else (D // 64) * formats.type_size(fmt))
+
+
+@dataclasses.dataclass
+class Shape:
+    B: int
+    T: int
+    Hq: int
+    Hkv: int
+    D: int
+
+    @property
+    def label(self) -> str:
+        return f"B{self.B} T{self.T} {self.Hq}/{self.Hkv} D{self.D}"
+
+
+def sdpa_fns(q, k, v):
+    """SDPA on fp16 K/V, two ways of doing GQA decode; returns {name: fn}."""
+    torch = _torch()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qf = q.reshape(B, Hkv, Hq // Hkv, D)  # the group's heads as query rows (no mask needed)
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+    def folded():
+        with sdpa_kernel(backends):
+            return torch.nn.functional.scaled_dot_product_attention(qf, k, v)
+
+    def gqa():
+        with sdpa_kernel(backends):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    return {"sdpa_fold": folded, "sdpa_gqa": gqa}
+
+
+def failed(args, what: str, e: Exception) -> None:
+    """A measurement that could not run: logged, and kept for main's exit status and the JSON."""
+    log.warning("%s failed: %s", what, e)
+    args.failures.append(f"{what}: {str(e)[:300]}")
+
+
+def print_rows(rows) -> None:
+    for r in rows:
+        extra = ""
+        if r.get("speedup_vs_sdpa"):
+            extra += f"  x{r['speedup_vs_sdpa']:.2f} vs sdpa"
+        if r.get("pct_copy_rate"):
+            extra += f"  {r['pct_copy_rate']:.0f}% of 3020"
+        print(
+            f"{r['shape']:<24} {r['variant']:<26} {r['ms'] * 1e3:9.1f} us  {r['GBps']:7.0f} GB/s{extra}",
+            flush=True,
+        )
+
+
+def register_paperb() -> None:
+    """The paper-B preset (research: scripts/study) as the kernels' "paperb" format."""
+    from study import paperb_kernel_ref
+
+    paperb_kernel_ref.register_kernel_format()
+
+
+def graph_fn(fn):
+    """fn captured into a CUDA graph (after a warm-up on a side stream); returns the replay."""
+    torch = _torch()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g.replay
+
+
+def device_info() -> dict:
+    torch = _torch()
+    p = torch.cuda.get_device_properties(0)
+    info = {"name": p.name, "sm_count": p.multi_processor_count, "torch": torch.__version__}
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+        info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+    except ImportError:
+        pass
+    return info
