@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,6 +18,15 @@ SUBCOMMANDS = ("inspect", "encode", "decode", "dump", "calibrate")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of the package sources (pip would write build/ and *.egg-info
+    into the checkout, and <repo>/build is the llama.cpp build)."""
+    root = paths.repo_root()
+    src = tmp_path_factory.mktemp("src")
+    ignore = shutil.ignore_patterns("*.egg-info", "__pycache__", "*.pyc")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, src / name)
+    for name in ("converter", "cupy_kernels"):
+        shutil.copytree(root / name, src / name, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
     p = subprocess.run(
         [
@@ -29,7 +39,7 @@ def wheel(tmp_path_factory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(paths.repo_root()),
+            str(src),
         ],
         capture_output=True,
         text=True,
