@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import signal
 import subprocess
 import sys
 import time
@@ -29,22 +27,13 @@ from pathlib import Path
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
 from kvsetup import llama as setup_llama
+from kvsetup.cpu import cpu_model, cpuinfo_field
 from kvsetup.pins import CMAKE_FLAGS
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+from kvsetup.util import signal_name
 
 
 def cpu_flags_of_interest() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            have = line.split(":", 1)[1].split()
-            return sorted(f for f in have if f.startswith(("avx512", "amx", "avx_vnni")))
-    return []
+    return sorted(f for f in cpuinfo_field("flags").split() if f.startswith(("avx512", "amx", "avx_vnni")))
 
 
 def bench(binp: Path, model: str, kv: str, depth: int, reps: int, threads: int, extra: list[str]) -> dict:
@@ -74,7 +63,7 @@ def bench(binp: Path, model: str, kv: str, depth: int, reps: int, threads: int, 
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
-        sig = signal.Signals(-p.returncode).name if p.returncode < 0 else None
+        sig = signal_name(-p.returncode) if p.returncode < 0 else None
         return {
             "error": sig or f"exit {p.returncode}",
             "cmd": " ".join(cmd),
@@ -127,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python scripts/bench_cpu_flags.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "cpu_flags": cpu_flags_of_interest(),
         "probed_cmake_flags": info.get("cmake_flags"),
         "native_cmake_flags": list(native_flags),

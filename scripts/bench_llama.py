@@ -30,6 +30,7 @@ from pathlib import Path
 from kvpolar import format as pformat
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
+from kvsetup.cpu import cpu_model
 
 REPO = paths.repo_root()
 
@@ -43,15 +44,7 @@ QUALITY_K = ["q8_0", "q5_0", "iq4_nl", "q4_0", "polar", "polar3"]
 
 
 def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model or platform.processor()}, {os.cpu_count()} cores, {platform.system()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def run(cmd: list[str], env_extra: dict | None = None, log=None) -> str:
@@ -60,8 +53,14 @@ def run(cmd: list[str], env_extra: dict | None = None, log=None) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     out = p.stdout + p.stderr
     if log is not None:
-        log.append({"cmd": " ".join(cmd), "env": env_extra or {}, "rc": p.returncode,
-                    "s": round(time.time() - t0, 1)})
+        log.append(
+            {
+                "cmd": " ".join(cmd),
+                "env": env_extra or {},
+                "rc": p.returncode,
+                "s": round(time.time() - t0, 1),
+            }
+        )
     if p.returncode != 0:
         tail = "\n".join(out.splitlines()[-15:])
         raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)}\n{tail}")
@@ -86,15 +85,39 @@ def quality(args, log) -> dict:
     binp = str(paths.bin_path("llama-perplexity"))
     model = str(paths.data_file(MODELS[args.model]))
     text = str(paths.data_file(paths.SQUAD_TXT))
-    common = [binp, "-m", model, "-f", text, "-c", str(args.ctx), "--chunks", str(args.chunks),
-              "-t", str(args.threads), "-fa", "on", "-b", str(args.ctx)]
+    common = [
+        binp,
+        "-m",
+        model,
+        "-f",
+        text,
+        "-c",
+        str(args.ctx),
+        "--chunks",
+        str(args.chunks),
+        "-t",
+        str(args.threads),
+        "-fa",
+        "on",
+        "-b",
+        str(args.ctx),
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as td:
         base = os.path.join(td, "base.kld")
         out = run([*common, "--kl-divergence-base", base, "-ctk", "f16", "-ctv", "f16"], log=log)
-        rows.append({"k": "f16", "v": "f16", "center": False, "bits_k": 16.0,
-                     "ppl": _num(r"Final estimate: PPL = ([\d.]+)", out), "mean_kld": 0.0,
-                     "same_top_pct": 100.0, "ppl_ratio": 1.0})
+        rows.append(
+            {
+                "k": "f16",
+                "v": "f16",
+                "center": False,
+                "bits_k": 16.0,
+                "ppl": _num(r"Final estimate: PPL = ([\d.]+)", out),
+                "mean_kld": 0.0,
+                "same_top_pct": 100.0,
+                "ppl_ratio": 1.0,
+            }
+        )
         plan = [(k, "f16", c) for k in QUALITY_K for c in (False, True)]
         plan += [(k, k, True) for k in ("q4_0", "polar", "polar3")]
         plan += [("f16", "f16", True)]
@@ -103,8 +126,11 @@ def quality(args, log) -> dict:
                 continue
             env = {"LLAMA_KV_CENTER": "1" if center else "0"}
             try:
-                out = run([*common, "--kl-divergence-base", base, "--kl-divergence", "-ctk", k, "-ctv", v],
-                          env_extra=env, log=log)
+                out = run(
+                    [*common, "--kl-divergence-base", base, "--kl-divergence", "-ctk", k, "-ctv", v],
+                    env_extra=env,
+                    log=log,
+                )
                 r = parse_kld(out)
             except RuntimeError as e:
                 r = {"error": str(e).splitlines()[0]}
@@ -122,15 +148,43 @@ def speed(args, log) -> dict:
             if kv == "f16" and both:
                 continue
             ctv = kv if both else "f16"
-            cmd = [binp, "-m", model, "-fa", "1", "-ctk", kv, "-ctv", ctv, "-p", "512", "-n", "64",
-                   "-d", ",".join(str(d) for d in args.depths), "-r", str(args.reps), "-t", str(args.threads),
-                   "-o", "json"]
+            cmd = [
+                binp,
+                "-m",
+                model,
+                "-fa",
+                "1",
+                "-ctk",
+                kv,
+                "-ctv",
+                ctv,
+                "-p",
+                "512",
+                "-n",
+                "64",
+                "-d",
+                ",".join(str(d) for d in args.depths),
+                "-r",
+                str(args.reps),
+                "-t",
+                str(args.threads),
+                "-o",
+                "json",
+            ]
             out = run(cmd, log=log)
             data = json.loads(out[out.index("[") : out.rindex("]") + 1])
             for d in data:
                 test = f"pp{d['n_prompt']}" if d["n_prompt"] else f"tg{d['n_gen']}"
-                rows.append({"k": kv, "v": ctv, "test": test, "depth": d.get("n_depth", 0),
-                             "tps": d["avg_ts"], "tps_sd": d["stddev_ts"]})
+                rows.append(
+                    {
+                        "k": kv,
+                        "v": ctv,
+                        "test": test,
+                        "depth": d.get("n_depth", 0),
+                        "tps": d["avg_ts"],
+                        "tps_sd": d["stddev_ts"],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "reps": args.reps, "threads": args.threads}
 
@@ -141,15 +195,46 @@ def memory(args, log) -> dict:
     rows = []
     for ctx in args.ctx:
         for kv in ("f16", "q8_0", "q4_0", "polar", "polar3"):
-            cmd = [binp, "-m", model, "-c", str(ctx), "-ctk", kv, "-ctv", kv, "-fa", "on", "-n", "1",
-                   "-p", "hi", "-no-cnv", "--temp", "0", "-t", str(args.threads), "-v"]
+            cmd = [
+                binp,
+                "-m",
+                model,
+                "-c",
+                str(ctx),
+                "-ctk",
+                kv,
+                "-ctv",
+                kv,
+                "-fa",
+                "on",
+                "-n",
+                "1",
+                "-p",
+                "hi",
+                "-no-cnv",
+                "--temp",
+                "0",
+                "-t",
+                str(args.threads),
+                "-v",
+            ]
             out = run(cmd, log=log)
-            m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB.*K \((\w+)\): +([\d.]+) MiB, "
-                          r"V \((\w+)\): +([\d.]+) MiB", out)
+            m = re.search(
+                r"llama_kv_cache: size = +([\d.]+) MiB.*K \((\w+)\): +([\d.]+) MiB, "
+                r"V \((\w+)\): +([\d.]+) MiB",
+                out,
+            )
             if not m:
                 raise RuntimeError(f"no KV size line in the output of {' '.join(cmd)}")
-            rows.append({"ctx": ctx, "kv": kv, "total_mib": float(m.group(1)), "k_mib": float(m.group(3)),
-                         "v_mib": float(m.group(5))})
+            rows.append(
+                {
+                    "ctx": ctx,
+                    "kv": kv,
+                    "total_mib": float(m.group(1)),
+                    "k_mib": float(m.group(3)),
+                    "v_mib": float(m.group(5)),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows}
 
@@ -177,13 +262,20 @@ def main(argv=None) -> int:
     log: list = []
     t0 = time.time()
     res = {"quality": quality, "speed": speed, "memory": memory}[args.cmd](args, log)
-    res.update({
-        "kind": args.cmd, "model": args.model, "model_file": MODELS[args.model], "machine": machine(),
-        "command": "python scripts/bench_llama.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "build": paths.build_info() if hasattr(paths, "build_info") else None,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(time.time() - t0),
-        "runs": log,
-    })
+    res.update(
+        {
+            "kind": args.cmd,
+            "model": args.model,
+            "model_file": MODELS[args.model],
+            "machine": machine(),
+            "command": "python scripts/bench_llama.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "build": paths.build_info() if hasattr(paths, "build_info") else None,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": round(time.time() - t0),
+            "runs": log,
+        }
+    )
     out = Path(args.out) if args.out else REPO / "docs" / "bench" / f"{args.cmd}-{args.model}.json"
     atomic_write_text(out, json.dumps(res, indent=1) + "\n", mkdir=True)
     print(f"wrote {out}")

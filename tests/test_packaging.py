@@ -16,6 +16,13 @@ from kvpolar import paths
 SUBCOMMANDS = ("inspect", "encode", "decode", "dump", "calibrate")
 
 
+def pip(command: str, *args: str) -> None:
+    """`pip COMMAND --no-deps -q ARGS` with this interpreter; fails the test with pip's output."""
+    cmd = [sys.executable, "-m", "pip", command, "--no-deps", "--disable-pip-version-check", "-q", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel, built from a copy of the package sources (pip would write build/ and *.egg-info
@@ -28,23 +35,7 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("converter", "cupy_kernels"):
         shutil.copytree(root / name, src / name, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-w",
-            str(out),
-            str(src),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
+    pip("wheel", "-w", str(out), str(src))
     (whl,) = out.glob("kvpolar-*.whl")
     return whl
 
@@ -66,23 +57,7 @@ def test_wheel_holds_the_product_only(wheel):
 
 def test_cli_works_from_the_installed_wheel(wheel, tmp_path):
     site = tmp_path / "site"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "--target",
-            str(site),
-            str(wheel),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
+    pip("install", "--target", str(site), str(wheel))
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("KVPOLAR_REPO", None)
     where = subprocess.run(

@@ -15,10 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import platform
-import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,7 +23,7 @@ from pathlib import Path
 from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import cache_dir
 
-from .util import BootstrapError, log, sha256_bytes
+from .util import BootstrapError, compiler, log, sha256_bytes, signal_name
 
 # (ggml cmake option, gcc flags, requires, C statement executing the instruction)
 X86_PROBES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -103,7 +100,6 @@ X86_PROBES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 X86_ALWAYS_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 
 PROBE_VERSION = "1"
-_PROBED: dict[str, dict[str, bool]] = {}  # per process, by CPU identity
 
 
 def is_x86_64() -> bool:
@@ -111,7 +107,7 @@ def is_x86_64() -> bool:
 
 
 def _cc() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = compiler("c")
     if not cc:
         raise BootstrapError(
             "no C compiler found (cc/gcc/clang); needed to build llama.cpp. "
@@ -120,17 +116,24 @@ def _cc() -> str:
     return cc
 
 
-@functools.cache
-def _cpu_identity() -> str:
-    """What the probe result depends on: CPU model and flags, kernel, compiler."""
-    model = flags = ""
+def cpuinfo_field(name: str) -> str:
+    """The first `name : value` of /proc/cpuinfo ('model name', 'flags'), '' where there is none."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             k, _, v = line.partition(":")
-            if k.strip() == "model name" and not model:
-                model = v.strip()
-            elif k.strip() == "flags" and not flags:
-                flags = v.strip()
+            if k.strip() == name:
+                return v.strip()
+    return ""
+
+
+def cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def _cpu_identity() -> str:
+    """What the probe result depends on: CPU model and flags, kernel, compiler."""
+    model, flags = cpuinfo_field("model name"), cpuinfo_field("flags")
     cc = _cc()
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     return "\n".join([PROBE_VERSION, platform.machine(), platform.release(), model, flags, cc, *ver])
@@ -172,11 +175,16 @@ def probe_x86_features(workdir: Path) -> dict[str, bool]:
     return found
 
 
-def signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
+@functools.cache
+def probed_features(ident: str, cache: Path) -> dict[str, bool]:
+    """The probe result for this CPU identity: from `cache` if it is there, else probed and stored."""
+    with contextlib.suppress(ValueError, OSError, KeyError):
+        return json.loads(cache.read_text())["features"]
+    with tempfile.TemporaryDirectory(prefix="kvpolar-cpu-probe-") as tmp:
+        found = probe_x86_features(Path(tmp))
+    atomic_write_text(cache, json.dumps({"identity": ident, "features": found}, indent=2) + "\n", mkdir=True)
+    log("cpu probe: " + " ".join(o.removeprefix("GGML_") for o, ok in found.items() if ok))
+    return found
 
 
 def cpu_cmake_flags() -> tuple[str, ...]:
@@ -185,20 +193,7 @@ def cpu_cmake_flags() -> tuple[str, ...]:
         # Elsewhere (aarch64, ...) ggml's native detection does not rely on CPUID lists.
         return ("-DGGML_NATIVE=ON",)
     ident = _cpu_identity()
-    cache = cache_dir() / "cpu-probe" / (sha256_bytes(ident.encode())[:16] + ".json")
-    found = _PROBED.get(ident)
-    if found is None and cache.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            found = json.loads(cache.read_text())["features"]
-    if found is None:
-        with tempfile.TemporaryDirectory(prefix="kvpolar-cpu-probe-") as tmp:
-            found = probe_x86_features(Path(tmp))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            cache, json.dumps({"identity": ident, "features": found}, indent=2) + "\n", mkdir=True
-        )
-        log("cpu probe: " + " ".join(o.removeprefix("GGML_") for o, ok in found.items() if ok))
-    _PROBED[ident] = found
+    found = probed_features(ident, cache_dir() / "cpu-probe" / (sha256_bytes(ident.encode())[:16] + ".json"))
     flags = ["-DGGML_NATIVE=OFF"]
     flags += [f"-D{opt}={'ON' if found.get(opt) else 'OFF'}" for opt, *_ in X86_PROBES]
     flags += [f"-D{opt}=OFF" for opt in X86_ALWAYS_OFF]

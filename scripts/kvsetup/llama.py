@@ -40,6 +40,7 @@ from .pins import (
 from .util import (
     BootstrapError,
     PatchError,
+    compiler,
     file_lock,
     have_verified,
     log,
@@ -244,9 +245,7 @@ def check_build_tools() -> None:
         "to configure llama.cpp",
         "Install cmake >= 3.21 (apt-get install cmake, or pip install cmake).",
     )
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cc or not cxx:
+    if not compiler("c") or not compiler("c++"):
         raise BootstrapError(
             "no C/C++ compiler found (cc/gcc/clang and c++/g++/clang++); needed to build llama.cpp. "
             "Install one: apt-get install build-essential"

@@ -20,8 +20,8 @@ from pathlib import Path
 from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import SMOLLM2_GGUF, SQUAD_TXT, data_dir
 
-from .cpu import cpu_identity_digest, signal_name
-from .util import BootstrapError, log
+from .cpu import cpu_identity_digest
+from .util import BootstrapError, log, signal_name
 
 SMOKE_FILE = "kvpolar-smoke.json"
 TIMEOUT_S = 180

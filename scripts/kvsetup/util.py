@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -240,3 +241,17 @@ def sh_quote(s: str) -> str:
     import shlex
 
     return shlex.quote(s)
+
+
+def compiler(kind: str = "c") -> str | None:
+    """The C (kind 'c') or C++ ('c++') compiler the build will use: $CC/$CXX, else the first on PATH."""
+    env, names = ("CC", ("cc", "gcc", "clang")) if kind == "c" else ("CXX", ("c++", "g++", "clang++"))
+    return os.environ.get(env) or next((p for p in map(shutil.which, names) if p), None)
+
+
+def signal_name(num: int) -> str:
+    """'SIGILL' for 4; 'signal N' for a number that names no signal."""
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
