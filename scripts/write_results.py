@@ -4,7 +4,8 @@
 
 Reads docs/bench/{quality,speed,memory}-<model>.json (written by scripts/bench_llama.py) and
 docs/results-gpu.md (written by scripts/bench_gpu.py); every table names the command and the
-machine it came from. Nothing here is typed by hand.
+machine it came from. Nothing here is typed by hand. Also draws the figures (scripts/figures.py)
+into docs/figures/ and embeds them, each with a caption naming its raw files and commands.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import figures
 from kvpolar.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +227,8 @@ def headline() -> list[str]:
     return [*out, "", "GPU decode-attention speed and bandwidth targets: see the GPU section.", ""]
 
 
-def main() -> int:
+def render() -> str:
+    """The text of docs/results.md (figures referenced by name; figures.draw_all draws them)."""
     lines = [
         "# Results",
         "",
@@ -235,6 +238,7 @@ def main() -> int:
         "",
     ]
     lines += headline()
+    lines += figures.markdown()
     lines += ["## llama.cpp on the CPU", ""]
     for model in ("smollm2", "smollm2c", "qwen"):
         for kind, fn in (("quality", quality_table), ("speed", speed_table), ("memory", memory_table)):
@@ -248,7 +252,16 @@ def main() -> int:
         lines += needle_table(json.loads(p.read_text()))
     for p in sorted((REPO / "docs" / "gpu").glob("generate_qwen*.json")):
         lines += generate_table(json.loads(p.read_text()), str(p.relative_to(REPO)))
-    atomic_write_text(OUT, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    drawn = figures.draw_all(figures.FIG_DIR)
+    for p in sorted(set(figures.FIG_DIR.glob("*.png")) - set(drawn)):
+        p.unlink()
+        print(f"removed {p} (no raw file draws it any more)")
+    print(f"drew {len(drawn)} figures in {figures.FIG_DIR}")
+    atomic_write_text(OUT, render())
     print(f"wrote {OUT}")
     return 0
 
