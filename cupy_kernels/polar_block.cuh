@@ -142,14 +142,18 @@ template <> struct polar_tab<POLAR3_KERNEL_ID> {
     static __device__ __forceinline__ float g(int k) { return polar3_c_g[k]; }
 };
 
-// tab[r * REPL + i % REPL] = (CX[r], CY[r]) for r < NCODES: the codebook, REPL copies side by side
-// (lane l reading copy l % REPL keeps 8-byte gathers of a half-warp off shared bank conflicts for
-// REPL = 16). Thread i of n fills its share; the caller synchronizes.
+// tab[r * REPL + j] = (CX[r], CY[r]) for r < NCODES, j < REPL: the codebook, REPL copies side by
+// side (lane l reading copy l % REPL keeps 8-byte gathers of a half-warp off shared bank conflicts
+// for REPL = 16). Thread i of n loads codes i, i + n, ... once each from global memory and writes
+// their REPL copies (one global round trip for n >= NCODES); the caller synchronizes.
 template <int FMT, int REPL>
 __device__ __forceinline__ void polar_load_codebook(float2 * tab, int i, int n) {
-    for (int e = i; e < polar_fmt<FMT>::NCODES * REPL; e += n) {
-        const int c = e / REPL;
-        tab[e]      = make_float2(polar_tab<FMT>::cx(c), polar_tab<FMT>::cy(c));
+    for (int c = i; c < polar_fmt<FMT>::NCODES; c += n) {
+        const float2 v = make_float2(polar_tab<FMT>::cx(c), polar_tab<FMT>::cy(c));
+#pragma unroll
+        for (int j = 0; j < REPL; ++j) {
+            tab[c * REPL + j] = v;
+        }
     }
 }
 
@@ -226,11 +230,10 @@ __device__ __forceinline__ void polar_pair_candidates(float X, float Y, int (&ca
         if (n == 1) {
             cand[2 * j] = cand[2 * j + 1] = off;
         } else {
+            // |theta| <= pi and 0 <= phi < 2 pi / n put k in [-n/2 - 1, n/2]: k mod n without a division
             int k = (int) floorf((theta - TB::ring_phi(j)) * TB::ring_istep(j));
-            k %= n;
-            if (k < 0) {
-                k += n;
-            }
+            k += k < 0 ? n : 0;
+            k -= k >= n ? n : 0;
             cand[2 * j]     = off + k;
             cand[2 * j + 1] = off + (k + 1 == n ? 0 : k + 1);
         }
@@ -325,15 +328,16 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
         if (warp != 0) {
             return false;
         }
-        int bw = 0;
+        // the warp with the least (E, k), E compared as bits: a butterfly over lanes 0..NW-1
+        unsigned long long key = lane < NW ? ((unsigned long long) __float_as_uint(scratch->e[lane]) << 32) |
+                                                 (unsigned int) (scratch->k[lane] * 32 + lane)
+                                           : ~0ull;
 #pragma unroll
-        for (int w = 1; w < NW; ++w) {
-            const unsigned int e  = __float_as_uint(scratch->e[w]);
-            const unsigned int eb = __float_as_uint(scratch->e[bw]);
-            if (e < eb || (e == eb && scratch->k[w] < scratch->k[bw])) {
-                bw = w;
-            }
+        for (int h = 16; h >= 1; h >>= 1) {
+            const unsigned long long o = __shfl_xor_sync(POLAR_FULL_MASK, key, h);
+            key                        = o < key ? o : key;
         }
+        const int bw = (int) (key & 31u);
         best_e = scratch->e[bw];
         best_s = scratch->s[bw];
         best_c = scratch->c[bw][lane];
