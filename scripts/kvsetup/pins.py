@@ -65,6 +65,9 @@ CMAKE_FLAGS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
+    # The RPC backend and ggml-rpc-server: a model and its (polar) KV cache spread over
+    # several machines with --rpc (docs/rpc.md).
+    "-DGGML_RPC=ON",
 )
 
 BUILD_TARGETS = (
@@ -75,6 +78,7 @@ BUILD_TARGETS = (
     "llama-server",
     "test-backend-ops",
     "test-quantize-fns",
+    "ggml-rpc-server",
 )
 
 # Bumped when the layout of the source tree / build produced by this script changes.
