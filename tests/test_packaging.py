@@ -13,7 +13,7 @@ import pytest
 
 from kvpolar import paths
 
-SUBCOMMANDS = ("inspect", "encode", "decode", "dump", "calibrate")
+SUBCOMMANDS = ("inspect", "encode", "decode", "dump", "calibrate", "recommend")
 
 
 def pip(command: str, *args: str) -> None:

@@ -4,6 +4,8 @@
     kvpolar encode IN OUT.gguf [--type polar|polar3] [--strict] [--sanitize] [--name NAME] [--json]
     kvpolar decode IN.gguf OUT [--tensor NAME] [--json]
     kvpolar dump FILE.gguf [gguf-dump options]   gguf-py's gguf-dump with the polar types registered
+    kvpolar recommend MODEL.gguf [--text FILE] [--ctx N] [--chunks N] [--types T|K/V ...] [--max-kld X]
+                      [--json] [--bin DIR]     KV-cache types measured with llama-perplexity (KLD vs f16)
 
 IN and OUT arrays: .npy (one tensor), .npz or .safetensors (several; needs the safetensors
 package). `encode` stores every float tensor whose last dimension is a multiple of 64 as
@@ -11,7 +13,8 @@ polar/polar3 and the others as F32 (ints as they are), or refuses them with --st
 writes float32.
 
 Exit status: 0 on success; 2 on a usage or input error, reported as one line on stderr
-(--verbose adds the traceback); 1 on an internal error.
+(--verbose adds the traceback); 1 on an internal error, or when a llama-perplexity run of
+`recommend` failed (its last lines are shown).
 """
 
 from __future__ import annotations
@@ -266,7 +269,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     text_path = Path(args.text) if args.text else paths.data_file(paths.SQUAD_TXT)
     _input_file(text_path, "calibration text")
     res = calibrate.calibrate(
-        src, out, text_path.read_text(encoding="utf-8"), n_tokens=args.tokens, ctx=args.ctx,
+        src,
+        out,
+        text_path.read_text(encoding="utf-8"),
+        n_tokens=args.tokens,
+        ctx=args.ctx,
         progress=sys.stderr.isatty(),
     )
     if args.json:
@@ -278,6 +285,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"of {text_path}"
         )
     return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from . import recommend as rec
+
+    try:
+        rep = rec.recommend(
+            Path(args.model),
+            Path(args.text) if args.text else None,
+            ctx=args.ctx,
+            chunks=args.chunks,
+            types=args.types,
+            max_kld=args.max_kld,
+            threads=args.threads,
+            bin_dir=Path(args.bin) if args.bin else None,
+            kv_ctx=args.kv_ctx,
+            timeout=args.timeout,
+        )
+    except rec.LlamaRunError as e:
+        if e.tail:
+            print("\n".join("    " + ln for ln in e.tail.splitlines()), file=sys.stderr)
+        where = f" (above: its last lines; full log: {e.log})" if e.log else ""
+        print(f"kvpolar recommend: error: {e}{where}", file=sys.stderr)
+        return EXIT_INTERNAL
+    if args.json:
+        json.dump(rep, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(rec.format_report(rep))
+    return EXIT_INTERNAL if any("error" in r for r in rep["rows"]) else 0
 
 
 def run_dump(rest: list[str]) -> int:
@@ -361,6 +398,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=1024, help="tokens per forward pass (default 1024)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_calibrate)
+
+    from . import recommend as rec
+
+    p = sub.add_parser(
+        "recommend",
+        parents=[common],
+        help="measure KV-cache types on a model (llama-perplexity KLD vs f16), pick the smallest in budget",
+        description=rec.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("--text", help="evaluation text file (default: the SQuAD text of the cache)")
+    p.add_argument(
+        "--ctx", type=int, default=rec.DEFAULT_CTX, help=f"tokens per chunk (default {rec.DEFAULT_CTX})"
+    )
+    p.add_argument(
+        "--chunks",
+        type=int,
+        default=rec.DEFAULT_CHUNKS,
+        help=f"chunks of text (default {rec.DEFAULT_CHUNKS})",
+    )
+    p.add_argument(
+        "--types",
+        nargs="+",
+        metavar="T|K/V",
+        help="candidate settings: T for K and V, K/V for each (q8_0/f16: K only); "
+        f"default: {' '.join(rec.DEFAULT_TYPES)} (those the binary accepts)",
+    )
+    p.add_argument(
+        "--max-kld",
+        type=float,
+        default=rec.DEFAULT_MAX_KLD,
+        help=f"mean KLD budget in nats/token (default {rec.DEFAULT_MAX_KLD}: admits 4-bit caches, not 3-bit, "
+        "on SmolLM2-135M; docs/recommend.md)",
+    )
+    p.add_argument("--kv-ctx", type=int, help="context for the KV MiB column (default: --ctx)")
+    p.add_argument("--threads", "-t", type=int, help="llama.cpp threads (default: all cores)")
+    p.add_argument(
+        "--bin", metavar="DIR", help="directory of llama-perplexity (default: the patched build's bin)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=rec.RUN_TIMEOUT_S,
+        help=f"seconds per run (default {rec.RUN_TIMEOUT_S})",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_recommend)
     return ap
 
 
