@@ -16,8 +16,9 @@
 #      llama-completion -ngl 99 -ctk polar -ctv polar runs, keeping the cache on the host with the
 #      warning "cannot write a polar KV cache";
 #   4. greedy llama-completion -ngl 99 -fa on -ctk polar -ctv polar on a fixed prompt gives the
-#      text of the CPU run (--device none), for polar and polar3 (on SmolLM2 Q4_1 the f16 cache
-#      diverges between GPU and CPU too: the model's matmuls differ, see docs/results-cuda.md);
+#      text of the CPU run (--device none), for polar and polar3, where the f16 cache does (on
+#      SmolLM2 Q4_1 the f16 cache diverges between GPU and CPU too: the model's matmuls differ,
+#      see docs/results-cuda.md; then the difference is reported, not failed);
 #   5. the same GPU model with the cache and attention on the host (-nkvo): the text is equal;
 #   6. with TEXT=file: mean KLD of polar/polar3 K on the GPU vs host attention, within 0.0005.
 set -euo pipefail
@@ -108,8 +109,11 @@ else
     tail -5 "$prefix.log"
 fi
 
-# 4. GPU text == CPU text
-for type in polar polar3; do
+# 4. GPU text == CPU text, where the model's own arithmetic allows it: when the f16 cache already
+#    gives different text on the GPU and the CPU (the GPU's matmuls differ, e.g. SmolLM2 Q4_1),
+#    a polar difference is reported, not failed, and step 5 compares the cache alone
+f16_same=""
+for type in f16 polar polar3; do
     gpu="$OUTDIR/completion-ngl99-$type"
     cpu="$OUTDIR/completion-cpu-$type"
     if ! completion "$gpu" -ngl 99 -fa on -ctk "$type" -ctv "$type"; then
@@ -124,9 +128,14 @@ for type in polar polar3; do
     fi
     if cmp -s "$gpu.txt" "$cpu.txt"; then
         echo "ok: -ngl 99 -ctk/-ctv $type: greedy text equals the CPU run"
+        [[ "$type" == f16 ]] && f16_same=1
+        continue
+    fi
+    diff <(tr ' ' '\n' < "$cpu.txt") <(tr ' ' '\n' < "$gpu.txt") > "$OUTDIR/diff-$type.txt" || true
+    if [[ "$type" == f16 || -z "$f16_same" ]]; then
+        echo "info: -ngl 99 -ctk/-ctv $type: greedy text differs from the CPU run, as the f16 cache's does ($OUTDIR/diff-$type.txt)"
     else
-        fail "-ngl 99 -ctk/-ctv $type: greedy text differs from the CPU run ($gpu.txt vs $cpu.txt)"
-        diff <(tr ' ' '\n' < "$cpu.txt") <(tr ' ' '\n' < "$gpu.txt") > "$OUTDIR/diff-$type.txt" || true
+        fail "-ngl 99 -ctk/-ctv $type: greedy text differs from the CPU run while f16's is equal ($gpu.txt vs $cpu.txt)"
         sed -n '1,10p' "$OUTDIR/diff-$type.txt"
     fi
 done
@@ -165,16 +174,6 @@ if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
             fail "$type K: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
         fi
     done
-fi
-
-# control (information only): the f16 cache, GPU vs CPU; a difference here is the model's float
-# arithmetic (cuBLAS vs the CPU kernels), not the cache codec
-if completion "$OUTDIR/completion-ngl99-f16" -ngl 99 -fa on && completion "$OUTDIR/completion-cpu-f16" -ngl 0 --device none -fa on; then
-    if cmp -s "$OUTDIR/completion-ngl99-f16.txt" "$OUTDIR/completion-cpu-f16.txt"; then
-        echo "info: f16 cache: GPU text equals the CPU text"
-    else
-        echo "info: f16 cache: GPU text differs from the CPU text too"
-    fi
 fi
 
 if [[ $status -eq 0 ]]; then

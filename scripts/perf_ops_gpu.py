@@ -58,7 +58,7 @@ def run_perf(bin_dir: Path, op: str, flt: str) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr[-1500:]}")
-    return p.stdout
+    return p.stdout + p.stderr  # the device line ("Device 0: ...") is on stderr
 
 
 def to_md(res: dict, header: str) -> str:
