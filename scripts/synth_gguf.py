@@ -47,7 +47,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
 from kvpolar.atomic import atomic_path, atomic_write_bytes
-from kvpolar.gguf_scan import scan
+from kvpolar.gguf_scan import SCALAR_FMT, scan
 
 log = logging.getLogger("synth_gguf")
 
@@ -127,20 +127,6 @@ def save_skeleton(skel: dict, path: Path) -> int:
     return len(data)
 
 
-_STRUCT_FMT = {
-    GGUFValueType.UINT8: "B",
-    GGUFValueType.INT8: "b",
-    GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I",
-    GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f",
-    GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q",
-    GGUFValueType.FLOAT64: "d",
-}
-
-
 def _check_values(vtype: GGUFValueType, values: list, what: str) -> None:
     """Each of values can be written as vtype (a scalar type, BOOL or STRING)."""
     if vtype == GGUFValueType.STRING:
@@ -149,7 +135,7 @@ def _check_values(vtype: GGUFValueType, values: list, what: str) -> None:
         ok = all(isinstance(v, bool) for v in values)
     else:
         try:
-            struct.pack(f"<{len(values)}{_STRUCT_FMT[vtype]}", *values)
+            struct.pack(f"<{len(values)}{SCALAR_FMT[vtype]}", *values)
             ok = True
         except struct.error:
             ok = False

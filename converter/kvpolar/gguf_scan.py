@@ -78,7 +78,8 @@ class Layout:
     tensors: list[TensorInfo]
 
 
-_SCALAR_FMT = {
+# struct format of each scalar GGUF value type (little-endian files use '<' before it)
+SCALAR_FMT = {
     GGUFValueType.UINT8: "B",
     GGUFValueType.INT8: "b",
     GGUFValueType.UINT16: "H",
@@ -141,8 +142,8 @@ class _Cursor:
     def value(self, t: GGUFValueType, what: str, depth: int = 0):
         """Read one value of type t: a scalar, a str (bytes if not UTF-8) or, for an array,
         (element type, list of element values)."""
-        if t in _SCALAR_FMT:
-            return self.unpack(_SCALAR_FMT[t], what)
+        if t in SCALAR_FMT:
+            return self.unpack(SCALAR_FMT[t], what)
         if t == GGUFValueType.STRING:
             raw = self.string(what)
             try:
@@ -154,8 +155,8 @@ class _Cursor:
             raise self.fail(f"{what} nests arrays deeper than {_MAX_ARRAY_NESTING}")
         sub = self.vtype(self.unpack("I", f"element type of {what}"), f"element of {what}")
         n = self.unpack("Q", f"length of {what}")
-        if sub in _SCALAR_FMT:
-            min_item = struct.calcsize(_SCALAR_FMT[sub])
+        if sub in SCALAR_FMT:
+            min_item = struct.calcsize(SCALAR_FMT[sub])
         else:  # string: its length; array: element type and length
             min_item = 8 if sub == GGUFValueType.STRING else 12
         if n * min_item > self.size - self.pos:
@@ -164,8 +165,8 @@ class _Cursor:
                 f"elements of {sub.name} (at least {n * min_item} bytes), found {self.size - self.pos} bytes "
                 f"left in the file"
             )
-        if sub in _SCALAR_FMT:
-            values = list(struct.unpack_from(f"{self.order}{n}{_SCALAR_FMT[sub]}", self.buf, self.pos))
+        if sub in SCALAR_FMT:
+            values = list(struct.unpack_from(f"{self.order}{n}{SCALAR_FMT[sub]}", self.buf, self.pos))
             self.pos += n * min_item
         else:
             values = [self.value(sub, f"{what}[{i}]", depth + 1) for i in range(n)]
@@ -307,7 +308,6 @@ def _scan(path: Path, buf) -> Layout:
         tensors.append(TensorInfo(name, qtype, shape, n, nbytes, begin, start))
         expect += -(-nbytes // alignment) * alignment
     return Layout(path, size, version, order, alignment, data_offset, kv, tensors)
-
 
 
 def summary(path: os.PathLike | str) -> dict:
