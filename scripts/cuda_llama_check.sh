@@ -20,7 +20,9 @@
 #      SmolLM2 Q4_1 the f16 cache diverges between GPU and CPU too: the model's matmuls differ,
 #      see docs/results-cuda.md; then the difference is reported, not failed);
 #   5. the same GPU model with the cache and attention on the host (-nkvo): the text is equal;
-#   6. with TEXT=file: mean KLD of polar/polar3 K on the GPU vs host attention, within 0.0005.
+#   6. with TEXT=file: mean KLD of polar/polar3 K on the GPU vs host attention, within 0.0005;
+#   7. the model split between GPU and CPU (-ngl $NGL_SPLIT, default 15): the GPU layers' cache on
+#      the GPU gives the text of the host-cache run, and the all-GPU text where f16's does.
 set -euo pipefail
 
 BIN=${1:-${LLAMA_BIN:-}}
@@ -175,6 +177,36 @@ if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
         fi
     done
 fi
+
+# 7. the model split between the GPU and the CPU (-ngl NGL_SPLIT, default 15 layers on the GPU):
+#    with the cache of the GPU layers on the GPU vs all of the cache on the host (-nkvo), the
+#    same weights in the same places: the text must be equal; against the all-GPU run the text
+#    must be equal where the f16 cache's is (else reported: the CPU layers' arithmetic differs)
+split=${NGL_SPLIT:-15}
+f16_split_same=""
+for type in f16 polar polar3; do
+    a="$OUTDIR/split${split}_${type}"
+    b="$OUTDIR/split${split}_${type}_nkvo"
+    if ! completion "$a" -ngl "$split" -fa on -ctk "$type" -ctv "$type" || \
+       ! completion "$b" -ngl "$split" -fa on -ctk "$type" -ctv "$type" -nkvo; then
+        fail "-ngl $split -ctk $type: llama-completion failed ($a.log / $b.log)"
+        continue
+    fi
+    if cmp -s "$a.txt" "$b.txt"; then
+        echo "ok: -ngl $split $type: greedy text with the GPU layers' cache on the GPU equals the host-cache run"
+    else
+        fail "-ngl $split $type: greedy text differs between the GPU-layer cache on the GPU and on the host ($a.txt vs $b.txt)"
+    fi
+    full="$OUTDIR/g_${type}_kvgpu.txt"
+    if cmp -s "$a.txt" "$full"; then
+        echo "ok: -ngl $split $type: greedy text equals the all-GPU run"
+        [[ "$type" == f16 ]] && f16_split_same=1
+    elif [[ "$type" == f16 || -z "$f16_split_same" ]]; then
+        echo "info: -ngl $split $type: greedy text differs from the all-GPU run, as f16's does"
+    else
+        fail "-ngl $split $type: greedy text differs from the all-GPU run while f16's is equal ($a.txt vs $full)"
+    fi
+done
 
 if [[ $status -eq 0 ]]; then
     echo "all checks passed (logs in $OUTDIR)"
