@@ -215,6 +215,22 @@ def headline() -> list[str]:
                     f"{f16[r['ctx']] / r['total_mib']:.2f}x smaller than f16."
                 )
                 break
+    for name, label, depth in (
+        ("smollm2", "SmolLM2-135M", 16384),
+        ("qwen2.5-1.5b-synthetic", "Qwen2.5-1.5B shape (random Q8_0 weights)", 32768),
+    ):
+        path = REPO / "docs" / "bench" / "gpu" / f"llama-gpu-{name}.json"
+        if not path.exists():
+            continue
+        g = json.loads(path.read_text())
+        t = {(r["k"], r["v"], r["test"], r["depth"]): r["tps"] for r in g["rows"] if "error" not in r}
+        a, b, f = (t.get((x, x, "tg64", depth)) for x in ("polar", "q4_0", "f16"))
+        if a and b and f:
+            out.append(
+                f"- {label}, llama.cpp CUDA on {g['gpu'].split(',')[0]}, tg64 @ depth {depth}, K+V polar: "
+                f"{a:.1f} t/s = {a / f:.2f}x f16 ({f:.1f}), {a / b:.2f}x K+V q4_0 ({b:.1f}) "
+                f"(targets >= 1.0x f16 and >= 1.2x q4_0{': missed' if a < f or a < 1.2 * b else ''})."
+            )
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
     if nd.exists():
         d = json.loads(nd.read_text())
