@@ -37,9 +37,18 @@ from study import paperb_kernel_ref
 log = logging.getLogger("check_kernels")
 
 ATTN_CASES = [  # (kfmt, vfmt, kmode)
-    *((k, v, "gather") for k, v in (("polar", "polar"), ("polar3", "polar3"), ("polar", "f16"),
-                                     ("polar3", "f16"), ("polar", "polar3"), ("paperb", "paperb"),
-                                     ("paperb", "f16"))),
+    *(
+        (k, v, "gather")
+        for k, v in (
+            ("polar", "polar"),
+            ("polar3", "polar3"),
+            ("polar", "f16"),
+            ("polar3", "f16"),
+            ("polar", "polar3"),
+            ("paperb", "paperb"),
+            ("paperb", "f16"),
+        )
+    ),
     ("paperb", "paperb", "anglelut"),
     ("paperb", "f16", "anglelut"),
     ("polar3", "polar3", "lut"),
@@ -162,8 +171,9 @@ def main(argv=None) -> int:
     log.info("compiling %d variants with %s (-arch=%s, %d jobs)", len(vs), args.nvcc, args.arch, args.jobs)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as ex:
-        jobs = {ex.submit(compile_one, v, args.nvcc, args.arch, args.emit, Path(tmp), args.out): v
-                for v in vs}
+        jobs = {
+            ex.submit(compile_one, v, args.nvcc, args.arch, args.emit, Path(tmp), args.out): v for v in vs
+        }
         for i, fut in enumerate(concurrent.futures.as_completed(jobs), 1):
             v, err = jobs[fut], fut.result()
             if err:

@@ -201,8 +201,12 @@ def print_table(runs: list[Run]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
-    ap.add_argument("--types", nargs="+", default=env("KVPOLAR_DEMO_TYPES", "f16 polar").split(),
-                    help="KV cache types, one run each (default: $KVPOLAR_DEMO_TYPES or f16 polar)")
+    ap.add_argument(
+        "--types",
+        nargs="+",
+        default=env("KVPOLAR_DEMO_TYPES", "f16 polar").split(),
+        help="KV cache types, one run each (default: $KVPOLAR_DEMO_TYPES or f16 polar)",
+    )
     ap.add_argument("--ctx", type=int, default=int(env("KVPOLAR_DEMO_CTX", "4096")))
     ap.add_argument("--threads", type=int, default=int(env("KVPOLAR_DEMO_THREADS", os.cpu_count() or 2)))
     ap.add_argument("--bin", type=Path, help="llama-completion (default: the patched build's)")
@@ -225,20 +229,28 @@ def main(argv=None) -> int:
         return 2
     allowed = allowed_cache_types(p.stdout + p.stderr)
     if not allowed:
-        print(f"demo: `{binary} --help` ({exit_description(p.returncode)}) lists no cache types "
-              "(no 'allowed values:' under --cache-type-k)", file=sys.stderr)
+        print(
+            f"demo: `{binary} --help` ({exit_description(p.returncode)}) lists no cache types "
+            "(no 'allowed values:' under --cache-type-k)",
+            file=sys.stderr,
+        )
         return 2
     unknown = [t for t in args.types if t not in allowed]
     if unknown:
-        print(f"demo: unknown KV cache type {', '.join(map(repr, unknown))} "
-              f"(KVPOLAR_DEMO_TYPES / --types); {binary.name} allows: {', '.join(allowed)}", file=sys.stderr)
+        print(
+            f"demo: unknown KV cache type {', '.join(map(repr, unknown))} "
+            f"(KVPOLAR_DEMO_TYPES / --types); {binary.name} allows: {', '.join(allowed)}",
+            file=sys.stderr,
+        )
         return 2
 
     logdir = Path(tempfile.mkdtemp(prefix="kvpolar-demo-"))
     prompt_file = logdir / "prompt.txt"
     prompt_file.write_text(prompt, encoding="utf-8")
-    print(f"== kvpolar demo: {model.name}, ctx {args.ctx}, {args.threads} threads, greedy, "
-          f"{N_PREDICT} new tokens, flash attention on ==")
+    print(
+        f"== kvpolar demo: {model.name}, ctx {args.ctx}, {args.threads} threads, greedy, "
+        f"{N_PREDICT} new tokens, flash attention on =="
+    )
     print(f"   prompt: the SQuAD article '{ARTICLE}' ({len(prompt):,} characters), then: {QUESTION}")
     print(f"   logs: {logdir}")
     print()
@@ -259,8 +271,7 @@ def main(argv=None) -> int:
     print(f"full logs: {logdir}")
     failed = [r for r in runs if not r.ok]
     if failed:
-        print("demo: failed runs: " + ", ".join(f"{r.type} ({r.error})" for r in failed),
-              file=sys.stderr)
+        print("demo: failed runs: " + ", ".join(f"{r.type} ({r.error})" for r in failed), file=sys.stderr)
         return 1
     return 0
 

@@ -33,12 +33,26 @@ from kvpolar.atomic import atomic_write_text
 log = logging.getLogger("needle")
 
 CITIES = [
-    "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Tbilisi", "Montevideo", "Dakar",
-    "Reykjavik", "Kraków", "Valparaíso", "Da Nang", "Windhoek", "Trondheim", "Cusco", "Zanzibar",
+    "Lisbon",
+    "Nairobi",
+    "Osaka",
+    "Quito",
+    "Tallinn",
+    "Hobart",
+    "Tbilisi",
+    "Montevideo",
+    "Dakar",
+    "Reykjavik",
+    "Kraków",
+    "Valparaíso",
+    "Da Nang",
+    "Windhoek",
+    "Trondheim",
+    "Cusco",
+    "Zanzibar",
 ]
 QUESTION = (
-    "What is the special magic number for {city} mentioned in the text above? "
-    "Answer with the number only."
+    "What is the special magic number for {city} mentioned in the text above? Answer with the number only."
 )
 NEEDLE = " The special magic number for {city} is {num}. "
 HOLE = "\u0000HAYSTACK\u0000"
@@ -147,9 +161,13 @@ def main(argv=None) -> int:
     log.info("haystack %d tokens, model loaded in %.1f s", len(hay), t_load)
 
     meta = {
-        "model": args.model.name, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "dtype": args.dtype, "centering": "none" if args.no_center else f"{len(offsets)} layers",
-        "haystack": Path(hay_path).name, "haystack_tokens": len(hay), "load_seconds": round(t_load, 1),
+        "model": args.model.name,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "centering": "none" if args.no_center else f"{len(offsets)} layers",
+        "haystack": Path(hay_path).name,
+        "haystack_tokens": len(hay),
+        "load_seconds": round(t_load, 1),
         "command": "python scripts/needle.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -163,8 +181,14 @@ def main(argv=None) -> int:
             num = str(rng.randrange(10**6, 10**7))
             ids, actual = build_prompt(tok, hay, ctx, depth, city, num, args.margin)
             x = torch.tensor([ids], device=device)
-            cell = {"ctx": ctx, "depth": depth, "needle_at": round(actual, 4), "prompt_tokens": len(ids),
-                    "city": city, "number": num}
+            cell = {
+                "ctx": ctx,
+                "depth": depth,
+                "needle_at": round(actual, 4),
+                "prompt_tokens": len(ids),
+                "city": city,
+                "number": num,
+            }
             ref = None
             for name, kv in zip(names, [None, *variants], strict=True):
                 cache = None
@@ -172,8 +196,11 @@ def main(argv=None) -> int:
                     cache = tc.PolarCache(model.config, kfmt=kv[0], vfmt=kv[1], centering=offsets or None)
                 toks, dt = generate(model, x, args.max_new_tokens, cache)
                 ans = tok.decode(toks, skip_special_tokens=True)
-                r = {"found": num in ans.replace(",", "").replace(" ", ""), "answer": ans.strip(),
-                     "seconds": round(dt, 3)}
+                r = {
+                    "found": num in ans.replace(",", "").replace(" ", ""),
+                    "answer": ans.strip(),
+                    "seconds": round(dt, 3),
+                }
                 if ref is None:
                     ref = toks
                 else:
@@ -182,23 +209,33 @@ def main(argv=None) -> int:
                 del cache
             cells.append(cell)
             save(args.json, {**meta, "complete": False, "cells": cells})
-            print(f"ctx {ctx:6d} depth {depth:.2f}: "
-                  + "  ".join(f"{n}={'Y' if cell[n]['found'] else 'n'}" for n in names), flush=True)
+            print(
+                f"ctx {ctx:6d} depth {depth:.2f}: "
+                + "  ".join(f"{n}={'Y' if cell[n]['found'] else 'n'}" for n in names),
+                flush=True,
+            )
 
     summary = {}
     for name in names:
-        summary[name] = {str(c): sum(cell[name]["found"] for cell in cells if cell["ctx"] == c)
-                         for c in args.contexts}
+        summary[name] = {
+            str(c): sum(cell[name]["found"] for cell in cells if cell["ctx"] == c) for c in args.contexts
+        }
     # "±1 on the grid": a polar miss counts against it only if the reference found that cell and
     # neither grid neighbour of the same context was also a polar hit.
     for name in names[1:]:
         misses = []
         for i, cell in enumerate(cells):
             if cell["reference"]["found"] and not cell[name]["found"]:
-                nb = [cells[j] for j in (i - 1, i + 1)
-                      if 0 <= j < len(cells) and cells[j]["ctx"] == cell["ctx"]]
-                misses.append({"ctx": cell["ctx"], "depth": cell["depth"],
-                               "neighbour_found": any(n[name]["found"] for n in nb)})
+                nb = [
+                    cells[j] for j in (i - 1, i + 1) if 0 <= j < len(cells) and cells[j]["ctx"] == cell["ctx"]
+                ]
+                misses.append(
+                    {
+                        "ctx": cell["ctx"],
+                        "depth": cell["depth"],
+                        "neighbour_found": any(n[name]["found"] for n in nb),
+                    }
+                )
         summary[name + ":missed_where_reference_found"] = misses
     print(json.dumps(summary, indent=1))
     save(args.json, {**meta, "complete": True, "summary": summary, "cells": cells})

@@ -23,8 +23,6 @@ from kvpolar import paths
 REPO = Path(__file__).resolve().parent.parent
 
 
-
-
 def require_build() -> bool:
     return os.environ.get("KVPOLAR_REQUIRE_BUILD", "") not in ("", "0", "false", "no")
 

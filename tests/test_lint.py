@@ -24,3 +24,13 @@ def test_ruff_clean():
         text=True,
     )
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_ruff_format_clean():
+    p = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."],
+        cwd=paths.repo_root(),
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, "run `ruff format .`:\n" + p.stdout + p.stderr

@@ -190,8 +190,14 @@ def test_model_offsets_from_bias_and_gguf(tmp_path):
     from kvpolar import calibrate, gguf_io
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     m = Qwen2ForCausalLM(cfg).eval()
     for layer in m.model.layers:
         torch.nn.init.normal_(layer.self_attn.k_proj.bias)

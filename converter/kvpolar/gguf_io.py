@@ -40,6 +40,7 @@ GGML_MAX_NAME = 64  # ggml.h, including the terminating NUL
 # ----------------------------------------------------------------------------------------------
 # Tensors
 
+
 @dataclasses.dataclass(frozen=True)
 class RawTensor:
     """A tensor as stored in GGUF.

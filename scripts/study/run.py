@@ -450,5 +450,3 @@ def measure(args) -> dict:
     res["decision"] = decide(res) if not args.quick else {}
     res["total_seconds"] = round(time.time() - t_start, 1)
     return res
-
-
