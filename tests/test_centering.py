@@ -4,10 +4,15 @@ A model copy gets arbitrary per-layer offsets (blk.N.attn_{k,v}.center, the tens
 `kvpolar calibrate` writes). With an f16 cache, subtracting any fixed vector from the keys
 (and from the values, adding it back to the output) must leave the perplexity unchanged up
 to f16 rounding of the shifted values.
+
+Without offsets in the file (SmolLM2 has no k bias) the cache measures them online from the first
+ubatch it stores (docs/centering-online.md): they must travel with saved states, be used by K shift
+and be absent with LLAMA_KV_CENTER=0.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
@@ -90,16 +95,20 @@ def test_centering_off_ignores_offsets(build_dir, base_ppl, offset_model, squad_
     assert off == base
 
 
-def test_centering_default_on_for_polar_k(build_dir, offset_model, squad_head):
+@pytest.mark.parametrize("which", ["calibrated", "stock"])
+def test_centering_default_on_for_polar_k(build_dir, offset_model, smollm2_path, squad_head, which):
+    """A calibration file's offsets come first; a stock SmolLM2 (no k bias) gets online offsets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_CENTER")}
     cmd = [
         str(build_dir / "bin" / "llama-perplexity"),
         "-m",
-        str(offset_model),
+        str(offset_model if which == "calibrated" else smollm2_path),
         "-f",
         str(squad_head),
         "-c",
         "128",
+        "-b",
+        "128",  # one sequence per batch: llama-perplexity fits -b / -c sequences into the cache
         "--chunks",
         "1",
         "-fa",
@@ -113,4 +122,216 @@ def test_centering_default_on_for_polar_k(build_dir, offset_model, squad_head):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
-    assert "KV centering: K offsets in 30 of 30 layers, V offsets in 0" in out, out[-3000:]
+    n_online = 0 if which == "calibrated" else 30
+    assert f"K offsets in 30 of 30 layers, V offsets in 0 ({n_online} K offsets measured" in out, out[-3000:]
+
+
+# Online centering: a model without offsets (SmolLM2 has no k bias) gets its K offsets measured from
+# the first ubatch an empty cache stores. They must travel with the state, and K shift must use them.
+
+STATE_MAGIC = b"PVCK" + N_LAYER.to_bytes(4, "little")  # llama_kv_cache::state_write_center
+
+
+@pytest.fixture(scope="module")
+def llama_cpp(build_dir):
+    try:
+        import llama_cpp
+    except ImportError as e:
+        pytest.fail(f"llama_cpp is not installed in this venv ({e}); run python3 scripts/bootstrap.py llama")
+    return llama_cpp
+
+
+@pytest.fixture
+def kv_env(monkeypatch):
+    """Set the LLAMA_KV_CENTER* variables a new context reads (in this process)."""
+
+    def set_env(**env):
+        for k in ("LLAMA_KV_CENTER", "LLAMA_KV_CENTER_V", "LLAMA_KV_CENTER_ONLINE"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+
+    return set_env
+
+
+def new_llama(llama_cpp, model, ctk="polar"):
+    return llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=256,
+        n_batch=256,
+        type_k=getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}"),
+        type_v=llama_cpp.GGML_TYPE_F16,
+        flash_attn=True,
+        n_threads=2,
+        verbose=False,
+    )
+
+
+def logits(llama_cpp, llm) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def offsets(state: bytes) -> np.ndarray:
+    """The K offsets a state carries ([N_LAYER, N_EMBD_KV]); the state must have them."""
+    i = state.find(STATE_MAGIC)
+    assert i >= 0, "the state carries no K offsets"
+    i += len(STATE_MAGIC)
+    mu = []
+    for _ in range(N_LAYER):
+        n = int.from_bytes(state[i : i + 4], "little")
+        assert n == N_EMBD_KV
+        mu.append(np.frombuffer(state[i + 4 : i + 4 + 4 * n], dtype=np.float32))
+        i += 4 + 4 * n
+    return np.stack(mu)
+
+
+def with_offsets(state: bytes, mu: np.ndarray) -> bytes:
+    i = state.find(STATE_MAGIC) + len(STATE_MAGIC)
+    out = bytearray(state)
+    for il in range(N_LAYER):
+        out[i + 4 : i + 4 + 4 * N_EMBD_KV] = mu[il].astype(np.float32).tobytes()
+        i += 4 + 4 * N_EMBD_KV
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def tokens(llama_cpp, smollm2_path, squad_head):
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=256, vocab_only=True, verbose=False)
+    toks = llm.tokenize(squad_head.read_text(encoding="utf-8")[:2000].encode())
+    assert len(toks) > 150
+    return toks[:96], toks[96:104], toks[104:200]
+
+
+def test_online_offsets_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
+    prompt, cont, other = tokens
+    kv_env()
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval(prompt)
+    state = llm.save_state()
+    mu = offsets(state.llama_state)
+    assert np.abs(mu).max() > 0.1, "no offsets measured"
+    llm.eval(cont)
+    want = logits(llama_cpp, llm)
+
+    # a fresh context adopts the state's offsets: the same logits, bit for bit
+    llm2 = new_llama(llama_cpp, smollm2_path)
+    llm2.load_state(state)
+    llm2.eval(cont)
+    assert np.array_equal(logits(llama_cpp, llm2), want)
+
+    # the offsets in the state are what makes it exact: other offsets give other logits
+    state.llama_state = with_offsets(state.llama_state, mu + 1.0)
+    llm3 = new_llama(llama_cpp, smollm2_path)
+    llm3.load_state(state)
+    llm3.eval(cont)
+    assert np.abs(logits(llama_cpp, llm3) - want).max() > 0.05
+
+    # a new conversation (the cache emptied) measures new offsets
+    llm.reset()
+    llm.eval(other)
+    mu_other = offsets(llm.save_state().llama_state)
+    assert not np.array_equal(mu_other, mu)
+    assert np.abs(mu_other - mu).max() < np.abs(mu).max()  # the same model: similar means
+
+
+def seq_state(llama_cpp, llm, seq_id=0) -> bytes:
+    """llama_state_seq_get_data: what llama-server's slot save writes."""
+    n = llama_cpp.llama_state_seq_get_size(llm.ctx, seq_id)
+    buf = (ctypes.c_uint8 * n)()
+    assert llama_cpp.llama_state_seq_get_data(llm.ctx, buf, n, seq_id) == n
+    return bytes(buf)
+
+
+def test_online_offsets_survive_sequence_restore(llama_cpp, kv_env, smollm2_path, tokens):
+    prompt, cont, _ = tokens
+    kv_env()
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval(prompt)
+    state = seq_state(llama_cpp, llm)
+    assert np.abs(offsets(state)).max() > 0.1
+    llm.eval(cont)
+    want = logits(llama_cpp, llm)
+
+    llm2 = new_llama(llama_cpp, smollm2_path)
+    buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    assert llama_cpp.llama_state_seq_set_data(llm2.ctx, buf, len(state), 0) == len(state)
+    llm2.n_tokens = len(prompt)
+    llm2.eval(cont)
+    assert np.array_equal(logits(llama_cpp, llm2), want)
+
+
+def test_state_with_offsets_refused_without_centering(llama_cpp, kv_env, smollm2_path, tokens):
+    prompt, _, _ = tokens
+    kv_env()
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval(prompt)
+    state = llm.save_state()
+    kv_env(LLAMA_KV_CENTER="0")
+    llm2 = new_llama(llama_cpp, smollm2_path)
+    with pytest.raises(RuntimeError, match="Failed to set llama state data"):
+        llm2.load_state(state)
+
+
+def test_center_off_measures_nothing(llama_cpp, kv_env, smollm2_path, tokens):
+    prompt, cont, _ = tokens
+    results = {}
+    for name, env in {
+        "off": {"LLAMA_KV_CENTER": "0"},
+        "no_online": {"LLAMA_KV_CENTER_ONLINE": "0"},  # SmolLM2 has no k bias: nothing to subtract
+        "online": {},
+    }.items():
+        kv_env(**env)
+        llm = new_llama(llama_cpp, smollm2_path)
+        llm.eval(prompt)
+        state = llm.save_state().llama_state
+        llm.eval(cont)
+        results[name] = (STATE_MAGIC in state, logits(llama_cpp, llm))
+    assert results["off"][0] is False and results["online"][0] is True
+    assert np.array_equal(results["off"][1], results["no_online"][1])
+    assert np.abs(results["online"][1] - results["off"][1]).max() > 0.01
+
+
+def test_short_first_batch_keeps_model_offsets(llama_cpp, kv_env, smollm2_path, tokens):
+    """Fewer than 16 tokens in the first ubatch: the mean would be mostly the attention sink's key, so
+    the cache keeps the model's offsets (SmolLM2: none) for its life, also after longer batches."""
+    prompt, _, _ = tokens
+    kv_env()
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval(prompt[:6])
+    llm.eval(prompt[6:])
+    assert not offsets(llm.save_state().llama_state).any()
+    llm.reset()
+    llm.eval(prompt[:16])
+    assert offsets(llm.save_state().llama_state).any()
+
+
+def k_shift_logits(llama_cpp, llm, prompt, cont, n_discard=32) -> np.ndarray:
+    """Prompt, then drop positions [4, 4 + n_discard) and shift the rest back (K shift), then cont."""
+    llm.eval(prompt)
+    mem = llama_cpp.llama_get_memory(llm.ctx)
+    assert llama_cpp.llama_memory_seq_rm(mem, 0, 4, 4 + n_discard)
+    llama_cpp.llama_memory_seq_add(mem, 0, 4 + n_discard, -1, -n_discard)
+    llm.n_tokens = len(prompt) - n_discard
+    llm.eval(cont)
+    return logits(llama_cpp, llm)
+
+
+def test_k_shift_uses_online_offsets(llama_cpp, kv_env, smollm2_path, tokens):
+    """K shift must add the measured offsets back around RoPE: R(k - mu) instead of R(k) - mu is off
+    by (R - 1) mu, with |mu| up to ~15 here. With an f16 cache centering changes only rounding, so the
+    shifted run matches the uncentered one (measured: KL 0.003, max logit difference 0.55, the same as
+    without a shift; with the offsets left out of the shift, a build made for the purpose gave KL 0.25
+    and 10.8)."""
+    prompt, cont, _ = tokens
+    out = {}
+    for center in ("0", "1"):
+        kv_env(LLAMA_KV_CENTER=center)
+        out[center] = k_shift_logits(llama_cpp, new_llama(llama_cpp, smollm2_path, ctk="f16"), prompt, cont)
+    kv_env(LLAMA_KV_CENTER="1")
+    llm = new_llama(llama_cpp, smollm2_path, ctk="f16")
+    llm.eval(prompt)
+    assert np.abs(offsets(llm.save_state().llama_state)).max() > 1.0
+    p, q = (np.exp(x - x.max()) / np.exp(x - x.max()).sum() for x in (out["0"], out["1"]))
+    kl = float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
+    assert kl < 0.02 and np.abs(out["1"] - out["0"]).max() < 2.0, (kl, np.abs(out["1"] - out["0"]).max())
