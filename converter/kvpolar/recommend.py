@@ -664,12 +664,12 @@ def _centering_note(rep: dict) -> str:
     if env.get("LLAMA_KV_CENTER") is not None:
         return (
             f"centering: LLAMA_KV_CENTER={env['LLAMA_KV_CENTER']} was set for every run (it overrides "
-            "llama.cpp's default of centering polar K when the model has K offsets)"
+            "llama.cpp's default of centering polar K)"
         )
     polar = [r for r in rep["rows"] if r["k"] in FORMATS and "error" not in r]
     n = max((r["k_centered_layers"] for r in polar), default=0)
     what = f"K offsets in {n} of {rep['n_layer']} layers here" if polar else "no polar K setting ran"
     return (
-        "centering: llama.cpp centers polar K by default when the model has K offsets (a k-projection bias "
-        f"or `kvpolar calibrate` offsets): {what}; LLAMA_KV_CENTER=0|1 overrides"
+        "centering: llama.cpp centers polar K by default (offsets from `kvpolar calibrate`, else measured "
+        f"from the first batch, else the k-projection bias): {what}; LLAMA_KV_CENTER=0|1 overrides"
     )
