@@ -2,12 +2,14 @@
 """llama-server throughput with the f16 and the polar KV cache, for 1, 4 and 8 parallel clients.
 
     python scripts/bench_server.py [--types f16 polar] [--clients 1 4 8] [--prompt-tokens 1500]
-                                   [--n-predict 32]
+                                   [--n-predict 32] [--gen-reps 3]
 
-One llama-server per cache type: -ctk/-ctv TYPE -fa on -np max(clients) -t <cores>, a context of
-slots x (prompt + n_predict + 64) tokens. For each client count N, client i takes its own slice of
-squad.txt, cut to exactly --prompt-tokens tokens by the server's /tokenize (the same slices for
-every cache type, different ones for every N), pinned to slot i, and all N clients send at once:
+One llama-server per cache type, all running at once: -ctk/-ctv TYPE -fa on -np max(clients)
+-t <cores>, a context of slots x (prompt + n_predict + 64) tokens. For each client count N, each
+type in turn (so bursts of other work on a shared machine fall on the types more evenly): client i
+takes its own slice of squad.txt, cut to exactly --prompt-tokens tokens by the server's /tokenize
+(the same slices for every type, different ones for every N), pinned to slot i, and all N clients
+send at once:
 
   1. prompt:     the slice with n_predict 1. prompt t/s = all prompt tokens / the phase's wall
                  time; the per-client rate (prompt_n / prompt_ms) comes from the server's timings.
@@ -15,17 +17,23 @@ every cache type, different ones for every N), pinned to slot i, and all N clien
                  the prompt (checked: the server re-evaluates at most 2 tokens), so this is decoding
                  at a depth of ~prompt-tokens. total gen t/s = all generated tokens / the phase's
                  wall time; per-client gen t/s = the mean of the timings' predicted_per_second.
+                 Repeated --gen-reps times (cheap: the prompt stays cached); the best run is
+                 reported (the least disturbed by other work on a shared machine), all are kept.
 
-Writes docs/bench/server-<model>.json and .md (--out), naming the machine and the command; exits 1
-when a server or a request failed. tests/test_server.py uses the Server class.
+Writes docs/bench/server-smollm2.json and .md (--out), naming the machine, the command and the
+1-minute load average after each row (the machine may be shared); exits 1 when a server or a
+request failed. tests/test_server.py uses the Server class.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +55,12 @@ SLACK_TOKENS = 64  # per slot, beyond prompt + n_predict
 
 class ServerError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """Linux prctl(PR_SET_PDEATHSIG, SIGKILL): the server ends when the process that started it dies,
+    even by SIGKILL, so no server outlives a killed benchmark or test run."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -93,7 +107,11 @@ class Server:
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -182,8 +200,9 @@ def prompt_slices(server: Server, text: str, count: int, n_tokens: int) -> list[
     return out
 
 
-def measure(server: Server, slices: list[list[int]], n_predict: int, timeout: float) -> dict:
-    """The two phases (prompt, generation) with one client per slice; client i on slot i."""
+def measure(server: Server, slices: list[list[int]], n_predict: int, gen_reps: int, timeout: float) -> dict:
+    """The prompt phase once, then the generation phase gen_reps times (the best reported), with one
+    client per slice; client i on slot i."""
 
     def complete(i: int, n: int, ignore_eos: bool) -> dict:
         body = {
@@ -198,24 +217,33 @@ def measure(server: Server, slices: list[list[int]], n_predict: int, timeout: fl
 
     idx = list(range(len(slices)))
     pp, pp_wall = run_concurrently(lambda i: complete(i, 1, False), idx)
-    tg, tg_wall = run_concurrently(lambda i: complete(i, n_predict, True), idx)
-    reevaluated = max(t["prompt_n"] for t in tg)
-    if reevaluated > 2:
-        raise ServerError(f"generation phase re-evaluated {reevaluated} prompt tokens, expected <= 2 (cache)")
-    gen_tokens = sum(t["predicted_n"] for t in tg)
-    if gen_tokens != n_predict * len(slices):
-        raise ServerError(f"generated {gen_tokens} tokens, expected {n_predict} x {len(slices)}")
     prompt_tokens = sum(t["prompt_n"] for t in pp)
-    return {
+    row = {
         "prompt_tokens": prompt_tokens,
         "prompt_wall_s": round(pp_wall, 3),
         "prompt_tps": round(prompt_tokens / pp_wall, 1),
         "prompt_tps_per_client": round(statistics.mean(t["prompt_per_second"] for t in pp), 1),
-        "gen_tokens": gen_tokens,
-        "gen_wall_s": round(tg_wall, 3),
-        "gen_tps": round(gen_tokens / tg_wall, 1),
-        "gen_tps_per_client": round(statistics.mean(t["predicted_per_second"] for t in tg), 1),
     }
+    totals, per_client = [], []
+    for _ in range(gen_reps):
+        tg, tg_wall = run_concurrently(lambda i: complete(i, n_predict, True), idx)
+        reevaluated = max(t["prompt_n"] for t in tg)
+        if reevaluated > 2:
+            raise ServerError(f"generation re-evaluated {reevaluated} prompt tokens, expected <= 2 (cached)")
+        gen_tokens = sum(t["predicted_n"] for t in tg)
+        if gen_tokens != n_predict * len(slices):
+            raise ServerError(f"generated {gen_tokens} tokens, expected {n_predict} x {len(slices)}")
+        totals.append(round(gen_tokens / tg_wall, 1))
+        per_client.append(round(statistics.mean(t["predicted_per_second"] for t in tg), 1))
+    row.update(
+        gen_tokens=gen_tokens,
+        gen_tps=max(totals),
+        gen_tps_per_client=max(per_client),
+        gen_tps_reps=totals,
+        gen_tps_per_client_reps=per_client,
+        loadavg_after=round(os.getloadavg()[0], 2),
+    )
+    return row
 
 
 def server_args(args, kv: str) -> list[str]:
@@ -227,28 +255,40 @@ def server_args(args, kv: str) -> list[str]:
     ]  # fmt: skip
 
 
-def bench_type(args, kv: str, text: str, log_dir: Path) -> list[dict]:
-    """One server with cache type kv, one row per client count (with "error" where it failed)."""
+def bench(args, text: str, log_dir: Path) -> list[dict]:
+    """One row per (cache type, client count), with "error" where it failed. All types' servers run
+    at once (an idle one takes no CPU) and each client count is measured for every type in turn, so
+    bursts of other work on a shared machine fall on the types more evenly."""
     rows = []
-    try:
-        with Server(args.server, server_args(args, kv), log_dir / f"llama-server-{kv}.log") as server:
-            slices = prompt_slices(server, text, sum(args.clients), args.prompt_tokens)
-            for n in args.clients:
-                mine, slices = slices[:n], slices[n:]
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Server | str] = {}
+        for kv in args.types:
+            server = Server(args.server, server_args(args, kv), log_dir / f"llama-server-{kv}.log")
+            try:
+                servers[kv] = stack.enter_context(server)
+            except ServerError as e:
+                servers[kv] = f"ServerError: {e}"
+        try:
+            tokenizer = next(s for s in servers.values() if isinstance(s, Server))
+            slices = prompt_slices(tokenizer, text, sum(args.clients), args.prompt_tokens)
+        except StopIteration:
+            slices = []
+        except (ServerError, OSError, ValueError) as e:
+            servers = dict.fromkeys(servers, f"cutting the prompts: {type(e).__name__}: {e}")
+        for n in args.clients:
+            mine, slices = slices[:n], slices[n:]
+            for kv, server in servers.items():
                 row = {"type": kv, "clients": n}
                 try:
-                    row.update(measure(server, mine, args.n_predict, args.timeout))
+                    if isinstance(server, str):
+                        row["error"] = server
+                    else:
+                        row.update(measure(server, mine, args.n_predict, args.gen_reps, args.timeout))
                 except (ServerError, OSError) as e:
                     row["error"] = f"{type(e).__name__}: {e}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    except (ServerError, OSError, ValueError) as e:
-        done = {r["clients"] for r in rows}
-        for n in args.clients:
-            if n not in done:
-                rows.append({"type": kv, "clients": n, "error": f"{type(e).__name__}: {e}"})
-                print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return sorted(rows, key=lambda r: args.types.index(r["type"]))
 
 
 def render(res: dict) -> str:
@@ -257,23 +297,28 @@ def render(res: dict) -> str:
         "",
         f"Generated by `{res['command']}`: {res['model']}, {res['threads']} threads, one slot per client, "
         f"prompts of {res['prompt_tokens']} tokens from squad.txt (a different slice per client), "
-        f"{res['n_predict']} generated tokens per client (ignore_eos) decoded after the prompt is cached. "
+        f"{res['n_predict']} generated tokens per client (ignore_eos) decoded after the prompt is cached, "
+        f"best of {res['gen_reps']} generation runs (every run is in the JSON; prompt: one run). "
         f"Server: `{res['server_args']}`. Total rates are all clients' tokens over the wall time of the "
         "phase; per-client rates are the mean of the server's timings (predicted_per_second, "
-        "prompt_per_second). The machine was shared with other work; load average "
-        f"{res['loadavg_before']} before the run.",
+        "prompt_per_second). The machine may be shared with other work: load average "
+        f"{res['loadavg_before']} before the run, the 1-minute load after each row in the last column "
+        f"(rows marked *disturbed*: load above the {res['threads']} threads, so other work competed "
+        "and their rates say more about that work than about the cache type). "
+        f"{res['seconds']} s in all.",
         "",
         "| type | clients | total gen t/s | per-client gen t/s | prompt t/s (total) "
-        "| prompt t/s (per client) |",
-        "|---|---|---|---|---|---|",
+        "| prompt t/s (per client) | load after |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['type']} | {r['clients']} | failed: {r['error'].splitlines()[0]} | | | |")
+            lines.append(f"| {r['type']} | {r['clients']} | failed: {r['error'].splitlines()[0]} | | | | |")
             continue
         lines.append(
             f"| {r['type']} | {r['clients']} | {r['gen_tps']:.1f} | {r['gen_tps_per_client']:.1f} "
-            f"| {r['prompt_tps']:.1f} | {r['prompt_tps_per_client']:.1f} |"
+            f"| {r['prompt_tps']:.1f} | {r['prompt_tps_per_client']:.1f} | {r['loadavg_after']:.2f}"
+            + (" *disturbed* |" if r["loadavg_after"] > res["threads"] else " |")
         )
     return "\n".join(lines) + "\n"
 
@@ -284,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--prompt-tokens", type=int, default=1500)
     ap.add_argument("--n-predict", type=int, default=32)
+    ap.add_argument("--gen-reps", type=int, default=3, help="generation phases per row (best kept)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=float, default=300, help="seconds per request")
     ap.add_argument("--server", type=Path, default=None, help="llama-server binary (default: build/bin)")
@@ -294,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     limits = [("--prompt-tokens", args.prompt_tokens), ("--n-predict", args.n_predict)]
-    limits += [("--threads", args.threads), *(("--clients", c) for c in args.clients)]
+    limits += [("--threads", args.threads), ("--gen-reps", args.gen_reps)]
+    limits += [("--clients", c) for c in args.clients]
     for flag, value in limits:
         if value < 1:
             ap.error(f"{flag} must be >= 1, got {value}")
@@ -307,16 +354,17 @@ def main(argv: list[str] | None = None) -> int:
 
     loadavg = os.getloadavg()
     t0 = time.time()
-    rows = [row for kv in args.types for row in bench_type(args, kv, text, log_dir)]
+    rows = bench(args, text, log_dir)
     shown = server_args(args, "TYPE")
     shown[1] = args.model.name
     result = {
-        "command": "python scripts/bench_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python scripts/bench_server.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "model": args.model.name,
         "threads": args.threads,
         "prompt_tokens": args.prompt_tokens,
         "n_predict": args.n_predict,
+        "gen_reps": args.gen_reps,
         "server_args": "llama-server " + " ".join(shown),
         "loadavg_before": " ".join(f"{x:.2f}" for x in loadavg),
         "date": time.strftime("%Y-%m-%d"),
