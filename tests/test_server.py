@@ -34,7 +34,7 @@ import bench_server
 from bench_server import Server, run_concurrently
 from kvpolar.format import POLAR, QK
 
-N_PREDICT = 24
+N_PREDICT = 16
 TIMEOUT = 120  # seconds per request
 PROMPTS = [
     "The capital of France is",
