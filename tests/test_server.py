@@ -23,6 +23,7 @@ per-cell bookkeeping: 6,120 + 16 = 6,136 bytes for SmolLM2, where an f16 cache t
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 
@@ -163,8 +164,9 @@ def test_slot_save_restore(servers, slot_dir, smollm2_path):
     assert per_token < f16_rows
 
 
-def test_bench_exits_nonzero_when_the_server_fails(tmp_path):
+def test_bench_exits_nonzero_when_the_server_fails(tmp_path, monkeypatch):
     """A server that dies at start-up: every row records the exit and the log, main returns 1."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the kept server logs
     fake = tmp_path / "llama-server"
     fake.write_text("#!/bin/sh\necho 'error: no such model' >&2\nexit 3\n")
     fake.chmod(0o755)
