@@ -120,3 +120,13 @@ def cuda_torch():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return torch
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(build_dir):
+    """The llama-cpp-python binding, loaded against this checkout's build."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        pytest.fail(f"llama_cpp is not installed in this venv ({e}); run python3 scripts/bootstrap.py llama")
+    return llama_cpp

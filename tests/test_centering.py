@@ -132,15 +132,6 @@ def test_centering_default_on_for_polar_k(build_dir, offset_model, smollm2_path,
 STATE_MAGIC = b"PVCK" + N_LAYER.to_bytes(4, "little")  # llama_kv_cache::state_write_center
 
 
-@pytest.fixture(scope="module")
-def llama_cpp(build_dir):
-    try:
-        import llama_cpp
-    except ImportError as e:
-        pytest.fail(f"llama_cpp is not installed in this venv ({e}); run python3 scripts/bootstrap.py llama")
-    return llama_cpp
-
-
 @pytest.fixture
 def kv_env(monkeypatch):
     """Set the LLAMA_KV_CENTER* variables a new context reads (in this process)."""

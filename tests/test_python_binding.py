@@ -9,15 +9,6 @@ from kvpolar import format as pformat
 pytestmark = pytest.mark.build
 
 
-@pytest.fixture(scope="module")
-def llama_cpp(build_dir):
-    try:
-        import llama_cpp
-    except ImportError as e:
-        pytest.fail(f"llama_cpp is not installed in this venv ({e}); run python3 scripts/bootstrap.py llama")
-    return llama_cpp
-
-
 def test_constants_match_the_format(llama_cpp):
     assert llama_cpp.GGML_TYPE_POLAR == pformat.POLAR.type_id
     assert llama_cpp.GGML_TYPE_POLAR3 == pformat.POLAR3.type_id
