@@ -8,6 +8,7 @@ before every timed repetition).
     python scripts/bench_gpu.py encode [--json out.json]   encoder throughput
     python scripts/bench_gpu.py copy                       device-to-device copy rate
     python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
+    python scripts/bench_gpu.py profile --contexts 32768    untimed default kernels, for ncu
     python scripts/bench_gpu.py all --json out.json        everything above
 
 Attention variants: polar K + polar V, polar K + fp16 V, polar3 K+V, the paper-B preset
@@ -476,10 +477,35 @@ def cmd_copy(args, timer) -> list[dict]:
     return [{"variant": "copy 1GiB", **r, "GBps": rate}]
 
 
+def cmd_profile(args, timer) -> list[dict]:
+    """Runs the default attention kernels, untimed, for a profiler (Nsight Compute) to pick up:
+    B=16, 32/8 heads, D=128, first of --contexts, polar K+V then polar K + fp16 V, --reps calls each.
+
+        ncu --clock-control none -k regex:polar_attn -s 5 -c 1 python scripts/bench_gpu.py profile
+    """
+    torch = _torch()
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    T = args.contexts[0]
+    sh = Shape(16, T, 32, 8, 128)
+    q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+    lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
+    rows = []
+    for kfmt, vfmt in (("polar", "polar"), ("polar", "f16")):
+        kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
+        vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
+        fn = attn_fn(q, kc, vc, lens, kfmt, vfmt, max_len=T)
+        for _ in range(args.reps):
+            fn()
+        torch.cuda.synchronize()
+        rows.append({"shape": sh.label, "variant": f"{kfmt}+{vfmt} default (profiled)", "calls": args.reps})
+        print(f"{sh.label} {kfmt}+{vfmt}: {args.reps} calls", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "cmd", nargs="?", choices=["attn", "tune", "kmode", "encode", "copy", "compare", "small", "all"]
+        "cmd", nargs="?", choices=["attn", "tune", "kmode", "encode", "copy", "compare", "small", "profile", "all"]
     )
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--reps", type=int, default=25)
