@@ -21,6 +21,10 @@ Use:
     cache = PolarCache(model.config, kfmt="polar", vfmt="polar")
     model.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=64)
 
+StaticPolarCache(config, max_cache_len, ...) is the same cache allocated once for max_cache_len
+tokens, its positions on the device, so that a decode step can be captured in a CUDA graph
+(kfmt="f16": the float16 baseline; see "Static caches" below, scripts/gpu_decode_bench.py).
+
 backend="reference" runs the same cache on any device with the numpy codec (kvpolar.codec)
 and SDPA: slow, for tests without a GPU.
 """
@@ -251,6 +255,10 @@ class PolarCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def kernel_max_len(self) -> int:
+        """The max_len the attention kernel is planned for: the filled length (a plan per step)."""
+        return self.length
+
     def reset(self) -> None:
         self.length = 0
         if self.is_initialized:
@@ -312,6 +320,230 @@ class PolarCache(Cache):
         super().__init__(layers=layers)
 
 
+# ----------------------------------------------------------------------------------------------
+# Static caches: storage for max_cache_len tokens allocated once, write positions on the device.
+# A decode step over them launches the same kernels with the same arguments at every position,
+# so it can be captured once in a CUDA graph and replayed (scripts/gpu_decode_bench.py).
+#
+# Position design: every layer keeps `lens`, an int32 [B] CUDA tensor (valid keys per sequence).
+# update() writes the new tokens at lens .. lens + t - 1 (the encoder reads the position from the
+# device; the float16 writes scatter at lens + arange(t)) and then adds t to lens in place; the
+# polar kernel is planned once for the capacity (its key splits fixed) and reads lens[b] itself,
+# so it reads only the filled part: a split whose chunk starts past lens[b] writes neutral
+# partials and exits. The float16 cache has no such kernel: SDPA reads all max_cache_len keys
+# with a mask built on the device from lens (keys past lens[b] masked).
+#
+# `length` (host) is the eager bookkeeping (prefill, get_seq_length); a graph replay does not move
+# it: whoever replays sets it back with `set_length` (GraphDecoder in gpu_decode_bench does).
+
+
+def _round_capacity(n: int) -> int:
+    if n <= 0:
+        raise ValueError(f"max_cache_len must be positive, got {n}")
+    return -(-n // 8) * 8  # the kernels need T_max % 8 == 0
+
+
+def _scatter_positions(cache: torch.Tensor, x: torch.Tensor, lens: torch.Tensor) -> None:
+    """cache[b, :, lens[b] + i] = x[b, :, i] for x [B, H, t, ...] (device positions)."""
+    B, H, t = x.shape[:3]
+    rest = x.shape[3:]
+    idx = lens.long()[:, None] + torch.arange(t, device=x.device)[None, :]  # [B, t]
+    idx = idx.view(B, 1, t, *([1] * len(rest))).expand(B, H, t, *rest)
+    cache.scatter_(2, idx, x.to(cache.dtype))
+
+
+class StaticPolarCacheLayer(PolarCacheLayer):
+    """PolarCacheLayer with K/V blocks allocated once for `max_cache_len` tokens (rounded up to a
+    multiple of 8) and written at the device positions `lens` (see above). Decode steps plan the
+    kernel for the capacity; prefill steps take PolarCacheLayer's dequantize + SDPA path. The
+    attention mask is ignored (equal-length batches, no padding: causal from lens).
+    backend "reference" writes polar blocks at the host `length` (numpy codec; not capturable)."""
+
+    def __init__(self, max_cache_len: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_cache_len = _round_capacity(max_cache_len)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            shape = (old.shape[0], old.shape[1], self.max_cache_len, *old.shape[3:])
+            setattr(self, name, torch.zeros(shape, dtype=old.dtype, device=old.device))
+
+    def _reserve(self, n: int) -> None:
+        if n > self.max_cache_len:
+            raise ValueError(f"static cache holds {self.max_cache_len} tokens, {n} asked for")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[2]
+        self._reserve(self.length + t)
+        k, v = self._prep(key_states, value_states)
+        for x, cache, fmt in ((k, self.keys, self.kfmt), (v, self.values, self.vfmt)):
+            if fmt == "f16":
+                _scatter_positions(cache, x, self.lens)
+            elif self.backend == "cupy":
+                gpu_codec.encode_into(x.contiguous(), cache, fmt, self.lens)
+            else:
+                self._write(x, cache, fmt)
+        self.lens += t
+        self.length += t
+        h = PolarKV(self)
+        return h, h
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def kernel_max_len(self) -> int:
+        return self.max_cache_len
+
+    def set_length(self, n: int) -> None:
+        """Host and device length := n (after graph replays, or to rewind)."""
+        self._reserve(n)
+        self.length = n
+        if self.is_initialized:
+            self.lens.fill_(n)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("static caches keep their batch size")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("static caches keep their batch size")
+
+
+class StaticKV:
+    """What StaticF16CacheLayer.update returns in place of the key and value tensors."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: StaticF16CacheLayer) -> None:
+        self.layer = layer
+
+
+class StaticF16CacheLayer(CacheLayerMixin):
+    """The float16 baseline of the static caches: K and V [B, Hkv, max_cache_len, D] in the
+    model's dtype, written at the device positions `lens`; attention (`static_f16_attention`) is
+    SDPA over all max_cache_len keys with a mask from `lens` (the mask transformers passes is
+    ignored: equal-length batches, no padding)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int):
+        super().__init__()
+        self.max_cache_len = _round_capacity(max_cache_len)
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self.B, self.H, self.D = B, H, D
+        shape = (B, H, self.max_cache_len, D)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.lens = torch.zeros((B,), dtype=torch.int32, device=self.device)
+        self.length = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[2]
+        if self.length + t > self.max_cache_len:
+            raise ValueError(f"static cache holds {self.max_cache_len} tokens, {self.length + t} asked for")
+        _scatter_positions(self.keys, key_states, self.lens)
+        _scatter_positions(self.values, value_states, self.lens)
+        self.lens += t
+        self.length += t
+        h = StaticKV(self)
+        return h, h
+
+    def set_length(self, n: int) -> None:
+        """Host and device length := n (after graph replays, or to rewind)."""
+        if n > self.max_cache_len:
+            raise ValueError(f"static cache holds {self.max_cache_len} tokens, {n} asked for")
+        self.length = n
+        if self.is_initialized:
+            self.lens.fill_(n)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self.lens.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("StaticF16CacheLayer does not support crop")
+
+
+def static_f16_attention(layer: StaticF16CacheLayer, query: torch.Tensor, scaling: float | None):
+    """SDPA of query [B, Hq, Tq, D] over layer's K/V [B, Hkv, T_max, D]: the G = Hq / Hkv query
+    heads of a KV head are folded into its query rows (no repeated K/V), row g * Tq + tq sees keys
+    j <= lens[b] - Tq + tq. Returns [B, Tq, Hq, D]."""
+    B, Hq, Tq, D = query.shape
+    H, T = layer.H, layer.max_cache_len
+    G = Hq // H
+    qf = query.reshape(B, H, G * Tq, D)
+    tq = torch.arange(Tq, device=query.device).repeat(G)  # [G * Tq]: the token of each row
+    limit = layer.lens.long()[:, None] - Tq + 1 + tq[None, :]  # [B, G * Tq] keys visible
+    mask = torch.arange(T, device=query.device)[None, None, :] < limit[:, :, None]
+    o = F.scaled_dot_product_attention(qf, layer.keys, layer.values, attn_mask=mask[:, None], scale=scaling)
+    return o.reshape(B, Hq, Tq, D).transpose(1, 2).contiguous()
+
+
+class StaticPolarCache(Cache):
+    """A Cache of StaticPolarCacheLayer (kfmt/vfmt as PolarCache) or, with kfmt="f16", of
+    StaticF16CacheLayer (the float16 baseline), every layer holding `max_cache_len` tokens."""
+
+    def __init__(
+        self,
+        config=None,
+        max_cache_len: int = 0,
+        num_layers: int | None = None,
+        kfmt: str = "polar",
+        vfmt: str = "polar",
+        rotate: bool = True,
+        centering: str | dict | None = None,
+        backend: str = "auto",
+        attn_config: gpu_attn.AttnConfig | None = None,
+    ):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("StaticPolarCache needs a model config or num_layers")
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if not (centering is None or centering == "prefill" or isinstance(centering, dict)):
+            raise ValueError(f"centering must be None, 'prefill' or a dict, got {centering!r}")
+        _round_capacity(max_cache_len)
+        layers = []
+        for i in range(num_layers):
+            if kfmt == "f16":
+                if vfmt != "f16":
+                    raise ValueError(f"kfmt 'f16' (the float16 baseline) needs vfmt 'f16', got {vfmt!r}")
+                layers.append(StaticF16CacheLayer(max_cache_len))
+                continue
+            off = centering.get(i) if isinstance(centering, dict) else centering
+            layers.append(
+                StaticPolarCacheLayer(max_cache_len, kfmt, vfmt, rotate, off, backend, 8, attn_config)
+            )
+        super().__init__(layers=layers)
+        self.capacity = _round_capacity(max_cache_len)
+
+    def set_length(self, n: int) -> None:
+        """Host and device length of every layer := n."""
+        for layer in self.layers:
+            layer.set_length(n)
+
+
 def model_offsets(model, gguf_path=None, center_v: bool = False) -> dict:
     """Centering offsets as the patched llama.cpp picks them, for PolarCache(centering=...).
 
@@ -369,6 +601,8 @@ def polar_attention_forward(
 ):
     """AttentionInterface function "kvpolar": query [B, Hq, Tq, D]; key/value PolarKV handles
     (any other tensors go to SDPA). Returns ([B, Tq, Hq, D], None)."""
+    if isinstance(key, StaticKV):
+        return static_f16_attention(key.layer, query, scaling), None
     if not isinstance(key, PolarKV):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -380,7 +614,11 @@ def polar_attention_forward(
     scaling = D**-0.5 if scaling is None else scaling
     q = layer.rotate_q(query)
     n = layer.length
-    if attention_mask is not None and attention_mask.dtype == torch.bool and bool(attention_mask.all()):
+    if isinstance(layer, StaticPolarCacheLayer):
+        # equal-length batches, causal from lens; under CUDA-graph capture transformers builds a
+        # mask (is_tracing) that .all() would read on the host
+        attention_mask = None
+    elif attention_mask is not None and attention_mask.dtype == torch.bool and bool(attention_mask.all()):
         attention_mask = None
     if layer.backend == "cupy" and Tq <= layer.max_kernel_q and attention_mask is None:
         o = gpu_attn.attention(
@@ -392,7 +630,7 @@ def polar_attention_forward(
             layer.vfmt,
             scale=scaling,
             config=layer.attn_config,
-            max_len=n,
+            max_len=layer.kernel_max_len(),
         )
     else:
         # Prefill / masked steps: dequantize and SDPA (in the model's dtype on CUDA, so long
