@@ -71,6 +71,18 @@ def test_markdown_table():
     assert "failed: OutOfMemoryError" in t[4] and t[4].count("|") == t[2].count("|")
 
 
+def test_write_results(tmp_path):
+    import argparse
+    import json
+
+    rows = [{"cache": "polar", "batch": 1, "context": 8, "error": "RuntimeError: x"}]
+    args = argparse.Namespace(json=tmp_path / "a" / "r.json", md=tmp_path / "r.md")
+    gdb.write_results({"rows": rows}, args)
+    assert json.loads(args.json.read_text())["rows"] == rows
+    assert args.md.read_text() == gdb.markdown_table(rows)
+    gdb.write_results({"rows": rows}, argparse.Namespace(json=None, md=None))  # nothing asked, nothing written
+
+
 def test_first_divergence():
     assert gdb.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert gdb.first_divergence([1, 2, 3], [1, 5, 3]) == 1
