@@ -14,7 +14,8 @@
 //
 // Encoder shape: one warp per 64-value block, lane p holds pair p (x[2p], x[2p+1]); the NW
 // warps of a CTA may share one block, warp w trying the scale candidates k = w, w + NW, ...
-// (polar_encode_block). tree32 of FORMAT.md is the xor butterfly: lane i adds v[i ^ h] for
+// (polar_encode_block). The nearest-code search evaluates 4 of the 2 * NRINGS candidates and
+// proves the others cannot win (polar_encode_at; the proof is above polar_ring_bounds). tree32 of FORMAT.md is the xor butterfly: lane i adds v[i ^ h] for
 // h = 16..1, which for i < h is numpy's v[i] + v[i + h]; float addition being commutative, every
 // lane ends with the bits of numpy's v[0].
 #pragma once
@@ -218,107 +219,318 @@ __device__ __forceinline__ float polar_block_rmax(float X, float Y) {
     return polar_fsqrt(r2);
 }
 
-// candidate codes of this lane's pair: both angular neighbours on every ring (step 4)
-template <int FMT>
-__device__ __forceinline__ void polar_pair_candidates(float X, float Y, int (&cand)[2 * polar_fmt<FMT>::NRINGS]) {
-    typedef polar_tab<FMT> TB;
-    const float theta = atan2f(Y, X);
-#pragma unroll
-    for (int j = 0; j < polar_fmt<FMT>::NRINGS; ++j) {
-        const int n   = TB::ring_n(j);
-        const int off = TB::ring_off(j);
-        if (n == 1) {
-            cand[2 * j] = cand[2 * j + 1] = off;
-        } else {
-            // |theta| <= pi and 0 <= phi < 2 pi / n put k in [-n/2 - 1, n/2]: k mod n without a division
-            int k = (int) floorf((theta - TB::ring_phi(j)) * TB::ring_istep(j));
-            k += k < 0 ? n : 0;
-            k -= k >= n ? n : 0;
-            cand[2 * j]     = off + k;
-            cand[2 * j + 1] = off + (k + 1 == n ? 0 : k + 1);
-        }
-    }
-}
-
-// step 4 at scale s: this lane's code (nearest candidate, the lower code on equal distances)
-// and the block error E (all lanes). tab: the codebook (polar_load_codebook, REPL copies).
-template <int FMT, int REPL>
-__device__ __forceinline__ void polar_encode_at(float X, float Y, float s, const int (&cand)[2 * polar_fmt<FMT>::NRINGS],
-                                                const float2 * tab, int lane, int & code, float & E) {
-    const float inv = polar_fdiv(1.0f, s);
-    const float xn  = polar_fmul(X, inv);
-    const float yn  = polar_fmul(Y, inv);
-    float best = 0.0f;
-    int   bc   = 0;
-#pragma unroll
-    for (int i = 0; i < 2 * polar_fmt<FMT>::NRINGS; ++i) {
-        const int    c  = cand[i];
-        const float2 t  = tab[c * REPL + lane % REPL];
-        const float  dx = polar_fsub(xn, t.x);
-        const float  dy = polar_fsub(yn, t.y);
-        const float  dd = polar_fadd(polar_fmul(dx, dx), polar_fmul(dy, dy));
-        if (i == 0 || polar_lt_nonneg(dd, best) || (__float_as_uint(dd) == __float_as_uint(best) && c < bc)) {
-            best = dd;
-            bc   = c;
-        }
-    }
-    const float2 t  = tab[bc * REPL + lane % REPL];
-    const float  ex = polar_fsub(X, polar_fmul(s, t.x));
-    const float  ey = polar_fsub(Y, polar_fmul(s, t.y));
-    code = bc;
-    E    = polar_tree32(polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey)));
-}
-
-// Scratch in shared memory for polar_encode_block with NW > 1 warps per block.
-template <int NW> struct polar_encode_scratch {
-    float         e[NW];                     // best error of warp w (+inf: no candidate)
-    float         s[NW];                     // its scale
-    int           k[NW];                     // its candidate index
-    unsigned char c[NW][POLAR_BLOCK_PAIRS];  // its codes
-};
+// ---- the candidate search (step 4), pruned by ring radii ---------------------------------------
+//
+// The 2 * NRINGS candidates of a pair (both angular neighbours on every ring) do not depend on the
+// scale: polar_build_candidates writes them once per block into shared memory (polar_cand_table),
+// ring j of pair p as slots 2j (the lower code) and 2j + 1 (the higher), so slots ascend with the
+// codes and the lower-code tie rule is a strict < in slot order. Ring 0 (a single point, code 0)
+// fills both of its slots; the second never wins a strict <.
+//
+// At scale s, lane p evaluates only its window, rings w and w + 1 around rho = |(xn, yn)|, and
+// proves that no candidate on any other ring can be the full search's answer; if a lane of the
+// warp cannot, the warp runs the full search (all slots in order). Proof that the windowed answer
+// is the full search's answer, float32 rounding and ties included (u = 2^-24, no FMA, IEEE .rn):
+//  - A candidate point c has radius |c| (exact, of the float32 table entries) in [LO_j, HI_j] for
+//    its ring j; polar_ring_bounds holds these bounds widened by 2^-20 (computed in double at
+//    compile time, errors ~1e-16). A = HI_{w-1} bounds the rings below the window (or -1e30 when
+//    there are none), B = LO_{w+2} the rings above (or +1e30).
+//  - Let rho* = |(xn, yn)| exactly. The lane computes rho = fl(fl(sqrt(fl(fl(X^2) + fl(Y^2)))) * inv)
+//    (once per block for the sqrt): rho = rho* (1 + e) with |e| <= 6u plus, when squares
+//    underflow, an absolute error below 2^-74.5 * inv <= 2^-50.5 (inv <= 2^24: s is a positive
+//    binary16). So rho_lo = fl(fl(rho (1 - 2^-12)) - 2^-40) <= rho* <= rho_hi = fl(fl(rho (1 + 2^-12)) + 2^-40).
+//  - Triangle inequality: a candidate c below the window has D_c = |p - c|^2 >= (rho* - |c|)^2
+//    >= (rho_lo - A)^2 when rho_lo > A; one above, D_c >= (B - rho_hi)^2 when B > rho_hi. The lane
+//    computes m = min(fl(rho_lo - A), fl(B - rho_hi)) (a sign-exact rounding of each gap, <= (1 + u) gap)
+//    and lb = fl(fl(m * m) * (1 - 2^-10)) < gap^2 (1 - 2^-11) for every candidate outside.
+//  - The computed distance of c, dd_c = fl(fl(dx^2) + fl(dy^2)) with dx = fl(xn - CX) (exact
+//    when subnormal), is >= D_c (1 - 4u) - 2^-148 (each rounding relative <= u, each underflowing
+//    square off by at most 2^-150).
+//  - If m > 0 and lb > max(best, 2^-120), best the least computed distance of the window, then for
+//    every c outside: dd_c >= gap^2 (1 - 4u) - 2^-148 > lb (1 + 2^-11)(1 - 4u) - 2^-148
+//    > lb + lb 2^-12 - 2^-148 > lb > best. So no candidate outside equals or beats best: the full
+//    search's minimum is best and its lowest code among equal distances is in the window, which is
+//    searched in ascending slot (= code) order with a strict <. Any w is correct (w only decides
+//    how often the full search runs); the comparisons that choose w may flush subnormals.
+// tests/test_encoder_search.py runs a float32 numpy twin of this search (tests/encoder_emulation.py)
+// against kvpolar.codec.quantize_blocks.
 
 #define POLAR_INF_BITS 0x7f800000u
+#define POLAR_MAX_RINGS (POLAR_NRINGS > POLAR3_NRINGS ? POLAR_NRINGS : POLAR3_NRINGS)
+#define POLAR_BOUND_FAR 1e30f                // A or B where no ring lies below or above the window
+#define POLAR_RHO_REL_LO 0.999755859375f     // 1 - 2^-12
+#define POLAR_RHO_REL_HI 1.000244140625f     // 1 + 2^-12
+#define POLAR_RHO_ABS 9.094947017729282e-13f // 2^-40
+#define POLAR_LB_REL 0.9990234375f           // 1 - 2^-10
+#define POLAR_LB_MIN 7.52316384526264e-37f   // 2^-120
+
+#define POLAR_WIN_LUT 64 // w = lut[min((int) (rho * POLAR_WIN_LUT_SCALE), 63)]: cells of 1/16 up to rho = 4
+#define POLAR_WIN_LUT_SCALE 16.0f
+
+// Radius bounds of the rings of a format and its window tables (compile time, from the codebook):
+// lo[j] <= |(CX[c], CY[c])| <= hi[j] for every code c on ring j, mid[j] the ring's radius.
+struct polar_ring_bounds {
+    float         lo[POLAR_MAX_RINGS];
+    float         hi[POLAR_MAX_RINGS];
+    float         mid[POLAR_MAX_RINGS];
+    float2        win[POLAR_MAX_RINGS];  // window w (rings w, w + 1): (A, B) = (hi[w-1] or -FAR, lo[w+2] or +FAR)
+    unsigned char lut[POLAR_WIN_LUT];    // cell e: #{j in 1..NR-2: (e + 0.5) / 16 >= mid[j]}, the rings around it
+};
+
+__host__ __device__ constexpr double polar_csqrt(double v) {
+    double r = v > 1.0 ? v : 1.0;  // Newton from above: monotone, exact to ~1 ulp after 64 steps for v <= 1e4
+    for (int i = 0; i < 64 && v > 0.0; ++i) {
+        r = 0.5 * (r + v / r);
+    }
+    return v > 0.0 ? r : 0.0;
+}
+
+template <int NR, int NC>
+__host__ __device__ constexpr polar_ring_bounds polar_make_ring_bounds(const int (&n)[NR], const float (&cx)[NC], const float (&cy)[NC]) {
+    polar_ring_bounds b{};
+    int off = 0;
+    for (int j = 0; j < NR; ++j) {
+        double mn = 1e300, mx = 0.0;
+        for (int c = off; c < off + n[j]; ++c) {
+            const double r2 = (double) cx[c] * cx[c] + (double) cy[c] * cy[c];
+            mn = r2 < mn ? r2 : mn;
+            mx = r2 > mx ? r2 : mx;
+        }
+        b.lo[j]  = (float) (polar_csqrt(mn) * (1.0 - 1.0 / (1 << 20)));
+        b.hi[j]  = (float) (polar_csqrt(mx) * (1.0 + 1.0 / (1 << 20)));
+        b.mid[j] = (float) polar_csqrt(0.5 * (mn + mx));
+        off += n[j];
+    }
+    for (int w = 0; w + 1 < NR; ++w) {
+        b.win[w].x = w == 0 ? -POLAR_BOUND_FAR : b.hi[w - 1];
+        b.win[w].y = w + 2 >= NR ? POLAR_BOUND_FAR : b.lo[w + 2];
+    }
+    for (int e = 0; e < POLAR_WIN_LUT; ++e) {
+        const float cell_mid = ((float) e + 0.5f) / POLAR_WIN_LUT_SCALE;
+        int         w        = 0;
+        for (int j = 1; j + 1 < NR; ++j) {
+            w += cell_mid >= b.mid[j] ? 1 : 0;
+        }
+        b.lut[e] = (unsigned char) w;
+    }
+    return b;
+}
+
+constexpr int   polar_k_ring_n[POLAR_NRINGS]   = POLAR_RING_N_INIT;
+constexpr float polar_k_cx[POLAR_NCODES]       = POLAR_CX_INIT;
+constexpr float polar_k_cy[POLAR_NCODES]       = POLAR_CY_INIT;
+constexpr int   polar3_k_ring_n[POLAR3_NRINGS] = POLAR3_RING_N_INIT;
+constexpr float polar3_k_cx[POLAR3_NCODES]     = POLAR3_CX_INIT;
+constexpr float polar3_k_cy[POLAR3_NCODES]     = POLAR3_CY_INIT;
+static_assert(polar_k_ring_n[0] == 1 && polar3_k_ring_n[0] == 1, "ring 0 is the single point at the origin");
+
+// in global memory: lanes read different entries (polar_build_candidates)
+static __device__ const polar_ring_bounds polar_g_bounds[2] = {
+    polar_make_ring_bounds(polar_k_ring_n, polar_k_cx, polar_k_cy),
+    polar_make_ring_bounds(polar3_k_ring_n, polar3_k_cx, polar3_k_cy),
+};
+
+// The candidates of one block in shared memory (written once per block by polar_build_candidates).
+struct polar_cand_table {
+    float4        xy[POLAR_MAX_RINGS][POLAR_BLOCK_PAIRS]; // ring j, pair p: (CX, CY) of slot 2j, (CX, CY) of slot 2j + 1
+    float2        win[POLAR_MAX_RINGS];                   // window w (rings w, w + 1): (A, B) = (HI_{w-1}, LO_{w+2})
+    unsigned char lut[POLAR_WIN_LUT];                     // window of a cell of rho: the rings around its centre
+};
+
+// floor(v) as an int (cvt.rmi, no .ftz: the same for any compiler flags)
+__device__ __forceinline__ int polar_floor_int(float v) {
+    int r;
+    asm("cvt.rmi.s32.f32 %0, %1;" : "=r"(r) : "f"(v));
+    return r;
+}
+
+// the codes of ring j's two candidates for a pair at angle theta, lower first (step 4); inline PTX,
+// so that the table (polar_build_candidates) and the final code (polar_encode_block) agree
+template <int FMT> __device__ __forceinline__ void polar_ring_neighbours(float theta, int j, int & lo, int & hi) {
+    typedef polar_tab<FMT> TB;
+    const int n   = TB::ring_n(j);
+    const int off = TB::ring_off(j);
+    lo            = off;
+    hi            = off;
+    if (n > 1) {
+        // |theta| <= pi and 0 <= phi < 2 pi / n put k in [-n/2 - 1, n/2]: k mod n without a division
+        int k = polar_floor_int(polar_fmul(polar_fsub(theta, TB::ring_phi(j)), TB::ring_istep(j)));
+        k += k < 0 ? n : 0;
+        k -= k >= n ? n : 0;
+        // neighbours k and (k + 1) mod n; k = n - 1 wraps to 0, the lower code
+        lo = off + (k + 1 == n ? 0 : k);
+        hi = off + (k + 1 == n ? k : k + 1);
+    }
+}
+
+// step 4's candidates of this lane's pair (both angular neighbours on every ring, lower code first)
+// and the window tables
+template <int FMT, int REPL>
+__device__ __forceinline__ void polar_build_candidates(float theta, const float2 * tab, int lane, polar_cand_table * t) {
+    constexpr int NR = polar_fmt<FMT>::NRINGS;
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+        int lo, hi;
+        polar_ring_neighbours<FMT>(theta, j, lo, hi);
+        const float2 a = tab[lo * REPL + lane % REPL];
+        const float2 b = tab[hi * REPL + lane % REPL];
+        t->xy[j][lane] = make_float4(a.x, a.y, b.x, b.y);
+    }
+    const polar_ring_bounds & B = polar_g_bounds[FMT];
+    if (lane < NR - 1) {
+        t->win[lane] = B.win[lane];
+    }
+#pragma unroll
+    for (int e = lane; e < POLAR_WIN_LUT; e += POLAR_BLOCK_PAIRS) {
+        t->lut[e] = B.lut[e];
+    }
+}
+
+// one candidate of the search: computed distance, kept on a strict < (slots ascend with codes)
+__device__ __forceinline__ void polar_try(float xn, float yn, float cx, float cy, int slot, float & best, int & bs,
+                                          float & bx, float & by) {
+    const float dx = polar_fsub(xn, cx);
+    const float dy = polar_fsub(yn, cy);
+    const float dd = polar_fadd(polar_fmul(dx, dx), polar_fmul(dy, dy));
+    if (polar_lt_nonneg(dd, best)) {
+        best = dd;
+        bs   = slot;
+        bx   = cx;
+        by   = cy;
+    }
+}
+
+// (CX, CY) of slot i of this lane
+__device__ __forceinline__ float2 polar_slot_xy(const polar_cand_table * t, int slot, int lane) {
+    const float4 q = t->xy[slot >> 1][lane];
+    return (slot & 1) ? make_float2(q.z, q.w) : make_float2(q.x, q.y);
+}
+
+// step 4 at scale s (inv = fl(1 / s)): the slot of this lane's code (the nearest candidate, the
+// lower code on equal distances), its (CX, CY) and the block error E (all lanes).
+// r: fl(sqrt(fl(X^2) + fl(Y^2))).
+template <int FMT>
+__device__ __forceinline__ void polar_encode_at(float X, float Y, float r, float s, float inv,
+                                                const polar_cand_table * t, int lane, int & slot, float & bx,
+                                                float & by, float & E) {
+    constexpr int NR  = polar_fmt<FMT>::NRINGS;
+    const float   xn  = polar_fmul(X, inv);
+    const float   yn  = polar_fmul(Y, inv);
+    const float   rho = polar_fmul(r, inv);
+
+    // rings w, w + 1: about the ring radii around rho (any w is correct)
+    const int    cell = (int) polar_fmul(rho, POLAR_WIN_LUT_SCALE);  // saturating conversion
+    const int    w    = t->lut[cell < POLAR_WIN_LUT - 1 ? cell : POLAR_WIN_LUT - 1];
+    const float4 q0   = t->xy[w][lane];
+    const float4 q1   = t->xy[w + 1][lane];
+    const float  dx0  = polar_fsub(xn, q0.x);
+    const float  dy0  = polar_fsub(yn, q0.y);
+    float        best = polar_fadd(polar_fmul(dx0, dx0), polar_fmul(dy0, dy0));
+    int          bs   = 2 * w;
+    bx                = q0.x;
+    by                = q0.y;
+    polar_try(xn, yn, q0.z, q0.w, 2 * w + 1, best, bs, bx, by);
+    polar_try(xn, yn, q1.x, q1.y, 2 * w + 2, best, bs, bx, by);
+    polar_try(xn, yn, q1.z, q1.w, 2 * w + 3, best, bs, bx, by);
+
+    // no candidate outside the window can be the answer (proof above)
+    const float2 ab     = t->win[w];
+    const float  rho_lo = polar_fsub(polar_fmul(rho, POLAR_RHO_REL_LO), POLAR_RHO_ABS);
+    const float  rho_hi = polar_fadd(polar_fmul(rho, POLAR_RHO_REL_HI), POLAR_RHO_ABS);
+    const float  m      = polar_fmin(polar_fsub(rho_lo, ab.x), polar_fsub(ab.y, rho_hi));
+    const float  lb     = polar_fmul(polar_fmul(m, m), POLAR_LB_REL);
+    const bool   ok     = __float_as_int(m) > 0 && polar_lt_nonneg(polar_fmax(best, POLAR_LB_MIN), lb);
+    if (__any_sync(POLAR_FULL_MASK, !ok)) {
+        best = __uint_as_float(POLAR_INF_BITS);
+#pragma unroll
+        for (int j = 0; j < NR; ++j) {
+            const float4 q = t->xy[j][lane];
+            polar_try(xn, yn, q.x, q.y, 2 * j, best, bs, bx, by);
+            polar_try(xn, yn, q.z, q.w, 2 * j + 1, best, bs, bx, by);
+        }
+    }
+    slot           = bs;
+    const float ex = polar_fsub(X, polar_fmul(s, bx));
+    const float ey = polar_fsub(Y, polar_fmul(s, by));
+    E              = polar_tree32(polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey)));
+}
+
+// Scratch in shared memory for polar_encode_block: the block's candidates and, with NW > 1 warps
+// per block, each warp's best.
+template <int NW> struct polar_encode_scratch {
+    polar_cand_table t;                          // written by warp 0
+    float            e[NW];                      // best error of warp w (+inf: no candidate)
+    float            s[NW];                      // its scale
+    int              k[NW];                      // its candidate index
+    unsigned char    c[NW][POLAR_BLOCK_PAIRS];   // its candidate slots
+};
+
+template <> struct polar_encode_scratch<1> {
+    polar_cand_table t;
+};
 
 // Steps 1-6 for one block: X, Y the raw pair of this lane; sets the scale s (0: the zero block)
-// and this lane's code. Warp `warp` of NW tries scale candidates warp, warp + NW, ...; with
-// NW > 1 all NW warps of the CTA must call it (one __syncthreads) and only warp 0 refines:
-// returns true in the warp that holds the block's result (warp 0). The choice is the first
-// strict minimum of E over k = 0..NCAND-1, as in the sequential loop (NW = 1).
+// and this lane's code. Warp `warp` of NW tries scale candidates warp, warp + NW, ...; all NW warps
+// of the CTA must call it (NW > 1: two __syncthreads) and only warp 0 refines: returns true in the
+// warp that holds the block's result (warp 0). The choice is the first strict minimum of E over
+// k = 0..NCAND-1, as in the sequential loop (NW = 1). scratch: one per block being encoded (with
+// NW = 1, one per warp).
 template <int FMT, int NW, int REPL>
 __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float2 * tab, int lane, int warp,
                                                    polar_encode_scratch<NW> * scratch, float & s_out, int & code_out) {
     typedef polar_fmt<FMT> TR;
+    polar_cand_table * t = &scratch->t;
 
     X = polar_sanitize(X);
     Y = polar_sanitize(Y);
     const float rmax = polar_block_rmax(X, Y);
+    const float r    = polar_fsqrt(polar_fadd(polar_fmul(X, X), polar_fmul(Y, Y)));
 
-    int cand[2 * TR::NRINGS];
-    polar_pair_candidates<FMT>(X, Y, cand);
+    if (NW == 1) {
+        __syncwarp();  // the lanes are done with the warp's previous block
+    }
+    const float theta = atan2f(Y, X);
+    if (NW == 1 || warp == 0) {
+        polar_build_candidates<FMT, REPL>(theta, tab, lane, t);
+    }
+    if (NW > 1) {
+        __syncthreads();
+    } else {
+        __syncwarp();
+    }
+
+    // step 3 in parallel: lane k holds scale candidate s_k and fl(1 / s_k)
+    static_assert(TR::NCAND <= POLAR_BLOCK_PAIRS, "one scale candidate per lane");
+    const float s_lane   = polar_round_scale(polar_fmul(rmax, polar_tab<FMT>::g(lane % TR::NCAND)));
+    const float inv_lane = polar_fdiv(1.0f, s_lane);
 
     float best_s = 0.0f;
     float best_e = __uint_as_float(POLAR_INF_BITS);
-    int   best_c = 0;
+    int   best_i = 0;  // slot
+    float best_x = 0.0f;
+    float best_y = 0.0f;
     int   best_k = TR::NCAND;
 #pragma unroll 1
     for (int k = warp; k < TR::NCAND; k += NW) {
-        const float s = polar_round_scale(polar_fmul(rmax, polar_tab<FMT>::g(k)));
+        const float s = __shfl_sync(POLAR_FULL_MASK, s_lane, k);
         if (s == 0.0f) {
             continue;  // warp-uniform
         }
-        int   c;
-        float E;
-        polar_encode_at<FMT, REPL>(X, Y, s, cand, tab, lane, c, E);
+        int   i;
+        float bx, by, E;
+        polar_encode_at<FMT>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k), t, lane, i, bx, by, E);
         if (polar_lt_nonneg(E, best_e)) {
             best_s = s;
             best_e = E;
-            best_c = c;
+            best_i = i;
+            best_x = bx;
+            best_y = by;
             best_k = k;
         }
     }
 
-    if (NW > 1) {
-        scratch->c[warp][lane] = (unsigned char) best_c;
+    if constexpr (NW > 1) {
+        scratch->c[warp][lane] = (unsigned char) best_i;
         if (lane == 0) {
             scratch->e[warp] = best_e;
             scratch->s[warp] = best_s;
@@ -338,40 +550,47 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
             key                        = o < key ? o : key;
         }
         const int bw = (int) (key & 31u);
-        best_e = scratch->e[bw];
-        best_s = scratch->s[bw];
-        best_c = scratch->c[bw][lane];
+        best_e       = scratch->e[bw];
+        best_s       = scratch->s[bw];
+        best_i       = scratch->c[bw][lane];
+        const float2 b = polar_slot_xy(t, best_i, lane);
+        best_x       = b.x;
+        best_y       = b.y;
     }
 
     // step 6: least-squares scale of the chosen codes, kept while it lowers the error
     bool active = __float_as_uint(best_e) != POLAR_INF_BITS;
 #pragma unroll 1
     for (int it = 0; it < TR::NREFINE && active; ++it) {
-        const float2 t   = tab[best_c * REPL + lane % REPL];
-        const float  num = polar_tree32(polar_fadd(polar_fmul(X, t.x), polar_fmul(Y, t.y)));
-        const float  den = polar_tree32(polar_fadd(polar_fmul(t.x, t.x), polar_fmul(t.y, t.y)));
-        active           = false;
+        const float num = polar_tree32(polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y)));
+        const float den = polar_tree32(polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y)));
+        active          = false;
         if (den > 0.0f) {
             const float s2 = polar_round_scale(polar_fdiv(num, den));
             if (s2 > 0.0f && s2 != best_s) {
-                int   c;
-                float E;
-                polar_encode_at<FMT, REPL>(X, Y, s2, cand, tab, lane, c, E);
+                int   i;
+                float bx, by, E;
+                polar_encode_at<FMT>(X, Y, r, s2, polar_fdiv(1.0f, s2), t, lane, i, bx, by, E);
                 if (polar_lt_nonneg(E, best_e)) {
                     best_s = s2;
                     best_e = E;
-                    best_c = c;
+                    best_i = i;
+                    best_x = bx;
+                    best_y = by;
                     active = true;
                 }
             }
         }
     }
     if (__float_as_uint(best_e) == POLAR_INF_BITS) {
-        best_s = 0.0f;
-        best_c = 0;
+        s_out    = 0.0f;
+        code_out = 0;
+    } else {
+        int lo, hi;
+        polar_ring_neighbours<FMT>(theta, best_i >> 1, lo, hi);
+        s_out    = best_s;
+        code_out = (best_i & 1) ? hi : lo;
     }
-    s_out    = best_s;
-    code_out = best_c;
     return true;
 }
 

@@ -7,9 +7,13 @@
 // Addressing: the input is a 4-D view x[B][H][T][64 * NB] with element strides (sb, sh, st, 1);
 // the output is a cache out[B][H][T_max][NB][TYPE_SIZE] (byte strides ob, oh, ot) written at
 // positions pos[b] + t (pos == nullptr: pos0 for all b). Block i = ((b * H + h) * T + t) * NB + j.
+// At most POLAR_ENC_WARPS warps per CTA (cupy_kernels.codec launches 8), each with its own
+// polar_encode_scratch (the block's candidate table, 5.8 KiB).
 
 #include "polar_common.cuh"
 #include "polar_block.cuh"
+
+#define POLAR_ENC_WARPS 8
 
 template <int FMT, class IN>
 __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict__ x, u8 * __restrict__ out,
@@ -17,7 +21,8 @@ __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict_
                                               int NB, long long sb, long long sh, long long st, long long ob,
                                               long long oh, long long ot, int pos0) {
     typedef polar_fmt<FMT> TR;
-    __shared__ float2 tab[TR::NCODES];
+    __shared__ float2                   tab[TR::NCODES];
+    __shared__ polar_encode_scratch<1> scratch[POLAR_ENC_WARPS];
     polar_load_codebook<FMT, 1>(tab, threadIdx.x, blockDim.x);
     __syncthreads();
 
@@ -36,18 +41,18 @@ __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict_
         float s;
         int   code;
         polar_encode_block<FMT, 1, 1>(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane, 0,
-                                      (polar_encode_scratch<1> *) nullptr, s, code);
+                                      &scratch[threadIdx.x >> 5], s, code);
         polar_store_block<FMT>(out + b * ob + h * oh + (long long) (p + t) * ot + (long long) j * TR::TYPE_SIZE, s,
                                code, lane);
     }
 }
 
-#define ENCODE_ENTRY(NAME, FMT, IN)                                                                           \
-    extern "C" __global__ void NAME(const IN::T * __restrict__ x, u8 * __restrict__ out,                       \
-                                    const int * __restrict__ pos, long long n_blocks, int H, int T, int NB,   \
-                                    long long sb, long long sh, long long st, long long ob, long long oh,     \
-                                    long long ot, int pos0) {                                                 \
-        encode_kernel<FMT, IN>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0);                \
+#define ENCODE_ENTRY(NAME, FMT, IN)                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * POLAR_ENC_WARPS)                                       \
+        NAME(const IN::T * __restrict__ x, u8 * __restrict__ out, const int * __restrict__ pos, long long n_blocks, \
+             int H, int T, int NB, long long sb, long long sh, long long st, long long ob, long long oh,       \
+             long long ot, int pos0) {                                                                       \
+        encode_kernel<FMT, IN>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0);               \
     }
 
 ENCODE_ENTRY(polar_encode_polar_f32, 0, in_f32)

@@ -1,0 +1,201 @@
+"""The GPU encoder's pruned candidate search (cupy_kernels/polar_block.cuh) gives the bytes of
+kvpolar.codec.quantize_blocks: its float32 numpy twin (tests/encoder_emulation.py) against the
+reference on random and adversarial blocks, at single scales on points placed exactly on codes,
+midway between codes and on ring boundaries, and with deliberately wrong windows (the bound must
+reject them, the full search then answers). CPU only; tests/test_gpu_parity.py checks the device.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+import encoder_emulation as em
+from kvpolar import codec
+from kvpolar.format import FORMATS, QK, get_format, tables
+
+FMTS = sorted(FORMATS)
+N = 256  # blocks per kind and format (the numpy reference takes ~0.5 ms a block on one core)
+
+
+def _scaled(rng, v: np.ndarray) -> np.ndarray:
+    """v (n, 64) times a per-block power of two or binary16 value."""
+    n = len(v)
+    s = np.where(
+        rng.random(n) < 0.5,
+        2.0 ** rng.integers(-20, 12, n),
+        rng.uniform(0.01, 100, n).astype(np.float16).astype(np.float64),
+    )
+    return (v * s[:, None]).astype(np.float32)
+
+
+def _pairs(p: np.ndarray) -> np.ndarray:
+    """(n, 32, 2) pairs -> (n, 64) rows."""
+    return p.reshape(len(p), QK)
+
+
+def _structured(fmt: str, kind: str, n: int, rng) -> np.ndarray:
+    """Pairs exactly on codes, midway between two codes, on ring radii and window-table edges."""
+    t = tables(fmt)
+    b = em.bounds(fmt)
+    nc = len(t.cx)
+    if kind == "on_codes":
+        c = rng.integers(0, nc, (n, 32))
+        p = np.stack([t.cx[c], t.cy[c]], -1).astype(np.float64)
+    elif kind == "midway":
+        c = rng.integers(0, nc, (n, 32))
+        c2 = np.where(rng.random((n, 32)) < 0.5, (c + 1) % nc, rng.integers(0, nc, (n, 32)))
+        p = 0.5 * np.stack([t.cx[c] + t.cx[c2], t.cy[c] + t.cy[c2]], -1).astype(np.float64)
+    elif kind == "ring_radii":
+        j = rng.integers(0, len(b.mid), (n, 32))
+        r = np.choose(
+            rng.integers(0, 4, (n, 32)), [b.lo[j], b.hi[j], b.mid[j], 0.5 * (b.mid[j] + b.mid[j - 1])]
+        )
+        a = rng.uniform(-np.pi, np.pi, (n, 32))
+        p = np.stack([r * np.cos(a), r * np.sin(a)], -1)
+    elif kind == "lut_edges":
+        r = rng.integers(0, 70, (n, 32)) / 16.0
+        a = rng.uniform(-np.pi, np.pi, (n, 32))
+        p = np.stack([r * np.cos(a), r * np.sin(a)], -1)
+    elif kind == "bisectors":  # angle exactly between two neighbours of a ring, radius of that ring
+        j = rng.integers(1, len(b.mid), (n, 32))
+        k = rng.integers(0, 64, (n, 32)) % t.ring_n[j]
+        a = t.ring_phi[j].astype(np.float64) + (k + 0.5) * 2 * np.pi / t.ring_n[j]
+        r = b.mid[j].astype(np.float64)
+        p = np.stack([r * np.cos(a), r * np.sin(a)], -1)
+    else:
+        raise AssertionError(kind)
+    return _pairs(p.astype(np.float32))
+
+
+def _rows(fmt: str, kind: str, n: int, rng) -> np.ndarray:
+    """(n, 64) float32 test blocks of one kind."""
+    if kind == "gaussian":
+        return rng.standard_normal((n, QK)).astype(np.float32)
+    if kind == "scaled":
+        return (rng.standard_normal((n, QK)) * np.exp(rng.uniform(-12, 12, (n, 1)))).astype(np.float32)
+    if kind == "heavy":
+        return rng.standard_t(1.5, (n, QK)).astype(np.float32)
+    if kind == "outlier":
+        x = rng.standard_normal((n, QK)).astype(np.float32)
+        x[np.arange(n), rng.integers(0, QK, n)] *= 1000
+        return x
+    if kind == "zero":
+        x = np.zeros((n, QK), np.float32)
+        x[1::2, ::7] = -0.0
+        x[2::4, 5] = 1e-3
+        return x
+    if kind == "huge":
+        scale = rng.choice([1e4, 1e6, 1e12, 3e38], (n, 1))
+        with np.errstate(over="ignore"):  # 3e38 * N(0, 1) overflows to +-inf: sanitized
+            return (rng.standard_normal((n, QK)) * scale).astype(np.float32)
+    if kind == "tiny":
+        return (rng.standard_normal((n, QK)) * rng.choice([1e-6, 1e-9, 1e-30, 1e-39], (n, 1))).astype(
+            np.float32
+        )
+    if kind == "nonfinite":
+        x = rng.standard_normal((n, QK)).astype(np.float32)
+        idx = rng.integers(0, QK, (n, 3))
+        for j, v in enumerate([np.nan, np.inf, -np.inf]):
+            x[np.arange(n), idx[:, j]] = v
+        x[::5] = np.nan
+        return x
+    if kind == "randbits":
+        return rng.integers(0, 2**32, (n, QK), dtype=np.uint64).astype(np.uint32).view(np.float32)
+    if kind == "fp16grid":
+        h = rng.integers(0, 2**16, (n, QK), dtype=np.uint32).astype(np.uint16).view(np.float16)
+        return np.where(np.isfinite(h), h, 0).astype(np.float32)
+    if kind == "mixed_radii":  # one large pair, the rest spread over many decades
+        x = rng.standard_normal((n, QK)) * 10.0 ** rng.uniform(-8, 0, (n, QK))
+        x[:, :2] *= 100
+        return x.astype(np.float32)
+    return _scaled(rng, _structured(fmt, kind, n, rng))
+
+
+KINDS = [
+    "gaussian",
+    "scaled",
+    "heavy",
+    "outlier",
+    "zero",
+    "huge",
+    "tiny",
+    "nonfinite",
+    "randbits",
+    "fp16grid",
+    "mixed_radii",
+    "on_codes",
+    "midway",
+    "ring_radii",
+    "lut_edges",
+    "bisectors",
+]
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32("/".join(map(str, key)).encode()))
+
+
+def _first_diff(fmt: str, got: np.ndarray, want: np.ndarray) -> str:
+    bad = np.nonzero((got != want).any(1))[0]
+    i = int(bad[0])
+    off = 0
+    for name, dt, cnt in get_format(fmt).fields:
+        size = np.dtype(dt).itemsize * cnt
+        if (got[i, off : off + size] != want[i, off : off + size]).any():
+            return (
+                f"{len(bad)} blocks differ; first block {i}, field {name}: "
+                f"emulation {got[i, off : off + size].tolist()} numpy {want[i, off : off + size].tolist()}"
+            )
+        off += size
+    return f"{len(bad)} blocks differ"
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_blocks_equal_reference(fmt):
+    x = np.concatenate([_rows(fmt, k, N, _rng(fmt, k)) for k in KINDS])
+    want = codec.quantize_blocks(x, fmt)
+    got, stats = em.encode_blocks(x, fmt)
+    assert (got == want).all(), _first_diff(fmt, got, want)
+    # the window nearly always carries its proof: the full search is the exception
+    assert stats["full"] <= 0.01 * stats["scales"], stats
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("shift", [-3, -1, 1, 4])
+def test_wrong_window_is_rejected(fmt, shift):
+    """A window away from rho fails the bound; the full search then gives the reference bytes."""
+    rng = _rng(fmt, "shift", shift)
+    x = np.concatenate([_rows(fmt, k, 24, rng) for k in ("gaussian", "midway", "ring_radii", "outlier")])
+    want = codec.quantize_blocks(x, fmt)
+    got, stats = em.encode_blocks(x, fmt, w_shift=shift)
+    assert (got == want).all(), _first_diff(fmt, got, want)
+    assert stats["full"] > 0.5 * stats["scales"], stats
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("kind", ["on_codes", "midway", "ring_radii", "lut_edges", "bisectors"])
+def test_search_at_exact_scales(fmt, kind):
+    """At power-of-two scales xn = X / s is exact, so the points sit exactly on codes, midpoints
+    (distance ties), ring radii and window-table edges in the normalized domain."""
+    rng = _rng(fmt, "search", kind)
+    n = 512
+    p = _structured(fmt, kind, n, rng)
+    s = (2.0 ** rng.integers(-24, 15, n)).astype(np.float32)
+    x = codec.sanitize(p * s[:, None])
+    X, Y = x[:, 0::2], x[:, 1::2]
+    theta = np.arctan2(Y, X)
+    want_codes, want_e = codec._encode_at(get_format(fmt), X, Y, codec._candidates(get_format(fmt), theta), s)
+
+    t = tables(fmt)
+    codes = em.slot_codes(fmt, theta)
+    stats = {"scales": 0, "full": 0}
+    slot, e = em._encode_at(fmt, X, Y, np.sqrt(X * X + Y * Y), s, t.cx[codes], t.cy[codes], stats)
+    got = np.take_along_axis(codes, slot[..., None], -1)[..., 0]
+    bad = np.argwhere(got != want_codes)
+    if len(bad):
+        i = tuple(bad[0])
+        pytest.fail(f"{len(bad)} pairs differ; first (block, pair) {i}: code {got[i]}, numpy {want_codes[i]}")
+    assert (e.view(np.uint32) == want_e.view(np.uint32)).all()
