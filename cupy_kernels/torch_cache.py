@@ -425,15 +425,22 @@ class StaticF16CacheLayer(CacheLayerMixin):
     """The float16 baseline of the static caches: K and V [B, Hkv, max_cache_len, D] in the
     model's dtype, written at the device positions `lens`; attention (`static_f16_attention`) is
     SDPA over all max_cache_len keys with a mask from `lens` (the mask transformers passes is
-    ignored: equal-length batches, no padding)."""
+    ignored: equal-length batches, no padding); impl "matmul": the same as two batched matmuls
+    and a float32 softmax (work spread over the keys, where SDPA's masked kernel spreads over
+    query rows and heads only)."""
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, max_cache_len: int):
+    IMPLS = ("sdpa", "matmul")
+
+    def __init__(self, max_cache_len: int, impl: str = "sdpa"):
         super().__init__()
+        if impl not in self.IMPLS:
+            raise ValueError(f"impl must be one of {self.IMPLS}, got {impl!r}")
         self.max_cache_len = _round_capacity(max_cache_len)
+        self.impl = impl
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -497,13 +504,22 @@ def static_f16_attention(layer: StaticF16CacheLayer, query: torch.Tensor, scalin
     tq = torch.arange(Tq, device=query.device).repeat(G)  # [G * Tq]: the token of each row
     limit = layer.lens.long()[:, None] - Tq + 1 + tq[None, :]  # [B, G * Tq] keys visible
     mask = torch.arange(T, device=query.device)[None, None, :] < limit[:, :, None]
-    o = F.scaled_dot_product_attention(qf, layer.keys, layer.values, attn_mask=mask[:, None], scale=scaling)
+    if layer.impl == "matmul":
+        scale = D**-0.5 if scaling is None else scaling
+        s = torch.matmul(qf * scale, layer.keys.transpose(2, 3)).float()  # [B, H, G * Tq, T]
+        s = s.masked_fill_(~mask[:, None], float("-inf"))
+        o = torch.matmul(torch.softmax(s, -1).to(layer.values.dtype), layer.values)
+    else:
+        o = F.scaled_dot_product_attention(
+            qf, layer.keys, layer.values, attn_mask=mask[:, None], scale=scaling
+        )
     return o.reshape(B, Hq, Tq, D).transpose(1, 2).contiguous()
 
 
 class StaticPolarCache(Cache):
     """A Cache of StaticPolarCacheLayer (kfmt/vfmt as PolarCache) or, with kfmt="f16", of
-    StaticF16CacheLayer (the float16 baseline), every layer holding `max_cache_len` tokens."""
+    StaticF16CacheLayer (the float16 baseline; f16_impl "sdpa" or "matmul"), every layer holding
+    `max_cache_len` tokens."""
 
     def __init__(
         self,
@@ -516,6 +532,7 @@ class StaticPolarCache(Cache):
         centering: str | dict | None = None,
         backend: str = "auto",
         attn_config: gpu_attn.AttnConfig | None = None,
+        f16_impl: str = "sdpa",
     ):
         if num_layers is None:
             if config is None:
@@ -529,7 +546,7 @@ class StaticPolarCache(Cache):
             if kfmt == "f16":
                 if vfmt != "f16":
                     raise ValueError(f"kfmt 'f16' (the float16 baseline) needs vfmt 'f16', got {vfmt!r}")
-                layers.append(StaticF16CacheLayer(max_cache_len))
+                layers.append(StaticF16CacheLayer(max_cache_len, f16_impl))
                 continue
             off = centering.get(i) if isinstance(centering, dict) else centering
             layers.append(

@@ -80,7 +80,9 @@ def test_write_results(tmp_path):
     gdb.write_results({"rows": rows}, args)
     assert json.loads(args.json.read_text())["rows"] == rows
     assert args.md.read_text() == gdb.markdown_table(rows)
-    gdb.write_results({"rows": rows}, argparse.Namespace(json=None, md=None))  # nothing asked, nothing written
+    gdb.write_results(
+        {"rows": rows}, argparse.Namespace(json=None, md=None)
+    )  # nothing asked, nothing written
 
 
 def test_first_divergence():
@@ -123,12 +125,13 @@ def tiny_llama(torch, device="cpu", dtype=None):
     return m
 
 
-def test_static_f16_attention_matches_sdpa(th):
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+def test_static_f16_attention_matches_sdpa(th, impl):
     torch = th
     from cupy_kernels import torch_cache as tc
 
     g = torch.Generator().manual_seed(0)
-    layer = tc.StaticF16CacheLayer(37)
+    layer = tc.StaticF16CacheLayer(37, impl)
     assert layer.max_cache_len == 40
     ks = [torch.randn(2, 2, t, 64, generator=g) for t in (7, 3, 1)]
     vs = [torch.randn(2, 2, t, 64, generator=g) for t in (7, 3, 1)]
@@ -151,6 +154,8 @@ def test_static_f16_attention_matches_sdpa(th):
         layer.update(torch.zeros(2, 2, 30, 64), torch.zeros(2, 2, 30, 64))
     layer.set_length(8)
     assert layer.get_seq_length() == 8 and layer.lens.tolist() == [8, 8]
+    with pytest.raises(ValueError, match="impl must be one of"):
+        tc.StaticF16CacheLayer(8, "flash")
 
 
 @pytest.mark.parametrize("vfmt", ["polar", "f16"])
@@ -189,6 +194,7 @@ def test_eager_decoder_matches_dynamic_caches_cpu(th):
     with torch.no_grad():
         for kind, ref_cache in (
             ("fp16", None),
+            ("fp16-mm", None),
             ("polar+f16", tc.PolarCache(m.config, kfmt="polar", vfmt="f16", backend="reference")),
         ):
             cache = gdb.make_cache(m, kind, gdb.capacity(12, n, step=8))
@@ -219,7 +225,7 @@ def _decode(torch, model, cache, ids, n, graph):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["fp16", "polar", "polar+f16"])
+@pytest.mark.parametrize("kind", ["fp16", "polar", "polar+f16", "fp16-mm"])
 def test_gpu_graph_replay_matches_eager(cuda_torch, kind):
     """The CUDA-graph replay of a decode step computes what the eager step computes (same
     kernels, same launches: the logits agree to float16 rounding, the tokens exactly), and the
@@ -243,7 +249,7 @@ def test_gpu_graph_replay_matches_eager(cuda_torch, kind):
         assert torch.equal(tg, te)
 
         kfmt, vfmt = gdb.KINDS[kind]
-        dyn = None if kind == "fp16" else tc.PolarCache(m.config, kfmt=kfmt, vfmt=vfmt)
+        dyn = None if kfmt == "f16" else tc.PolarCache(m.config, kfmt=kfmt, vfmt=vfmt)
         seq = torch.cat([ids, te[:, :-1]], 1)
         out = m(seq[:, :32], past_key_values=dyn, use_cache=True)
         dyn = out.past_key_values
