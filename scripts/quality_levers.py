@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Issue 12, levers 2 and 3: per-channel balancing and protecting the attention sink, measured.
+
+    python3 scripts/quality_levers.py study [--model M ...] [--layers N] [--json out.json]
+    python3 scripts/quality_levers.py kld --bin build/bin [--model M ...] [--json out.json]
+
+`study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
+last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
+error, the softmax KL per query and the attention-output error of the polar/polar3 codes, with
+llama.cpp's graph rotation (Hadamard) and online K centering (the mean of window 0):
+
+- K balancing: the cache stores H (D (k - mu)) and the query is multiplied by 1/D, so q.k is
+  unchanged; D_j = 2^round(log2 (E q_j^2 / E (k_j - mu_j)^2)^(1/4)) per KV head and channel (the
+  query statistics averaged over the heads that read the KV head), the same for both channels of a
+  RoPE pair (a K shift rotates the pair), log2 D centred per head. With white quantization error
+  after the rotation, this minimises (sum_j E q_j^2 / D_j^2)(sum_j D_j^2 E k_j^2), the logit error.
+- V balancing: the cache stores H (E v) and the attention output is divided by E;
+  E_j = 2^round(log2 (E v_j^2)^(-1/4)) (minimises the output error (sum 1/E^2)(sum E^2 v^2)).
+- Sink: token 0's K or V kept exact (f16 in a real cache: +11.75 bits for one token a head).
+
+`kld` runs the patched llama-perplexity --kl-divergence with the settings of
+docs/centering-online.md (SQuAD, -fa on, -b = -c, -t 1) for each cache setting and environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvpolar.paths import QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
+from study import AttentionRef, activations, layouts
+from study.run import hadamard_rows, k_rot_size, pick_layers
+
+log = logging.getLogger("quality_levers")
+
+# ----------------------------------------------------------------------------------------------
+# numpy study
+
+
+def pair_ids(d: int, pairing: str) -> np.ndarray:
+    """Channel -> RoPE pair index in llama.cpp's cache rows: norm (2i, 2i+1), neox (i, i + d/2)."""
+    j = np.arange(d)
+    return j // 2 if pairing == "norm" else j % (d // 2)
+
+
+def tie_pairs(x: np.ndarray, pairing: str) -> np.ndarray:
+    """(..., d) -> the mean over each RoPE pair, written to both channels."""
+    pid = pair_ids(x.shape[-1], pairing)
+    n = pid.max() + 1
+    s = np.zeros((*x.shape[:-1], n))
+    for j, p in enumerate(pid):
+        s[..., p] += x[..., j]
+    return (s / 2)[..., pid]
+
+
+def pow2_factors(ratio: np.ndarray, expo: float, power2: bool = True) -> np.ndarray:
+    """ratio (..., d) -> ratio^expo with log2 centred over the last axis, rounded to 2^n, n in [-8, 8]
+    (what the graph computes: exact in float arithmetic)."""
+    lg = expo * np.log2(np.maximum(ratio, 1e-30))
+    lg = lg - lg.mean(-1, keepdims=True)
+    if power2:
+        lg = np.clip(np.round(lg), -8, 8)
+    return 2.0**lg
+
+
+def k_factors(q0: np.ndarray, k0: np.ndarray, mu: np.ndarray, pairing: str, **kw) -> np.ndarray:
+    """q0 (Hq, T, d), k0 (Hkv, T, d), mu (Hkv, 1, d) -> D (Hkv, 1, d)."""
+    hkv = k0.shape[0]
+    eq = (q0.astype(np.float64) ** 2).mean(1).reshape(hkv, -1, q0.shape[-1]).mean(1)
+    ek = ((k0.astype(np.float64) - mu) ** 2).mean(1)
+    return pow2_factors(tie_pairs(eq, pairing) / tie_pairs(ek, pairing), 0.25, **kw)[:, None, :]
+
+
+def v_factors(v0: np.ndarray, **kw) -> np.ndarray:
+    """v0 (Hkv, T, d) -> E (Hkv, 1, d)."""
+    ev = (v0.astype(np.float64) ** 2).mean(1)
+    return pow2_factors(1.0 / ev, 0.25, **kw)[:, None, :]
+
+
+SINK_WEIGHTS = (0.125, 0.25, 0.375)
+ONLINE_TOKENS = 512  # the first ubatch (-ub 512) measures the online offsets
+
+
+def layer_levers(model: str, layer: int, n_seq: int, seq_len: int, nq: int, types: list[str]) -> dict:
+    """Sums (AttentionRef.k_sums / v_sums) per "tensor|type|lever" for one layer.
+
+    K offsets: "mean0" the mean of window 0 (docs/format-study.md), "online" the mean of the first
+    ONLINE_TOKENS keys of the scored window (what patch 0007 measures), "sinkW" the online offset
+    weighted toward the first key, (1 - W) mean + W k_0 (patch 0012). "+D": K balancing with
+    factors from the same tokens; "+sink": token 0's K or V exact.
+    """
+    meta = activations.meta(model, n_seq, seq_len)
+    data = activations.load_layer(model, layer, n_seq, seq_len)
+    lays = layouts(meta["pairing"])
+    ev = n_seq - 1
+    q, k, v = data["q"][ev], data["k"][ev], data["v"][ev]
+    x = k.astype(np.float64)
+    xv = v.astype(np.float64)
+    head = slice(0, ONLINE_TOKENS)
+    online = x[:, head].mean(1, keepdims=True)
+    centers = {"mean0": data["k"][0].mean(1, keepdims=True).astype(np.float64), "online": online}
+    for w in SINK_WEIGHTS:
+        centers[f"sink{w:g}"] = (1 - w) * online + w * x[:, :1]
+    k_cfg = [(name, mu, None) for name, mu in centers.items()]
+    for name in ("online", f"sink{SINK_WEIGHTS[1]:g}"):
+        mu = centers[name]
+        k_cfg.append((f"{name}+D", mu, k_factors(q[:, head], k[:, head], mu, meta["pairing"])))
+    v_cfg = [("none", None), ("E", v_factors(v[:, head]))]
+    rk, rv = k_rot_size(k.shape[-1]), 64
+    ref = AttentionRef(q, k, v, np.arange(seq_len // nq - 1, seq_len, seq_len // nq))
+    out: dict = {"p0": ref.p0 / ref.nq}
+    for t in types:
+        fn = lays[t].fn
+        for name, mu, f in k_cfg:
+            f = 1.0 if f is None else f
+            s = hadamard_rows(f * (x - mu), rk).astype(np.float32)
+            xh = hadamard_rows(fn(s).astype(np.float64), rk) / f + mu
+            out[f"k|{t}|{name}"] = ref.k_sums(xh)
+            if name in ("online", f"sink{SINK_WEIGHTS[1]:g}", "online+D"):
+                xh[:, 0] = x[:, 0]
+                out[f"k|{t}|{name}+sink exact"] = ref.k_sums(xh)
+        for name, f in v_cfg:
+            f = 1.0 if f is None else f
+            s = hadamard_rows(f * xv, rv).astype(np.float32)
+            vh = hadamard_rows(fn(s).astype(np.float64), rv) / f
+            out[f"v|{t}|{name}"] = ref.v_sums(vh)
+            vh[:, 0] = xv[:, 0]
+            out[f"v|{t}|{name}+sink exact"] = ref.v_sums(vh)
+    return out
+
+
+def finish(sums: list[dict]) -> dict:
+    """Per-layer sums -> pooled metrics per key (logit_err, kl, out_err_k / out_err_v)."""
+    res: dict = {}
+    for key in sums[0]:
+        if not key.startswith(("k|", "v|")):
+            continue
+        tot: dict = {}
+        for s in sums:
+            for a, b in s[key].items():
+                tot[a] = tot.get(a, 0.0) + b
+        if key.startswith("k|"):
+            res[key] = {
+                "logit_err": tot["logit_se"] / tot["logit_var"],
+                "kl": tot["kl"] / tot["nq"],
+                "out_err": tot["outk_se"] / tot["out_sq"],
+            }
+        else:
+            res[key] = {"out_err": tot["outv_se"] / tot["out_sq"]}
+    return res
+
+
+def run_study(args) -> dict:
+    res = {"machine": platform.processor() or platform.machine(), "models": {}}
+    for model in args.model:
+        if not activations.have(model, args.n_seq, args.seq_len):
+            raise SystemExit(
+                f"no activations for {model}: python -m study.activations dump --model {model}"
+                " (from scripts/, needs torch and transformers)"
+            )
+        meta = activations.meta(model, args.n_seq, args.seq_len)
+        layers = pick_layers(meta["n_layer"], args.layers)
+        per = {}
+        for il in layers:
+            t0 = time.time()
+            per[il] = layer_levers(model, il, args.n_seq, args.seq_len, args.nq, args.types)
+            log.info("%s layer %d: %.1f s", model, il, time.time() - t0)
+        res["models"][model] = {
+            "layers": layers,
+            "pooled": finish(list(per.values())),
+            "per_layer": {il: finish([s]) for il, s in per.items()},
+            "p0": float(np.mean([s["p0"] for s in per.values()])),
+        }
+    return res
+
+
+def render_study(res: dict) -> str:
+    lines = []
+    for model, r in res["models"].items():
+        lines += [
+            f"### {model} (layers {r['layers']}; token 0 takes {100 * r['p0']:.0f} % of the attention)",
+            "",
+            "| tensor | type | lever | logit err | softmax KL | attn-out err | vs online / none |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        pooled = r["pooled"]
+        for key, m in pooled.items():
+            tensor, t, lever = key.split("|")
+            base = pooled[f"{tensor}|{t}|{'online' if tensor == 'k' else 'none'}"]
+            ref = base["kl"] if tensor == "k" else base["out_err"]
+            val = m["kl"] if tensor == "k" else m["out_err"]
+            lines.append(
+                f"| {tensor.upper()} | {t} | {lever} | {m.get('logit_err', float('nan')):.3e} | "
+                f"{m.get('kl', float('nan')):.3e} | {m['out_err']:.3e} | {val / ref:.3f} |"
+            )
+        lines.append("")
+    return "\n".join(lines).replace("nan", "-")
+
+
+# ----------------------------------------------------------------------------------------------
+# llama-perplexity --kl-divergence
+
+MODELS = {
+    "smollm2-135m": {"gguf": SMOLLM2_GGUF, "ctx": 2048, "chunks": 4},
+    "qwen2.5-coder-1.5b": {"gguf": QWEN_GGUF, "ctx": 1024, "chunks": 2},
+}
+
+# (K type, V type, environment)
+SETTINGS = [
+    ("polar", "f16", {"LLAMA_KV_BALANCE": "0"}),
+    ("polar", "f16", {}),
+    ("polar3", "f16", {"LLAMA_KV_BALANCE": "0"}),
+    ("polar3", "f16", {}),
+    ("polar", "polar3", {"LLAMA_KV_BALANCE": "0"}),
+    ("polar", "polar3", {}),
+    ("q4_0", "q4_0", {}),
+]
+
+
+def perplexity(bin_dir: Path, model: str, args_extra: list[str], env: dict, chunks: int) -> str:
+    m = MODELS[model]
+    cmd = [
+        str(bin_dir / "llama-perplexity"),
+        "-m",
+        str(data_file(m["gguf"])),
+        "-f",
+        str(data_file(SQUAD_TXT)),
+        "-c",
+        str(m["ctx"]),
+        "--chunks",
+        str(chunks),
+        "-b",
+        str(m["ctx"]),
+        "-t",
+        "1",
+        "-fa",
+        "on",
+        *args_extra,
+    ]
+    log.info("%s %s", " ".join(f"{a}={b}" for a, b in env.items()), " ".join(cmd))
+    p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=False)
+    if p.returncode:
+        raise RuntimeError(f"llama-perplexity failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p.stdout + p.stderr
+
+
+def parse_kld(text: str) -> dict:
+    def grab(pat: str) -> tuple[float, float]:
+        m = re.search(pat + r"\s*:\s*([-\d.e]+)\s*±\s*([-\d.e]+)", text)
+        if not m:
+            raise ValueError(f"no {pat!r} in llama-perplexity's output")
+        return float(m.group(1)), float(m.group(2))
+
+    kld = grab(r"Mean\s+KLD")
+    top = grab(r"Same top p")
+    ratio = grab(r"Mean\s+PPL\(Q\)/PPL\(base\)")
+    return {"kld": kld[0], "kld_pm": kld[1], "same_top": top[0], "ppl_ratio": ratio[0]}
+
+
+def run_kld(args) -> dict:
+    out = {"machine": platform.processor() or platform.machine(), "rows": []}
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for model in args.model:
+        chunks = args.chunks or MODELS[model]["chunks"]
+        base = work / f"{model}-{chunks}.kld"
+        if not base.is_file():
+            perplexity(
+                Path(args.bin),
+                model,
+                ["--kl-divergence-base", str(base), "-ctk", "f16", "-ctv", "f16"],
+                {"LLAMA_KV_CENTER": "0"},
+                chunks,
+            )
+        for ctk, ctv, env in SETTINGS:
+            extra = ["--kl-divergence-base", str(base), "--kl-divergence", "-ctk", ctk, "-ctv", ctv]
+            row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env}
+            row.update(parse_kld(perplexity(Path(args.bin), model, extra, env, chunks)))
+            log.info("%s", row)
+            out["rows"].append(row)
+    return out
+
+
+def render_kld(res: dict) -> str:
+    lines = [
+        "| model | K | V | environment | mean KLD | same top token | PPL ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        env = " ".join(f"`{a}={b}`" for a, b in r["env"].items()) or "(default)"
+        lines.append(
+            f"| {r['model']} | {r['ctk']} | {r['ctv']} | {env} | {r['kld']:.4f} ± {r['kld_pm']:.4f} | "
+            f"{r['same_top']:.1f} % | {r['ppl_ratio']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd")
+    p = sub.add_parser("study", help="numpy estimate per lever on real activations")
+    p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--layers", type=int, default=8, help="layers measured (evenly spaced)")
+    p.add_argument("--types", nargs="+", default=["polar", "polar3"])
+    p.add_argument("--n-seq", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--nq", type=int, default=128, help="query positions per head")
+    p.add_argument("--json", help="write the results here")
+    p = sub.add_parser("kld", help="llama-perplexity --kl-divergence per cache setting")
+    p.add_argument("--bin", required=True, help="folder with the patched llama-perplexity")
+    p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--chunks", type=int, help="chunks (default: 4 for SmolLM2, 2 for Qwen)")
+    p.add_argument("--work", default="/tmp/quality_levers", help="base logits go here")
+    p.add_argument("--json", help="write the results here")
+    p = sub.add_parser("render", help="print the markdown tables of a --json file")
+    p.add_argument("json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if args.cmd is None:
+        ap.print_help()
+        return 0
+    if args.cmd == "render":
+        res = json.loads(Path(args.json).read_text())
+        print(render_study(res) if "models" in res else render_kld(res))
+        return 0
+    res = run_study(args) if args.cmd == "study" else run_kld(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    print(render_study(res) if args.cmd == "study" else render_kld(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Issue 12, levers 2 and 3 in the patched llama.cpp (patch 0012, docs/quality-levers.md).
+
+- K balancing: the cache stores D (k - mu) and the query is multiplied by D^-1, D a power of two per
+  KV head and RoPE pair, measured with the online offsets from the first ubatch. Exact: with an f16
+  cache the logits must not change at all, also after a K shift; the factors travel with the state.
+- The online K offset is weighted toward the first key (the attention sink):
+  mu = (1 - w) mean + w k_0 (LLAMA_KV_CENTER_SINK=w).
+
+The numpy tests check the study's factors (scripts/quality_levers.py) the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quality_levers import k_factors, pair_ids
+
+N_LAYER, N_EMBD_KV = 30, 192  # SmolLM2-135M: 3 KV heads x 64, RoPE pairs (2i, 2i+1)
+CENTER_MAGIC = b"PVCK" + N_LAYER.to_bytes(4, "little")  # llama_kv_cache::state_write_center
+BALANCE_MAGIC = b"PVCB" + N_LAYER.to_bytes(4, "little")
+
+
+# ----------------------------------------------------------------------------------------------
+# numpy: the study's factors
+
+
+@pytest.mark.parametrize("pairing", ["norm", "neox"])
+def test_study_factors_are_exact_and_tied(pairing):
+    rng = np.random.default_rng(1)
+    hq, hkv, t, d = 6, 2, 200, 64
+    q = (rng.normal(size=(hq, t, d)) * rng.uniform(0.1, 8, d)).astype(np.float32)
+    k = (rng.normal(size=(hkv, t, d)) * rng.uniform(0.1, 8, d) + 3).astype(np.float32)
+    mu = k.mean(1, keepdims=True).astype(np.float64)
+    D = k_factors(q, k, mu, pairing)[:, 0]  # (hkv, d)
+    lg = np.log2(D)
+    assert np.array_equal(lg, np.round(lg)) and np.abs(lg).max() <= 8 and lg.std() > 0.5
+    pid = pair_ids(d, pairing)
+    for p in range(d // 2):
+        a, b = np.flatnonzero(pid == p)
+        assert np.array_equal(D[:, a], D[:, b])
+    # (q / D) . (D k) == q . k, bit for bit in float32
+    g = hq // hkv
+    for h in range(hq):
+        dk = D[h // g].astype(np.float32)
+        assert np.array_equal((q[h] / dk) @ (k[h // g] * dk).T, q[h] @ k[h // g].T)
+
+
+# ----------------------------------------------------------------------------------------------
+# the patched llama.cpp (llama-cpp-python binding on the build)
+
+ENV = (
+    "LLAMA_KV_CENTER",
+    "LLAMA_KV_CENTER_V",
+    "LLAMA_KV_CENTER_ONLINE",
+    "LLAMA_KV_CENTER_SINK",
+    "LLAMA_KV_BALANCE",
+)
+
+
+@pytest.fixture
+def kv_env(monkeypatch):
+    def set_env(**env):
+        for k in ENV:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+
+    return set_env
+
+
+def new_llama(llama_cpp, model, ctk="polar"):
+    return llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=256,
+        n_batch=256,
+        type_k=getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}"),
+        type_v=llama_cpp.GGML_TYPE_F16,
+        flash_attn=True,
+        n_threads=2,
+        verbose=False,
+    )
+
+
+def logits(llama_cpp, llm) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def section(state: bytes, magic: bytes, n: int) -> tuple[int, np.ndarray] | None:
+    """(offset, [N_LAYER, n] f32) of a per-layer block of the state; None when absent."""
+    i = state.find(magic)
+    if i < 0:
+        return None
+    i += len(magic)
+    start, rows = i, []
+    for _ in range(N_LAYER):
+        assert int.from_bytes(state[i : i + 4], "little") == n
+        rows.append(np.frombuffer(state[i + 4 : i + 4 + 4 * n], dtype=np.float32))
+        i += 4 + 4 * n
+    return start, np.stack(rows)
+
+
+def offsets(state: bytes) -> np.ndarray:
+    s = section(state, CENTER_MAGIC, N_EMBD_KV)
+    assert s is not None, "the state carries no K offsets"
+    return s[1]
+
+
+def factors(state: bytes) -> np.ndarray | None:
+    """[N_LAYER, 2, N_EMBD_KV]: D and D^-1 of every layer, None when the state has none."""
+    s = section(state, BALANCE_MAGIC, 2 * N_EMBD_KV)
+    return None if s is None else s[1].reshape(N_LAYER, 2, N_EMBD_KV)
+
+
+def with_factors(state: bytes, f: np.ndarray) -> bytes:
+    start = state.find(BALANCE_MAGIC) + len(BALANCE_MAGIC)
+    out = bytearray(state)
+    for il in range(N_LAYER):
+        i = start + il * (4 + 8 * N_EMBD_KV) + 4
+        out[i : i + 8 * N_EMBD_KV] = f[il].astype(np.float32).tobytes()
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def tokens(llama_cpp, smollm2_path, squad_head):
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=256, vocab_only=True, verbose=False)
+    toks = llm.tokenize(squad_head.read_text(encoding="utf-8")[:2000].encode())
+    assert len(toks) > 150
+    return toks[:96], toks[96:104], toks[104:200]
+
+
+@pytest.mark.build
+def test_factors_in_state_are_powers_of_two_per_rope_pair(llama_cpp, kv_env, smollm2_path, tokens):
+    prompt, _, _ = tokens
+    kv_env()  # defaults: polar K balances
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval(prompt)
+    f = factors(llm.save_state().llama_state)
+    assert f is not None, "polar K: the state carries no balancing factors"
+    D, Dinv = f[:, 0], f[:, 1]
+    lg = np.log2(D)
+    assert np.array_equal(lg, np.round(lg)) and np.abs(lg).max() <= 8
+    assert np.array_equal(D * Dinv, np.ones_like(D))
+    assert np.array_equal(D[:, 0::2], D[:, 1::2])  # llama RoPE pairs (2i, 2i+1)
+    assert (D != 1).mean() > 0.2, "balancing measured nothing"
+    kv_env(LLAMA_KV_BALANCE="0")
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval(prompt)
+    assert factors(llm.save_state().llama_state) is None
+
+
+@pytest.mark.build
+def test_balancing_is_exact_with_f16_cache(llama_cpp, kv_env, smollm2_path, tokens):
+    """Powers of two: q/D and D (k - mu) are exact in f32 and f16, so are the logits."""
+    prompt, cont, _ = tokens
+    out = {}
+    for bal in ("0", "1"):
+        kv_env(LLAMA_KV_CENTER="1", LLAMA_KV_BALANCE=bal)
+        llm = new_llama(llama_cpp, smollm2_path, ctk="f16")
+        llm.eval(prompt)
+        f = factors(llm.save_state().llama_state)
+        assert (f is not None) == (bal == "1")
+        llm.eval(cont)
+        out[bal] = logits(llama_cpp, llm)
+    assert np.array_equal(out["0"], out["1"])
+
+
+def k_shift_logits(llama_cpp, llm, prompt, cont, n_discard=32) -> np.ndarray:
+    """Prompt, then drop positions [4, 4 + n_discard) and shift the rest back (K shift), then cont."""
+    llm.eval(prompt)
+    mem = llama_cpp.llama_get_memory(llm.ctx)
+    assert llama_cpp.llama_memory_seq_rm(mem, 0, 4, 4 + n_discard)
+    llama_cpp.llama_memory_seq_add(mem, 0, 4 + n_discard, -1, -n_discard)
+    llm.n_tokens = len(prompt) - n_discard
+    llm.eval(cont)
+    return logits(llama_cpp, llm)
+
+
+@pytest.mark.build
+def test_k_shift_keeps_balancing_exact(llama_cpp, kv_env, smollm2_path, tokens):
+    """K shift rotates D (k - mu) as R(D k) - D mu: D is one factor per RoPE pair, so R(D k) = D R(k)
+    exactly; with an f16 cache the shifted run equals the unbalanced one bit for bit."""
+    prompt, cont, _ = tokens
+    out = {}
+    for bal in ("0", "1"):
+        kv_env(LLAMA_KV_CENTER="1", LLAMA_KV_BALANCE=bal)
+        out[bal] = k_shift_logits(llama_cpp, new_llama(llama_cpp, smollm2_path, ctk="f16"), prompt, cont)
+    assert np.array_equal(out["0"], out["1"])
+
+
+@pytest.mark.build
+def test_factors_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
+    prompt, cont, _ = tokens
+    kv_env()
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval(prompt)
+    state = llm.save_state()
+    f = factors(state.llama_state)
+    llm.eval(cont)
+    want = logits(llama_cpp, llm)
+
+    llm2 = new_llama(llama_cpp, smollm2_path)
+    llm2.load_state(state)
+    llm2.eval(cont)
+    assert np.array_equal(logits(llama_cpp, llm2), want)
+
+    # the state's factors are what the restored cache uses: D^-1 on the query doubled -> other logits
+    g = f.copy()
+    g[:, 1] *= 2
+    state.llama_state = with_factors(state.llama_state, g)
+    llm3 = new_llama(llama_cpp, smollm2_path)
+    llm3.load_state(state)
+    llm3.eval(cont)
+    assert np.abs(logits(llama_cpp, llm3) - want).max() > 0.05
+
+    # a context that does not balance refuses balanced keys
+    kv_env(LLAMA_KV_BALANCE="0")
+    llm4 = new_llama(llama_cpp, smollm2_path)
+    with pytest.raises(RuntimeError, match="Failed to set llama state data"):
+        llm4.load_state(state)
+
+
+@pytest.mark.build
+def test_offset_weighted_toward_first_key(llama_cpp, kv_env, smollm2_path, tokens):
+    """mu(w) = (1 - w) mean + w k_0: mu(1) is the first key (it depends on the first token only)."""
+    prompt, _, other = tokens
+    mu = {}
+    for w in ("0", "0.25", "1"):
+        kv_env(LLAMA_KV_CENTER_SINK=w, LLAMA_KV_BALANCE="0")
+        llm = new_llama(llama_cpp, smollm2_path)
+        llm.eval(prompt)
+        mu[w] = offsets(llm.save_state().llama_state).astype(np.float64)
+    want = 0.75 * mu["0"] + 0.25 * mu["1"]
+    assert np.abs(mu["0.25"] - want).max() < 1e-4 * np.abs(mu["0"]).max()
+    assert np.abs(mu["1"] - mu["0"]).max() > 0.5
+
+    # the same first token, other tokens after it: the same k_0
+    kv_env(LLAMA_KV_CENTER_SINK="1", LLAMA_KV_BALANCE="0")
+    llm = new_llama(llama_cpp, smollm2_path)
+    llm.eval([prompt[0], *other[: len(prompt) - 1]])
+    assert np.array_equal(offsets(llm.save_state().llama_state), mu["1"].astype(np.float32))
+
+
+@pytest.mark.build
+def test_bad_sink_weight_is_refused(llama_cpp, kv_env, smollm2_path):
+    kv_env(LLAMA_KV_CENTER_SINK="2")
+    with pytest.raises(ValueError):
+        new_llama(llama_cpp, smollm2_path)
