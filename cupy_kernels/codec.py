@@ -42,14 +42,24 @@ def _enc_fmt(fmt: str) -> str:
     return fmt
 
 
-def encode_into(x, cache, fmt: str = "polar", pos=0) -> None:
+# Up to this many blocks per SM, a call takes the latency path (one CTA of 16 warps per block, the
+# scale candidates in parallel, as ggml-cuda's SET_ROWS for a decode step); more take one warp per
+# block (throughput). Both write the same bytes.
+CTA_PATH_BLOCKS_PER_SM = 4
+ENCODE_PATHS = ("auto", "warp", "cta")
+
+
+def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto") -> None:
     """Encode x [B, H, T, D] (float32/16/bf16, last dim contiguous) into
     cache [B, H, T_max, D/64, type_size] uint8 (contiguous) at token positions pos + t.
 
     pos: an int, or an int32 CUDA tensor [B] (per-sequence positions, a ragged batch).
+    path: "auto" (by the number of blocks, CTA_PATH_BLOCKS_PER_SM), "warp" or "cta"; same bytes.
     """
     torch = loader.torch()
     fmt = _enc_fmt(fmt)
+    if path not in ENCODE_PATHS:
+        raise ValueError(f"path must be one of {ENCODE_PATHS}, got {path!r}")
     loader.check_cuda("x", x)
     loader.check_cuda("cache", cache)
     if x.dim() != 4 or x.shape[-1] % QK:
@@ -82,9 +92,17 @@ def encode_into(x, cache, fmt: str = "polar", pos=0) -> None:
     n = B * H * T * (D // QK)
     if n == 0:
         return
-    kern = _module().get_function(f"polar_encode_{fmt}_{_in_suffix(x.dtype)}")
-    warps = 8
-    grid = min((n + warps - 1) // warps, 65535 * 4)
+    if path == "auto":
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        path = "cta" if n <= CTA_PATH_BLOCKS_PER_SM * sms else "warp"
+    if path == "cta":
+        kern = _module().get_function(f"polar_encode_cta_{fmt}_{_in_suffix(x.dtype)}")
+        warps = 16
+        grid = min(n, 65535 * 4)
+    else:
+        kern = _module().get_function(f"polar_encode_{fmt}_{_in_suffix(x.dtype)}")
+        warps = 8
+        grid = min((n + warps - 1) // warps, 65535 * 4)
     ob, oh, ot = (cache.stride(0), cache.stride(1), cache.stride(2))
     args = (
         loader.ptr(x),
@@ -105,8 +123,10 @@ def encode_into(x, cache, fmt: str = "polar", pos=0) -> None:
     loader.launch(kern, (grid,), (32 * warps,), args)
 
 
-def encode(x, fmt: str = "polar"):
-    """(..., k*64) float32/float16/bfloat16 CUDA tensor -> (..., k, type_size) uint8 blocks."""
+def encode(x, fmt: str = "polar", path: str = "auto"):
+    """(..., k*64) float32/float16/bfloat16 CUDA tensor -> (..., k, type_size) uint8 blocks.
+
+    path: as in encode_into."""
     torch = loader.torch()
     loader.check_cuda("x", x)
     if x.dim() == 0 or x.shape[-1] % QK:
@@ -117,7 +137,7 @@ def encode(x, fmt: str = "polar"):
     x2 = x.reshape(1, 1, -1, D)
     ts = get_format(_enc_fmt(fmt)).type_size
     out = torch.empty((1, 1, x2.shape[2], D // QK, ts), dtype=torch.uint8, device=x.device)
-    encode_into(x2, out, fmt, 0)
+    encode_into(x2, out, fmt, 0, path)
     return out.reshape(*lead, D // QK, out.shape[-1])
 
 

@@ -55,6 +55,61 @@ __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict_
         encode_kernel<FMT, IN>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0);               \
     }
 
+// Latency path (few blocks, e.g. one decode step of a small batch): one CTA of POLAR_ENC_CTA_WARPS
+// warps per block, warp w trying the scale candidates w, w + NW, ... and the codebook REPL copies
+// wide, as ggml-cuda's SET_ROWS encodes a decode step (patch 0008, polar_encode_cta): the same
+// polar_encode_block path with NW > 1, so the CuPy parity tests check that path's bytes too.
+#define POLAR_ENC_CTA_WARPS 16
+#define POLAR_ENC_CTA_REPL 4
+
+template <int FMT, class IN>
+__device__ __forceinline__ void encode_cta_kernel(const typename IN::T * __restrict__ x, u8 * __restrict__ out,
+                                                  const int * __restrict__ pos, long long n_blocks, int H, int T,
+                                                  int NB, long long sb, long long sh, long long st, long long ob,
+                                                  long long oh, long long ot, int pos0) {
+    typedef polar_fmt<FMT> TR;
+    __shared__ float2                                      tab[TR::NCODES * POLAR_ENC_CTA_REPL];
+    __shared__ polar_encode_scratch<POLAR_ENC_CTA_WARPS> scratch;
+    polar_load_codebook<FMT, POLAR_ENC_CTA_REPL>(tab, threadIdx.x, blockDim.x);
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    for (long long i = blockIdx.x; i < n_blocks; i += gridDim.x) {
+        const int       j    = (int) (i % NB);
+        long long       r    = i / NB;
+        const int       t    = (int) (r % T);
+        r /= T;
+        const int       h    = (int) (r % H);
+        const long long b    = r / H;
+        const int       p    = pos ? pos[b] : pos0;
+        const typename IN::T * xb = x + b * sb + h * sh + t * st + 64 * j;
+        float s;
+        int   code;
+        if (polar_encode_block<FMT, POLAR_ENC_CTA_WARPS, POLAR_ENC_CTA_REPL>(
+                IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane, warp, &scratch, s, code)) {
+            polar_store_block<FMT>(out + b * ob + h * oh + (long long) (p + t) * ot + (long long) j * TR::TYPE_SIZE, s,
+                                   code, lane);
+        }
+        __syncthreads();  // scratch is reused
+    }
+}
+
+#define ENCODE_CTA_ENTRY(NAME, FMT, IN)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * POLAR_ENC_CTA_WARPS)                                   \
+        NAME(const IN::T * __restrict__ x, u8 * __restrict__ out, const int * __restrict__ pos, long long n_blocks, \
+             int H, int T, int NB, long long sb, long long sh, long long st, long long ob, long long oh,       \
+             long long ot, int pos0) {                                                                       \
+        encode_cta_kernel<FMT, IN>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0);           \
+    }
+
+ENCODE_CTA_ENTRY(polar_encode_cta_polar_f32, 0, in_f32)
+ENCODE_CTA_ENTRY(polar_encode_cta_polar_f16, 0, in_f16)
+ENCODE_CTA_ENTRY(polar_encode_cta_polar_bf16, 0, in_bf16)
+ENCODE_CTA_ENTRY(polar_encode_cta_polar3_f32, 1, in_f32)
+ENCODE_CTA_ENTRY(polar_encode_cta_polar3_f16, 1, in_f16)
+ENCODE_CTA_ENTRY(polar_encode_cta_polar3_bf16, 1, in_bf16)
+
 ENCODE_ENTRY(polar_encode_polar_f32, 0, in_f32)
 ENCODE_ENTRY(polar_encode_polar_f16, 0, in_f16)
 ENCODE_ENTRY(polar_encode_polar_bf16, 0, in_bf16)

@@ -122,6 +122,19 @@ def test_encode_half_inputs(torch, fmt, dtype, kind):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("path", ["warp", "cta"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_paths_bytes(torch, fmt, path, kind):
+    """Both encoder paths (one warp per block; one CTA of 16 warps per block, ggml-cuda's decode-step
+    shape) write the reference bytes, also where `auto` would pick the other one."""
+    rng = np.random.default_rng(zlib.crc32(f"{fmt}/{kind}/{path}".encode()))
+    x = _rows(kind, 300, rng)
+    want = codec.quantize_blocks(x, fmt)
+    got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt, path).reshape(len(x), -1).cpu().numpy()
+    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
 def test_encode_large_random(torch, fmt):
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((20000, QK)) * np.exp(rng.standard_normal((20000, 1)))).astype(np.float32)
@@ -177,3 +190,5 @@ def test_bad_inputs(torch):
         gpu_codec.encode(torch.zeros((3, 64), device="cuda"), "q4_0")
     with pytest.raises(ValueError, match="CUDA"):
         gpu_codec.encode(torch.zeros((3, 64)))
+    with pytest.raises(ValueError, match="path must be one of"):
+        gpu_codec.encode(torch.zeros((3, 64), device="cuda"), "polar", "fast")
