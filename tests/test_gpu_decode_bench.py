@@ -77,9 +77,12 @@ def test_write_results(tmp_path):
 
     rows = [{"cache": "polar", "batch": 1, "context": 8, "error": "RuntimeError: x"}]
     args = argparse.Namespace(json=tmp_path / "a" / "r.json", md=tmp_path / "r.md")
-    gdb.write_results({"rows": rows}, args)
+    res = {"rows": rows, "device": {"name": "GPU X"}, "argv": ["scripts/gpu_decode_bench.py", "bench"]}
+    gdb.write_results(res, args)
     assert json.loads(args.json.read_text())["rows"] == rows
-    assert args.md.read_text() == gdb.markdown_table(rows)
+    md = args.md.read_text()
+    assert md.startswith("# Greedy decode tokens/s with CUDA-graph replay on GPU X")
+    assert "`python scripts/gpu_decode_bench.py bench`" in md and md.endswith(gdb.markdown_table(rows))
     gdb.write_results(
         {"rows": rows}, argparse.Namespace(json=None, md=None)
     )  # nothing asked, nothing written
