@@ -505,7 +505,9 @@ def cmd_profile(args, timer) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "cmd", nargs="?", choices=["attn", "tune", "kmode", "encode", "copy", "compare", "small", "profile", "all"]
+        "cmd",
+        nargs="?",
+        choices=["attn", "tune", "kmode", "encode", "copy", "compare", "small", "profile", "all"],
     )
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--reps", type=int, default=25)
