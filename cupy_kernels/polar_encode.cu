@@ -15,6 +15,23 @@
 
 #define POLAR_ENC_WARPS 8
 
+// Block i of the input view and where its bytes go in the cache (addressing above).
+template <int FMT, class IN>
+__device__ __forceinline__ void encode_block_at(long long i, const typename IN::T * x, u8 * out, const int * pos,
+                                                int H, int T, int NB, long long sb, long long sh, long long st,
+                                                long long ob, long long oh, long long ot, int pos0,
+                                                const typename IN::T *& xb, u8 *& dst) {
+    const int       j = (int) (i % NB);
+    long long       r = i / NB;
+    const int       t = (int) (r % T);
+    r /= T;
+    const int       h = (int) (r % H);
+    const long long b = r / H;
+    const int       p = pos ? pos[b] : pos0;
+    xb  = x + b * sb + h * sh + t * st + 64 * j;
+    dst = out + b * ob + h * oh + (long long) (p + t) * ot + (long long) j * polar_fmt<FMT>::TYPE_SIZE;
+}
+
 template <int FMT, class IN>
 __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict__ x, u8 * __restrict__ out,
                                               const int * __restrict__ pos, long long n_blocks, int H, int T,
@@ -30,20 +47,14 @@ __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict_
     const int       warps  = blockDim.x >> 5;
     const long long stride = (long long) gridDim.x * warps;
     for (long long i = (long long) blockIdx.x * warps + (threadIdx.x >> 5); i < n_blocks; i += stride) {
-        const int       j    = (int) (i % NB);
-        long long       r    = i / NB;
-        const int       t    = (int) (r % T);
-        r /= T;
-        const int       h    = (int) (r % H);
-        const long long b    = r / H;
-        const int       p    = pos ? pos[b] : pos0;
-        const typename IN::T * xb = x + b * sb + h * sh + t * st + 64 * j;
+        const typename IN::T * xb;
+        u8 *                   dst;
+        encode_block_at<FMT, IN>(i, x, out, pos, H, T, NB, sb, sh, st, ob, oh, ot, pos0, xb, dst);
         float s;
         int   code;
         polar_encode_block<FMT, 1, 1>(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane, 0,
                                       &scratch[threadIdx.x >> 5], s, code);
-        polar_store_block<FMT>(out + b * ob + h * oh + (long long) (p + t) * ot + (long long) j * TR::TYPE_SIZE, s,
-                               code, lane);
+        polar_store_block<FMT>(dst, s, code, lane);
     }
 }
 
@@ -76,20 +87,14 @@ __device__ __forceinline__ void encode_cta_kernel(const typename IN::T * __restr
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     for (long long i = blockIdx.x; i < n_blocks; i += gridDim.x) {
-        const int       j    = (int) (i % NB);
-        long long       r    = i / NB;
-        const int       t    = (int) (r % T);
-        r /= T;
-        const int       h    = (int) (r % H);
-        const long long b    = r / H;
-        const int       p    = pos ? pos[b] : pos0;
-        const typename IN::T * xb = x + b * sb + h * sh + t * st + 64 * j;
+        const typename IN::T * xb;
+        u8 *                   dst;
+        encode_block_at<FMT, IN>(i, x, out, pos, H, T, NB, sb, sh, st, ob, oh, ot, pos0, xb, dst);
         float s;
         int   code;
         if (polar_encode_block<FMT, POLAR_ENC_CTA_WARPS, POLAR_ENC_CTA_REPL>(
                 IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane, warp, &scratch, s, code)) {
-            polar_store_block<FMT>(out + b * ob + h * oh + (long long) (p + t) * ot + (long long) j * TR::TYPE_SIZE, s,
-                                   code, lane);
+            polar_store_block<FMT>(dst, s, code, lane);
         }
         __syncthreads();  // scratch is reused
     }
