@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
+import blocks
 import encoder_emulation as em
 from kvpolar import codec
 from kvpolar.format import FORMATS, QK, get_format, tables
@@ -71,46 +72,10 @@ def _structured(fmt: str, kind: str, n: int, rng) -> np.ndarray:
 
 
 def _rows(fmt: str, kind: str, n: int, rng) -> np.ndarray:
-    """(n, 64) float32 test blocks of one kind."""
-    if kind == "gaussian":
-        return rng.standard_normal((n, QK)).astype(np.float32)
-    if kind == "scaled":
-        return (rng.standard_normal((n, QK)) * np.exp(rng.uniform(-12, 12, (n, 1)))).astype(np.float32)
-    if kind == "heavy":
-        return rng.standard_t(1.5, (n, QK)).astype(np.float32)
-    if kind == "outlier":
-        x = rng.standard_normal((n, QK)).astype(np.float32)
-        x[np.arange(n), rng.integers(0, QK, n)] *= 1000
-        return x
-    if kind == "zero":
-        x = np.zeros((n, QK), np.float32)
-        x[1::2, ::7] = -0.0
-        x[2::4, 5] = 1e-3
-        return x
-    if kind == "huge":
-        scale = rng.choice([1e4, 1e6, 1e12, 3e38], (n, 1))
-        with np.errstate(over="ignore"):  # 3e38 * N(0, 1) overflows to +-inf: sanitized
-            return (rng.standard_normal((n, QK)) * scale).astype(np.float32)
-    if kind == "tiny":
-        return (rng.standard_normal((n, QK)) * rng.choice([1e-6, 1e-9, 1e-30, 1e-39], (n, 1))).astype(
-            np.float32
-        )
-    if kind == "nonfinite":
-        x = rng.standard_normal((n, QK)).astype(np.float32)
-        idx = rng.integers(0, QK, (n, 3))
-        for j, v in enumerate([np.nan, np.inf, -np.inf]):
-            x[np.arange(n), idx[:, j]] = v
-        x[::5] = np.nan
-        return x
-    if kind == "randbits":
-        return rng.integers(0, 2**32, (n, QK), dtype=np.uint64).astype(np.uint32).view(np.float32)
-    if kind == "fp16grid":
-        h = rng.integers(0, 2**16, (n, QK), dtype=np.uint32).astype(np.uint16).view(np.float16)
-        return np.where(np.isfinite(h), h, 0).astype(np.float32)
-    if kind == "mixed_radii":  # one large pair, the rest spread over many decades
-        x = rng.standard_normal((n, QK)) * 10.0 ** rng.uniform(-8, 0, (n, QK))
-        x[:, :2] *= 100
-        return x.astype(np.float32)
+    """(n, 64) float32 test blocks of one kind: the shared kinds of tests/blocks.py, else the
+    format's structured points (codes, midpoints, ring radii, window-table edges, bisectors)."""
+    if kind in blocks.KINDS:
+        return blocks.rows(kind, n, rng)
     return _scaled(rng, _structured(fmt, kind, n, rng))
 
 
@@ -122,6 +87,7 @@ KINDS = [
     "zero",
     "huge",
     "tiny",
+    "subnormal",
     "nonfinite",
     "randbits",
     "fp16grid",

@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
+import blocks
 from cupy_kernels import codec as gpu_codec
 from kvpolar import codec
 from kvpolar.format import FORMATS, QK, get_format
@@ -25,61 +26,8 @@ def torch(cuda_torch):
     return cuda_torch
 
 
-def _rows(kind: str, n: int, rng) -> np.ndarray:
-    """(n, 64) float32 test blocks of one kind."""
-    if kind == "gaussian":
-        return rng.standard_normal((n, QK)).astype(np.float32)
-    if kind == "scaled":
-        return (rng.standard_normal((n, QK)) * np.exp(rng.uniform(-12, 12, (n, 1)))).astype(np.float32)
-    if kind == "heavy":
-        return rng.standard_t(1.5, (n, QK)).astype(np.float32)
-    if kind == "outlier":
-        x = rng.standard_normal((n, QK)).astype(np.float32)
-        x[np.arange(n), rng.integers(0, QK, n)] *= 1000
-        return x
-    if kind == "zero":
-        x = np.zeros((n, QK), np.float32)
-        x[1::2, ::7] = -0.0
-        return x
-    if kind == "sparse":
-        x = np.zeros((n, QK), np.float32)
-        x[np.arange(n), rng.integers(0, QK, n)] = rng.standard_normal(n).astype(np.float32)
-        return x
-    if kind == "huge":
-        return (rng.standard_normal((n, QK)) * rng.choice([1e4, 1e6, 1e12, 3e38], (n, 1))).astype(np.float32)
-    if kind == "tiny":
-        return (rng.standard_normal((n, QK)) * rng.choice([1e-6, 1e-9, 1e-30], (n, 1))).astype(np.float32)
-    if kind == "subnormal":
-        return (rng.standard_normal((n, QK)) * 1e-39).astype(np.float32)
-    if kind == "nonfinite":
-        x = rng.standard_normal((n, QK)).astype(np.float32)
-        idx = rng.integers(0, QK, (n, 3))
-        for j, v in enumerate([np.nan, np.inf, -np.inf]):
-            x[np.arange(n), idx[:, j]] = v
-        x[::5] = np.nan
-        return x
-    if kind == "randbits":
-        return rng.integers(0, 2**32, (n, QK), dtype=np.uint64).astype(np.uint32).view(np.float32)
-    if kind == "fp16grid":  # values on the fp16 grid, incl. fp16 subnormals and extremes
-        h = rng.integers(0, 2**16, (n, QK), dtype=np.uint32).astype(np.uint16).view(np.float16)
-        return np.where(np.isfinite(h), h, 0).astype(np.float32)
-    raise AssertionError(kind)
-
-
-KINDS = [
-    "gaussian",
-    "scaled",
-    "heavy",
-    "outlier",
-    "zero",
-    "sparse",
-    "huge",
-    "tiny",
-    "subnormal",
-    "nonfinite",
-    "randbits",
-    "fp16grid",
-]
+_rows = blocks.rows
+KINDS = list(blocks.KINDS)
 
 
 def _first_diff(fmt, got: np.ndarray, want: np.ndarray) -> str:
