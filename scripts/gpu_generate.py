@@ -38,22 +38,40 @@ def load_gguf(path: Path, dtype: str = "float16"):
     return model.cuda(), tok
 
 
-def load_tiny():
+# The small random Llama of `tiny`, of the tests (tests/test_torch_cache.py, tests/test_gpu_decode_bench.py)
+TINY_LLAMA = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=1024,
+    initializer_range=0.05,
+)
+
+
+def tiny_llama(seed: int = 0, device: str = "cpu", dtype=None):
+    """The TINY_LLAMA model with weights from torch.manual_seed(seed), in eval mode, attention
+    "kvpolar" registered (cupy_kernels.torch_cache.enable)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        initializer_range=0.05,
-    )
-    return LlamaForCausalLM(cfg).to(torch.float16).cuda().eval(), None
+    from cupy_kernels import torch_cache as tc
+
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval().to(device)
+    if dtype is not None:
+        m = m.to(dtype)
+    tc.enable(m)
+    return m
+
+
+def load_tiny():
+    import torch
+
+    return tiny_llama(0, "cuda", torch.float16), None
 
 
 def run(model, ids, max_new: int, cache=None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 import gpu_decode_bench as gdb
+import gpu_generate
 from kvpolar.format import get_format
 
 # ---- pure Python -------------------------------------------------------------------------------
@@ -104,30 +105,6 @@ def th():
     return torch
 
 
-def tiny_llama(torch, device="cpu", dtype=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cupy_kernels import torch_cache as tc
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        initializer_range=0.05,
-    )
-    m = LlamaForCausalLM(cfg).eval().to(device)
-    if dtype is not None:
-        m = m.to(dtype)
-    tc.enable(m)
-    return m
-
-
 @pytest.mark.parametrize("impl", ["sdpa", "matmul"])
 def test_static_f16_attention_matches_sdpa(th, impl):
     torch = th
@@ -191,7 +168,7 @@ def test_eager_decoder_matches_dynamic_caches_cpu(th):
     torch = th
     from cupy_kernels import torch_cache as tc
 
-    m = tiny_llama(torch)
+    m = gpu_generate.tiny_llama()
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(2))
     n = 8
     with torch.no_grad():
@@ -237,7 +214,7 @@ def test_gpu_graph_replay_matches_eager(cuda_torch, kind):
     torch = cuda_torch
     from cupy_kernels import torch_cache as tc
 
-    m = tiny_llama(torch, "cuda", torch.float16)
+    m = gpu_generate.tiny_llama(0, "cuda", torch.float16)
     ids = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(3)).cuda()
     n = 17
     cap = gdb.capacity(32, n + 2, step=8)

@@ -14,29 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from cupy_kernels import torch_cache as tc  # noqa: E402
+from gpu_generate import tiny_llama  # noqa: E402
 from kvpolar import codec  # noqa: E402
-
-
-def tiny_llama(seed: int = 0, device: str = "cpu", dtype=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        initializer_range=0.05,
-    )
-    m = LlamaForCausalLM(cfg).eval().to(device)
-    if dtype is not None:
-        m = m.to(dtype)
-    tc.enable(m)
-    return m
 
 
 def test_hadamard():
