@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import llama_bench
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
 from kvsetup import llama as setup_llama
@@ -37,30 +38,7 @@ def cpu_flags_of_interest() -> list[str]:
 
 
 def bench(binp: Path, model: str, kv: str, depth: int, reps: int, threads: int, extra: list[str]) -> dict:
-    cmd = [
-        str(binp),
-        "-m",
-        model,
-        "-fa",
-        "1",
-        "-ctk",
-        kv,
-        "-ctv",
-        kv,
-        "-p",
-        "512",
-        "-n",
-        "64",
-        "-d",
-        str(depth),
-        "-r",
-        str(reps),
-        "-t",
-        str(threads),
-        "-o",
-        "json",
-        *extra,
-    ]
+    cmd = llama_bench.command(str(binp), model, kv, kv, [depth], reps, ["-t", str(threads), *extra])
     p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         sig = signal_name(-p.returncode) if p.returncode < 0 else None
@@ -69,12 +47,10 @@ def bench(binp: Path, model: str, kv: str, depth: int, reps: int, threads: int, 
             "cmd": " ".join(cmd),
             "tail": (p.stdout + p.stderr).strip().splitlines()[-5:],
         }
-    data = json.loads(p.stdout[p.stdout.index("[") : p.stdout.rindex("]") + 1])
     out = {"cmd": " ".join(cmd)}
-    for d in data:
-        test = f"pp{d['n_prompt']}" if d["n_prompt"] else f"tg{d['n_gen']}"
-        out[test] = round(d["avg_ts"], 2)
-        out[test + "_sd"] = round(d["stddev_ts"], 2)
+    for r in llama_bench.results(p.stdout):
+        out[r["test"]] = round(r["tps"], 2)
+        out[r["test"] + "_sd"] = round(r["tps_sd"], 2)
     return out
 
 

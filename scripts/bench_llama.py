@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import llama_bench
 from kvpolar import format as pformat
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
@@ -148,43 +149,9 @@ def speed(args, log) -> dict:
             if kv == "f16" and both:
                 continue
             ctv = kv if both else "f16"
-            cmd = [
-                binp,
-                "-m",
-                model,
-                "-fa",
-                "1",
-                "-ctk",
-                kv,
-                "-ctv",
-                ctv,
-                "-p",
-                "512",
-                "-n",
-                "64",
-                "-d",
-                ",".join(str(d) for d in args.depths),
-                "-r",
-                str(args.reps),
-                "-t",
-                str(args.threads),
-                "-o",
-                "json",
-            ]
-            out = run(cmd, log=log)
-            data = json.loads(out[out.index("[") : out.rindex("]") + 1])
-            for d in data:
-                test = f"pp{d['n_prompt']}" if d["n_prompt"] else f"tg{d['n_gen']}"
-                rows.append(
-                    {
-                        "k": kv,
-                        "v": ctv,
-                        "test": test,
-                        "depth": d.get("n_depth", 0),
-                        "tps": d["avg_ts"],
-                        "tps_sd": d["stddev_ts"],
-                    }
-                )
+            cmd = llama_bench.command(binp, model, kv, ctv, args.depths, args.reps, ["-t", str(args.threads)])
+            for r in llama_bench.results(run(cmd, log=log)):
+                rows.append({"k": kv, "v": ctv, **r})
                 print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "reps": args.reps, "threads": args.threads}
 

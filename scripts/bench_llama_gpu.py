@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import llama_bench
+
 PAIRS = (
     ("f16", "f16"),
     ("q8_0", "q8_0"),
@@ -48,29 +50,9 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def bench(args, k: str, v: str) -> list[dict]:
-    cmd = [
-        str(Path(args.bin) / "llama-bench"),
-        "-m",
-        args.model,
-        "-ngl",
-        "99",
-        "-fa",
-        "1",
-        "-ctk",
-        k,
-        "-ctv",
-        v,
-        "-p",
-        "512",
-        "-n",
-        "64",
-        "-d",
-        ",".join(map(str, args.depths)),
-        "-r",
-        str(args.reps),
-        "-o",
-        "json",
-    ]
+    cmd = llama_bench.command(
+        str(Path(args.bin) / "llama-bench"), args.model, k, v, args.depths, args.reps, ["-ngl", "99"]
+    )
     p = run(cmd)
     if p.returncode != 0:
         return [
@@ -82,21 +64,10 @@ def bench(args, k: str, v: str) -> list[dict]:
                 "cmd": " ".join(cmd),
             }
         ]
-    data = json.loads(p.stdout[p.stdout.index("[") : p.stdout.rindex("]") + 1])
-    rows = []
-    for d in data:
-        test = f"pp{d['n_prompt']}" if d["n_prompt"] else f"tg{d['n_gen']}"
-        rows.append(
-            {
-                "k": k,
-                "v": v,
-                "test": test,
-                "depth": d.get("n_depth", 0),
-                "tps": round(d["avg_ts"], 1),
-                "tps_sd": round(d["stddev_ts"], 1),
-            }
-        )
-    return rows
+    return [
+        {"k": k, "v": v, **r, "tps": round(r["tps"], 1), "tps_sd": round(r["tps_sd"], 1)}
+        for r in llama_bench.results(p.stdout)
+    ]
 
 
 def kv_size(args, k: str, v: str) -> dict:
