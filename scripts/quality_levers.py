@@ -9,11 +9,14 @@ last window is scored, as in docs/format-study.md) and measures, per lever, the 
 error, the softmax KL per query and the attention-output error of the polar/polar3 codes, with
 llama.cpp's graph rotation (Hadamard) and online K centering (the mean of window 0):
 
+- Sink-weighted K offset: mu = (1 - w) mean + w k_0 over the first ubatch (k_0: the first key, the
+  attention sink, about 30 % of the attention mass), w = 0.125 / 0.25 / 0.375.
 - K balancing: the cache stores H (D (k - mu)) and the query is multiplied by 1/D, so q.k is
   unchanged; D_j = 2^round(log2 (E q_j^2 / E (k_j - mu_j)^2)^(1/4)) per KV head and channel (the
-  query statistics averaged over the heads that read the KV head), the same for both channels of a
-  RoPE pair (a K shift rotates the pair), log2 D centred per head. With white quantization error
-  after the rotation, this minimises (sum_j E q_j^2 / D_j^2)(sum_j D_j^2 E k_j^2), the logit error.
+  query statistics averaged over the heads that read the KV head, the key statistics weighting k_0
+  like mu), the same for both channels of a RoPE pair (a K shift rotates the pair), log2 D centred
+  per head. With white quantization error after the rotation, this minimises
+  (sum_j E q_j^2 / D_j^2)(sum_j D_j^2 E k_j^2), the logit error.
 - V balancing: the cache stores H (E v) and the attention output is divided by E;
   E_j = 2^round(log2 (E v_j^2)^(-1/4)) (minimises the output error (sum 1/E^2)(sum E^2 v^2)).
 - Sink: token 0's K or V kept exact (f16 in a real cache: +11.75 bits for one token a head).
@@ -73,11 +76,15 @@ def pow2_factors(ratio: np.ndarray, expo: float, power2: bool = True) -> np.ndar
     return 2.0**lg
 
 
-def k_factors(q0: np.ndarray, k0: np.ndarray, mu: np.ndarray, pairing: str, **kw) -> np.ndarray:
-    """q0 (Hq, T, d), k0 (Hkv, T, d), mu (Hkv, 1, d) -> D (Hkv, 1, d)."""
+def k_factors(
+    q0: np.ndarray, k0: np.ndarray, mu: np.ndarray, pairing: str, w_sink: float = 0.0, **kw
+) -> np.ndarray:
+    """q0 (Hq, T, d), k0 (Hkv, T, d), mu (Hkv, 1, d) -> D (Hkv, 1, d). The key statistics weight the
+    first key by w_sink, like the offset (patch 0012's graph)."""
     hkv = k0.shape[0]
     eq = (q0.astype(np.float64) ** 2).mean(1).reshape(hkv, -1, q0.shape[-1]).mean(1)
-    ek = ((k0.astype(np.float64) - mu) ** 2).mean(1)
+    dk2 = (k0.astype(np.float64) - mu) ** 2
+    ek = (1 - w_sink) * dk2.mean(1) + w_sink * dk2[:, 0]
     return pow2_factors(tie_pairs(eq, pairing) / tie_pairs(ek, pairing), 0.25, **kw)[:, None, :]
 
 
@@ -112,9 +119,9 @@ def layer_levers(model: str, layer: int, n_seq: int, seq_len: int, nq: int, type
     for w in SINK_WEIGHTS:
         centers[f"sink{w:g}"] = (1 - w) * online + w * x[:, :1]
     k_cfg = [(name, mu, None) for name, mu in centers.items()]
-    for name in ("online", f"sink{SINK_WEIGHTS[1]:g}"):
+    for name, w in (("online", 0.0), (f"sink{SINK_WEIGHTS[1]:g}", SINK_WEIGHTS[1])):
         mu = centers[name]
-        k_cfg.append((f"{name}+D", mu, k_factors(q[:, head], k[:, head], mu, meta["pairing"])))
+        k_cfg.append((f"{name}+D", mu, k_factors(q[:, head], k[:, head], mu, meta["pairing"], w)))
     v_cfg = [("none", None), ("E", v_factors(v[:, head]))]
     rk, rv = k_rot_size(k.shape[-1]), 64
     ref = AttentionRef(q, k, v, np.arange(seq_len // nq - 1, seq_len, seq_len // nq))
@@ -161,7 +168,7 @@ def finish(sums: list[dict]) -> dict:
 
 
 def run_study(args) -> dict:
-    res = {"machine": platform.processor() or platform.machine(), "models": {}}
+    res = {"machine": cpu_name(), "models": {}}
     for model in args.model:
         if not activations.have(model, args.n_seq, args.seq_len):
             raise SystemExit(
@@ -215,14 +222,16 @@ MODELS = {
     "qwen2.5-coder-1.5b": {"gguf": QWEN_GGUF, "ctx": 1024, "chunks": 2},
 }
 
-# (K type, V type, environment)
+# (K type, V type, environment). PREV: patch 0007 alone (the online mean, no balancing); SINK: the
+# offset weighted toward the first key (patch 0012's default); SINK_BAL: and K balancing (opt-in)
+PREV = {"LLAMA_KV_CENTER_SINK": "0", "LLAMA_KV_BALANCE": "0"}
+SINK = {"LLAMA_KV_BALANCE": "0"}
+SINK_BAL = {"LLAMA_KV_BALANCE": "1"}
 SETTINGS = [
-    ("polar", "f16", {"LLAMA_KV_BALANCE": "0"}),
-    ("polar", "f16", {}),
-    ("polar3", "f16", {"LLAMA_KV_BALANCE": "0"}),
-    ("polar3", "f16", {}),
-    ("polar", "polar3", {"LLAMA_KV_BALANCE": "0"}),
-    ("polar", "polar3", {}),
+    *(("polar", "f16", env) for env in (PREV, SINK, SINK_BAL)),
+    *(("polar3", "f16", env) for env in (PREV, SINK, SINK_BAL)),
+    *(("polar", "polar3", env) for env in (PREV, SINK, SINK_BAL)),
+    ("q4_0", "f16", {}),
     ("q4_0", "q4_0", {}),
 ]
 
@@ -248,7 +257,8 @@ def perplexity(bin_dir: Path, model: str, args_extra: list[str], env: dict, chun
         *args_extra,
     ]
     log.info("%s %s", " ".join(f"{a}={b}" for a, b in env.items()), " ".join(cmd))
-    p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=False)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_KV_", "LLAMA_ATTN_"))}
+    p = subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, check=False)
     if p.returncode:
         raise RuntimeError(f"llama-perplexity failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p.stdout + p.stderr
@@ -268,7 +278,7 @@ def parse_kld(text: str) -> dict:
 
 
 def run_kld(args) -> dict:
-    out = {"machine": platform.processor() or platform.machine(), "rows": []}
+    out = {"machine": cpu_name(), "nproc": os.cpu_count(), "rows": []}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for model in args.model:
@@ -284,6 +294,8 @@ def run_kld(args) -> dict:
             )
         for ctk, ctv, env in SETTINGS:
             extra = ["--kl-divergence-base", str(base), "--kl-divergence", "-ctk", ctk, "-ctv", ctv]
+            if args.only and f"{ctk}/{ctv}" not in args.only:
+                continue
             row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env}
             row.update(parse_kld(perplexity(Path(args.bin), model, extra, env, chunks)))
             log.info("%s", row)
@@ -291,15 +303,29 @@ def run_kld(args) -> dict:
     return out
 
 
+BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "iq4_nl": 4.5, "polar": 4.25, "polar3": 3.25}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def render_kld(res: dict) -> str:
     lines = [
-        "| model | K | V | environment | mean KLD | same top token | PPL ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| model | K | V | K+V bits/elem | environment | mean KLD | same top token | PPL ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         env = " ".join(f"`{a}={b}`" for a, b in r["env"].items()) or "(default)"
         lines.append(
-            f"| {r['model']} | {r['ctk']} | {r['ctv']} | {env} | {r['kld']:.4f} ± {r['kld_pm']:.4f} | "
+            f"| {r['model']} | {r['ctk']} | {r['ctv']} | {(BITS[r['ctk']] + BITS[r['ctv']]) / 2:g} | {env} | "
+            f"{r['kld']:.4f} ± {r['kld_pm']:.4f} | "
             f"{r['same_top']:.1f} % | {r['ppl_ratio']:.3f} |"
         )
     return "\n".join(lines)
@@ -322,6 +348,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--chunks", type=int, help="chunks (default: 4 for SmolLM2, 2 for Qwen)")
     p.add_argument("--work", default="/tmp/quality_levers", help="base logits go here")
+    p.add_argument("--only", nargs="+", help="only these K/V settings, e.g. polar/f16")
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")

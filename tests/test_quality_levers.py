@@ -1,10 +1,11 @@
 """Issue 12, levers 2 and 3 in the patched llama.cpp (patch 0012, docs/quality-levers.md).
 
-- K balancing: the cache stores D (k - mu) and the query is multiplied by D^-1, D a power of two per
-  KV head and RoPE pair, measured with the online offsets from the first ubatch. Exact: with an f16
-  cache the logits must not change at all, also after a K shift; the factors travel with the state.
 - The online K offset is weighted toward the first key (the attention sink):
-  mu = (1 - w) mean + w k_0 (LLAMA_KV_CENTER_SINK=w).
+  mu = (1 - w) mean + w k_0 (LLAMA_KV_CENTER_SINK=w, default 0.25).
+- K balancing (opt-in, LLAMA_KV_BALANCE=1): the cache stores D (k - mu) and the query is multiplied
+  by D^-1, D a power of two per KV head and RoPE pair, measured with the online offsets from the
+  first ubatch. Exact: with an f16 cache the logits must not change at all, also after a K shift;
+  the factors travel with the state.
 
 The numpy tests check the study's factors (scripts/quality_levers.py) the same way.
 """
@@ -133,7 +134,7 @@ def tokens(llama_cpp, smollm2_path, squad_head):
 @pytest.mark.build
 def test_factors_in_state_are_powers_of_two_per_rope_pair(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, _, _ = tokens
-    kv_env()  # defaults: polar K balances
+    kv_env(LLAMA_KV_BALANCE="1")
     llm = new_llama(llama_cpp, smollm2_path)
     llm.eval(prompt)
     f = factors(llm.save_state().llama_state)
@@ -144,7 +145,7 @@ def test_factors_in_state_are_powers_of_two_per_rope_pair(llama_cpp, kv_env, smo
     assert np.array_equal(D * Dinv, np.ones_like(D))
     assert np.array_equal(D[:, 0::2], D[:, 1::2])  # llama RoPE pairs (2i, 2i+1)
     assert (D != 1).mean() > 0.2, "balancing measured nothing"
-    kv_env(LLAMA_KV_BALANCE="0")
+    kv_env()  # off by default
     llm = new_llama(llama_cpp, smollm2_path)
     llm.eval(prompt)
     assert factors(llm.save_state().llama_state) is None
@@ -192,7 +193,7 @@ def test_k_shift_keeps_balancing_exact(llama_cpp, kv_env, smollm2_path, tokens):
 @pytest.mark.build
 def test_factors_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, cont, _ = tokens
-    kv_env()
+    kv_env(LLAMA_KV_BALANCE="1")
     llm = new_llama(llama_cpp, smollm2_path)
     llm.eval(prompt)
     state = llm.save_state()
@@ -226,11 +227,12 @@ def test_offset_weighted_toward_first_key(llama_cpp, kv_env, smollm2_path, token
     """mu(w) = (1 - w) mean + w k_0: mu(1) is the first key (it depends on the first token only)."""
     prompt, _, other = tokens
     mu = {}
-    for w in ("0", "0.25", "1"):
-        kv_env(LLAMA_KV_CENTER_SINK=w, LLAMA_KV_BALANCE="0")
+    for w in ("0", "0.25", "1", None):
+        kv_env(**({} if w is None else {"LLAMA_KV_CENTER_SINK": w}))
         llm = new_llama(llama_cpp, smollm2_path)
         llm.eval(prompt)
         mu[w] = offsets(llm.save_state().llama_state).astype(np.float64)
+    assert np.array_equal(mu[None], mu["0.25"])  # the default
     want = 0.75 * mu["0"] + 0.25 * mu["1"]
     assert np.abs(mu["0.25"] - want).max() < 1e-4 * np.abs(mu["0"]).max()
     assert np.abs(mu["1"] - mu["0"]).max() > 0.5
@@ -243,7 +245,8 @@ def test_offset_weighted_toward_first_key(llama_cpp, kv_env, smollm2_path, token
 
 
 @pytest.mark.build
-def test_bad_sink_weight_is_refused(llama_cpp, kv_env, smollm2_path):
-    kv_env(LLAMA_KV_CENTER_SINK="2")
-    with pytest.raises(ValueError):
-        new_llama(llama_cpp, smollm2_path)
+def test_bad_settings_are_refused(llama_cpp, kv_env, smollm2_path):
+    for env in ({"LLAMA_KV_CENTER_SINK": "2"}, {"LLAMA_KV_BALANCE": "-1"}):
+        kv_env(**env)
+        with pytest.raises(ValueError):
+            new_llama(llama_cpp, smollm2_path)
