@@ -351,3 +351,29 @@ def test_build_tree_gives_back_the_patch_files(build_dir, tmp_path):
         assert [p.name for p in written] == [p.name for p in committed]
         for a, b in zip(committed, written, strict=True):
             assert a.read_bytes() == b.read_bytes(), f"{a.name} differs from the tree's export"
+
+
+def test_llama_source_only_prepares_the_tree_and_builds_nothing(bs, monkeypatch):
+    """`bootstrap.py llama --source-only`: the patched tree of the build key, no build (for a
+    machine without network, which builds from the copied tree)."""
+    import argparse
+
+    prepared = []
+
+    def fake_prepare(root, key, src):
+        src.mkdir(parents=True)
+        (src / llama.SRC_MARKER).write_text(json.dumps({"key": key}))
+        prepared.append(key)
+
+    def no_build(*a, **k):
+        raise AssertionError("--source-only must not build")
+
+    monkeypatch.setattr(llama, "prepare_src", fake_prepare)
+    monkeypatch.setattr(llama, "build_llama", no_build)
+    res = llama.cmd_llama(argparse.Namespace(source_only=True))
+    assert prepared == [res["key"]] and res["built_s"] is None
+    assert (Path(res["src"]) / llama.SRC_MARKER).is_file()
+    assert not Path(res["build"]).exists()
+    # a second call finds the tree and still builds nothing
+    llama.cmd_llama(argparse.Namespace(source_only=True))
+    assert prepared == [res["key"]]

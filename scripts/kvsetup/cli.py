@@ -153,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("llama", help="patched llama.cpp build + llama-cpp-python binding")
     p.add_argument("--no-python", action="store_true", help="skip installing llama-cpp-python into the venv")
     p.add_argument("--verify", action="store_true", help="re-check that llama_cpp loads our libs")
+    p.add_argument(
+        "--source-only",
+        action="store_true",
+        help="prepare the patched source tree of this build key and stop (for a machine without network: "
+        "copy $KVPOLAR_CACHE/llama-<key>/src there, same checkout and settings, then build there)",
+    )
     for p in (sub.choices["all"], sub.choices["llama"]):
         p.add_argument(
             "--smoke", action="store_true", help="run the smoke run even if this build passed it here"

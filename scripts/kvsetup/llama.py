@@ -382,6 +382,9 @@ def cmd_llama(args: argparse.Namespace) -> dict:
             prepare_src(root, key, src)
         else:
             log(f"patched source ok: {src}")
+        if getattr(args, "source_only", False):
+            log(f"source only: {src} (build key {key}); a machine without network builds it from there")
+            return result
         if build_complete(build, key):
             log(f"llama.cpp build ok: {build}")
         else:
