@@ -233,6 +233,8 @@ SETTINGS = [
     *(("polar", "polar3", env) for env in (PREV, SINK, SINK_BAL)),
     ("q4_0", "f16", {}),
     ("q4_0", "q4_0", {}),
+    ("q4_0", "f16", {"LLAMA_KV_CENTER": "1"}),
+    ("q4_0", "q4_0", {"LLAMA_KV_CENTER": "1"}),
 ]
 
 
@@ -296,6 +298,8 @@ def run_kld(args) -> dict:
             extra = ["--kl-divergence-base", str(base), "--kl-divergence", "-ctk", ctk, "-ctv", ctv]
             if args.only and f"{ctk}/{ctv}" not in args.only:
                 continue
+            if args.env and any(e.split("=", 1) not in ([k, v] for k, v in env.items()) for e in args.env):
+                continue
             row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env}
             row.update(parse_kld(perplexity(Path(args.bin), model, extra, env, chunks)))
             log.info("%s", row)
@@ -349,6 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, help="chunks (default: 4 for SmolLM2, 2 for Qwen)")
     p.add_argument("--work", default="/tmp/quality_levers", help="base logits go here")
     p.add_argument("--only", nargs="+", help="only these K/V settings, e.g. polar/f16")
+    p.add_argument("--env", nargs="+", help="only the rows with these settings, e.g. LLAMA_KV_CENTER=1")
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")

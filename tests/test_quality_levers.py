@@ -144,7 +144,7 @@ def test_factors_in_state_are_powers_of_two_per_rope_pair(llama_cpp, kv_env, smo
     assert np.array_equal(lg, np.round(lg)) and np.abs(lg).max() <= 8
     assert np.array_equal(D * Dinv, np.ones_like(D))
     assert np.array_equal(D[:, 0::2], D[:, 1::2])  # llama RoPE pairs (2i, 2i+1)
-    assert (D != 1).mean() > 0.2, "balancing measured nothing"
+    assert (D != 1).mean() > 0.01, "balancing measured nothing"  # SmolLM2: mostly layer 0
     kv_env()  # off by default
     llm = new_llama(llama_cpp, smollm2_path)
     llm.eval(prompt)
@@ -224,22 +224,27 @@ def test_factors_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
 
 @pytest.mark.build
 def test_offset_weighted_toward_first_key(llama_cpp, kv_env, smollm2_path, tokens):
-    """mu(w) = (1 - w) mean + w k_0: mu(1) is the first key (it depends on the first token only)."""
+    """mu(w) = (1 - w) mean + w k_0: mu(1) is the first key (it depends on the first token only).
+
+    With an f16 cache (centering on) the offsets change the keys of later layers only through f16
+    rounding; layer 0 sees the same keys in every run."""
     prompt, _, other = tokens
     mu = {}
     for w in ("0", "0.25", "1", None):
-        kv_env(**({} if w is None else {"LLAMA_KV_CENTER_SINK": w}))
-        llm = new_llama(llama_cpp, smollm2_path)
+        kv_env(LLAMA_KV_CENTER="1", **({} if w is None else {"LLAMA_KV_CENTER_SINK": w}))
+        llm = new_llama(llama_cpp, smollm2_path, ctk="f16")
         llm.eval(prompt)
         mu[w] = offsets(llm.save_state().llama_state).astype(np.float64)
     assert np.array_equal(mu[None], mu["0.25"])  # the default
     want = 0.75 * mu["0"] + 0.25 * mu["1"]
-    assert np.abs(mu["0.25"] - want).max() < 1e-4 * np.abs(mu["0"]).max()
+    scale = np.abs(mu["0"]).max()
+    assert np.abs(mu["0.25"][0] - want[0]).max() < 1e-6 * scale
+    assert np.abs(mu["0.25"] - want).max() < 2e-2 * scale
     assert np.abs(mu["1"] - mu["0"]).max() > 0.5
 
     # the same first token, other tokens after it: the same k_0
-    kv_env(LLAMA_KV_CENTER_SINK="1", LLAMA_KV_BALANCE="0")
-    llm = new_llama(llama_cpp, smollm2_path)
+    kv_env(LLAMA_KV_CENTER="1", LLAMA_KV_CENTER_SINK="1")
+    llm = new_llama(llama_cpp, smollm2_path, ctk="f16")
     llm.eval([prompt[0], *other[: len(prompt) - 1]])
     assert np.array_equal(offsets(llm.save_state().llama_state), mu["1"].astype(np.float32))
 
