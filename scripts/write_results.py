@@ -27,7 +27,10 @@ def _load(kind: str, model: str) -> dict | None:
 
 
 def _src(d: dict) -> str:
-    return f"Command: `{d['command']}` — {d['machine']}, {d['date']}, {d['seconds']} s."
+    build = d.get("build", {})
+    patches = build.get("patches", [])
+    built = f", build {build['key']} ({len(patches)} patches)" if build.get("key") else ""
+    return f"Command: `{d['command']}` — {d['machine']}, {d['date']}, {d['seconds']} s{built}."
 
 
 def quality_table(d: dict) -> list[str]:
