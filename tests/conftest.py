@@ -130,3 +130,18 @@ def llama_cpp(build_dir):
     except ImportError as e:
         pytest.fail(f"llama_cpp is not installed in this venv ({e}); run python3 scripts/bootstrap.py llama")
     return llama_cpp
+
+
+@pytest.fixture
+def kv_env(monkeypatch):
+    """kv_env(**env): clear the centering/balancing variables a new context reads
+    (kv_llama.KV_ENV_VARS), then set env (in this process; undone after the test)."""
+    from kv_llama import KV_ENV_VARS
+
+    def set_env(**env):
+        for k in KV_ENV_VARS:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+
+    return set_env

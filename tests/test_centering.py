@@ -20,6 +20,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from kv_llama import logits, new_llama
 from kvpolar import calibrate
 
 pytestmark = pytest.mark.build
@@ -130,37 +131,6 @@ def test_centering_default_on_for_polar_k(build_dir, offset_model, smollm2_path,
 # the first ubatch an empty cache stores. They must travel with the state, and K shift must use them.
 
 STATE_MAGIC = b"PVCK" + N_LAYER.to_bytes(4, "little")  # llama_kv_cache::state_write_center
-
-
-@pytest.fixture
-def kv_env(monkeypatch):
-    """Set the LLAMA_KV_CENTER* variables a new context reads (in this process)."""
-
-    def set_env(**env):
-        for k in ("LLAMA_KV_CENTER", "LLAMA_KV_CENTER_V", "LLAMA_KV_CENTER_ONLINE"):
-            monkeypatch.delenv(k, raising=False)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-
-    return set_env
-
-
-def new_llama(llama_cpp, model, ctk="polar"):
-    return llama_cpp.Llama(
-        model_path=str(model),
-        n_ctx=256,
-        n_batch=256,
-        type_k=getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}"),
-        type_v=llama_cpp.GGML_TYPE_F16,
-        flash_attn=True,
-        n_threads=2,
-        verbose=False,
-    )
-
-
-def logits(llama_cpp, llm) -> np.ndarray:
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 
 def offsets(state: bytes) -> np.ndarray:

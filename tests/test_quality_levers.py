@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kv_llama import logits, new_llama
 from quality_levers import k_factors, pair_ids
 
 N_LAYER, N_EMBD_KV = 30, 192  # SmolLM2-135M: 3 KV heads x 64, RoPE pairs (2i, 2i+1)
@@ -49,43 +50,6 @@ def test_study_factors_are_exact_and_tied(pairing):
 
 # ----------------------------------------------------------------------------------------------
 # the patched llama.cpp (llama-cpp-python binding on the build)
-
-ENV = (
-    "LLAMA_KV_CENTER",
-    "LLAMA_KV_CENTER_V",
-    "LLAMA_KV_CENTER_ONLINE",
-    "LLAMA_KV_CENTER_SINK",
-    "LLAMA_KV_BALANCE",
-)
-
-
-@pytest.fixture
-def kv_env(monkeypatch):
-    def set_env(**env):
-        for k in ENV:
-            monkeypatch.delenv(k, raising=False)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-
-    return set_env
-
-
-def new_llama(llama_cpp, model, ctk="polar"):
-    return llama_cpp.Llama(
-        model_path=str(model),
-        n_ctx=256,
-        n_batch=256,
-        type_k=getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}"),
-        type_v=llama_cpp.GGML_TYPE_F16,
-        flash_attn=True,
-        n_threads=2,
-        verbose=False,
-    )
-
-
-def logits(llama_cpp, llm) -> np.ndarray:
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 
 def section(state: bytes, magic: bytes, n: int) -> tuple[int, np.ndarray] | None:

@@ -1,0 +1,35 @@
+"""A small llama_cpp context on SmolLM2 for the KV-cache centering and quality-lever tests
+(tests/test_centering.py, tests/test_quality_levers.py) and the logits of its last token."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# the environment a new context reads for centering and balancing (kv_env in conftest.py clears them)
+KV_ENV_VARS = (
+    "LLAMA_KV_CENTER",
+    "LLAMA_KV_CENTER_V",
+    "LLAMA_KV_CENTER_ONLINE",
+    "LLAMA_KV_CENTER_SINK",
+    "LLAMA_KV_BALANCE",
+)
+
+
+def new_llama(llama_cpp, model, ctk="polar"):
+    """256-token context, K cache of type ctk, V f16, flash attention, 2 threads."""
+    return llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=256,
+        n_batch=256,
+        type_k=getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}"),
+        type_v=llama_cpp.GGML_TYPE_F16,
+        flash_attn=True,
+        n_threads=2,
+        verbose=False,
+    )
+
+
+def logits(llama_cpp, llm) -> np.ndarray:
+    """A copy of the logits of the last evaluated token."""
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
