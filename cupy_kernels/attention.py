@@ -206,11 +206,6 @@ def _kernels(impl: str, defines: tuple[tuple[str, int], ...], smem: int):
 # Splits
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return loader.torch().cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_splits(n_ctas: int, max_len: int, tile: int, smem: int, sm_count: int, waves: int = 8) -> int:
     """Splits of the key range so that the grid covers the GPU in about `waves` waves (simt kernel)."""
     per_sm = max(1, min(SMEM_LIMIT // (smem + 1024), 16))
@@ -339,9 +334,9 @@ def plan(
             except Exception:  # pragma: no cover - depends on the cupy version
                 regs = 0
             per_sm = _per_sm(smem, cfg.nwarps * 32, regs)
-            splits = choose_splits_mma(B * Hkv * n_groups, max_len, cfg.tile, per_sm, _sm_count(device))
+            splits = choose_splits_mma(B * Hkv * n_groups, max_len, cfg.tile, per_sm, loader.sm_count(device))
         else:
-            splits = choose_splits(B * Hkv * n_groups, max_len, cfg.tile, smem, _sm_count(device))
+            splits = choose_splits(B * Hkv * n_groups, max_len, cfg.tile, smem, loader.sm_count(device))
     chunk = -(-max(max_len, 1) // splits)
     chunk = -(-chunk // cfg.tile) * cfg.tile
     splits = max(1, -(-max(max_len, 1) // chunk))

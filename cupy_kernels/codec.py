@@ -93,7 +93,7 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto") -> None
     if n == 0:
         return
     if path == "auto":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = loader.sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         path = "cta" if n <= CTA_PATH_BLOCKS_PER_SM * sms else "warp"
     if path == "cta":
         kern = _module().get_function(f"polar_encode_cta_{fmt}_{_in_suffix(x.dtype)}")

@@ -107,6 +107,12 @@ class _Launcher:
 launch = _Launcher()
 
 
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device `device_index` (asked once per device)."""
+    return torch().cuda.get_device_properties(device_index).multi_processor_count
+
+
 def ptr(t) -> np.uint64:
     """Device address of a torch tensor, as a kernel argument."""
     return np.uint64(t.data_ptr())

@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -40,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_llama import BITS
 from kvpolar.paths import QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
+from kvsetup.cpu import cpu_model
 from study import AttentionRef, activations, layouts
 from study.run import hadamard_rows, k_rot_size, pick_layers
 
@@ -168,7 +169,7 @@ def finish(sums: list[dict]) -> dict:
 
 
 def run_study(args) -> dict:
-    res = {"machine": cpu_name(), "models": {}}
+    res = {"machine": cpu_model(), "models": {}}
     for model in args.model:
         if not activations.have(model, args.n_seq, args.seq_len):
             raise SystemExit(
@@ -280,7 +281,7 @@ def parse_kld(text: str) -> dict:
 
 
 def run_kld(args) -> dict:
-    out = {"machine": cpu_name(), "nproc": os.cpu_count(), "rows": []}
+    out = {"machine": cpu_model(), "nproc": os.cpu_count(), "rows": []}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for model in args.model:
@@ -305,19 +306,6 @@ def run_kld(args) -> dict:
             log.info("%s", row)
             out["rows"].append(row)
     return out
-
-
-BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "iq4_nl": 4.5, "polar": 4.25, "polar3": 3.25}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render_kld(res: dict) -> str:

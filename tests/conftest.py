@@ -145,3 +145,12 @@ def kv_env(monkeypatch):
             monkeypatch.setenv(k, v)
 
     return set_env
+
+
+@pytest.fixture(scope="module")
+def tokens(llama_cpp, smollm2_path, squad_head):
+    """SmolLM2 tokens of the SQuAD head: (prompt 96, continuation 8, another text 96)."""
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=256, vocab_only=True, verbose=False)
+    toks = llm.tokenize(squad_head.read_text(encoding="utf-8")[:2000].encode())
+    assert len(toks) > 150
+    return toks[:96], toks[96:104], toks[104:200]

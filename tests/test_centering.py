@@ -156,14 +156,6 @@ def with_offsets(state: bytes, mu: np.ndarray) -> bytes:
     return bytes(out)
 
 
-@pytest.fixture(scope="module")
-def tokens(llama_cpp, smollm2_path, squad_head):
-    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=256, vocab_only=True, verbose=False)
-    toks = llm.tokenize(squad_head.read_text(encoding="utf-8")[:2000].encode())
-    assert len(toks) > 150
-    return toks[:96], toks[96:104], toks[104:200]
-
-
 def test_online_offsets_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, cont, other = tokens
     kv_env()

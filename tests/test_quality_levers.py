@@ -87,14 +87,6 @@ def with_factors(state: bytes, f: np.ndarray) -> bytes:
     return bytes(out)
 
 
-@pytest.fixture(scope="module")
-def tokens(llama_cpp, smollm2_path, squad_head):
-    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=256, vocab_only=True, verbose=False)
-    toks = llm.tokenize(squad_head.read_text(encoding="utf-8")[:2000].encode())
-    assert len(toks) > 150
-    return toks[:96], toks[96:104], toks[104:200]
-
-
 @pytest.mark.build
 def test_factors_in_state_are_powers_of_two_per_rope_pair(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, _, _ = tokens
