@@ -2,7 +2,7 @@
 """Is K centering exact? Logits with and without it, float32 cache, no flash attention.
 
     python scripts/centering_exactness.py [--model smollm2|qwen] [--tokens 400] [--ubatch 512]
-        [--online 1|0] [--json out.json]
+        [--online 1|0] [--weights f32|file] [--json out.json]
 
 Centering subtracts a fixed per-layer offset c from every key after RoPE; for a query q every
 logit moves by the same q.c, so the softmax, and with a float32 cache the logits, should not
@@ -10,7 +10,15 @@ change beyond float32 rounding. This script evaluates the first --tokens tokens 
 text with the patched llama_cpp twice in fresh processes (LLAMA_KV_CENTER=0, then =1, with
 LLAMA_KV_CENTER_ONLINE=--online: 1 measures c from the first ubatch, 0 takes the model's k bias
 or zeros), type_k = type_v = float32, flash attention off, one thread, and prints the largest
-absolute logit difference per token. Standard library + numpy + the project's llama_cpp.
+absolute logit difference per token.
+
+--weights f32 (default) runs a copy of the model with every tensor dequantized to float32
+(scripts/synth_gguf.py dequant, cached next to the model): its matrix products are float32 end to
+end, so the comparison sees only the centering. --weights file runs the quantized file as it is:
+on the CPU its matrix products round the activations to 8 bits (q8_0/q8_1 for Q4_1/Q4_K weights),
+which turns the float32 rounding differences of the centered attention (~1e-7) into 1e-2 steps and,
+through the layers, logit differences of order 1 (docs/centering-online.md): a property of the
+model's arithmetic, not of the centering. Standard library + numpy + gguf + the project's llama_cpp.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ import numpy as np
 
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synth_gguf  # noqa: E402
 
 MODELS = {"smollm2": paths.SMOLLM2_GGUF, "qwen": paths.QWEN_GGUF}
 
@@ -56,15 +67,26 @@ def logits(model: Path, text: Path, n: int, ub: int, center: int, online: int, t
     return np.load(out)
 
 
+def f32_copy(model: Path) -> Path:
+    """The model with every tensor dequantized to float32, built once next to it."""
+    out = model.with_name(model.stem + ".dequant-f32.gguf")
+    if not out.is_file() or out.stat().st_mtime < model.stat().st_mtime:
+        synth_gguf.build(synth_gguf.load_source(model), out, "f32", weights=model)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--ubatch", type=int, default=512)
     ap.add_argument("--online", type=int, choices=[0, 1], default=1)
+    ap.add_argument("--weights", choices=["f32", "file"], default="f32")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     model = paths.data_file(MODELS[args.model])
+    if args.weights == "f32":
+        model = f32_copy(model)
     text = paths.data_file(paths.SQUAD_TXT)
     with tempfile.TemporaryDirectory() as t:
         a = logits(model, text, args.tokens, args.ubatch, 0, args.online, Path(t))
@@ -79,6 +101,7 @@ def main(argv=None) -> int:
         "tokens": int(a.shape[0]),
         "ubatch": args.ubatch,
         "online": args.online,
+        "weights": args.weights,
         "max_abs_logit_diff": float(per_token.max()),
         "first_token_over_1e-3": first,
         "per_token_max": [round(float(x), 5) for x in per_token],

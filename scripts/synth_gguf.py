@@ -3,6 +3,7 @@
 
     python3 scripts/synth_gguf.py skeleton SRC.gguf OUT.skel
     python3 scripts/synth_gguf.py build OUT.skel|SRC.gguf OUT.gguf [--type q8_0|f16|same] [--seed N]
+    python3 scripts/synth_gguf.py dequant SRC.gguf OUT.gguf
 
 skeleton: reads SRC's header (every metadata key/value with its GGUF value type, tokenizer
 arrays included, and every tensor's name, shape and type; no tensor data) and writes it as
@@ -21,6 +22,12 @@ Types: --type q8_0 (default): F32 for 1-D tensors, Q8_0 (gguf.quants.quantize) w
 length is a multiple of 32, else F16; --type f16: F32 for 1-D, else F16; --type same: the source
 type of each tensor, refused (before anything is written) when gguf-py cannot quantize it
 (K-quants and I-quants).
+
+dequant: writes OUT.gguf (atomically) with SRC's metadata and tensors, every tensor dequantized
+to F32 (gguf.quants.dequantize: the exact values the quantized model computes with), general.name
+with the suffix " (dequantized to f32)" and general.file_type ALL_F32. A model whose matrix
+products run in float32 (no 8-bit rounding of the activations, as quantized weights have on the
+CPU), for reference and exactness runs (scripts/centering_exactness.py --f32-weights).
 
 Needs numpy, gguf-py (0.19.0; it imports PyYAML) and the kvpolar package in converter/. Outside
 the venv: PYTHONPATH=converter:<dir with gguf and yaml> python3 scripts/synth_gguf.py build ...
@@ -59,7 +66,8 @@ NAME_SUFFIX = " (random weights)"
 SYNTHETIC_KEY = "kvpolar.synthetic"
 SEED_KEY = "kvpolar.synthetic.seed"
 TYPES = ("q8_0", "f16", "same")
-FILE_TYPE = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "f16": LlamaFileType.MOSTLY_F16}
+FILE_TYPE = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "f16": LlamaFileType.MOSTLY_F16, "f32": LlamaFileType.ALL_F32}
+DEQUANT_SUFFIX = " (dequantized to f32)"
 WEIGHT_STD = 0.02
 BIAS_STD = 0.002
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per generated chunk
@@ -249,6 +257,8 @@ def _can_quantize(qtype: GGMLQuantizationType) -> bool:
 
 def plan_types(tensors: list[dict], mode: str) -> list[GGMLQuantizationType]:
     """The output type of each tensor for --type mode (see the module docstring)."""
+    if mode == "f32":  # dequant
+        return [GGMLQuantizationType.F32 for _ in tensors]
     if mode not in TYPES:
         raise ValueError(f"unknown --type {mode!r}; expected one of {', '.join(TYPES)}")
     if mode == "same":
@@ -291,19 +301,18 @@ def out_metadata(meta: list[dict], mode: str, seed: int) -> list[dict]:
     arch = by_key.get(Keys.General.ARCHITECTURE)
     if arch is None or arch["type"] != GGUFValueType.STRING:
         raise ValueError(f"expected a STRING {Keys.General.ARCHITECTURE} in the metadata, found {arch}")
+    suffix = DEQUANT_SUFFIX if mode == "f32" else NAME_SUFFIX
     name = by_key.get(Keys.General.NAME)
     if name is None:
-        value = f"{arch['value']}{NAME_SUFFIX}"
+        value = f"{arch['value']}{suffix}"
         out.append({"key": Keys.General.NAME, "type": GGUFValueType.STRING, "sub_type": None, "value": value})
-    elif not str(name["value"]).endswith(NAME_SUFFIX):
-        name["value"] = f"{name['value']}{NAME_SUFFIX}"
+    elif not str(name["value"]).endswith(suffix):
+        name["value"] = f"{name['value']}{suffix}"
     ftype = by_key.get(Keys.General.FILE_TYPE)
     if ftype is not None and mode in FILE_TYPE:
         ftype["value"] = int(FILE_TYPE[mode])
-    for key, vtype, value in (
-        (SYNTHETIC_KEY, GGUFValueType.BOOL, True),
-        (SEED_KEY, GGUFValueType.UINT64, seed),
-    ):
+    marks = () if mode == "f32" else ((SYNTHETIC_KEY, GGUFValueType.BOOL, True), (SEED_KEY, GGUFValueType.UINT64, seed))
+    for key, vtype, value in marks:
         if key in by_key:
             by_key[key].update(type=vtype, sub_type=None, value=value)
         else:
@@ -347,8 +356,21 @@ def tensor_nbytes(shape: list[int], qtype: GGMLQuantizationType) -> int:
     return math.prod(shape) // block * size
 
 
-def build(src: dict, out: Path, mode: str = "q8_0", seed: int = 0) -> dict:
-    """Write the synthetic GGUF for skeleton src (from load_source) to out, atomically.
+def dequant_chunks(path: Path) -> Iterator[tuple[str, Iterator[np.ndarray]]]:
+    """(name, float32 chunks) of every tensor of the GGUF file at path, dequantized, in file order."""
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+        try:
+            x = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"{path}: gguf-py {gguf_version()} cannot dequantize {t.name} ({t.tensor_type.name})") from None
+        ne0 = int(t.shape[0]) if len(t.shape) else 1
+        yield t.name, iter((np.asarray(x, np.float32).reshape(-1, ne0),))
+
+
+def build(src: dict, out: Path, mode: str = "q8_0", seed: int = 0, weights: Path | None = None) -> dict:
+    """Write the synthetic GGUF for skeleton src (from load_source) to out, atomically; with
+    weights (a GGUF file, mode "f32": `dequant`) its tensors dequantized instead of random ones.
 
     Returns {"n_tensors", "n_params", "file_size", "seconds", "types": {type name: count}}."""
     t0 = time.perf_counter()
@@ -385,9 +407,16 @@ def build(src: dict, out: Path, mode: str = "q8_0", seed: int = 0) -> dict:
         done, tenths = 0, 0
         with open(tmp, "r+b") as f:
             f.seek(0, 2)
+            real = dequant_chunks(weights) if weights is not None else None
             for name, shape, qtype, nbytes in plan:
                 f.write(b"\0" * (-f.tell() % alignment))
-                written = sum(f.write(encode(x, qtype).data) for x in tensor_chunks(name, shape, rng))
+                if real is None:
+                    chunks = tensor_chunks(name, shape, rng)
+                else:
+                    src_name, chunks = next(real)
+                    if src_name != name:
+                        raise ValueError(f"{weights}: tensor {src_name!r} where the header lists {name!r}")
+                written = sum(f.write(encode(x, qtype).data) for x in chunks)
                 if written != nbytes:
                     raise RuntimeError(f"{name}: wrote {written} bytes, expected {nbytes}")
                 log.debug("%s %s %s: %d bytes", name, shape, qtype.name, nbytes)
@@ -442,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="synth_gguf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--verbose", "-v", action="store_true", help="log every tensor")
-    sub = ap.add_subparsers(dest="cmd", metavar="{skeleton,build}")
+    sub = ap.add_subparsers(dest="cmd", metavar="{skeleton,build,dequant}")
     sk = sub.add_parser("skeleton", help="write the header of a GGUF file as a small gzip'ed JSON file")
     sk.add_argument("src", type=Path, help="the GGUF file")
     sk.add_argument("out", type=Path, help="the skeleton to write (e.g. model.skel)")
@@ -451,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out", type=Path, help="the GGUF file to write")
     b.add_argument("--type", choices=TYPES, default="q8_0", help="weight types (default q8_0)")
     b.add_argument("--seed", type=_seed, default=0, help="seed of numpy.random.default_rng (default 0)")
+    d = sub.add_parser("dequant", help="write a GGUF file's tensors dequantized to F32 (same metadata)")
+    d.add_argument("src", type=Path, help="the GGUF file")
+    d.add_argument("out", type=Path, help="the GGUF file to write")
     args = ap.parse_args(argv)
     if args.cmd is None:
         ap.print_help()
@@ -467,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(skel['tensors'])} tensors, {time.perf_counter() - t0:.1f} s"
             )
         else:
-            stats = build(load_source(args.src), args.out, args.type, args.seed)
+            if args.cmd == "dequant":
+                stats = build(load_source(args.src), args.out, "f32", weights=args.src)
+            else:
+                stats = build(load_source(args.src), args.out, args.type, args.seed)
             types = ", ".join(f"{n} {k}" for k, n in sorted(stats["types"].items()))
             print(
                 f"wrote {args.out}: {stats['file_size'] / 2**20:.1f} MiB, "

@@ -288,3 +288,45 @@ def test_k_shift_uses_online_offsets(llama_cpp, kv_env, smollm2_path, tokens):
     p, q = (np.exp(x - x.max()) / np.exp(x - x.max()).sum() for x in (out["0"], out["1"]))
     kl = float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
     assert kl < 0.02 and np.abs(out["1"] - out["0"]).max() < 2.0, (kl, np.abs(out["1"] - out["0"]).max())
+
+
+@pytest.fixture(scope="module")
+def smollm2_f32(tmp_path_factory, smollm2_path):
+    """SmolLM2 with every tensor dequantized to float32 (scripts/synth_gguf.py dequant): float32
+    matrix products, no 8-bit rounding of the activations."""
+    import synth_gguf
+
+    out = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
+    synth_gguf.build(synth_gguf.load_source(smollm2_path), out, "f32", weights=smollm2_path)
+    return out
+
+
+@pytest.mark.parametrize("n_ubatch", [512, 32])
+def test_online_centering_is_exact_in_float32(llama_cpp, kv_env, smollm2_f32, tokens, n_ubatch):
+    """With float32 weights and a float32 cache, the logits of every token with online K offsets
+    equal those without to float32 rounding (docs/centering-online.md: measured 4e-5 of logits
+    up to ~40; the quantized file turns the same rounding into differences of order 1)."""
+    prompt, cont, _ = tokens
+    scores, states = {}, {}
+    for center in ("0", "1"):
+        kv_env(LLAMA_KV_CENTER=center, LLAMA_KV_CENTER_ONLINE="1")
+        llm = llama_cpp.Llama(
+            model_path=str(smollm2_f32),
+            n_ctx=256,
+            n_batch=256,
+            n_ubatch=n_ubatch,
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
+            flash_attn=False,
+            logits_all=True,
+            n_threads=2,
+            verbose=False,
+        )
+        llm.eval(prompt + cont)
+        scores[center] = np.array(llm.scores[: len(prompt) + len(cont)], dtype=np.float32)
+        states[center] = llm.save_state().llama_state
+        del llm
+    assert STATE_MAGIC not in states["0"]
+    assert np.abs(offsets(states["1"])).max() > 0.1, "no offsets measured"
+    diff = np.abs(scores["1"] - scores["0"]).max()
+    assert diff < 1e-3, f"largest logit difference {diff} (max |logit| {np.abs(scores['0']).max()})"

@@ -134,6 +134,22 @@ def test_build_keeps_metadata_and_tensors(tiny, tiny_skel, tmp_path):
         assert 0.01 < x.std() < 0.03, (name, x.std())
 
 
+def test_dequant_keeps_values_as_f32(tiny, tmp_path):
+    out = tmp_path / "f32.gguf"
+    assert sg.main(["dequant", str(tiny), str(out)]) == 0
+    src, got = kv_of(tiny), kv_of(out)
+    assert {k: v for k, v in got.items() if k not in CHANGED_KEYS} == {
+        k: v for k, v in src.items() if k not in CHANGED_KEYS
+    }
+    assert sg.SYNTHETIC_KEY not in got and sg.SEED_KEY not in got  # real weights
+    assert got["general.name"] == (V.STRING, None, "llama" + sg.DEQUANT_SUFFIX)
+    assert got["general.file_type"] == (V.UINT32, None, int(gguf.LlamaFileType.ALL_F32))
+    assert tensors_of(out) == [(n, s, Q.F32) for n, s, _, _ in TINY_TENSORS]
+    want, vals = values_of(tiny), values_of(out)
+    for name, *_ in TINY_TENSORS:
+        assert np.array_equal(vals[name].reshape(-1), want[name].reshape(-1).astype(np.float32)), name
+
+
 def test_build_is_seeded(tiny, tiny_skel, tmp_path):
     paths = {}
     for key, src, seed in (("a", tiny_skel, 1), ("b", tiny_skel, 1), ("gguf", tiny, 1), ("c", tiny_skel, 2)):
