@@ -2,7 +2,7 @@
 
 - The online K offset is weighted toward the first key (the attention sink):
   mu = (1 - w) mean + w k_0 (LLAMA_KV_CENTER_SINK=w, default 0.25).
-- K balancing (opt-in, LLAMA_KV_BALANCE=1): the cache stores D (k - mu) and the query is multiplied
+- K balancing (on by default, LLAMA_KV_BALANCE=0 turns it off): the cache stores D (k - mu) and the query is multiplied
   by D^-1, D a power of two per KV head and RoPE pair, measured with the online offsets from the
   first ubatch. Exact: with an f16 cache the logits must not change at all, also after a K shift;
   the factors travel with the state.
@@ -90,7 +90,7 @@ def with_factors(state: bytes, f: np.ndarray) -> bytes:
 @pytest.mark.build
 def test_factors_in_state_are_powers_of_two_per_rope_pair(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, _, _ = tokens
-    kv_env(LLAMA_KV_BALANCE="1")
+    kv_env()  # on by default
     llm = new_llama(llama_cpp, smollm2_path)
     llm.eval(prompt)
     f = factors(llm.save_state().llama_state)
@@ -101,7 +101,7 @@ def test_factors_in_state_are_powers_of_two_per_rope_pair(llama_cpp, kv_env, smo
     assert np.array_equal(D * Dinv, np.ones_like(D))
     assert np.array_equal(D[:, 0::2], D[:, 1::2])  # llama RoPE pairs (2i, 2i+1)
     assert (D != 1).mean() > 0.01, "balancing measured nothing"  # SmolLM2: mostly layer 0
-    kv_env()  # off by default
+    kv_env(LLAMA_KV_BALANCE="0")
     llm = new_llama(llama_cpp, smollm2_path)
     llm.eval(prompt)
     assert factors(llm.save_state().llama_state) is None
