@@ -30,6 +30,7 @@ F16_KERNEL_ID = 3  # its VFMT (F16_KERNEL_ID of polar_attn_common.cuh)
 KMODES = {"gather": 0, "lut": 1, "anglelut": 2}
 IMPLS = ("mma", "simt")
 PRECS = ("auto", "fp32", "fp16")
+LEAN_LEVELS = (0, 1, 2)
 KERNELS = {"mma": "polar_attn_mma", "simt": "polar_attn_simt"}  # kernel = file name without .cu
 SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum on sm_90
 
@@ -45,7 +46,20 @@ class AttnConfig:
     accumulation: float32-level error, 1.9e-6 of max|out| in the tests); "fp16" = one fp16 product
     (up to 1.4e-3 of max|out| on float32 q in the tests, 4.1e-4 on float16 q where the output
     rounding dominates; docs/results-gpu.md); "auto" = "fp32" for float32 q, "fp16" for
-    float16/bfloat16 q."""
+    float16/bfloat16 q.
+
+    Tuning options of the mma kernel (defaults: the kernel as it was; `scripts/bench_gpu.py tune-mma`
+    measures them; polar_attn_mma.cu's header says what each does in the code):
+    swizzle: conflict-free shared-memory reads of the staged K and quantized V code words (row
+    order of the K phase, key order of the V phase and P's slots permuted; D >= 128). Without it
+    the 68-byte key rows cost ~29% extra shared-load wavefronts at D=128 (4-way conflicts on the
+    K code words, 2-way on V's; Nsight Compute on the H200).
+    lean: 1 = full warp tiles staged with plain cp.async (no per-chunk zero-fill bookkeeping, ~20% of
+    the issued instructions); 2 = also one dp4a per codebook address (code x 128 + lane offset)
+    instead of a byte extract + multiply-add.
+    kvsplit: K and V in separate cp.async rings of `stages` slots each (same bytes), K of tile i +
+    stages issued after K phase i, V after V phase i; allows stages=1: half the stage memory (8 warps
+    x 32 keys: 70 KiB a CTA, 3 CTAs/SM instead of 2)."""
 
     kmode: str = "gather"  # "gather" (a), "lut" (b), "anglelut" (angle-LUT formats, paper B)
     nwarps: int = 4
@@ -55,6 +69,9 @@ class AttnConfig:
     impl: str = "mma"  # "mma" | "simt"
     wtile: int = 32  # mma: keys per warp tile (multiple of 16)
     prec: str = "auto"  # mma: "auto" | "fp32" | "fp16"
+    swizzle: bool = False  # mma: conflict-free staged-row reads (SWZ)
+    lean: int = 0  # mma: 0 | 1 (plain cp.async for full tiles) | 2 (+ dp4a codebook addresses) (LEAN)
+    kvsplit: bool = False  # mma: separate K and V rings, stages >= 1 (KVSPLIT)
 
     @property
     def tile(self) -> int:
@@ -67,7 +84,11 @@ SIMT_CONFIG = AttnConfig(nwarps=4, tpt=2, stages=2, repl=16, impl="simt")  # qua
 SIMT_CONFIG_F16V = AttnConfig(nwarps=4, tpt=1, stages=2, repl=8, impl="simt")  # float16 V: 3 CTAs/SM
 # Picked by `scripts/bench_gpu.py tune` on an H100 at B=16, T=32768, 32/8 heads, D=128
 # (docs/results-gpu.md): 445 us vs 580 us for the first shape (4 warps, 1 key/thread, 3 stages).
-DEFAULT_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # quantized and float16 V
+DEFAULT_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2)  # quantized V
+# `bench_gpu.py tune-mma` on the H200 (docs/gpu/tune-mma-h200-session6.json, B=16, 32/8 heads, D=128):
+# polar K+V 263.5 -> 203.6 us at 32768 keys (swizzle + lean 2), 1003.9 -> 751.3 us at 131072;
+# polar K + fp16 V 336.3 -> 326.9 us at 32768 with separate K/V rings of one stage (equal at 131072)
+F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True)  # float16 V
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
@@ -76,7 +97,7 @@ def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
     if kmode != "gather":  # the LUT modes exist in the simt kernel only
         base = SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG
         return dataclasses.replace(base, kmode=kmode)
-    return DEFAULT_CONFIG
+    return F16V_CONFIG if vfmt == V_F16 else DEFAULT_CONFIG
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +150,13 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
         "SHARE_TAB": int(kf is vf and kmode == 0),
     }
     if cfg.impl == "mma":
-        d.update(TW=cfg.wtile, PREC=_prec_id(cfg, qt))
+        d.update(
+            TW=cfg.wtile,
+            PREC=_prec_id(cfg, qt),
+            SWZ=int(cfg.swizzle),
+            LEAN=cfg.lean,
+            KVSPLIT=int(cfg.kvsplit),
+        )
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
     return d
@@ -148,7 +175,9 @@ def smem_bytes(impl: str, d: dict[str, int]) -> int:
         vrows = vrow if vquant else vrow + 32
         ktab = d["KNC"] * 128
         vtab = d["VNC"] * 128 if (vquant and not d["SHARE_TAB"]) else 0
-        wst = _a16(d["TW"] * krow) + _a16(d["TW"] * vrows)
+        wst = _a16(d["TW"] * krow) + _a16(d["TW"] * vrows)  # WST = WKST + WVST
+        # STAGES slots of (K, V) per warp, or with KVSPLIT a K ring and a V ring of STAGES slots
+        # each: the same bytes (SWZ and LEAN do not change the layout)
         stage = d["NWARPS"] * d["STAGES"] * wst
         red = d["NWARPS"] * rbp * HD * 4
         return (
@@ -311,8 +340,12 @@ def plan(
         raise ValueError(f"prec must be one of {PRECS}, got {cfg.prec!r}")
     if cfg.impl == "mma" and cfg.kmode != "gather":  # the LUT modes are simt-only
         cfg = dataclasses.replace(cfg, impl="simt")
-    if cfg.impl == "mma" and (cfg.wtile % 16 or cfg.wtile <= 0 or cfg.stages < 2):
-        raise ValueError(f"mma: wtile must be a positive multiple of 16 and stages >= 2, got {cfg}")
+    if cfg.impl == "mma" and (cfg.wtile % 16 or cfg.wtile <= 0 or cfg.stages < (1 if cfg.kvsplit else 2)):
+        raise ValueError(
+            f"mma: wtile must be a positive multiple of 16 and stages >= 2 (>= 1 with kvsplit), got {cfg}"
+        )
+    if cfg.impl == "mma" and cfg.lean not in LEAN_LEVELS:
+        raise ValueError(f"mma: lean must be one of {LEAN_LEVELS}, got {cfg.lean!r}")
     if Hkv <= 0 or Hq % Hkv:
         raise ValueError(f"Hq ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
     qt = _q_type(q_dtype)

@@ -19,7 +19,23 @@
 // K phase pair order: row-slot k 2c.. of k-step ks <-> pair 8c + 2ks, slot 2c+8.. <-> pair 8c + 2ks + 1.
 // V phase: m-tile h of 64-block j, row g <-> pair 32j + 4g + 2h, row g+8 <-> pair 32j + 4g + 2h + 1.
 //
-// Compile-time constants besides those of polar_attn_common.cuh: TW, STAGES, PREC, SHARE_TAB.
+// Compile-time constants besides those of polar_attn_common.cuh: TW, STAGES, PREC, SHARE_TAB, and the
+// tuning options (cupy_kernels.attention.AttnConfig swizzle / lean / kvsplit; 0 = the kernel before
+// them, same code and results):
+//   SWZ 1: conflict-free shared-memory reads of the staged code words (rows of KROW % 4 == 0 bytes,
+//     D >= 128). Key row r starts at word 17 r (KROW = 68 bytes at D=128), bank 17 r mod 32; in one
+//     LDS of k_quads lane (g, c) reads word 17 r_g + 2 c + i, so rows g = 0..7 (banks 0, 17, 2, 19, ..)
+//     collide 4-way (v_quad, lanes (g, c) on keys c: 2-way). Rows {0, 1, 8, 9, 16, 17, 24, 25} start
+//     on banks {0, 17, 8, 25, 16, 1, 24, 9}: + 2 c covers all 32 banks once. So the K phase takes, in
+//     each 32 keys, rows k_row(mt, kk, g) = 4 (mt & 1) + 2 kk + (g & 1) + 8 (g >> 1), quantized V takes
+//     keys v_key(k8, h, c) = 8 c + (k8 & 3) + 4 h (banks 8 c + g + const), and P goes to a slot
+//     (ws_slot_*) that keeps its STS and LDS conflict-free. Any bijection of the keys gives the same sums.
+//   LEAN 1: full warp tiles (all TW keys valid) are staged with plain cp.async at lane + 32 k (no
+//     zero-fill bookkeeping per 16-byte chunk); LEAN 2: also one dp4a per codebook address (code byte
+//     x 128 + the lane's copy offset) instead of a byte extract + multiply-add.
+//   KVSPLIT 1: K and V have separate rings of STAGES slots each (the same bytes as STAGES slots of K + V):
+//     K(i + STAGES) is issued when K phase i is done and V(i + STAGES) when V phase i is done, so STAGES
+//     1 (half the stage memory, each load overlapping the other phase) is allowed.
 
 #include "polar_attn_common.cuh"
 
@@ -33,7 +49,8 @@
 #define MKTAB_BYTES (KNC * 128)
 #define MVTAB_BYTES ((VQUANT && !SHARE_TAB) ? VNC * 128 : 0)
 #define WKST ALIGN16(TW * KROW)
-#define WST (WKST + ALIGN16(TW * VROWS))
+#define WVST ALIGN16(TW * VROWS)
+#define WST (WKST + WVST)
 #define MSTAGE_BYTES (NWARPS * STAGES * WST)
 #define MRED_BYTES (NWARPS * RBP * HD * 4)
 #define MOFF_KTAB 0
@@ -45,6 +62,60 @@
 
 static_assert(TW % 16 == 0, "warp tile must be a multiple of 16 keys");
 static_assert(RB <= 8, "at most 8 rows per CTA");
+static_assert(STAGES >= (KVSPLIT ? 1 : 2), "STAGES >= 2 (>= 1 with KVSPLIT)");
+
+#define KSWZ (SWZ && KROW % 4 == 0)                      // the swizzle pays off for 4-byte aligned rows
+#define FULL32(blk) (TW % 32 == 0 || 32 * (blk) + 32 <= TW)  // keys 32 blk .. 32 blk + 31 in the tile
+
+// Key row (of the warp tile) of the K phase's m-tile mt, A rows g (kk 0) / g + 8 (kk 1).
+__device__ __forceinline__ int k_row(int mt, int kk, int g) {
+#if KSWZ
+    if (FULL32(mt >> 1)) {
+        return 32 * (mt >> 1) + 4 * (mt & 1) + 2 * kk + (g & 1) + 8 * (g >> 1);
+    }
+    return 16 * mt + 4 * kk + (g & 1) + 8 * ((g >> 1) & 1) + 2 * (g >> 2);  // a last 16 keys: 2-way
+#else
+    return mt * 16 + g + 8 * kk;
+#endif
+}
+
+// Key of the V phase's step k8 (8 keys), B slot c (h 0) / c + 4 (h 1).
+__device__ __forceinline__ int v_key(int k8, int h, int c) {
+#if KSWZ && VQUANT
+    if (FULL32(k8 >> 2)) {
+        return 32 * (k8 >> 2) + 8 * c + (k8 & 3) + 4 * h;
+    }
+#endif
+    return 8 * k8 + c + 4 * h;
+}
+
+// Slot of P (ws [TW][RBP]) of key k_row(mt, kk, g) / v_key(k8, h, c): one bijection of the keys;
+// with SWZ, bits (b4..b0) of key 32 b + r go to (b2 b1 b0 b4 b3) (quantized V) or to
+// (b4 b2 b3 b1^b4 b0) (f16 V, whose V order stays 8 k8 + c), so both sides are conflict-free.
+__device__ __forceinline__ int ws_slot_k(int mt, int kk, int g) {
+#if KSWZ
+    if (FULL32(mt >> 1)) {
+#if VQUANT
+        return 32 * (mt >> 1) + 16 * (mt & 1) + 8 * kk + 4 * (g & 1) + (g >> 1);
+#else
+        return 32 * (mt >> 1) + 8 * (mt & 1) + (g & 1) + 2 * (kk ^ (g >> 2)) + 4 * ((g >> 1) & 1) + 16 * (g >> 2);
+#endif
+    }
+#endif
+    return k_row(mt, kk, g);
+}
+__device__ __forceinline__ int ws_slot_v(int k8, int h, int c) {
+#if KSWZ
+    if (FULL32(k8 >> 2)) {
+#if VQUANT
+        return 32 * (k8 >> 2) + 4 * (k8 & 3) + 16 * h + c;
+#else
+        return 32 * (k8 >> 2) + (c ^ (k8 & 2)) + 4 * (k8 & 1) + 8 * h + 8 * (k8 & 2);
+#endif
+    }
+#endif
+    return v_key(k8, h, c);
+}
 
 #if PREC
 typedef uint2 tab_t;  // (hi half2, lo half2)
@@ -61,6 +132,21 @@ __device__ __forceinline__ u32 tab_lo(const u32) { return 0u; }
 
 // entry of code `code` (the lane's own copy): tl = table + TAB_LANE_OFF(lane)
 __device__ __forceinline__ tab_t tab_get(const u8 * tl, u32 code) { return *reinterpret_cast<const tab_t *>(tl + code * 128u); }
+
+__device__ __forceinline__ u32 dp4a(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// entry of the code in bits sh .. sh + 7 of x: tab = the table, lo = TAB_LANE_OFF(lane), tl = tab + lo
+__device__ __forceinline__ tab_t tab_code(const u8 * tab, u32 lo, const u8 * tl, u32 x, int sh) {
+#if LEAN >= 2
+    return *reinterpret_cast<const tab_t *>(tab + dp4a(x, 128u << sh, lo));  // code * 128 + lo
+#else
+    return tab_get(tl, bfe(x, sh, 8));
+#endif
+}
 
 __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -135,7 +221,19 @@ template <class X> __device__ __forceinline__ float merge_warps(const float * mw
     return sum;
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN_PARAMS) {
+// KVSPLIT exists for occupancy: where the shared memory allows 3 or more CTAs per SM (sm_90: 228 KiB
+// per SM, 1 KiB reserved per CTA), ptxas is asked for them, as far as 80 registers a thread (what the
+// kernel takes unasked) allow; otherwise (and always without KVSPLIT) it is not asked
+#define SMEM_CTAS (233472 / (MSMEM_TOTAL + 1024))
+#define REG_CTAS (65536 / (80 * NTHREADS))
+#define MIN_CTAS (SMEM_CTAS < REG_CTAS ? SMEM_CTAS : REG_CTAS)
+#if KVSPLIT && MIN_CTAS >= 3
+#define MMA_LAUNCH_BOUNDS __launch_bounds__(NTHREADS, MIN_CTAS)
+#else
+#define MMA_LAUNCH_BOUNDS __launch_bounds__(NTHREADS)
+#endif
+
+extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     extern __shared__ __align__(16) u8 smem[];
     const int      tid  = threadIdx.x;
     const int      lane = tid & 31;
@@ -155,8 +253,96 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
     const int  ntw   = (c1 - c0 + TW - 1) / TW;                                 // warp tiles in the chunk
     const int  nmine = ntw > warp ? (ntw - warp + NWARPS - 1) / NWARPS : 0;     // this warp's
     u8 *       wstage = smem + MOFF_STAGE + warp * (STAGES * WST);
+    // the warp's cp.async ring: slot s = K at wstage + s * WST, V after it; KVSPLIT: a ring of K
+    // slots (wstage + s * WKST), then one of V slots (wstage + STAGES * WKST + s * WVST)
+#if KVSPLIT
+#define KSLOT(i) (wstage + ((i) % STAGES) * WKST)
+#define VSLOT(i) (wstage + STAGES * WKST + ((i) % STAGES) * WVST)
+#else
+#define KSLOT(i) (wstage + ((i) % STAGES) * WST)
+#define VSLOT(i) (KSLOT(i) + WKST)
+#endif
 
-    // stage a warp tile (keys t0 .. t0 + TW - 1; bytes past the valid keys are zero-filled)
+    // stage the K / V rows of a warp tile (keys t0 .. t0 + nvalid - 1 valid: the bytes past them are
+    // zero-filled); LEAN: a full tile (nvalid == TW) without the zero-fill bookkeeping
+#define STAGE_K_ZFILL(kdst, ksrc, nvalid)                                            \
+    {                                                                                \
+        const int kvb = (nvalid) * KROW;                                             \
+        for (int ch = lane; ch < TW * KROW / 16; ch += 32) {                         \
+            const int n = min(max(kvb - 16 * ch, 0), 16);                            \
+            cp_async16_zfill((kdst) + 16 * ch, n ? (ksrc) + 16 * ch : kc, n);        \
+        }                                                                            \
+    }
+#if VQUANT
+#define V_CHUNK_DST(vdst, ch) ((vdst) + 16 * (ch))
+#else  // float16 V rows padded to VROWS bytes
+#define V_CHUNK_DST(vdst, ch) ((vdst) + ((ch) / (VROW / 16)) * VROWS + ((ch) % (VROW / 16)) * 16)
+#endif
+#define STAGE_V_ZFILL(vdst, vsrc, nvalid)                                            \
+    {                                                                                \
+        const int vvb = (nvalid) * VROW;                                             \
+        for (int ch = lane; ch < TW * VROW / 16; ch += 32) {                         \
+            const int n = min(max(vvb - 16 * ch, 0), 16);                            \
+            const u32 d = V_CHUNK_DST(vdst, ch);                                     \
+            cp_async16_zfill(d, n ? (vsrc) + 16 * ch : vc, n);                       \
+        }                                                                            \
+    }
+#if LEAN
+    // chunk ch = lane + 32 k of a full tile (a V row is VROW / 16 = HD / 8 chunks, a divisor of 32)
+    auto stage_k_full = [&](u32 kdst, const u8 * ksrc) {
+#pragma unroll
+        for (int k = 0; k < (TW * KROW / 16 + 31) / 32; ++k) {
+            const int ch = lane + 32 * k;
+            if ((TW * KROW / 16) % 32 == 0 || ch < TW * KROW / 16) {
+                cp_async16(kdst + 16 * ch, ksrc + 16 * ch);
+            }
+        }
+    };
+    auto stage_v_full = [&](u32 vdst, const u8 * vsrc) {
+#pragma unroll
+        for (int k = 0; k < (TW * VROW / 16 + 31) / 32; ++k) {
+            const int ch = lane + 32 * k;
+            if ((TW * VROW / 16) % 32 == 0 || ch < TW * VROW / 16) {
+#if VQUANT
+                const u32 d = vdst + 16 * ch;
+#else
+                const u32 d = vdst + (lane / (VROW / 16) + k * (32 / (VROW / 16))) * VROWS + (lane % (VROW / 16)) * 16;
+#endif
+                cp_async16(d, vsrc + 16 * ch);
+            }
+        }
+    };
+#endif
+#if KVSPLIT
+    // stage K / V of warp tile i
+    auto issue_k = [&](int i) {
+        const int  t0     = c0 + (warp + i * NWARPS) * TW;
+        const int  nvalid = min(TW, c1 - t0);
+        const u32  kdst   = smem_u32(KSLOT(i));
+        const u8 * ksrc   = kbase + (long long) t0 * KROW;
+#if LEAN
+        if (nvalid == TW) {
+            stage_k_full(kdst, ksrc);
+            return;
+        }
+#endif
+        STAGE_K_ZFILL(kdst, ksrc, nvalid)
+    };
+    auto issue_v = [&](int i) {
+        const int  t0     = c0 + (warp + i * NWARPS) * TW;
+        const int  nvalid = min(TW, c1 - t0);
+        const u32  vdst   = smem_u32(VSLOT(i));
+        const u8 * vsrc   = vbase + (long long) t0 * VROW;
+#if LEAN
+        if (nvalid == TW) {
+            stage_v_full(vdst, vsrc);
+            return;
+        }
+#endif
+        STAGE_V_ZFILL(vdst, vsrc, nvalid)
+    };
+#else
+    // stage warp tile i (keys t0 .. t0 + TW - 1)
     auto issue = [&](int i) {
         const int  t0     = c0 + (warp + i * NWARPS) * TW;
         const int  nvalid = min(TW, c1 - t0);
@@ -165,22 +351,17 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
         const u32  vdst   = kdst + WKST;
         const u8 * ksrc   = kbase + (long long) t0 * KROW;
         const u8 * vsrc   = vbase + (long long) t0 * VROW;
-        const int  kvb    = nvalid * KROW;
-        for (int ch = lane; ch < TW * KROW / 16; ch += 32) {
-            const int n = min(max(kvb - 16 * ch, 0), 16);
-            cp_async16_zfill(kdst + 16 * ch, n ? ksrc + 16 * ch : kc, n);
+#if LEAN
+        if (nvalid == TW) {
+            stage_k_full(kdst, ksrc);
+            stage_v_full(vdst, vsrc);
+            return;
         }
-        const int vvb = nvalid * VROW;
-        for (int ch = lane; ch < TW * VROW / 16; ch += 32) {
-            const int n = min(max(vvb - 16 * ch, 0), 16);
-#if VQUANT
-            const u32 d = vdst + 16 * ch;
-#else
-            const u32 d = vdst + (ch / (VROW / 16)) * VROWS + (ch % (VROW / 16)) * 16;
 #endif
-            cp_async16_zfill(d, n ? vsrc + 16 * ch : vc, n);
-        }
+        STAGE_K_ZFILL(kdst, ksrc, nvalid)
+        STAGE_V_ZFILL(vdst, vsrc, nvalid)
     };
+#endif
     // codebook tables, prebuilt by cupy_kernels.codec in the shared-memory layout (entry (hi half2
     // [, lo half2]) of code k, copy l at byte k * 128 + TAB_LANE_OFF(l)): one cp.async group of
     // their own (the oldest), overlapping the first K/V stages
@@ -197,6 +378,22 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
 #endif
         cp_async_commit();
     }
+#if KVSPLIT
+    // groups: tables, K0, V0, K1, V1, .. K(STAGES-1), V(STAGES-1); then K(i + STAGES) after K phase i,
+    // V(i + STAGES) after V phase i: 2 STAGES - 1 groups are younger than the one each phase waits for
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+        if (s < nmine) {
+            issue_k(s);
+        }
+        cp_async_commit();
+        if (s < nmine) {
+            issue_v(s);
+        }
+        cp_async_commit();
+    }
+#define TAB_WAIT (2 * STAGES)
+#else
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < nmine) {
@@ -204,9 +401,17 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
         }
         cp_async_commit();
     }
+#define TAB_WAIT (STAGES - 1)
+#endif
     const u8 * ktl = smem + MOFF_KTAB + TAB_LANE_OFF(lane);
 #if VQUANT
     const u8 * vtl = smem + (SHARE_TAB ? MOFF_KTAB : MOFF_VTAB) + TAB_LANE_OFF(lane);
+#endif
+    // LEAN 2: the tables and this lane's copy offset apart (one dp4a per address)
+    const u32  ktlo = TAB_LANE_OFF(lane);
+    const u8 * ktab = smem + MOFF_KTAB;
+#if VQUANT
+    const u8 * vtab = smem + (SHARE_TAB ? MOFF_KTAB : MOFF_VTAB);
 #endif
 
     // q: a power-of-two normalization 2^-E (max |q| of the CTA's rows < 1, so fp16 never overflows),
@@ -295,28 +500,38 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
     }
     float * ws = reinterpret_cast<float *>(smem + MOFF_WS) + warp * TW * RBP;  // P [TW][RBP]
 
-    cp_async_wait<STAGES - 1>();  // the table group (the oldest) has landed
-    __syncthreads();               // tables ready
+    cp_async_wait<TAB_WAIT>();  // the table group (the oldest) has landed
+    __syncthreads();             // tables ready
 
 #pragma unroll 1
     for (int i = 0; i < nmine; ++i) {
+#if KVSPLIT
+        cp_async_wait<2 * STAGES - 1>();  // K(i)
+        __syncwarp();
+#else
         cp_async_wait<STAGES - 2>();
         __syncwarp();
         if (i + STAGES - 1 < nmine) {
             issue(i + STAGES - 1);
         }
         cp_async_commit();
+#endif
 
-        const u8 * kst = wstage + (i % STAGES) * WST;
-        const u8 * vst = kst + WKST;
+        const u8 * kst = KSLOT(i);
+        const u8 * vst = VSLOT(i);
         const int  t0  = c0 + (warp + i * NWARPS) * TW;
 
         // ---- K phase ----------------------------------------------------------------------------
         float s[TW / 16][2][2];  // [m-tile][key g, g+8][row ra, ra+1]
 #pragma unroll
         for (int mt = 0; mt < TW / 16; ++mt) {
-            const u32 rowg  = (u32) (mt * 16 + g) * KROW;
+#if KSWZ
+            const u32 rowg  = (u32) k_row(mt, 0, g) * KROW;
+            const u32 rowg8 = (u32) k_row(mt, 1, g) * KROW;
+#else
+            const u32 rowg  = (u32) (mt * 16 + g) * KROW;  // k_row(mt, 0, g) * KROW
             const u32 rowg8 = rowg + 8 * KROW;
+#endif
             float     sc[NQT][4];
 #pragma unroll
             for (int t = 0; t < NQT; ++t) {
@@ -344,10 +559,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
                 for (int ks = 0; ks < 4; ++ks) {
                     const u32   xa = wa[ks >> 1], xb = wb[ks >> 1];
                     const int   sh = 16 * (ks & 1);
-                    const tab_t e0 = tab_get(ktl, bfe(xa, sh, 8));
-                    const tab_t e1 = tab_get(ktl, bfe(xb, sh, 8));
-                    const tab_t e2 = tab_get(ktl, bfe(xa, sh + 8, 8));
-                    const tab_t e3 = tab_get(ktl, bfe(xb, sh + 8, 8));
+                    const tab_t e0 = tab_code(ktab, ktlo, ktl, xa, sh);
+                    const tab_t e1 = tab_code(ktab, ktlo, ktl, xb, sh);
+                    const tab_t e2 = tab_code(ktab, ktlo, ktl, xa, sh + 8);
+                    const tab_t e3 = tab_code(ktab, ktlo, ktl, xb, sh + 8);
 #pragma unroll
                     for (int t = 0; t < NQT; ++t) {
                         mma16816(C[t], tab_hi(e0), tab_hi(e1), tab_hi(e2), tab_hi(e3), qf[j][ks][t][0], qf[j][ks][t][1]);
@@ -377,7 +592,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
 #else
                     const float v = sc[0][2 * kk + e];
 #endif
-                    const int t = t0 + mt * 16 + g + 8 * kk;
+#if KSWZ
+                    const int t = t0 + k_row(mt, kk, g);
+#else
+                    const int t = t0 + mt * 16 + g + 8 * kk;  // t0 + k_row(mt, kk, g)
+#endif
                     s[mt][kk][e] = t < (e ? lim_b : lim_a) ? v * fac : NEG_INF;
                 }
             }
@@ -435,7 +654,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
                     l_a += pa;
                     l_b += pb;
                     if (owner) {
-                        *reinterpret_cast<float2 *>(ws + (mt * 16 + g + 8 * kk) * RBP + ra) = make_float2(pa, pb);
+                        *reinterpret_cast<float2 *>(ws + ws_slot_k(mt, kk, g) * RBP + ra) = make_float2(pa, pb);
                     }
                 }
             }
@@ -452,16 +671,30 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
             }
         }
         __syncwarp();  // P in ws
+#if KVSPLIT
+        if (i + STAGES < nmine) {  // K slot i % STAGES is free (the __syncwarp above)
+            issue_k(i + STAGES);
+        }
+        cp_async_commit();
+        cp_async_wait<2 * STAGES - 1>();  // V(i)
+        __syncwarp();
+#endif
 
         // ---- V phase ----------------------------------------------------------------------------
 #pragma unroll 2
         for (int k8 = 0; k8 < TW / 8; ++k8) {
+#if KSWZ
+            const int kc0 = v_key(k8, 0, c), kc1 = v_key(k8, 1, c);  // keys of B slots c, c + 4
+            const int pc0 = ws_slot_v(k8, 0, c), pc1 = ws_slot_v(k8, 1, c);
+#else
             const int kc0 = k8 * 8 + c, kc1 = kc0 + 4;
+            const int pc0 = kc0, pc1 = kc1;
+#endif
             float     p0[NVT], p1[NVT];
 #pragma unroll
             for (int nt = 0; nt < NVT; ++nt) {
-                p0[nt] = ws[kc0 * RBP + 4 * nt + (g >> 1)];
-                p1[nt] = ws[kc1 * RBP + 4 * nt + (g >> 1)];
+                p0[nt] = ws[pc0 * RBP + 4 * nt + (g >> 1)];
+                p1[nt] = ws[pc1 * RBP + 4 * nt + (g >> 1)];
             }
             const int hs = 16 * (g & 1);  // column g holds (row, x) for even g, (row, y) for odd g
 #pragma unroll
@@ -492,10 +725,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
                 const u32 x1 = v_quad<VFMT>(vst, (u32) kc1 * VROWS, j, g);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const tab_t e0 = tab_get(vtl, bfe(x0, 16 * h, 8));
-                    const tab_t e1 = tab_get(vtl, bfe(x0, 16 * h + 8, 8));
-                    const tab_t e2 = tab_get(vtl, bfe(x1, 16 * h, 8));
-                    const tab_t e3 = tab_get(vtl, bfe(x1, 16 * h + 8, 8));
+                    const tab_t e0 = tab_code(vtab, ktlo, vtl, x0, 16 * h);
+                    const tab_t e1 = tab_code(vtab, ktlo, vtl, x0, 16 * h + 8);
+                    const tab_t e2 = tab_code(vtab, ktlo, vtl, x1, 16 * h);
+                    const tab_t e3 = tab_code(vtab, ktlo, vtl, x1, 16 * h + 8);
 #pragma unroll
                     for (int nt = 0; nt < NVT; ++nt) {
                         mma16816(acc[2 * j + h][nt], tab_hi(e0), tab_hi(e1), tab_hi(e2), tab_hi(e3), bh0[nt], bh1[nt]);
@@ -520,6 +753,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) polar_attn_mma(POLAR_ATTN
 #endif
             }
         }
+#if KVSPLIT
+        __syncwarp();  // V slot i % STAGES is free
+        if (i + STAGES < nmine) {
+            issue_v(i + STAGES);
+        }
+        cp_async_commit();
+#endif
     }
 
     // ---- epilogue: merge the warps, write partials ---------------------------------------------

@@ -8,6 +8,7 @@ before every timed repetition).
     python scripts/bench_gpu.py encode [--json out.json]   encoder throughput
     python scripts/bench_gpu.py copy                       device-to-device copy rate
     python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
+    python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
     python scripts/bench_gpu.py profile --contexts 32768    untimed default kernels, for ncu
     python scripts/bench_gpu.py all --json out.json        everything above
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import sys
@@ -257,6 +259,188 @@ def cmd_tune(args, timer) -> list[dict]:
     return rows
 
 
+# tune-mma: the tensor-core kernel's tuning options (cupy_kernels.attention.AttnConfig swizzle, lean,
+# kvsplit) and shapes, at B=16, 32/8 heads, D=128, fp16 q (prec "auto": fp16 operands)
+MMA_TUNE_SHAPE = Shape(16, 32768, 32, 8, 128)
+MMA_TUNE_LONG = 131072  # the default and the MMA_TUNE_BEST fastest of each format again at this context
+MMA_TUNE_BEST = 3
+MMA_TUNE_FMTS = (("polar", "polar"), ("polar", "f16"))
+MMA_OPTION_SETS = {  # name: AttnConfig kwargs, at the default shape; kvsplit sets at stages 1 and 2
+    "base": {},
+    "swz": dict(swizzle=True),
+    "lean1": dict(lean=1),
+    "lean2": dict(lean=2),
+    "swz+lean2": dict(swizzle=True, lean=2),
+    "kvs": dict(kvsplit=True),
+    "swz+lean2+kvs": dict(swizzle=True, lean=2, kvsplit=True),
+}
+MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
+MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more
+MMA_TUNE_REGS = 80  # registers a thread the occupancy filter assumes (NVRTC 13.2, sm_90: 77-80)
+
+
+def mma_label(cfg) -> str:
+    """8w32k2s+swz+lean2+kvs: warps x keys per warp tile x stages, then the options."""
+    opts = (
+        ("+swz" if cfg.swizzle else "")
+        + (f"+lean{cfg.lean}" if cfg.lean else "")
+        + ("+kvs" if cfg.kvsplit else "")
+    )
+    return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
+
+
+def mma_occupancy(cfg, vfmt: str, regs: int = MMA_TUNE_REGS) -> tuple[int, int]:
+    """(dynamic shared memory bytes, theoretical warps per SM) of polar K + vfmt V with config cfg
+    at MMA_TUNE_SHAPE (4 query rows per KV head, fp16 q); needs no GPU."""
+    from cupy_kernels import attention
+
+    sh = MMA_TUNE_SHAPE
+    d = attention.attn_defines(sh.D, "polar", vfmt, min(sh.Hq // sh.Hkv, 8), 1, cfg)
+    smem = attention.smem_bytes("mma", d)
+    return smem, attention._per_sm(smem, cfg.nwarps * 32, regs) * cfg.nwarps
+
+
+def tune_mma_grid() -> list[tuple[str, str, str, object]]:
+    """(phase, kfmt, vfmt, config) of every tune-mma timing at MMA_TUNE_SHAPE, without a GPU.
+
+    "options": each of MMA_OPTION_SETS on the kernel without options (8 warps x 32 keys x 2 stages);
+    the defaults since session 6 are among them;
+    "shapes": nwarps {4, 8, 16} x wtile {16, 32, 64} x (stages 2 or 3, or kvsplit with stages 1)
+    with MMA_SWEEP_OPTIONS, where the shared memory fits and the theoretical occupancy is at least
+    MMA_SWEEP_MIN_WARPS warps per SM (36 configs: 18 options + 13 polar V + 5 fp16 V shapes)."""
+    from cupy_kernels import attention
+
+    grid, seen = [], set()
+
+    def add(phase, kfmt, vfmt, cfg):
+        smem, warps = mma_occupancy(cfg, vfmt)
+        if smem <= attention.SMEM_LIMIT and (phase != "shapes" or warps >= MMA_SWEEP_MIN_WARPS):
+            if (kfmt, vfmt, cfg) not in seen:
+                seen.add((kfmt, vfmt, cfg))
+                grid.append((phase, kfmt, vfmt, cfg))
+
+    for kfmt, vfmt in MMA_TUNE_FMTS:
+        # the options on the kernel without them (8 warps x 32 keys x 2 stages, the pre-session-6 default)
+        base = dataclasses.replace(
+            attention.default_config(vfmt), swizzle=False, lean=0, kvsplit=False, stages=2
+        )
+        for kw in MMA_OPTION_SETS.values():
+            for st in (1, 2) if kw.get("kvsplit") else (base.stages,):
+                add("options", kfmt, vfmt, dataclasses.replace(base, stages=st, **kw))
+    for kfmt, vfmt in MMA_TUNE_FMTS:
+        base = attention.default_config(vfmt)
+        for nw, tw, (kvs, st) in itertools.product(
+            (4, 8, 16), (16, 32, 64), ((False, 2), (False, 3), (True, 1))
+        ):
+            cfg = dataclasses.replace(base, nwarps=nw, wtile=tw, stages=st, kvsplit=kvs, **MMA_SWEEP_OPTIONS)
+            add("shapes", kfmt, vfmt, cfg)
+    return grid
+
+
+def cmd_tune_mma(args, timer) -> list[dict]:
+    """The tensor-core kernel's options and shapes (tune_mma_grid) against its default, same run,
+    same data: B=16, 32/8 heads, D=128, fp16 q, splits chosen by the plan; every config at 32768
+    keys, then the default and the MMA_TUNE_BEST fastest of each format at MMA_TUNE_LONG; fp16 SDPA
+    at both contexts for the speed-up. One line per timing. ~36 NVRTC compiles (~1-2 s each)."""
+    torch = _torch()
+    from cupy_kernels import attention
+
+    t_start = time.time()
+    grid = tune_mma_grid()
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    fastest: dict[tuple[str, str], list] = {}  # (kfmt, vfmt) -> [(ms, config)] at MMA_TUNE_SHAPE.T
+    for T in (MMA_TUNE_SHAPE.T, MMA_TUNE_LONG):
+        sh = dataclasses.replace(MMA_TUNE_SHAPE, T=T)
+        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
+        dev = q.device.index or 0
+        k16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+        v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+        r = timer(sdpa_fns(q, k16, v16)["sdpa_fold"])
+        sdpa_ms = r["ms"]
+        nbytes = 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D)
+        rows.append(
+            {
+                "shape": sh.label,
+                **dataclasses.asdict(sh),
+                "variant": "sdpa fp16",
+                **r,
+                "bytes": nbytes,
+                "GBps": nbytes / r["ms"] / 1e6,
+            }
+        )
+        print_rows(rows[-1:])
+        del k16, v16
+        torch.cuda.empty_cache()
+        for kfmt, vfmt in MMA_TUNE_FMTS:
+            if T == MMA_TUNE_SHAPE.T:
+                todo = [(ph, cfg) for ph, kf, vf, cfg in grid if (kf, vf) == (kfmt, vfmt)]
+            else:
+                best = [cfg for _, cfg in sorted(fastest.get((kfmt, vfmt), []), key=lambda x: x[0])]
+                default = attention.default_config(vfmt)
+                todo = [("long", cfg) for cfg in dict.fromkeys([default, *best[:MMA_TUNE_BEST]])]
+            kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
+            vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
+            nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, T, sh.D)
+            for phase, cfg in todo:
+                name = f"{sh.label} {kfmt}+{vfmt} {mma_label(cfg)}"
+                try:
+                    p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, None, dev)
+                    r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T))
+                except Exception as e:
+                    failed(args, name, e)
+                    print(f"{name}: FAILED {str(e)[:300]}", flush=True)
+                    continue
+                regs = int(
+                    getattr(attention._kernels(p.config.impl, p.defines, p.smem)[0], "num_regs", 0) or 0
+                )
+                warps = attention._per_sm(p.smem, cfg.nwarps * 32, regs) * cfg.nwarps
+                rows.append(
+                    {
+                        "shape": sh.label,
+                        **dataclasses.asdict(sh),
+                        "variant": f"{kfmt}+{vfmt}",
+                        "phase": phase,
+                        "label": mma_label(cfg),
+                        "config": dataclasses.asdict(cfg),
+                        "splits": p.splits,
+                        "smem": p.smem,
+                        "regs": regs,
+                        "warps_per_sm": warps,
+                        **r,
+                        "bytes": nbytes,
+                        "GBps": nbytes / r["ms"] / 1e6,
+                        "pct_copy_rate": 100 * nbytes / (r["ms"] * 1e-3) / args.copy_rate,
+                        "speedup_vs_sdpa": sdpa_ms / r["ms"],
+                    }
+                )
+                if T == MMA_TUNE_SHAPE.T:
+                    fastest.setdefault((kfmt, vfmt), []).append((r["ms"], cfg))
+                row = rows[-1]
+                print(
+                    f"{name:<58} {phase:<7} splits {p.splits:<3} smem {p.smem / 1024:5.1f} KiB "
+                    f"regs {regs:3d} {warps:2d} warps/SM: {r['ms'] * 1e3:7.1f} us {row['GBps']:5.0f} GB/s "
+                    f"x{row['speedup_vs_sdpa']:.2f} vs sdpa {row['pct_copy_rate']:3.0f}% of copy",
+                    flush=True,
+                )
+            del kc, vc
+            torch.cuda.empty_cache()
+    print(f"tune-mma: {len(rows)} timings in {time.time() - t_start:.0f} s; fastest vs default:")
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if "label" in r:
+            groups.setdefault((r["variant"], r["T"]), []).append(r)
+    for (variant, T), group in groups.items():
+        default = mma_label(attention.default_config(variant.split("+")[1]))
+        base = next((r for r in group if r["label"] == default), None)
+        best = min(group, key=lambda r: r["ms"])
+        vs = f", {base['ms'] / best['ms']:.2f}x the default's {base['ms'] * 1e3:.1f} us" if base else ""
+        us, sp = best["ms"] * 1e3, best["speedup_vs_sdpa"]
+        print(f"  T{T} {variant}: {best['label']} {us:.1f} us, x{sp:.2f} vs sdpa{vs}")
+    return rows
+
+
 COMPARE_CFGS = {  # name: AttnConfig kwargs (cupy_kernels.attention) + optional "splits"; None = simt
     "simt (before)": None,
     "mma default": {},
@@ -314,7 +498,15 @@ def cmd_compare(args, timer) -> list[dict]:
                 if kw is None:
                     cfg = attention.SIMT_CONFIG_F16V if vfmt == "f16" else attention.SIMT_CONFIG
                 else:
+                    if "stages" in kw:  # a shape: its stages are (K, V) slots, one ring
+                        kw.setdefault("kvsplit", False)
                     cfg = dataclasses.replace(attention.default_config(vfmt), **kw)
+                    if mma_occupancy(cfg, vfmt)[0] > attention.SMEM_LIMIT:  # e.g. 16 warps with fp16 V rows
+                        print(
+                            f"{sh.label} {kfmt}+{vfmt} {name}: does not fit in shared memory, skipped",
+                            flush=True,
+                        )
+                        continue
                 try:
                     r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits))
                 except Exception as e:
@@ -507,7 +699,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "cmd",
         nargs="?",
-        choices=["attn", "tune", "kmode", "encode", "copy", "compare", "small", "profile", "all"],
+        choices=["attn", "tune", "tune-mma", "kmode", "encode", "copy", "compare", "small", "profile", "all"],
     )
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--reps", type=int, default=25)
@@ -556,7 +748,7 @@ def main(argv=None) -> int:
         cmd_tune(args, timer)
     for c in cmds:
         t0 = time.time()
-        out[c] = globals()[f"cmd_{c}"](args, timer)
+        out[c] = globals()[f"cmd_{c.replace('-', '_')}"](args, timer)
         if c == "tune":
             out["chosen_configs"] = {f"{k[0]}+{k[1]}": dataclasses.asdict(v[0]) for k, v in args.best.items()}
         log.info("%s took %.1f s", c, time.time() - t0)

@@ -37,7 +37,7 @@ from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import synth_gguf  # noqa: E402
+import synth_gguf
 
 MODELS = {"smollm2": paths.SMOLLM2_GGUF, "qwen": paths.QWEN_GGUF}
 

@@ -224,7 +224,7 @@ MODELS = {
 }
 
 # (K type, V type, environment). PREV: patch 0007 alone (the online mean, no balancing); SINK: the
-# offset weighted toward the first key (patch 0012's default); SINK_BAL: and K balancing (the default since session 6)
+# offset weighted toward the first key; SINK_BAL: and K balancing (patch 0012's default since session 6)
 PREV = {"LLAMA_KV_CENTER_SINK": "0", "LLAMA_KV_BALANCE": "0"}
 SINK = {"LLAMA_KV_BALANCE": "0"}
 SINK_BAL = {"LLAMA_KV_BALANCE": "1"}

@@ -311,7 +311,11 @@ def out_metadata(meta: list[dict], mode: str, seed: int) -> list[dict]:
     ftype = by_key.get(Keys.General.FILE_TYPE)
     if ftype is not None and mode in FILE_TYPE:
         ftype["value"] = int(FILE_TYPE[mode])
-    marks = () if mode == "f32" else ((SYNTHETIC_KEY, GGUFValueType.BOOL, True), (SEED_KEY, GGUFValueType.UINT64, seed))
+    marks = (
+        ()
+        if mode == "f32"
+        else ((SYNTHETIC_KEY, GGUFValueType.BOOL, True), (SEED_KEY, GGUFValueType.UINT64, seed))
+    )
     for key, vtype, value in marks:
         if key in by_key:
             by_key[key].update(type=vtype, sub_type=None, value=value)
@@ -363,7 +367,9 @@ def dequant_chunks(path: Path) -> Iterator[tuple[str, Iterator[np.ndarray]]]:
         try:
             x = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise ValueError(f"{path}: gguf-py {gguf_version()} cannot dequantize {t.name} ({t.tensor_type.name})") from None
+            raise ValueError(
+                f"{path}: gguf-py {gguf_version()} cannot dequantize {t.name} ({t.tensor_type.name})"
+            ) from None
         ne0 = int(t.shape[0]) if len(t.shape) else 1
         yield t.name, iter((np.asarray(x, np.float32).reshape(-1, ne0),))
 

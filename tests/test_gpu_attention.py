@@ -7,12 +7,14 @@ Tolerance: max |out - ref| / max |ref| per case. Measured on an NVIDIA H100 80GB
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 
+import bench_gpu
 from cupy_kernels import attention as attn
 from cupy_kernels import codec as gpu_codec
 from cupy_kernels import formats
@@ -97,6 +99,42 @@ def test_attention_reference_cpu():
     s = (q[b, h] @ k[b, h // 2, :n].T)[t] / 8
     want = torch.softmax(s, 0) @ v[b, h // 2, :n]
     assert torch.allclose(out[b, h, t], want, atol=1e-6)
+
+
+def test_mma_options_cpu():
+    """The mma tuning options (swizzle, lean, kvsplit): their #defines, the shared memory they
+    take (kvsplit: the same bytes in two rings, so stages=1 halves the stage area) and plan()'s
+    checks, without a GPU."""
+    base = attn.AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2)  # the kernel before the options
+    d = attn.attn_defines(128, "polar", "polar", 4, 1, base)
+    assert (d["SWZ"], d["LEAN"], d["KVSPLIT"]) == (0, 0, 0)
+    opt = dataclasses.replace(base, swizzle=True, lean=2, kvsplit=True)
+    d2 = attn.attn_defines(128, "polar", "polar", 4, 1, opt)
+    assert (d2["SWZ"], d2["LEAN"], d2["KVSPLIT"]) == (1, 2, 1)
+    assert attn.smem_bytes("mma", d) == attn.smem_bytes("mma", d2) == 106752
+    one = attn.attn_defines(128, "polar", "polar", 4, 1, dataclasses.replace(opt, stages=1))
+    assert attn.smem_bytes("mma", one) == 106752 - 8 * 4352  # 8 warps x (32 keys x 68 bytes, K and V)
+    assert attn._per_sm(attn.smem_bytes("mma", one), 256, 80) == 3
+    with pytest.raises(ValueError, match="stages"):
+        attn.plan(1, 8, 2, 1, 128, 64, config=dataclasses.replace(base, stages=1))
+    with pytest.raises(ValueError, match="lean"):
+        attn.plan(1, 8, 2, 1, 128, 64, config=dataclasses.replace(base, lean=3))
+
+
+def test_tune_mma_grid():
+    """scripts/bench_gpu.py tune-mma: every config fits in shared memory, the default of each
+    format is timed, the sweep is bounded (one NVRTC compile per config on the GPU run)."""
+    grid = bench_gpu.tune_mma_grid()
+    assert 30 <= len(grid) <= 40
+    assert len({(k, v, c) for _, k, v, c in grid}) == len(grid)
+    for kfmt, vfmt in bench_gpu.MMA_TUNE_FMTS:
+        assert (kfmt, vfmt, attn.default_config(vfmt)) in {(k, v, c) for _, k, v, c in grid}
+    for _, _, vfmt, cfg in grid:
+        assert bench_gpu.mma_occupancy(cfg, vfmt)[0] <= attn.SMEM_LIMIT
+    assert (
+        bench_gpu.mma_label(dataclasses.replace(attn.DEFAULT_CONFIG, swizzle=False, lean=2, kvsplit=True))
+        == "8w32k2s+lean2+kvs"
+    )
 
 
 def test_choose_splits_mma():
@@ -234,6 +272,16 @@ TILE_CFGS = {  # name: AttnConfig kwargs
     "mma 8w16k2s": dict(nwarps=8, wtile=16, stages=2),
     "mma 2w64k3s": dict(nwarps=2, wtile=64, stages=3),
     "mma 2w48k5s fp16": dict(nwarps=2, wtile=48, stages=5, prec="fp16"),
+    # the tuning options (AttnConfig swizzle / lean / kvsplit), float32 q (prec "fp32") unless named
+    "mma 8w32k2s swz": dict(nwarps=8, wtile=32, stages=2, swizzle=True),
+    "mma 8w32k2s lean1": dict(nwarps=8, wtile=32, stages=2, lean=1),
+    "mma 8w32k2s lean2": dict(nwarps=8, wtile=32, stages=2, lean=2),
+    "mma 8w32k1s kvs": dict(nwarps=8, wtile=32, stages=1, kvsplit=True),
+    "mma 4w64k2s swz lean2 kvs": dict(nwarps=4, wtile=64, stages=2, swizzle=True, lean=2, kvsplit=True),
+    "mma 2w48k3s swz lean1 fp16": dict(nwarps=2, wtile=48, stages=3, swizzle=True, lean=1, prec="fp16"),
+    "mma 4w16k1s swz lean2 kvs fp16": dict(
+        nwarps=4, wtile=16, stages=1, swizzle=True, lean=2, kvsplit=True, prec="fp16"
+    ),
 }
 
 
@@ -263,6 +311,51 @@ def test_splits_and_tiles(torch, splits, cfg, vfmt):
         config=c,
         splits=splits,
     )
+
+
+MMA_OPTION_CFGS = {  # all options on: a 32-key tile with a ring of 1, a 48-key tile (32 + 16 keys)
+    "swz lean2 kvs 8w32k1s": dict(nwarps=8, wtile=32, stages=1, swizzle=True, lean=2, kvsplit=True),
+    "swz lean2 2w48k3s": dict(nwarps=2, wtile=48, stages=3, swizzle=True, lean=2),
+}
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads", [(6, 2), (8, 1)])
+@pytest.mark.parametrize(
+    "kfmt,vfmt", [("polar3", "polar3"), ("polar", "polar3"), ("polar3", "f16"), ("paperb", "paperb")]
+)
+@pytest.mark.parametrize("cfg", list(MMA_OPTION_CFGS))
+def test_mma_options_formats(torch, cfg, kfmt, vfmt, heads, D):
+    """The tuning options on the other block layouts, head sizes (D=64: rows 2-byte aligned, no
+    swizzle) and row counts (3 rows: 4 padded; 8 rows), float32 q (prec "fp32")."""
+    Hq, Hkv = heads
+    gen = torch.Generator(device="cuda").manual_seed(200 + D + Hq)
+    lens = torch.tensor([1, 37, 129, 700], dtype=torch.int32, device="cuda")
+    B, T_max = len(lens), 712
+    kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
+    vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
+    q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
+    c = attn.AttnConfig(**MMA_OPTION_CFGS[cfg])
+    _check(torch, q, kc, vc, lens, kfmt, vfmt, f"options {cfg} {kfmt}/{vfmt} D{D} {Hq}/{Hkv}", config=c)
+
+
+TUNE_MMA = {f"{ph} {k}+{v} {bench_gpu.mma_label(c)}": (k, v, c) for ph, k, v, c in bench_gpu.tune_mma_grid()}
+
+
+@pytest.mark.parametrize("case", list(TUNE_MMA))
+def test_tune_mma_variants(torch, case):
+    """Every variant that `scripts/bench_gpu.py tune-mma` times, with its #defines (D=128, 4 rows
+    per CTA, float16 q: prec "fp16"), on ragged lengths (a partial last tile, an empty chunk)."""
+    kfmt, vfmt, c = TUNE_MMA[case]
+    gen = torch.Generator(device="cuda").manual_seed(300)
+    lens = torch.tensor([3000, 1, 1234], dtype=torch.int32, device="cuda")
+    kc = _rand_cache(torch, kfmt, 3, 2, 3000, 128, gen)
+    vc = _rand_cache(torch, vfmt, 3, 2, 3000, 128, gen)
+    q = torch.randn((3, 8, 1, 128), generator=gen, device="cuda").half()
+    for splits in (None, 7):
+        _check(
+            torch, q, kc, vc, lens, kfmt, vfmt, f"tune-mma {case} splits={splits}", config=c, splits=splits
+        )
 
 
 @pytest.mark.parametrize("impl", ["mma", "simt"])

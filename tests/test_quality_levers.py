@@ -2,10 +2,10 @@
 
 - The online K offset is weighted toward the first key (the attention sink):
   mu = (1 - w) mean + w k_0 (LLAMA_KV_CENTER_SINK=w, default 0.25).
-- K balancing (on by default, LLAMA_KV_BALANCE=0 turns it off): the cache stores D (k - mu) and the query is multiplied
-  by D^-1, D a power of two per KV head and RoPE pair, measured with the online offsets from the
-  first ubatch. Exact: with an f16 cache the logits must not change at all, also after a K shift;
-  the factors travel with the state.
+- K balancing (on by default, LLAMA_KV_BALANCE=0 turns it off): the cache stores D (k - mu) and
+  the query is multiplied by D^-1, D a power of two per KV head and RoPE pair, measured with the
+  online offsets from the first ubatch. Exact: with an f16 cache the logits must not change at
+  all, also after a K shift; the factors travel with the state.
 
 The numpy tests check the study's factors (scripts/quality_levers.py) the same way.
 """
