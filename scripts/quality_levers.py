@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_llama import BITS
-from kvpolar.paths import QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
+from kvpolar.paths import GEMMA3_GGUF, QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
 from study import AttentionRef, activations, layouts
 from study.run import hadamard_rows, k_rot_size, pick_layers
@@ -221,17 +221,20 @@ def render_study(res: dict) -> str:
 MODELS = {
     "smollm2-135m": {"gguf": SMOLLM2_GGUF, "ctx": 2048, "chunks": 4},
     "qwen2.5-coder-1.5b": {"gguf": QWEN_GGUF, "ctx": 1024, "chunks": 2},
+    # a third family: sliding-window layers (512 keys) in llama.cpp's iSWA cache, head size 256
+    "gemma3-270m": {"gguf": GEMMA3_GGUF, "ctx": 2048, "chunks": 4},
 }
 
 # (K type, V type, environment). PREV: patch 0007 alone (the online mean, no balancing); SINK: the
 # offset weighted toward the first key; SINK_BAL: and K balancing (patch 0012's default since session 6)
+NONE = {"LLAMA_KV_CENTER": "0"}  # no centering at all (what a sliding-window model got before patch 0013)
 PREV = {"LLAMA_KV_CENTER_SINK": "0", "LLAMA_KV_BALANCE": "0"}
 SINK = {"LLAMA_KV_BALANCE": "0"}
 SINK_BAL = {"LLAMA_KV_BALANCE": "1"}
 SETTINGS = [
-    *(("polar", "f16", env) for env in (PREV, SINK, SINK_BAL)),
-    *(("polar3", "f16", env) for env in (PREV, SINK, SINK_BAL)),
-    *(("polar", "polar3", env) for env in (PREV, SINK, SINK_BAL)),
+    *(("polar", "f16", env) for env in (NONE, PREV, SINK, SINK_BAL)),
+    *(("polar3", "f16", env) for env in (NONE, PREV, SINK, SINK_BAL)),
+    *(("polar", "polar3", env) for env in (NONE, PREV, SINK, SINK_BAL)),
     ("q4_0", "f16", {}),
     ("q4_0", "q4_0", {}),
     ("q4_0", "f16", {"LLAMA_KV_CENTER": "1"}),

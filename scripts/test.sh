@@ -16,7 +16,7 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; th
     exit 2
 fi
 
-"$PY" scripts/bootstrap.py all
+"$PY" scripts/bootstrap.py all --gemma
 eval "$("$PY" scripts/bootstrap.py env)"
 export KVPOLAR_REQUIRE_BUILD=1
 

@@ -98,6 +98,12 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M Q4_K_M GGUF: sliding-window layers (llama.cpp's iSWA cache), head size 256."""
+    return _data(paths.GEMMA3_GGUF)
+
+
+@pytest.fixture(scope="session")
 def squad_text_path() -> Path:
     """SQuAD v2 dev articles joined as ' = Title = ' + paragraphs (~971 KB of prose)."""
     return _data(paths.SQUAD_TXT)

@@ -20,6 +20,7 @@ from pathlib import Path
 __all__ = [
     "HAYSTACK_TXT",
     "QWEN_GGUF",
+    "GEMMA3_GGUF",
     "SMOLLM2_GGUF",
     "SQUAD_TXT",
     "BuildNotFoundError",
@@ -38,9 +39,10 @@ __all__ = [
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SQUAD_TXT = "squad.txt"
 QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 HAYSTACK_TXT = "pg_essays.txt"
 
-_FETCH_FLAG = {QWEN_GGUF: " --qwen", HAYSTACK_TXT: " --haystack"}
+_FETCH_FLAG = {QWEN_GGUF: " --qwen", GEMMA3_GGUF: " --gemma", HAYSTACK_TXT: " --haystack"}
 
 
 class BuildNotFoundError(FileNotFoundError):

@@ -18,7 +18,7 @@ from . import util
 from .data import cmd_data
 from .llama import cmd_llama, compute_build_key
 from .patches import export_series
-from .pins import BUILD_INFO, HAYSTACK, PATCH_DIRS, QWEN, SMOLLM2, SQUAD, VENDOR, VENV_MARKER
+from .pins import BUILD_INFO, GEMMA3, HAYSTACK, PATCH_DIRS, QWEN, SMOLLM2, SQUAD, VENDOR, VENV_MARKER
 from .util import BootstrapError, _try_lock, log, repo_root, sh_quote
 from .venv import cmd_venv, venv_dir, venv_python, venv_ready
 
@@ -32,7 +32,7 @@ def cmd_all(args: argparse.Namespace) -> None:
     print("kvpolar bootstrap: ready" + f" ({time.time() - t0:.0f}s)")
     print(f"  venv python : {py}")
     print(f"  data        : {dd}")
-    for name in (SMOLLM2["out"], SQUAD["out"], QWEN["out"], HAYSTACK["out"]):
+    for name in (SMOLLM2["out"], SQUAD["out"], QWEN["out"], GEMMA3["out"], HAYSTACK["out"]):
         if (dd / name).is_file():
             print(f"                {name} ({(dd / name).stat().st_size / 1e6:.1f} MB)")
     print(f"  build       : {repo_root() / 'build'} -> {res['build']} (key {res['key']})")
@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, hlp in (("data", "fetch and verify model/text data"), ("all", "venv + data + llama")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-1.5B Q4_K_M (1.1 GB)")
+        p.add_argument("--gemma", action="store_true", help="also Gemma 3 270M Q4_K_M (253 MB)")
         p.add_argument("--haystack", action="store_true", help="also the Paul Graham essays text")
         if name == "all":
             p.add_argument("--verify", action="store_true", help="re-check that llama_cpp loads our libs")

