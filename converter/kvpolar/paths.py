@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 __all__ = [
+    "GEMMA3_GGUF",
     "HAYSTACK_TXT",
     "QWEN_GGUF",
-    "GEMMA3_GGUF",
     "SMOLLM2_GGUF",
     "SQUAD_TXT",
     "BuildNotFoundError",
