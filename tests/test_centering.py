@@ -96,9 +96,12 @@ def test_centering_off_ignores_offsets(build_dir, base_ppl, offset_model, squad_
     assert off == base
 
 
-@pytest.mark.parametrize("which", ["calibrated", "stock"])
-def test_centering_default_on_for_polar_k(build_dir, offset_model, smollm2_path, squad_head, which):
-    """A calibration file's offsets come first; a stock SmolLM2 (no k bias) gets online offsets."""
+@pytest.mark.parametrize(
+    "which,ctk", [("calibrated", "polar"), ("stock", "polar"), ("stock", "q4_0"), ("stock", "q8_0"), ("stock", "f16")]
+)
+def test_centering_default(build_dir, offset_model, smollm2_path, squad_head, which, ctk):
+    """On by default for every quantized K type (patch 0015): a calibration file's offsets come
+    first; a stock SmolLM2 (no k bias) gets online offsets; an f16 cache stays uncentered."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_CENTER")}
     cmd = [
         str(build_dir / "bin" / "llama-perplexity"),
@@ -115,7 +118,7 @@ def test_centering_default_on_for_polar_k(build_dir, offset_model, smollm2_path,
         "-fa",
         "on",
         "-ctk",
-        "polar",
+        ctk,
         "-ctv",
         "f16",
         "-v",
@@ -123,6 +126,9 @@ def test_centering_default_on_for_polar_k(build_dir, offset_model, smollm2_path,
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
+    if ctk == "f16":
+        assert "KV centering:" not in out, out[-3000:]
+        return
     n_online = 0 if which == "calibrated" else 30
     assert f"K offsets in 30 of 30 layers, V offsets in 0 ({n_online} K offsets measured" in out, out[-3000:]
 
