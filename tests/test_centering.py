@@ -97,7 +97,8 @@ def test_centering_off_ignores_offsets(build_dir, base_ppl, offset_model, squad_
 
 
 @pytest.mark.parametrize(
-    "which,ctk", [("calibrated", "polar"), ("stock", "polar"), ("stock", "q4_0"), ("stock", "q8_0"), ("stock", "f16")]
+    "which,ctk",
+    [("calibrated", "polar"), ("stock", "polar"), ("stock", "q4_0"), ("stock", "q8_0"), ("stock", "f16")],
 )
 def test_centering_default(build_dir, offset_model, smollm2_path, squad_head, which, ctk):
     """On by default for every quantized K type (patch 0015): a calibration file's offsets come
