@@ -71,7 +71,7 @@ def f32_copy(model: Path) -> Path:
     """The model with every tensor dequantized to float32, built once next to it."""
     out = model.with_name(model.stem + ".dequant-f32.gguf")
     if not out.is_file() or out.stat().st_mtime < model.stat().st_mtime:
-        synth_gguf.build(synth_gguf.load_source(model), out, "f32", weights=model)
+        synth_gguf.dequant(model, out)
     return out
 
 

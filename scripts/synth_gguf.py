@@ -446,6 +446,11 @@ def build(src: dict, out: Path, mode: str = "q8_0", seed: int = 0, weights: Path
     }
 
 
+def dequant(src: Path, out: Path) -> dict:
+    """`dequant`: src's tensors dequantized to F32 into out, same metadata (build's statistics)."""
+    return build(load_source(src), out, "f32", weights=src)
+
+
 def _check_written(tmp: Path, out: Path, plan: list[tuple]) -> None:
     """The written header lists exactly the planned tensors, each inside the file (gguf_scan)."""
     got = [(t.name, list(t.shape), t.type, t.nbytes) for t in scan(tmp).tensors]
@@ -506,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             if args.cmd == "dequant":
-                stats = build(load_source(args.src), args.out, "f32", weights=args.src)
+                stats = dequant(args.src, args.out)
             else:
                 stats = build(load_source(args.src), args.out, args.type, args.seed)
             types = ", ".join(f"{n} {k}" for k, n in sorted(stats["types"].items()))
