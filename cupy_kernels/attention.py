@@ -31,6 +31,7 @@ KMODES = {"gather": 0, "lut": 1, "anglelut": 2}
 IMPLS = ("mma", "simt")
 PRECS = ("auto", "fp32", "fp16")
 LEAN_LEVELS = (0, 1, 2)
+SMLEAN_LEVELS = (0, 1, 2)
 KERNELS = {"mma": "polar_attn_mma", "simt": "polar_attn_simt"}  # kernel = file name without .cu
 SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum on sm_90
 
@@ -59,7 +60,20 @@ class AttnConfig:
     instead of a byte extract + multiply-add.
     kvsplit: K and V in separate cp.async rings of `stages` slots each (same bytes), K of tile i +
     stages issued after K phase i, V after V phase i; allows stages=1: half the stage memory (8 warps
-    x 32 keys: 70 KiB a CTA, 3 CTAs/SM instead of 2)."""
+    x 32 keys: 70 KiB a CTA, 3 CTAs/SM instead of 2).
+    pdw: the softmax writes P x d_j (the V block scales of its key) rounded to fp16 once, where it
+    wrote the float P, so that the V phase builds each B fragment register with one byte permute of
+    a loaded word instead of, per 8 keys and V block, 2 scale loads + conversions + multiplies +
+    fp16 conversions + shifts (the same fp16 values: the same results). The P area grows by
+    WN = ceil(V blocks / 2) (x 2 for prec "fp32") words per entry, i.e. not at D <= 128 with
+    prec "fp16"; with kvsplit the V wait moves before the softmax.
+    smlean: softmax cuts (same results): 1 = with fp16 operands and <= 4 rows the K phase's unused
+    B columns repeat q (no shuffle adding hi and lo score halves), and P = exp2(s - m) with m = 0 for
+    an empty row instead of a -inf test per score; 2 = also no rescaling of the accumulators when no
+    row's running max grew in the tile (a warp-uniform branch).
+    vunroll: the V phase's loop over the 8-key steps of a warp tile fully unrolled (was by 2): the
+    staged-row and P addresses become per-lane bases plus constants (no address arithmetic per key
+    step)."""
 
     kmode: str = "gather"  # "gather" (a), "lut" (b), "anglelut" (angle-LUT formats, paper B)
     nwarps: int = 4
@@ -72,6 +86,9 @@ class AttnConfig:
     swizzle: bool = False  # mma: conflict-free staged-row reads (SWZ)
     lean: int = 0  # mma: 0 | 1 (plain cp.async for full tiles) | 2 (+ dp4a codebook addresses) (LEAN)
     kvsplit: bool = False  # mma: separate K and V rings, stages >= 1 (KVSPLIT)
+    pdw: bool = False  # mma: fp16 P x d written by the softmax, V B fragments by byte permutes (PDW)
+    smlean: int = 0  # mma: 0 | 1 (repeated q columns, exp2 without -inf tests) | 2 (+ rescale skip) (SMLEAN)
+    vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
 
     @property
     def tile(self) -> int:
@@ -156,6 +173,9 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             SWZ=int(cfg.swizzle),
             LEAN=cfg.lean,
             KVSPLIT=int(cfg.kvsplit),
+            PDW=int(cfg.pdw),
+            SMLEAN=cfg.smlean,
+            VUNROLL=int(cfg.vunroll),
         )
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
@@ -180,11 +200,16 @@ def smem_bytes(impl: str, d: dict[str, int]) -> int:
         # each: the same bytes (SWZ and LEAN do not change the layout)
         stage = d["NWARPS"] * d["STAGES"] * wst
         red = d["NWARPS"] * rbp * HD * 4
+        # P [TW][RBP] floats a warp; PDW: WN u32 words per entry (fp16 P x d of each V block, hi then lo)
+        wn = 1
+        if d.get("PDW"):
+            nbw = nb if vquant else 1
+            wn = (nbw + 1) // 2 * (2 if d["PREC"] else 1)
         return (
             _a16(ktab)
             + _a16(vtab)
             + _a16(max(stage, red))
-            + _a16(d["NWARPS"] * d["TW"] * rbp * 4)
+            + _a16(d["NWARPS"] * d["TW"] * rbp * 4 * wn)
             + _a16(d["NWARPS"] * rbp * 8)
         )
     tt = nthreads * d["TPT"]
@@ -346,6 +371,8 @@ def plan(
         )
     if cfg.impl == "mma" and cfg.lean not in LEAN_LEVELS:
         raise ValueError(f"mma: lean must be one of {LEAN_LEVELS}, got {cfg.lean!r}")
+    if cfg.impl == "mma" and cfg.smlean not in SMLEAN_LEVELS:
+        raise ValueError(f"mma: smlean must be one of {SMLEAN_LEVELS}, got {cfg.smlean!r}")
     if Hkv <= 0 or Hq % Hkv:
         raise ValueError(f"Hq ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
     qt = _q_type(q_dtype)

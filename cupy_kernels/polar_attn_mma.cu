@@ -36,6 +36,20 @@
 //   KVSPLIT 1: K and V have separate rings of STAGES slots each (the same bytes as STAGES slots of K + V):
 //     K(i + STAGES) is issued when K phase i is done and V(i + STAGES) when V phase i is done, so STAGES
 //     1 (half the stage memory, each load overlapping the other phase) is allowed.
+//   PDW 1: the softmax writes, for its key and rows, P d_j rounded to fp16 once per V block j (PREC 1:
+//     also the lo parts; f16 V: P alone) in place of the float P: WN u32 words per (P slot, row), halves
+//     of blocks 2w, 2w + 1 (hi parts first). Its owner lanes read d_j from the staged V row of the key
+//     (KVSPLIT: the V wait moves before the softmax). The V phase then builds each B register with one
+//     byte permute of a loaded word (no d loads, conversions, multiplies or shifts per key and block):
+//     the same fp16 values, so the same sums. Same shared memory where WN == 1 (D <= 128, PREC 0).
+//   SMLEAN 1: softmax cuts. With PREC 0 and RBP 4 the K phase's B columns 4..7 (zero: no lo parts)
+//     repeat q's rows (QDUP), so lanes c and c + 2 compute the same scores and the shuffle that added
+//     the hi and lo halves goes; P = exp2(s - m') with m' = m (0 where m = -inf: every s of the row is
+//     -inf then, and exp2(-inf) = 0) instead of a test of s per score. SMLEAN 2: also no rescaling of
+//     the output accumulators and l when no row's running max grew in the tile (alpha = 1 for all:
+//     every lane holds every row's max, so the branch is warp-uniform). The same results.
+//   VUNROLL 1: the V phase's loop over the TW / 8 key steps fully unrolled (instead of by 2): every
+//     staged-row and P offset is a per-lane base plus a constant.
 
 #include "polar_attn_common.cuh"
 
@@ -45,6 +59,13 @@
 #define NVT (RBP / 4)                          // V-phase n-tiles (4 rows x (x, y) each)
 #define NMT (HD / 32)                          // V-phase m-tiles (16 pairs each)
 #define VROWS (VQUANT ? VROW : VROW + 32)      // smem row stride of V (f16 rows padded: no bank conflicts)
+#if PDW
+#define NBW (VQUANT ? NB : 1)                  // P d values per (key, row): one per V block (f16 V: P)
+#define WH ((NBW + 1) / 2)                     // u32 words of their hi halves
+#define WN (WH * (PREC ? 2 : 1))               // u32 words per (P slot, row): hi halves, then lo halves
+#else
+#define WN 1                                   // one float P per (P slot, row)
+#endif
 // shared memory layout (bytes); cupy_kernels.attention computes MSMEM_TOTAL the same way
 #define MKTAB_BYTES (KNC * 128)
 #define MVTAB_BYTES ((VQUANT && !SHARE_TAB) ? VNC * 128 : 0)
@@ -57,13 +78,14 @@
 #define MOFF_VTAB (MOFF_KTAB + ALIGN16(MKTAB_BYTES))
 #define MOFF_STAGE (MOFF_VTAB + ALIGN16(MVTAB_BYTES))
 #define MOFF_WS (MOFF_STAGE + ALIGN16(MSTAGE_BYTES > MRED_BYTES ? MSTAGE_BYTES : MRED_BYTES))
-#define MOFF_ML (MOFF_WS + ALIGN16(NWARPS * TW * RBP * 4))
+#define MOFF_ML (MOFF_WS + ALIGN16(NWARPS * TW * RBP * 4 * WN))
 #define MSMEM_TOTAL (MOFF_ML + ALIGN16(NWARPS * RBP * 4 * 2))
 
 static_assert(TW % 16 == 0, "warp tile must be a multiple of 16 keys");
 static_assert(RB <= 8, "at most 8 rows per CTA");
 static_assert(STAGES >= (KVSPLIT ? 1 : 2), "STAGES >= 2 (>= 1 with KVSPLIT)");
 
+#define QDUP (SMLEAN && !PREC && RBP == 4)               // q rows repeated in the zero B columns
 #define KSWZ (SWZ && KROW % 4 == 0)                      // the swizzle pays off for 4-byte aligned rows
 #define FULL32(blk) (TW % 32 == 0 || 32 * (blk) + 32 <= TW)  // keys 32 blk .. 32 blk + 31 in the tile
 
@@ -160,6 +182,13 @@ __device__ __forceinline__ void cp_async16_zfill(u32 dst, const void * src, u32 
 
 __device__ __forceinline__ u32 pack_h2(u16 lo, u16 hi) { return (u32) lo | ((u32) hi << 16); }
 
+// (fp16 lo, fp16 hi) in one cvt (the same round-to-nearest-even as two f2h)
+__device__ __forceinline__ u32 f2h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 // float2 -> (hi half2, lo half2) with hi + lo ~ v
 __device__ __forceinline__ void split_h2(float x, float y, u32 & hi, u32 & lo) {
     const u16 hx = f2h(x), hy = f2h(y);
@@ -199,6 +228,70 @@ template <> __device__ __forceinline__ void k_quads<POLAR3_KERNEL_ID>(const u8 *
         w[i] = ((qs[i] >> s4) & 0x0F0F0F0Fu) | (((qh[i] >> s2) & 0x03030303u) << 4);
     }
 }
+
+#if PDW
+// n consecutive u32 words at p (n * 4-byte aligned) in vector loads
+template <int N> __device__ __forceinline__ void lds_vec(const u32 * p, u32 (&w)[N]) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            const uint4 v = *reinterpret_cast<const uint4 *>(p + i);
+            w[i] = v.x, w[i + 1] = v.y, w[i + 2] = v.z, w[i + 3] = v.w;
+        }
+    } else if constexpr (N == 2) {
+        const uint2 v = *reinterpret_cast<const uint2 *>(p);
+        w[0] = v.x, w[1] = v.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            w[i] = p[i];
+        }
+    }
+}
+
+// PDW: the words of rows ra, ra + 1 (P = pa, pb) of the key whose staged V row starts at byte vrow of
+// vst, to dst = the (slot, ra) entry (2 WN words, row ra's then row ra + 1's) if `store` (computed by
+// every lane: only the store is predicated, no branch)
+__device__ __forceinline__ void write_pdw(u32 * dst, const u8 * vst, u32 vrow, float pa, float pb, bool store) {
+    u32 w[2 * WN];
+#pragma unroll
+    for (int jj = 0; jj < WH; ++jj) {
+        float x[2][2];  // [row][j & 1]
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int j = 2 * jj + e;
+#if VQUANT
+            const float dv = j < NBW ? h2f(lds_u16(vst, vrow + j * VTS)) : 0.0f;
+#else
+            const float dv = j < NBW ? 1.0f : 0.0f;
+#endif
+            x[0][e] = pa * dv;
+            x[1][e] = pb * dv;
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#if PREC
+            const u16 h0 = f2h(x[r][0]), h1 = f2h(x[r][1]);
+            w[r * WN + jj]      = pack_h2(h0, h1);
+            w[r * WN + WH + jj] = f2h2(x[r][0] - h2f(h0), x[r][1] - h2f(h1));
+#else
+            w[r * WN + jj] = f2h2(x[r][0], x[r][1]);
+#endif
+        }
+    }
+    if (!store) {
+        return;
+    }
+    if constexpr (2 * WN % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < 2 * WN; i += 4) {
+            *reinterpret_cast<uint4 *>(dst + i) = make_uint4(w[i], w[i + 1], w[i + 2], w[i + 3]);
+        }
+    } else {
+        *reinterpret_cast<uint2 *>(dst) = make_uint2(w[0], w[1]);
+    }
+}
+#endif
 
 // The warps' partials of row r merged: M = max_w m_w and sum_w 2^(m_w - M) x(w) over the warps
 // with m_w > -inf (0 if there are none); mw = m [NWARPS][RBP].
@@ -442,7 +535,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         const int part = col / RBP;
         const int r    = col % RBP;
         const int rr   = r0 + r;
-        const bool ok  = r < RB && rr < R && part < QPARTS;
+        const bool ok  = r < RB && rr < R && (part < QPARTS || QDUP);
         long long qoff = 0;
         if (ok) {
             qoff = cta.q_row(rr, sqb, sqh, sqt);
@@ -458,7 +551,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
                     if (ok) {
                         u32 hi, lo;
                         split_h2(load_q(q, qoff + 2 * p) * qnorm, load_q(q, qoff + 2 * p + 1) * qnorm, hi, lo);
-                        v = part == 0 ? hi : lo;
+                        v = (part == 0 || QDUP) ? hi : lo;
                     }
                     qf[j][ks][t][e] = v;
                 }
@@ -498,7 +591,12 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             }
         }
     }
-    float * ws = reinterpret_cast<float *>(smem + MOFF_WS) + warp * TW * RBP;  // P [TW][RBP]
+    float * ws = reinterpret_cast<float *>(smem + MOFF_WS) + warp * TW * RBP * WN;  // P [TW][RBP]
+#if PDW
+    u32 *     wsw   = reinterpret_cast<u32 *>(ws);  // PDW: P d [TW][RBP][WN]
+    const u32 psel0 = (g & 1) ? 0x1044u : 0x4410u;  // byte permutes: half 0 / 1 of a word to half g & 1
+    const u32 psel1 = (g & 1) ? 0x3244u : 0x4432u;
+#endif
 
     cp_async_wait<TAB_WAIT>();  // the table group (the oldest) has landed
     __syncthreads();             // tables ready
@@ -584,7 +682,9 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             for (int kk = 0; kk < 2; ++kk) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-#if RBP == 4
+#if QDUP
+                    const float v = sc[0][2 * kk + e];  // columns 2c, 2c + 1 = rows ra, ra + 1 for every c
+#elif RBP == 4
                     float v = sc[0][2 * kk + e];
                     v += __shfl_xor_sync(0xffffffffu, v, 2);
 #elif NQT == 2
@@ -601,6 +701,16 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
                 }
             }
         }
+
+#if KVSPLIT && PDW
+        __syncwarp();              // K slot i % STAGES is free
+        if (i + STAGES < nmine) {
+            issue_k(i + STAGES);
+        }
+        cp_async_commit();
+        cp_async_wait<2 * STAGES - 1>();  // V(i): the softmax reads its scales
+        __syncwarp();
+#endif
 
         // ---- online softmax (per warp) ----------------------------------------------------------
         float tm[2];
@@ -641,24 +751,52 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             alpha[r]       = mn == NEG_INF ? 1.0f : exp2f(m_run[r] - mn);
             m_run[r]       = mn;
         }
+#if SMLEAN >= 2
+        bool grew = false;  // the same on every lane
+#pragma unroll
+        for (int r = 0; r < RBP; ++r) {
+            grew |= alpha[r] != 1.0f;
+        }
+#endif
         {
             const float ma = sel_arr(m_run, ra), mb = sel_arr(m_run, ra + 1);
-            l_a *= sel_arr(alpha, ra);
-            l_b *= sel_arr(alpha, ra + 1);
+#if SMLEAN >= 2
+            if (grew)
+#endif
+            {
+                l_a *= sel_arr(alpha, ra);
+                l_b *= sel_arr(alpha, ra + 1);
+            }
+#if SMLEAN
+            const float ma0 = ma == NEG_INF ? 0.0f : ma, mb0 = mb == NEG_INF ? 0.0f : mb;
+#endif
 #pragma unroll
             for (int mt = 0; mt < TW / 16; ++mt) {
 #pragma unroll
                 for (int kk = 0; kk < 2; ++kk) {
+#if SMLEAN
+                    const float pa = exp2f(s[mt][kk][0] - ma0);  // s = -inf: 0
+                    const float pb = exp2f(s[mt][kk][1] - mb0);
+#else
                     const float pa = s[mt][kk][0] == NEG_INF ? 0.0f : exp2f(s[mt][kk][0] - ma);
                     const float pb = s[mt][kk][1] == NEG_INF ? 0.0f : exp2f(s[mt][kk][1] - mb);
+#endif
                     l_a += pa;
                     l_b += pb;
+#if PDW
+                    write_pdw(wsw + (ws_slot_k(mt, kk, g) * RBP + ra) * WN, vst, (u32) k_row(mt, kk, g) * VROWS, pa, pb,
+                              owner);
+#else
                     if (owner) {
                         *reinterpret_cast<float2 *>(ws + ws_slot_k(mt, kk, g) * RBP + ra) = make_float2(pa, pb);
                     }
+#endif
                 }
             }
         }
+#if SMLEAN >= 2
+        if (grew)
+#endif
 #pragma unroll
         for (int nt = 0; nt < NVT; ++nt) {
             const float al = sel_arr(alpha, 4 * nt + c);
@@ -671,7 +809,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             }
         }
         __syncwarp();  // P in ws
-#if KVSPLIT
+#if KVSPLIT && !PDW
         if (i + STAGES < nmine) {  // K slot i % STAGES is free (the __syncwarp above)
             issue_k(i + STAGES);
         }
@@ -681,7 +819,11 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
 #endif
 
         // ---- V phase ----------------------------------------------------------------------------
+#if VUNROLL
+#pragma unroll
+#else
 #pragma unroll 2
+#endif
         for (int k8 = 0; k8 < TW / 8; ++k8) {
 #if KSWZ
             const int kc0 = v_key(k8, 0, c), kc1 = v_key(k8, 1, c);  // keys of B slots c, c + 4
@@ -690,24 +832,46 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             const int kc0 = k8 * 8 + c, kc1 = kc0 + 4;
             const int pc0 = kc0, pc1 = kc1;
 #endif
-            float     p0[NVT], p1[NVT];
+#if PDW
+            u32 w0[NVT][WN], w1[NVT][WN];  // P d of keys kc0, kc1 for row 4 nt + (g >> 1)
+#pragma unroll
+            for (int nt = 0; nt < NVT; ++nt) {
+                lds_vec<WN>(wsw + (pc0 * RBP + 4 * nt + (g >> 1)) * WN, w0[nt]);
+                lds_vec<WN>(wsw + (pc1 * RBP + 4 * nt + (g >> 1)) * WN, w1[nt]);
+            }
+#else
+            float p0[NVT], p1[NVT];
 #pragma unroll
             for (int nt = 0; nt < NVT; ++nt) {
                 p0[nt] = ws[pc0 * RBP + 4 * nt + (g >> 1)];
                 p1[nt] = ws[pc1 * RBP + 4 * nt + (g >> 1)];
             }
             const int hs = 16 * (g & 1);  // column g holds (row, x) for even g, (row, y) for odd g
+#endif
 #pragma unroll
             for (int j = 0; j < NB; ++j) {
+                u32 bh0[NVT], bh1[NVT];
+#if PREC
+                u32 bl0[NVT], bl1[NVT];
+#endif
+#if PDW
+                const int jw = VQUANT ? j : 0;  // the value of block j (f16 V: P, the same for all j)
+                const u32 ps = (jw & 1) ? psel1 : psel0;
+#pragma unroll
+                for (int nt = 0; nt < NVT; ++nt) {
+                    bh0[nt] = __byte_perm(w0[nt][jw >> 1], 0u, ps);
+                    bh1[nt] = __byte_perm(w1[nt][jw >> 1], 0u, ps);
+#if PREC
+                    bl0[nt] = __byte_perm(w0[nt][WH + (jw >> 1)], 0u, ps);
+                    bl1[nt] = __byte_perm(w1[nt][WH + (jw >> 1)], 0u, ps);
+#endif
+                }
+#else
 #if VQUANT
                 const float dv0 = h2f(lds_u16(vst, (u32) kc0 * VROWS + j * VTS));
                 const float dv1 = h2f(lds_u16(vst, (u32) kc1 * VROWS + j * VTS));
 #else
                 const float dv0 = 1.0f, dv1 = 1.0f;
-#endif
-                u32 bh0[NVT], bh1[NVT];
-#if PREC
-                u32 bl0[NVT], bl1[NVT];
 #endif
 #pragma unroll
                 for (int nt = 0; nt < NVT; ++nt) {
@@ -720,6 +884,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
                     bl1[nt] = (u32) f2h(w1 - h2f(h1)) << hs;
 #endif
                 }
+#endif
 #if VQUANT
                 const u32 x0 = v_quad<VFMT>(vst, (u32) kc0 * VROWS, j, g);
                 const u32 x1 = v_quad<VFMT>(vst, (u32) kc1 * VROWS, j, g);

@@ -274,17 +274,39 @@ MMA_OPTION_SETS = {  # name: AttnConfig kwargs, at the default shape; kvsplit se
     "kvs": dict(kvsplit=True),
     "swz+lean2+kvs": dict(swizzle=True, lean=2, kvsplit=True),
 }
+# the instruction cuts of issue 11 (AttnConfig pdw, smlean, vunroll; not yet defaults), on each
+# format's default config; MMA_NEW_SHAPES: with them on other polar K+V shapes (3 CTAs/SM with
+# kvsplit and one stage; 64-key tiles)
+MMA_NEW_OPTION_SETS = {
+    "vun": dict(vunroll=True),
+    "pdw": dict(pdw=True),
+    "sml1": dict(smlean=1),
+    "sml2": dict(smlean=2),
+    "vun+sml1": dict(vunroll=True, smlean=1),
+    "vun+sml2": dict(vunroll=True, smlean=2),
+    "pdw+sml1+vun": dict(pdw=True, smlean=1, vunroll=True),
+    "pdw+sml2+vun": dict(pdw=True, smlean=2, vunroll=True),
+}
+MMA_NEW_SHAPES = (
+    dict(nwarps=8, wtile=32, stages=1, kvsplit=True, smlean=1, vunroll=True),
+    dict(nwarps=8, wtile=32, stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True),
+    dict(nwarps=8, wtile=64, stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True),
+    dict(nwarps=16, wtile=32, stages=2, smlean=1, vunroll=True),
+)
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
 MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more
 MMA_TUNE_REGS = 80  # registers a thread the occupancy filter assumes (NVRTC 13.2, sm_90: 77-80)
 
 
 def mma_label(cfg) -> str:
-    """8w32k2s+swz+lean2+kvs: warps x keys per warp tile x stages, then the options."""
+    """8w32k2s+swz+lean2+kvs+pdw+sml1+vun: warps x keys per warp tile x stages, then the options."""
     opts = (
         ("+swz" if cfg.swizzle else "")
         + (f"+lean{cfg.lean}" if cfg.lean else "")
         + ("+kvs" if cfg.kvsplit else "")
+        + ("+pdw" if cfg.pdw else "")
+        + (f"+sml{cfg.smlean}" if cfg.smlean else "")
+        + ("+vun" if cfg.vunroll else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
 
@@ -307,7 +329,9 @@ def tune_mma_grid() -> list[tuple[str, str, str, object]]:
     the defaults since session 6 are among them;
     "shapes": nwarps {4, 8, 16} x wtile {16, 32, 64} x (stages 2 or 3, or kvsplit with stages 1)
     with MMA_SWEEP_OPTIONS, where the shared memory fits and the theoretical occupancy is at least
-    MMA_SWEEP_MIN_WARPS warps per SM (36 configs: 18 options + 13 polar V + 5 fp16 V shapes)."""
+    MMA_SWEEP_MIN_WARPS warps per SM (36 configs: 18 options + 13 polar V + 5 fp16 V shapes);
+    "new": each of MMA_NEW_OPTION_SETS on each format's default, and MMA_NEW_SHAPES (polar K+V,
+    with MMA_SWEEP_OPTIONS) (20 configs)."""
     from cupy_kernels import attention
 
     grid, seen = [], set()
@@ -334,6 +358,12 @@ def tune_mma_grid() -> list[tuple[str, str, str, object]]:
         ):
             cfg = dataclasses.replace(base, nwarps=nw, wtile=tw, stages=st, kvsplit=kvs, **MMA_SWEEP_OPTIONS)
             add("shapes", kfmt, vfmt, cfg)
+    for kfmt, vfmt in MMA_TUNE_FMTS:
+        base = attention.default_config(vfmt)
+        for kw in MMA_NEW_OPTION_SETS.values():
+            add("new", kfmt, vfmt, dataclasses.replace(base, **kw))
+    for kw in MMA_NEW_SHAPES:
+        add("new", "polar", "polar", dataclasses.replace(attention.DEFAULT_CONFIG, **MMA_SWEEP_OPTIONS, **kw))
     return grid
 
 
