@@ -170,6 +170,10 @@ __device__ __forceinline__ tab_t tab_code(const u8 * tab, u32 lo, const u8 * tl,
 #endif
 }
 
+template <bool B> struct bool_c {
+    static constexpr bool value = B;
+};
+
 __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -407,33 +411,31 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     };
 #endif
 #if KVSPLIT
-    // stage K / V of warp tile i
-    auto issue_k = [&](int i) {
-        const int  t0     = c0 + (warp + i * NWARPS) * TW;
-        const int  nvalid = min(TW, c1 - t0);
-        const u32  kdst   = smem_u32(KSLOT(i));
-        const u8 * ksrc   = kbase + (long long) t0 * KROW;
+    // stage K (is_v: bool_c<false>) or V (bool_c<true>) of warp tile i into its ring
+    auto issue_kv = [&](auto is_v, int i) {
+        constexpr bool IS_V   = decltype(is_v)::value;
+        const int      t0     = c0 + (warp + i * NWARPS) * TW;
+        const int      nvalid = min(TW, c1 - t0);
+        const u32      dst    = smem_u32(IS_V ? VSLOT(i) : KSLOT(i));
+        const u8 *     src    = IS_V ? vbase + (long long) t0 * VROW : kbase + (long long) t0 * KROW;
 #if LEAN
         if (nvalid == TW) {
-            stage_k_full(kdst, ksrc);
+            if constexpr (IS_V) {
+                stage_v_full(dst, src);
+            } else {
+                stage_k_full(dst, src);
+            }
             return;
         }
 #endif
-        STAGE_K_ZFILL(kdst, ksrc, nvalid)
-    };
-    auto issue_v = [&](int i) {
-        const int  t0     = c0 + (warp + i * NWARPS) * TW;
-        const int  nvalid = min(TW, c1 - t0);
-        const u32  vdst   = smem_u32(VSLOT(i));
-        const u8 * vsrc   = vbase + (long long) t0 * VROW;
-#if LEAN
-        if (nvalid == TW) {
-            stage_v_full(vdst, vsrc);
-            return;
+        if constexpr (IS_V) {
+            STAGE_V_ZFILL(dst, src, nvalid)
+        } else {
+            STAGE_K_ZFILL(dst, src, nvalid)
         }
-#endif
-        STAGE_V_ZFILL(vdst, vsrc, nvalid)
     };
+    auto issue_k = [&](int i) { issue_kv(bool_c<false>(), i); };
+    auto issue_v = [&](int i) { issue_kv(bool_c<true>(), i); };
 #else
     // stage warp tile i (keys t0 .. t0 + TW - 1)
     auto issue = [&](int i) {
