@@ -66,11 +66,14 @@ class AttnConfig:
     a loaded word instead of, per 8 keys and V block, 2 scale loads + conversions + multiplies +
     fp16 conversions + shifts (the same fp16 values: the same results). The P area grows by
     WN = ceil(V blocks / 2) (x 2 for prec "fp32") words per entry, i.e. not at D <= 128 with
-    prec "fp16"; with kvsplit the V wait moves before the softmax.
+    prec "fp16"; with kvsplit and quantized V the V wait moves before the softmax.
     smlean: softmax cuts (same results): 1 = with fp16 operands and <= 4 rows the K phase's unused
     B columns repeat q (no shuffle adding hi and lo score halves), and P = exp2(s - m) with m = 0 for
     an empty row instead of a -inf test per score; 2 = also no rescaling of the accumulators when no
     row's running max grew in the tile (a warp-uniform branch).
+    ptrs: staging from running per-lane pointers (advanced by a tile stride per tile) with constant
+    chunk offsets, instead of each tile's key, bounds and addresses recomputed from its index (full
+    tiles as lean 1 stages them, whatever lean is).
     vunroll: the V phase's loop over the 8-key steps of a warp tile fully unrolled (was by 2): the
     staged-row and P addresses become per-lane bases plus constants (no address arithmetic per key
     step)."""
@@ -88,6 +91,7 @@ class AttnConfig:
     kvsplit: bool = False  # mma: separate K and V rings, stages >= 1 (KVSPLIT)
     pdw: bool = False  # mma: fp16 P x d written by the softmax, V B fragments by byte permutes (PDW)
     smlean: int = 0  # mma: 0 | 1 (repeated q columns, exp2 without -inf tests) | 2 (+ rescale skip) (SMLEAN)
+    ptrs: bool = False  # mma: staging from running per-lane pointers (PTRS)
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
 
     @property
@@ -175,6 +179,7 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             KVSPLIT=int(cfg.kvsplit),
             PDW=int(cfg.pdw),
             SMLEAN=cfg.smlean,
+            PTRS=int(cfg.ptrs),
             VUNROLL=int(cfg.vunroll),
         )
     else:

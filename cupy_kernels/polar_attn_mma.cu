@@ -42,12 +42,17 @@
 //     (KVSPLIT: the V wait moves before the softmax). The V phase then builds each B register with one
 //     byte permute of a loaded word (no d loads, conversions, multiplies or shifts per key and block):
 //     the same fp16 values, so the same sums. Same shared memory where WN == 1 (D <= 128, PREC 0).
+//     (KVSPLIT with f16 V keeps its order: P alone needs no V bytes.)
 //   SMLEAN 1: softmax cuts. With PREC 0 and RBP 4 the K phase's B columns 4..7 (zero: no lo parts)
 //     repeat q's rows (QDUP), so lanes c and c + 2 compute the same scores and the shuffle that added
 //     the hi and lo halves goes; P = exp2(s - m') with m' = m (0 where m = -inf: every s of the row is
 //     -inf then, and exp2(-inf) = 0) instead of a test of s per score. SMLEAN 2: also no rescaling of
 //     the output accumulators and l when no row's running max grew in the tile (alpha = 1 for all:
 //     every lane holds every row's max, so the branch is warp-uniform). The same results.
+//   PTRS 1: staging from running state: the next tile's first key and the lane's global chunk pointers
+//     (advanced by NWARPS TW rows per tile; the stage calls come in tile order), full tiles (LEAN 1's
+//     path, taken with PTRS whatever LEAN is) copied with constant offsets from them, instead of the
+//     tile's key, bounds and addresses recomputed from its index.
 //   VUNROLL 1: the V phase's loop over the TW / 8 key steps fully unrolled (instead of by 2): every
 //     staged-row and P offset is a per-lane base plus a constant.
 
@@ -410,10 +415,66 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         }
     };
 #endif
+#if PTRS
+    // running staging state: the first key of the next K (V) tile to stage and the lane's first chunk
+    // of it in global memory (issue / issue_k / issue_v are called in the order of i); a full tile is
+    // staged from the lane's pointers with constant offsets (chunk lane + 32 k: 512 k bytes on)
+    int        pk_t = c0 + warp * TW;
+    const u8 * pk_s = kbase + (long long) pk_t * KROW + 16 * lane;
+    const u8 * pv_s = vbase + (long long) pk_t * VROW + 16 * lane;
+#if KVSPLIT
+    int pv_t = pk_t;
+#endif
+#if VQUANT
+    const u32 vlane = 16 * lane;  // the lane's chunk 0 in a V slot, and chunk k's offset from it
+#define V_LANE_STEP 512
+#else
+    const u32 vlane = (lane / (VROW / 16)) * VROWS + (lane % (VROW / 16)) * 16;
+#define V_LANE_STEP ((32 / (VROW / 16)) * VROWS)
+#endif
+    auto stage_k_lane = [&](u32 kdl, const u8 * ksl) {
+#pragma unroll
+        for (int k = 0; k < (TW * KROW / 16 + 31) / 32; ++k) {
+            if ((TW * KROW / 16) % 32 == 0 || lane + 32 * k < TW * KROW / 16) {
+                cp_async16(kdl + 512 * k, ksl + 512 * k);
+            }
+        }
+    };
+    auto stage_v_lane = [&](u32 vdl, const u8 * vsl) {
+#pragma unroll
+        for (int k = 0; k < (TW * VROW / 16 + 31) / 32; ++k) {
+            if ((TW * VROW / 16) % 32 == 0 || lane + 32 * k < TW * VROW / 16) {
+                cp_async16(vdl + V_LANE_STEP * k, vsl + 512 * k);
+            }
+        }
+    };
+#endif
 #if KVSPLIT
     // stage K (is_v: bool_c<false>) or V (bool_c<true>) of warp tile i into its ring
     auto issue_kv = [&](auto is_v, int i) {
-        constexpr bool IS_V   = decltype(is_v)::value;
+        constexpr bool IS_V = decltype(is_v)::value;
+#if PTRS
+        int &        pt  = IS_V ? pv_t : pk_t;
+        const u8 *&  ps  = IS_V ? pv_s : pk_s;
+        const u32    pd  = smem_u32(IS_V ? VSLOT(i) : KSLOT(i));
+        if (pt + TW <= c1) {
+            if constexpr (IS_V) {
+                stage_v_lane(pd + vlane, ps);
+            } else {
+                stage_k_lane(pd + 16 * lane, ps);
+            }
+        } else {
+            const int nvalid = min(TW, c1 - pt);
+            if constexpr (IS_V) {
+                STAGE_V_ZFILL(pd, vbase + (long long) pt * VROW, nvalid)
+            } else {
+                STAGE_K_ZFILL(pd, kbase + (long long) pt * KROW, nvalid)
+            }
+        }
+        pt += NWARPS * TW;
+        ps += NWARPS * TW * (IS_V ? VROW : KROW);
+        return;
+#endif
         const int      t0     = c0 + (warp + i * NWARPS) * TW;
         const int      nvalid = min(TW, c1 - t0);
         const u32      dst    = smem_u32(IS_V ? VSLOT(i) : KSLOT(i));
@@ -439,6 +500,23 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
 #else
     // stage warp tile i (keys t0 .. t0 + TW - 1)
     auto issue = [&](int i) {
+#if PTRS
+        {
+            const u32 kd = smem_u32(wstage + (i % STAGES) * WST);
+            if (pk_t + TW <= c1) {
+                stage_k_lane(kd + 16 * lane, pk_s);
+                stage_v_lane(kd + WKST + vlane, pv_s);
+            } else {
+                const int nvalid = min(TW, c1 - pk_t);
+                STAGE_K_ZFILL(kd, kbase + (long long) pk_t * KROW, nvalid)
+                STAGE_V_ZFILL(kd + WKST, vbase + (long long) pk_t * VROW, nvalid)
+            }
+            pk_t += NWARPS * TW;
+            pk_s += NWARPS * TW * KROW;
+            pv_s += NWARPS * TW * VROW;
+            return;
+        }
+#endif
         const int  t0     = c0 + (warp + i * NWARPS) * TW;
         const int  nvalid = min(TW, c1 - t0);
         u8 *       kst    = wstage + (i % STAGES) * WST;
@@ -704,7 +782,8 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             }
         }
 
-#if KVSPLIT && PDW
+#define PDW_VWAIT (KVSPLIT && PDW && VQUANT)  // the softmax reads V's scales: wait for V(i) before it
+#if PDW_VWAIT
         __syncwarp();              // K slot i % STAGES is free
         if (i + STAGES < nmine) {
             issue_k(i + STAGES);
@@ -811,7 +890,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             }
         }
         __syncwarp();  // P in ws
-#if KVSPLIT && !PDW
+#if KVSPLIT && !PDW_VWAIT
         if (i + STAGES < nmine) {  // K slot i % STAGES is free (the __syncwarp above)
             issue_k(i + STAGES);
         }

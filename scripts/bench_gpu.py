@@ -274,7 +274,7 @@ MMA_OPTION_SETS = {  # name: AttnConfig kwargs, at the default shape; kvsplit se
     "kvs": dict(kvsplit=True),
     "swz+lean2+kvs": dict(swizzle=True, lean=2, kvsplit=True),
 }
-# the instruction cuts of issue 11 (AttnConfig pdw, smlean, vunroll; not yet defaults), on each
+# the instruction cuts of issue 11 (AttnConfig pdw, smlean, ptrs, vunroll; not yet defaults), on each
 # format's default config; MMA_NEW_SHAPES: with them on other polar K+V shapes (3 CTAs/SM with
 # kvsplit and one stage; 64-key tiles)
 MMA_NEW_OPTION_SETS = {
@@ -286,11 +286,13 @@ MMA_NEW_OPTION_SETS = {
     "vun+sml2": dict(vunroll=True, smlean=2),
     "pdw+sml1+vun": dict(pdw=True, smlean=1, vunroll=True),
     "pdw+sml2+vun": dict(pdw=True, smlean=2, vunroll=True),
+    "sml1+vun+ptrs": dict(smlean=1, vunroll=True, ptrs=True),
+    "pdw+sml1+vun+ptrs": dict(pdw=True, smlean=1, vunroll=True, ptrs=True),
 }
 MMA_NEW_SHAPES = (
     dict(nwarps=8, wtile=32, stages=1, kvsplit=True, smlean=1, vunroll=True),
     dict(nwarps=8, wtile=32, stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True),
-    dict(nwarps=8, wtile=64, stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True),
+    dict(nwarps=8, wtile=64, stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True, ptrs=True),
     dict(nwarps=16, wtile=32, stages=2, smlean=1, vunroll=True),
 )
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
@@ -299,7 +301,7 @@ MMA_TUNE_REGS = 80  # registers a thread the occupancy filter assumes (NVRTC 13.
 
 
 def mma_label(cfg) -> str:
-    """8w32k2s+swz+lean2+kvs+pdw+sml1+vun: warps x keys per warp tile x stages, then the options."""
+    """8w32k2s+swz+lean2+kvs+pdw+sml1+vun+ptrs: warps x keys per warp tile x stages, then the options."""
     opts = (
         ("+swz" if cfg.swizzle else "")
         + (f"+lean{cfg.lean}" if cfg.lean else "")
@@ -307,6 +309,7 @@ def mma_label(cfg) -> str:
         + ("+pdw" if cfg.pdw else "")
         + (f"+sml{cfg.smlean}" if cfg.smlean else "")
         + ("+vun" if cfg.vunroll else "")
+        + ("+ptrs" if cfg.ptrs else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
 
@@ -331,7 +334,7 @@ def tune_mma_grid() -> list[tuple[str, str, str, object]]:
     with MMA_SWEEP_OPTIONS, where the shared memory fits and the theoretical occupancy is at least
     MMA_SWEEP_MIN_WARPS warps per SM (36 configs: 18 options + 13 polar V + 5 fp16 V shapes);
     "new": each of MMA_NEW_OPTION_SETS on each format's default, and MMA_NEW_SHAPES (polar K+V,
-    with MMA_SWEEP_OPTIONS) (20 configs)."""
+    with MMA_SWEEP_OPTIONS) (24 configs)."""
     from cupy_kernels import attention
 
     grid, seen = [], set()

@@ -65,7 +65,7 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     attention.AttnConfig(nwarps=2, wtile=64, stages=3),
     attention.AttnConfig(nwarps=2, wtile=48, stages=5, prec="fp16"),
     attention.AttnConfig(prec="fp16"),
-    # issue 11's instruction cuts (pdw, smlean, vunroll) on the defaults, with kvsplit, on a 48-key tile
+    # issue 11's instruction cuts (pdw, smlean, vunroll, ptrs) on the defaults, with kvsplit, on a 48-key tile
     # (32 + 16 keys) without the swizzle; fp16 operands for smlean's repeated q columns
     *(
         dataclasses.replace(attention.DEFAULT_CONFIG, **kw)
@@ -80,10 +80,14 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
             dict(stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True),
             dict(stages=1, kvsplit=True, pdw=True, smlean=2, vunroll=True, prec="fp16"),
             dict(nwarps=2, wtile=48, stages=3, swizzle=False, pdw=True, smlean=1, prec="fp16"),
+            dict(ptrs=True),
+            dict(pdw=True, smlean=1, vunroll=True, ptrs=True, prec="fp16"),
+            dict(nwarps=2, wtile=48, stages=3, lean=0, kvsplit=True, pdw=True, smlean=2, ptrs=True),
         )
     ),
     dataclasses.replace(attention.F16V_CONFIG, pdw=True, smlean=1, vunroll=True),
     dataclasses.replace(attention.F16V_CONFIG, pdw=True, smlean=2, vunroll=True, prec="fp16"),
+    dataclasses.replace(attention.F16V_CONFIG, pdw=True, smlean=1, vunroll=True, ptrs=True),
 ]
 
 

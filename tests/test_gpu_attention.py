@@ -120,10 +120,10 @@ def test_mma_options_cpu():
     with pytest.raises(ValueError, match="lean"):
         attn.plan(1, 8, 2, 1, 128, 64, config=dataclasses.replace(base, lean=3))
     # issue 11's cuts: PDW's P area is WN = ceil(V blocks / 2) (x 2 for prec fp32) words an entry
-    new = dataclasses.replace(opt, pdw=True, smlean=2, vunroll=True)
+    new = dataclasses.replace(opt, pdw=True, smlean=2, vunroll=True, ptrs=True)
     for D, qt, wn in ((128, 1, 1), (128, 0, 2), (64, 1, 1), (256, 1, 2), (256, 0, 4)):
         dn = attn.attn_defines(D, "polar", "polar", 4, qt, new)
-        assert (dn["PDW"], dn["SMLEAN"], dn["VUNROLL"]) == (1, 2, 1)
+        assert (dn["PDW"], dn["SMLEAN"], dn["VUNROLL"], dn["PTRS"]) == (1, 2, 1, 1)
         do = attn.attn_defines(D, "polar", "polar", 4, qt, opt)
         assert attn.smem_bytes("mma", dn) - attn.smem_bytes("mma", do) == 8 * 32 * 4 * 4 * (wn - 1)
     assert attn.smem_bytes("mma", attn.attn_defines(128, "polar", "f16", 4, 1, new)) == attn.smem_bytes(
@@ -138,7 +138,7 @@ def test_tune_mma_grid():
     format is timed, the sweep is bounded (one NVRTC compile per config on the GPU run)."""
     grid = bench_gpu.tune_mma_grid()
     assert 50 <= len(grid) <= 60
-    assert sum(ph == "new" for ph, *_ in grid) == 20
+    assert sum(ph == "new" for ph, *_ in grid) == 24
     assert len({(k, v, c) for _, k, v, c in grid}) == len(grid)
     for kfmt, vfmt in bench_gpu.MMA_TUNE_FMTS:
         assert (kfmt, vfmt, attn.default_config(vfmt)) in {(k, v, c) for _, k, v, c in grid}
@@ -149,8 +149,10 @@ def test_tune_mma_grid():
         == "8w32k2s+lean2+kvs"
     )
     assert (
-        bench_gpu.mma_label(dataclasses.replace(attn.DEFAULT_CONFIG, pdw=True, smlean=2, vunroll=True))
-        == "8w32k2s+swz+lean2+pdw+sml2+vun"
+        bench_gpu.mma_label(
+            dataclasses.replace(attn.DEFAULT_CONFIG, pdw=True, smlean=2, vunroll=True, ptrs=True)
+        )
+        == "8w32k2s+swz+lean2+pdw+sml2+vun+ptrs"
     )
 
 
@@ -356,9 +358,9 @@ def test_mma_options_formats(torch, cfg, kfmt, vfmt, heads, D):
     _check(torch, q, kc, vc, lens, kfmt, vfmt, f"options {cfg} {kfmt}/{vfmt} D{D} {Hq}/{Hkv}", config=c)
 
 
-NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll) with the options they sit on
-    "pdw sml2 vun 8w32k2s swz lean2": dict(
-        nwarps=8, wtile=32, stages=2, swizzle=True, lean=2, pdw=True, smlean=2, vunroll=True
+NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll, ptrs) with the options they sit on
+    "pdw sml2 vun ptrs 8w32k2s swz lean2": dict(
+        nwarps=8, wtile=32, stages=2, swizzle=True, lean=2, pdw=True, smlean=2, vunroll=True, ptrs=True
     ),
     "pdw sml1 vun 8w32k1s swz lean2 kvs fp16": dict(
         nwarps=8,
@@ -372,7 +374,9 @@ NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll) with the options t
         vunroll=True,
         prec="fp16",
     ),
-    "pdw sml2 2w48k3s fp16": dict(nwarps=2, wtile=48, stages=3, pdw=True, smlean=2, prec="fp16"),
+    "pdw sml2 ptrs 2w48k3s kvs fp16": dict(
+        nwarps=2, wtile=48, stages=3, kvsplit=True, pdw=True, smlean=2, ptrs=True, prec="fp16"
+    ),
 }
 
 
@@ -381,10 +385,11 @@ NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll) with the options t
 @pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar3", "f16"), ("polar", "polar3")])
 @pytest.mark.parametrize("cfg", list(NEW_OPTION_CFGS))
 def test_mma_new_options(torch, cfg, kfmt, vfmt, heads, D):
-    """pdw / smlean / vunroll on other layouts, head sizes (D=64: 1 V block, rows 2-byte aligned;
+    """pdw / smlean / vunroll / ptrs on other layouts, head sizes (D=64: 1 V block, rows 2-byte aligned;
     D=256: 4 V blocks, 2 or 4 words per P entry), row counts (3 rows: 4 padded, smlean's repeated q
-    columns with fp16 operands; 8 rows: 2 V n-tiles), kvsplit (the V wait before the softmax),
-    partial and empty tiles; float32 q (prec "fp32" unless named)."""
+    columns with fp16 operands; 8 rows: 2 V n-tiles), kvsplit (the V wait before the softmax; ptrs'
+    separate K and V pointers), partial and empty tiles (ptrs: lean 0's zero-fill path); float32 q
+    (prec "fp32" unless named)."""
     Hq, Hkv = heads
     c = attn.AttnConfig(**NEW_OPTION_CFGS[cfg])
     d = attn.attn_defines(D, kfmt, vfmt, min(Hq // Hkv, 8), 0, c)
