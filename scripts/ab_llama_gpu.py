@@ -5,7 +5,10 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
 
-Rows: f16/f16 and q4_0/q4_0 (references), then polar/polar with the defaults, LLAMA_KV_BALANCE=0,
+Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
+with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE=1 (centering
+and balancing and the Hadamard rotation as separate ops instead of inside the cache write, patch
+0017), LLAMA_ATTN_ROT_DISABLE=1 (upstream's rotation of Q, K, V and the output off), LLAMA_KV_BALANCE=0,
 LLAMA_KV_CENTER=0, GGML_CUDA_POLAR_FA_GQA=0, and the last two together. Runs llama-bench -ngl 99
 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64). Writes <out>/<name>.json
 and .md; standard library only; exits non-zero when a run failed.
@@ -26,7 +29,10 @@ from bench_llama_gpu import gpu_name
 VARIANTS = (  # (K/V, environment)
     ("f16", {}),
     ("q4_0", {}),
+    ("q4_0", {"LLAMA_KV_CENTER": "0"}),
     ("polar", {}),
+    ("polar", {"GGML_CUDA_POLAR_NO_FUSE": "1"}),
+    ("polar", {"LLAMA_ATTN_ROT_DISABLE": "1"}),
     ("polar", {"LLAMA_KV_BALANCE": "0"}),
     ("polar", {"LLAMA_KV_CENTER": "0"}),
     ("polar", {"GGML_CUDA_POLAR_FA_GQA": "0"}),
@@ -44,7 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="ab-depth0")
     args = ap.parse_args(argv)
     binary = str(Path(args.bin) / "llama-bench")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_KV_", "GGML_CUDA_POLAR_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LLAMA_KV_", "LLAMA_ATTN_ROT", "GGML_CUDA_POLAR_"))
+    }
     runs, failed = [], 0
     for kv, env in VARIANTS:
         cmd = llama_bench.command(binary, args.model, kv, kv, args.depths, args.reps, ["-ngl", "99"])

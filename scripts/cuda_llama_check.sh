@@ -69,7 +69,7 @@ check_cases() {
 }
 
 # 1. correctness
-for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+for op in SET_ROWS CENTER_SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
     log="$OUTDIR/test-backend-ops-$op.log"
     "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
     check_cases "$log" "test-backend-ops -o $op"
@@ -77,7 +77,7 @@ done
 
 # 2. support matrix
 log="$OUTDIR/test-backend-ops-support.log"
-"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,GET_ROWS,CPY,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,GET_ROWS,CPY,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
 check_cases "$log" "test-backend-ops support" SUPPORTED
 
 # 3. the guard: a backend without the polar ops
