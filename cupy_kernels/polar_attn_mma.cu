@@ -875,20 +875,26 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
                 }
             }
         }
-#if SMLEAN >= 2
-        if (grew)
-#endif
+        auto rescale = [&]() {
 #pragma unroll
-        for (int nt = 0; nt < NVT; ++nt) {
-            const float al = sel_arr(alpha, 4 * nt + c);
+            for (int nt = 0; nt < NVT; ++nt) {
+                const float al = sel_arr(alpha, 4 * nt + c);
 #pragma unroll
-            for (int mt = 0; mt < NMT; ++mt) {
+                for (int mt = 0; mt < NMT; ++mt) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    acc[mt][nt][e] *= al;
+                    for (int e = 0; e < 4; ++e) {
+                        acc[mt][nt][e] *= al;
+                    }
                 }
             }
+        };
+#if SMLEAN >= 2
+        if (grew) {
+            rescale();
         }
+#else
+        rescale();
+#endif
         __syncwarp();  // P in ws
 #if KVSPLIT && !PDW_VWAIT
         if (i + STAGES < nmine) {  // K slot i % STAGES is free (the __syncwarp above)
