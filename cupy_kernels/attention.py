@@ -105,10 +105,25 @@ SIMT_CONFIG = AttnConfig(nwarps=4, tpt=2, stages=2, repl=16, impl="simt")  # qua
 SIMT_CONFIG_F16V = AttnConfig(nwarps=4, tpt=1, stages=2, repl=8, impl="simt")  # float16 V: 3 CTAs/SM
 # Picked by `scripts/bench_gpu.py tune` on an H100 at B=16, T=32768, 32/8 heads, D=128
 # (docs/results-gpu.md): 445 us vs 580 us for the first shape (4 warps, 1 key/thread, 3 stages).
-DEFAULT_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2)  # quantized V
-# `bench_gpu.py tune-mma` on the H200 (docs/gpu/tune-mma-h200-session6.json, B=16, 32/8 heads, D=128):
+DEFAULT_CONFIG = AttnConfig(  # quantized V
+    impl="mma",
+    nwarps=8,
+    wtile=64,
+    stages=1,
+    swizzle=True,
+    lean=2,
+    kvsplit=True,
+    pdw=True,
+    smlean=1,
+    vunroll=True,
+    ptrs=True,
+)
+# `bench_gpu.py tune-mma` on the H200 (B=16, 32/8 heads, D=128): session 6 (tune-mma-h200-session6.json)
 # polar K+V 263.5 -> 203.6 us at 32768 keys (swizzle + lean 2), 1003.9 -> 751.3 us at 131072;
-# polar K + fp16 V 336.3 -> 326.9 us at 32768 with separate K/V rings of one stage (equal at 131072)
+# session 7 (tune-mma-h200-session7.json): 204.0 -> 181.0 us at 32768 and 785.5 -> 639.6 us at 131072
+# (85 % of the copy rate) with 64-key tiles in split rings, pdw, smlean 1, vunroll, ptrs;
+# polar K + fp16 V 336.3 -> 326.9 us at 32768 with separate K/V rings of one stage (equal at 131072;
+# the session-7 options do not change it: 327.0 us)
 F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True)  # float16 V
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)

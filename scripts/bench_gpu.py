@@ -334,7 +334,8 @@ def tune_mma_grid() -> list[tuple[str, str, str, object]]:
     with MMA_SWEEP_OPTIONS, where the shared memory fits and the theoretical occupancy is at least
     MMA_SWEEP_MIN_WARPS warps per SM (36 configs: 18 options + 13 polar V + 5 fp16 V shapes);
     "new": each of MMA_NEW_OPTION_SETS on each format's default, and MMA_NEW_SHAPES (polar K+V,
-    with MMA_SWEEP_OPTIONS) (24 configs)."""
+    with MMA_SWEEP_OPTIONS) (24 configs on the session-6 defaults; option sets a default already has
+    drop out)."""
     from cupy_kernels import attention
 
     grid, seen = [], set()
