@@ -125,6 +125,10 @@ DEFAULT_CONFIG = AttnConfig(  # quantized V
 # polar K + fp16 V 336.3 -> 326.9 us at 32768 with separate K/V rings of one stage (equal at 131072;
 # the session-7 options do not change it: 327.0 us)
 F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True)  # float16 V
+# polar3 V: session 6's default. The session-7 default (tuned on polar V) took polar3 K+V from 253.2
+# (session 6, docs/gpu/compare_h200_session6.txt) to 302.0 us (compare_h200_session7.txt) at B=16, 32768
+# keys: polar3's V unpacking is heavier in the fully unrolled V phase
+POLAR3V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
@@ -133,7 +137,9 @@ def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
     if kmode != "gather":  # the LUT modes exist in the simt kernel only
         base = SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG
         return dataclasses.replace(base, kmode=kmode)
-    return F16V_CONFIG if vfmt == V_F16 else DEFAULT_CONFIG
+    if vfmt == V_F16:
+        return F16V_CONFIG
+    return POLAR3V_CONFIG if vfmt == "polar3" else DEFAULT_CONFIG
 
 
 # ----------------------------------------------------------------------------------------------
