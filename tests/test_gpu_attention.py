@@ -339,6 +339,18 @@ MMA_OPTION_CFGS = {  # all options on: a 32-key tile with a ring of 1, a 48-key 
 }
 
 
+def _options_case(torch, kfmt, vfmt, Hq, Hkv, D, seed):
+    """q, K and V caches and lengths of the option tests: 4 sequences of 1, 37, 129 and 700 keys
+    (empty, partial and full tiles) in caches of 712, one query token."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    lens = torch.tensor([1, 37, 129, 700], dtype=torch.int32, device="cuda")
+    B, T_max = len(lens), 712
+    kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
+    vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
+    q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
+    return q, kc, vc, lens
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("heads", [(6, 2), (8, 1)])
 @pytest.mark.parametrize(
@@ -349,12 +361,7 @@ def test_mma_options_formats(torch, cfg, kfmt, vfmt, heads, D):
     """The tuning options on the other block layouts, head sizes (D=64: rows 2-byte aligned, no
     swizzle) and row counts (3 rows: 4 padded; 8 rows), float32 q (prec "fp32")."""
     Hq, Hkv = heads
-    gen = torch.Generator(device="cuda").manual_seed(200 + D + Hq)
-    lens = torch.tensor([1, 37, 129, 700], dtype=torch.int32, device="cuda")
-    B, T_max = len(lens), 712
-    kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
-    vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
-    q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
+    q, kc, vc, lens = _options_case(torch, kfmt, vfmt, Hq, Hkv, D, 200 + D + Hq)
     c = attn.AttnConfig(**MMA_OPTION_CFGS[cfg])
     _check(torch, q, kc, vc, lens, kfmt, vfmt, f"options {cfg} {kfmt}/{vfmt} D{D} {Hq}/{Hkv}", config=c)
 
@@ -396,12 +403,7 @@ def test_mma_new_options(torch, cfg, kfmt, vfmt, heads, D):
     d = attn.attn_defines(D, kfmt, vfmt, min(Hq // Hkv, 8), 0, c)
     if attn.smem_bytes("mma", d) > attn.SMEM_LIMIT:
         pytest.skip("shared memory")
-    gen = torch.Generator(device="cuda").manual_seed(400 + D + Hq)
-    lens = torch.tensor([1, 37, 129, 700], dtype=torch.int32, device="cuda")
-    B, T_max = len(lens), 712
-    kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
-    vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
-    q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
+    q, kc, vc, lens = _options_case(torch, kfmt, vfmt, Hq, Hkv, D, 400 + D + Hq)
     tol = FP16_PREC_TOL if c.prec == "fp16" else None
     for splits in (None, 3):
         case = f"new options {cfg} {kfmt}/{vfmt} D{D} {Hq}/{Hkv} splits={splits}"
