@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of the patched llama.cpp (patches 0008-0010: polar/polar3 in ggml-cuda and
-# the backend guard in llama) on a machine with an NVIDIA GPU.
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0017: polar/polar3 in
+# ggml-cuda and the backend guard in llama) on a machine with an NVIDIA GPU.
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
 #   (or the environment: LLAMA_BIN, MODEL, OUT)
 #
 # BIN_DIR holds test-backend-ops and llama-completion of a GGML_CUDA=ON build. Logs go to OUT_DIR
 # ($OUT, else ./cuda_llama_check). Steps, each failing the script:
-#   1. test-backend-ops -b CUDA0 for SET_ROWS, GET_ROWS, CPY, FLASH_ATTN_EXT, cases whose
-#      parameters name polar/polar3 (-p polar): every one supported and OK (polar SET_ROWS/CPY
-#      compare bytes exactly: max NMSE 0);
+#   1. test-backend-ops -b CUDA0 for SET_ROWS, CENTER_SET_ROWS (the cache write chain that patch
+#      0017 fuses: centering, balancing, Hadamard rotation, SET_ROWS), GET_ROWS, CPY,
+#      FLASH_ATTN_EXT, cases whose parameters name polar/polar3 (-p polar): every one supported and
+#      OK (polar SET_ROWS/CENTER_SET_ROWS/CPY compare bytes exactly: max NMSE 0);
 #   2. test-backend-ops support -b CUDA0, same filter: every case supported;
 #   3. the guard: with GGML_CUDA_NO_POLAR=1 (the CUDA backend then reports every polar op
 #      unsupported, as Metal/Vulkan/SYCL do) the support query says "not supported" and
