@@ -1,0 +1,155 @@
+"""The decode graph's node order that ggml-cuda's fused polar cache write needs (patches 0016-0017).
+
+ggml-cuda runs `[SUB] [MUL] [RESHAPE MUL_MAT(H) RESHAPE] VIEW SET_ROWS(polar)` as one kernel only
+when those nodes are consecutive (ggml_cuda_polar_try_fuse_chain); if a change of the graph
+interleaved them again, the fusion would stop silently (same results, slower). These tests record
+the nodes of one decode step through the binding's eval callback (the CPU build runs the same graph)
+and check the order: the K chain and the V chain each end in their SET_ROWS without a foreign op in
+between; with an f16 cache, upstream's ROPE -> VIEW -> SET_ROWS stays consecutive for its own fusion.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.build
+
+GGML_MAX_SRC = 10
+
+
+class GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor of the pinned ggml.h (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64,
+    GGML_MAX_SRC 10, GGML_MAX_NAME 64); test_the_tensor_layout_matches checks it against the library."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+EMPTY = {"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "NONE"}
+
+
+def _ggml_base(llama_cpp) -> ctypes.CDLL:
+    libdir = Path(llama_cpp.llama_cpp._lib._name).parent
+    libs = sorted(libdir.glob("libggml-base.so*"))
+    assert libs, f"libggml-base.so not found next to {llama_cpp.llama_cpp._lib._name}"
+    base = ctypes.CDLL(str(libs[0]))
+    base.ggml_op_desc.restype = ctypes.c_char_p
+    base.ggml_op_desc.argtypes = [ctypes.c_void_p]
+    base.ggml_get_name.restype = ctypes.c_char_p
+    base.ggml_get_name.argtypes = [ctypes.c_void_p]
+    return base
+
+
+def decode_nodes(llama_cpp, model: Path, ctk: str, ctv: str) -> list[dict]:
+    """The nodes of one decode step (after an 8-token prompt) in execution order: op, name, srcs."""
+    base = _ggml_base(llama_cpp)
+    recording, nodes = [False], []
+
+    @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
+    def callback(t, ask, _user):
+        if ask or not recording[0]:
+            return True
+        g = GgmlTensor.from_address(t)
+        nodes.append(
+            {
+                "ptr": t,
+                "op": base.ggml_op_desc(t).decode(),
+                "name": base.ggml_get_name(t).decode(),
+                "struct_name": g.name.decode(),
+                "src": [s for s in g.src if s],
+            }
+        )
+        return True
+
+    mp = llama_cpp.llama_model_default_params()
+    model_h = llama_cpp.llama_model_load_from_file(str(model).encode(), mp)
+    assert model_h, f"could not load {model}"
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 256, 64, 64, 2, 2
+    cp.type_k = getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}")
+    cp.type_v = getattr(llama_cpp, f"GGML_TYPE_{ctv.upper()}")
+    cp.flash_attn_type = 1  # on
+    cp.cb_eval = callback
+    cp.cb_eval_user_data = None
+    ctx = llama_cpp.llama_init_from_model(model_h, cp)
+    assert ctx, "could not create the context"
+    try:
+        prompt = (llama_cpp.llama_token * 8)(1, 504, 3458, 282, 4649, 314, 7042, 30)
+        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(prompt, 8)) == 0
+        recording[0] = True
+        one = (llama_cpp.llama_token * 1)(42)
+        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
+    finally:
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model_h)
+    assert nodes, "the eval callback saw no node"
+    return nodes
+
+
+def write_chain(nodes: list[dict], cache: str) -> list[str]:
+    """The ops from the first compute node of a cache write's chain to its SET_ROWS (cache
+    'cache_k_l0' or 'cache_v_l0'): walk back from the SET_ROWS through the nodes it reads."""
+    end = next(i for i, n in enumerate(nodes) if n["op"] == "SET_ROWS" and n["name"].startswith(cache))
+    index = {n["ptr"]: i for i, n in enumerate(nodes)}
+    chain, frontier = {end}, [end]
+    while frontier:  # the nodes that feed the SET_ROWS, through views and the chain's ops
+        i = frontier.pop()
+        for s in nodes[i]["src"]:
+            j = index.get(s)
+            if j is None or j in chain:
+                continue
+            if nodes[j]["op"] in EMPTY | {"SUB", "MUL", "MUL_MAT"} and not nodes[j]["name"].startswith(
+                ("Kcur", "Vcur", "Qcur")
+            ):
+                chain.add(j)
+                frontier.append(j)
+    start = min(j for j in chain if nodes[j]["op"] not in EMPTY)
+    # what runs between the chain's first op and its SET_ROWS: the chain and no-op views only
+    foreign = [nodes[k]["op"] for k in range(start, end) if k not in chain and nodes[k]["op"] not in EMPTY]
+    assert not foreign, f"{cache}: ops {foreign} between the write chain's nodes"
+    return [nodes[k]["op"] for k in range(start, end + 1) if nodes[k]["op"] not in EMPTY or k in chain]
+
+
+@pytest.fixture(autouse=True)
+def _defaults(kv_env, monkeypatch):
+    kv_env()  # the centering/balancing defaults
+    monkeypatch.delenv("LLAMA_ATTN_ROT_DISABLE", raising=False)
+
+
+def test_the_tensor_layout_matches(llama_cpp, smollm2_path):
+    nodes = decode_nodes(llama_cpp, smollm2_path, "polar", "polar")
+    assert all(n["struct_name"] == n["name"] for n in nodes), "struct ggml_tensor layout differs from ggml.h"
+
+
+@pytest.mark.parametrize("vtype", ["polar", "polar3", "f16"])
+def test_polar_write_chains_are_consecutive(llama_cpp, smollm2_path, vtype):
+    nodes = decode_nodes(llama_cpp, smollm2_path, "polar", vtype)
+    k_ops = [op for op in write_chain(nodes, "cache_k_l0") if op not in EMPTY]
+    # centering (SUB), balancing (MUL), upstream's Hadamard rotation (MUL_MAT), the write
+    assert k_ops == ["SUB", "MUL", "MUL_MAT", "SET_ROWS"], k_ops
+    if vtype != "f16":
+        v_ops = [op for op in write_chain(nodes, "cache_v_l0") if op not in EMPTY]
+        assert v_ops == ["MUL_MAT", "SET_ROWS"], v_ops
+
+
+def test_f16_cache_keeps_upstream_rope_fusion(llama_cpp, smollm2_path):
+    nodes = decode_nodes(llama_cpp, smollm2_path, "f16", "f16")
+    end = next(i for i, n in enumerate(nodes) if n["op"] == "SET_ROWS" and n["name"].startswith("cache_k_l0"))
+    assert [n["op"] for n in nodes[end - 2 : end + 1]] == ["ROPE", "VIEW", "SET_ROWS"]
