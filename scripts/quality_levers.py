@@ -231,8 +231,9 @@ NONE = {"LLAMA_KV_CENTER": "0"}  # no centering at all (what a sliding-window mo
 PREV = {"LLAMA_KV_CENTER_SINK": "0", "LLAMA_KV_BALANCE": "0"}
 SINK = {"LLAMA_KV_BALANCE": "0"}
 SINK_BAL = {"LLAMA_KV_BALANCE": "1"}
+NO_ROT = {"LLAMA_ATTN_ROT_DISABLE": "1"}  # upstream's Hadamard rotation of Q/K/V off (defaults otherwise)
 SETTINGS = [
-    *(("polar", "f16", env) for env in (NONE, PREV, SINK, SINK_BAL)),
+    *(("polar", "f16", env) for env in (NONE, PREV, SINK, SINK_BAL, NO_ROT)),
     *(("polar3", "f16", env) for env in (NONE, PREV, SINK, SINK_BAL)),
     *(("polar", "polar3", env) for env in (NONE, PREV, SINK, SINK_BAL)),
     ("q4_0", "f16", {}),

@@ -11,6 +11,7 @@ between; with an f16 cache, upstream's ROPE -> VIEW -> SET_ROWS stays consecutiv
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,10 @@ def _ggml_base(llama_cpp) -> ctypes.CDLL:
     return base
 
 
-def decode_nodes(llama_cpp, model: Path, ctk: str, ctv: str) -> list[dict]:
-    """The nodes of one decode step (after an 8-token prompt) in execution order: op, name, srcs."""
+@functools.cache
+def decode_nodes(llama_cpp, model: Path, ctk: str, ctv: str) -> tuple[dict, ...]:
+    """The nodes of one decode step (after an 8-token prompt) in execution order: op, name, srcs
+    (one run per cache pair and model: the tests only read them)."""
     base = _ggml_base(llama_cpp)
     recording, nodes = [False], []
 
@@ -100,10 +103,10 @@ def decode_nodes(llama_cpp, model: Path, ctk: str, ctv: str) -> list[dict]:
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model_h)
     assert nodes, "the eval callback saw no node"
-    return nodes
+    return tuple(nodes)
 
 
-def write_chain(nodes: list[dict], cache: str) -> list[str]:
+def write_chain(nodes: tuple[dict, ...], cache: str) -> list[str]:
     """The ops from the first compute node of a cache write's chain to its SET_ROWS (cache
     'cache_k_l0' or 'cache_v_l0'): walk back from the SET_ROWS through the nodes it reads."""
     end = next(i for i, n in enumerate(nodes) if n["op"] == "SET_ROWS" and n["name"].startswith(cache))
