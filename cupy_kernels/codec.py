@@ -6,6 +6,7 @@ The encoder writes the bytes of `kvpolar.codec.quantize_blocks` and the decoder 
 on torch's current stream.
 
     encode(x, fmt)                      (..., k*64) float32/float16/bfloat16 -> (..., k, type_size) uint8
+    encode(x, fmt, variant="rs8")       the same bytes from a throughput variant (ENCODE_VARIANTS)
     encode_into(x, cache, fmt, pos)     x [B, H, T, D] written into cache [B, H, T_max, D/64, ts] at pos
     decode(blocks, fmt, dtype)          (..., type_size) uint8 -> (..., 64) float32/float16
     dequantize_cache(cache, fmt, ...)   [B, H, T_max, D/64, ts] -> [B, H, length, D]
@@ -29,6 +30,35 @@ def _module():
     return loader.module("polar_encode.cu", (), exact=True)
 
 
+# Throughput variants of the warp path (polar_encode.cu, issue 11 item 4): name -> the #defines of
+# its module, which holds only polar_encode_rs_<fmt>_<f32|f16>. All write the bytes of "default",
+# the shipped kernel (tests/test_gpu_encode_variants.py; scripts/bench_gpu.py encode --variants).
+#   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
+#   slide<G>  rs<G> with the lane's window rings kept in registers between scales
+#   *_lb5     __launch_bounds__(256, 5): registers capped for 5 CTAs of 8 warps per SM
+ENCODE_VARIANTS: dict[str, tuple[tuple[str, int], ...] | None] = {
+    "default": None,
+    "rs4": (("POLAR_ENC_RS_G", 4),),
+    "rs8": (("POLAR_ENC_RS_G", 8),),
+    "rs8_lb5": (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5)),
+    "slide8": (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_SLIDE", 1)),
+}
+VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
+
+
+def _variant_kernel(variant: str, fmt: str, suffix: str):
+    if variant not in ENCODE_VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(ENCODE_VARIANTS)}, got {variant!r}")
+    defines = ENCODE_VARIANTS[variant]
+    if defines is None:
+        return _module().get_function(f"polar_encode_{fmt}_{suffix}")
+    if suffix not in VARIANT_DTYPES:
+        raise ValueError(f"encoder variant {variant!r} takes float32 or float16 input, got {suffix}")
+    return loader.module("polar_encode.cu", defines, exact=True).get_function(
+        f"polar_encode_rs_{fmt}_{suffix}"
+    )
+
+
 def _in_suffix(dtype) -> str:
     name = str(dtype).replace("torch.", "")
     if name not in _IN_DTYPES:
@@ -49,17 +79,25 @@ CTA_PATH_BLOCKS_PER_SM = 4
 ENCODE_PATHS = ("auto", "warp", "cta")
 
 
-def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto") -> None:
+def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant: str = "default") -> None:
     """Encode x [B, H, T, D] (float32/16/bf16, last dim contiguous) into
     cache [B, H, T_max, D/64, type_size] uint8 (contiguous) at token positions pos + t.
 
     pos: an int, or an int32 CUDA tensor [B] (per-sequence positions, a ragged batch).
     path: "auto" (by the number of blocks, CTA_PATH_BLOCKS_PER_SM), "warp" or "cta"; same bytes.
+    variant: "default", or a throughput variant of the warp path (ENCODE_VARIANTS; float32/float16
+    input, path "auto" or "warp", and it runs whatever the number of blocks); same bytes.
     """
     torch = loader.torch()
     fmt = _enc_fmt(fmt)
     if path not in ENCODE_PATHS:
         raise ValueError(f"path must be one of {ENCODE_PATHS}, got {path!r}")
+    if variant not in ENCODE_VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(ENCODE_VARIANTS)}, got {variant!r}")
+    if variant != "default":
+        if path == "cta":
+            raise ValueError(f"encoder variant {variant!r} is a warp-path kernel, not path 'cta'")
+        path = "warp"
     loader.check_cuda("x", x)
     loader.check_cuda("cache", cache)
     if x.dim() != 4 or x.shape[-1] % QK:
@@ -100,7 +138,7 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto") -> None
         warps = 16
         grid = min(n, 65535 * 4)
     else:
-        kern = _module().get_function(f"polar_encode_{fmt}_{_in_suffix(x.dtype)}")
+        kern = _variant_kernel(variant, fmt, _in_suffix(x.dtype))
         warps = 8
         grid = min((n + warps - 1) // warps, 65535 * 4)
     ob, oh, ot = (cache.stride(0), cache.stride(1), cache.stride(2))
@@ -123,10 +161,10 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto") -> None
     loader.launch(kern, (grid,), (32 * warps,), args)
 
 
-def encode(x, fmt: str = "polar", path: str = "auto"):
+def encode(x, fmt: str = "polar", path: str = "auto", variant: str = "default"):
     """(..., k*64) float32/float16/bfloat16 CUDA tensor -> (..., k, type_size) uint8 blocks.
 
-    path: as in encode_into."""
+    path, variant: as in encode_into."""
     torch = loader.torch()
     loader.check_cuda("x", x)
     if x.dim() == 0 or x.shape[-1] % QK:
@@ -137,7 +175,7 @@ def encode(x, fmt: str = "polar", path: str = "auto"):
     x2 = x.reshape(1, 1, -1, D)
     ts = get_format(_enc_fmt(fmt)).type_size
     out = torch.empty((1, 1, x2.shape[2], D // QK, ts), dtype=torch.uint8, device=x.device)
-    encode_into(x2, out, fmt, 0, path)
+    encode_into(x2, out, fmt, 0, path, variant)
     return out.reshape(*lead, D // QK, out.shape[-1])
 
 

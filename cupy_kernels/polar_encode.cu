@@ -108,6 +108,7 @@ __device__ __forceinline__ void encode_cta_kernel(const typename IN::T * __restr
         encode_cta_kernel<FMT, IN>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0);           \
     }
 
+#ifndef POLAR_ENC_RS_G  // the default module (a variant module holds only its own entries)
 ENCODE_CTA_ENTRY(polar_encode_cta_polar_f32, 0, in_f32)
 ENCODE_CTA_ENTRY(polar_encode_cta_polar_f16, 0, in_f16)
 ENCODE_CTA_ENTRY(polar_encode_cta_polar_bf16, 0, in_bf16)
@@ -121,6 +122,289 @@ ENCODE_ENTRY(polar_encode_polar_bf16, 0, in_bf16)
 ENCODE_ENTRY(polar_encode_polar3_f32, 1, in_f32)
 ENCODE_ENTRY(polar_encode_polar3_f16, 1, in_f16)
 ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
+#endif
+
+// ---- throughput variants of the warp path (issue 11, item 4) --------------------------------
+// Compiled only with POLAR_ENC_VARIANTS (cupy_kernels.codec compiles them as a second module when
+// a variant is asked for, so the default module is unchanged). Each writes the bytes of
+// encode_kernel; scripts/bench_gpu.py encode --variants measures and compares them.
+//
+//  rs<G>    the 16 scale candidates in groups of G: each lane first computes its pair's error at
+//           the G scales (polar_lane_err: polar_encode_at without the block sum), then one
+//           reduce-scatter butterfly sums all G at once: at step h = 16, 8, ... lane L keeps the
+//           half of the remaining candidates selected by bit h of L and adds its partner's copy of
+//           that half, so after log2 G steps each lane holds one candidate (k = L >> (5 - log2 G))
+//           and plain butterfly steps finish it. Every candidate's sum is exactly tree32's: at each
+//           level a lane adds the same two subtree sums as the xor butterfly (a + b = b + a). G - 1 +
+//           5 - log2 G shuffles per group instead of 5 G. The winner of a group is the least E
+//           (as bits, clamped to +inf) with the lowest k among equal ones (min over lanes, ballot,
+//           lowest lane), kept only if strictly below the best so far: the first strict minimum of
+//           the sequential loop. The slot of each candidate is kept as a byte per lane (in two 64-bit registers); (CX, CY)
+//           of the winner are read once from the table.
+//  slide<G> rs<G>, and rings w, w + 1 of the lane's window stay in registers from one scale to
+//           the next: the window only moves outwards as k grows (s_k non-increasing, so rho, its
+//           cell and lut[cell] non-decreasing), and a lane loads only the rings it has not got
+//           (a warp-uniform vote skips the loads when no lane moved). Same values as the table reads.
+//  ..._lb   the same code with __launch_bounds__(256, 5): registers capped for 5 CTAs per SM.
+#ifdef POLAR_ENC_RS_G
+
+// window state of the slide variants: rings wp, wp + 1 of this lane (wp = -2: nothing loaded)
+struct polar_win_regs {
+    int    wp;
+    float4 q0, q1;
+};
+
+// polar_encode_at at scale s without the block sum: this lane's slot and its squared error
+// (ex^2 + ey^2), the value tree32 sums. SLIDE: rings w, w + 1 come from (and update) ws.
+template <int FMT, bool SLIDE>
+__device__ __forceinline__ float polar_lane_err(float X, float Y, float r, float s, float inv,
+                                                const polar_cand_table * t, int lane, int & slot,
+                                                polar_win_regs & ws) {
+    constexpr int NR  = polar_fmt<FMT>::NRINGS;
+    const float   xn  = polar_fmul(X, inv);
+    const float   yn  = polar_fmul(Y, inv);
+    const float   rho = polar_fmul(r, inv);
+
+    const int cell = (int) polar_fmul(rho, POLAR_WIN_LUT_SCALE);  // saturating conversion
+    const int w    = t->lut[cell < POLAR_WIN_LUT - 1 ? cell : POLAR_WIN_LUT - 1];
+    float4    q0, q1;
+    if (SLIDE) {
+        const bool mv  = w != ws.wp;
+        const bool far = mv && w != ws.wp + 1;
+        if (__any_sync(POLAR_FULL_MASK, mv)) {
+            float4 n0 = ws.q1;
+            float4 n1 = ws.q1;
+            if (mv) {
+                n1 = t->xy[w + 1][lane];
+            }
+            if (__any_sync(POLAR_FULL_MASK, far) && far) {
+                n0 = t->xy[w][lane];
+            }
+            if (mv) {
+                ws.q0 = n0;
+                ws.q1 = n1;
+                ws.wp = w;
+            }
+        }
+        q0 = ws.q0;
+        q1 = ws.q1;
+    } else {
+        q0 = t->xy[w][lane];
+        q1 = t->xy[w + 1][lane];
+    }
+    const float dx0  = polar_fsub(xn, q0.x);
+    const float dy0  = polar_fsub(yn, q0.y);
+    float       best = polar_fadd(polar_fmul(dx0, dx0), polar_fmul(dy0, dy0));
+    int         bs   = 2 * w;
+    float       bx   = q0.x;
+    float       by   = q0.y;
+    polar_try(xn, yn, q0.z, q0.w, 2 * w + 1, best, bs, bx, by);
+    polar_try(xn, yn, q1.x, q1.y, 2 * w + 2, best, bs, bx, by);
+    polar_try(xn, yn, q1.z, q1.w, 2 * w + 3, best, bs, bx, by);
+
+    // no candidate outside the window can be the answer (proof above polar_ring_bounds)
+    const float2 ab     = t->win[w];
+    const float  rho_lo = polar_fsub(polar_fmul(rho, POLAR_RHO_REL_LO), POLAR_RHO_ABS);
+    const float  rho_hi = polar_fadd(polar_fmul(rho, POLAR_RHO_REL_HI), POLAR_RHO_ABS);
+    const float  m      = polar_fmin(polar_fsub(rho_lo, ab.x), polar_fsub(ab.y, rho_hi));
+    const float  lb     = polar_fmul(polar_fmul(m, m), POLAR_LB_REL);
+    const bool   ok     = __float_as_int(m) > 0 && polar_lt_nonneg(polar_fmax(best, POLAR_LB_MIN), lb);
+    if (__any_sync(POLAR_FULL_MASK, !ok)) {  // rare: a loop, not unrolled (registers)
+        best = __uint_as_float(POLAR_INF_BITS);
+#pragma unroll 1
+        for (int j = 0; j < NR; ++j) {
+            const float4 q = t->xy[j][lane];
+            polar_try(xn, yn, q.x, q.y, 2 * j, best, bs, bx, by);
+            polar_try(xn, yn, q.z, q.w, 2 * j + 1, best, bs, bx, by);
+        }
+    }
+    slot           = bs;
+    const float ex = polar_fsub(X, polar_fmul(s, bx));
+    const float ey = polar_fsub(Y, polar_fmul(s, by));
+    return polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey));
+}
+
+// log2 of a power of two 1..32 at compile time
+template <int G> struct polar_log2 {
+    enum { value = 1 + polar_log2<G / 2>::value };
+};
+template <> struct polar_log2<1> {
+    enum { value = 0 };
+};
+
+// Steps 1-6 of one block, as polar_encode_block<FMT, 1, 1> (same bytes), the scale candidates
+// evaluated G at a time with one reduce-scatter block sum per group (variants above).
+template <int FMT, int G, bool SLIDE>
+__device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const float2 * tab, int lane,
+                                                      polar_cand_table * t, float & s_out, int & code_out) {
+    typedef polar_fmt<FMT> TR;
+    constexpr int LG = polar_log2<G>::value;
+    static_assert((1 << LG) == G && G >= 2 && G <= 16 && TR::NCAND % G == 0, "G: 2, 4, 8 or 16 dividing NCAND");
+
+    X                = polar_sanitize(X);
+    Y                = polar_sanitize(Y);
+    const float rmax = polar_block_rmax(X, Y);
+    const float r    = polar_fsqrt(polar_fadd(polar_fmul(X, X), polar_fmul(Y, Y)));
+
+    __syncwarp();  // the lanes are done with the warp's previous block
+    const float theta = atan2f(Y, X);
+    polar_build_candidates<FMT, 1>(theta, tab, lane, t);
+    __syncwarp();
+
+    static_assert(TR::NCAND <= POLAR_BLOCK_PAIRS, "one scale candidate per lane");
+    const float s_lane   = polar_round_scale(polar_fmul(rmax, polar_tab<FMT>::g(lane % TR::NCAND)));
+    const float inv_lane = polar_fdiv(1.0f, s_lane);
+
+    float          best_s = 0.0f;
+    unsigned int   best_b = POLAR_INF_BITS;  // bits of the best E
+    int            best_i = 0;               // slot
+    polar_win_regs ws;
+    ws.wp = -2;
+    ws.q0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    ws.q1 = ws.q0;
+#pragma unroll 1
+    for (int k0 = 0; k0 < TR::NCAND; k0 += G) {
+        float              v[G];
+        unsigned long long sl0 = 0ull, sl1 = 0ull;  // slot of candidate c: byte c % 8 of sl0 (c < 8) or sl1
+#pragma unroll
+        for (int c = 0; c < G; ++c) {
+            const float s = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + c);
+            v[c]          = __uint_as_float(POLAR_INF_BITS);
+            if (s != 0.0f) {  // warp-uniform; a skipped candidate sums to +inf and never wins
+                int slot;
+                v[c] = polar_lane_err<FMT, SLIDE>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c), t,
+                                                  lane, slot, ws);
+                if (c < 8) {
+                    sl0 |= (unsigned long long) slot << (8 * c);
+                } else {
+                    sl1 |= (unsigned long long) slot << (8 * (c - 8));
+                }
+            }
+        }
+        // reduce-scatter: after step h = 16 >> i, lane L holds the candidates whose bits from
+        // LG - 1 down to LG - 1 - i are bits 4 .. 4 - i of L
+#pragma unroll
+        for (int i = 0; i < LG; ++i) {
+            const int  h  = 16 >> i;
+            const int  m  = G >> (i + 1);
+            const bool up = (lane & h) != 0;
+#pragma unroll
+            for (int c = 0; c < m; ++c) {
+                const float send = up ? v[c] : v[m + c];
+                const float keep = up ? v[m + c] : v[c];
+                v[c]             = polar_fadd(keep, __shfl_xor_sync(POLAR_FULL_MASK, send, h));
+            }
+        }
+#pragma unroll
+        for (int h = 16 >> LG; h >= 1; h >>= 1) {
+            v[0] = polar_fadd(v[0], __shfl_xor_sync(POLAR_FULL_MASK, v[0], h));
+        }
+        // lane L holds E of candidate k0 + (L >> (5 - LG)); the least bits, lowest k on ties
+        const unsigned int own = min(__float_as_uint(v[0]), POLAR_INF_BITS);
+        unsigned int       eb  = own;
+#pragma unroll
+        for (int h = 16; h >= (32 >> LG); h >>= 1) {
+            eb = min(eb, __shfl_xor_sync(POLAR_FULL_MASK, eb, h));
+        }
+        if (eb < best_b) {  // warp-uniform
+            const int    kl = (__ffs(__ballot_sync(POLAR_FULL_MASK, own == eb)) - 1) >> (5 - LG);
+            best_b = eb;
+            best_i = (int) (((kl < 8 ? sl0 : sl1) >> (8 * (kl & 7))) & 0xffu);
+            best_s = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + kl);
+        }
+    }
+    float        best_e = __uint_as_float(best_b);
+    const float2 b0     = polar_slot_xy(t, best_i, lane);
+    float        best_x = b0.x;
+    float        best_y = b0.y;
+
+    // step 6, as polar_encode_block
+    bool active = best_b != POLAR_INF_BITS;
+#pragma unroll 1
+    for (int it = 0; it < TR::NREFINE && active; ++it) {
+        const float num = polar_tree32(polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y)));
+        const float den = polar_tree32(polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y)));
+        active          = false;
+        if (den > 0.0f) {
+            const float s2 = polar_round_scale(polar_fdiv(num, den));
+            if (s2 > 0.0f && s2 != best_s) {
+                int   i;
+                float bx, by, E;
+                polar_encode_at<FMT>(X, Y, r, s2, polar_fdiv(1.0f, s2), t, lane, i, bx, by, E);
+                if (polar_lt_nonneg(E, best_e)) {
+                    best_s = s2;
+                    best_e = E;
+                    best_i = i;
+                    best_x = bx;
+                    best_y = by;
+                    active = true;
+                }
+            }
+        }
+    }
+    if (__float_as_uint(best_e) == POLAR_INF_BITS) {
+        s_out    = 0.0f;
+        code_out = 0;
+    } else {
+        int lo, hi;
+        polar_ring_neighbours<FMT>(theta, best_i >> 1, lo, hi);
+        s_out    = best_s;
+        code_out = (best_i & 1) ? hi : lo;
+    }
+}
+
+// encode_kernel with polar_encode_block_rs
+template <int FMT, class IN, int G, bool SLIDE>
+__device__ __forceinline__ void encode_rs_kernel(const typename IN::T * __restrict__ x, u8 * __restrict__ out,
+                                                 const int * __restrict__ pos, long long n_blocks, int H, int T,
+                                                 int NB, long long sb, long long sh, long long st, long long ob,
+                                                 long long oh, long long ot, int pos0) {
+    typedef polar_fmt<FMT> TR;
+    __shared__ float2           tab[TR::NCODES];
+    __shared__ polar_cand_table tabs[POLAR_ENC_WARPS];
+    polar_load_codebook<FMT, 1>(tab, threadIdx.x, blockDim.x);
+    __syncthreads();
+
+    const int       lane   = threadIdx.x & 31;
+    const int       warps  = blockDim.x >> 5;
+    const long long stride = (long long) gridDim.x * warps;
+    for (long long i = (long long) blockIdx.x * warps + (threadIdx.x >> 5); i < n_blocks; i += stride) {
+        const typename IN::T * xb;
+        u8 *                   dst;
+        encode_block_at<FMT, IN>(i, x, out, pos, H, T, NB, sb, sh, st, ob, oh, ot, pos0, xb, dst);
+        float s;
+        int   code;
+        polar_encode_block_rs<FMT, G, SLIDE>(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane,
+                                             &tabs[threadIdx.x >> 5], s, code);
+        polar_store_block<FMT>(dst, s, code, lane);
+    }
+}
+
+#ifndef POLAR_ENC_SLIDE
+#define POLAR_ENC_SLIDE 0
+#endif
+#ifndef POLAR_ENC_MINB
+#define POLAR_ENC_MINB 1
+#endif
+
+#define ENCODE_RS_ENTRY(NAME, FMT, IN)                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * POLAR_ENC_WARPS, POLAR_ENC_MINB)                       \
+        NAME(const IN::T * __restrict__ x, u8 * __restrict__ out, const int * __restrict__ pos, long long n_blocks, \
+             int H, int T, int NB, long long sb, long long sh, long long st, long long ob, long long oh,       \
+             long long ot, int pos0) {                                                                       \
+        encode_rs_kernel<FMT, IN, POLAR_ENC_RS_G, POLAR_ENC_SLIDE != 0>(x, out, pos, n_blocks, H, T, NB, sb, sh, \
+                                                                         st, ob, oh, ot, pos0);              \
+    }
+
+// float32 and float16 input (what scripts/bench_gpu.py measures)
+ENCODE_RS_ENTRY(polar_encode_rs_polar_f32, 0, in_f32)
+ENCODE_RS_ENTRY(polar_encode_rs_polar_f16, 0, in_f16)
+ENCODE_RS_ENTRY(polar_encode_rs_polar3_f32, 1, in_f32)
+ENCODE_RS_ENTRY(polar_encode_rs_polar3_f16, 1, in_f16)
+
+#endif  // POLAR_ENC_RS_G
+
+#ifndef POLAR_ENC_RS_G
 
 // ---- decoder: y[2p] = d * CX[c], y[2p+1] = d * CY[c] ----------------------------------------
 // Blocks b[n][TYPE_SIZE] (contiguous) -> y[n][64]; one thread per pair.
@@ -148,3 +432,5 @@ extern "C" __global__ void polar_decode_polar_f32(const u8 * b, void * y, long l
 extern "C" __global__ void polar_decode_polar_f16(const u8 * b, void * y, long long n) { decode_kernel<0, true>(b, y, n); }
 extern "C" __global__ void polar_decode_polar3_f32(const u8 * b, void * y, long long n) { decode_kernel<1, false>(b, y, n); }
 extern "C" __global__ void polar_decode_polar3_f16(const u8 * b, void * y, long long n) { decode_kernel<1, true>(b, y, n); }
+
+#endif

@@ -6,6 +6,7 @@ before every timed repetition).
     python scripts/bench_gpu.py tune   [--json out.json]   kernel shapes at the headline size
     python scripts/bench_gpu.py kmode  [--json out.json]   (a) gather+FMA vs (b) LUT
     python scripts/bench_gpu.py encode [--json out.json]   encoder throughput
+    python scripts/bench_gpu.py encode --variants all      + the encoder's throughput variants, bytes checked
     python scripts/bench_gpu.py copy                       device-to-device copy rate
     python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
     python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
@@ -649,10 +650,139 @@ def cmd_small(args, timer) -> list[dict]:
     return rows
 
 
+def _encode_variant_names(args) -> list[str]:
+    from cupy_kernels import codec
+
+    want = list(codec.ENCODE_VARIANTS) if "all" in args.variants else args.variants
+    bad = [v for v in want if v not in codec.ENCODE_VARIANTS]
+    if bad:
+        raise SystemExit(
+            f"unknown encoder variants {bad}: choose from {list(codec.ENCODE_VARIANTS)} or 'all'"
+        )
+    return ["default", *dict.fromkeys(v for v in want if v != "default")]
+
+
+def _hard_encode_inputs(torch) -> dict[str, object]:
+    """The parity tests' blocks (tests/blocks.py: zeros, tiny/huge, NaN/inf, subnormals, random
+    bits, fp16 grid, ...), 4096 blocks of each kind, as one float32 CUDA tensor per kind."""
+    import zlib
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import blocks
+
+    return {
+        k: torch.from_numpy(blocks.rows(k, 4096, np.random.default_rng(zlib.crc32(k.encode())))).cuda()
+        for k in blocks.KINDS
+    }
+
+
+def _bytes_mismatch(got, want) -> str | None:
+    """None if the two (n, type_size) uint8 tensors are equal, else where they differ."""
+    torch = _torch()
+    if torch.equal(got, want):
+        return None
+    bad = (got != want).reshape(got.shape[0], -1).any(1).nonzero().flatten()
+    i = int(bad[0])
+    first = f"first {i}: {got[i].tolist()} != default {want[i].tolist()}"
+    return f"{len(bad)} of {got.shape[0]} blocks differ; {first}"
+
+
+def cmd_encode_variants(args, timer) -> list[dict]:
+    """Each encoder variant (cupy_kernels.codec.ENCODE_VARIANTS) against the default kernel: M
+    blocks/s on the encode benchmark's input (64 Mi values, polar and polar3 from float16 and
+    float32), and its bytes compared with the default kernel's on that input and on the hard
+    inputs of the parity tests (float32 and float16). A difference is a failure (exit status 1)."""
+    torch = _torch()
+    from cupy_kernels import codec
+
+    names = _encode_variant_names(args)
+    t0 = time.time()
+    for fmt in ("polar", "polar3"):  # compile every module first: outside the timings
+        for dt in (torch.float16, torch.float32):
+            for v in names:
+                codec.encode(torch.zeros((1, 64), device="cuda", dtype=dt), fmt, variant=v)
+    torch.cuda.synchronize()
+    print(f"encoder variants {names}: compiled in {time.time() - t0:.1f} s", flush=True)
+
+    mismatches = []
+
+    def check(label: str, v: str, got, want) -> bool:
+        msg = _bytes_mismatch(got, want)
+        if msg:
+            mismatches.append(f"{label} [{v}]: {msg}")
+            print(f"BYTES DIFFER: {label} [{v}]: {msg}", file=sys.stderr, flush=True)
+        return msg is None
+
+    hard = _hard_encode_inputs(torch)
+    hard_ok = {v: True for v in names}
+    for fmt in ("polar", "polar3"):
+        for dt in (torch.float32, torch.float16):
+            for kind, x in hard.items():
+                xt = x.to(dt)
+                want = codec.encode(xt, fmt)
+                for v in names[1:]:
+                    ok = check(
+                        f"hard {kind} {fmt} from {str(dt).split('.')[-1]}",
+                        v,
+                        codec.encode(xt, fmt, variant=v),
+                        want,
+                    )
+                    hard_ok[v] &= ok
+    print(
+        f"hard inputs ({len(hard)} kinds x 4096 blocks): "
+        + ", ".join(f"{v} {'equal' if hard_ok[v] else 'DIFFER'}" for v in names[1:]),
+        flush=True,
+    )
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    n = 1 << 26  # 64 Mi values, as cmd_encode
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn((n // 128, 128), generator=gen, device="cuda").to(dtype)
+        dname = str(dtype).split(".")[-1]
+        for fmt in ("polar", "polar3"):
+            want = codec.encode(x, fmt)
+            base = None
+            for v in names:
+                equal = v == "default" or check(
+                    f"bench input {fmt} from {dname}", v, codec.encode(x, fmt, variant=v), want
+                )
+                r = timer(lambda x=x, fmt=fmt, v=v: codec.encode(x, fmt, variant=v))
+                mbs = n / 64 / r["ms"] / 1e3
+                base = mbs if base is None else base
+                rows.append(
+                    {
+                        "variant": f"encode {fmt} from {dname} [{v}]",
+                        "encoder_variant": v,
+                        "fmt": fmt,
+                        "dtype": dname,
+                        **r,
+                        "Mblocks_per_s": mbs,
+                        "vs_default": mbs / base,
+                        "bytes_equal_bench_input": equal,
+                        "bytes_equal_hard_inputs": hard_ok[v],
+                    }
+                )
+                print(
+                    f"encode {fmt:<6} from {dname:<7} {v:<10} {r['ms']:7.3f} ms  {mbs:6.0f} M blocks/s  "
+                    f"x{mbs / base:.3f}  bytes {'equal' if equal and hard_ok[v] else 'DIFFER'}",
+                    flush=True,
+                )
+        del x
+    if mismatches:
+        args.failures.extend(mismatches)
+        print(f"ENCODER VARIANTS WRITE OTHER BYTES ({len(mismatches)} cases)", file=sys.stderr, flush=True)
+    return rows
+
+
 def cmd_encode(args, timer) -> list[dict]:
     torch = _torch()
     from cupy_kernels import codec
 
+    if args.variants:
+        return cmd_encode_variants(args, timer)
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(3)
     n = 1 << 26  # 64 Mi values
@@ -743,6 +873,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dequant", dest="dequant", action="store_false", help="skip dequantize+SDPA")
     ap.add_argument("--quick", action="store_true", help="tune: a small grid")
     ap.add_argument("--tuned", action="store_true", help="attn: tune the kernel shape first")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="V",
+        help="encode: measure these encoder variants (cupy_kernels.codec.ENCODE_VARIANTS, or 'all') "
+        "against the default kernel and check that their bytes are the same",
+    )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

@@ -5,10 +5,12 @@
     python scripts/check_kernels.py --all        every shape with every format, q type and row count
     python scripts/check_kernels.py --emit ptx --out DIR   keep the PTX of each variant in DIR
     python scripts/check_kernels.py --list       print the variants, compile nothing
+    python scripts/check_kernels.py --resources --only polar_encode   ptxas -v: registers, spills, smem
 
 The source of each variant is the text cupy_kernels.loader gives NVRTC (`build_source`: the
 #defines of cupy_kernels.attention's plan, then the file), compiled with the loader's options
-plus -arch. Variants: the encoder, polar_attn_combine per head dim, and polar_attn_mma /
+plus -arch. Variants: the encoder and its throughput variants (cupy_kernels.codec.ENCODE_VARIANTS),
+polar_attn_combine per head dim, and polar_attn_mma /
 polar_attn_simt for head dims 64/128/256, K/V formats polar, polar3, paperb (the research
 preset, registered from scripts/study) and float16 V, every kmode, q float32/float16/bfloat16
 (mma precision fp32/fp16), the configurations of tests/test_gpu_attention.py and the shipped
@@ -31,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cupy_kernels import attention, loader
+from cupy_kernels import attention, codec, loader
 from study import paperb_kernel_ref
 
 log = logging.getLogger("check_kernels")
@@ -121,6 +123,7 @@ def variants(full: bool) -> list[Variant]:
     run them). full: every shape with every format pair, q type and row count 1..8."""
     paperb_kernel_ref.register_kernel_format()
     out = [Variant("polar_encode.cu", (), exact=True)]
+    out += [Variant("polar_encode.cu", d, exact=True) for d in codec.ENCODE_VARIANTS.values() if d]
     out += [Variant("polar_attn_combine.cu", (("HD", D),)) for D in attention.HEAD_DIMS]
     seen: dict[Variant, None] = {}
     rows = range(1, 9) if full else (1, 4, 8)
@@ -151,18 +154,38 @@ def check_includes() -> list[str]:
     return bad
 
 
-def compile_one(v: Variant, nvcc: str, arch: str, emit: str, tmp: Path, out: Path | None) -> str | None:
-    """None if `v` compiles, else the compiler's message."""
+_PTXAS_USAGE = re.compile(
+    r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+    r"(\d+) bytes spill loads.*?Used (\d+) registers.*?(\d+) bytes smem",
+    re.S,
+)
+
+
+def resources(ptxas_log: str) -> list[str]:
+    """One line per entry function of a ptxas -v log: registers, stack, spills, static smem."""
+    return [
+        f"  {m[1]:<44} regs {m[5]:>3}  stack {m[2]:>3}  spill st/ld {m[3]}/{m[4]}  smem {m[6]}"
+        for m in _PTXAS_USAGE.finditer(ptxas_log)
+    ]
+
+
+def compile_one(
+    v: Variant, nvcc: str, arch: str, emit: str, tmp: Path, out: Path | None, usage: bool = False
+) -> str | None:
+    """None if `v` compiles, else the compiler's message; usage: the ptxas -v lines (resources)."""
     src = tmp / f"{v.key}.cu"
     src.write_text(loader.build_source(v.file, dict(v.defines)))
     opts = [*loader.OPTIONS, *loader.include_options(), *(loader.EXACT_OPTIONS if v.exact else ())]
     dst = (out or tmp) / f"{v.key}.{emit}"
     cmd = [nvcc, *opts, f"-arch={arch}", f"--{emit}", str(src), "-o", str(dst)]
+    cmd += ["-Xptxas=-v"] if usage else []
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode or not dst.is_file():
         return f"nvcc exit status {r.returncode}\n" + (r.stderr + r.stdout).strip()[-3000:]
     if out is not None:
         (out / f"{v.key}.txt").write_text(v.label + "\n")
+    if usage:
+        log.info("%s\n%s", v.label, "\n".join(resources(r.stderr + r.stdout)))
     return None
 
 
@@ -175,6 +198,10 @@ def main(argv=None) -> int:
     ap.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/bin/nvcc")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument(
+        "--only", metavar="FILE", help="only the variants of this kernel file (e.g. polar_encode)"
+    )
+    ap.add_argument("--resources", action="store_true", help="print ptxas -v registers/spills/smem per entry")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -183,6 +210,8 @@ def main(argv=None) -> int:
     for b in bad:
         log.error("%s", b)
     vs = variants(args.all)
+    if args.only:
+        vs = [v for v in vs if v.file.removesuffix(".cu") == args.only.removesuffix(".cu")]
     if args.list:
         print(*(v.label for v in vs), sep="\n")
         return 1 if bad else 0
@@ -195,7 +224,8 @@ def main(argv=None) -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as ex:
         jobs = {
-            ex.submit(compile_one, v, args.nvcc, args.arch, args.emit, Path(tmp), args.out): v for v in vs
+            ex.submit(compile_one, v, args.nvcc, args.arch, args.emit, Path(tmp), args.out, args.resources): v
+            for v in vs
         }
         for i, fut in enumerate(concurrent.futures.as_completed(jobs), 1):
             v, err = jobs[fut], fut.result()

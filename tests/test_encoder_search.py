@@ -2,11 +2,17 @@
 kvpolar.codec.quantize_blocks: its float32 numpy twin (tests/encoder_emulation.py) against the
 reference on random and adversarial blocks, at single scales on points placed exactly on codes,
 midway between codes and on ring boundaries, and with deliberately wrong windows (the bound must
-reject them, the full search then answers). CPU only; tests/test_gpu_parity.py checks the device.
+reject them, the full search then answers). The throughput variants' grouped search
+(polar_encode.cu, polar_encode_block_rs: reduce-scatter block sums, group winner by min and
+ballot, slide window registers) is checked the same way, and its two pieces on their own: every
+lane's reduce-scatter sum has tree32's bits, and the group choice is the sequential loop's first
+strict minimum. CPU only; tests/test_gpu_parity.py and tests/test_gpu_encode_variants.py check
+the device.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -15,7 +21,7 @@ import pytest
 import blocks
 import encoder_emulation as em
 from kvpolar import codec
-from kvpolar.format import FORMATS, QK, get_format, tables
+from kvpolar.format import FORMATS, PAIRS, QK, get_format, tables
 
 FMTS = sorted(FORMATS)
 N = 256  # blocks per kind and format (the numpy reference takes ~0.5 ms a block on one core)
@@ -119,10 +125,16 @@ def _first_diff(fmt: str, got: np.ndarray, want: np.ndarray) -> str:
     return f"{len(bad)} blocks differ"
 
 
+@functools.cache
+def _all_kinds(fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """N blocks of every kind and numpy's bytes for them (computed once per format)."""
+    x = np.concatenate([_rows(fmt, k, N, _rng(fmt, k)) for k in KINDS])
+    return x, codec.quantize_blocks(x, fmt)
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 def test_blocks_equal_reference(fmt):
-    x = np.concatenate([_rows(fmt, k, N, _rng(fmt, k)) for k in KINDS])
-    want = codec.quantize_blocks(x, fmt)
+    x, want = _all_kinds(fmt)
     got, stats = em.encode_blocks(x, fmt)
     assert (got == want).all(), _first_diff(fmt, got, want)
     # the window nearly always carries its proof: the full search is the exception
@@ -165,3 +177,74 @@ def test_search_at_exact_scales(fmt, kind):
         i = tuple(bad[0])
         pytest.fail(f"{len(bad)} pairs differ; first (block, pair) {i}: code {got[i]}, numpy {want_codes[i]}")
     assert (e.view(np.uint32) == want_e.view(np.uint32)).all()
+
+
+# ---- the throughput variants' grouped search (polar_encode_block_rs) ---------------------------
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize(
+    ("group", "slide"), [(2, False), (4, False), (8, False), (16, False), (4, True), (8, True)]
+)
+def test_grouped_search_equals_reference(fmt, group, slide):
+    x, want = _all_kinds(fmt)
+    got, stats = em.encode_blocks(x, fmt, group=group, slide=slide)
+    assert (got == want).all(), _first_diff(fmt, got, want)
+    assert stats["full"] <= 0.01 * stats["scales"], stats
+    if slide:  # the window moves outwards as k grows: a warp often has nothing to load
+        assert 0 < stats["slide_moves"] < stats["slide_steps"], stats
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("shift", [-2, 3])
+@pytest.mark.parametrize("slide", [False, True])
+def test_grouped_search_wrong_window(fmt, shift, slide):
+    """Deliberately wrong windows in the grouped search: the full search answers, same bytes."""
+    rng = _rng(fmt, "gshift", shift)
+    x = np.concatenate([_rows(fmt, k, 16, rng) for k in ("gaussian", "midway", "zero", "tiny", "outlier")])
+    want = codec.quantize_blocks(x, fmt)
+    got, _ = em.encode_blocks(x, fmt, w_shift=shift, group=8, slide=slide)
+    assert (got == want).all(), _first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("group", [2, 4, 8, 16])
+def test_group_sums_have_tree32_bits(group):
+    """Each lane of the reduce-scatter holds tree32's bits of its candidate: values over many
+    decades (so that the order of the additions shows in the bits), zeros and infinities."""
+    rng = _rng("group_sums", group)
+    n = 4000
+    v = (
+        rng.standard_normal((n, group, PAIRS)) ** 2 * 10.0 ** rng.uniform(-30, 30, (n, group, PAIRS))
+    ).astype(np.float32)
+    v[rng.random(v.shape) < 0.02] = 0.0
+    v[rng.random(v.shape) < 0.002] = np.inf
+    e = em.group_sums(v)
+    want = codec.tree32(v)  # (n, G)
+    k = np.arange(PAIRS) >> (5 - (group.bit_length() - 1))
+    assert np.array_equal(e.view(np.uint32), want[:, k].view(np.uint32))
+
+
+@pytest.mark.parametrize("group", [2, 4, 8, 16])
+def test_group_select_is_first_strict_minimum(group):
+    """The group's (least bits, lowest k) kept on a strict < over groups is the sequential loop's
+    first strict minimum, ties and +inf (skipped scales) included."""
+    rng = _rng("group_select", group)
+    n, ncand = 5000, 16
+    E = rng.integers(0, 6, (n, ncand)).astype(np.float32)  # many ties
+    E[rng.random(E.shape) < 0.3] = np.inf
+    E[rng.random(n) < 0.05] = np.inf  # every scale skipped
+    want_k = np.full(n, -1)
+    best = np.full(n, np.inf, np.float32)
+    for k in range(ncand):
+        u = E[:, k] < best
+        best[u], want_k[u] = E[u, k], k
+    lg = group.bit_length() - 1
+    lane_k = np.arange(PAIRS) >> (5 - lg)
+    got_k = np.full(n, -1)
+    best_b = np.full(n, em.INF_BITS, np.uint32)
+    for k0 in range(0, ncand, group):
+        eb, kl = em.group_select(np.ascontiguousarray(E[:, k0 + lane_k]), group)
+        u = eb < best_b
+        best_b[u], got_k[u] = eb[u], k0 + kl[u]
+    assert np.array_equal(got_k, want_k)
+    assert np.array_equal(best_b.view(np.float32), best)

@@ -1,0 +1,106 @@
+"""numpy == GPU for the encoder's throughput variants (cupy_kernels.codec.ENCODE_VARIANTS,
+polar_encode.cu under POLAR_ENC_RS_G): each writes the bytes of kvpolar.codec.quantize_blocks
+for both formats, float32 and float16 input, on the parity tests' blocks (tests/blocks.py).
+
+Skipped without CuPy and a CUDA device (the gpu marker, tests/conftest.py). The CPU twin of the
+variants' grouped search is checked by tests/test_encoder_search.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import numpy as np
+import pytest
+
+import blocks
+from cupy_kernels import codec as gpu_codec
+from kvpolar import codec
+from kvpolar.format import FORMATS, QK, get_format
+
+pytestmark = pytest.mark.gpu
+FMTS = sorted(FORMATS)
+VARIANTS = [v for v in gpu_codec.ENCODE_VARIANTS if v != "default"]
+N = 300  # blocks per kind
+
+
+@pytest.fixture(scope="module")
+def torch(cuda_torch):
+    return cuda_torch
+
+
+@functools.cache
+def _case(fmt: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, numpy's bytes) of one format and kind, computed once for all variants."""
+    x = blocks.rows(kind, N, np.random.default_rng(zlib.crc32(f"variants/{fmt}/{kind}".encode())))
+    return x, codec.quantize_blocks(x, fmt)
+
+
+def _first_diff(fmt, got: np.ndarray, want: np.ndarray) -> str:
+    bad = np.nonzero((got != want).any(1))[0]
+    i = int(bad[0])
+    off = 0
+    for name, dt, cnt in get_format(fmt).fields:
+        size = np.dtype(dt).itemsize * cnt
+        if (got[i, off : off + size] != want[i, off : off + size]).any():
+            return (
+                f"{len(bad)} blocks differ; first block {i}, field {name}: "
+                f"gpu {got[i, off : off + size].tolist()} numpy {want[i, off : off + size].tolist()}"
+            )
+        off += size
+    return f"{len(bad)} blocks differ"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("kind", blocks.KINDS)
+def test_variant_f32_bytes(torch, variant, fmt, kind):
+    x, want = _case(fmt, kind)
+    got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt, variant=variant).reshape(len(x), -1).cpu().numpy()
+    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("kind", ["gaussian", "scaled", "zero", "nonfinite", "huge", "fp16grid"])
+def test_variant_f16_bytes(torch, variant, fmt, kind):
+    """float16 input is converted to float32 exactly, then encoded."""
+    xt = torch.from_numpy(blocks.rows(kind, N, np.random.default_rng(zlib.crc32(kind.encode())))).half()
+    want = codec.quantize_blocks(xt.float().numpy(), fmt)
+    got = gpu_codec.encode(xt.cuda(), fmt, variant=variant).reshape(len(xt), -1).cpu().numpy()
+    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_variant_large_random_equals_default(torch, variant, fmt):
+    """Many blocks (several per warp of a CTA, the grid-stride loop): the default kernel's bytes."""
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((200000, QK)) * np.exp(rng.standard_normal((200000, 1)))).astype(np.float32)
+    xt = torch.from_numpy(x).cuda()
+    assert torch.equal(gpu_codec.encode(xt, fmt, variant=variant), gpu_codec.encode(xt, fmt))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_encode_into_strided_ragged(torch, variant):
+    rng = np.random.default_rng(3)
+    B, H, T, D, T_max = 3, 2, 5, 128, 16
+    x = torch.from_numpy(rng.standard_normal((B, T, H, D)).astype(np.float32)).cuda().transpose(1, 2)
+    ts = get_format("polar").type_size
+    pos = torch.tensor([0, 3, 11], dtype=torch.int32, device="cuda")
+    want = torch.zeros((B, H, T_max, D // QK, ts), dtype=torch.uint8, device="cuda")
+    got = torch.zeros_like(want)
+    gpu_codec.encode_into(x, want, "polar", pos)
+    gpu_codec.encode_into(x, got, "polar", pos, variant=variant)
+    assert torch.equal(got, want)
+
+
+def test_variant_bad_inputs(torch):
+    x = torch.zeros((3, 64), device="cuda")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        gpu_codec.encode(x, "polar", variant="fastest")
+    with pytest.raises(ValueError, match="not path 'cta'"):
+        gpu_codec.encode(x, "polar", "cta", variant=VARIANTS[0])
+    with pytest.raises(ValueError, match="float32 or float16"):
+        gpu_codec.encode(x.to(torch.bfloat16), "polar", variant=VARIANTS[0])
