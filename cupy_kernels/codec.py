@@ -14,6 +14,7 @@ on torch's current stream.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -31,25 +32,57 @@ def _module():
 
 
 # Throughput variants of the warp path (polar_encode.cu, issue 11 item 4): name -> the #defines of
-# its module, which holds only polar_encode_rs_<fmt>_<f32|f16>. All write the bytes of "default",
-# the shipped kernel (tests/test_gpu_encode_variants.py; scripts/bench_gpu.py encode --variants).
+# its module (None: the shipped kernel; else a module holding only polar_encode_rs_<fmt>_<f32|f16>)
+# and the grid. All write the bytes of "default", the shipped kernel and grid
+# (tests/test_gpu_encode_variants.py; scripts/bench_gpu.py encode --variants).
 #   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
 #   slide<G>  rs<G> with the lane's window rings kept in registers between scales
 #   *_lb5     __launch_bounds__(256, 5): registers capped for 5 CTAs of 8 warps per SM
-ENCODE_VARIANTS: dict[str, tuple[tuple[str, int], ...] | None] = {
-    "default": None,
-    "rs4": (("POLAR_ENC_RS_G", 4),),
-    "rs8": (("POLAR_ENC_RS_G", 8),),
-    "rs8_lb5": (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5)),
-    "slide8": (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_SLIDE", 1)),
+#   *persist  a grid of as many CTAs as the SMs hold at once (resident_ctas), each warp looping
+#             over many blocks (the codebook loaded once per CTA), instead of one block per warp
+@dataclasses.dataclass(frozen=True)
+class EncodeVariant:
+    defines: tuple[tuple[str, int], ...] | None
+    persistent: bool = False
+
+
+_RS4 = (("POLAR_ENC_RS_G", 4),)
+_RS8 = (("POLAR_ENC_RS_G", 8),)
+_RS8_LB5 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))
+_SLIDE8 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_SLIDE", 1))
+ENCODE_VARIANTS: dict[str, EncodeVariant] = {
+    "default": EncodeVariant(None),
+    "persist": EncodeVariant(None, True),
+    "rs4": EncodeVariant(_RS4),
+    "rs8": EncodeVariant(_RS8),
+    "rs8_persist": EncodeVariant(_RS8, True),
+    "rs8_lb5": EncodeVariant(_RS8_LB5),
+    "rs8_lb5_persist": EncodeVariant(_RS8_LB5, True),
+    "slide8": EncodeVariant(_SLIDE8),
+    "slide8_persist": EncodeVariant(_SLIDE8, True),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
+
+
+def resident_ctas(kern, threads: int) -> int:
+    """CTAs of `threads` threads of kernel `kern` that one SM holds at once, from its registers
+    and static shared memory with sm_90's limits (65536 registers allocated per warp in units of
+    256, 228 KiB shared memory with 1 KiB reserved per CTA, 64 warps, 32 CTAs); 4 if CuPy does
+    not report them."""
+    try:
+        regs, smem = int(kern.num_regs), int(kern.shared_size_bytes)
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - depends on CuPy
+        return 4
+    warps = threads // 32
+    by_regs = 65536 // (warps * (-(-regs * 32 // 256) * 256)) if regs else 32
+    by_smem = 228 * 1024 // (smem + 1024)
+    return max(1, min(by_regs, by_smem, 64 // warps, 32))
 
 
 def _variant_kernel(variant: str, fmt: str, suffix: str):
     if variant not in ENCODE_VARIANTS:
         raise ValueError(f"variant must be one of {tuple(ENCODE_VARIANTS)}, got {variant!r}")
-    defines = ENCODE_VARIANTS[variant]
+    defines = ENCODE_VARIANTS[variant].defines
     if defines is None:
         return _module().get_function(f"polar_encode_{fmt}_{suffix}")
     if suffix not in VARIANT_DTYPES:
@@ -141,6 +174,9 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant
         kern = _variant_kernel(variant, fmt, _in_suffix(x.dtype))
         warps = 8
         grid = min((n + warps - 1) // warps, 65535 * 4)
+        if ENCODE_VARIANTS[variant].persistent:
+            dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            grid = min(grid, resident_ctas(kern, 32 * warps) * loader.sm_count(dev))
     ob, oh, ot = (cache.stride(0), cache.stride(1), cache.stride(2))
     args = (
         loader.ptr(x),

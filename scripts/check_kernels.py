@@ -123,7 +123,8 @@ def variants(full: bool) -> list[Variant]:
     run them). full: every shape with every format pair, q type and row count 1..8."""
     paperb_kernel_ref.register_kernel_format()
     out = [Variant("polar_encode.cu", (), exact=True)]
-    out += [Variant("polar_encode.cu", d, exact=True) for d in codec.ENCODE_VARIANTS.values() if d]
+    enc = dict.fromkeys(v.defines for v in codec.ENCODE_VARIANTS.values() if v.defines)
+    out += [Variant("polar_encode.cu", d, exact=True) for d in enc]
     out += [Variant("polar_attn_combine.cu", (("HD", D),)) for D in attention.HEAD_DIMS]
     seen: dict[Variant, None] = {}
     rows = range(1, 9) if full else (1, 4, 8)
