@@ -125,9 +125,11 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 #endif
 
 // ---- throughput variants of the warp path (issue 11, item 4) --------------------------------
-// Compiled only with POLAR_ENC_VARIANTS (cupy_kernels.codec compiles them as a second module when
-// a variant is asked for, so the default module is unchanged). Each writes the bytes of
-// encode_kernel; scripts/bench_gpu.py encode --variants measures and compares them.
+// Compiled only when POLAR_ENC_RS_G (the group size G) is defined: cupy_kernels.codec compiles a
+// module per variant (ENCODE_VARIANTS: POLAR_ENC_RS_G, POLAR_ENC_SLIDE, POLAR_ENC_MINB) holding only
+// its polar_encode_rs_<fmt>_<f32|f16>, so the default module is unchanged. Each writes the bytes
+// of encode_kernel; scripts/bench_gpu.py encode --variants measures and compares them, and
+// tests/encoder_emulation.py runs their search in numpy (encode_blocks(..., group=G, slide=...)).
 //
 //  rs<G>    the 16 scale candidates in groups of G: each lane first computes its pair's error at
 //           the G scales (polar_lane_err: polar_encode_at without the block sum), then one
@@ -139,13 +141,16 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 //           5 - log2 G shuffles per group instead of 5 G. The winner of a group is the least E
 //           (as bits, clamped to +inf) with the lowest k among equal ones (min over lanes, ballot,
 //           lowest lane), kept only if strictly below the best so far: the first strict minimum of
-//           the sequential loop. The slot of each candidate is kept as a byte per lane (in two 64-bit registers); (CX, CY)
-//           of the winner are read once from the table.
+//           the sequential loop. The slot of each candidate is kept as a byte per lane (two 64-bit
+//           registers); (CX, CY) of the winner are read once from the table. The full search of a
+//           warp without proof is a loop (not unrolled: it is rare, and unrolled it holds the
+//           whole table in registers).
 //  slide<G> rs<G>, and rings w, w + 1 of the lane's window stay in registers from one scale to
 //           the next: the window only moves outwards as k grows (s_k non-increasing, so rho, its
 //           cell and lut[cell] non-decreasing), and a lane loads only the rings it has not got
 //           (a warp-uniform vote skips the loads when no lane moved). Same values as the table reads.
-//  ..._lb   the same code with __launch_bounds__(256, 5): registers capped for 5 CTAs per SM.
+//  *_lb5    POLAR_ENC_MINB = 5: __launch_bounds__(256, 5), registers capped (48) for 5 CTAs per SM.
+//  *persist (cupy_kernels.codec) the same kernels on a grid of as many CTAs as the SMs hold.
 #ifdef POLAR_ENC_RS_G
 
 // window state of the slide variants: rings wp, wp + 1 of this lane (wp = -2: nothing loaded)
@@ -224,6 +229,23 @@ __device__ __forceinline__ float polar_lane_err(float X, float Y, float r, float
     return polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey));
 }
 
+__device__ __forceinline__ unsigned int polar_umin(unsigned int a, unsigned int b) { return a < b ? a : b; }
+
+// tree32 of a and of b in every lane (the bits of polar_tree32 of each) with 6 shuffles instead of
+// 10: the reduce-scatter of rs<G> for G = 2 (step 16: lanes 0-15 keep a, 16-31 keep b), then the
+// butterfly, then each lane takes the other sum from lane ^ 16.
+__device__ __forceinline__ void polar_tree32x2(float a, float b, int lane, float & sa, float & sb) {
+    const bool up = (lane & 16) != 0;
+    float      v  = polar_fadd(up ? b : a, __shfl_xor_sync(POLAR_FULL_MASK, up ? a : b, 16));
+#pragma unroll
+    for (int h = 8; h >= 1; h >>= 1) {
+        v = polar_fadd(v, __shfl_xor_sync(POLAR_FULL_MASK, v, h));
+    }
+    const float o = __shfl_xor_sync(POLAR_FULL_MASK, v, 16);
+    sa            = up ? o : v;
+    sb            = up ? v : o;
+}
+
 // log2 of a power of two 1..32 at compile time
 template <int G> struct polar_log2 {
     enum { value = 1 + polar_log2<G / 2>::value };
@@ -300,11 +322,11 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
             v[0] = polar_fadd(v[0], __shfl_xor_sync(POLAR_FULL_MASK, v[0], h));
         }
         // lane L holds E of candidate k0 + (L >> (5 - LG)); the least bits, lowest k on ties
-        const unsigned int own = min(__float_as_uint(v[0]), POLAR_INF_BITS);
+        const unsigned int own = polar_umin(__float_as_uint(v[0]), POLAR_INF_BITS);
         unsigned int       eb  = own;
 #pragma unroll
         for (int h = 16; h >= (32 >> LG); h >>= 1) {
-            eb = min(eb, __shfl_xor_sync(POLAR_FULL_MASK, eb, h));
+            eb = polar_umin(eb, __shfl_xor_sync(POLAR_FULL_MASK, eb, h));
         }
         if (eb < best_b) {  // warp-uniform
             const int    kl = (__ffs(__ballot_sync(POLAR_FULL_MASK, own == eb)) - 1) >> (5 - LG);
@@ -318,13 +340,14 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
     float        best_x = b0.x;
     float        best_y = b0.y;
 
-    // step 6, as polar_encode_block
+    // step 6, as polar_encode_block; num and den summed together (polar_tree32x2)
     bool active = best_b != POLAR_INF_BITS;
 #pragma unroll 1
     for (int it = 0; it < TR::NREFINE && active; ++it) {
-        const float num = polar_tree32(polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y)));
-        const float den = polar_tree32(polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y)));
-        active          = false;
+        float num, den;
+        polar_tree32x2(polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y)),
+                       polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y)), lane, num, den);
+        active = false;
         if (den > 0.0f) {
             const float s2 = polar_round_scale(polar_fdiv(num, den));
             if (s2 > 0.0f && s2 != best_s) {

@@ -299,8 +299,12 @@ def encode_chunk(
     for _ in range(N_REFINE):
         bx = np.take_along_axis(sx, best_i[..., None], -1)[..., 0]
         by = np.take_along_axis(sy, best_i[..., None], -1)[..., 0]
-        num = codec.tree32(X * bx + Y * by)
-        den = codec.tree32(bx * bx + by * by)
+        if group is None:
+            num = codec.tree32(X * bx + Y * by)
+            den = codec.tree32(bx * bx + by * by)
+        else:  # polar_tree32x2: group_sums of the two, lane 0 holding num and lane 16 den
+            e = group_sums(np.stack([X * bx + Y * by, bx * bx + by * by], 1))
+            num, den = e[:, 0], e[:, 16]
         with np.errstate(divide="ignore", invalid="ignore"):
             s2 = codec.to_half(np.where(den > 0, num / np.where(den > 0, den, 1), F32(0)))
         active = trial(s2, active & (den > 0) & (s2 > 0) & (s2 != best_s))
