@@ -69,8 +69,9 @@ def resident_ctas(kern, threads: int) -> int:
     and static shared memory with sm_90's limits (65536 registers allocated per warp in units of
     256, 228 KiB shared memory with 1 KiB reserved per CTA, 64 warps, 32 CTAs); 4 if CuPy does
     not report them."""
-    try:
-        regs, smem = int(kern.num_regs), int(kern.shared_size_bytes)
+    try:  # RawKernel properties (as attention.py reads num_regs); methods in some CuPy versions
+        regs, smem = (v() if callable(v) else v for v in (kern.num_regs, kern.shared_size_bytes))
+        regs, smem = int(regs), int(smem)
     except (AttributeError, TypeError, ValueError):  # pragma: no cover - depends on CuPy
         return 4
     warps = threads // 32

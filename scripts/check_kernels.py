@@ -10,8 +10,8 @@
 The source of each variant is the text cupy_kernels.loader gives NVRTC (`build_source`: the
 #defines of cupy_kernels.attention's plan, then the file), compiled with the loader's options
 plus -arch. Variants: the encoder and its throughput variants (cupy_kernels.codec.ENCODE_VARIANTS),
-polar_attn_combine per head dim, and polar_attn_mma /
-polar_attn_simt for head dims 64/128/256, K/V formats polar, polar3, paperb (the research
+polar_attn_combine per head dim, and polar_attn_mma / polar_attn_simt for head dims
+64/128/256, K/V formats polar, polar3, paperb (the research
 preset, registered from scripts/study) and float16 V, every kmode, q float32/float16/bfloat16
 (mma precision fp32/fp16), the configurations of tests/test_gpu_attention.py and the shipped
 defaults. NVRTC has no host headers: the kernel sources may include only each other and the
