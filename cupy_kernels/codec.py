@@ -37,7 +37,8 @@ def _module():
 # (tests/test_gpu_encode_variants.py; scripts/bench_gpu.py encode --variants).
 #   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
 #   slide<G>  rs<G> with the lane's window rings kept in registers between scales
-#   *_lb5     __launch_bounds__(256, 5): registers capped for 5 CTAs of 8 warps per SM
+#   ilp<G>    rs<G> with the group's G window searches back to back, one proof vote per group
+#   *_lb<N>   __launch_bounds__(256, N): registers capped for N CTAs of 8 warps per SM
 #   *persist  a grid of as many CTAs as the SMs hold at once (resident_ctas), each warp looping
 #             over many blocks (the codebook loaded once per CTA), instead of one block per warp
 @dataclasses.dataclass(frozen=True)
@@ -46,20 +47,23 @@ class EncodeVariant:
     persistent: bool = False
 
 
-_RS4 = (("POLAR_ENC_RS_G", 4),)
 _RS8 = (("POLAR_ENC_RS_G", 8),)
 _RS8_LB5 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))
 _SLIDE8 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_SLIDE", 1))
+_ILP4_LB4 = (("POLAR_ENC_RS_G", 4), ("POLAR_ENC_ILP", 1), ("POLAR_ENC_MINB", 4))
+_ILP8_LB4 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_ILP", 1), ("POLAR_ENC_MINB", 4))
 ENCODE_VARIANTS: dict[str, EncodeVariant] = {
     "default": EncodeVariant(None),
     "persist": EncodeVariant(None, True),
-    "rs4": EncodeVariant(_RS4),
     "rs8": EncodeVariant(_RS8),
     "rs8_persist": EncodeVariant(_RS8, True),
     "rs8_lb5": EncodeVariant(_RS8_LB5),
     "rs8_lb5_persist": EncodeVariant(_RS8_LB5, True),
     "slide8": EncodeVariant(_SLIDE8),
     "slide8_persist": EncodeVariant(_SLIDE8, True),
+    "ilp4_lb4": EncodeVariant(_ILP4_LB4),
+    "ilp8_lb4": EncodeVariant(_ILP8_LB4),
+    "ilp8_lb4_persist": EncodeVariant(_ILP8_LB4, True),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 

@@ -700,6 +700,16 @@ def cmd_encode_variants(args, timer) -> list[dict]:
 
     names = _encode_variant_names(args)
     t0 = time.time()
+    # one module per variant's #defines, compiled in threads (NVRTC may run them in parallel;
+    # if anything goes wrong there, the loop below compiles them one by one)
+    first = {codec.ENCODE_VARIANTS[v].defines: v for v in reversed(names)}
+    try:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(len(first)) as ex:
+            list(ex.map(lambda v: codec._variant_kernel(v, "polar", "f16"), first.values()))
+    except Exception as e:  # any failure: the serial loop below compiles and reports it
+        print(f"compiling the variant modules in threads failed ({type(e).__name__}: {e})", flush=True)
     for fmt in ("polar", "polar3"):  # compile every module first: outside the timings
         for dt in (torch.float16, torch.float32):
             for v in names:

@@ -248,3 +248,19 @@ def test_group_select_is_first_strict_minimum(group):
         best_b[u], got_k[u] = eb[u], k0 + kl[u]
     assert np.array_equal(got_k, want_k)
     assert np.array_equal(best_b.view(np.float32), best)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_scale_candidates_non_increasing(fmt):
+    """The ilp variants test only the last scale of a group for s > 0 and the slide variants expect
+    the window to move outwards: both rest on s_k = h(rmax g_k) being non-increasing in k (g
+    decreasing, h monotone), checked here over rmax from subnormal to huge."""
+    g = tables(fmt).g
+    assert (np.diff(g.astype(np.float64)) < 0).all()
+    rng = _rng("scales", fmt)
+    rmax = np.concatenate([2.0 ** rng.uniform(-150, 128, 20000), [0.0, 2.0**-149, 2.0**-126, 3e38]]).astype(
+        np.float32
+    )
+    with np.errstate(over="ignore"):
+        s = np.stack([codec.to_half(rmax * gk) for gk in g], 1)
+    assert (np.diff(s.astype(np.float64), axis=1) <= 0).all()
