@@ -6,10 +6,12 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
-with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE=1 (centering
-and balancing and the Hadamard rotation as separate ops instead of inside the cache write, patch
-0017), LLAMA_ATTN_ROT_DISABLE=1 (upstream's rotation of Q, K, V and the output off), LLAMA_KV_BALANCE=0,
-LLAMA_KV_CENTER=0, GGML_CUDA_POLAR_FA_GQA=0, and the last two together. Runs llama-bench -ngl 99
+with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
+cache write its own kernel and the query's D^-1 and rotation unfused, as before patch 0018),
+GGML_CUDA_POLAR_NO_FUSE=1 (centering and balancing and the Hadamard rotation as separate ops instead
+of inside the cache write, patch 0017), LLAMA_ATTN_ROT_DISABLE=1 (upstream's rotation of Q, K, V
+and the output off), LLAMA_KV_BALANCE=0, LLAMA_KV_CENTER=0, GGML_CUDA_POLAR_FA_GQA=0, and the last
+two together. Runs llama-bench -ngl 99
 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64). Writes <out>/<name>.json
 and .md; standard library only; exits non-zero when a run failed.
 """
@@ -31,6 +33,7 @@ VARIANTS = (  # (K/V, environment)
     ("q4_0", {}),
     ("q4_0", {"LLAMA_KV_CENTER": "0"}),
     ("polar", {}),
+    ("polar", {"GGML_CUDA_POLAR_NO_FUSE_LAYER": "1"}),
     ("polar", {"GGML_CUDA_POLAR_NO_FUSE": "1"}),
     ("polar", {"LLAMA_ATTN_ROT_DISABLE": "1"}),
     ("polar", {"LLAMA_KV_BALANCE": "0"}),

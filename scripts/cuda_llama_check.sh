@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0017: polar/polar3 in
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0018: polar/polar3 in
 # ggml-cuda and the backend guard in llama) on a machine with an NVIDIA GPU.
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
@@ -8,9 +8,10 @@
 # BIN_DIR holds test-backend-ops and llama-completion of a GGML_CUDA=ON build. Logs go to OUT_DIR
 # ($OUT, else ./cuda_llama_check). Steps, each failing the script:
 #   1. test-backend-ops -b CUDA0 for SET_ROWS, CENTER_SET_ROWS (the cache write chain that patch
-#      0017 fuses: centering, balancing, Hadamard rotation, SET_ROWS), GET_ROWS, CPY,
+#      0017 fuses: centering, balancing, Hadamard rotation, SET_ROWS), LAYER_CHAINS (patch 0018: the
+#      query's D^-1 and rotation and both cache writes as one kernel), GET_ROWS, CPY,
 #      FLASH_ATTN_EXT, cases whose parameters name polar/polar3 (-p polar): every one supported and
-#      OK (polar SET_ROWS/CENTER_SET_ROWS/CPY compare bytes exactly: max NMSE 0);
+#      OK (polar SET_ROWS/CENTER_SET_ROWS/LAYER_CHAINS/CPY compare exactly: max NMSE 0);
 #   2. test-backend-ops support -b CUDA0, same filter: every case supported;
 #   3. the guard: with GGML_CUDA_NO_POLAR=1 (the CUDA backend then reports every polar op
 #      unsupported, as Metal/Vulkan/SYCL do) the support query says "not supported" and
@@ -70,7 +71,7 @@ check_cases() {
 }
 
 # 1. correctness
-for op in SET_ROWS CENTER_SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY FLASH_ATTN_EXT; do
     log="$OUTDIR/test-backend-ops-$op.log"
     "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
     check_cases "$log" "test-backend-ops -o $op"
@@ -78,7 +79,7 @@ done
 
 # 2. support matrix
 log="$OUTDIR/test-backend-ops-support.log"
-"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,GET_ROWS,CPY,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
 check_cases "$log" "test-backend-ops support" SUPPORTED
 
 # 3. the guard: a backend without the polar ops

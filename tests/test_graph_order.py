@@ -1,11 +1,12 @@
-"""The decode graph's node order that ggml-cuda's fused polar cache write needs (patches 0016-0017).
+"""The decode graph's node order that ggml-cuda's fused polar cache writes need (patches 0016-0018).
 
 ggml-cuda runs `[SUB] [MUL] [RESHAPE MUL_MAT(H) RESHAPE] VIEW SET_ROWS(polar)` as one kernel only
 when those nodes are consecutive (ggml_cuda_polar_try_fuse_chain); if a change of the graph
 interleaved them again, the fusion would stop silently (same results, slower). These tests record
 the nodes of one decode step through the binding's eval callback (the CPU build runs the same graph)
 and check the order: the K chain and the V chain each end in their SET_ROWS without a foreign op in
-between; with an f16 cache, upstream's ROPE -> VIEW -> SET_ROWS stays consecutive for its own fusion.
+between, right after the query's D^-1 and rotation (patch 0018 runs the three chains as one kernel);
+with an f16 cache, upstream's ROPE -> VIEW -> SET_ROWS stays consecutive for its own fusion.
 """
 
 from __future__ import annotations
@@ -150,6 +151,32 @@ def test_polar_write_chains_are_consecutive(llama_cpp, smollm2_path, vtype):
     if vtype != "f16":
         v_ops = [op for op in write_chain(nodes, "cache_v_l0") if op not in EMPTY]
         assert v_ops == ["MUL_MAT", "SET_ROWS"], v_ops
+
+
+def _through_views(nodes: tuple[dict, ...], i: int) -> int:
+    """The first node at or before index i (following src[0] back) that is not a no-op view."""
+    index = {n["ptr"]: k for k, n in enumerate(nodes)}
+    while nodes[i]["op"] in EMPTY:
+        i = index[nodes[i]["src"][0]]
+    return i
+
+
+@pytest.mark.parametrize("vtype", ["polar", "polar3", "f16"])
+def test_query_chain_and_writes_are_one_run(llama_cpp, smollm2_path, vtype):
+    """Patch 0018: the query's D^-1 and rotation (what flash attention reads as Q), then the K and V
+    write chains, with nothing else in between: ggml-cuda runs the layer's chains as one kernel."""
+    nodes = decode_nodes(llama_cpp, smollm2_path, "polar", vtype)
+    index = {n["ptr"]: k for k, n in enumerate(nodes)}
+    fa = next(i for i, n in enumerate(nodes) if n["op"] == "FLASH_ATTN_EXT")
+    q_rot = _through_views(nodes, index[nodes[fa]["src"][0]])
+    before = [n["op"] for n in nodes[: q_rot + 1] if n["op"] not in EMPTY][-2:]
+    assert before == ["MUL", "MUL_MAT"], before  # D^-1 of the query's KV head, the rotation
+    end_v = next(
+        i for i, n in enumerate(nodes) if n["op"] == "SET_ROWS" and n["name"].startswith("cache_v_l0")
+    )
+    after = [n["op"] for n in nodes[q_rot + 1 : end_v + 1] if n["op"] not in EMPTY]
+    v_part = ["MUL_MAT", "SET_ROWS"] if vtype != "f16" else ["SET_ROWS"]
+    assert after == ["SUB", "MUL", "MUL_MAT", "SET_ROWS", *v_part], after
 
 
 def test_f16_cache_keeps_upstream_rope_fusion(llama_cpp, smollm2_path):
