@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# How the llama.cpp-on-GPU numbers in docs/results-cuda.md are produced on a machine that has an
+# NVIDIA GPU but no network (the H200 machine): the patched CUDA source tree, the models and the
+# wheels it lacks travel with the repo as ignored folders, and four steps run there.
+#
+#   here:   scripts/gpu_run.sh prepare      # source tree (KVPOLAR_CUDA=1, archs $KVPOLAR_CUDA_ARCHS,
+#                                           # default 90) -> .gpurun/a/src.tgz; SmolLM2 and a Qwen2.5-1.5B
+#                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl}
+#   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background)
+#           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
+#           scripts/gpu_run.sh bench        # wait for the checks, then ab_llama_gpu.py and bench_llama_gpu.py
+#
+# Results go to $OUT (default ./gpu-run-out). The model is split over two folders (a and b) so that
+# each call's upload stays under 64 MiB; a call that carries .gpurun/a runs `build`, one that carries
+# .gpurun/b runs `checks`. The steps leave the build and the checks running in the background
+# (setsid), so they must run on the same machine one after another. Exit status: non-zero when a
+# step failed (bench: when a benchmark script failed).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+G=.gpurun
+OUT=${OUT:-$PWD/gpu-run-out}
+mkdir -p "$OUT"
+export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
+DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
+SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
+
+case ${1:-} in
+prepare)
+    rm -rf "$G" && mkdir -p "$G/a" "$G/b" "$G/whl"
+    python3 scripts/bootstrap.py data --qwen
+    python3 scripts/bootstrap.py llama --source-only
+    key=$(python3 scripts/bootstrap.py key)
+    tar czf "$G/a/src.tgz" -C "${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key" --exclude=.git --exclude='*.gguf' \
+        --exclude=src/vendor/llama.cpp/docs --exclude=src/vendor/llama.cpp/media \
+        --exclude=src/vendor/llama.cpp/models --exclude=src/vendor/llama.cpp/benches --exclude=src/docs src
+    split -b 45000000 -a 1 "$DATA/$SMOL" "$G/part."
+    mv "$G/part.a" "$G/a/smol.part.a" && cat "$G"/part.* > "$G/b/smol.part.b" && rm "$G"/part.*
+    sha256sum "$DATA/$SMOL" | cut -d' ' -f1 > "$G/b/smol.sha256"
+    cp "$DATA/squad.txt" "$G/b/"
+    eval "$(python3 scripts/bootstrap.py env)"
+    PYTHONPATH=converter "$KVPOLAR_PYTHON" scripts/synth_gguf.py skeleton "$DATA/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$G/b/qwen.skel"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$G/whl" gguf==0.19.0
+    du -sh "$G"/*
+    ;;
+build)
+    key=$(python3 scripts/bootstrap.py key)
+    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
+    mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"
+    cp "$G/a/smol.part.a" /tmp/smol.part.a
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
+    sleep 15 && cat /tmp/gpu-run-build.log
+    ;;
+checks)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+    cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
+    [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
+    PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "$G/b/qwen.skel" /tmp/qwen.gguf
+    cp "$G/b/squad.txt" /tmp/squad.txt
+    until grep -q "llama.cpp built in" /tmp/gpu-run-build.log; do
+        if grep -q -E "subcommand failed|error:" /tmp/gpu-run-build.log; then
+            tail -20 /tmp/gpu-run-build.log; exit 1
+        fi
+        sleep 5
+    done
+    tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
+    setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
+        > /tmp/gpu-run-check.log 2>&1 < /dev/null &
+    ;;
+bench)
+    until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done
+    cp /tmp/gpu-run-check.log "$OUT/check-summary.txt"
+    rc=0
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 0 16384 --reps 3 --out "$OUT" --name ab || rc=1
+    python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --name smollm2 --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
+    python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --name qwen2.5-1.5b-synthetic --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
+    grep -q "^check rc=0" "$OUT/check-summary.txt" || rc=1
+    exit $rc
+    ;;
+*)
+    sed -n '2,20p' "$0" >&2
+    exit 2
+    ;;
+esac
