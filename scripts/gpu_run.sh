@@ -16,6 +16,13 @@
 # (setsid), so they must run on the same machine one after another. Exit status: non-zero when a
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
+case ${1:-} in
+prepare | build | checks | bench) ;;
+*)
+    sed -n '2,17p' "${BASH_SOURCE[0]}" >&2
+    exit 2
+    ;;
+esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 G=.gpurun
 OUT=${OUT:-$PWD/gpu-run-out}
@@ -76,9 +83,5 @@ bench)
     python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --name qwen2.5-1.5b-synthetic --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
     grep -q "^check rc=0" "$OUT/check-summary.txt" || rc=1
     exit $rc
-    ;;
-*)
-    sed -n '2,20p' "$0" >&2
-    exit 2
     ;;
 esac
