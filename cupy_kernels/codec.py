@@ -32,56 +32,23 @@ def _module():
 
 
 # Throughput variants of the warp path (polar_encode.cu, issue 11 item 4): name -> the #defines of
-# its module (None: the shipped kernel; else a module holding only polar_encode_rs_<fmt>_<f32|f16>)
-# and the grid. All write the bytes of "default", the shipped kernel and grid
-# (tests/test_gpu_encode_variants.py; scripts/bench_gpu.py encode --variants).
+# its module (None: the shipped kernel; else a module holding only polar_encode_rs_<fmt>_<f32|f16>).
+# All write the bytes of "default", the shipped kernel, on the same grid
+# (tests/test_gpu_encode_variants.py; scripts/bench_gpu.py encode --variants). The slide, ilp and
+# persistent-grid variants lost on the H200 and were removed (docs/gpu/encode-variants-h200-session8.json).
 #   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
-#   slide<G>  rs<G> with the lane's window rings kept in registers between scales
-#   ilp<G>    rs<G> with the group's G window searches back to back, one proof vote per group
 #   *_lb<N>   __launch_bounds__(256, N): registers capped for N CTAs of 8 warps per SM
-#   *persist  a grid of as many CTAs as the SMs hold at once (resident_ctas), each warp looping
-#             over many blocks (the codebook loaded once per CTA), instead of one block per warp
 @dataclasses.dataclass(frozen=True)
 class EncodeVariant:
     defines: tuple[tuple[str, int], ...] | None
-    persistent: bool = False
 
 
-_RS8 = (("POLAR_ENC_RS_G", 8),)
-_RS8_LB5 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))
-_SLIDE8 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_SLIDE", 1))
-_ILP4_LB4 = (("POLAR_ENC_RS_G", 4), ("POLAR_ENC_ILP", 1), ("POLAR_ENC_MINB", 4))
-_ILP8_LB4 = (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_ILP", 1), ("POLAR_ENC_MINB", 4))
 ENCODE_VARIANTS: dict[str, EncodeVariant] = {
     "default": EncodeVariant(None),
-    "persist": EncodeVariant(None, True),
-    "rs8": EncodeVariant(_RS8),
-    "rs8_persist": EncodeVariant(_RS8, True),
-    "rs8_lb5": EncodeVariant(_RS8_LB5),
-    "rs8_lb5_persist": EncodeVariant(_RS8_LB5, True),
-    "slide8": EncodeVariant(_SLIDE8),
-    "slide8_persist": EncodeVariant(_SLIDE8, True),
-    "ilp4_lb4": EncodeVariant(_ILP4_LB4),
-    "ilp8_lb4": EncodeVariant(_ILP8_LB4),
-    "ilp8_lb4_persist": EncodeVariant(_ILP8_LB4, True),
+    "rs8": EncodeVariant((("POLAR_ENC_RS_G", 8),)),
+    "rs8_lb5": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
-
-
-def resident_ctas(kern, threads: int) -> int:
-    """CTAs of `threads` threads of kernel `kern` that one SM holds at once, from its registers
-    and static shared memory with sm_90's limits (65536 registers allocated per warp in units of
-    256, 228 KiB shared memory with 1 KiB reserved per CTA, 64 warps, 32 CTAs); 4 if CuPy does
-    not report them."""
-    try:  # RawKernel properties (as attention.py reads num_regs); methods in some CuPy versions
-        regs, smem = (v() if callable(v) else v for v in (kern.num_regs, kern.shared_size_bytes))
-        regs, smem = int(regs), int(smem)
-    except (AttributeError, TypeError, ValueError):  # pragma: no cover - depends on CuPy
-        return 4
-    warps = threads // 32
-    by_regs = 65536 // (warps * (-(-regs * 32 // 256) * 256)) if regs else 32
-    by_smem = 228 * 1024 // (smem + 1024)
-    return max(1, min(by_regs, by_smem, 64 // warps, 32))
 
 
 def _variant_kernel(variant: str, fmt: str, suffix: str):
@@ -179,9 +146,6 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant
         kern = _variant_kernel(variant, fmt, _in_suffix(x.dtype))
         warps = 8
         grid = min((n + warps - 1) // warps, 65535 * 4)
-        if ENCODE_VARIANTS[variant].persistent:
-            dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-            grid = min(grid, resident_ctas(kern, 32 * warps) * loader.sm_count(dev))
     ob, oh, ot = (cache.stride(0), cache.stride(1), cache.stride(2))
     args = (
         loader.ptr(x),

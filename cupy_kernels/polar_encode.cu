@@ -126,10 +126,10 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 
 // ---- throughput variants of the warp path (issue 11, item 4) --------------------------------
 // Compiled only when POLAR_ENC_RS_G (the group size G) is defined: cupy_kernels.codec compiles a
-// module per variant (ENCODE_VARIANTS: POLAR_ENC_RS_G, _SLIDE, _ILP, _MINB) holding only
-// its polar_encode_rs_<fmt>_<f32|f16>, so the default module is unchanged (POLAR_ENC_ILP too). Each writes the bytes
-// of encode_kernel; scripts/bench_gpu.py encode --variants measures and compares them, and
-// tests/encoder_emulation.py runs their search in numpy (encode_blocks(..., group=G, slide=...)).
+// module per variant (ENCODE_VARIANTS: POLAR_ENC_RS_G, _MINB) holding only its
+// polar_encode_rs_<fmt>_<f32|f16>, so the default module is unchanged. Each writes the bytes of
+// encode_kernel; scripts/bench_gpu.py encode --variants measures and compares them, and
+// tests/encoder_emulation.py runs their search in numpy (encode_blocks(..., group=G)).
 //
 //  rs<G>    the 16 scale candidates in groups of G: each lane first computes its pair's error at
 //           the G scales (polar_lane_err: polar_encode_at without the block sum), then one
@@ -145,70 +145,30 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 //           registers); (CX, CY) of the winner are read once from the table. The full search of a
 //           warp without proof is a loop (not unrolled: it is rare, and unrolled it holds the
 //           whole table in registers).
-//  slide<G> rs<G>, and rings w, w + 1 of the lane's window stay in registers from one scale to
-//           the next: the window only moves outwards as k grows (s_k non-increasing, so rho, its
-//           cell and lut[cell] non-decreasing), and a lane loads only the rings it has not got
-//           (a warp-uniform vote skips the loads when no lane moved). Same values as the table reads.
-//  ilp<G>   rs<G> (POLAR_ENC_ILP) where the G window searches of a group run first, back to back
-//           with no vote or branch between them (polar_window_at), then one vote for the group and
-//           the full search of each candidate where a lane has no proof (polar_full_at), then the
-//           errors: the same per-candidate decisions as polar_lane_err, in an order the compiler
-//           can interleave. Taken when every scale of the group is > 0, else the rs path.
 //  *_lb<N>  POLAR_ENC_MINB = N: __launch_bounds__(256, N), registers capped for N CTAs per SM
-//           (N = 5: 48 registers, N = 4: 64).
-//  *persist (cupy_kernels.codec) the same kernels on a grid of as many CTAs as the SMs hold.
+//           (N = 5: 48 registers).
 #ifdef POLAR_ENC_RS_G
 
-// window state of the slide variants: rings wp, wp + 1 of this lane (wp = -2: nothing loaded)
-struct polar_win_regs {
-    int    wp;
-    float4 q0, q1;
-};
-
 // polar_encode_at at scale s without the block sum: this lane's slot and its squared error
-// (ex^2 + ey^2), the value tree32 sums. SLIDE: rings w, w + 1 come from (and update) ws.
-template <int FMT, bool SLIDE>
+// (ex^2 + ey^2), the value tree32 sums.
+template <int FMT>
 __device__ __forceinline__ float polar_lane_err(float X, float Y, float r, float s, float inv,
-                                                const polar_cand_table * t, int lane, int & slot,
-                                                polar_win_regs & ws) {
+                                                const polar_cand_table * t, int lane, int & slot) {
     constexpr int NR  = polar_fmt<FMT>::NRINGS;
     const float   xn  = polar_fmul(X, inv);
     const float   yn  = polar_fmul(Y, inv);
     const float   rho = polar_fmul(r, inv);
 
-    const int cell = (int) polar_fmul(rho, POLAR_WIN_LUT_SCALE);  // saturating conversion
-    const int w    = t->lut[cell < POLAR_WIN_LUT - 1 ? cell : POLAR_WIN_LUT - 1];
-    float4    q0, q1;
-    if (SLIDE) {
-        const bool mv  = w != ws.wp;
-        const bool far = mv && w != ws.wp + 1;
-        if (__any_sync(POLAR_FULL_MASK, mv)) {
-            float4 n0 = ws.q1;
-            float4 n1 = ws.q1;
-            if (mv) {
-                n1 = t->xy[w + 1][lane];
-            }
-            if (__any_sync(POLAR_FULL_MASK, far) && far) {
-                n0 = t->xy[w][lane];
-            }
-            if (mv) {
-                ws.q0 = n0;
-                ws.q1 = n1;
-                ws.wp = w;
-            }
-        }
-        q0 = ws.q0;
-        q1 = ws.q1;
-    } else {
-        q0 = t->xy[w][lane];
-        q1 = t->xy[w + 1][lane];
-    }
-    const float dx0  = polar_fsub(xn, q0.x);
-    const float dy0  = polar_fsub(yn, q0.y);
-    float       best = polar_fadd(polar_fmul(dx0, dx0), polar_fmul(dy0, dy0));
-    int         bs   = 2 * w;
-    float       bx   = q0.x;
-    float       by   = q0.y;
+    const int    cell = (int) polar_fmul(rho, POLAR_WIN_LUT_SCALE);  // saturating conversion
+    const int    w    = t->lut[cell < POLAR_WIN_LUT - 1 ? cell : POLAR_WIN_LUT - 1];
+    const float4 q0   = t->xy[w][lane];
+    const float4 q1   = t->xy[w + 1][lane];
+    const float  dx0  = polar_fsub(xn, q0.x);
+    const float  dy0  = polar_fsub(yn, q0.y);
+    float        best = polar_fadd(polar_fmul(dx0, dx0), polar_fmul(dy0, dy0));
+    int          bs   = 2 * w;
+    float        bx   = q0.x;
+    float        by   = q0.y;
     polar_try(xn, yn, q0.z, q0.w, 2 * w + 1, best, bs, bx, by);
     polar_try(xn, yn, q1.x, q1.y, 2 * w + 2, best, bs, bx, by);
     polar_try(xn, yn, q1.z, q1.w, 2 * w + 3, best, bs, bx, by);
@@ -237,52 +197,6 @@ __device__ __forceinline__ float polar_lane_err(float X, float Y, float r, float
 
 __device__ __forceinline__ unsigned int polar_umin(unsigned int a, unsigned int b) { return a < b ? a : b; }
 
-// The ilp variants: polar_lane_err in two halves, so that a group's G window searches form one
-// branch-free stretch of code (no vote between them) that the compiler can interleave.
-// polar_window_at: the window search of polar_encode_at at fl(1 / s) = inv and whether this lane
-// has the proof that no candidate outside the window wins (ok).
-template <int FMT>
-__device__ __forceinline__ bool polar_window_at(float X, float Y, float r, float inv, const polar_cand_table * t,
-                                                int lane, int & bs, float & bx, float & by) {
-    const float  xn   = polar_fmul(X, inv);
-    const float  yn   = polar_fmul(Y, inv);
-    const float  rho  = polar_fmul(r, inv);
-    const int    cell = (int) polar_fmul(rho, POLAR_WIN_LUT_SCALE);  // saturating conversion
-    const int    w    = t->lut[cell < POLAR_WIN_LUT - 1 ? cell : POLAR_WIN_LUT - 1];
-    const float4 q0   = t->xy[w][lane];
-    const float4 q1   = t->xy[w + 1][lane];
-    const float  dx0  = polar_fsub(xn, q0.x);
-    const float  dy0  = polar_fsub(yn, q0.y);
-    float        best = polar_fadd(polar_fmul(dx0, dx0), polar_fmul(dy0, dy0));
-    bs                = 2 * w;
-    bx                = q0.x;
-    by                = q0.y;
-    polar_try(xn, yn, q0.z, q0.w, 2 * w + 1, best, bs, bx, by);
-    polar_try(xn, yn, q1.x, q1.y, 2 * w + 2, best, bs, bx, by);
-    polar_try(xn, yn, q1.z, q1.w, 2 * w + 3, best, bs, bx, by);
-    const float2 ab     = t->win[w];
-    const float  rho_lo = polar_fsub(polar_fmul(rho, POLAR_RHO_REL_LO), POLAR_RHO_ABS);
-    const float  rho_hi = polar_fadd(polar_fmul(rho, POLAR_RHO_REL_HI), POLAR_RHO_ABS);
-    const float  m      = polar_fmin(polar_fsub(rho_lo, ab.x), polar_fsub(ab.y, rho_hi));
-    const float  lb     = polar_fmul(polar_fmul(m, m), POLAR_LB_REL);
-    return __float_as_int(m) > 0 && polar_lt_nonneg(polar_fmax(best, POLAR_LB_MIN), lb);
-}
-
-// the full search of polar_encode_at (every slot in order, strict <) at fl(1 / s) = inv
-template <int FMT>
-__device__ __forceinline__ void polar_full_at(float X, float Y, float inv, const polar_cand_table * t, int lane,
-                                              int & bs, float & bx, float & by) {
-    const float xn   = polar_fmul(X, inv);
-    const float yn   = polar_fmul(Y, inv);
-    float       best = __uint_as_float(POLAR_INF_BITS);
-#pragma unroll 1
-    for (int j = 0; j < polar_fmt<FMT>::NRINGS; ++j) {
-        const float4 q = t->xy[j][lane];
-        polar_try(xn, yn, q.x, q.y, 2 * j, best, bs, bx, by);
-        polar_try(xn, yn, q.z, q.w, 2 * j + 1, best, bs, bx, by);
-    }
-}
-
 // tree32 of a and of b in every lane (the bits of polar_tree32 of each) with 6 shuffles instead of
 // 10: the reduce-scatter of rs<G> for G = 2 (step 16: lanes 0-15 keep a, 16-31 keep b), then the
 // butterfly, then each lane takes the other sum from lane ^ 16.
@@ -308,13 +222,12 @@ template <> struct polar_log2<1> {
 
 // Steps 1-6 of one block, as polar_encode_block<FMT, 1, 1> (same bytes), the scale candidates
 // evaluated G at a time with one reduce-scatter block sum per group (variants above).
-template <int FMT, int G, bool SLIDE, bool ILP>
+template <int FMT, int G>
 __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const float2 * tab, int lane,
                                                       polar_cand_table * t, float & s_out, int & code_out) {
     typedef polar_fmt<FMT> TR;
     constexpr int LG = polar_log2<G>::value;
     static_assert((1 << LG) == G && G >= 2 && G <= 16 && TR::NCAND % G == 0, "G: 2, 4, 8 or 16 dividing NCAND");
-    static_assert(!(SLIDE && ILP), "ilp variants read the window from the table");
 
     X                = polar_sanitize(X);
     Y                = polar_sanitize(Y);
@@ -330,64 +243,25 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
     const float s_lane   = polar_round_scale(polar_fmul(rmax, polar_tab<FMT>::g(lane % TR::NCAND)));
     const float inv_lane = polar_fdiv(1.0f, s_lane);
 
-    float          best_s = 0.0f;
-    unsigned int   best_b = POLAR_INF_BITS;  // bits of the best E
-    int            best_i = 0;               // slot
-    polar_win_regs ws;
-    ws.wp = -2;
-    ws.q0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    ws.q1 = ws.q0;
+    float        best_s = 0.0f;
+    unsigned int best_b = POLAR_INF_BITS;  // bits of the best E
+    int          best_i = 0;               // slot
 #pragma unroll 1
     for (int k0 = 0; k0 < TR::NCAND; k0 += G) {
         float              v[G];
         unsigned long long sl0 = 0ull, sl1 = 0ull;  // slot of candidate c: byte c % 8 of sl0 (c < 8) or sl1
-        // ilp: when every scale of the group is > 0 (s_k is non-increasing in k, so the last one
-        // tells; warp-uniform), the G window searches first with no branch between them, then one
-        // vote, then the full search for each candidate where a lane has no proof (as polar_lane_err)
-        if (ILP && __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + G - 1) != 0.0f) {
-            int          bs[G];
-            float        bx[G], by[G];
-            unsigned int bad = 0u;  // bit c: this lane has no proof at candidate c
 #pragma unroll
-            for (int c = 0; c < G; ++c) {
-                const float inv = __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c);
-                bad |= polar_window_at<FMT>(X, Y, r, inv, t, lane, bs[c], bx[c], by[c]) ? 0u : 1u << c;
-            }
-            if (__any_sync(POLAR_FULL_MASK, bad != 0u)) {
-#pragma unroll
-                for (int c = 0; c < G; ++c) {
-                    if (__any_sync(POLAR_FULL_MASK, (bad >> c) & 1u)) {
-                        polar_full_at<FMT>(X, Y, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c), t, lane, bs[c],
-                                           bx[c], by[c]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int c = 0; c < G; ++c) {
-                const float s  = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + c);
-                const float ex = polar_fsub(X, polar_fmul(s, bx[c]));
-                const float ey = polar_fsub(Y, polar_fmul(s, by[c]));
-                v[c]           = polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey));
+        for (int c = 0; c < G; ++c) {
+            const float s = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + c);
+            v[c]          = __uint_as_float(POLAR_INF_BITS);
+            if (s != 0.0f) {  // warp-uniform; a skipped candidate sums to +inf and never wins
+                int slot;
+                v[c] = polar_lane_err<FMT>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c), t, lane,
+                                           slot);
                 if (c < 8) {
-                    sl0 |= (unsigned long long) bs[c] << (8 * c);
+                    sl0 |= (unsigned long long) slot << (8 * c);
                 } else {
-                    sl1 |= (unsigned long long) bs[c] << (8 * (c - 8));
-                }
-            }
-        } else {
-#pragma unroll
-            for (int c = 0; c < G; ++c) {
-                const float s = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + c);
-                v[c]          = __uint_as_float(POLAR_INF_BITS);
-                if (s != 0.0f) {  // warp-uniform; a skipped candidate sums to +inf and never wins
-                    int slot;
-                    v[c] = polar_lane_err<FMT, SLIDE>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c),
-                                                      t, lane, slot, ws);
-                    if (c < 8) {
-                        sl0 |= (unsigned long long) slot << (8 * c);
-                    } else {
-                        sl1 |= (unsigned long long) slot << (8 * (c - 8));
-                    }
+                    sl1 |= (unsigned long long) slot << (8 * (c - 8));
                 }
             }
         }
@@ -465,7 +339,7 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
 }
 
 // encode_kernel with polar_encode_block_rs
-template <int FMT, class IN, int G, bool SLIDE, bool ILP>
+template <int FMT, class IN, int G>
 __device__ __forceinline__ void encode_rs_kernel(const typename IN::T * __restrict__ x, u8 * __restrict__ out,
                                                  const int * __restrict__ pos, long long n_blocks, int H, int T,
                                                  int NB, long long sb, long long sh, long long st, long long ob,
@@ -485,20 +359,14 @@ __device__ __forceinline__ void encode_rs_kernel(const typename IN::T * __restri
         encode_block_at<FMT, IN>(i, x, out, pos, H, T, NB, sb, sh, st, ob, oh, ot, pos0, xb, dst);
         float s;
         int   code;
-        polar_encode_block_rs<FMT, G, SLIDE, ILP>(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane,
-                                                  &tabs[threadIdx.x >> 5], s, code);
+        polar_encode_block_rs<FMT, G>(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane,
+                                      &tabs[threadIdx.x >> 5], s, code);
         polar_store_block<FMT>(dst, s, code, lane);
     }
 }
 
-#ifndef POLAR_ENC_SLIDE
-#define POLAR_ENC_SLIDE 0
-#endif
 #ifndef POLAR_ENC_MINB
 #define POLAR_ENC_MINB 1
-#endif
-#ifndef POLAR_ENC_ILP
-#define POLAR_ENC_ILP 0
 #endif
 
 #define ENCODE_RS_ENTRY(NAME, FMT, IN)                                                                       \
@@ -506,8 +374,7 @@ __device__ __forceinline__ void encode_rs_kernel(const typename IN::T * __restri
         NAME(const IN::T * __restrict__ x, u8 * __restrict__ out, const int * __restrict__ pos, long long n_blocks, \
              int H, int T, int NB, long long sb, long long sh, long long st, long long ob, long long oh,       \
              long long ot, int pos0) {                                                                       \
-        encode_rs_kernel<FMT, IN, POLAR_ENC_RS_G, POLAR_ENC_SLIDE != 0, POLAR_ENC_ILP != 0>(                     \
-            x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0);                                  \
+        encode_rs_kernel<FMT, IN, POLAR_ENC_RS_G>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0); \
     }
 
 // float32 and float16 input (what scripts/bench_gpu.py measures)

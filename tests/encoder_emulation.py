@@ -7,11 +7,10 @@ neighbours as slots 2j < 2j + 1, ascending codes), the window of two rings w, w 
 win, and the full search of every slot for a whole block (a warp) when one of its pairs has no
 proof. Its bytes must equal `kvpolar.codec.quantize_blocks` (tests/test_encoder_search.py).
 
-`encode_blocks(x, fmt, group=G, slide=...)` runs instead the throughput variants of
-polar_encode.cu (polar_encode_block_rs): each lane's errors at G scales first, one reduce-scatter
-butterfly for the G block sums (`group_sums`, lane by lane), the group's winner by least E bits
-and lowest k (min over lanes, ballot), kept on a strict <; slide: the window rings kept per lane
-from one scale to the next (`_slide`), loading only what moved.
+`encode_blocks(x, fmt, group=G)` runs instead the throughput variants of polar_encode.cu
+(polar_encode_block_rs): each lane's errors at G scales first, one reduce-scatter butterfly for
+the G block sums (`group_sums`, lane by lane), the group's winner by least E bits and lowest k
+(min over lanes, ballot), kept on a strict <.
 
 Constants (same names as the CUDA #defines): RHO_REL_LO/HI = 1 -/+ 2^-12, RHO_ABS = 2^-40,
 LB_REL = 1 - 2^-10, LB_MIN = 2^-120, BOUND_FAR = 1e30, WIN_LUT = 64 cells of 1/16.
@@ -104,51 +103,9 @@ def _dd(xn, yn, cx, cy):
     return dx * dx + dy * dy
 
 
-@dataclass
-class SlideState:
-    """Window registers of the slide variants, per block and lane: rings wp, wp + 1 as
-    (CX, CY) of slots 2wp, 2wp + 1 (q0) and 2wp + 2, 2wp + 3 (q1); wp = -2: nothing loaded."""
-
-    wp: np.ndarray  # (n, 32) int
-    q0: np.ndarray  # (n, 32, 4) float32
-    q1: np.ndarray  # (n, 32, 4) float32
-
-    @classmethod
-    def empty(cls, n: int) -> SlideState:
-        return cls(
-            np.full((n, PAIRS), -2, np.int64), np.zeros((n, PAIRS, 4), F32), np.zeros((n, PAIRS, 4), F32)
-        )
-
-
-def _ring_xy(sx, sy, j):
-    """(n, 32, 4): (CX, CY) of slots 2j and 2j + 1 of each lane (the table's float4 of ring j)."""
-    i = np.stack([2 * j, 2 * j + 1], -1)
-    a, b = np.take_along_axis(sx, i, -1), np.take_along_axis(sy, i, -1)
-    return np.stack([a[..., 0], b[..., 0], a[..., 1], b[..., 1]], -1)
-
-
-def _slide(st: SlideState, idx, w, sx, sy, stats):
-    """polar_lane_err's window update for blocks idx: a lane whose window moved loads ring w + 1,
-    and ring w too unless it moved by one ring (then q0 = old q1); a warp where no lane moved
-    loads nothing. Returns the (n, 32, 4) q0, q1 used."""
-    wp, q0, q1 = st.wp[idx], st.q0[idx], st.q1[idx]
-    mv = w != wp
-    far = mv & (w != wp + 1)
-    stats["slide_steps"] += len(idx)
-    stats["slide_moves"] += int(mv.any(1).sum())
-    stats["slide_far"] += int(far.any(1).sum())
-    n1 = np.where(mv[..., None], _ring_xy(sx, sy, np.minimum(w + 1, sx.shape[-1] // 2 - 1)), q1)
-    n0 = np.where(far[..., None], _ring_xy(sx, sy, w), q1)
-    q0 = np.where(mv[..., None], n0, q0)
-    q1 = np.where(mv[..., None], n1, q1)
-    st.wp[idx], st.q0[idx], st.q1[idx] = np.where(mv, w, wp), q0, q1
-    return q0, q1
-
-
-def _encode_at(name, X, Y, r, s, sx, sy, stats, w_shift=0, lane_err=False, slide=None):
+def _encode_at(name, X, Y, r, s, sx, sy, stats, w_shift=0, lane_err=False):
     """polar_encode_at at per-block scales s (n,), s > 0: slots (n, 32) and errors E (n,).
-    lane_err: the per-lane squared errors (n, 32) instead of E (polar_lane_err).
-    slide: (SlideState, block indices) to take the window from the slide registers."""
+    lane_err: the per-lane squared errors (n, 32) instead of E (polar_lane_err)."""
     b = bounds(name)
     nr = len(b.mid)
     inv = F32(1.0) / s
@@ -158,13 +115,8 @@ def _encode_at(name, X, Y, r, s, sx, sy, stats, w_shift=0, lane_err=False, slide
     cell = np.minimum(rho * WIN_LUT_SCALE, F32(WIN_LUT - 1)).astype(np.int64)
     w = np.clip(b.lut[cell] + w_shift, 0, nr - 2)  # w_shift != 0: a deliberately bad window (tests)
     slots = np.stack([2 * w, 2 * w + 1, 2 * w + 2, 2 * w + 3], -1)
-    if slide is None:
-        cx = np.take_along_axis(sx, slots, -1)
-        cy = np.take_along_axis(sy, slots, -1)
-    else:
-        q0, q1 = _slide(slide[0], slide[1], w, sx, sy, stats)
-        cx = np.stack([q0[..., 0], q0[..., 2], q1[..., 0], q1[..., 2]], -1)
-        cy = np.stack([q0[..., 1], q0[..., 3], q1[..., 1], q1[..., 3]], -1)
+    cx = np.take_along_axis(sx, slots, -1)
+    cy = np.take_along_axis(sy, slots, -1)
     dd = _dd(xn[..., None], yn[..., None], cx, cy)
     i = dd.argmin(-1)  # the first least: a strict < in ascending slots
     best = np.take_along_axis(dd, i[..., None], -1)[..., 0]
@@ -230,10 +182,10 @@ def group_select(e: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_chunk(
-    name: str, x: np.ndarray, stats: dict, w_shift: int = 0, group: int | None = None, slide: bool = False
+    name: str, x: np.ndarray, stats: dict, w_shift: int = 0, group: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """polar_encode_block for blocks x (n, 64) float32: scales (n,) float32, codes (n, 32).
-    group: polar_encode_block_rs with G = group (slide: its slide variant) instead."""
+    group: polar_encode_block_rs with G = group instead."""
     t = tables(name)
     x = codec.sanitize(np.asarray(x, F32))
     X, Y = x[:, 0::2], x[:, 1::2]
@@ -264,7 +216,6 @@ def encode_chunk(
             s = codec.to_half(rmax * g)
             trial(s, s > 0)
     else:
-        st = SlideState.empty(n) if slide else None
         best_b = np.full(n, INF_BITS, np.uint32)
         for k0 in range(0, len(t.g), group):
             v = np.full((n, group, PAIRS), np.inf, F32)  # a skipped scale sums to +inf
@@ -286,7 +237,6 @@ def encode_chunk(
                         stats,
                         w_shift,
                         lane_err=True,
-                        slide=None if st is None else (st, idx),
                     )
             eb, kl = group_select(group_sums(v), group)
             u = np.nonzero(eb < best_b)[0]
@@ -317,12 +267,11 @@ def encode_chunk(
 
 
 def encode_blocks(
-    x: np.ndarray, fmt: str, w_shift: int = 0, group: int | None = None, slide: bool = False
+    x: np.ndarray, fmt: str, w_shift: int = 0, group: int | None = None
 ) -> tuple[np.ndarray, dict]:
-    """(n, 64) float32 -> (n, type_size) uint8 as the GPU encoder writes them (group, slide: as
-    its throughput variant rs<group> / slide<group>), and counts {"scales": scale trials, "full":
-    trials that ran the full search, "slide_steps" / "slide_moves" / "slide_far": slide trials,
-    those where a lane of the block loaded a ring, those where one loaded two}."""
-    stats = {"scales": 0, "full": 0, "slide_steps": 0, "slide_moves": 0, "slide_far": 0}
-    d, codes = encode_chunk(fmt, x, stats, w_shift, group, slide)
+    """(n, 64) float32 -> (n, type_size) uint8 as the GPU encoder writes them (group: as its
+    throughput variant rs<group>), and counts {"scales": scale trials, "full": trials that ran
+    the full search}."""
+    stats = {"scales": 0, "full": 0}
+    d, codes = encode_chunk(fmt, x, stats, w_shift, group)
     return codec.pack(get_format(fmt), d, codes), stats
