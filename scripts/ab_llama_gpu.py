@@ -11,9 +11,9 @@ cache write its own kernel and the query's D^-1 and rotation unfused, as before 
 GGML_CUDA_POLAR_NO_FUSE=1 (centering and balancing and the Hadamard rotation as separate ops instead
 of inside the cache write, patch 0017), LLAMA_ATTN_ROT_DISABLE=1 (upstream's rotation of Q, K, V
 and the output off), LLAMA_KV_BALANCE=0, LLAMA_KV_CENTER=0, GGML_CUDA_POLAR_FA_GQA=0, and the last
-two together. Runs llama-bench -ngl 99
-through scripts/llama_bench.py (pp512 and tg64; the table shows tg64). Writes <out>/<name>.json
-and .md; standard library only; exits non-zero when a run failed.
+two together; then polar K + f16 V with the defaults and with GGML_CUDA_POLAR_NO_FUSE_LAYER=1.
+Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
+Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
 
 from __future__ import annotations
@@ -28,18 +28,20 @@ from pathlib import Path
 import llama_bench
 from bench_llama_gpu import gpu_name
 
-VARIANTS = (  # (K/V, environment)
-    ("f16", {}),
-    ("q4_0", {}),
-    ("q4_0", {"LLAMA_KV_CENTER": "0"}),
-    ("polar", {}),
-    ("polar", {"GGML_CUDA_POLAR_NO_FUSE_LAYER": "1"}),
-    ("polar", {"GGML_CUDA_POLAR_NO_FUSE": "1"}),
-    ("polar", {"LLAMA_ATTN_ROT_DISABLE": "1"}),
-    ("polar", {"LLAMA_KV_BALANCE": "0"}),
-    ("polar", {"LLAMA_KV_CENTER": "0"}),
-    ("polar", {"GGML_CUDA_POLAR_FA_GQA": "0"}),
-    ("polar", {"LLAMA_KV_CENTER": "0", "GGML_CUDA_POLAR_FA_GQA": "0"}),
+VARIANTS = (  # (K, V, environment)
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    ("q4_0", "q4_0", {"LLAMA_KV_CENTER": "0"}),
+    ("polar", "polar", {}),
+    ("polar", "polar", {"GGML_CUDA_POLAR_NO_FUSE_LAYER": "1"}),
+    ("polar", "polar", {"GGML_CUDA_POLAR_NO_FUSE": "1"}),
+    ("polar", "polar", {"LLAMA_ATTN_ROT_DISABLE": "1"}),
+    ("polar", "polar", {"LLAMA_KV_BALANCE": "0"}),
+    ("polar", "polar", {"LLAMA_KV_CENTER": "0"}),
+    ("polar", "polar", {"GGML_CUDA_POLAR_FA_GQA": "0"}),
+    ("polar", "polar", {"LLAMA_KV_CENTER": "0", "GGML_CUDA_POLAR_FA_GQA": "0"}),
+    ("polar", "f16", {}),
+    ("polar", "f16", {"GGML_CUDA_POLAR_NO_FUSE_LAYER": "1"}),
 )
 
 
@@ -59,8 +61,9 @@ def main(argv=None) -> int:
         if not k.startswith(("LLAMA_KV_", "LLAMA_ATTN_ROT", "GGML_CUDA_POLAR_"))
     }
     runs, failed = [], 0
-    for kv, env in VARIANTS:
-        cmd = llama_bench.command(binary, args.model, kv, kv, args.depths, args.reps, ["-ngl", "99"])
+    for k, v, env in VARIANTS:
+        kv = f"{k}/{v}"
+        cmd = llama_bench.command(binary, args.model, k, v, args.depths, args.reps, ["-ngl", "99"])
         p = subprocess.run(
             cmd, env={**clean, **env}, capture_output=True, text=True, stdin=subprocess.DEVNULL
         )
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
             f"{tg[d]['tps']:.1f} ± {tg[d]['tps_sd']:.1f}" if d in tg else "-" for d in args.depths
         )
         env = " ".join(f"{k}={v}" for k, v in r["env"].items()) or "-"
-        md.append(f"| {r['kv']}/{r['kv']} | {env} | {cells} |")
+        md.append(f"| {r['kv']} | {env} | {cells} |")
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     return 1 if failed else 0
 
