@@ -183,3 +183,17 @@ def test_f16_cache_keeps_upstream_rope_fusion(llama_cpp, smollm2_path):
     nodes = decode_nodes(llama_cpp, smollm2_path, "f16", "f16")
     end = next(i for i, n in enumerate(nodes) if n["op"] == "SET_ROWS" and n["name"].startswith("cache_k_l0"))
     assert [n["op"] for n in nodes[end - 2 : end + 1]] == ["ROPE", "VIEW", "SET_ROWS"]
+
+
+def test_query_chain_and_writes_are_one_run_in_iswa_caches(llama_cpp, gemma3_path):
+    """The same order in the sliding-window (iSWA) build_attn (Gemma 3: both the SWA and the global
+    layers' caches): every layer's polar writes directly follow its query chain."""
+    nodes = decode_nodes(llama_cpp, gemma3_path, "polar", "polar")
+    index = {n["ptr"]: k for k, n in enumerate(nodes)}
+    fas = [i for i, n in enumerate(nodes) if n["op"] == "FLASH_ATTN_EXT"]
+    assert len(fas) > 1
+    for fa in fas:
+        q_rot = _through_views(nodes, index[nodes[fa]["src"][0]])
+        assert nodes[q_rot]["op"] == "MUL_MAT", nodes[q_rot]["op"]
+        after = [n["op"] for n in nodes[q_rot + 1 : fa] if n["op"] not in EMPTY]
+        assert after == ["SUB", "MUL", "MUL_MAT", "SET_ROWS", "MUL_MAT", "SET_ROWS"], (fa, after)
