@@ -32,14 +32,25 @@ __device__ __forceinline__ void encode_block_at(long long i, const typename IN::
     dst = out + b * ob + h * oh + (long long) (p + t) * ot + (long long) j * polar_fmt<FMT>::TYPE_SIZE;
 }
 
-template <int FMT, class IN>
+// The block encoder of the warp path: its per-warp scratch and the call (the default,
+// polar_encode_block with one warp a block; the throughput variants below bring their own).
+template <int FMT> struct polar_enc_default {
+    typedef polar_encode_scratch<1> scratch;
+
+    static __device__ __forceinline__ void encode(float X, float Y, const float2 * tab, int lane, scratch * sc,
+                                                  float & s, int & code) {
+        polar_encode_block<FMT, 1, 1>(X, Y, tab, lane, 0, sc, s, code);
+    }
+};
+
+template <int FMT, class IN, class ENC>
 __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict__ x, u8 * __restrict__ out,
                                               const int * __restrict__ pos, long long n_blocks, int H, int T,
                                               int NB, long long sb, long long sh, long long st, long long ob,
                                               long long oh, long long ot, int pos0) {
     typedef polar_fmt<FMT> TR;
-    __shared__ float2                   tab[TR::NCODES];
-    __shared__ polar_encode_scratch<1> scratch[POLAR_ENC_WARPS];
+    __shared__ float2                 tab[TR::NCODES];
+    __shared__ typename ENC::scratch scratch[POLAR_ENC_WARPS];
     polar_load_codebook<FMT, 1>(tab, threadIdx.x, blockDim.x);
     __syncthreads();
 
@@ -52,8 +63,8 @@ __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict_
         encode_block_at<FMT, IN>(i, x, out, pos, H, T, NB, sb, sh, st, ob, oh, ot, pos0, xb, dst);
         float s;
         int   code;
-        polar_encode_block<FMT, 1, 1>(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane, 0,
-                                      &scratch[threadIdx.x >> 5], s, code);
+        ENC::encode(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane, &scratch[threadIdx.x >> 5], s,
+                    code);
         polar_store_block<FMT>(dst, s, code, lane);
     }
 }
@@ -63,7 +74,7 @@ __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict_
         NAME(const IN::T * __restrict__ x, u8 * __restrict__ out, const int * __restrict__ pos, long long n_blocks, \
              int H, int T, int NB, long long sb, long long sh, long long st, long long ob, long long oh,       \
              long long ot, int pos0) {                                                                       \
-        encode_kernel<FMT, IN>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0);               \
+        encode_kernel<FMT, IN, polar_enc_default<FMT>>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0); \
     }
 
 // Latency path (few blocks, e.g. one decode step of a small batch): one CTA of POLAR_ENC_CTA_WARPS
@@ -338,32 +349,15 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
     }
 }
 
-// encode_kernel with polar_encode_block_rs
-template <int FMT, class IN, int G>
-__device__ __forceinline__ void encode_rs_kernel(const typename IN::T * __restrict__ x, u8 * __restrict__ out,
-                                                 const int * __restrict__ pos, long long n_blocks, int H, int T,
-                                                 int NB, long long sb, long long sh, long long st, long long ob,
-                                                 long long oh, long long ot, int pos0) {
-    typedef polar_fmt<FMT> TR;
-    __shared__ float2           tab[TR::NCODES];
-    __shared__ polar_cand_table tabs[POLAR_ENC_WARPS];
-    polar_load_codebook<FMT, 1>(tab, threadIdx.x, blockDim.x);
-    __syncthreads();
+// the block encoder of encode_kernel for the rs<G> variants
+template <int FMT, int G> struct polar_enc_rs {
+    typedef polar_cand_table scratch;
 
-    const int       lane   = threadIdx.x & 31;
-    const int       warps  = blockDim.x >> 5;
-    const long long stride = (long long) gridDim.x * warps;
-    for (long long i = (long long) blockIdx.x * warps + (threadIdx.x >> 5); i < n_blocks; i += stride) {
-        const typename IN::T * xb;
-        u8 *                   dst;
-        encode_block_at<FMT, IN>(i, x, out, pos, H, T, NB, sb, sh, st, ob, oh, ot, pos0, xb, dst);
-        float s;
-        int   code;
-        polar_encode_block_rs<FMT, G>(IN::load(xb + 2 * lane), IN::load(xb + 2 * lane + 1), tab, lane,
-                                      &tabs[threadIdx.x >> 5], s, code);
-        polar_store_block<FMT>(dst, s, code, lane);
+    static __device__ __forceinline__ void encode(float X, float Y, const float2 * tab, int lane, scratch * sc,
+                                                  float & s, int & code) {
+        polar_encode_block_rs<FMT, G>(X, Y, tab, lane, sc, s, code);
     }
-}
+};
 
 #ifndef POLAR_ENC_MINB
 #define POLAR_ENC_MINB 1
@@ -374,7 +368,8 @@ __device__ __forceinline__ void encode_rs_kernel(const typename IN::T * __restri
         NAME(const IN::T * __restrict__ x, u8 * __restrict__ out, const int * __restrict__ pos, long long n_blocks, \
              int H, int T, int NB, long long sb, long long sh, long long st, long long ob, long long oh,       \
              long long ot, int pos0) {                                                                       \
-        encode_rs_kernel<FMT, IN, POLAR_ENC_RS_G>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, pos0); \
+        encode_kernel<FMT, IN, polar_enc_rs<FMT, POLAR_ENC_RS_G>>(x, out, pos, n_blocks, H, T, NB, sb, sh, st, ob, oh, ot, \
+                                                               pos0);                                         \
     }
 
 // float32 and float16 input (what scripts/bench_gpu.py measures)

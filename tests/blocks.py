@@ -1,11 +1,12 @@
 """Test blocks for the encoders: (n, 64) float32 rows of one kind, shared by the numpy/GPU parity
-tests (tests/test_gpu_parity.py) and the CPU twin of the GPU search (tests/test_encoder_search.py)."""
+tests (tests/test_gpu_parity.py, tests/test_gpu_encode_variants.py) and the CPU twin of the GPU search
+(tests/test_encoder_search.py), and the message those tests fail with (first_diff)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from kvpolar.format import QK
+from kvpolar.format import QK, get_format
 
 KINDS = (
     "gaussian",
@@ -70,3 +71,20 @@ def rows(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         x[:, :2] *= 100
         return x.astype(np.float32)
     raise ValueError(f"unknown kind {kind!r}, expected one of {KINDS}")
+
+
+def first_diff(fmt: str, got: np.ndarray, want: np.ndarray, who: str = "gpu") -> str:
+    """Where encoded blocks got (n, type_size) differ from numpy's want: how many blocks, and the first
+    differing field of the first differing block (who: the name of the encoder tested)."""
+    bad = np.nonzero((got != want).any(1))[0]
+    i = int(bad[0])
+    off = 0
+    for name, dt, cnt in get_format(fmt).fields:
+        size = np.dtype(dt).itemsize * cnt
+        if (got[i, off : off + size] != want[i, off : off + size]).any():
+            return (
+                f"{len(bad)} blocks differ; first block {i}, field {name}: "
+                f"{who} {got[i, off : off + size].tolist()} numpy {want[i, off : off + size].tolist()}"
+            )
+        off += size
+    return f"{len(bad)} blocks differ"

@@ -109,21 +109,6 @@ def _rng(*key) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32("/".join(map(str, key)).encode()))
 
 
-def _first_diff(fmt: str, got: np.ndarray, want: np.ndarray) -> str:
-    bad = np.nonzero((got != want).any(1))[0]
-    i = int(bad[0])
-    off = 0
-    for name, dt, cnt in get_format(fmt).fields:
-        size = np.dtype(dt).itemsize * cnt
-        if (got[i, off : off + size] != want[i, off : off + size]).any():
-            return (
-                f"{len(bad)} blocks differ; first block {i}, field {name}: "
-                f"emulation {got[i, off : off + size].tolist()} numpy {want[i, off : off + size].tolist()}"
-            )
-        off += size
-    return f"{len(bad)} blocks differ"
-
-
 @functools.cache
 def _all_kinds(fmt: str) -> tuple[np.ndarray, np.ndarray]:
     """N blocks of every kind and numpy's bytes for them (computed once per format)."""
@@ -135,7 +120,7 @@ def _all_kinds(fmt: str) -> tuple[np.ndarray, np.ndarray]:
 def test_blocks_equal_reference(fmt):
     x, want = _all_kinds(fmt)
     got, stats = em.encode_blocks(x, fmt)
-    assert (got == want).all(), _first_diff(fmt, got, want)
+    assert (got == want).all(), blocks.first_diff(fmt, got, want, "emulation")
     # the window nearly always carries its proof: the full search is the exception
     assert stats["full"] <= 0.01 * stats["scales"], stats
 
@@ -148,7 +133,7 @@ def test_wrong_window_is_rejected(fmt, shift):
     x = np.concatenate([_rows(fmt, k, 24, rng) for k in ("gaussian", "midway", "ring_radii", "outlier")])
     want = codec.quantize_blocks(x, fmt)
     got, stats = em.encode_blocks(x, fmt, w_shift=shift)
-    assert (got == want).all(), _first_diff(fmt, got, want)
+    assert (got == want).all(), blocks.first_diff(fmt, got, want, "emulation")
     assert stats["full"] > 0.5 * stats["scales"], stats
 
 
@@ -186,7 +171,7 @@ def test_search_at_exact_scales(fmt, kind):
 def test_grouped_search_equals_reference(fmt, group):
     x, want = _all_kinds(fmt)
     got, stats = em.encode_blocks(x, fmt, group=group)
-    assert (got == want).all(), _first_diff(fmt, got, want)
+    assert (got == want).all(), blocks.first_diff(fmt, got, want, "emulation")
     assert stats["full"] <= 0.01 * stats["scales"], stats
 
 
@@ -198,7 +183,7 @@ def test_grouped_search_wrong_window(fmt, shift):
     x = np.concatenate([_rows(fmt, k, 16, rng) for k in ("gaussian", "midway", "zero", "tiny", "outlier")])
     want = codec.quantize_blocks(x, fmt)
     got, _ = em.encode_blocks(x, fmt, w_shift=shift, group=8)
-    assert (got == want).all(), _first_diff(fmt, got, want)
+    assert (got == want).all(), blocks.first_diff(fmt, got, want, "emulation")
 
 
 @pytest.mark.parametrize("group", [2, 4, 8, 16])

@@ -38,28 +38,13 @@ def _case(fmt: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return x, codec.quantize_blocks(x, fmt)
 
 
-def _first_diff(fmt, got: np.ndarray, want: np.ndarray) -> str:
-    bad = np.nonzero((got != want).any(1))[0]
-    i = int(bad[0])
-    off = 0
-    for name, dt, cnt in get_format(fmt).fields:
-        size = np.dtype(dt).itemsize * cnt
-        if (got[i, off : off + size] != want[i, off : off + size]).any():
-            return (
-                f"{len(bad)} blocks differ; first block {i}, field {name}: "
-                f"gpu {got[i, off : off + size].tolist()} numpy {want[i, off : off + size].tolist()}"
-            )
-        off += size
-    return f"{len(bad)} blocks differ"
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("kind", blocks.KINDS)
 def test_variant_f32_bytes(torch, variant, fmt, kind):
     x, want = _case(fmt, kind)
     got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt, variant=variant).reshape(len(x), -1).cpu().numpy()
-    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+    assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
 
 
 @functools.cache
@@ -79,7 +64,7 @@ def test_variant_f16_bytes(torch, variant, fmt, kind):
     h, want = _case16(fmt, kind)
     xt = torch.from_numpy(h)
     got = gpu_codec.encode(xt.cuda(), fmt, variant=variant).reshape(len(xt), -1).cpu().numpy()
-    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+    assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

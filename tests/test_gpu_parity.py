@@ -30,22 +30,6 @@ _rows = blocks.rows
 KINDS = list(blocks.KINDS)
 
 
-def _first_diff(fmt, got: np.ndarray, want: np.ndarray) -> str:
-    bad = np.nonzero((got != want).any(1))[0]
-    i = int(bad[0])
-    f = get_format(fmt)
-    off = 0
-    for name, dt, cnt in f.fields:
-        size = np.dtype(dt).itemsize * cnt
-        if (got[i, off : off + size] != want[i, off : off + size]).any():
-            return (
-                f"{len(bad)} blocks differ; first block {i}, field {name}: "
-                f"gpu {got[i, off : off + size].tolist()} numpy {want[i, off : off + size].tolist()}"
-            )
-        off += size
-    return f"{len(bad)} blocks differ"
-
-
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_encode_f32_bytes(torch, fmt, kind):
@@ -53,7 +37,7 @@ def test_encode_f32_bytes(torch, fmt, kind):
     x = _rows(kind, 1000, rng)
     want = codec.quantize_blocks(x, fmt)
     got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
-    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+    assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -66,7 +50,7 @@ def test_encode_half_inputs(torch, fmt, dtype, kind):
     xt = torch.from_numpy(_rows(kind, 700, rng)).to(tdt)
     want = codec.quantize_blocks(xt.float().numpy(), fmt)
     got = gpu_codec.encode(xt.cuda(), fmt).reshape(len(xt), -1).cpu().numpy()
-    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+    assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -79,7 +63,7 @@ def test_encode_paths_bytes(torch, fmt, path, kind):
     x = _rows(kind, 300, rng)
     want = codec.quantize_blocks(x, fmt)
     got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt, path).reshape(len(x), -1).cpu().numpy()
-    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+    assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -88,7 +72,7 @@ def test_encode_large_random(torch, fmt):
     x = (rng.standard_normal((20000, QK)) * np.exp(rng.standard_normal((20000, 1)))).astype(np.float32)
     want = codec.quantize_blocks(x, fmt)
     got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt).reshape(len(x), -1).cpu().numpy()
-    assert np.array_equal(got, want), _first_diff(fmt, got, want)
+    assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
