@@ -38,8 +38,12 @@ fail() {
 # A failing case is printed after its error on the same line ("[SET_ROWS] ERR = ... > ...   OP(params):
 # FAIL"), so the case is matched anywhere in the line (sessions 7-8 matched only at the line start and
 # so counted failing cases as absent: tests/test_cuda_check_parse.py keeps that from coming back).
+plain() { # a log without its ANSI colours
+    sed 's/\x1b\[[0-9;]*m//g' "$1"
+}
+
 polar_cases() {
-    sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -E '(^|[[:space:]])[A-Z_]+\(.*polar.*\): [A-Za-z]' || true
+    plain "$1" | grep -E '(^|[[:space:]])[A-Z_]+\(.*polar.*\): [A-Za-z]' || true
 }
 
 # check_cases LOG WHAT [STATUS]: every polar case in LOG ends in STATUS (default OK; the support
@@ -50,9 +54,9 @@ check_cases() {
     bad=$(polar_cases "$log" | grep -v -E "^  [A-Z_]+\\(.*\\): $want\$" || true)
     if [[ "$n" -eq 0 ]]; then
         fail "$what: no polar case ran ($log)"
-    elif sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -q -E '^  Backend CUDA0: FAIL'; then
+    elif plain "$log" | grep -q -E '^  Backend CUDA0: FAIL'; then
         fail "$what: test-backend-ops reports CUDA0 failing ($log):"
-        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E 'FAIL$' | sed -n '1,20p'
+        plain "$log" | grep -E 'FAIL$' | sed -n '1,20p'
     elif [[ -n "$bad" ]]; then
         fail "$what: $(echo "$bad" | wc -l) of $n polar cases not OK ($log):"
         sed -n '1,20p' <<<"$bad"
