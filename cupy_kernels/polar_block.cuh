@@ -406,13 +406,14 @@ __device__ __forceinline__ float2 polar_slot_xy(const polar_cand_table * t, int 
     return (slot & 1) ? make_float2(q.z, q.w) : make_float2(q.x, q.y);
 }
 
-// step 4 at scale s (inv = fl(1 / s)): the slot of this lane's code (the nearest candidate, the
-// lower code on equal distances), its (CX, CY) and the block error E (all lanes).
-// r: fl(sqrt(fl(X^2) + fl(Y^2))).
-template <int FMT>
-__device__ __forceinline__ void polar_encode_at(float X, float Y, float r, float s, float inv,
-                                                const polar_cand_table * t, int lane, int & slot, float & bx,
-                                                float & by, float & E) {
+// step 4 at scale s (inv = fl(1 / s)) in one lane: the slot of this lane's code (the nearest
+// candidate, the lower code on equal distances), its (CX, CY), and its squared error
+// fl(ex^2 + ey^2), the value the block error E sums (polar_tree32). UNROLL: of the rare full search
+// (1 keeps the registers of polar_encode.cu's rs variants down). r: fl(sqrt(fl(X^2) + fl(Y^2))).
+template <int FMT, int UNROLL = polar_fmt<FMT>::NRINGS>
+__device__ __forceinline__ float polar_encode_lane(float X, float Y, float r, float s, float inv,
+                                                   const polar_cand_table * t, int lane, int & slot, float & bx,
+                                                   float & by) {
     constexpr int NR  = polar_fmt<FMT>::NRINGS;
     const float   xn  = polar_fmul(X, inv);
     const float   yn  = polar_fmul(Y, inv);
@@ -442,7 +443,7 @@ __device__ __forceinline__ void polar_encode_at(float X, float Y, float r, float
     const bool   ok     = __float_as_int(m) > 0 && polar_lt_nonneg(polar_fmax(best, POLAR_LB_MIN), lb);
     if (__any_sync(POLAR_FULL_MASK, !ok)) {
         best = __uint_as_float(POLAR_INF_BITS);
-#pragma unroll
+#pragma unroll UNROLL
         for (int j = 0; j < NR; ++j) {
             const float4 q = t->xy[j][lane];
             polar_try(xn, yn, q.x, q.y, 2 * j, best, bs, bx, by);
@@ -452,7 +453,79 @@ __device__ __forceinline__ void polar_encode_at(float X, float Y, float r, float
     slot           = bs;
     const float ex = polar_fsub(X, polar_fmul(s, bx));
     const float ey = polar_fsub(Y, polar_fmul(s, by));
-    E              = polar_tree32(polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey)));
+    return polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey));
+}
+
+// step 4 for the block: polar_encode_lane and the block error E (all lanes)
+template <int FMT>
+__device__ __forceinline__ void polar_encode_at(float X, float Y, float r, float s, float inv,
+                                                const polar_cand_table * t, int lane, int & slot, float & bx,
+                                                float & by, float & E) {
+    E = polar_tree32(polar_encode_lane<FMT>(X, Y, r, s, inv, t, lane, slot, bx, by));
+}
+
+// tree32 of a and of b in every lane (the bits of polar_tree32 of each) with 6 shuffles instead of
+// 10: a reduce-scatter step (step 16: lanes 0-15 keep a, 16-31 keep b), then the butterfly, then
+// each lane takes the other sum from lane ^ 16.
+__device__ __forceinline__ void polar_tree32x2(float a, float b, int lane, float & sa, float & sb) {
+    const bool up = (lane & 16) != 0;
+    float      v  = polar_fadd(up ? b : a, __shfl_xor_sync(POLAR_FULL_MASK, up ? a : b, 16));
+#pragma unroll
+    for (int h = 8; h >= 1; h >>= 1) {
+        v = polar_fadd(v, __shfl_xor_sync(POLAR_FULL_MASK, v, h));
+    }
+    const float o = __shfl_xor_sync(POLAR_FULL_MASK, v, 16);
+    sa            = up ? o : v;
+    sb            = up ? v : o;
+}
+
+// Steps 6 and 7's inputs: from the chosen scale best_s, block error best_e (+inf: none) and this
+// lane's slot best_i with its (CX, CY) best_x, best_y, the least-squares scale of the chosen codes,
+// kept while it lowers the error (NREFINE times at most); then s (0: the zero block) and this lane's
+// code. PAIRED: num and den summed together (polar_tree32x2, same bits as two polar_tree32).
+template <int FMT, bool PAIRED>
+__device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, float theta, const polar_cand_table * t,
+                                                    int lane, float best_s, float best_e, int best_i, float best_x,
+                                                    float best_y, float & s_out, int & code_out) {
+    bool active = __float_as_uint(best_e) != POLAR_INF_BITS;
+#pragma unroll 1
+    for (int it = 0; it < polar_fmt<FMT>::NREFINE && active; ++it) {
+        const float a = polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y));
+        const float b = polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y));
+        float       num, den;
+        if (PAIRED) {
+            polar_tree32x2(a, b, lane, num, den);
+        } else {
+            num = polar_tree32(a);
+            den = polar_tree32(b);
+        }
+        active = false;
+        if (den > 0.0f) {
+            const float s2 = polar_round_scale(polar_fdiv(num, den));
+            if (s2 > 0.0f && s2 != best_s) {
+                int   i;
+                float bx, by, E;
+                polar_encode_at<FMT>(X, Y, r, s2, polar_fdiv(1.0f, s2), t, lane, i, bx, by, E);
+                if (polar_lt_nonneg(E, best_e)) {
+                    best_s = s2;
+                    best_e = E;
+                    best_i = i;
+                    best_x = bx;
+                    best_y = by;
+                    active = true;
+                }
+            }
+        }
+    }
+    if (__float_as_uint(best_e) == POLAR_INF_BITS) {
+        s_out    = 0.0f;
+        code_out = 0;
+    } else {
+        int lo, hi;
+        polar_ring_neighbours<FMT>(theta, best_i >> 1, lo, hi);
+        s_out    = best_s;
+        code_out = (best_i & 1) ? hi : lo;
+    }
 }
 
 // Scratch in shared memory for polar_encode_block: the block's candidates and, with NW > 1 warps
@@ -559,38 +632,7 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
     }
 
     // step 6: least-squares scale of the chosen codes, kept while it lowers the error
-    bool active = __float_as_uint(best_e) != POLAR_INF_BITS;
-#pragma unroll 1
-    for (int it = 0; it < TR::NREFINE && active; ++it) {
-        const float num = polar_tree32(polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y)));
-        const float den = polar_tree32(polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y)));
-        active          = false;
-        if (den > 0.0f) {
-            const float s2 = polar_round_scale(polar_fdiv(num, den));
-            if (s2 > 0.0f && s2 != best_s) {
-                int   i;
-                float bx, by, E;
-                polar_encode_at<FMT>(X, Y, r, s2, polar_fdiv(1.0f, s2), t, lane, i, bx, by, E);
-                if (polar_lt_nonneg(E, best_e)) {
-                    best_s = s2;
-                    best_e = E;
-                    best_i = i;
-                    best_x = bx;
-                    best_y = by;
-                    active = true;
-                }
-            }
-        }
-    }
-    if (__float_as_uint(best_e) == POLAR_INF_BITS) {
-        s_out    = 0.0f;
-        code_out = 0;
-    } else {
-        int lo, hi;
-        polar_ring_neighbours<FMT>(theta, best_i >> 1, lo, hi);
-        s_out    = best_s;
-        code_out = (best_i & 1) ? hi : lo;
-    }
+    polar_refine_finish<FMT, false>(X, Y, r, theta, t, lane, best_s, best_e, best_i, best_x, best_y, s_out, code_out);
     return true;
 }
 

@@ -143,7 +143,7 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 // tests/encoder_emulation.py runs their search in numpy (encode_blocks(..., group=G)).
 //
 //  rs<G>    the 16 scale candidates in groups of G: each lane first computes its pair's error at
-//           the G scales (polar_lane_err: polar_encode_at without the block sum), then one
+//           the G scales (polar_encode_lane: polar_encode_at without the block sum), then one
 //           reduce-scatter butterfly sums all G at once: at step h = 16, 8, ... lane L keeps the
 //           half of the remaining candidates selected by bit h of L and adds its partner's copy of
 //           that half, so after log2 G steps each lane holds one candidate (k = L >> (5 - log2 G))
@@ -160,68 +160,7 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 //           (N = 5: 48 registers).
 #ifdef POLAR_ENC_RS_G
 
-// polar_encode_at at scale s without the block sum: this lane's slot and its squared error
-// (ex^2 + ey^2), the value tree32 sums.
-template <int FMT>
-__device__ __forceinline__ float polar_lane_err(float X, float Y, float r, float s, float inv,
-                                                const polar_cand_table * t, int lane, int & slot) {
-    constexpr int NR  = polar_fmt<FMT>::NRINGS;
-    const float   xn  = polar_fmul(X, inv);
-    const float   yn  = polar_fmul(Y, inv);
-    const float   rho = polar_fmul(r, inv);
-
-    const int    cell = (int) polar_fmul(rho, POLAR_WIN_LUT_SCALE);  // saturating conversion
-    const int    w    = t->lut[cell < POLAR_WIN_LUT - 1 ? cell : POLAR_WIN_LUT - 1];
-    const float4 q0   = t->xy[w][lane];
-    const float4 q1   = t->xy[w + 1][lane];
-    const float  dx0  = polar_fsub(xn, q0.x);
-    const float  dy0  = polar_fsub(yn, q0.y);
-    float        best = polar_fadd(polar_fmul(dx0, dx0), polar_fmul(dy0, dy0));
-    int          bs   = 2 * w;
-    float        bx   = q0.x;
-    float        by   = q0.y;
-    polar_try(xn, yn, q0.z, q0.w, 2 * w + 1, best, bs, bx, by);
-    polar_try(xn, yn, q1.x, q1.y, 2 * w + 2, best, bs, bx, by);
-    polar_try(xn, yn, q1.z, q1.w, 2 * w + 3, best, bs, bx, by);
-
-    // no candidate outside the window can be the answer (proof above polar_ring_bounds)
-    const float2 ab     = t->win[w];
-    const float  rho_lo = polar_fsub(polar_fmul(rho, POLAR_RHO_REL_LO), POLAR_RHO_ABS);
-    const float  rho_hi = polar_fadd(polar_fmul(rho, POLAR_RHO_REL_HI), POLAR_RHO_ABS);
-    const float  m      = polar_fmin(polar_fsub(rho_lo, ab.x), polar_fsub(ab.y, rho_hi));
-    const float  lb     = polar_fmul(polar_fmul(m, m), POLAR_LB_REL);
-    const bool   ok     = __float_as_int(m) > 0 && polar_lt_nonneg(polar_fmax(best, POLAR_LB_MIN), lb);
-    if (__any_sync(POLAR_FULL_MASK, !ok)) {  // rare: a loop, not unrolled (registers)
-        best = __uint_as_float(POLAR_INF_BITS);
-#pragma unroll 1
-        for (int j = 0; j < NR; ++j) {
-            const float4 q = t->xy[j][lane];
-            polar_try(xn, yn, q.x, q.y, 2 * j, best, bs, bx, by);
-            polar_try(xn, yn, q.z, q.w, 2 * j + 1, best, bs, bx, by);
-        }
-    }
-    slot           = bs;
-    const float ex = polar_fsub(X, polar_fmul(s, bx));
-    const float ey = polar_fsub(Y, polar_fmul(s, by));
-    return polar_fadd(polar_fmul(ex, ex), polar_fmul(ey, ey));
-}
-
 __device__ __forceinline__ unsigned int polar_umin(unsigned int a, unsigned int b) { return a < b ? a : b; }
-
-// tree32 of a and of b in every lane (the bits of polar_tree32 of each) with 6 shuffles instead of
-// 10: the reduce-scatter of rs<G> for G = 2 (step 16: lanes 0-15 keep a, 16-31 keep b), then the
-// butterfly, then each lane takes the other sum from lane ^ 16.
-__device__ __forceinline__ void polar_tree32x2(float a, float b, int lane, float & sa, float & sb) {
-    const bool up = (lane & 16) != 0;
-    float      v  = polar_fadd(up ? b : a, __shfl_xor_sync(POLAR_FULL_MASK, up ? a : b, 16));
-#pragma unroll
-    for (int h = 8; h >= 1; h >>= 1) {
-        v = polar_fadd(v, __shfl_xor_sync(POLAR_FULL_MASK, v, h));
-    }
-    const float o = __shfl_xor_sync(POLAR_FULL_MASK, v, 16);
-    sa            = up ? o : v;
-    sb            = up ? v : o;
-}
 
 // log2 of a power of two 1..32 at compile time
 template <int G> struct polar_log2 {
@@ -267,8 +206,9 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
             v[c]          = __uint_as_float(POLAR_INF_BITS);
             if (s != 0.0f) {  // warp-uniform; a skipped candidate sums to +inf and never wins
                 int slot;
-                v[c] = polar_lane_err<FMT>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c), t, lane,
-                                           slot);
+                float bx, by;
+                v[c] = polar_encode_lane<FMT, 1>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c), t,
+                                                 lane, slot, bx, by);
                 if (c < 8) {
                     sl0 |= (unsigned long long) slot << (8 * c);
                 } else {
@@ -308,45 +248,10 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
             best_s = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + kl);
         }
     }
-    float        best_e = __uint_as_float(best_b);
-    const float2 b0     = polar_slot_xy(t, best_i, lane);
-    float        best_x = b0.x;
-    float        best_y = b0.y;
-
+    const float2 b0 = polar_slot_xy(t, best_i, lane);
     // step 6, as polar_encode_block; num and den summed together (polar_tree32x2)
-    bool active = best_b != POLAR_INF_BITS;
-#pragma unroll 1
-    for (int it = 0; it < TR::NREFINE && active; ++it) {
-        float num, den;
-        polar_tree32x2(polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y)),
-                       polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y)), lane, num, den);
-        active = false;
-        if (den > 0.0f) {
-            const float s2 = polar_round_scale(polar_fdiv(num, den));
-            if (s2 > 0.0f && s2 != best_s) {
-                int   i;
-                float bx, by, E;
-                polar_encode_at<FMT>(X, Y, r, s2, polar_fdiv(1.0f, s2), t, lane, i, bx, by, E);
-                if (polar_lt_nonneg(E, best_e)) {
-                    best_s = s2;
-                    best_e = E;
-                    best_i = i;
-                    best_x = bx;
-                    best_y = by;
-                    active = true;
-                }
-            }
-        }
-    }
-    if (__float_as_uint(best_e) == POLAR_INF_BITS) {
-        s_out    = 0.0f;
-        code_out = 0;
-    } else {
-        int lo, hi;
-        polar_ring_neighbours<FMT>(theta, best_i >> 1, lo, hi);
-        s_out    = best_s;
-        code_out = (best_i & 1) ? hi : lo;
-    }
+    polar_refine_finish<FMT, true>(X, Y, r, theta, t, lane, best_s, __uint_as_float(best_b), best_i, b0.x, b0.y, s_out,
+                                   code_out);
 }
 
 // the block encoder of encode_kernel for the rs<G> variants

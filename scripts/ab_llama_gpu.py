@@ -3,7 +3,7 @@
 extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.md).
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
+        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0] [--set extras|gqa]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -12,6 +12,9 @@ GGML_CUDA_POLAR_NO_FUSE=1 (centering and balancing and the Hadamard rotation as 
 of inside the cache write, patch 0017), LLAMA_ATTN_ROT_DISABLE=1 (upstream's rotation of Q, K, V
 and the output off), LLAMA_KV_BALANCE=0, LLAMA_KV_CENTER=0, GGML_CUDA_POLAR_FA_GQA=0, and the last
 two together; then polar K + f16 V with the defaults and with GGML_CUDA_POLAR_NO_FUSE_LAYER=1.
+--set gqa (for a model with grouped-query attention above 4, e.g. Qwen2.5-1.5B's 6): the query heads
+a CTA of the polar vector kernel takes, GGML_CUDA_POLAR_FA_GQA unset (the default), 8, 4 and 0, for
+polar K+V and polar K + polar3 V, next to f16 and q4_0.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -43,6 +46,16 @@ VARIANTS = (  # (K, V, environment)
     ("polar", "f16", {}),
     ("polar", "f16", {"GGML_CUDA_POLAR_NO_FUSE_LAYER": "1"}),
 )
+GQA_VARIANTS = (  # (K, V, environment)
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    *(
+        (k, v, env)
+        for k, v in (("polar", "polar"), ("polar", "polar3"))
+        for env in ({}, *({"GGML_CUDA_POLAR_FA_GQA": n} for n in ("8", "4", "0")))
+    ),
+)
+SETS = {"extras": VARIANTS, "gqa": GQA_VARIANTS}
 
 
 def main(argv=None) -> int:
@@ -53,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="docs/bench/gpu")
     ap.add_argument("--name", default="ab-depth0")
+    ap.add_argument("--set", choices=tuple(SETS), default="extras")
     args = ap.parse_args(argv)
     binary = str(Path(args.bin) / "llama-bench")
     clean = {
@@ -61,7 +75,7 @@ def main(argv=None) -> int:
         if not k.startswith(("LLAMA_KV_", "LLAMA_ATTN_ROT", "GGML_CUDA_POLAR_"))
     }
     runs, failed = [], 0
-    for k, v, env in VARIANTS:
+    for k, v, env in SETS[args.set]:
         kv = f"{k}/{v}"
         cmd = llama_bench.command(binary, args.model, k, v, args.depths, args.reps, ["-ngl", "99"])
         p = subprocess.run(

@@ -6,8 +6,10 @@
 #   here:   scripts/gpu_run.sh prepare      # source tree (KVPOLAR_CUDA=1, archs $KVPOLAR_CUDA_ARCHS,
 #                                           # default 90) -> .gpurun/a/src.tgz; SmolLM2 and a Qwen2.5-1.5B
 #                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl}
-#   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background)
-#           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
+#   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
+#                                           # run the CuPy GPU tests meanwhile
+#           scripts/gpu_run.sh checks       # models, wait for the build, scripts/fa_vec_harness.cu, start
+#                                           # cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh bench        # wait for the checks, then ab_llama_gpu.py and bench_llama_gpu.py
 #
 # Results go to $OUT (default ./gpu-run-out). The model is split over two folders (a and b) so that
@@ -19,7 +21,7 @@ set -euo pipefail
 case ${1:-} in
 prepare | build | checks | bench) ;;
 *)
-    sed -n '2,17p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,19p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -56,7 +58,15 @@ build)
     cp "$G/a/smol.part.a" /tmp/smol.part.a
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
-    sleep 15 && cat /tmp/gpu-run-build.log
+    # while the build runs: the CuPy kernels' GPU tests (bytes against numpy, the encoder variants,
+    # the transformers cache), under the machine's own torch/cupy
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+    rc=0
+    PYTHONPATH=/tmp/site:$PWD/converter:$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_gpu_parity.py tests/test_gpu_encode_variants.py tests/test_torch_cache.py > "$OUT/cupy-tests.txt" 2>&1 || rc=1
+    tail -3 "$OUT/cupy-tests.txt"
+    cat /tmp/gpu-run-build.log | tail -5
+    exit $rc
     ;;
 checks)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
@@ -71,6 +81,13 @@ checks)
         sleep 5
     done
     tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
+    # the polar vector FA kernel alone (scripts/fa_vec_harness.cu): 4 and 8 heads a CTA vs one
+    T=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$(python3 scripts/bootstrap.py key)/src/vendor/llama.cpp
+    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
+        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_vec_harness scripts/fa_vec_harness.cu
+    /tmp/fa_vec_harness > "$OUT/fa-vec-harness.txt" 2>&1 && echo "harness rc=0" >> "$OUT/fa-vec-harness.txt" ||
+        echo "harness rc=1" >> "$OUT/fa-vec-harness.txt"
+    tail -2 "$OUT/fa-vec-harness.txt"
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
     ;;
@@ -81,7 +98,9 @@ bench)
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 0 16384 --reps 3 --out "$OUT" --name ab || rc=1
     python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --name smollm2 --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
     python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --name qwen2.5-1.5b-synthetic --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 16384 32768 --reps 3 --out "$OUT" --name ab-gqa-qwen --set gqa || rc=1
     grep -q "^check rc=0" "$OUT/check-summary.txt" || rc=1
+    grep -q "^harness rc=0" "$OUT/fa-vec-harness.txt" || rc=1
     exit $rc
     ;;
 esac
