@@ -12,9 +12,9 @@ GGML_CUDA_POLAR_NO_FUSE=1 (centering and balancing and the Hadamard rotation as 
 of inside the cache write, patch 0017), LLAMA_ATTN_ROT_DISABLE=1 (upstream's rotation of Q, K, V
 and the output off), LLAMA_KV_BALANCE=0, LLAMA_KV_CENTER=0, GGML_CUDA_POLAR_FA_GQA=0, and the last
 two together; then polar K + f16 V with the defaults and with GGML_CUDA_POLAR_NO_FUSE_LAYER=1.
---set gqa (for a model with grouped-query attention above 4, e.g. Qwen2.5-1.5B's 6): the query heads
-a CTA of the polar vector kernel takes, GGML_CUDA_POLAR_FA_GQA unset (the default), 8, 4 and 0, for
-polar K+V and polar K + polar3 V, next to f16 and q4_0.
+--set gqa: the query heads a CTA of the polar vector kernel takes, GGML_CUDA_POLAR_FA_GQA unset (the
+default), 4 and 0, for polar K+V and polar K + polar3 V, next to f16 and q4_0 (session 9 ran it on
+Qwen2.5-1.5B's GQA 6, with also 8 from a build that had a CTA of 8 heads).
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -52,7 +52,7 @@ GQA_VARIANTS = (  # (K, V, environment)
     *(
         (k, v, env)
         for k, v in (("polar", "polar"), ("polar", "polar3"))
-        for env in ({}, *({"GGML_CUDA_POLAR_FA_GQA": n} for n in ("8", "4", "0")))
+        for env in ({}, *({"GGML_CUDA_POLAR_FA_GQA": n} for n in ("4", "0")))
     ),
 )
 SETS = {"extras": VARIANTS, "gqa": GQA_VARIANTS}

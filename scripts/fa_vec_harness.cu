@@ -1,15 +1,16 @@
 // The polar vector flash-attention kernel of the patched ggml-cuda (fattn-vec.cuh), run standalone:
-// the CTAs that take 4 or 8 query heads of a K/V head (heads_as_cols, patch 0020's polar_quad_rows)
-// against one head a CTA, on random polar/polar3 blocks, 4096 keys, with 1 and 32 parallel blocks
-// (the partial results combined here as flash_attn_combine_results does). It found patch 0020's
-// miscompiled `else #pragma unroll for` in a 40 s GPU call, where a llama.cpp CUDA build takes 5.6 min.
+// the CTAs that take 2 or 4 query heads of a K/V head (heads_as_cols, patch 0014) against one head a
+// CTA, on random polar/polar3 blocks, 4096 keys, with 1 and 32 parallel blocks (the partial results
+// combined here as flash_attn_combine_results does). A GPU call of 40 s, where a llama.cpp CUDA build
+// takes 5 min: in session 9 it found why a CTA of 8 heads wrote +-inf (nvcc dropped the statement
+// after an `else #pragma unroll for` in the discarded branch of an if constexpr; docs/results-cuda.md).
 //
 //   T=<patched tree>/vendor/llama.cpp
 //   nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
 //        -I$T/ggml/include -I$T/ggml/src -I$T/ggml/src/ggml-cuda -o fa_vec_harness scripts/fa_vec_harness.cu
-//   ./fa_vec_harness        # exit status 1 when an 8-head output differs from the reference
+//   ./fa_vec_harness        # exit status 1 when a packed output differs from the reference
 //
-// scripts/gpu_run.sh checks builds and runs it. Output: NMSE of the 4- and 8-head results against one
+// scripts/gpu_run.sh checks builds and runs it. Output: NMSE of the 2- and 4-head results against one
 // head a CTA (float order differs: about 1e-13), and per head where a value differs by more than 1e-3.
 #include "fattn-vec.cuh"
 #include <cstdio>
@@ -21,7 +22,7 @@
 
 template <int D, int ncols, ggml_type TK, ggml_type TV, bool hac>
 static std::vector<float> run(const char * Q, const char * K, const char * V, const char * M, int H, int HKV, int kv, int PB,
-                              int nb11, int nb21, std::vector<float2> * meta_out) {
+                              int nb11, int nb21) {
     const int gqa = H/HKV;
     const int ntiles_gqa = hac ? (gqa + ncols - 1)/ncols : 1;
     dim3 grid(1, PB, hac ? ntiles_gqa*HKV : H);
@@ -42,7 +43,6 @@ static std::vector<float> run(const char * Q, const char * K, const char * V, co
     CK(cudaDeviceSynchronize());
     std::vector<float> out(D*H*PB);
     CK(cudaMemcpy(out.data(), dst, sizeof(float)*out.size(), cudaMemcpyDeviceToHost));
-    if (meta_out) { meta_out->resize(H*PB); CK(cudaMemcpy(meta_out->data(), meta, sizeof(float2)*H*PB, cudaMemcpyDeviceToHost)); }
     if (PB > 1) { // combine as flash_attn_combine_results
         std::vector<float2> mt(H*PB);
         CK(cudaMemcpy(mt.data(), meta, sizeof(float2)*H*PB, cudaMemcpyDeviceToHost));
@@ -83,32 +83,38 @@ static int check(const char * name, int H, int HKV, int kv, int PB) {
     CK(cudaMalloc(&dq, q.size()*4)); CK(cudaMalloc(&dk, k.size() + 4096)); CK(cudaMalloc(&dv, v.size() + 4096)); CK(cudaMalloc(&dm, m.size()*2 + 4096));
     CK(cudaMemcpy(dq, q.data(), q.size()*4, cudaMemcpyHostToDevice)); CK(cudaMemcpy(dk, k.data(), k.size(), cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dv, v.data(), v.size(), cudaMemcpyHostToDevice)); CK(cudaMemcpy(dm, m.data(), m.size()*2, cudaMemcpyHostToDevice));
-    auto ref = run<D, 1, TK, TV, false>(dq, dk, dv, dm, H, HKV, kv, PB, nb11, nb21, nullptr);
-    auto r4  = run<D, 4, TK, TV, true >(dq, dk, dv, dm, H, HKV, kv, PB, nb11, nb21, nullptr);
-    std::vector<float2> meta8, meta1;
-    auto r8  = run<D, 8, TK, TV, true >(dq, dk, dv, dm, H, HKV, kv, PB, nb11, nb21, &meta8);
-    run<D, 1, TK, TV, false>(dq, dk, dv, dm, H, HKV, kv, PB, nb11, nb21, &meta1);
-    double e4 = 0, e8 = 0, n = 0; int bad8 = 0;
-    for (size_t i = 0; i < ref.size(); ++i) { n += ref[i]*ref[i]; e4 += (r4[i]-ref[i])*(r4[i]-ref[i]); e8 += (r8[i]-ref[i])*(r8[i]-ref[i]); if (!(fabsf(r8[i]-ref[i]) <= 1e-3f*(1+fabsf(ref[i])))) bad8++; }
-    printf("%-24s D=%d H=%d HKV=%d kv=%d PB=%d: nmse4 %.3g nmse8 %.3g bad8 %d/%zu\n", name, D, H, HKV, kv, PB, e4/n, e8/n, bad8, ref.size());
-    if (bad8) {
-        for (int h = 0; h < H; ++h) { printf("  head %d ref %.5f r8 %.5f r4 %.5f", h, ref[h*D], r8[h*D], r4[h*D]);
-            if (PB > 1) { printf("  meta b0 ref (%.4g,%.4g) r8 (%.4g,%.4g)", meta1[h*PB].x, meta1[h*PB].y, meta8[h*PB].x, meta8[h*PB].y); }
-            printf("\n"); }
+    auto ref = run<D, 1, TK, TV, false>(dq, dk, dv, dm, H, HKV, kv, PB, nb11, nb21);
+    auto r2  = run<D, 2, TK, TV, true >(dq, dk, dv, dm, H, HKV, kv, PB, nb11, nb21);
+    auto r4  = run<D, 4, TK, TV, true >(dq, dk, dv, dm, H, HKV, kv, PB, nb11, nb21);
+    double e2 = 0, e4 = 0, n = 0;
+    int bad = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        n  += ref[i]*ref[i];
+        e2 += (r2[i]-ref[i])*(r2[i]-ref[i]);
+        e4 += (r4[i]-ref[i])*(r4[i]-ref[i]);
+        for (float r : { r2[i], r4[i] }) {
+            bad += !(fabsf(r - ref[i]) <= 1e-3f*(1 + fabsf(ref[i])));
+        }
+    }
+    printf("%-16s D=%d H=%d HKV=%d kv=%d PB=%d: nmse2 %.3g nmse4 %.3g bad %d/%zu\n", name, D, H, HKV, kv, PB, e2/n, e4/n, bad, 2*ref.size());
+    if (bad) {
+        for (int h = 0; h < H; ++h) {
+            printf("  head %d ref %.5f r2 %.5f r4 %.5f\n", h, ref[h*D], r2[h*D], r4[h*D]);
+        }
     }
     cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dm);
-    return bad8 != 0;
+    return bad != 0;
 }
 
 int main() {
     int fails = 0;
     for (int PB : {1, 32}) {
-        fails += check<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB);
-        fails += check< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB);
-        fails += check<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar g8", 16, 2, 4096, PB);
-        fails += check<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3", 12, 2, 4096, PB);
+        fails += check< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB); // SmolLM2, GQA 3
+        fails += check<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    4, 2, 4096, PB);
+        fails += check<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB); // Qwen2.5-1.5B
+        fails += check< 64, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3", 16, 2, 4096, PB);
         fails += check<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB);
-        fails += check< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3 g12", 24, 2, 4096, PB);
+        fails += check< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  24, 2, 4096, PB);
     }
     printf("harness: %d failing\n", fails);
     return fails != 0;

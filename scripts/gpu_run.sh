@@ -81,13 +81,12 @@ checks)
         sleep 5
     done
     tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
-    # the polar vector FA kernel alone (scripts/fa_vec_harness.cu): 4 and 8 heads a CTA vs one
+    # the polar vector FA kernel alone (scripts/fa_vec_harness.cu): 2 and 4 heads a CTA vs one
     T=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$(python3 scripts/bootstrap.py key)/src/vendor/llama.cpp
     nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
         -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_vec_harness scripts/fa_vec_harness.cu
-    /tmp/fa_vec_harness > "$OUT/fa-vec-harness.txt" 2>&1 && echo "harness rc=0" >> "$OUT/fa-vec-harness.txt" ||
-        echo "harness rc=1" >> "$OUT/fa-vec-harness.txt"
-    tail -2 "$OUT/fa-vec-harness.txt"
+    { /tmp/fa_vec_harness && echo "harness rc=0" || echo "harness rc=1"; } > /tmp/fa-vec-harness.txt 2>&1
+    cp /tmp/fa-vec-harness.txt "$OUT/" && tail -2 "$OUT/fa-vec-harness.txt"
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
     ;;
@@ -100,7 +99,7 @@ bench)
     python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --name qwen2.5-1.5b-synthetic --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 16384 32768 --reps 3 --out "$OUT" --name ab-gqa-qwen --set gqa || rc=1
     grep -q "^check rc=0" "$OUT/check-summary.txt" || rc=1
-    grep -q "^harness rc=0" "$OUT/fa-vec-harness.txt" || rc=1
+    grep -q "^harness rc=0" /tmp/fa-vec-harness.txt || rc=1
     exit $rc
     ;;
 esac
