@@ -6,7 +6,7 @@ The encoder writes the bytes of `kvpolar.codec.quantize_blocks` and the decoder 
 on torch's current stream.
 
     encode(x, fmt)                      (..., k*64) float32/float16/bfloat16 -> (..., k, type_size) uint8
-    encode(x, fmt, variant="rs8")       the same bytes from a throughput variant (ENCODE_VARIANTS)
+    encode(x, fmt, variant="base")      the same bytes from another warp-path kernel (ENCODE_VARIANTS)
     encode_into(x, cache, fmt, pos)     x [B, H, T, D] written into cache [B, H, T_max, D/64, ts] at pos
     decode(blocks, fmt, dtype)          (..., type_size) uint8 -> (..., 64) float32/float16
     dequantize_cache(cache, fmt, ...)   [B, H, T_max, D/64, ts] -> [B, H, length, D]
@@ -31,9 +31,9 @@ def _module():
     return loader.module("polar_encode.cu", (), exact=True)
 
 
-# Throughput variants of the warp path (polar_encode.cu, issue 11 item 4): name -> the #defines of
-# its module (None: the shipped kernel; else a module holding only polar_encode_rs_<fmt>_<f32|f16>).
-# All write the bytes of "default", the shipped kernel, on the same grid
+# Kernels of the warp path (polar_encode.cu, issue 11 item 4): name -> the #defines of its module
+# (None: "base", one candidate at a time, in the default module; else a module holding only
+# polar_encode_rs_<fmt>_<f32|f16>). All write the bytes of "base" on the same grid
 # (tests/test_gpu_encode_variants.py; scripts/bench_gpu.py encode --variants). The slide, ilp and
 # persistent-grid variants lost on the H200 and were removed (docs/gpu/encode-variants-h200-session8.json).
 #   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
@@ -44,16 +44,20 @@ class EncodeVariant:
 
 
 ENCODE_VARIANTS: dict[str, EncodeVariant] = {
-    "default": EncodeVariant(None),
+    "base": EncodeVariant(None),
     "rs8": EncodeVariant((("POLAR_ENC_RS_G", 8),)),
     "rs8_lb5": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
+# The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).
+# H200, session 8: 366 vs 344 M blocks/s (polar from float16), same bytes
+# (docs/gpu/encode-variants-h200-session8.json).
+DEFAULT_VARIANT = "rs8_lb5"
 
 
 def _variant_kernel(variant: str, fmt: str, suffix: str):
     if variant not in ENCODE_VARIANTS:
-        raise ValueError(f"variant must be one of {tuple(ENCODE_VARIANTS)}, got {variant!r}")
+        raise ValueError(f"variant must be None or one of {tuple(ENCODE_VARIANTS)}, got {variant!r}")
     defines = ENCODE_VARIANTS[variant].defines
     if defines is None:
         return _module().get_function(f"polar_encode_{fmt}_{suffix}")
@@ -84,22 +88,24 @@ CTA_PATH_BLOCKS_PER_SM = 4
 ENCODE_PATHS = ("auto", "warp", "cta")
 
 
-def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant: str = "default") -> None:
+def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant: str | None = None) -> None:
     """Encode x [B, H, T, D] (float32/16/bf16, last dim contiguous) into
     cache [B, H, T_max, D/64, type_size] uint8 (contiguous) at token positions pos + t.
 
     pos: an int, or an int32 CUDA tensor [B] (per-sequence positions, a ragged batch).
     path: "auto" (by the number of blocks, CTA_PATH_BLOCKS_PER_SM), "warp" or "cta"; same bytes.
-    variant: "default", or a throughput variant of the warp path (ENCODE_VARIANTS; float32/float16
-    input, path "auto" or "warp", and it runs whatever the number of blocks); same bytes.
+    variant: None (the warp path runs DEFAULT_VARIANT for float32/float16 input, "base" for
+    bfloat16), or a kernel of the warp path by name (ENCODE_VARIANTS; a variant other than "base"
+    takes float32/float16 input and path "auto" or "warp", and runs whatever the number of
+    blocks); same bytes.
     """
     torch = loader.torch()
     fmt = _enc_fmt(fmt)
     if path not in ENCODE_PATHS:
         raise ValueError(f"path must be one of {ENCODE_PATHS}, got {path!r}")
-    if variant not in ENCODE_VARIANTS:
-        raise ValueError(f"variant must be one of {tuple(ENCODE_VARIANTS)}, got {variant!r}")
-    if variant != "default":
+    if variant is not None and variant not in ENCODE_VARIANTS:
+        raise ValueError(f"variant must be None or one of {tuple(ENCODE_VARIANTS)}, got {variant!r}")
+    if variant is not None and variant != "base":
         if path == "cta":
             raise ValueError(f"encoder variant {variant!r} is a warp-path kernel, not path 'cta'")
         path = "warp"
@@ -143,7 +149,10 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant
         warps = 16
         grid = min(n, 65535 * 4)
     else:
-        kern = _variant_kernel(variant, fmt, _in_suffix(x.dtype))
+        suffix = _in_suffix(x.dtype)
+        if variant is None:
+            variant = DEFAULT_VARIANT if suffix in VARIANT_DTYPES else "base"
+        kern = _variant_kernel(variant, fmt, suffix)
         warps = 8
         grid = min((n + warps - 1) // warps, 65535 * 4)
     ob, oh, ot = (cache.stride(0), cache.stride(1), cache.stride(2))
@@ -166,7 +175,7 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant
     loader.launch(kern, (grid,), (32 * warps,), args)
 
 
-def encode(x, fmt: str = "polar", path: str = "auto", variant: str = "default"):
+def encode(x, fmt: str = "polar", path: str = "auto", variant: str | None = None):
     """(..., k*64) float32/float16/bfloat16 CUDA tensor -> (..., k, type_size) uint8 blocks.
 
     path, variant: as in encode_into."""

@@ -659,7 +659,7 @@ def _encode_variant_names(args) -> list[str]:
         raise SystemExit(
             f"unknown encoder variants {bad}: choose from {list(codec.ENCODE_VARIANTS)} or 'all'"
         )
-    return ["default", *dict.fromkeys(v for v in want if v != "default")]
+    return ["base", *dict.fromkeys(v for v in want if v != "base")]
 
 
 def _hard_encode_inputs(torch) -> dict[str, object]:
@@ -735,7 +735,7 @@ def cmd_encode_variants(args, timer) -> list[dict]:
         for dt in (torch.float32, torch.float16):
             for kind, x in hard.items():
                 xt = x.to(dt)
-                want = codec.encode(xt, fmt)
+                want = codec.encode(xt, fmt, variant="base")
                 for v in names[1:]:
                     ok = check(
                         f"hard {kind} {fmt} from {str(dt).split('.')[-1]}",
@@ -757,10 +757,10 @@ def cmd_encode_variants(args, timer) -> list[dict]:
         x = torch.randn((n // 128, 128), generator=gen, device="cuda").to(dtype)
         dname = str(dtype).split(".")[-1]
         for fmt in ("polar", "polar3"):
-            want = codec.encode(x, fmt)
+            want = codec.encode(x, fmt, variant="base")
             base = None
             for v in names:
-                equal = v == "default" or check(
+                equal = v == "base" or check(
                     f"bench input {fmt} from {dname}", v, codec.encode(x, fmt, variant=v), want
                 )
                 r = timer(lambda x=x, fmt=fmt, v=v: codec.encode(x, fmt, variant=v))

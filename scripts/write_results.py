@@ -247,7 +247,8 @@ def headline() -> list[str]:
         a, b, f = (t.get((x, x, "tg64", depth)) for x in ("polar", "q4_0", "f16"))
         if a and b and f:
             out.append(
-                f"- {label}, llama.cpp CUDA on {g['gpu'].split(',')[0]}, tg64 @ depth {depth}, K+V polar{source}: "
+                f"- {label}, llama.cpp CUDA on {g['gpu'].split(',')[0]}, tg64 @ depth {depth}, "
+                f"K+V polar{source}: "
                 f"{a:.1f} t/s = {a / f:.2f}x f16 ({f:.1f}), {a / b:.2f}x K+V q4_0 ({b:.1f}) "
                 f"(targets >= 1.0x f16 and >= 1.2x q4_0{': missed' if a < f or a < 1.2 * b else ''})."
             )

@@ -1,6 +1,7 @@
-"""numpy == GPU for the encoder's throughput variants (cupy_kernels.codec.ENCODE_VARIANTS,
-polar_encode.cu under POLAR_ENC_RS_G): each writes the bytes of kvpolar.codec.quantize_blocks
-for both formats, float32 and float16 input, on the parity tests' blocks (tests/blocks.py).
+"""numpy == GPU for each kernel of the encoder's warp path (cupy_kernels.codec.ENCODE_VARIANTS:
+"base" and polar_encode.cu under POLAR_ENC_RS_G, one of which is the default for float32/float16
+input): each writes the bytes of kvpolar.codec.quantize_blocks for both formats, float32 and
+float16 input, on the parity tests' blocks (tests/blocks.py), and the bytes of "base" elsewhere.
 
 Skipped without CuPy and a CUDA device (the gpu marker, tests/conftest.py). The CPU twin of the
 variants' grouped search is checked by tests/test_encoder_search.py.
@@ -21,7 +22,8 @@ from kvpolar.format import FORMATS, QK, get_format
 
 pytestmark = pytest.mark.gpu
 FMTS = sorted(FORMATS)
-VARIANTS = [v for v in gpu_codec.ENCODE_VARIANTS if v != "default"]
+VARIANTS = list(gpu_codec.ENCODE_VARIANTS)
+OTHERS = [None, *(v for v in VARIANTS if v != "base")]  # None: the default choice
 RS = next(v for v in VARIANTS if gpu_codec.ENCODE_VARIANTS[v].defines)  # a kernel of its own
 N = 300  # blocks per kind
 
@@ -67,17 +69,21 @@ def test_variant_f16_bytes(torch, variant, fmt, kind):
     assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", OTHERS)
 @pytest.mark.parametrize("fmt", FMTS)
-def test_variant_large_random_equals_default(torch, variant, fmt):
-    """Many blocks (200000, random scales): the default kernel's bytes."""
+def test_variant_large_random_equals_base(torch, variant, fmt):
+    """Many blocks (200000, random scales): the base kernel's bytes."""
     rng = np.random.default_rng(13)
     x = (rng.standard_normal((200000, QK)) * np.exp(rng.standard_normal((200000, 1)))).astype(np.float32)
     xt = torch.from_numpy(x).cuda()
-    assert torch.equal(gpu_codec.encode(xt, fmt, variant=variant), gpu_codec.encode(xt, fmt))
+    assert torch.equal(gpu_codec.encode(xt, fmt, variant=variant), gpu_codec.encode(xt, fmt, variant="base"))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def test_default_variant_is_a_rs_kernel():
+    assert gpu_codec.ENCODE_VARIANTS[gpu_codec.DEFAULT_VARIANT].defines is not None
+
+
+@pytest.mark.parametrize("variant", OTHERS)
 def test_variant_encode_into_strided_ragged(torch, variant):
     rng = np.random.default_rng(3)
     B, H, T, D, T_max = 3, 2, 5, 128, 16
@@ -86,14 +92,14 @@ def test_variant_encode_into_strided_ragged(torch, variant):
     pos = torch.tensor([0, 3, 11], dtype=torch.int32, device="cuda")
     want = torch.zeros((B, H, T_max, D // QK, ts), dtype=torch.uint8, device="cuda")
     got = torch.zeros_like(want)
-    gpu_codec.encode_into(x, want, "polar", pos)
+    gpu_codec.encode_into(x, want, "polar", pos, variant="base")
     gpu_codec.encode_into(x, got, "polar", pos, variant=variant)
     assert torch.equal(got, want)
 
 
 def test_variant_bad_inputs(torch):
     x = torch.zeros((3, 64), device="cuda")
-    with pytest.raises(ValueError, match="variant must be one of"):
+    with pytest.raises(ValueError, match="variant must be None or one of"):
         gpu_codec.encode(x, "polar", variant="fastest")
     with pytest.raises(ValueError, match="not path 'cta'"):
         gpu_codec.encode(x, "polar", "cta", variant=RS)
