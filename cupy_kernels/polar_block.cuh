@@ -464,6 +464,26 @@ __device__ __forceinline__ void polar_encode_at(float X, float Y, float r, float
     E = polar_tree32(polar_encode_lane<FMT>(X, Y, r, s, inv, t, lane, slot, bx, by));
 }
 
+// step 4 at scale s, kept (s, E, this lane's slot and (CX, CY) into best_*) when its block error
+// is lower than best_e; returns whether it was
+template <int FMT>
+__device__ __forceinline__ bool polar_keep_if_lower(float X, float Y, float r, float s, float inv,
+                                                    const polar_cand_table * t, int lane, float & best_s,
+                                                    float & best_e, int & best_i, float & best_x, float & best_y) {
+    int   i;
+    float bx, by, E;
+    polar_encode_at<FMT>(X, Y, r, s, inv, t, lane, i, bx, by, E);
+    if (!polar_lt_nonneg(E, best_e)) {
+        return false;
+    }
+    best_s = s;
+    best_e = E;
+    best_i = i;
+    best_x = bx;
+    best_y = by;
+    return true;
+}
+
 // tree32 of a and of b in every lane (the bits of polar_tree32 of each) with 6 shuffles instead of
 // 10: a reduce-scatter step (step 16: lanes 0-15 keep a, 16-31 keep b), then the butterfly, then
 // each lane takes the other sum from lane ^ 16.
@@ -503,17 +523,8 @@ __device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, f
         if (den > 0.0f) {
             const float s2 = polar_round_scale(polar_fdiv(num, den));
             if (s2 > 0.0f && s2 != best_s) {
-                int   i;
-                float bx, by, E;
-                polar_encode_at<FMT>(X, Y, r, s2, polar_fdiv(1.0f, s2), t, lane, i, bx, by, E);
-                if (polar_lt_nonneg(E, best_e)) {
-                    best_s = s2;
-                    best_e = E;
-                    best_i = i;
-                    best_x = bx;
-                    best_y = by;
-                    active = true;
-                }
+                active = polar_keep_if_lower<FMT>(X, Y, r, s2, polar_fdiv(1.0f, s2), t, lane, best_s, best_e, best_i,
+                                                  best_x, best_y);
             }
         }
     }
@@ -589,15 +600,8 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
         if (s == 0.0f) {
             continue;  // warp-uniform
         }
-        int   i;
-        float bx, by, E;
-        polar_encode_at<FMT>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k), t, lane, i, bx, by, E);
-        if (polar_lt_nonneg(E, best_e)) {
-            best_s = s;
-            best_e = E;
-            best_i = i;
-            best_x = bx;
-            best_y = by;
+        if (polar_keep_if_lower<FMT>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k), t, lane, best_s, best_e,
+                                     best_i, best_x, best_y)) {
             best_k = k;
         }
     }
