@@ -243,6 +243,20 @@ SETTINGS = [
 ]
 
 
+# --set voffset (session 9, an experiment build with LLAMA_KV_CENTER_V_ONLINE): an online V offset,
+# (1 - w) mean + w v_0 of the first ubatch, subtracted before the V write and added to the attention
+# output (exact: a query's weights sum to 1); w = 1 stores the sink token's value exactly
+V_ONLINE = [
+    *(
+        (k, v, env)
+        for k, v in (("polar", "polar3"), ("polar", "polar"), ("polar3", "polar3"))
+        for env in ({}, *({"LLAMA_KV_CENTER_V_ONLINE": w} for w in ("1", "0.5")))
+    ),
+    ("q4_0", "q4_0", {}),
+]
+SETS = {"levers": SETTINGS, "voffset": V_ONLINE}
+
+
 def perplexity(bin_dir: Path, model: str, args_extra: list[str], env: dict, chunks: int) -> str:
     m = MODELS[model]
     cmd = [
@@ -299,7 +313,7 @@ def run_kld(args) -> dict:
                 {"LLAMA_KV_CENTER": "0"},
                 chunks,
             )
-        for ctk, ctv, env in SETTINGS:
+        for ctk, ctv, env in SETS[args.set]:
             extra = ["--kl-divergence-base", str(base), "--kl-divergence", "-ctk", ctk, "-ctv", ctv]
             if args.only and f"{ctk}/{ctv}" not in args.only:
                 continue
@@ -346,6 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/quality_levers", help="base logits go here")
     p.add_argument("--only", nargs="+", help="only these K/V settings, e.g. polar/f16")
     p.add_argument("--env", nargs="+", help="only the rows with these settings, e.g. LLAMA_KV_CENTER=1")
+    p.add_argument("--set", choices=list(SETS), default="levers", help="the settings (default: levers)")
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")
