@@ -812,9 +812,7 @@ def cmd_encode_variants(args, timer) -> list[dict]:
             f"{got[c]['Mblocks_per_s']:>13.0f} (x{got[c]['vs_base']:.3f})" if c in got else f"{'-':>22}"
             for c in cols
         )
-        bytes_ok = (
-            "" if v == "base-again" else ("equal" if n_bad[v] == 0 else f"DIFFER ({n_bad[v]} cases)")
-        )
+        bytes_ok = "" if v == "base-again" else ("equal" if n_bad[v] == 0 else f"DIFFER ({n_bad[v]} cases)")
         print(f"{v:<23} {cells}  {bytes_ok}", flush=True)
     if mismatches:
         args.failures.extend(mismatches)

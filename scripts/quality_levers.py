@@ -2,7 +2,7 @@
 """Issue 12, levers 2 and 3: per-channel balancing and protecting the attention sink, measured.
 
     python3 scripts/quality_levers.py study [--model M ...] [--layers N] [--json out.json]
-    python3 scripts/quality_levers.py kld --bin build/bin [--model M ...] [--json out.json]
+    python3 scripts/quality_levers.py kld --bin build/bin [--model M ...] [--set levers|voffset] [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
@@ -22,7 +22,9 @@ llama.cpp's graph rotation (Hadamard) and online K centering (the mean of window
 - Sink: token 0's K or V kept exact (f16 in a real cache: +11.75 bits for one token a head).
 
 `kld` runs the patched llama-perplexity --kl-divergence with the settings of
-docs/centering-online.md (SQuAD, -fa on, -b = -c, -t 1) for each cache setting and environment.
+docs/centering-online.md (SQuAD, -fa on, -b = -c, -t 1) for each cache setting and environment;
+`--set voffset` runs session 9's online V offset experiment (a build with
+patches/experiments/session9-v-offset-online.diff).
 """
 
 from __future__ import annotations
