@@ -2,7 +2,8 @@
 """Issue 12, levers 2 and 3: per-channel balancing and protecting the attention sink, measured.
 
     python3 scripts/quality_levers.py study [--model M ...] [--layers N] [--json out.json]
-    python3 scripts/quality_levers.py kld --bin build/bin [--model M ...] [--set levers|voffset] [--json out.json]
+    python3 scripts/quality_levers.py kld --bin build/bin [--model M ...] [--set levers|voffset]
+        [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
