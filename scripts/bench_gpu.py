@@ -686,14 +686,14 @@ def _bytes_mismatch(got, want) -> str | None:
     got, want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
     bad = (got != want).any(1).nonzero().flatten()
     i = int(bad[0])
-    first = f"first {i}: {got[i].tolist()} != default {want[i].tolist()}"
+    first = f"first {i}: {got[i].tolist()} != base {want[i].tolist()}"
     return f"{len(bad)} of {got.shape[0]} blocks differ; {first}"
 
 
 def cmd_encode_variants(args, timer) -> list[dict]:
-    """Each encoder variant (cupy_kernels.codec.ENCODE_VARIANTS) against the default kernel: M
-    blocks/s on the encode benchmark's input (64 Mi values, polar and polar3 from float16 and
-    float32), and its bytes compared with the default kernel's on that input and on the hard
+    """Each encoder variant (cupy_kernels.codec.ENCODE_VARIANTS) against "base": M blocks/s on the
+    encode benchmark's input (64 Mi values, polar and polar3 from float16 and float32), and its
+    bytes compared with base's on that input and on the hard
     inputs of the parity tests (float32 and float16). A difference is a failure (exit status 1)."""
     torch = _torch()
     from cupy_kernels import codec
@@ -921,7 +921,7 @@ def main(argv=None) -> int:
         nargs="+",
         metavar="V",
         help="encode: measure these encoder variants (cupy_kernels.codec.ENCODE_VARIANTS, or 'all') "
-        "against the default kernel and check that their bytes are the same",
+        "against 'base' and check that their bytes are the same",
     )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)

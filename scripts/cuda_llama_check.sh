@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0018: polar/polar3 in
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0021: polar/polar3 in
 # ggml-cuda and the backend guard in llama) on a machine with an NVIDIA GPU.
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
