@@ -3,7 +3,7 @@
 extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.md).
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0] [--set extras|gqa]
+        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0] [--set extras|gqa|kernel]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -14,7 +14,11 @@ and the output off), LLAMA_KV_BALANCE=0, LLAMA_KV_CENTER=0, GGML_CUDA_POLAR_FA_G
 two together; then polar K + f16 V with the defaults and with GGML_CUDA_POLAR_NO_FUSE_LAYER=1.
 --set gqa: the query heads a CTA of the polar vector kernel takes, GGML_CUDA_POLAR_FA_GQA unset (the
 default), 4 and 0, for polar K+V and polar K + polar3 V, next to f16 and q4_0 (session 9 ran it on
-Qwen2.5-1.5B's GQA 6, with also 8 from a build that had a CTA of 8 heads).
+Qwen2.5-1.5B's GQA 6, with also 8 from a build that had a CTA of 8 heads); since patch 0022 with
+GGML_CUDA_POLAR_FA_MMA=0 (the vector kernel).
+--set kernel: patch 0022's tensor-core kernel for one token (the default) against the vector kernel
+(GGML_CUDA_POLAR_FA_MMA=0) for polar/polar, polar3/polar3, polar/polar3 and polar/f16, next to f16
+and q4_0.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -46,16 +50,25 @@ VARIANTS = (  # (K, V, environment)
     ("polar", "f16", {}),
     ("polar", "f16", {"GGML_CUDA_POLAR_NO_FUSE_LAYER": "1"}),
 )
-GQA_VARIANTS = (  # (K, V, environment)
+GQA_VARIANTS = (  # (K, V, environment); the vector kernel (GGML_CUDA_POLAR_FA_MMA=0) since patch 0022
     ("f16", "f16", {}),
     ("q4_0", "q4_0", {}),
     *(
-        (k, v, env)
+        (k, v, {"GGML_CUDA_POLAR_FA_MMA": "0", **env})
         for k, v in (("polar", "polar"), ("polar", "polar3"))
         for env in ({}, *({"GGML_CUDA_POLAR_FA_GQA": n} for n in ("4", "0")))
     ),
 )
-SETS = {"extras": VARIANTS, "gqa": GQA_VARIANTS}
+KERNEL_VARIANTS = (  # (K, V, environment): patch 0022's tensor-core kernel (default) vs the vector kernel
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    *(
+        (k, v, env)
+        for k, v in (("polar", "polar"), ("polar3", "polar3"), ("polar", "polar3"), ("polar", "f16"))
+        for env in ({}, {"GGML_CUDA_POLAR_FA_MMA": "0"})
+    ),
+)
+SETS = {"extras": VARIANTS, "gqa": GQA_VARIANTS, "kernel": KERNEL_VARIANTS}
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0021: polar/polar3 in
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0022: polar/polar3 in
 # ggml-cuda and the backend guard in llama) on a machine with an NVIDIA GPU.
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
@@ -13,7 +13,8 @@
 #      FLASH_ATTN_EXT, cases whose parameters name polar/polar3 (-p polar): every one supported and
 #      OK (polar SET_ROWS/CPY and the rotation-free CENTER_SET_ROWS/LAYER_CHAINS cases compare
 #      exactly, max NMSE 0; rotated chains within 1e-5 of test-backend-ops' dense-product reference);
-#      FLASH_ATTN_EXT also with GGML_CUDA_POLAR_FA_GQA=2 and 4 (query heads a CTA at every length);
+#      FLASH_ATTN_EXT also with the vector kernel (GGML_CUDA_POLAR_FA_MMA=0) where the tensor-core
+#      kernel of patch 0022 runs by default, alone and with GGML_CUDA_POLAR_FA_GQA=2 and 4;
 #   2. test-backend-ops support -b CUDA0, same filter: every case supported;
 #   3. the guard: with GGML_CUDA_NO_POLAR=1 (the CUDA backend then reports every polar op
 #      unsupported, as Metal/Vulkan/SYCL do) the support query says "not supported" and
@@ -93,12 +94,15 @@ for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY FLASH_ATTN_EXT; do
     "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
     check_cases "$log" "test-backend-ops -o $op"
 done
-# the polar vector kernel with 2 and 4 query heads a CTA forced at every length and GQA (by default
-# they are packed only from 4096 keys, at GQA 2 to 4): FLASH_ATTN_EXT again under each
-for n in 2 4; do
-    log="$OUTDIR/test-backend-ops-FLASH_ATTN_EXT-FA_GQA$n.log"
-    GGML_CUDA_POLAR_FA_GQA=$n "$BIN/test-backend-ops" test -b CUDA0 -o FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
-    check_cases "$log" "GGML_CUDA_POLAR_FA_GQA=$n test-backend-ops -o FLASH_ATTN_EXT"
+# the vector kernel where the tensor-core kernel (patch 0022) takes the op by default (one token,
+# grouped-query attention): FLASH_ATTN_EXT again with GGML_CUDA_POLAR_FA_MMA=0, with the default
+# packing and with 2 and 4 query heads a CTA forced at every length and GQA (by default they are
+# packed only from 4096 keys, at GQA 2 to 4)
+for env in "GGML_CUDA_POLAR_FA_MMA=0" "GGML_CUDA_POLAR_FA_MMA=0 GGML_CUDA_POLAR_FA_GQA=2" \
+    "GGML_CUDA_POLAR_FA_MMA=0 GGML_CUDA_POLAR_FA_GQA=4"; do
+    log="$OUTDIR/test-backend-ops-FLASH_ATTN_EXT-$(echo "$env" | tr -c 'A-Za-z0-9=\n' '_' | sed 's/GGML_CUDA_POLAR_//g').log"
+    env $env "$BIN/test-backend-ops" test -b CUDA0 -o FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+    check_cases "$log" "$env test-backend-ops -o FLASH_ATTN_EXT"
 done
 
 # 2. support matrix

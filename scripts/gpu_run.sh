@@ -7,10 +7,10 @@
 #                                           # default 90) -> .gpurun/a/src.tgz; SmolLM2 and a Qwen2.5-1.5B
 #                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl}
 #   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
-#                                           # run the CuPy GPU tests meanwhile
-#           scripts/gpu_run.sh checks       # models, wait for the build, scripts/fa_vec_harness.cu, start
-#                                           # cuda_llama_check.sh (background)
-#           scripts/gpu_run.sh bench        # wait for the checks, then ab_llama_gpu.py and bench_llama_gpu.py
+#                                           # run scripts/fa_polar_harness.cu and the CuPy GPU tests meanwhile
+#           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
+#           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
+#           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
 # Results go to $OUT (default ./gpu-run-out). The model is split over two folders (a and b) so that
 # each call's upload stays under 64 MiB; a call that carries .gpurun/a runs `build`, one that carries
@@ -58,10 +58,17 @@ build)
     cp "$G/a/smol.part.a" /tmp/smol.part.a
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
+    rc=0
+    # the polar flash-attention kernels alone (scripts/fa_polar_harness.cu): checks and timings, ~1 min
+    T=$dir/src/vendor/llama.cpp
+    { nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
+        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness scripts/fa_polar_harness.cu &&
+        /tmp/fa_polar_harness && echo "harness rc=0" || echo "harness rc=1"; } > /tmp/fa-polar-harness.txt 2>&1
+    cp /tmp/fa-polar-harness.txt "$OUT/" && cat "$OUT/fa-polar-harness.txt"
+    grep -q "^harness rc=0" /tmp/fa-polar-harness.txt || rc=1
     # while the build runs: the CuPy kernels' GPU tests (bytes against numpy, the encoder variants,
     # the transformers cache), under the machine's own torch/cupy
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
-    rc=0
     PYTHONPATH=/tmp/site:$PWD/converter:$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider \
         tests/test_gpu_parity.py tests/test_gpu_encode_variants.py tests/test_torch_cache.py > "$OUT/cupy-tests.txt" 2>&1 || rc=1
     tail -3 "$OUT/cupy-tests.txt"
@@ -81,25 +88,30 @@ checks)
         sleep 5
     done
     tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
-    # the polar vector FA kernel alone (scripts/fa_vec_harness.cu): 2 and 4 heads a CTA vs one
-    T=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$(python3 scripts/bootstrap.py key)/src/vendor/llama.cpp
-    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
-        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_vec_harness scripts/fa_vec_harness.cu
-    { /tmp/fa_vec_harness && echo "harness rc=0" || echo "harness rc=1"; } > /tmp/fa-vec-harness.txt 2>&1
-    cp /tmp/fa-vec-harness.txt "$OUT/" && tail -2 "$OUT/fa-vec-harness.txt"
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
     ;;
 bench)
+    # bench ab: tg64 with patch 0022's tensor-core kernel vs the vector kernel (both models), and the
+    # decode-step ops (test-backend-ops perf); bench tables: the llama-bench tables of both models.
+    # Results are packed into $OUT/bench-<what>.tgz (a call brings back at most 8 files).
     until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done
     cp /tmp/gpu-run-check.log "$OUT/check-summary.txt"
+    B=/tmp/bench-out && mkdir -p $B
     rc=0
-    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 0 16384 --reps 3 --out "$OUT" --name ab || rc=1
-    python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --name smollm2 --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
-    python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --name qwen2.5-1.5b-synthetic --depths 0 16384 32768 --reps 3 --out "$OUT" || rc=1
-    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 16384 32768 --reps 3 --out "$OUT" --name ab-gqa-qwen --set gqa || rc=1
+    case ${2:-ab} in
+    ab)
+        python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 0 16384 --reps 3 --out $B --name ab-kernel-smollm2 --set kernel || rc=1
+        python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 16384 32768 --reps 3 --out $B --name ab-kernel-qwen --set kernel || rc=1
+        python3 scripts/perf_ops_gpu.py --bin build/bin --out $B --name ops-decode || rc=1
+        ;;
+    tables)
+        python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --name smollm2 --depths 0 16384 32768 --reps 3 --out $B || rc=1
+        python3 scripts/bench_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --name qwen2.5-1.5b-synthetic --depths 0 16384 32768 --reps 3 --out $B || rc=1
+        ;;
+    esac
+    tar czf "$OUT/bench-${2:-ab}.tgz" -C $B .
     grep -q "^check rc=0" "$OUT/check-summary.txt" || rc=1
-    grep -q "^harness rc=0" /tmp/fa-vec-harness.txt || rc=1
     exit $rc
     ;;
 esac

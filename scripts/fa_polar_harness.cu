@@ -1,0 +1,240 @@
+// The polar flash-attention kernels of the patched ggml-cuda run standalone, on random polar/polar3
+// blocks: a GPU call of under a minute, where a llama.cpp CUDA build takes 5 min.
+//   1. the vector kernel (fattn-vec.cuh): CTAs that take 2 or 4 query heads of a K/V head (heads_as_cols,
+//      patch 0014) against one head a CTA, 4096 keys, 1 and 32 parallel blocks (combined here as
+//      flash_attn_combine_results does). In session 9 it found why a CTA of 8 heads wrote +-inf (nvcc
+//      dropped the statement after an `else #pragma unroll for` in the discarded branch of an if
+//      constexpr; docs/results-cuda.md).
+//   2. the tensor-core kernel (fattn-polar-mma.cuh, patch 0022) against the vector kernel's one head a
+//      CTA, with and without attention sinks: values are rounded to f16 for its products, so NMSE about
+//      1e-6 is expected; a case fails above 1e-4.
+//   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
+//      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, plus the combine
+//      kernel, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128, GQA 6).
+//
+//   T=<patched tree>/vendor/llama.cpp
+//   nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
+//        -I$T/ggml/include -I$T/ggml/src -I$T/ggml/src/ggml-cuda -o fa_polar_harness scripts/fa_polar_harness.cu
+//   ./fa_polar_harness      # exit status 1 when a result differs from the reference
+//
+// scripts/gpu_run.sh checks builds and runs it.
+#include "fattn-vec.cuh"
+#include <cstdio>
+#include <vector>
+#include <random>
+#include <cmath>
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
+
+enum kernel_kind { VEC1, VEC2, VEC4, MMA };
+static const char * kind_name[] = { "vector, 1 head a CTA", "vector, 2 heads a CTA", "vector, 4 heads a CTA", "tensor cores" };
+
+struct shape {
+    int H, HKV, kv, nb11, nb21;
+};
+
+template <int D, ggml_type TK, ggml_type TV>
+static fattn_kernel_t kernel_of(kernel_kind k) {
+    switch (k) {
+        case VEC1: return flash_attn_ext_vec<D, 1, TK, TV, false, false>;
+        case VEC2: return flash_attn_ext_vec<D, 2, TK, TV, false, true>;
+        case VEC4: return flash_attn_ext_vec<D, 4, TK, TV, false, true>;
+        default:   return flash_attn_ext_polar_mma<D, TK, TV>;
+    }
+}
+
+static int cols_of(kernel_kind k) { return k == VEC1 ? 1 : k == VEC2 ? 2 : k == VEC4 ? 4 : POLAR_FA_MMA_ROWS; }
+
+static dim3 grid_of(kernel_kind k, const shape & sh, int PB) {
+    const int gqa = sh.H/sh.HKV;
+    const int nt = (gqa + cols_of(k) - 1)/cols_of(k);
+    return dim3(1, PB, k == VEC1 ? sh.H : nt*sh.HKV);
+}
+
+// parallel blocks as launch_fattn chooses them (occupancy, then the fewest waves at >= 95 % efficiency)
+static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int nbatch_fa) {
+    int dev; CK(cudaGetDevice(&dev));
+    int nsm; CK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
+    int mb = 1; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&mb, kern, 128, 0));
+    const dim3 g = grid_of(k, sh, 1);
+    const int ntiles_dst = g.z, ntiles_KV = (sh.kv + nbatch_fa - 1)/nbatch_fa;
+    int pb = std::min(mb, ntiles_KV), best_eff = 0, best_waves = 0;
+    const int per_wave = nsm*mb;
+    for (int p = pb; p <= ntiles_KV; ++p) {
+        const int tot = ntiles_dst*p, waves = (tot + per_wave - 1)/per_wave, eff = 100*tot/(waves*per_wave);
+        if (best_eff >= 95 && waves > best_waves) break;
+        if (eff > best_eff) { best_eff = eff; best_waves = waves; pb = p; }
+    }
+    return pb;
+}
+
+template <int D, ggml_type TK, ggml_type TV>
+static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, const char * K, const char * V, const char * M,
+                   const float * sinks, float * dst, float2 * meta, float * out, cudaStream_t st = 0) {
+    const float scale = 1.0f/sqrtf(D);
+    kernel_of<D, TK, TV>(k)<<<grid_of(k, sh, PB), dim3(WARP_SIZE, 4, 1), 0, st>>>(Q, K, V, M, (const char *) sinks, nullptr,
+        PB > 1 ? dst : out, meta, scale, 0.0f, 1.0f, 1.0f, 1, 0.0f,
+        D, init_fastdiv_values(1), sh.H, 1, D*4, D*4, D*4*sh.H,
+        D, sh.kv, sh.HKV, 1, sh.nb11, sh.nb11*sh.kv, (int64_t) sh.nb11*sh.kv*sh.HKV,
+        sh.nb21, sh.nb21*sh.kv, (int64_t) sh.nb21*sh.kv*sh.HKV,
+        1, 1, 1, sh.kv*2, sh.kv*2, (int64_t) sh.kv*2);
+    if (PB > 1) {
+        flash_attn_combine_results<D><<<dim3(1, sh.H, 1), dim3(D, 1, 1), PB*sizeof(float2), st>>>(dst, meta, out, PB);
+    }
+}
+
+static void fill_blocks(std::vector<unsigned char> & b, int TS, std::mt19937 & rng) {
+    std::uniform_int_distribution<int> u(0, 255);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = u(rng);
+    for (size_t o = 0; o + TS <= b.size(); o += TS) { // scale: f16 in [0.05, 0.2]
+        __half h = __float2half(0.05f + 0.15f*(u(rng)/255.0f));
+        memcpy(&b[o], &h, 2);
+    }
+}
+
+template <int D, ggml_type TK, ggml_type TV>
+struct problem {
+    static constexpr int fK = TK == GGML_TYPE_POLAR3 ? POLAR3_KERNEL_ID : POLAR_KERNEL_ID;
+    static constexpr int fV = TV == GGML_TYPE_POLAR3 ? POLAR3_KERNEL_ID : POLAR_KERNEL_ID;
+    shape sh;
+    int ncopy;
+    size_t kbytes, vbytes;
+    char *dq, *dk, *dv, *dm; float * ds; float * dst; float2 * meta; float * out;
+    problem(int H, int HKV, int kv, int ncopy_) : ncopy(ncopy_) {
+        sh.H = H; sh.HKV = HKV; sh.kv = kv;
+        sh.nb11 = (D/64)*polar_fmt<fK>::TYPE_SIZE;
+        sh.nb21 = TV == GGML_TYPE_F16 ? D*2 : (D/64)*polar_fmt<fV>::TYPE_SIZE;
+        std::mt19937 rng(1234);
+        std::normal_distribution<float> n01;
+        std::vector<float> q(D*H); for (auto & x : q) x = n01(rng);
+        std::vector<unsigned char> k(size_t(sh.nb11)*kv*HKV), v(size_t(sh.nb21)*kv*HKV);
+        fill_blocks(k, polar_fmt<fK>::TYPE_SIZE, rng);
+        if (TV == GGML_TYPE_F16) { for (size_t i = 0; i + 2 <= v.size(); i += 2) { __half h = __float2half(n01(rng)*0.1f); memcpy(&v[i], &h, 2); } } else { fill_blocks(v, polar_fmt<fV>::TYPE_SIZE, rng); }
+        std::vector<__half> m(kv); for (auto & x : m) x = __float2half(n01(rng)*0.5f);
+        std::vector<float> s(H); for (auto & x : s) x = n01(rng) + 2.0f;
+        kbytes = (k.size() + 4095)/4096*4096; vbytes = (v.size() + 4095)/4096*4096;
+        CK(cudaMalloc(&dq, q.size()*4)); CK(cudaMalloc(&dk, kbytes*ncopy)); CK(cudaMalloc(&dv, vbytes*ncopy));
+        CK(cudaMalloc(&dm, m.size()*2 + 4096)); CK(cudaMalloc(&ds, H*4));
+        for (int c = 0; c < ncopy; ++c) {
+            CK(cudaMemcpy(dk + c*kbytes, k.data(), k.size(), cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dv + c*vbytes, v.data(), v.size(), cudaMemcpyHostToDevice));
+        }
+        CK(cudaMemcpy(dq, q.data(), q.size()*4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dm, m.data(), m.size()*2, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(ds, s.data(), s.size()*4, cudaMemcpyHostToDevice));
+        const size_t maxpb = kv/64 + 1;
+        CK(cudaMalloc(&dst, sizeof(float)*D*H*maxpb)); CK(cudaMalloc(&meta, sizeof(float2)*H*maxpb));
+        CK(cudaMalloc(&out, sizeof(float)*D*H));
+    }
+    ~problem() { cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dm); cudaFree(ds); cudaFree(dst); cudaFree(meta); cudaFree(out); }
+    std::vector<float> run(kernel_kind k, int PB, bool sinks) {
+        CK(cudaMemset(out, 0xFF, sizeof(float)*D*sh.H));
+        launch<D, TK, TV>(k, sh, PB, dq, dk, dv, dm, sinks ? ds : nullptr, dst, meta, out);
+        CK(cudaGetLastError());
+        CK(cudaDeviceSynchronize());
+        std::vector<float> r(D*sh.H);
+        CK(cudaMemcpy(r.data(), out, sizeof(float)*r.size(), cudaMemcpyDeviceToHost));
+        return r;
+    }
+    // us per op (kernel + combine), launch_fattn's parallel blocks
+    float time(kernel_kind k, int & PB) {
+        PB = choose_pb(kernel_of<D, TK, TV>(k), k, sh, k == MMA ? POLAR_FA_MMA_KT : D);
+        cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+        const int nwarm = 5, nrun = 50;
+        for (int i = 0; i < nwarm + nrun; ++i) {
+            if (i == nwarm) CK(cudaEventRecord(e0));
+            const int c = i % ncopy;
+            launch<D, TK, TV>(k, sh, PB, dq, dk + c*kbytes, dv + c*vbytes, dm, nullptr, dst, meta, out);
+        }
+        CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1));
+        float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
+        CK(cudaGetLastError());
+        return 1000.0f*ms/nrun;
+    }
+};
+
+static void compare(const std::vector<float> & ref, const std::vector<float> & r, double & nmse, int & bad, float tol) {
+    double e = 0, n = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        n += ref[i]*ref[i];
+        e += (r[i] - ref[i])*(r[i] - ref[i]);
+        bad += !(fabsf(r[i] - ref[i]) <= tol*(1 + fabsf(ref[i])));
+    }
+    nmse = e/n;
+}
+
+// 1. packed vector CTAs against one head a CTA
+template <int D, ggml_type TK, ggml_type TV>
+static int check_packed(const char * name, int H, int HKV, int kv, int PB) {
+    problem<D, TK, TV> p(H, HKV, kv, 1);
+    auto ref = p.run(VEC1, PB, false);
+    auto r2  = p.run(VEC2, PB, false);
+    auto r4  = p.run(VEC4, PB, false);
+    double e2, e4; int bad = 0;
+    compare(ref, r2, e2, bad, 1e-3f);
+    compare(ref, r4, e4, bad, 1e-3f);
+    printf("packed %-14s D=%d H=%d HKV=%d kv=%d PB=%d: nmse2 %.3g nmse4 %.3g bad %d/%zu\n", name, D, H, HKV, kv, PB, e2, e4, bad, 2*ref.size());
+    if (bad) {
+        for (int h = 0; h < H; ++h) printf("  head %d ref %.5f r2 %.5f r4 %.5f\n", h, ref[h*D], r2[h*D], r4[h*D]);
+    }
+    return bad != 0;
+}
+
+// 2. the tensor-core kernel against the vector kernel (one head a CTA)
+template <int D, ggml_type TK, ggml_type TV>
+static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sinks) {
+    problem<D, TK, TV> p(H, HKV, kv, 1);
+    auto ref = p.run(VEC1, PB, sinks);
+    auto r   = p.run(MMA, PB, sinks);
+    double e; int bad = 0;
+    compare(ref, r, e, bad, 2e-2f);
+    const bool fail = !(e <= 1e-4) || bad;
+    printf("mma    %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d: nmse %.3g bad %d/%zu%s\n", name, D, H, HKV, kv, PB, sinks, e, bad, ref.size(), fail ? "  FAIL" : "");
+    if (fail) {
+        for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
+    }
+    return fail;
+}
+
+// 3. timing
+template <int D, ggml_type TK, ggml_type TV>
+static void timing(const char * name, int H, int HKV, int kv) {
+    problem<D, TK, TV> p(H, HKV, kv, 8);
+    for (kernel_kind k : { VEC1, VEC4, MMA }) {
+        int PB; const float us = p.time(k, PB);
+        printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-22s %7.2f us (PB %d)\n", name, D, H, HKV, kv, kind_name[k], us, PB);
+    }
+}
+
+int main(int argc, char ** argv) {
+    int fails = 0;
+    for (int PB : {1, 32}) {
+        fails += check_packed< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB); // SmolLM2, GQA 3
+        fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    4, 2, 4096, PB);
+        fails += check_packed<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  4, 1, 4096, PB);
+        fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",      4, 2, 4096, PB);
+    }
+    for (int PB : {1, 32}) {
+        for (bool sinks : {false, true}) {
+            fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB, sinks); // SmolLM2
+            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, sinks); // Qwen2.5-1.5B
+            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   40, 2, 4096, PB, sinks); // GQA 20: 2 tiles
+            fails += check_mma< 64, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3", 16, 2, 4096, PB, sinks);
+            fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, sinks);
+            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, sinks);
+            fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",      6, 3, 4096, PB, sinks);
+            fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  24, 2, 4096, PB, sinks);
+            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  12, 2, 4096, PB, sinks);
+        }
+    }
+    if (argc < 2 || strcmp(argv[1], "--no-time") != 0) {
+        for (int kv : {16384, 32768}) {
+            timing< 64, GGML_TYPE_POLAR, GGML_TYPE_POLAR >("polar/polar",  9, 3, kv);
+            timing<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR >("polar/polar", 12, 2, kv);
+            timing<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR3>("polar/polar3", 12, 2, kv);
+            timing<128, GGML_TYPE_POLAR, GGML_TYPE_F16   >("polar/f16",   12, 2, kv);
+        }
+    }
+    printf("harness: %d failing\n", fails);
+    return fails != 0;
+}
