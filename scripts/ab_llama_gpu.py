@@ -3,7 +3,7 @@
 extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.md).
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0] [--set extras|gqa|kernel]
+        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0] [--set extras|gqa|kernel|steps]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -19,6 +19,8 @@ GGML_CUDA_POLAR_FA_MMA=0 (the vector kernel).
 --set kernel: patch 0022's tensor-core kernel for one token (the default) against the vector kernel
 (GGML_CUDA_POLAR_FA_MMA=0) for polar/polar, polar3/polar3, polar/polar3 and polar/f16, next to f16
 and q4_0.
+--set steps: the tensor-core kernel's minimum steps of 128 keys a CTA (GGML_CUDA_POLAR_FA_MMA_STEPS unset,
+1, 4, 8) for polar/polar, next to the vector kernel, f16 and q4_0.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -68,7 +70,14 @@ KERNEL_VARIANTS = (  # (K, V, environment): patch 0022's tensor-core kernel (def
         for env in ({}, {"GGML_CUDA_POLAR_FA_MMA": "0"})
     ),
 )
-SETS = {"extras": VARIANTS, "gqa": GQA_VARIANTS, "kernel": KERNEL_VARIANTS}
+STEPS_VARIANTS = (  # (K, V, environment): steps of 128 keys a CTA of the tensor-core kernel takes at least
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    ("polar", "polar", {}),
+    *(("polar", "polar", {"GGML_CUDA_POLAR_FA_MMA_STEPS": n}) for n in ("1", "4", "8")),
+    ("polar", "polar", {"GGML_CUDA_POLAR_FA_MMA": "0"}),
+)
+SETS = {"extras": VARIANTS, "gqa": GQA_VARIANTS, "kernel": KERNEL_VARIANTS, "steps": STEPS_VARIANTS}
 
 
 def main(argv=None) -> int:

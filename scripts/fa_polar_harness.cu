@@ -9,8 +9,9 @@
 //      CTA, with and without attention sinks: values are rounded to f16 for its products, so NMSE about
 //      1e-6 is expected; a case fails above 1e-4.
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
-//      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, plus the combine
-//      kernel, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128, GQA 6).
+//      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
+//      kernel and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
+//      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least.
 //
 //   T=<patched tree>/vendor/llama.cpp
 //   nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
@@ -70,7 +71,7 @@ static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int n
 
 template <int D, ggml_type TK, ggml_type TV>
 static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, const char * K, const char * V, const char * M,
-                   const float * sinks, float * dst, float2 * meta, float * out, cudaStream_t st = 0) {
+                   const float * sinks, float * dst, float2 * meta, float * out, bool combine = true, cudaStream_t st = 0) {
     const float scale = 1.0f/sqrtf(D);
     kernel_of<D, TK, TV>(k)<<<grid_of(k, sh, PB), dim3(WARP_SIZE, 4, 1), 0, st>>>(Q, K, V, M, (const char *) sinks, nullptr,
         PB > 1 ? dst : out, meta, scale, 0.0f, 1.0f, 1.0f, 1, 0.0f,
@@ -78,7 +79,7 @@ static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, cons
         D, sh.kv, sh.HKV, 1, sh.nb11, sh.nb11*sh.kv, (int64_t) sh.nb11*sh.kv*sh.HKV,
         sh.nb21, sh.nb21*sh.kv, (int64_t) sh.nb21*sh.kv*sh.HKV,
         1, 1, 1, sh.kv*2, sh.kv*2, (int64_t) sh.kv*2);
-    if (PB > 1) {
+    if (PB > 1 && combine) {
         flash_attn_combine_results<D><<<dim3(1, sh.H, 1), dim3(D, 1, 1), PB*sizeof(float2), st>>>(dst, meta, out, PB);
     }
 }
@@ -136,15 +137,16 @@ struct problem {
         CK(cudaMemcpy(r.data(), out, sizeof(float)*r.size(), cudaMemcpyDeviceToHost));
         return r;
     }
-    // us per op (kernel + combine), launch_fattn's parallel blocks
-    float time(kernel_kind k, int & PB) {
-        PB = choose_pb(kernel_of<D, TK, TV>(k), k, sh, k == MMA ? POLAR_FA_MMA_KT : D);
+    // us per op (kernel + combine, or the kernel alone), parallel blocks as launch_fattn chooses them
+    // with nbatch_fa keys a block at least
+    float time(kernel_kind k, int nbatch_fa, bool combine, int & PB) {
+        PB = choose_pb(kernel_of<D, TK, TV>(k), k, sh, nbatch_fa);
         cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
         const int nwarm = 5, nrun = 50;
         for (int i = 0; i < nwarm + nrun; ++i) {
             if (i == nwarm) CK(cudaEventRecord(e0));
             const int c = i % ncopy;
-            launch<D, TK, TV>(k, sh, PB, dq, dk + c*kbytes, dv + c*vbytes, dm, nullptr, dst, meta, out);
+            launch<D, TK, TV>(k, sh, PB, dq, dk + c*kbytes, dv + c*vbytes, dm, nullptr, dst, meta, out, combine);
         }
         CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1));
         float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
@@ -196,13 +198,22 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
     return fail;
 }
 
-// 3. timing
+// 3. timing: the vector kernel (1 and 4 heads a CTA, nbatch_fa = D as upstream) and the tensor-core
+// kernel with at least 1, 2, 4 and 8 steps of 128 keys a CTA (GGML_CUDA_POLAR_FA_MMA_STEPS), with the
+// combine kernel and without it
 template <int D, ggml_type TK, ggml_type TV>
 static void timing(const char * name, int H, int HKV, int kv) {
     problem<D, TK, TV> p(H, HKV, kv, 8);
-    for (kernel_kind k : { VEC1, VEC4, MMA }) {
-        int PB; const float us = p.time(k, PB);
-        printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-22s %7.2f us (PB %d)\n", name, D, H, HKV, kv, kind_name[k], us, PB);
+    for (kernel_kind k : { VEC1, VEC4 }) {
+        int PB; const float us = p.time(k, D, true, PB);
+        int PB0; const float us0 = p.time(k, D, false, PB0);
+        printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-24s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, kind_name[k], us, us0, PB);
+    }
+    for (int steps : {1, 2, 4, 8}) {
+        int PB; const float us = p.time(MMA, steps*POLAR_FA_MMA_KT, true, PB);
+        int PB0; const float us0 = p.time(MMA, steps*POLAR_FA_MMA_KT, false, PB0);
+        char what[64]; snprintf(what, sizeof(what), "%s, steps %d", kind_name[MMA], steps);
+        printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-24s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, what, us, us0, PB);
     }
 }
 
@@ -228,7 +239,7 @@ int main(int argc, char ** argv) {
         }
     }
     if (argc < 2 || strcmp(argv[1], "--no-time") != 0) {
-        for (int kv : {16384, 32768}) {
+        for (int kv : {4096, 16384, 32768}) {
             timing< 64, GGML_TYPE_POLAR, GGML_TYPE_POLAR >("polar/polar",  9, 3, kv);
             timing<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR >("polar/polar", 12, 2, kv);
             timing<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR3>("polar/polar3", 12, 2, kv);
