@@ -3,7 +3,8 @@
 extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.md).
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0] [--set extras|gqa|kernel|steps]
+        [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
+        [--set extras|gqa|kernel|steps|graphs]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -21,6 +22,8 @@ GGML_CUDA_POLAR_FA_MMA=0 (the vector kernel).
 and q4_0.
 --set steps: the tensor-core kernel's minimum steps of 128 keys a CTA (GGML_CUDA_POLAR_FA_MMA_STEPS unset,
 1, 4, 8) for polar/polar, next to the vector kernel, f16 and q4_0.
+--set graphs: f16, q4_0, polar/polar and polar/f16, each with ggml-cuda's CUDA graphs (the default) and
+with GGML_CUDA_DISABLE_GRAPHS=1 (does a decode step replay one graph?).
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -77,7 +80,18 @@ STEPS_VARIANTS = (  # (K, V, environment): steps of 128 keys a CTA of the tensor
     *(("polar", "polar", {"GGML_CUDA_POLAR_FA_MMA_STEPS": n}) for n in ("1", "4", "8")),
     ("polar", "polar", {"GGML_CUDA_POLAR_FA_MMA": "0"}),
 )
-SETS = {"extras": VARIANTS, "gqa": GQA_VARIANTS, "kernel": KERNEL_VARIANTS, "steps": STEPS_VARIANTS}
+GRAPHS_VARIANTS = tuple(  # (K, V, environment): with ggml-cuda's CUDA graphs (default) and without
+    (k, v, env)
+    for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("polar", "polar"), ("polar", "f16"))
+    for env in ({}, {"GGML_CUDA_DISABLE_GRAPHS": "1"})
+)
+SETS = {
+    "extras": VARIANTS,
+    "gqa": GQA_VARIANTS,
+    "kernel": KERNEL_VARIANTS,
+    "steps": STEPS_VARIANTS,
+    "graphs": GRAPHS_VARIANTS,
+}
 
 
 def main(argv=None) -> int:
@@ -94,7 +108,7 @@ def main(argv=None) -> int:
     clean = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("LLAMA_KV_", "LLAMA_ATTN_ROT", "GGML_CUDA_POLAR_"))
+        if not k.startswith(("LLAMA_KV_", "LLAMA_ATTN_ROT", "GGML_CUDA_POLAR_", "GGML_CUDA_DISABLE_GRAPHS"))
     }
     runs, failed = [], 0
     for k, v, env in SETS[args.set]:

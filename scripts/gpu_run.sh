@@ -9,6 +9,8 @@
 #   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu and the CuPy GPU tests meanwhile
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
+#           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step kernel
+#                                           # under ncu (profile_decode_gpu.py) and tg64 with/without CUDA graphs
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -19,9 +21,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | bench) ;;
+prepare | build | checks | profile | bench) ;;
 *)
-    sed -n '2,19p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,21p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -32,6 +34,21 @@ mkdir -p "$OUT"
 export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
+
+models() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+    cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
+    [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
+    PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "$G/b/qwen.skel" /tmp/qwen.gguf
+    cp "$G/b/squad.txt" /tmp/squad.txt
+    until grep -q "llama.cpp built in" /tmp/gpu-run-build.log; do
+        if grep -q -E "subcommand failed|error:" /tmp/gpu-run-build.log; then
+            tail -20 /tmp/gpu-run-build.log; exit 1
+        fi
+        sleep 5
+    done
+    tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
+}
 
 case ${1:-} in
 prepare)
@@ -76,20 +93,24 @@ build)
     exit $rc
     ;;
 checks)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
-    cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
-    [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
-    PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "$G/b/qwen.skel" /tmp/qwen.gguf
-    cp "$G/b/squad.txt" /tmp/squad.txt
-    until grep -q "llama.cpp built in" /tmp/gpu-run-build.log; do
-        if grep -q -E "subcommand failed|error:" /tmp/gpu-run-build.log; then
-            tail -20 /tmp/gpu-run-build.log; exit 1
-        fi
-        sleep 5
-    done
-    tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
+    models
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
+    ;;
+profile)
+    models
+    B=/tmp/profile-out && mkdir -p $B
+    rc=0
+    for m in smol qwen; do
+        python3 scripts/profile_decode_gpu.py --bin build/bin --model /tmp/$m.gguf --kv f16/f16 q4_0/q4_0 polar/polar \
+            --out $B --name profile-decode-$m || rc=1
+    done
+    python3 scripts/profile_decode_gpu.py --bin build/bin --model /tmp/qwen.gguf --kv f16/f16 polar/polar --depth 16384 \
+        --out $B --name profile-decode-qwen-d16384 || rc=1
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-graphs-qwen --set graphs || rc=1
+    tar czf "$OUT/profile.tgz" -C $B .
+    cat $B/*.md | cut -c1-160
+    exit $rc
     ;;
 bench)
     # bench ab: tg64 with patch 0022's tensor-core kernel vs the vector kernel (both models), and the
