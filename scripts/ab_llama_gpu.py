@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs]
+        [--set extras|gqa|kernel|steps|graphs|fuseout]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -24,6 +24,9 @@ and q4_0.
 1, 4, 8) for polar/polar, next to the vector kernel, f16 and q4_0.
 --set graphs: f16, q4_0, polar/polar and polar/f16, each with ggml-cuda's CUDA graphs (the default) and
 with GGML_CUDA_DISABLE_GRAPHS=1 (does a decode step replay one graph?).
+--set fuseout: session 11's experiment (upstream's output rotation inside the tensor-core polar kernel;
+not in the series: apply patches/experiments/session11-fa-output-rotation.diff first) on and off
+(GGML_CUDA_POLAR_NO_FUSE_OUT=1) for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -85,12 +88,22 @@ GRAPHS_VARIANTS = tuple(  # (K, V, environment): with ggml-cuda's CUDA graphs (d
     for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("polar", "polar"), ("polar", "f16"))
     for env in ({}, {"GGML_CUDA_DISABLE_GRAPHS": "1"})
 )
+FUSEOUT_VARIANTS = (  # (K, V, environment): session 11's output-rotation experiment on and off
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    *(
+        (k, v, env)
+        for k, v in (("polar", "polar"), ("polar", "f16"), ("polar", "polar3"))
+        for env in ({}, {"GGML_CUDA_POLAR_NO_FUSE_OUT": "1"})
+    ),
+)
 SETS = {
     "extras": VARIANTS,
     "gqa": GQA_VARIANTS,
     "kernel": KERNEL_VARIANTS,
     "steps": STEPS_VARIANTS,
     "graphs": GRAPHS_VARIANTS,
+    "fuseout": FUSEOUT_VARIANTS,
 }
 
 

@@ -9,8 +9,8 @@
 #   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu and the CuPy GPU tests meanwhile
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
-#           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step kernel
-#                                           # under ncu (profile_decode_gpu.py) and tg64 with/without CUDA graphs
+#           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
+#                                           # kernel under ncu, and tg64 with and without CUDA graphs
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -98,18 +98,19 @@ checks)
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
     ;;
 profile)
+    # each decode-step kernel under ncu (profile_decode_gpu.py; docs/results-cuda.md, session 11): both
+    # models at depth 0, Qwen2.5's shape also at 32768 keys; then tg64 with and without CUDA graphs
     models
     B=/tmp/profile-out && mkdir -p $B
     rc=0
-    for m in smol qwen; do
+    for m in qwen smol; do
         python3 scripts/profile_decode_gpu.py --bin build/bin --model /tmp/$m.gguf --kv f16/f16 q4_0/q4_0 polar/polar \
             --out $B --name profile-decode-$m || rc=1
     done
-    python3 scripts/profile_decode_gpu.py --bin build/bin --model /tmp/qwen.gguf --kv f16/f16 polar/polar --depth 16384 \
-        --out $B --name profile-decode-qwen-d16384 || rc=1
+    python3 scripts/profile_decode_gpu.py --bin build/bin --model /tmp/qwen.gguf --kv f16/f16 polar/polar --depth 32768 \
+        --out $B --name profile-decode-qwen-d32768 || rc=1
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-graphs-qwen --set graphs || rc=1
     tar czf "$OUT/profile.tgz" -C $B .
-    cat $B/*.md | cut -c1-160
     exit $rc
     ;;
 bench)
