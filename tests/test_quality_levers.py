@@ -207,7 +207,16 @@ def test_offset_weighted_toward_first_key(llama_cpp, kv_env, smollm2_path, token
 
 @pytest.mark.build
 def test_bad_settings_are_refused(llama_cpp, kv_env, smollm2_path):
-    for env in ({"LLAMA_KV_CENTER_SINK": "2"}, {"LLAMA_KV_BALANCE": "-1"}):
+    """Out of range, and mistyped (patch 0023: parsed whole, where atoi/atof made "auto" or "on" 0)."""
+    for env in (
+        {"LLAMA_KV_CENTER_SINK": "2"},
+        {"LLAMA_KV_BALANCE": "-1"},
+        {"LLAMA_KV_CENTER_SINK": "auto"},
+        {"LLAMA_KV_BALANCE": "on"},
+        {"LLAMA_KV_CENTER": "yes"},
+        {"LLAMA_KV_CENTER_V": "2"},
+        {"LLAMA_KV_CENTER_ONLINE": "true"},
+    ):
         kv_env(**env)
         with pytest.raises(ValueError):
             new_llama(llama_cpp, smollm2_path)
