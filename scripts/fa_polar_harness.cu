@@ -11,7 +11,10 @@
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
 //      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
 //      kernel and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
-//      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least.
+//      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least; also at 256
+//      keys (a decode step at depth 0: one CTA a K/V head).
+//   With patches/experiments/session11-fa-mma-8-warps.diff applied to the tree (POLAR_FA_MMA_SLOTS
+//   defined), also the tensor-core kernel with CTAs of 8 warps (256 keys a step), checked and timed.
 //
 //   T=<patched tree>/vendor/llama.cpp
 //   nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
@@ -27,8 +30,14 @@
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
-enum kernel_kind { VEC1, VEC2, VEC4, MMA };
-static const char * kind_name[] = { "vector, 1 head a CTA", "vector, 2 heads a CTA", "vector, 4 heads a CTA", "tensor cores" };
+enum kernel_kind { VEC1, VEC2, VEC4, MMA, MMA8 };
+static const char * kind_name[] = { "vector, 1 head a CTA", "vector, 2 heads a CTA", "vector, 4 heads a CTA", "tensor cores",
+                                     "tensor cores, 8 warps" };
+#ifdef POLAR_FA_MMA_SLOTS
+#define HARNESS_MMA8 1 // the session-11 experiment: the tensor-core kernel's warps a template parameter
+#else
+#define HARNESS_MMA8 0
+#endif
 
 struct shape {
     int H, HKV, kv, nb11, nb21;
@@ -40,9 +49,16 @@ static fattn_kernel_t kernel_of(kernel_kind k) {
         case VEC1: return flash_attn_ext_vec<D, 1, TK, TV, false, false>;
         case VEC2: return flash_attn_ext_vec<D, 2, TK, TV, false, true>;
         case VEC4: return flash_attn_ext_vec<D, 4, TK, TV, false, true>;
+#if HARNESS_MMA8
+        case MMA8: return flash_attn_ext_polar_mma<D, TK, TV, 8>;
+        default:   return flash_attn_ext_polar_mma<D, TK, TV, 4>;
+#else
         default:   return flash_attn_ext_polar_mma<D, TK, TV>;
+#endif
     }
 }
+
+static int warps_of(kernel_kind k) { return k == MMA8 ? 8 : 4; }
 
 static int cols_of(kernel_kind k) { return k == VEC1 ? 1 : k == VEC2 ? 2 : k == VEC4 ? 4 : POLAR_FA_MMA_ROWS; }
 
@@ -56,7 +72,7 @@ static dim3 grid_of(kernel_kind k, const shape & sh, int PB) {
 static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int nbatch_fa) {
     int dev; CK(cudaGetDevice(&dev));
     int nsm; CK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
-    int mb = 1; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&mb, kern, 128, 0));
+    int mb = 1; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&mb, kern, warps_of(k)*WARP_SIZE, 0));
     const dim3 g = grid_of(k, sh, 1);
     const int ntiles_dst = g.z, ntiles_KV = (sh.kv + nbatch_fa - 1)/nbatch_fa;
     int pb = std::min(mb, ntiles_KV), best_eff = 0, best_waves = 0;
@@ -73,7 +89,7 @@ template <int D, ggml_type TK, ggml_type TV>
 static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, const char * K, const char * V, const char * M,
                    const float * sinks, float * dst, float2 * meta, float * out, bool combine = true, cudaStream_t st = 0) {
     const float scale = 1.0f/sqrtf(D);
-    kernel_of<D, TK, TV>(k)<<<grid_of(k, sh, PB), dim3(WARP_SIZE, 4, 1), 0, st>>>(Q, K, V, M, (const char *) sinks, nullptr,
+    kernel_of<D, TK, TV>(k)<<<grid_of(k, sh, PB), dim3(WARP_SIZE, warps_of(k), 1), 0, st>>>(Q, K, V, M, (const char *) sinks, nullptr,
         PB > 1 ? dst : out, meta, scale, 0.0f, 1.0f, 1.0f, 1, 0.0f,
         D, init_fastdiv_values(1), sh.H, 1, D*4, D*4, D*4*sh.H,
         D, sh.kv, sh.HKV, 1, sh.nb11, sh.nb11*sh.kv, (int64_t) sh.nb11*sh.kv*sh.HKV,
@@ -187,15 +203,22 @@ template <int D, ggml_type TK, ggml_type TV>
 static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sinks) {
     problem<D, TK, TV> p(H, HKV, kv, 1);
     auto ref = p.run(VEC1, PB, sinks);
-    auto r   = p.run(MMA, PB, sinks);
-    double e; int bad = 0;
-    compare(ref, r, e, bad, 2e-2f);
-    const bool fail = !(e <= 1e-4) || bad;
-    printf("mma    %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d: nmse %.3g bad %d/%zu%s\n", name, D, H, HKV, kv, PB, sinks, e, bad, ref.size(), fail ? "  FAIL" : "");
-    if (fail) {
-        for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
+    int fails = 0;
+    for (kernel_kind k : { MMA, MMA8 }) {
+        if (k == MMA8 && !HARNESS_MMA8) {
+            continue;
+        }
+        auto r = p.run(k, PB, sinks);
+        double e; int bad = 0;
+        compare(ref, r, e, bad, 2e-2f);
+        const bool fail = !(e <= 1e-4) || bad;
+        printf("%-6s %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d: nmse %.3g bad %d/%zu%s\n", k == MMA ? "mma" : "mma8", name, D, H, HKV, kv, PB, sinks, e, bad, ref.size(), fail ? "  FAIL" : "");
+        if (fail) {
+            for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
+        }
+        fails += fail;
     }
-    return fail;
+    return fails != 0;
 }
 
 // 3. timing: the vector kernel (1 and 4 heads a CTA, nbatch_fa = D as upstream) and the tensor-core
@@ -209,11 +232,17 @@ static void timing(const char * name, int H, int HKV, int kv) {
         int PB0; const float us0 = p.time(k, D, false, PB0);
         printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-24s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, kind_name[k], us, us0, PB);
     }
-    for (int steps : {1, 2, 4, 8}) {
-        int PB; const float us = p.time(MMA, steps*POLAR_FA_MMA_KT, true, PB);
-        int PB0; const float us0 = p.time(MMA, steps*POLAR_FA_MMA_KT, false, PB0);
-        char what[64]; snprintf(what, sizeof(what), "%s, steps %d", kind_name[MMA], steps);
-        printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-24s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, what, us, us0, PB);
+    for (kernel_kind k : { MMA, MMA8 }) {
+        if (k == MMA8 && !HARNESS_MMA8) {
+            continue;
+        }
+        for (int steps : {1, 2, 4, 8}) {
+            const int keys = steps*warps_of(k)*POLAR_FA_MMA_KW; // keys a CTA takes at least
+            int PB; const float us = p.time(k, keys, true, PB);
+            int PB0; const float us0 = p.time(k, keys, false, PB0);
+            char what[64]; snprintf(what, sizeof(what), "%s, steps %d", kind_name[k], steps);
+            printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, what, us, us0, PB);
+        }
     }
 }
 
@@ -239,7 +268,7 @@ int main(int argc, char ** argv) {
         }
     }
     if (argc < 2 || strcmp(argv[1], "--no-time") != 0) {
-        for (int kv : {4096, 16384, 32768}) {
+        for (int kv : {256, 4096, 16384, 32768}) {
             timing< 64, GGML_TYPE_POLAR, GGML_TYPE_POLAR >("polar/polar",  9, 3, kv);
             timing<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR >("polar/polar", 12, 2, kv);
             timing<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR3>("polar/polar3", 12, 2, kv);

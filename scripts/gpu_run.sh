@@ -5,7 +5,8 @@
 #
 #   here:   scripts/gpu_run.sh prepare      # source tree (KVPOLAR_CUDA=1, archs $KVPOLAR_CUDA_ARCHS,
 #                                           # default 90) -> .gpurun/a/src.tgz; SmolLM2 and a Qwen2.5-1.5B
-#                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl}
+#                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl};
+#                                           # KVPOLAR_EXPERIMENTS="x.diff ..." applies patches/experiments/x.diff
 #   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu and the CuPy GPU tests meanwhile
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
@@ -23,7 +24,7 @@ set -euo pipefail
 case ${1:-} in
 prepare | build | checks | profile | bench) ;;
 *)
-    sed -n '2,21p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,22p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -56,7 +57,15 @@ prepare)
     python3 scripts/bootstrap.py data --qwen
     python3 scripts/bootstrap.py llama --source-only
     key=$(python3 scripts/bootstrap.py key)
-    tar czf "$G/a/src.tgz" -C "${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key" --exclude=.git --exclude='*.gguf' \
+    src=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
+    if [[ -n "${KVPOLAR_EXPERIMENTS:-}" ]]; then # measured experiments on top of the series, by name
+        tmp=$(mktemp -d) && cp -a "$src/src" "$tmp/"
+        for d in $KVPOLAR_EXPERIMENTS; do
+            git -C "$tmp/src/vendor/llama.cpp" apply "$PWD/patches/experiments/$d" && echo "applied $d"
+        done
+        src=$tmp
+    fi
+    tar czf "$G/a/src.tgz" -C "$src" --exclude=.git --exclude='*.gguf' \
         --exclude=src/vendor/llama.cpp/docs --exclude=src/vendor/llama.cpp/media \
         --exclude=src/vendor/llama.cpp/models --exclude=src/vendor/llama.cpp/benches --exclude=src/docs src
     split -b 45000000 -a 1 "$DATA/$SMOL" "$G/part."
