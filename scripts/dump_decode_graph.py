@@ -21,13 +21,11 @@ import sys
 GGML_MAX_SRC = 10
 
 
-def tensor_struct():
-    """ggml_tensor as ggml.h lays it out (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_NAME 64)."""
+class GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor of the pinned ggml.h (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64,
+    GGML_MAX_SRC 10, GGML_MAX_NAME 64); tests/test_graph_order.py checks it against the library."""
 
-    class T(ctypes.Structure):
-        pass
-
-    T._fields_ = [
+    _fields_ = [
         ("type", ctypes.c_int),
         ("buffer", ctypes.c_void_p),
         ("ne", ctypes.c_int64 * 4),
@@ -35,31 +33,31 @@ def tensor_struct():
         ("op", ctypes.c_int),
         ("op_params", ctypes.c_int32 * 16),
         ("flags", ctypes.c_int32),
-        ("src", ctypes.POINTER(T) * GGML_MAX_SRC),
-        ("view_src", ctypes.POINTER(T)),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
         ("view_offs", ctypes.c_size_t),
         ("data", ctypes.c_void_p),
         ("name", ctypes.c_char * 64),
         ("extra", ctypes.c_void_p),
         ("padding", ctypes.c_char * 8),
     ]
-    return T
 
 
 def dump(model: str, ctk: str, ctv: str, layer: int, out=sys.stdout) -> int:
     import llama_cpp
 
-    T = tensor_struct()
     base = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
     base.ggml_op_name.restype = ctypes.c_char_p
     base.ggml_nbytes.restype = ctypes.c_size_t
     base.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    base.ggml_get_name.restype = ctypes.c_char_p
+    base.ggml_get_name.argtypes = [ctypes.c_void_p]
     rec = {"on": False, "nodes": []}
 
     @llama_cpp.ggml_backend_sched_eval_callback
     def cb(t, ask, _ud):
         if not ask and rec["on"]:
-            rec["nodes"].append((t, ctypes.cast(t, ctypes.POINTER(T)).contents))
+            rec["nodes"].append((t, ctypes.cast(t, ctypes.POINTER(GgmlTensor)).contents))
         return True
 
     llama_cpp.llama_backend_init()
@@ -103,10 +101,11 @@ def dump(model: str, ctk: str, ctv: str, layer: int, out=sys.stdout) -> int:
         if not inside:
             continue
         srcs = []
-        for s in t.src:
-            if s:
-                a = ctypes.cast(s, ctypes.c_void_p).value
-                srcs.append(f"#{index[a]}" if a in index else s.contents.name.decode(errors="replace")[:24])
+        for a in t.src:
+            if a:
+                srcs.append(
+                    f"#{index[a]}" if a in index else base.ggml_get_name(a).decode(errors="replace")[:24]
+                )
         lo = t.data or 0
         print(
             f"{i:5d} {base.ggml_op_name(t.op).decode():15s} {name[:36]:36s} ne={list(t.ne)} "

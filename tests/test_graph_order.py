@@ -17,31 +17,12 @@ from pathlib import Path
 
 import pytest
 
+import dump_decode_graph
+
 pytestmark = pytest.mark.build
 
-GGML_MAX_SRC = 10
-
-
-class GgmlTensor(ctypes.Structure):
-    """struct ggml_tensor of the pinned ggml.h (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64,
-    GGML_MAX_SRC 10, GGML_MAX_NAME 64); test_the_tensor_layout_matches checks it against the library."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * GGML_MAX_SRC),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * 64),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
+# struct ggml_tensor of the pinned ggml.h; test_the_tensor_layout_matches checks it against the library
+GgmlTensor = dump_decode_graph.GgmlTensor
 
 
 EMPTY = {"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "NONE"}
