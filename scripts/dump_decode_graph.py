@@ -7,16 +7,17 @@ that ggml-cuda turns away can be checked against the real shapes (docs/results-c
     python3 scripts/dump_decode_graph.py MODEL.gguf [--ctk polar] [--ctv polar] [--layer 0]
 
 Runs through the patched llama-cpp-python (the venv of scripts/bootstrap.py): an eval callback
-records every node of the step after a 5-token prompt; prints the nodes of one layer (names ending
-in "-<layer>" and the unnamed nodes between them). Exits non-zero when the decode fails.
+records every node of the step after an 8-token prompt (decode_nodes, which tests/test_graph_order.py
+also reads); prints the nodes of one layer (names ending in "-<layer>" and the unnamed nodes between
+them; srcs that are not nodes of the step print as "leaf"). Exits non-zero when the decode fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import sys
+from pathlib import Path
 
 GGML_MAX_SRC = 10
 
@@ -43,54 +44,105 @@ class GgmlTensor(ctypes.Structure):
     ]
 
 
-def dump(model: str, ctk: str, ctv: str, layer: int, out=sys.stdout) -> int:
-    import llama_cpp
+def ggml_base(llama_cpp) -> ctypes.CDLL:
+    """libggml-base next to the binding's libllama, with the name/op/size functions typed."""
+    libdir = Path(llama_cpp.llama_cpp._lib._name).parent
+    libs = sorted(libdir.glob("libggml-base.so*"))
+    if not libs:
+        raise FileNotFoundError(f"libggml-base.so not found next to {llama_cpp.llama_cpp._lib._name}")
+    base = ctypes.CDLL(str(libs[0]))
+    for f, res in (
+        ("ggml_op_desc", ctypes.c_char_p),
+        ("ggml_get_name", ctypes.c_char_p),
+        ("ggml_nbytes", ctypes.c_size_t),
+    ):
+        getattr(base, f).restype = res
+        getattr(base, f).argtypes = [ctypes.c_void_p]
+    return base
 
-    base = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    base.ggml_op_name.restype = ctypes.c_char_p
-    base.ggml_nbytes.restype = ctypes.c_size_t
-    base.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    base.ggml_get_name.restype = ctypes.c_char_p
-    base.ggml_get_name.argtypes = [ctypes.c_void_p]
-    rec = {"on": False, "nodes": []}
 
-    @llama_cpp.ggml_backend_sched_eval_callback
-    def cb(t, ask, _ud):
-        if not ask and rec["on"]:
-            rec["nodes"].append((t, ctypes.cast(t, ctypes.POINTER(GgmlTensor)).contents))
+def decode_nodes(
+    llama_cpp, model, ctk: str, ctv: str, prompt, n_ctx=256, n_batch=64, n_threads=2
+) -> list[dict]:
+    """The nodes of one decode step (token 42 after `prompt`) in execution order, recorded through the
+    binding's eval callback: ptr, op, name, struct_name, ne, data, nbytes, src (the node pointers it
+    reads). Raises RuntimeError when the model, the context or a decode fails."""
+    base = ggml_base(llama_cpp)
+    recording, nodes = [False], []
+
+    @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
+    def callback(t, ask, _user):
+        if ask or not recording[0]:
+            return True
+        g = GgmlTensor.from_address(t)
+        nodes.append(
+            {
+                "ptr": t,
+                "op": base.ggml_op_desc(t).decode(),
+                "name": base.ggml_get_name(t).decode(),
+                "struct_name": g.name.decode(errors="replace"),
+                "ne": list(g.ne),
+                "data": g.data or 0,
+                "nbytes": base.ggml_nbytes(t),
+                "src": [s for s in g.src if s],
+            }
+        )
         return True
 
-    llama_cpp.llama_backend_init()
     mp = llama_cpp.llama_model_default_params()
     mp.n_gpu_layers = 0
-    m = llama_cpp.llama_model_load_from_file(model.encode(), mp)
-    if not m:
-        print(f"dump_decode_graph: cannot load {model}", file=sys.stderr)
-        return 1
+    model_h = llama_cpp.llama_model_load_from_file(str(model).encode(), mp)
+    if not model_h:
+        raise RuntimeError(f"cannot load {model}")
     cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_threads, cp.n_threads_batch = 512, 512, 1, 1
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = (
+        n_ctx,
+        n_batch,
+        n_batch,
+        n_threads,
+        n_threads,
+    )
     cp.type_k = getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}")
     cp.type_v = getattr(llama_cpp, f"GGML_TYPE_{ctv.upper()}")
-    cp.flash_attn_type = 1
-    cp.cb_eval = cb
-    ctx = llama_cpp.llama_init_from_model(m, cp)
-    if not ctx:
-        print("dump_decode_graph: no context (see llama.cpp's log)", file=sys.stderr)
+    cp.flash_attn_type = 1  # on
+    cp.cb_eval = callback
+    cp.cb_eval_user_data = None
+    ctx = llama_cpp.llama_init_from_model(model_h, cp)
+    try:
+        if not ctx:
+            raise RuntimeError("no context (see llama.cpp's log)")
+        toks = (llama_cpp.llama_token * len(prompt))(*prompt)
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(toks, len(prompt))) != 0:
+            raise RuntimeError("the prompt's decode failed")
+        recording[0] = True
+        one = (llama_cpp.llama_token * 1)(42)
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+            raise RuntimeError("the decode step failed")
+    finally:
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model_h)
+    if not nodes:
+        raise RuntimeError("the eval callback saw no node")
+    return nodes
+
+
+PROMPT = (1, 504, 3458, 282, 4649, 314, 7042, 30)
+
+
+def dump(model: str, ctk: str, ctv: str, layer: int, out=sys.stdout) -> int:
+    """Print the nodes of `layer` in one decode step; 1 (and why on stderr) when it fails."""
+    import llama_cpp
+
+    try:
+        nodes = decode_nodes(llama_cpp, model, ctk, ctv, PROMPT)
+    except RuntimeError as e:
+        print(f"dump_decode_graph: {e}", file=sys.stderr)
         return 1
-    vocab = llama_cpp.llama_model_get_vocab(m)
-    toks = (llama_cpp.llama_token * 5)(
-        *[min(100 + 7 * i, llama_cpp.llama_vocab_n_tokens(vocab) - 1) for i in range(5)]
-    )
-    for i, (arr, n) in enumerate(((toks, 5), ((llama_cpp.llama_token * 1)(toks[4]), 1))):
-        rec["on"] = i == 1
-        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, n))
-        if rc != 0:
-            print(f"dump_decode_graph: llama_decode returned {rc}", file=sys.stderr)
-            return 1
-    index = {ctypes.cast(p, ctypes.c_void_p).value: i for i, (p, _) in enumerate(rec["nodes"])}
+    index = {n["ptr"]: i for i, n in enumerate(nodes)}
     suffix, inside = f"-{layer}", False
-    for i, (p, t) in enumerate(rec["nodes"]):
-        name = t.name.decode(errors="replace")
+    for i, n in enumerate(nodes):
+        name = n["struct_name"]
         named = name.split(" ")[0]
         if named.endswith(suffix):
             inside = True
@@ -100,20 +152,12 @@ def dump(model: str, ctk: str, ctv: str, layer: int, out=sys.stdout) -> int:
             continue
         if not inside:
             continue
-        srcs = []
-        for a in t.src:
-            if a:
-                srcs.append(
-                    f"#{index[a]}" if a in index else base.ggml_get_name(a).decode(errors="replace")[:24]
-                )
-        lo = t.data or 0
+        srcs = [f"#{index[a]}" if a in index else "leaf" for a in n["src"]]
         print(
-            f"{i:5d} {base.ggml_op_name(t.op).decode():15s} {name[:36]:36s} ne={list(t.ne)} "
-            f"data={lo:#x}..{lo + base.ggml_nbytes(p):#x} src={srcs}",
+            f"{i:5d} {n['op']:15s} {name[:36]:36s} ne={n['ne']} "
+            f"data={n['data']:#x}..{n['data'] + n['nbytes']:#x} src={srcs}",
             file=out,
         )
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(m)
     return 0
 
 

@@ -36,7 +36,7 @@ export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 
-models() {
+models_and_build() { # the models in /tmp, then wait for the background build
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
     cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
     [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
@@ -102,14 +102,14 @@ build)
     exit $rc
     ;;
 checks)
-    models
+    models_and_build
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
     ;;
 profile)
     # each decode-step kernel under ncu (profile_decode_gpu.py; docs/results-cuda.md, session 11): both
     # models at depth 0, Qwen2.5's shape also at 32768 keys; then tg64 with and without CUDA graphs
-    models
+    models_and_build
     B=/tmp/profile-out && mkdir -p $B
     rc=0
     for m in qwen smol; do

@@ -33,6 +33,18 @@ from pathlib import Path
 from bench_llama_gpu import gpu_name
 
 METRIC = "gpu__time_duration.sum"
+# the parts of a decode layer that the polar cache changes, by kernel name (the first match counts)
+PARTS = (
+    ("attention (flash attention, combine or stream-k fixup)", ("flash_attn",)),
+    ("RoPE and the cache writes", ("rope_", "set_rows", "k_polar_layer_chains")),
+    ("elementwise k_bin_bcast (balancing multiplies, residual add)", ("k_bin_bcast",)),
+    ("Hadamard rotations (fwht_cuda)", ("fwht_cuda",)),
+)
+OTHER = "everything else (weights, norms, q8_1 quantization)"
+
+
+def part_of(kernel: str) -> str:
+    return next((name for name, keys in PARTS if any(k in kernel for k in keys)), OTHER)
 
 
 def ncu_rows(text: str) -> list[dict]:
@@ -80,7 +92,7 @@ def short(kernel: str) -> str:
 def render(data: dict) -> str:
     """The markdown table of a profile: one row per kernel, per K/V pair its launches and summed us a
     step, the largest first; the totals last."""
-    depth = data.get("depth", 0)
+    depth = data["depth"]
     runs = data["runs"]
     names: dict[str, float] = {}
     for r in runs:
@@ -109,6 +121,10 @@ def render(data: dict) -> str:
     md.append(
         "| **total** | " + " | ".join(f"**{r['step_kernels']} x {r['total_us']:.1f}**" for r in runs) + " |"
     )
+    md += ["", "By part (us a step; `PARTS` in the script):", "", md[4].replace("kernel", "part", 1), md[5]]
+    for part in [p for p, _ in PARTS] + [OTHER]:
+        us = [sum(x["us"] for x in r["per_step"] if part_of(x["kernel"]) == part) for r in runs]
+        md.append(f"| {part} | " + " | ".join(f"{u:.1f}" for u in us) + " |")
     return "\n".join(md) + "\n"
 
 
@@ -127,9 +143,6 @@ def main(argv=None) -> int:
     if args.render:
         src = Path(args.render)
         data = json.loads(src.read_text())
-        if "depth" not in data:  # written before the field existed: the depth is in the command
-            words = data["command"].split()
-            data["depth"] = int(words[words.index("--depth") + 1]) if "--depth" in words else 0
         src.with_suffix(".md").write_text(render(data))
         return 0
     if not args.bin or not args.model:

@@ -257,7 +257,22 @@ V_ONLINE = [
     ),
     ("q4_0", "q4_0", {}),
 ]
-SETS = {"levers": SETTINGS, "voffset": V_ONLINE}
+# session 11, each on a build with an experiment diff applied (patches/experiments/): the sink weight as
+# the measured attention mass (session11-sink-weight-auto.diff), and key 0 exact (the measurement hack
+# session11-exact-sink-measure.diff); the rows without the variable are the defaults of that build
+SINK_AUTO = [
+    (k, v, env)
+    for k, v in (("polar", "f16"), ("polar", "polar3"))
+    for env in ({}, {"LLAMA_KV_CENTER_SINK": "auto"})
+]
+EXACT_SINK = [
+    ("polar", "f16", {}),
+    *(
+        (k, v, {"LLAMA_KV_EXACT_SINK": "1"})
+        for k, v in (("polar", "f16"), ("polar", "polar3"), ("polar3", "f16"))
+    ),
+]
+SETS = {"levers": SETTINGS, "voffset": V_ONLINE, "sinkauto": SINK_AUTO, "exactsink": EXACT_SINK}
 
 
 def perplexity(bin_dir: Path, model: str, args_extra: list[str], env: dict, chunks: int) -> str:

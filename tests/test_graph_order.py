@@ -11,7 +11,6 @@ with an f16 cache, upstream's ROPE -> VIEW -> SET_ROWS stays consecutive for its
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -21,71 +20,14 @@ import dump_decode_graph
 
 pytestmark = pytest.mark.build
 
-# struct ggml_tensor of the pinned ggml.h; test_the_tensor_layout_matches checks it against the library
-GgmlTensor = dump_decode_graph.GgmlTensor
-
-
 EMPTY = {"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "NONE"}
-
-
-def _ggml_base(llama_cpp) -> ctypes.CDLL:
-    libdir = Path(llama_cpp.llama_cpp._lib._name).parent
-    libs = sorted(libdir.glob("libggml-base.so*"))
-    assert libs, f"libggml-base.so not found next to {llama_cpp.llama_cpp._lib._name}"
-    base = ctypes.CDLL(str(libs[0]))
-    base.ggml_op_desc.restype = ctypes.c_char_p
-    base.ggml_op_desc.argtypes = [ctypes.c_void_p]
-    base.ggml_get_name.restype = ctypes.c_char_p
-    base.ggml_get_name.argtypes = [ctypes.c_void_p]
-    return base
 
 
 @functools.cache
 def decode_nodes(llama_cpp, model: Path, ctk: str, ctv: str) -> tuple[dict, ...]:
     """The nodes of one decode step (after an 8-token prompt) in execution order: op, name, srcs
     (one run per cache pair and model: the tests only read them)."""
-    base = _ggml_base(llama_cpp)
-    recording, nodes = [False], []
-
-    @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
-    def callback(t, ask, _user):
-        if ask or not recording[0]:
-            return True
-        g = GgmlTensor.from_address(t)
-        nodes.append(
-            {
-                "ptr": t,
-                "op": base.ggml_op_desc(t).decode(),
-                "name": base.ggml_get_name(t).decode(),
-                "struct_name": g.name.decode(),
-                "src": [s for s in g.src if s],
-            }
-        )
-        return True
-
-    mp = llama_cpp.llama_model_default_params()
-    model_h = llama_cpp.llama_model_load_from_file(str(model).encode(), mp)
-    assert model_h, f"could not load {model}"
-    cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 256, 64, 64, 2, 2
-    cp.type_k = getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}")
-    cp.type_v = getattr(llama_cpp, f"GGML_TYPE_{ctv.upper()}")
-    cp.flash_attn_type = 1  # on
-    cp.cb_eval = callback
-    cp.cb_eval_user_data = None
-    ctx = llama_cpp.llama_init_from_model(model_h, cp)
-    assert ctx, "could not create the context"
-    try:
-        prompt = (llama_cpp.llama_token * 8)(1, 504, 3458, 282, 4649, 314, 7042, 30)
-        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(prompt, 8)) == 0
-        recording[0] = True
-        one = (llama_cpp.llama_token * 1)(42)
-        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
-    finally:
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model_h)
-    assert nodes, "the eval callback saw no node"
-    return tuple(nodes)
+    return tuple(dump_decode_graph.decode_nodes(llama_cpp, model, ctk, ctv, dump_decode_graph.PROMPT))
 
 
 def write_chain(nodes: tuple[dict, ...], cache: str) -> list[str]:

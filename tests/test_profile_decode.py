@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from profile_decode_gpu import ncu_rows, per_step, period
+from profile_decode_gpu import ncu_rows, per_step, period, render
 
 HEAD = '"ID","Kernel Name","gpu__time_duration.sum"\n"","","nsecond"\n'
 
@@ -35,3 +35,27 @@ def test_no_table_and_no_step_are_errors():
         ncu_rows("ncu: error")
     with pytest.raises(ValueError, match="no repeating decode step"):
         period([f"k{i}" for i in range(40)])
+
+
+def test_render_sums_each_part():
+    data = {
+        "gpu": "G",
+        "command": "c",
+        "depth": 0,
+        "runs": [
+            {
+                "kv": "polar/polar",
+                "step_kernels": 3,
+                "total_us": 6.0,
+                "per_step": [
+                    {"kernel": "void flash_attn_ext_polar_mma<128>(const char *)", "launches": 1, "us": 1.5},
+                    {"kernel": "void flash_attn_combine_results<128>(float *)", "launches": 1, "us": 0.5},
+                    {"kernel": "void mul_mat_vec_q<8>(const void *)", "launches": 1, "us": 4.0},
+                ],
+            }
+        ],
+    }
+    md = render(data)
+    assert "| `flash_attn_ext_polar_mma<128>` | 1 x 1.5 |" in md
+    assert "| attention (flash attention, combine or stream-k fixup) | 2.0 |" in md
+    assert "| everything else (weights, norms, q8_1 quantization) | 4.0 |" in md
