@@ -12,6 +12,10 @@
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
+#           scripts/gpu_run.sh experiment   # models, wait for the build, then the session-12 experiments (8-warp
+#                                           # CTAs: ab --set warps; GGML_CUDA_POLAR_FUSE_DEBUG=1 on Qwen2.5),
+#                                           # then start cuda_llama_check.sh (background)
+#           scripts/gpu_run.sh collect      # wait for the checks, pack their logs into $OUT/checks.tgz
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -22,9 +26,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | bench) ;;
+prepare | build | checks | profile | experiment | collect | bench) ;;
 *)
-    sed -n '2,22p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,26p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -105,6 +109,28 @@ checks)
     models_and_build
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
+    ;;
+experiment)
+    # needs a tree prepared with KVPOLAR_EXPERIMENTS="session11-fa-mma-8-warps.diff session11-fuse-debug.diff"
+    models_and_build
+    B=/tmp/experiment-out && mkdir -p $B
+    rc=0
+    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
+        > $B/fuse-debug-qwen.log 2>&1 || rc=1
+    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -m /tmp/smol.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
+        > $B/fuse-debug-smol.log 2>&1 || rc=1
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-warps-qwen --set warps || rc=1
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 16384 --reps 3 --out $B --name ab-warps-smollm2 --set warps || rc=1
+    tar czf "$OUT/experiment.tgz" -C $B .
+    setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
+        > /tmp/gpu-run-check.log 2>&1 < /dev/null &
+    exit $rc
+    ;;
+collect)
+    until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done
+    cp /tmp/gpu-run-check.log "$OUT/check-summary.txt"
+    tar czf "$OUT/checks.tgz" -C /tmp/gpu-run-check .
+    grep -q "^check rc=0" "$OUT/check-summary.txt"
     ;;
 profile)
     # each decode-step kernel under ncu (profile_decode_gpu.py; docs/results-cuda.md, session 11): both
