@@ -9,7 +9,8 @@ Each writes docs/bench/<kind>-<model>.json (the raw figures, the machine and eve
 and prints a markdown table; scripts/write_results.py assembles docs/results.md from them.
 
 quality: `llama-perplexity --kl-divergence` against an f16-cache base run on the SQuAD text;
-K types with V f16, each with centering off and on (env LLAMA_KV_CENTER), then K+V.
+K types with V f16, each with centering off and on (env LLAMA_KV_CENTER), then K+V; the polar types
+also with the exact sink key of patch 0024 on (their default) and off (env LLAMA_KV_EXACT_SINK).
 speed: `llama-bench -fa 1`, pp512 and tg64 at the given depths. memory: the KV size
 llama.cpp reports at context creation.
 """
@@ -42,6 +43,7 @@ MODELS = {"smollm2": paths.SMOLLM2_GGUF, "smollm2c": SMOLLM2C_GGUF, "qwen": path
 BITS = {"f16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "iq4_nl": 4.5, "q4_1": 5.0, "q4_0": 4.5}
 BITS.update({f.name: f.bits_per_elem for f in pformat.FORMATS.values()})
 QUALITY_K = ["q8_0", "q5_0", "iq4_nl", "q4_0", "polar", "polar3"]
+SINK_K = ("polar", "polar3")  # K types with the exact sink key (patch 0024, on by default)
 
 
 def machine() -> str:
@@ -119,13 +121,27 @@ def quality(args, log) -> dict:
                 "ppl_ratio": 1.0,
             }
         )
-        plan = [(k, "f16", c) for k in QUALITY_K for c in (False, True)]
-        plan += [(k, k, True) for k in ("q4_0", "polar", "polar3")]
-        plan += [("f16", "f16", True)]
-        for k, v, center in plan:
+        # (K, V, centering, exact sink key: None where the K type has none); "off" is stock llama.cpp,
+        # the defaults (centering, and the exact sink for polar K) come before the same row without it
+        plan = []
+        for k in QUALITY_K:
+            if k in SINK_K:
+                plan += [(k, "f16", False, False), (k, "f16", True, True), (k, "f16", True, False)]
+            else:
+                plan += [(k, "f16", False, None), (k, "f16", True, None)]
+        plan += [("q4_0", "q4_0", True, None)]
+        plan += [
+            (k, v, True, s)
+            for k, v in (("polar", "polar"), ("polar3", "polar3"), ("polar", "polar3"))
+            for s in (True, False)
+        ]
+        plan += [("f16", "f16", True, None)]
+        for k, v, center, sink in plan:
             if args.only and k not in args.only:
                 continue
             env = {"LLAMA_KV_CENTER": "1" if center else "0"}
+            if sink is not None:
+                env["LLAMA_KV_EXACT_SINK"] = "1" if sink else "0"
             try:
                 out = run(
                     [*common, "--kl-divergence-base", base, "--kl-divergence", "-ctk", k, "-ctv", v],
@@ -135,7 +151,7 @@ def quality(args, log) -> dict:
                 r = parse_kld(out)
             except RuntimeError as e:
                 r = {"error": str(e).splitlines()[0]}
-            rows.append({"k": k, "v": v, "center": center, "bits_k": BITS[k], **r})
+            rows.append({"k": k, "v": v, "center": center, "sink": sink, "bits_k": BITS[k], **r})
             print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "chunks": args.chunks, "ctx": args.ctx}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0022: polar/polar3 in
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0022, 0024: polar/polar3 in
 # ggml-cuda and the backend guard in llama) on a machine with an NVIDIA GPU.
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
@@ -12,7 +12,8 @@
 #      query's D^-1 and rotation and both cache writes as one kernel), GET_ROWS, CPY,
 #      FLASH_ATTN_EXT, cases whose parameters name polar/polar3 (-p polar): every one supported and
 #      OK (polar SET_ROWS/CPY and the rotation-free CENTER_SET_ROWS/LAYER_CHAINS cases compare
-#      exactly, max NMSE 0; rotated chains within 1e-5 of test-backend-ops' dense-product reference);
+#      exactly, max NMSE 0; rotated chains within 1e-5 (polar) or 4e-5 (polar3) of test-backend-ops'
+#      dense-product reference);
 #      FLASH_ATTN_EXT also with the vector kernel (GGML_CUDA_POLAR_FA_MMA=0) where the tensor-core
 #      kernel of patch 0022 runs by default, alone and with GGML_CUDA_POLAR_FA_GQA=2 and 4;
 #   2. test-backend-ops support -b CUDA0, same filter: every case supported;

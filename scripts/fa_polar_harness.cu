@@ -6,8 +6,9 @@
 //      dropped the statement after an `else #pragma unroll for` in the discarded branch of an if
 //      constexpr; docs/results-cuda.md).
 //   2. the tensor-core kernel (fattn-polar-mma.cuh, patch 0022) against the vector kernel's one head a
-//      CTA, with and without attention sinks: values are rounded to f16 for its products, so NMSE about
-//      1e-6 is expected; a case fails above 1e-4.
+//      CTA, with and without attention sinks, and with the exact sink key (k0: key 0 from f32 values,
+//      session 12; the case also fails when k0 leaves the vector kernel's result unchanged): values are
+//      rounded to f16 for its products, so NMSE about 1e-6 is expected; a case fails above 1e-4.
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
 //      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
 //      kernel and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
@@ -87,9 +88,10 @@ static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int n
 
 template <int D, ggml_type TK, ggml_type TV>
 static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, const char * K, const char * V, const char * M,
-                   const float * sinks, float * dst, float2 * meta, float * out, bool combine = true, cudaStream_t st = 0) {
+                   const float * sinks, float * dst, float2 * meta, float * out, bool combine = true, cudaStream_t st = 0,
+                   const float * k0 = nullptr) {
     const float scale = 1.0f/sqrtf(D);
-    kernel_of<D, TK, TV>(k)<<<grid_of(k, sh, PB), dim3(WARP_SIZE, warps_of(k), 1), 0, st>>>(Q, K, V, M, (const char *) sinks, nullptr,
+    kernel_of<D, TK, TV>(k)<<<grid_of(k, sh, PB), dim3(WARP_SIZE, warps_of(k), 1), 0, st>>>(Q, K, V, M, (const char *) sinks, k0, nullptr,
         PB > 1 ? dst : out, meta, scale, 0.0f, 1.0f, 1.0f, 1, 0.0f,
         D, init_fastdiv_values(1), sh.H, 1, D*4, D*4, D*4*sh.H,
         D, sh.kv, sh.HKV, 1, sh.nb11, sh.nb11*sh.kv, (int64_t) sh.nb11*sh.kv*sh.HKV,
@@ -116,7 +118,7 @@ struct problem {
     shape sh;
     int ncopy;
     size_t kbytes, vbytes;
-    char *dq, *dk, *dv, *dm; float * ds; float * dst; float2 * meta; float * out;
+    char *dq, *dk, *dv, *dm; float * ds; float * dk0; float * dst; float2 * meta; float * out;
     problem(int H, int HKV, int kv, int ncopy_) : ncopy(ncopy_) {
         sh.H = H; sh.HKV = HKV; sh.kv = kv;
         sh.nb11 = (D/64)*polar_fmt<fK>::TYPE_SIZE;
@@ -129,9 +131,11 @@ struct problem {
         if (TV == GGML_TYPE_F16) { for (size_t i = 0; i + 2 <= v.size(); i += 2) { __half h = __float2half(n01(rng)*0.1f); memcpy(&v[i], &h, 2); } } else { fill_blocks(v, polar_fmt<fV>::TYPE_SIZE, rng); }
         std::vector<__half> m(kv); for (auto & x : m) x = __float2half(n01(rng)*0.5f);
         std::vector<float> s(H); for (auto & x : s) x = n01(rng) + 2.0f;
+        std::vector<float> k0(D*HKV); for (auto & x : k0) x = 0.3f*n01(rng); // the exact sink key (k0)
         kbytes = (k.size() + 4095)/4096*4096; vbytes = (v.size() + 4095)/4096*4096;
         CK(cudaMalloc(&dq, q.size()*4)); CK(cudaMalloc(&dk, kbytes*ncopy)); CK(cudaMalloc(&dv, vbytes*ncopy));
-        CK(cudaMalloc(&dm, m.size()*2 + 4096)); CK(cudaMalloc(&ds, H*4));
+        CK(cudaMalloc(&dm, m.size()*2 + 4096)); CK(cudaMalloc(&ds, H*4)); CK(cudaMalloc(&dk0, k0.size()*4));
+        CK(cudaMemcpy(dk0, k0.data(), k0.size()*4, cudaMemcpyHostToDevice));
         for (int c = 0; c < ncopy; ++c) {
             CK(cudaMemcpy(dk + c*kbytes, k.data(), k.size(), cudaMemcpyHostToDevice));
             CK(cudaMemcpy(dv + c*vbytes, v.data(), v.size(), cudaMemcpyHostToDevice));
@@ -143,10 +147,10 @@ struct problem {
         CK(cudaMalloc(&dst, sizeof(float)*D*H*maxpb)); CK(cudaMalloc(&meta, sizeof(float2)*H*maxpb));
         CK(cudaMalloc(&out, sizeof(float)*D*H));
     }
-    ~problem() { cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dm); cudaFree(ds); cudaFree(dst); cudaFree(meta); cudaFree(out); }
-    std::vector<float> run(kernel_kind k, int PB, bool sinks) {
+    ~problem() { cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dm); cudaFree(ds); cudaFree(dk0); cudaFree(dst); cudaFree(meta); cudaFree(out); }
+    std::vector<float> run(kernel_kind k, int PB, bool sinks, bool k0 = false) {
         CK(cudaMemset(out, 0xFF, sizeof(float)*D*sh.H));
-        launch<D, TK, TV>(k, sh, PB, dq, dk, dv, dm, sinks ? ds : nullptr, dst, meta, out);
+        launch<D, TK, TV>(k, sh, PB, dq, dk, dv, dm, sinks ? ds : nullptr, dst, meta, out, true, 0, k0 ? dk0 : nullptr);
         CK(cudaGetLastError());
         CK(cudaDeviceSynchronize());
         std::vector<float> r(D*sh.H);
@@ -198,21 +202,29 @@ static int check_packed(const char * name, int H, int HKV, int kv, int PB) {
     return bad != 0;
 }
 
-// 2. the tensor-core kernel against the vector kernel (one head a CTA)
+// 2. the tensor-core kernel against the vector kernel (one head a CTA), also with the exact sink key
+// (k0: key 0 from f32 values, which must change the result)
 template <int D, ggml_type TK, ggml_type TV>
-static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sinks) {
+static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sinks, bool k0 = false) {
     problem<D, TK, TV> p(H, HKV, kv, 1);
-    auto ref = p.run(VEC1, PB, sinks);
+    auto ref = p.run(VEC1, PB, sinks, k0);
     int fails = 0;
+    if (k0) {
+        double e; int bad = 0;
+        compare(ref, p.run(VEC1, PB, sinks, false), e, bad, 0.0f);
+        const bool fail = !(e > 1e-6);
+        printf("k0     %-14s D=%d H=%d HKV=%d kv=%d PB=%d: nmse with k0 vs without %.3g%s\n", name, D, H, HKV, kv, PB, e, fail ? "  FAIL (k0 ignored)" : "");
+        fails += fail;
+    }
     for (kernel_kind k : { MMA, MMA8 }) {
         if (k == MMA8 && !HARNESS_MMA8) {
             continue;
         }
-        auto r = p.run(k, PB, sinks);
+        auto r = p.run(k, PB, sinks, k0);
         double e; int bad = 0;
         compare(ref, r, e, bad, 2e-2f);
         const bool fail = !(e <= 1e-4) || bad;
-        printf("%-6s %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d: nmse %.3g bad %d/%zu%s\n", k == MMA ? "mma" : "mma8", name, D, H, HKV, kv, PB, sinks, e, bad, ref.size(), fail ? "  FAIL" : "");
+        printf("%-6s %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d k0=%d: nmse %.3g bad %d/%zu%s\n", k == MMA ? "mma" : "mma8", name, D, H, HKV, kv, PB, sinks, k0, e, bad, ref.size(), fail ? "  FAIL" : "");
         if (fail) {
             for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
         }
@@ -266,6 +278,10 @@ int main(int argc, char ** argv) {
             fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  24, 2, 4096, PB, sinks);
             fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  12, 2, 4096, PB, sinks);
         }
+        fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB, false, true);
+        fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, true,  true);
+        fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, false, true);
+        fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, false, true);
     }
     if (argc < 2 || strcmp(argv[1], "--no-time") != 0) {
         for (int kv : {256, 4096, 16384, 32768}) {

@@ -15,7 +15,9 @@
 #           scripts/gpu_run.sh experiment   # models, wait for the build, then the session-12 experiments (8-warp
 #                                           # CTAs: ab --set warps; GGML_CUDA_POLAR_FUSE_DEBUG=1 on Qwen2.5),
 #                                           # then start cuda_llama_check.sh (background)
-#           scripts/gpu_run.sh collect      # wait for the checks, pack their logs into $OUT/checks.tgz
+#           scripts/gpu_run.sh collect      # wait for the checks, pack their summary and the failing logs
+#           scripts/gpu_run.sh verify       # models, wait for the build, then a short check of a tree: LAYER_CHAINS
+#                                           # 3 times, the flash-attention cases with k0, the fuse-debug log
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -26,9 +28,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | experiment | collect | bench) ;;
+prepare | build | checks | profile | experiment | collect | verify | bench) ;;
 *)
-    sed -n '2,26p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,28p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -115,10 +117,11 @@ experiment)
     models_and_build
     B=/tmp/experiment-out && mkdir -p $B
     rc=0
-    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
-        > $B/fuse-debug-qwen.log 2>&1 || rc=1
-    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -m /tmp/smol.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
-        > $B/fuse-debug-smol.log 2>&1 || rc=1
+    # -v: llama-bench silences ggml's log without it
+    for m in qwen smol; do
+        GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -v -m /tmp/$m.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
+            > $B/fuse-debug-$m.log 2>&1 || rc=1
+    done
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-warps-qwen --set warps || rc=1
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 16384 --reps 3 --out $B --name ab-warps-smollm2 --set warps || rc=1
     tar czf "$OUT/experiment.tgz" -C $B .
@@ -129,8 +132,25 @@ experiment)
 collect)
     until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done
     cp /tmp/gpu-run-check.log "$OUT/check-summary.txt"
-    tar czf "$OUT/checks.tgz" -C /tmp/gpu-run-check .
+    # the logs of the failing steps (session 12: all of them did not come back, too large)
+    grep -o -E '/tmp/gpu-run-check/[^ ):]+' /tmp/gpu-run-check.log | sort -u | xargs -r tar czf "$OUT/checks-failing.tgz" 2>/dev/null || true
     grep -q "^check rc=0" "$OUT/check-summary.txt"
+    ;;
+verify)
+    # needs a tree prepared with KVPOLAR_EXPERIMENTS="session11-fuse-debug.diff" for the fuse-debug log
+    models_and_build
+    B=/tmp/verify-out && mkdir -p $B
+    rc=0
+    for i in 1 2 3; do # random data each run
+        build/bin/test-backend-ops test -b CUDA0 -o LAYER_CHAINS -p polar > $B/layer-chains-$i.log 2>&1 || rc=1
+    done
+    build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p "k0=1" > $B/fa-k0.log 2>&1 || rc=1
+    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -v -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
+        > $B/fuse-debug-qwen.log 2>&1 || rc=1
+    grep -h -E "FAIL|polar_reject|fuse" $B/*.log | head -40
+    tail -n 3 $B/layer-chains-*.log $B/fa-k0.log
+    tar czf "$OUT/verify.tgz" -C $B .
+    exit $rc
     ;;
 profile)
     # each decode-step kernel under ncu (profile_decode_gpu.py; docs/results-cuda.md, session 11): both

@@ -2,8 +2,8 @@
 """Issue 12, levers 2 and 3: per-channel balancing and protecting the attention sink, measured.
 
     python3 scripts/quality_levers.py study [--model M ...] [--layers N] [--json out.json]
-    python3 scripts/quality_levers.py kld --bin build/bin [--model M ...] [--set levers|voffset]
-        [--json out.json]
+    python3 scripts/quality_levers.py kld --bin build/bin [--model M ...]
+        [--set levers|voffset|sinkauto|exactsink|exactsink-built] [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
@@ -272,7 +272,22 @@ EXACT_SINK = [
         for k, v in (("polar", "f16"), ("polar", "polar3"), ("polar3", "f16"))
     ),
 ]
-SETS = {"levers": SETTINGS, "voffset": V_ONLINE, "sinkauto": SINK_AUTO, "exactsink": EXACT_SINK}
+# session 12: the exact sink key built (patch 0024, on by default for polar/polar3 K): each setting with
+# it (the default), without it (LLAMA_KV_EXACT_SINK=0), and with it but without the sink's weight in the
+# K offset and balancing statistics (LLAMA_KV_CENTER_SINK=0: with key 0 exact, is the weight still worth
+# what it costs the other keys?)
+EXACT_SINK_BUILT = [
+    (k, v, env)
+    for k, v in (("polar", "f16"), ("polar3", "f16"), ("polar", "polar3"))
+    for env in ({}, {"LLAMA_KV_EXACT_SINK": "0"}, {"LLAMA_KV_CENTER_SINK": "0"})
+]
+SETS = {
+    "levers": SETTINGS,
+    "voffset": V_ONLINE,
+    "sinkauto": SINK_AUTO,
+    "exactsink": EXACT_SINK,
+    "exactsink-built": EXACT_SINK_BUILT,
+}
 
 
 def perplexity(bin_dir: Path, model: str, args_extra: list[str], env: dict, chunks: int) -> str:

@@ -39,18 +39,19 @@ def quality_table(d: dict) -> list[str]:
         "",
         _src(d),
         "",
-        "| K | V | centering | K bits/elem | mean KLD | same top token | PPL ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| K | V | centering | exact sink key | K bits/elem | mean KLD | same top token | PPL ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
+        sink = {True: "on", False: "off"}.get(r.get("sink"), "-")
         if "error" in r:
             out.append(
-                f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {r['bits_k']} "
+                f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {sink} | {r['bits_k']} "
                 f"| error: {r['error']} | | |"
             )
             continue
         out.append(
-            f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {r['bits_k']:g} "
+            f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {sink} | {r['bits_k']:g} "
             f"| {r['mean_kld']:.4f} "
             f"| {r['same_top_pct']:.1f} % | {r['ppl_ratio']:.3f} |"
         )

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-# the environment a new context reads for centering and balancing (kv_env in conftest.py clears them)
+# the environment a new context reads for centering, balancing and the exact sink key (kv_env in
+# conftest.py clears them)
 KV_ENV_VARS = (
     "LLAMA_KV_CENTER",
     "LLAMA_KV_CENTER_V",
     "LLAMA_KV_CENTER_ONLINE",
     "LLAMA_KV_CENTER_SINK",
     "LLAMA_KV_BALANCE",
+    "LLAMA_KV_EXACT_SINK",
 )
 
 

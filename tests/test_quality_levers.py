@@ -216,6 +216,7 @@ def test_bad_settings_are_refused(llama_cpp, kv_env, smollm2_path):
         {"LLAMA_KV_CENTER": "yes"},
         {"LLAMA_KV_CENTER_V": "2"},
         {"LLAMA_KV_CENTER_ONLINE": "true"},
+        {"LLAMA_KV_EXACT_SINK": "on"},
     ):
         kv_env(**env)
         with pytest.raises(ValueError):
