@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|fuseout|warps]
+        [--set extras|gqa|kernel|steps|graphs|fuseout|warps|k0]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -30,6 +30,8 @@ not in the series: apply patches/experiments/session11-fa-output-rotation.diff f
 --set warps: session 12's experiment (CTAs of 8 warps in the tensor-core polar kernel; not in the series:
 apply patches/experiments/session11-fa-mma-8-warps.diff first) with GGML_CUDA_POLAR_FA_MMA_WARPS unset (4)
 and 8, for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0.
+--set k0: the exact sink key of patch 0024 (on by default for polar/polar3 K) on and off
+(LLAMA_KV_EXACT_SINK=0) for polar/polar and polar/f16, next to f16 and q4_0: what it costs in tg.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -109,6 +111,15 @@ WARPS_VARIANTS = (  # (K, V, environment): the tensor-core kernel's CTA of 4 war
         for env in ({}, {"GGML_CUDA_POLAR_FA_MMA_WARPS": "8"})
     ),
 )
+K0_VARIANTS = (  # (K, V, environment): the exact sink key (default) and without it
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    *(
+        (k, v, env)
+        for k, v in (("polar", "polar"), ("polar", "f16"))
+        for env in ({}, {"LLAMA_KV_EXACT_SINK": "0"})
+    ),
+)
 SETS = {
     "extras": VARIANTS,
     "gqa": GQA_VARIANTS,
@@ -117,6 +128,7 @@ SETS = {
     "graphs": GRAPHS_VARIANTS,
     "fuseout": FUSEOUT_VARIANTS,
     "warps": WARPS_VARIANTS,
+    "k0": K0_VARIANTS,
 }
 
 

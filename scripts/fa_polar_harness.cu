@@ -14,6 +14,8 @@
 //      kernel and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
 //      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least; also at 256
 //      keys (a decode step at depth 0: one CTA a K/V head).
+//   4. with --pb-sweep only: the tensor-core kernel's time for each count of parallel blocks that gives a
+//      block 1-12 steps of keys at the fewest blocks, next to launch_fattn's choice (session 12).
 //   With patches/experiments/session11-fa-mma-8-warps.diff applied to the tree (POLAR_FA_MMA_SLOTS
 //   defined), also the tensor-core kernel with CTAs of 8 warps (256 keys a step), checked and timed.
 //
@@ -21,6 +23,7 @@
 //   nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
 //        -I$T/ggml/include -I$T/ggml/src -I$T/ggml/src/ggml-cuda -o fa_polar_harness scripts/fa_polar_harness.cu
 //   ./fa_polar_harness      # exit status 1 when a result differs from the reference
+//   ./fa_polar_harness --pb-sweep   # only 4. below: the tensor-core kernel's time by parallel blocks
 //
 // scripts/gpu_run.sh checks builds and runs it.
 #include "fattn-vec.cuh"
@@ -161,6 +164,9 @@ struct problem {
     // with nbatch_fa keys a block at least
     float time(kernel_kind k, int nbatch_fa, bool combine, int & PB) {
         PB = choose_pb(kernel_of<D, TK, TV>(k), k, sh, nbatch_fa);
+        return time_pb(k, PB, combine);
+    }
+    float time_pb(kernel_kind k, int PB, bool combine) {
         cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
         const int nwarm = 5, nrun = 50;
         for (int i = 0; i < nwarm + nrun; ++i) {
@@ -258,7 +264,38 @@ static void timing(const char * name, int H, int HKV, int kv) {
     }
 }
 
+// 4. --pb-sweep (session 12): the tensor-core kernel walks its keys in steps of POLAR_FA_MMA_KT, block y
+// taking steps y, y + PB, ..., so a block does ceil(steps/PB) of them and the slowest block sets the time
+// (at 32768 keys launch_fattn's PB 127 leaves 2 blocks 3 steps where the rest do 2). Each PB that gives
+// a block w = 1..12 steps at the fewest blocks (PB = ceil(steps/w)), next to launch_fattn's choice for 1
+// and 2 steps a CTA, with the combine kernel.
+template <int D, ggml_type TK, ggml_type TV>
+static void pb_sweep(const char * name, int H, int HKV, int kv) {
+    problem<D, TK, TV> p(H, HKV, kv, 8);
+    const int steps = (kv + POLAR_FA_MMA_KT - 1)/POLAR_FA_MMA_KT;
+    for (int s : {1, 2}) {
+        int PB; const float us = p.time(MMA, s*POLAR_FA_MMA_KT, true, PB);
+        printf("pb     %-14s D=%d H=%d HKV=%d kv=%d: launch_fattn, steps %d: PB %3d (%d steps a block) %7.2f us\n",
+               name, D, H, HKV, kv, s, PB, (steps + PB - 1)/PB, us);
+    }
+    int last = -1;
+    for (int w = 1; w <= 12; ++w) {
+        const int PB = (steps + w - 1)/w;
+        if (PB == last || PB < 1) continue;
+        last = PB;
+        printf("pb     %-14s D=%d H=%d HKV=%d kv=%d: balanced: PB %3d (%d steps a block) %7.2f us\n",
+               name, D, H, HKV, kv, PB, (steps + PB - 1)/PB, p.time_pb(MMA, PB, true));
+    }
+}
+
 int main(int argc, char ** argv) {
+    if (argc > 1 && strcmp(argv[1], "--pb-sweep") == 0) {
+        for (int kv : {4096, 16384, 32768}) {
+            pb_sweep< 64, GGML_TYPE_POLAR, GGML_TYPE_POLAR>("polar/polar",  9, 3, kv);
+            pb_sweep<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR>("polar/polar", 12, 2, kv);
+        }
+        return 0;
+    }
     int fails = 0;
     for (int PB : {1, 32}) {
         fails += check_packed< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB); // SmolLM2, GQA 3

@@ -17,7 +17,11 @@
 #                                           # then start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh collect      # wait for the checks, pack their summary and the failing logs
 #           scripts/gpu_run.sh verify       # models, wait for the build, then a short check of a tree: LAYER_CHAINS
-#                                           # 3 times, the flash-attention cases with k0, the fuse-debug log
+#                                           # 3 times, the flash-attention cases with k0, the fuse-debug log,
+#                                           # tg64 with the exact sink key on and off (ab --set k0), the harness's
+#                                           # --pb-sweep
+#           scripts/gpu_run.sh harness ARGS # only scripts/fa_polar_harness.cu on the prepared tree (no llama
+#                                           # build), e.g. `harness --pb-sweep`
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -28,9 +32,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | experiment | collect | verify | bench) ;;
+prepare | build | checks | profile | experiment | collect | verify | harness | bench) ;;
 *)
-    sed -n '2,28p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,32p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -107,6 +111,16 @@ build)
     cat /tmp/gpu-run-build.log | tail -5
     exit $rc
     ;;
+harness)
+    key=$(python3 scripts/bootstrap.py key)
+    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
+    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
+    T=$dir/src/vendor/llama.cpp
+    shift
+    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
+        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness scripts/fa_polar_harness.cu
+    /tmp/fa_polar_harness "$@" | tee "$OUT/fa-polar-harness-$(echo "$*" | tr -c 'a-z0-9\n' '-').txt"
+    ;;
 checks)
     models_and_build
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
@@ -147,6 +161,11 @@ verify)
     build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p "k0=1" > $B/fa-k0.log 2>&1 || rc=1
     GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -v -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
         > $B/fuse-debug-qwen.log 2>&1 || rc=1
+    # the tensor-core kernel's time by parallel blocks (the harness that `build` compiled)
+    /tmp/fa_polar_harness --pb-sweep > $B/pb-sweep.txt 2>&1 || rc=1
+    # what the exact sink key costs in tg (patch 0024)
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 32768 --reps 3 --out $B --name ab-k0-qwen --set k0 || rc=1
+    cat $B/ab-k0-qwen.md
     grep -h -E "FAIL|polar_reject|fuse" $B/*.log | head -40
     tail -n 3 $B/layer-chains-*.log $B/fa-k0.log
     tar czf "$OUT/verify.tgz" -C $B .

@@ -272,14 +272,14 @@ EXACT_SINK = [
         for k, v in (("polar", "f16"), ("polar", "polar3"), ("polar3", "f16"))
     ),
 ]
-# session 12: the exact sink key built (patch 0024, on by default for polar/polar3 K): each setting with
-# it (the default), without it (LLAMA_KV_EXACT_SINK=0), and with it but without the sink's weight in the
-# K offset and balancing statistics (LLAMA_KV_CENTER_SINK=0: with key 0 exact, is the weight still worth
-# what it costs the other keys?)
+# session 12: the exact sink key built (patch 0024, on by default for polar/polar3 K, and with it the
+# sink's weight in the K offset defaults to 0): each setting with its defaults, without the exact key
+# (LLAMA_KV_EXACT_SINK=0, which also brings back the weight 0.25: the defaults before patch 0024), and
+# with the exact key but the old weight (LLAMA_KV_CENTER_SINK=0.25)
 EXACT_SINK_BUILT = [
     (k, v, env)
     for k, v in (("polar", "f16"), ("polar3", "f16"), ("polar", "polar3"))
-    for env in ({}, {"LLAMA_KV_EXACT_SINK": "0"}, {"LLAMA_KV_CENTER_SINK": "0"})
+    for env in ({}, {"LLAMA_KV_EXACT_SINK": "0"}, {"LLAMA_KV_CENTER_SINK": "0.25"})
 ]
 SETS = {
     "levers": SETTINGS,
