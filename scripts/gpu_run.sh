@@ -151,24 +151,29 @@ collect)
     grep -q "^check rc=0" "$OUT/check-summary.txt"
     ;;
 verify)
-    # needs a tree prepared with KVPOLAR_EXPERIMENTS="session11-fuse-debug.diff" for the fuse-debug log
+    # needs a tree prepared with KVPOLAR_EXPERIMENTS="session11-fuse-debug.diff" for the fuse-debug log;
+    # the results are packed after each step (a call cut short by the device budget keeps what it has)
     models_and_build
     B=/tmp/verify-out && mkdir -p $B
     rc=0
+    pack() { tar czf "$OUT/verify.tgz" -C $B .; }
     for i in 1 2 3; do # random data each run
         build/bin/test-backend-ops test -b CUDA0 -o LAYER_CHAINS -p polar > $B/layer-chains-$i.log 2>&1 || rc=1
     done
     build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p "k0=1" > $B/fa-k0.log 2>&1 || rc=1
-    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -v -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
-        > $B/fuse-debug-qwen.log 2>&1 || rc=1
+    tail -n 2 $B/layer-chains-*.log $B/fa-k0.log
+    pack
     # the tensor-core kernel's time by parallel blocks (the harness that `build` compiled)
     /tmp/fa_polar_harness --pb-sweep > $B/pb-sweep.txt 2>&1 || rc=1
+    pack
     # what the exact sink key costs in tg (patch 0024)
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 32768 --reps 3 --out $B --name ab-k0-qwen --set k0 || rc=1
-    cat $B/ab-k0-qwen.md
-    grep -h -E "FAIL|polar_reject|fuse" $B/*.log | head -40
-    tail -n 3 $B/layer-chains-*.log $B/fa-k0.log
-    tar czf "$OUT/verify.tgz" -C $B .
+    pack
+    # -v: llama-bench silences ggml's log without it
+    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -v -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
+        > $B/fuse-debug-qwen.log 2>&1 || rc=1
+    pack
+    grep -h -E "FAIL|kvpolar fuse" $B/*.log | head -40
     exit $rc
     ;;
 profile)
