@@ -31,6 +31,13 @@ def new_llama(llama_cpp, model, ctk="polar"):
     )
 
 
+def prompted(llama_cpp, model, prompt, ctk="polar"):
+    """A new context (new_llama) that has evaluated prompt, and the state it saved then."""
+    llm = new_llama(llama_cpp, model, ctk=ctk)
+    llm.eval(prompt)
+    return llm, llm.save_state()
+
+
 def logits(llama_cpp, llm) -> np.ndarray:
     """A copy of the logits of the last evaluated token."""
     ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)

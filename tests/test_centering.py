@@ -20,7 +20,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from kv_llama import logits, new_llama
+from kv_llama import logits, new_llama, prompted
 from kvpolar import calibrate
 
 pytestmark = pytest.mark.build
@@ -166,9 +166,7 @@ def with_offsets(state: bytes, mu: np.ndarray) -> bytes:
 def test_online_offsets_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, cont, other = tokens
     kv_env()
-    llm = new_llama(llama_cpp, smollm2_path)
-    llm.eval(prompt)
-    state = llm.save_state()
+    llm, state = prompted(llama_cpp, smollm2_path, prompt)
     mu = offsets(state.llama_state)
     assert np.abs(mu).max() > 0.1, "no offsets measured"
     llm.eval(cont)

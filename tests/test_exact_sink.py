@@ -16,7 +16,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from kv_llama import logits, new_llama
+from kv_llama import logits, new_llama, prompted
 
 pytestmark = pytest.mark.build
 
@@ -155,9 +155,7 @@ def test_replaces_key_0(llama_cpp, kv_env, smollm2_path, squad_head, n_prompt):
 def test_survives_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, cont, other = tokens
     kv_env()
-    llm = new_llama(llama_cpp, smollm2_path)
-    llm.eval(prompt)
-    state = llm.save_state()
+    llm, state = prompted(llama_cpp, smollm2_path, prompt)
     rows = k0_rows(state.llama_state)
     llm.eval(cont)
     want = logits(llama_cpp, llm)
@@ -224,9 +222,7 @@ def test_follows_k_shift(llama_cpp, kv_env, smollm2_path, tokens):
     measured, a key 7 positions off changed the KL of the continuation by 5 %.)"""
     prompt, cont, _ = tokens
     kv_env()
-    llm = new_llama(llama_cpp, smollm2_path)
-    llm.eval(prompt)
-    pre = llm.save_state()
+    llm, pre = prompted(llama_cpp, smollm2_path, prompt)
     rows_pre = k0_rows(pre.llama_state)
     dec_pre = decoded_k0(llama_cpp, smollm2_path, pre)
     mem = llama_cpp.llama_get_memory(llm.ctx)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kv_llama import logits, new_llama
+from kv_llama import logits, new_llama, prompted
 from quality_levers import k_factors, pair_ids
 
 N_LAYER, N_EMBD_KV = 30, 192  # SmolLM2-135M: 3 KV heads x 64, RoPE pairs (2i, 2i+1)
@@ -150,9 +150,7 @@ def test_k_shift_keeps_balancing_exact(llama_cpp, kv_env, smollm2_path, tokens):
 def test_factors_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
     prompt, cont, _ = tokens
     kv_env(LLAMA_KV_BALANCE="1")
-    llm = new_llama(llama_cpp, smollm2_path)
-    llm.eval(prompt)
-    state = llm.save_state()
+    llm, state = prompted(llama_cpp, smollm2_path, prompt)
     f = factors(state.llama_state)
     llm.eval(cont)
     want = logits(llama_cpp, llm)
