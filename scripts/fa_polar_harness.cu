@@ -16,6 +16,7 @@
 //      keys (a decode step at depth 0: one CTA a K/V head).
 //   4. with --pb-sweep only: the tensor-core kernel's time for each count of parallel blocks that gives a
 //      block 1-12 steps of keys at the fewest blocks, next to launch_fattn's choice (session 12).
+//   5. with --profile only: a few launches for Nsight Compute (session 13).
 //   With patches/experiments/session11-fa-mma-8-warps.diff applied to the tree (POLAR_FA_MMA_SLOTS
 //   defined), also the tensor-core kernel with CTAs of 8 warps (256 keys a step), checked and timed.
 //
@@ -24,6 +25,7 @@
 //        -I$T/ggml/include -I$T/ggml/src -I$T/ggml/src/ggml-cuda -o fa_polar_harness scripts/fa_polar_harness.cu
 //   ./fa_polar_harness      # exit status 1 when a result differs from the reference
 //   ./fa_polar_harness --pb-sweep   # only 4. below: the tensor-core kernel's time by parallel blocks
+//   ./fa_polar_harness --time-only  # only 3.
 //
 // scripts/gpu_run.sh checks builds and runs it.
 #include "fattn-vec.cuh"
@@ -288,7 +290,28 @@ static void pb_sweep(const char * name, int H, int HKV, int kv) {
     }
 }
 
+// 5. --profile: a few launches of the tensor-core kernel on Qwen2.5-1.5B's shape (256 keys, one CTA a K/V
+// head; 32768 keys, launch_fattn's blocks for 2 steps a CTA) and of the vector kernel at 256 keys, for
+// Nsight Compute (`ncu -k regex:flash_attn_ext ... fa_polar_harness --profile`; session 13)
+static void profile_launches() {
+    for (int kv : {256, 32768}) {
+        problem<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR> p(12, 2, kv, 1);
+        int PB = choose_pb(kernel_of<128, GGML_TYPE_POLAR, GGML_TYPE_POLAR>(MMA), MMA, p.sh, 2*POLAR_FA_MMA_KT);
+        for (int i = 0; i < 2; ++i) {
+            p.run(MMA, PB, false);
+        }
+        if (kv == 256) {
+            p.run(VEC1, 2, false);
+        }
+        printf("profile kv=%d: tensor-core kernel with PB %d\n", kv, PB);
+    }
+}
+
 int main(int argc, char ** argv) {
+    if (argc > 1 && strcmp(argv[1], "--profile") == 0) {
+        profile_launches();
+        return 0;
+    }
     if (argc > 1 && strcmp(argv[1], "--pb-sweep") == 0) {
         for (int kv : {4096, 16384, 32768}) {
             pb_sweep< 64, GGML_TYPE_POLAR, GGML_TYPE_POLAR>("polar/polar",  9, 3, kv);
@@ -296,14 +319,21 @@ int main(int argc, char ** argv) {
         }
         return 0;
     }
+    const bool time_only = argc > 1 && strcmp(argv[1], "--time-only") == 0;
     int fails = 0;
     for (int PB : {1, 32}) {
+        if (time_only) {
+            break;
+        }
         fails += check_packed< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB); // SmolLM2, GQA 3
         fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    4, 2, 4096, PB);
         fails += check_packed<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  4, 1, 4096, PB);
         fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",      4, 2, 4096, PB);
     }
     for (int PB : {1, 32}) {
+        if (time_only) {
+            break;
+        }
         for (bool sinks : {false, true}) {
             fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB, sinks); // SmolLM2
             fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, sinks); // Qwen2.5-1.5B

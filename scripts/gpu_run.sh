@@ -16,12 +16,15 @@
 #                                           # CTAs: ab --set warps; GGML_CUDA_POLAR_FUSE_DEBUG=1 on Qwen2.5),
 #                                           # then start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh collect      # wait for the checks, pack their summary and the failing logs
-#           scripts/gpu_run.sh verify       # models, wait for the build, then a short check of a tree: LAYER_CHAINS
-#                                           # 3 times, the flash-attention cases with k0, the fuse-debug log,
-#                                           # tg64 with the exact sink key on and off (ab --set k0), the harness's
-#                                           # --pb-sweep
+#           scripts/gpu_run.sh verify       # models, wait for the build, then a short check of a tree: the polar
+#                                           # FLASH_ATTN_EXT and LAYER_CHAINS cases, greedy decode fused = unfused
+#           scripts/gpu_run.sh ab [SET]     # models, wait for the build, ab_llama_gpu.py --set SET (default sched)
+#                                           # on both models
 #           scripts/gpu_run.sh harness ARGS # only scripts/fa_polar_harness.cu on the prepared tree (no llama
 #                                           # build), e.g. `harness --pb-sweep`
+#           scripts/gpu_run.sh variants     # the harness for each set of flags in $HARNESS_VARIANTS (first checked)
+#           scripts/gpu_run.sh kernel-profile # the harness's --profile launches under ncu (--set full, SASS-level
+#                                           # stall samples): the tensor-core kernel at 256 and 32768 keys
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -32,9 +35,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | experiment | collect | verify | harness | bench) ;;
+prepare | build | checks | profile | experiment | collect | verify | ab | harness | variants | kernel-profile | bench) ;;
 *)
-    sed -n '2,32p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,35p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -121,6 +124,43 @@ harness)
         -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness scripts/fa_polar_harness.cu
     /tmp/fa_polar_harness "$@" | tee "$OUT/fa-polar-harness-$(echo "$*" | tr -c 'a-z0-9\n' '-').txt"
     ;;
+variants)
+    # the harness built once per set of compile flags in $HARNESS_VARIANTS (';'-separated, e.g.
+    # "-DPOLAR_FA_MMA_PREFETCH=0;-DPOLAR_FA_MMA_PREFETCH=2"): the first variant checked and timed, the
+    # others timed (--time-only); each compiled in parallel with the others
+    key=$(python3 scripts/bootstrap.py key)
+    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
+    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
+    T=$dir/src/vendor/llama.cpp
+    IFS=';' read -r -a vs <<< "${HARNESS_VARIANTS:-}"
+    for i in "${!vs[@]}"; do
+        # shellcheck disable=SC2086
+        nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG ${vs[$i]} \
+            -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness_v$i scripts/fa_polar_harness.cu &
+    done
+    wait
+    rc=0
+    for i in "${!vs[@]}"; do
+        f="$OUT/fa-polar-harness-variant-$i.txt"
+        echo "variant $i: ${vs[$i]}" > "$f"
+        if [[ $i == 0 ]]; then /tmp/fa_polar_harness_v$i >> "$f" 2>&1 || rc=1; else /tmp/fa_polar_harness_v$i --time-only >> "$f" 2>&1 || rc=1; fi
+        grep -E "^variant|failing|FAIL" "$f"
+    done
+    exit $rc
+    ;;
+kernel-profile)
+    key=$(python3 scripts/bootstrap.py key)
+    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
+    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
+    T=$dir/src/vendor/llama.cpp
+    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG -lineinfo \
+        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness scripts/fa_polar_harness.cu
+    ncu --set full --import-source yes -k regex:flash_attn_ext -f -o /tmp/fa-profile /tmp/fa_polar_harness --profile > "$OUT/kernel-profile-run.txt" 2>&1
+    ncu -i /tmp/fa-profile.ncu-rep --page details > "$OUT/kernel-profile-details.txt"
+    ncu -i /tmp/fa-profile.ncu-rep --page source --csv --print-source sass > /tmp/kernel-profile-sass.csv 2>&1 || true
+    gzip -c /tmp/kernel-profile-sass.csv > "$OUT/kernel-profile-sass.csv.gz"
+    tail -5 "$OUT/kernel-profile-run.txt"
+    ;;
 checks)
     models_and_build
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
@@ -151,29 +191,40 @@ collect)
     grep -q "^check rc=0" "$OUT/check-summary.txt"
     ;;
 verify)
-    # needs a tree prepared with KVPOLAR_EXPERIMENTS="session11-fuse-debug.diff" for the fuse-debug log;
-    # the results are packed after each step (a call cut short by the device budget keeps what it has)
+    # a short check of a tree (session 13): every polar FLASH_ATTN_EXT case and the layer chains in
+    # test-backend-ops; Qwen2.5's decode with the layer's query chain fused (its rotated query overlaps its
+    # input elsewhere) against the same run unfused (GGML_CUDA_POLAR_NO_FUSE_LAYER=1): the greedy text
+    # must be the same; results packed after each step
     models_and_build
     B=/tmp/verify-out && mkdir -p $B
     rc=0
     pack() { tar czf "$OUT/verify.tgz" -C $B .; }
-    for i in 1 2 3; do # random data each run
-        build/bin/test-backend-ops test -b CUDA0 -o LAYER_CHAINS -p polar > $B/layer-chains-$i.log 2>&1 || rc=1
-    done
-    build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p "k0=1" > $B/fa-k0.log 2>&1 || rc=1
-    tail -n 2 $B/layer-chains-*.log $B/fa-k0.log
+    build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p polar > $B/fa-polar.log 2>&1 || rc=1
+    build/bin/test-backend-ops test -b CUDA0 -o LAYER_CHAINS -p polar > $B/layer-chains.log 2>&1 || rc=1
+    tail -n 2 $B/fa-polar.log $B/layer-chains.log
     pack
-    # the tensor-core kernel's time by parallel blocks (the harness that `build` compiled)
-    /tmp/fa_polar_harness --pb-sweep > $B/pb-sweep.txt 2>&1 || rc=1
+    for m in qwen smol; do
+        for fuse in 0 1; do
+            env $([[ $fuse == 0 ]] && echo GGML_CUDA_POLAR_NO_FUSE_LAYER=1) build/bin/llama-completion -m /tmp/$m.gguf -c 2048 -ngl 99 -fa on \
+                -ctk polar -ctv polar -p "The history of the Amazon rainforest" -n 64 --temp 0 -no-cnv --no-display-prompt \
+                > $B/greedy-$m-fuse$fuse.txt 2> $B/greedy-$m-fuse$fuse.log || rc=1
+        done
+        if cmp -s $B/greedy-$m-fuse0.txt $B/greedy-$m-fuse1.txt; then echo "greedy $m: fused = unfused"; else echo "greedy $m: fused differs"; rc=1; fi
+    done | tee $B/greedy-summary.txt
+    grep -q differs $B/greedy-summary.txt && rc=1
     pack
-    # what the exact sink key costs in tg (patch 0024)
-    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 32768 --reps 3 --out $B --name ab-k0-qwen --set k0 || rc=1
-    pack
-    # -v: llama-bench silences ggml's log without it
-    GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -v -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
-        > $B/fuse-debug-qwen.log 2>&1 || rc=1
-    pack
-    grep -h -E "FAIL|kvpolar fuse" $B/*.log | head -40
+    grep -h -E "FAIL" $B/*.log | head -20
+    exit $rc
+    ;;
+ab)
+    # llama-bench tg64/pp512 A/B on both models (ab_llama_gpu.py --set ${2:-sched}), packed after each model
+    models_and_build
+    B=/tmp/ab-out && mkdir -p $B
+    rc=0
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-${2:-sched}-qwen --set ${2:-sched} || rc=1
+    tar czf "$OUT/ab.tgz" -C $B .
+    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 16384 --reps 3 --out $B --name ab-${2:-sched}-smollm2 --set ${2:-sched} || rc=1
+    tar czf "$OUT/ab.tgz" -C $B .
     exit $rc
     ;;
 profile)
