@@ -11,7 +11,8 @@
 //      rounded to f16 for its products, so NMSE about 1e-6 is expected; a case fails above 1e-4.
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
 //      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
-//      kernel and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
+//      kernel (with patches/experiments/session13-fa-combine-rows.diff applied the tensor-core kernel's merged
+//      by flash_attn_combine_results_rows, and also by upstream's) and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
 //      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least; also at 256
 //      keys (a decode step at depth 0: one CTA a K/V head).
 //   4. with --pb-sweep only: the tensor-core kernel's time for each count of parallel blocks that gives a
@@ -91,6 +92,11 @@ static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int n
     return pb;
 }
 
+// with patches/experiments/session13-fa-combine-rows.diff applied (GGML_CUDA_POLAR_FA_COMBINE_ROWS): the
+// tensor-core kernel's partial results merged by flash_attn_combine_results_rows, as launch_fattn then does,
+// or (false) by upstream's flash_attn_combine_results
+static bool g_combine_rows = true;
+
 template <int D, ggml_type TK, ggml_type TV>
 static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, const char * K, const char * V, const char * M,
                    const float * sinks, float * dst, float2 * meta, float * out, bool combine = true, cudaStream_t st = 0,
@@ -103,6 +109,12 @@ static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, cons
         sh.nb21, sh.nb21*sh.kv, (int64_t) sh.nb21*sh.kv*sh.HKV,
         1, 1, 1, sh.kv*2, sh.kv*2, (int64_t) sh.kv*2);
     if (PB > 1 && combine) {
+#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROWS
+        if ((k == MMA || k == MMA8) && g_combine_rows) { // as launch_fattn merges the tensor-core kernel's blocks
+            flash_attn_combine_results_rows<D, 8><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB);
+            return;
+        }
+#endif
         flash_attn_combine_results<D><<<dim3(1, sh.H, 1), dim3(D, 1, 1), PB*sizeof(float2), st>>>(dst, meta, out, PB);
     }
 }
@@ -261,7 +273,15 @@ static void timing(const char * name, int H, int HKV, int kv) {
             int PB; const float us = p.time(k, keys, true, PB);
             int PB0; const float us0 = p.time(k, keys, false, PB0);
             char what[64]; snprintf(what, sizeof(what), "%s, steps %d", kind_name[k], steps);
+#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROWS
+            g_combine_rows = false;
+            int PB1; const float us1 = p.time(k, keys, true, PB1);
+            g_combine_rows = true;
+            printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, with upstream's combine %7.2f (PB %d)\n",
+                   name, D, H, HKV, kv, what, us, us0, us1, PB);
+#else
             printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, what, us, us0, PB);
+#endif
         }
     }
 }
