@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|fuseout|warps|k0|sched]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -24,12 +24,8 @@ and q4_0.
 1, 4, 8) for polar/polar, next to the vector kernel, f16 and q4_0.
 --set graphs: f16, q4_0, polar/polar and polar/f16, each with ggml-cuda's CUDA graphs (the default) and
 with GGML_CUDA_DISABLE_GRAPHS=1 (does a decode step replay one graph?).
---set fuseout: session 11's experiment (upstream's output rotation inside the tensor-core polar kernel;
-not in the series: apply patches/experiments/session11-fa-output-rotation.diff first) on and off
-(GGML_CUDA_POLAR_NO_FUSE_OUT=1) for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0.
---set warps: session 12's experiment (CTAs of 8 warps in the tensor-core polar kernel; not in the series:
-apply patches/experiments/session11-fa-mma-8-warps.diff first) with GGML_CUDA_POLAR_FA_MMA_WARPS unset (4)
-and 8, for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0.
+(Sessions 11-12's sets fuseout and warps, for experiment diffs that no longer apply on patch 0025, were
+removed in session 13; git history has them.)
 --set k0: the exact sink key of patch 0024 (on by default for polar/polar3 K) on and off
 (LLAMA_KV_EXACT_SINK=0) for polar/polar and polar/f16, next to f16 and q4_0: what it costs in tg.
 --set sched: patch 0025's scheduling of the tensor-core kernel, each choice undone: parallel blocks as
@@ -97,24 +93,6 @@ GRAPHS_VARIANTS = tuple(  # (K, V, environment): with ggml-cuda's CUDA graphs (d
     for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("polar", "polar"), ("polar", "f16"))
     for env in ({}, {"GGML_CUDA_DISABLE_GRAPHS": "1"})
 )
-FUSEOUT_VARIANTS = (  # (K, V, environment): session 11's output-rotation experiment on and off
-    ("f16", "f16", {}),
-    ("q4_0", "q4_0", {}),
-    *(
-        (k, v, env)
-        for k, v in (("polar", "polar"), ("polar", "f16"), ("polar", "polar3"))
-        for env in ({}, {"GGML_CUDA_POLAR_NO_FUSE_OUT": "1"})
-    ),
-)
-WARPS_VARIANTS = (  # (K, V, environment): the tensor-core kernel's CTA of 4 warps (default) or 8
-    ("f16", "f16", {}),
-    ("q4_0", "q4_0", {}),
-    *(
-        (k, v, env)
-        for k, v in (("polar", "polar"), ("polar", "f16"), ("polar", "polar3"))
-        for env in ({}, {"GGML_CUDA_POLAR_FA_MMA_WARPS": "8"})
-    ),
-)
 K0_VARIANTS = (  # (K, V, environment): the exact sink key (default) and without it
     ("f16", "f16", {}),
     ("q4_0", "q4_0", {}),
@@ -142,8 +120,6 @@ SETS = {
     "kernel": KERNEL_VARIANTS,
     "steps": STEPS_VARIANTS,
     "graphs": GRAPHS_VARIANTS,
-    "fuseout": FUSEOUT_VARIANTS,
-    "warps": WARPS_VARIANTS,
     "k0": K0_VARIANTS,
 }
 

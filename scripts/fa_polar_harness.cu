@@ -18,8 +18,6 @@
 //   4. with --pb-sweep only: the tensor-core kernel's time for each count of parallel blocks that gives a
 //      block 1-12 steps of keys at the fewest blocks, next to launch_fattn's choice (session 12).
 //   5. with --profile only: a few launches for Nsight Compute (session 13).
-//   With patches/experiments/session11-fa-mma-8-warps.diff applied to the tree (POLAR_FA_MMA_SLOTS
-//   defined), also the tensor-core kernel with CTAs of 8 warps (256 keys a step), checked and timed.
 //
 //   T=<patched tree>/vendor/llama.cpp
 //   nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
@@ -37,14 +35,8 @@
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
-enum kernel_kind { VEC1, VEC2, VEC4, MMA, MMA8 };
-static const char * kind_name[] = { "vector, 1 head a CTA", "vector, 2 heads a CTA", "vector, 4 heads a CTA", "tensor cores",
-                                     "tensor cores, 8 warps" };
-#ifdef POLAR_FA_MMA_SLOTS
-#define HARNESS_MMA8 1 // the session-11 experiment: the tensor-core kernel's warps a template parameter
-#else
-#define HARNESS_MMA8 0
-#endif
+enum kernel_kind { VEC1, VEC2, VEC4, MMA };
+static const char * kind_name[] = { "vector, 1 head a CTA", "vector, 2 heads a CTA", "vector, 4 heads a CTA", "tensor cores" };
 
 struct shape {
     int H, HKV, kv, nb11, nb21;
@@ -56,16 +48,11 @@ static fattn_kernel_t kernel_of(kernel_kind k) {
         case VEC1: return flash_attn_ext_vec<D, 1, TK, TV, false, false>;
         case VEC2: return flash_attn_ext_vec<D, 2, TK, TV, false, true>;
         case VEC4: return flash_attn_ext_vec<D, 4, TK, TV, false, true>;
-#if HARNESS_MMA8
-        case MMA8: return flash_attn_ext_polar_mma<D, TK, TV, 8>;
-        default:   return flash_attn_ext_polar_mma<D, TK, TV, 4>;
-#else
         default:   return flash_attn_ext_polar_mma<D, TK, TV>;
-#endif
     }
 }
 
-static int warps_of(kernel_kind k) { return k == MMA8 ? 8 : 4; }
+static int warps_of(kernel_kind k) { return k == MMA ? POLAR_FA_MMA_NWARPS : 4; }
 
 static int cols_of(kernel_kind k) { return k == VEC1 ? 1 : k == VEC2 ? 2 : k == VEC4 ? 4 : POLAR_FA_MMA_ROWS; }
 
@@ -110,7 +97,7 @@ static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, cons
         1, 1, 1, sh.kv*2, sh.kv*2, (int64_t) sh.kv*2);
     if (PB > 1 && combine) {
 #ifdef GGML_CUDA_POLAR_FA_COMBINE_ROWS
-        if ((k == MMA || k == MMA8) && g_combine_rows) { // as launch_fattn merges the tensor-core kernel's blocks
+        if (k == MMA && g_combine_rows) { // as launch_fattn merges the tensor-core kernel's blocks
             flash_attn_combine_results_rows<D, 8><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB);
             return;
         }
@@ -236,15 +223,12 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
         printf("k0     %-14s D=%d H=%d HKV=%d kv=%d PB=%d: nmse with k0 vs without %.3g%s\n", name, D, H, HKV, kv, PB, e, fail ? "  FAIL (k0 ignored)" : "");
         fails += fail;
     }
-    for (kernel_kind k : { MMA, MMA8 }) {
-        if (k == MMA8 && !HARNESS_MMA8) {
-            continue;
-        }
-        auto r = p.run(k, PB, sinks, k0);
+    {
+        auto r = p.run(MMA, PB, sinks, k0);
         double e; int bad = 0;
         compare(ref, r, e, bad, 2e-2f);
         const bool fail = !(e <= 1e-4) || bad;
-        printf("%-6s %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d k0=%d: nmse %.3g bad %d/%zu%s\n", k == MMA ? "mma" : "mma8", name, D, H, HKV, kv, PB, sinks, k0, e, bad, ref.size(), fail ? "  FAIL" : "");
+        printf("mma    %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d k0=%d: nmse %.3g bad %d/%zu%s\n", name, D, H, HKV, kv, PB, sinks, k0, e, bad, ref.size(), fail ? "  FAIL" : "");
         if (fail) {
             for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
         }
@@ -264,10 +248,8 @@ static void timing(const char * name, int H, int HKV, int kv) {
         int PB0; const float us0 = p.time(k, D, false, PB0);
         printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-24s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, kind_name[k], us, us0, PB);
     }
-    for (kernel_kind k : { MMA, MMA8 }) {
-        if (k == MMA8 && !HARNESS_MMA8) {
-            continue;
-        }
+    {
+        const kernel_kind k = MMA;
         for (int steps : {1, 2, 4, 8}) {
             const int keys = steps*warps_of(k)*POLAR_FA_MMA_KW; // keys a CTA takes at least
             int PB; const float us = p.time(k, keys, true, PB);

@@ -12,9 +12,6 @@
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
-#           scripts/gpu_run.sh experiment   # models, wait for the build, then the session-12 experiments (8-warp
-#                                           # CTAs: ab --set warps; GGML_CUDA_POLAR_FUSE_DEBUG=1 on Qwen2.5),
-#                                           # then start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh collect      # wait for the checks, pack their summary and the failing logs
 #           scripts/gpu_run.sh verify       # models, wait for the build, then a short check of a tree: the polar
 #                                           # FLASH_ATTN_EXT and LAYER_CHAINS cases, greedy decode fused = unfused
@@ -35,9 +32,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | experiment | collect | verify | ab | harness | variants | kernel-profile | bench) ;;
+prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | bench) ;;
 *)
-    sed -n '2,35p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,32p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -168,23 +165,6 @@ checks)
     models_and_build
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
-    ;;
-experiment)
-    # needs a tree prepared with KVPOLAR_EXPERIMENTS="session11-fa-mma-8-warps.diff session11-fuse-debug.diff"
-    models_and_build
-    B=/tmp/experiment-out && mkdir -p $B
-    rc=0
-    # -v: llama-bench silences ggml's log without it
-    for m in qwen smol; do
-        GGML_CUDA_POLAR_FUSE_DEBUG=1 build/bin/llama-bench -v -m /tmp/$m.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 8 -r 1 \
-            > $B/fuse-debug-$m.log 2>&1 || rc=1
-    done
-    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-warps-qwen --set warps || rc=1
-    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 16384 --reps 3 --out $B --name ab-warps-smollm2 --set warps || rc=1
-    tar czf "$OUT/experiment.tgz" -C $B .
-    setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
-        > /tmp/gpu-run-check.log 2>&1 < /dev/null &
-    exit $rc
     ;;
 collect)
     until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done
