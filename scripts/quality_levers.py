@@ -3,7 +3,7 @@
 
     python3 scripts/quality_levers.py study [--model M ...] [--layers N] [--json out.json]
     python3 scripts/quality_levers.py kld --bin build/bin [--model M ...]
-        [--set levers|voffset|sinkauto|exactsink|exactsink-built] [--json out.json]
+        [--set levers|voffset|sinkauto|exactsink|exactsink-built|polar3k] [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
@@ -281,8 +281,18 @@ EXACT_SINK_BUILT = [
     for k, v in (("polar", "f16"), ("polar3", "f16"), ("polar", "polar3"))
     for env in ({}, {"LLAMA_KV_EXACT_SINK": "0"}, {"LLAMA_KV_CENTER_SINK": "0.25"})
 ]
+# session 13: polar3 K's own levers under the exact sink key (issue 12's "polar3 K within 2x q4_0 K"):
+# K balancing off, a small sink weight, both; and the low-memory pair polar/polar3 with balancing off
+POLAR3K = [
+    ("polar3", "f16", {}),
+    ("polar3", "f16", {"LLAMA_KV_BALANCE": "0"}),
+    ("polar3", "f16", {"LLAMA_KV_CENTER_SINK": "0.125"}),
+    ("polar3", "f16", {"LLAMA_KV_BALANCE": "0", "LLAMA_KV_CENTER_SINK": "0.125"}),
+    ("polar", "polar3", {"LLAMA_KV_BALANCE": "0"}),
+]
 SETS = {
     "levers": SETTINGS,
+    "polar3k": POLAR3K,
     "voffset": V_ONLINE,
     "sinkauto": SINK_AUTO,
     "exactsink": EXACT_SINK,
