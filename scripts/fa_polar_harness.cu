@@ -323,34 +323,30 @@ int main(int argc, char ** argv) {
     }
     const bool time_only = argc > 1 && strcmp(argv[1], "--time-only") == 0;
     int fails = 0;
-    for (int PB : {1, 32}) {
-        if (time_only) {
-            break;
+    if (!time_only) { // 1. and 2.
+        for (int PB : {1, 32}) {
+            fails += check_packed< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB); // SmolLM2, GQA 3
+            fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    4, 2, 4096, PB);
+            fails += check_packed<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  4, 1, 4096, PB);
+            fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",      4, 2, 4096, PB);
         }
-        fails += check_packed< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB); // SmolLM2, GQA 3
-        fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    4, 2, 4096, PB);
-        fails += check_packed<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  4, 1, 4096, PB);
-        fails += check_packed<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",      4, 2, 4096, PB);
-    }
-    for (int PB : {1, 32}) {
-        if (time_only) {
-            break;
+        for (int PB : {1, 32}) {
+            for (bool sinks : {false, true}) {
+                fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB, sinks); // SmolLM2
+                fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, sinks); // Qwen2.5-1.5B
+                fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   40, 2, 4096, PB, sinks); // GQA 20: 2 tiles
+                fails += check_mma< 64, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3", 16, 2, 4096, PB, sinks);
+                fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, sinks);
+                fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, sinks);
+                fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",      6, 3, 4096, PB, sinks);
+                fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  24, 2, 4096, PB, sinks);
+                fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  12, 2, 4096, PB, sinks);
+            }
+            fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB, false, true);
+            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, true,  true);
+            fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, false, true);
+            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, false, true);
         }
-        for (bool sinks : {false, true}) {
-            fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB, sinks); // SmolLM2
-            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, sinks); // Qwen2.5-1.5B
-            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   40, 2, 4096, PB, sinks); // GQA 20: 2 tiles
-            fails += check_mma< 64, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3", 16, 2, 4096, PB, sinks);
-            fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, sinks);
-            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, sinks);
-            fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",      6, 3, 4096, PB, sinks);
-            fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  24, 2, 4096, PB, sinks);
-            fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR3>("polar/polar3",  12, 2, 4096, PB, sinks);
-        }
-        fails += check_mma< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 4096, PB, false, true);
-        fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, true,  true);
-        fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, false, true);
-        fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, false, true);
     }
     if (argc < 2 || strcmp(argv[1], "--no-time") != 0) {
         for (int kv : {256, 4096, 16384, 32768}) {

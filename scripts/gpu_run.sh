@@ -61,6 +61,22 @@ models_and_build() { # the models in /tmp, then wait for the background build
     tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
 }
 
+harness_tree() { # the prepared source tree under its build key (unpacked once); prints its llama.cpp folder
+    local key dir
+    key=$(python3 scripts/bootstrap.py key)
+    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
+    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
+    echo "$dir/src/vendor/llama.cpp"
+}
+
+harness_bin() { # harness_bin OUT [nvcc flags...]: scripts/fa_polar_harness.cu against the prepared tree
+    local out=$1 T
+    shift
+    T=$(harness_tree)
+    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG "$@" \
+        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o "$out" scripts/fa_polar_harness.cu
+}
+
 case ${1:-} in
 prepare)
     rm -rf "$G" && mkdir -p "$G/a" "$G/b" "$G/whl"
@@ -96,10 +112,8 @@ build)
     setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
     rc=0
     # the polar flash-attention kernels alone (scripts/fa_polar_harness.cu): checks and timings, ~1 min
-    T=$dir/src/vendor/llama.cpp
-    { nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
-        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness scripts/fa_polar_harness.cu &&
-        /tmp/fa_polar_harness && echo "harness rc=0" || echo "harness rc=1"; } > /tmp/fa-polar-harness.txt 2>&1
+    { harness_bin /tmp/fa_polar_harness && /tmp/fa_polar_harness && echo "harness rc=0" || echo "harness rc=1"; } \
+        > /tmp/fa-polar-harness.txt 2>&1
     cp /tmp/fa-polar-harness.txt "$OUT/" && cat "$OUT/fa-polar-harness.txt"
     grep -q "^harness rc=0" /tmp/fa-polar-harness.txt || rc=1
     # while the build runs: the CuPy kernels' GPU tests (bytes against numpy, the encoder variants,
@@ -115,28 +129,19 @@ build)
     exit $rc
     ;;
 harness)
-    key=$(python3 scripts/bootstrap.py key)
-    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
-    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
-    T=$dir/src/vendor/llama.cpp
     shift
-    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
-        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness scripts/fa_polar_harness.cu
+    harness_bin /tmp/fa_polar_harness
     /tmp/fa_polar_harness "$@" | tee "$OUT/fa-polar-harness-$(echo "$*" | tr -c 'a-z0-9\n' '-').txt"
     ;;
 variants)
     # the harness built once per set of compile flags in $HARNESS_VARIANTS (';'-separated, e.g.
     # "-DPOLAR_FA_MMA_PREFETCH=0;-DPOLAR_FA_MMA_PREFETCH=2"): the first variant checked and timed, the
     # others timed (--time-only); each compiled in parallel with the others
-    key=$(python3 scripts/bootstrap.py key)
-    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
-    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
-    T=$dir/src/vendor/llama.cpp
     IFS=';' read -r -a vs <<< "${HARNESS_VARIANTS:-}"
+    harness_tree > /dev/null # unpacked once, before the parallel builds
     for i in "${!vs[@]}"; do
         # shellcheck disable=SC2086
-        nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG ${vs[$i]} \
-            -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness_v$i scripts/fa_polar_harness.cu &
+        harness_bin /tmp/fa_polar_harness_v$i ${vs[$i]} &
     done
     wait
     rc=0
@@ -149,12 +154,7 @@ variants)
     exit $rc
     ;;
 kernel-profile)
-    key=$(python3 scripts/bootstrap.py key)
-    dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
-    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
-    T=$dir/src/vendor/llama.cpp
-    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG -lineinfo \
-        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o /tmp/fa_polar_harness scripts/fa_polar_harness.cu
+    harness_bin /tmp/fa_polar_harness -lineinfo
     ncu --set full --import-source yes -k regex:flash_attn_ext -f -o /tmp/fa-profile /tmp/fa_polar_harness --profile > "$OUT/kernel-profile-run.txt" 2>&1
     ncu -i /tmp/fa-profile.ncu-rep --page details > "$OUT/kernel-profile-details.txt"
     ncu -i /tmp/fa-profile.ncu-rep --page source --csv --print-source sass > /tmp/kernel-profile-sass.csv 2>&1 || true
@@ -186,16 +186,25 @@ verify)
     build/bin/test-backend-ops test -b CUDA0 -o LAYER_CHAINS -p polar > $B/layer-chains.log 2>&1 || rc=1
     tail -n 2 $B/fa-polar.log $B/layer-chains.log
     pack
-    [[ -n "${VERIFY_NO_GREEDY:-}" ]] && { pack; exit $rc; }
+    if [[ -n "${VERIFY_NO_GREEDY:-}" ]]; then
+        exit $rc
+    fi
+    : > $B/greedy-summary.txt
     for m in qwen smol; do
+        ok=1
         for fuse in 0 1; do
             env $([[ $fuse == 0 ]] && echo GGML_CUDA_POLAR_NO_FUSE_LAYER=1) build/bin/llama-completion -m /tmp/$m.gguf -c 2048 -ngl 99 -fa on \
                 -ctk polar -ctv polar -p "The history of the Amazon rainforest" -n 64 --temp 0 -no-cnv --no-display-prompt \
-                > $B/greedy-$m-fuse$fuse.txt 2> $B/greedy-$m-fuse$fuse.log || rc=1
+                > $B/greedy-$m-fuse$fuse.txt 2> $B/greedy-$m-fuse$fuse.log || { ok=0; echo "greedy $m: run failed (fuse $fuse)" >> $B/greedy-summary.txt; }
         done
-        if cmp -s $B/greedy-$m-fuse0.txt $B/greedy-$m-fuse1.txt; then echo "greedy $m: fused = unfused"; else echo "greedy $m: fused differs"; rc=1; fi
-    done | tee $B/greedy-summary.txt
-    grep -q differs $B/greedy-summary.txt && rc=1
+        if [[ $ok == 1 ]] && cmp -s $B/greedy-$m-fuse0.txt $B/greedy-$m-fuse1.txt; then
+            echo "greedy $m: fused = unfused" >> $B/greedy-summary.txt
+        else
+            echo "greedy $m: fused differs or a run failed" >> $B/greedy-summary.txt
+            rc=1
+        fi
+    done
+    cat $B/greedy-summary.txt
     pack
     grep -h -E "FAIL" $B/*.log | head -20
     exit $rc
