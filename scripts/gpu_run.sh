@@ -46,12 +46,15 @@ export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 
-models_and_build() { # the models in /tmp, then wait for the background build
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
-    cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
-    [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
-    PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "$G/b/qwen.skel" /tmp/qwen.gguf
-    cp "$G/b/squad.txt" /tmp/squad.txt
+models_and_build() { # the models in /tmp (once a machine: the next step finds them), then wait for the background build
+    if [[ ! -f /tmp/models.ok ]]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+        cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
+        [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
+        PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "$G/b/qwen.skel" /tmp/qwen.gguf
+        cp "$G/b/squad.txt" /tmp/squad.txt
+        touch /tmp/models.ok
+    fi
     until grep -q "llama.cpp built in" /tmp/gpu-run-build.log; do
         if grep -q -E "subcommand failed|error:" /tmp/gpu-run-build.log; then
             tail -20 /tmp/gpu-run-build.log; exit 1
@@ -176,8 +179,8 @@ collect)
 verify)
     # a short check of a tree (session 13): every polar FLASH_ATTN_EXT case and the layer chains in
     # test-backend-ops; Qwen2.5's decode with the layer's query chain fused (its rotated query overlaps its
-    # input elsewhere) against the same run unfused (GGML_CUDA_POLAR_NO_FUSE_LAYER=1): the greedy text
-    # must be the same; results packed after each step
+    # input elsewhere) against the same run unfused (GGML_CUDA_POLAR_NO_FUSE_LAYER=1) and with the ROPEs
+    # outside the layer's launch (session 14): the greedy text must be the same; results packed after each step
     models_and_build
     B=/tmp/verify-out && mkdir -p $B
     rc=0
@@ -190,15 +193,18 @@ verify)
         exit $rc
     fi
     : > $B/greedy-summary.txt
+    # fuse 1: the defaults; 0: no layer launch (each chain its own kernel, the ROPEs too); 2: the layer
+    # launch without the ROPEs inside it (GGML_CUDA_POLAR_NO_FUSE_ROPE=1, patch 0026)
+    fuse_env=("GGML_CUDA_POLAR_NO_FUSE_LAYER=1" "" "GGML_CUDA_POLAR_NO_FUSE_ROPE=1")
     for m in qwen smol; do
         ok=1
-        for fuse in 0 1; do
-            env $([[ $fuse == 0 ]] && echo GGML_CUDA_POLAR_NO_FUSE_LAYER=1) build/bin/llama-completion -m /tmp/$m.gguf -c 2048 -ngl 99 -fa on \
+        for fuse in 0 1 2; do
+            env ${fuse_env[$fuse]} build/bin/llama-completion -m /tmp/$m.gguf -c 2048 -ngl 99 -fa on \
                 -ctk polar -ctv polar -p "The history of the Amazon rainforest" -n 64 --temp 0 -no-cnv --no-display-prompt \
                 > $B/greedy-$m-fuse$fuse.txt 2> $B/greedy-$m-fuse$fuse.log || { ok=0; echo "greedy $m: run failed (fuse $fuse)" >> $B/greedy-summary.txt; }
         done
-        if [[ $ok == 1 ]] && cmp -s $B/greedy-$m-fuse0.txt $B/greedy-$m-fuse1.txt; then
-            echo "greedy $m: fused = unfused" >> $B/greedy-summary.txt
+        if [[ $ok == 1 ]] && cmp -s $B/greedy-$m-fuse0.txt $B/greedy-$m-fuse1.txt && cmp -s $B/greedy-$m-fuse2.txt $B/greedy-$m-fuse1.txt; then
+            echo "greedy $m: fused (layer and ROPEs) = layer only = unfused" >> $B/greedy-summary.txt
         else
             echo "greedy $m: fused differs or a run failed" >> $B/greedy-summary.txt
             rc=1
