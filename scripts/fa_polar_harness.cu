@@ -11,8 +11,8 @@
 //      rounded to f16 for its products, so NMSE about 1e-6 is expected; a case fails above 1e-4.
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
 //      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
-//      kernel (with patches/experiments/session13-fa-combine-rows.diff applied the tensor-core kernel's merged
-//      by flash_attn_combine_results_rows, and also by upstream's) and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
+//      kernel (the tensor-core kernel's merged by flash_attn_combine_results_rows, patch 0026, and also by
+//      upstream's) and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
 //      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least; also at 256
 //      keys (a decode step at depth 0: one CTA a K/V head).
 //   4. with --pb-sweep only: the tensor-core kernel's time for each count of parallel blocks that gives a
@@ -79,9 +79,9 @@ static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int n
     return pb;
 }
 
-// with patches/experiments/session13-fa-combine-rows.diff applied (GGML_CUDA_POLAR_FA_COMBINE_ROWS): the
-// tensor-core kernel's partial results merged by flash_attn_combine_results_rows, as launch_fattn then does,
-// or (false) by upstream's flash_attn_combine_results
+// where the tree has flash_attn_combine_results_rows (patch 0026, GGML_CUDA_POLAR_FA_COMBINE_ROWS): the
+// tensor-core kernel's partial results merged by it, as launch_fattn does, or (false) by upstream's
+// flash_attn_combine_results
 static bool g_combine_rows = true;
 
 template <int D, ggml_type TK, ggml_type TV>

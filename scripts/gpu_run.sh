@@ -22,6 +22,7 @@
 #           scripts/gpu_run.sh variants     # the harness for each set of flags in $HARNESS_VARIANTS (first checked)
 #           scripts/gpu_run.sh kernel-profile # the harness's --profile launches under ncu (--set full, SASS-level
 #                                           # stall samples): the tensor-core kernel at 256 and 32768 keys
+#           scripts/gpu_run.sh chain-profile # one launch of the layer's write kernel in a Qwen2.5 decode under ncu
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -32,9 +33,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | bench) ;;
+prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | bench) ;;
 *)
-    sed -n '2,32p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,33p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -241,6 +242,17 @@ profile)
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-graphs-qwen --set graphs || rc=1
     tar czf "$OUT/profile.tgz" -C $B .
     exit $rc
+    ;;
+chain-profile)
+    # one launch of the layer's write kernel (k_polar_layer_chains) inside a Qwen2.5 decode under ncu
+    # (--set full, SASS-level stall samples): what its latency is made of (session 14)
+    models_and_build
+    ncu --set full -k regex:k_polar_layer_chains --launch-skip 300 --launch-count 1 -f -o /tmp/chain-profile \
+        build/bin/llama-bench -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 32 -r 1 > "$OUT/chain-profile-run.txt" 2>&1
+    ncu -i /tmp/chain-profile.ncu-rep --page details > "$OUT/chain-profile-details.txt"
+    ncu -i /tmp/chain-profile.ncu-rep --page source --csv --print-source sass > /tmp/chain-profile-sass.csv 2>&1 || true
+    gzip -c /tmp/chain-profile-sass.csv > "$OUT/chain-profile-sass.csv.gz"
+    tail -3 "$OUT/chain-profile-run.txt"
     ;;
 bench)
     # bench ab: tg64 with patch 0022's tensor-core kernel vs the vector kernel (both models), and the
