@@ -9,6 +9,9 @@
 //      CTA, with and without attention sinks, and with the exact sink key (k0: key 0 from f32 values,
 //      session 12; the case also fails when k0 leaves the vector kernel's result unchanged): values are
 //      rounded to f16 for its products, so NMSE about 1e-6 is expected; a case fails above 1e-4.
+//   2b. with patches/experiments/session14-combine-rotation.diff applied: the row combine writing the output
+//      rotated by 64-value groups against the plain combine and fwht_cuda<64>'s operations on the host, bit
+//      for bit (nothing without the diff).
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
 //      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
 //      kernel (the tensor-core kernel's merged by flash_attn_combine_results_rows, patch 0026, and also by
@@ -87,7 +90,7 @@ static bool g_combine_rows = true;
 template <int D, ggml_type TK, ggml_type TV>
 static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, const char * K, const char * V, const char * M,
                    const float * sinks, float * dst, float2 * meta, float * out, bool combine = true, cudaStream_t st = 0,
-                   const float * k0 = nullptr) {
+                   const float * k0 = nullptr, float * rot_out = nullptr) {
     const float scale = 1.0f/sqrtf(D);
     kernel_of<D, TK, TV>(k)<<<grid_of(k, sh, PB), dim3(WARP_SIZE, warps_of(k), 1), 0, st>>>(Q, K, V, M, (const char *) sinks, k0, nullptr,
         PB > 1 ? dst : out, meta, scale, 0.0f, 1.0f, 1.0f, 1, 0.0f,
@@ -98,7 +101,16 @@ static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, cons
     if (PB > 1 && combine) {
 #ifdef GGML_CUDA_POLAR_FA_COMBINE_ROWS
         if (k == MMA && g_combine_rows) { // as launch_fattn merges the tensor-core kernel's blocks
+#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROT
+            // the experiment's signature; rot_out: the output rotated by 64-value groups into rot_out
+            if (rot_out) {
+                flash_attn_combine_results_rows<D, 8, 64><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, rot_out, 1/sqrtf(64));
+            } else {
+                flash_attn_combine_results_rows<D, 8><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, nullptr, 0.0f);
+            }
+#else
             flash_attn_combine_results_rows<D, 8><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB);
+#endif
             return;
         }
 #endif
@@ -159,6 +171,19 @@ struct problem {
         CK(cudaDeviceSynchronize());
         std::vector<float> r(D*sh.H);
         CK(cudaMemcpy(r.data(), out, sizeof(float)*r.size(), cudaMemcpyDeviceToHost));
+        return r;
+    }
+    // the tensor-core kernel with the row combine writing the output rotated (experiment
+    // session14-combine-rotation.diff): the rotated output
+    std::vector<float> run_rot(int PB) {
+        float * rot; CK(cudaMalloc(&rot, sizeof(float)*D*sh.H));
+        CK(cudaMemset(rot, 0xFF, sizeof(float)*D*sh.H));
+        launch<D, TK, TV>(MMA, sh, PB, dq, dk, dv, dm, nullptr, dst, meta, out, true, 0, nullptr, rot);
+        CK(cudaGetLastError());
+        CK(cudaDeviceSynchronize());
+        std::vector<float> r(D*sh.H);
+        CK(cudaMemcpy(r.data(), rot, sizeof(float)*r.size(), cudaMemcpyDeviceToHost));
+        CK(cudaFree(rot));
         return r;
     }
     // us per op (kernel + combine, or the kernel alone), parallel blocks as launch_fattn chooses them
@@ -235,6 +260,38 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
         fails += fail;
     }
     return fails != 0;
+}
+
+// 2b. with session14-combine-rotation.diff applied: the row combine's rotated output against fwht_cuda<64>'s
+// operations on the host (scale 1/8, butterflies of stride 1, 2, ..., 32: the lower element a + b, the upper
+// partner - own), bit for bit
+template <int D, ggml_type TK, ggml_type TV>
+static int check_rot(const char * name, int H, int HKV, int kv, int PB) {
+#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROT
+    problem<D, TK, TV> p(H, HKV, kv, 1);
+    std::vector<float> ref = p.run(MMA, PB, false);
+    const std::vector<float> r = p.run_rot(PB);
+    for (size_t g = 0; g < ref.size(); g += 64) {
+        float * v = &ref[g];
+        for (int i = 0; i < 64; ++i) v[i] *= 1/sqrtf(64);
+        for (int h = 1; h < 64; h *= 2) {
+            for (int i = 0; i < 64; ++i) {
+                if ((i & h) == 0) {
+                    const float a = v[i], b = v[i + h];
+                    v[i] = a + b;
+                    v[i + h] = a - b;
+                }
+            }
+        }
+    }
+    int bad = 0;
+    for (size_t i = 0; i < ref.size(); ++i) bad += memcmp(&ref[i], &r[i], 4) != 0;
+    printf("rot    %-14s D=%d H=%d HKV=%d kv=%d PB=%d: rotated combine vs combine + host fwht: %d/%zu differ%s\n", name, D, H, HKV, kv, PB, bad, ref.size(), bad ? "  FAIL" : "");
+    return bad != 0;
+#else
+    (void) name; (void) H; (void) HKV; (void) kv; (void) PB;
+    return 0;
+#endif
 }
 
 // 3. timing: the vector kernel (1 and 4 heads a CTA, nbatch_fa = D as upstream) and the tensor-core
@@ -346,6 +403,13 @@ int main(int argc, char ** argv) {
             fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 4096, PB, true,  true);
             fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, false, true);
             fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, false, true);
+        }
+        // 2b. (with the combine-rotation experiment; nothing otherwise)
+        for (int PB : {2, 32, 127}) {
+            fails += check_rot< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 32768, PB);
+            fails += check_rot<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 32768, PB);
+            fails += check_rot<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 32768, PB);
+            fails += check_rot<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 32768, PB);
         }
     }
     if (argc < 2 || strcmp(argv[1], "--no-time") != 0) {
