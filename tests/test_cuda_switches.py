@@ -9,7 +9,6 @@ a machine without CUDA."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -33,7 +32,8 @@ def test_switches_parsed_whole(cuda_sources):
         for name, text in cuda_sources.items()
         for m in re.finditer(rf'getenv\(\s*"{SWITCH}"\s*\)', text)
     ]
-    assert not raw, "read without ggml_cuda_polar_env_int (a mistyped value would pass silently):\n" + "\n".join(raw)
+    why = "read without ggml_cuda_polar_env_int (a mistyped value would pass silently):"
+    assert not raw, "\n".join([why, *raw])
     assert "ggml_cuda_polar_env_int" in cuda_sources["polar.cuh"], "the parser moved out of polar.cuh"
 
 
