@@ -232,7 +232,30 @@ def headline() -> list[str]:
         if a and b and f:
             out.append(
                 f"- {label}, llama.cpp CUDA on {g['gpu'].split(',')[0]}, tg64 @ depth {depth}, "
-                "K+V polar: "
+                "K+V polar (bench_llama_gpu.py table, session 10's build): "
+                f"{a:.1f} t/s = {a / f:.2f}x f16 ({f:.1f}), {a / b:.2f}x K+V q4_0 ({b:.1f}) "
+                f"(target >= 1.0x f16 {'met' if a >= f else 'missed'}, "
+                f">= 1.2x q4_0 {'met' if a >= 1.2 * b else 'missed'})."
+            )
+    # the newest same-run A/B of the same targets (ab_llama_gpu.py, 5 repetitions; the full tables above are
+    # bench_llama_gpu.py's, last run on session 10's build)
+    for path, label, depth in AB_LATEST:
+        path = REPO / path
+        if not path.exists():
+            continue
+        g = json.loads(path.read_text())
+        t = {
+            r["kv"]: row["tps"]
+            for r in g["runs"]
+            if not r["env"]
+            for row in r["rows"]
+            if row["test"] == "tg64" and row["depth"] == depth
+        }
+        a, b, f = (t.get(f"{x}/{x}") for x in ("polar", "q4_0", "f16"))
+        if a and b and f:
+            out.append(
+                f"- {label}, llama.cpp CUDA on {g['gpu'].split(',')[0]}, tg64 @ depth {depth}, K+V polar, "
+                f"newest same-run A/B ({path.relative_to(REPO)}): "
                 f"{a:.1f} t/s = {a / f:.2f}x f16 ({f:.1f}), {a / b:.2f}x K+V q4_0 ({b:.1f}) "
                 f"(target >= 1.0x f16 {'met' if a >= f else 'missed'}, "
                 f">= 1.2x q4_0 {'met' if a >= 1.2 * b else 'missed'})."
@@ -247,6 +270,15 @@ def headline() -> list[str]:
                 f"{name} finds {n}/{len(d['cells'])}."
             )
     return [*out, "", "GPU decode-attention speed and bandwidth targets: see the GPU section.", ""]
+
+
+# ab_llama_gpu.py runs of issue 10's tg targets on the newest build (docs/results-cuda.md), listed in
+# results.md next to the full bench_llama_gpu.py tables
+AB_DIR = "docs/gpu/h200-llama/session14/ab"
+AB_LATEST = (
+    (f"{AB_DIR}/ab-steps-r5-smollm2.json", "SmolLM2-135M", 16384),
+    (f"{AB_DIR}/ab-steps-r5-qwen.json", "Qwen2.5-1.5B shape (random Q8_0 weights)", 32768),
+)
 
 
 def render() -> str:
