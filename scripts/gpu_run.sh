@@ -65,6 +65,12 @@ models_and_build() { # the models in /tmp (once a machine: the next step finds t
     tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
 }
 
+ncu_pages() { # ncu_pages NAME: /tmp/NAME.ncu-rep's details page and SASS-level source page to $OUT/NAME-*
+    ncu -i "/tmp/$1.ncu-rep" --page details > "$OUT/$1-details.txt"
+    ncu -i "/tmp/$1.ncu-rep" --page source --csv --print-source sass > "/tmp/$1-sass.csv" 2>&1 || true
+    gzip -c "/tmp/$1-sass.csv" > "$OUT/$1-sass.csv.gz"
+}
+
 harness_tree() { # the prepared source tree under its build key (unpacked once); prints its llama.cpp folder
     local key dir
     key=$(python3 scripts/bootstrap.py key)
@@ -159,10 +165,8 @@ variants)
     ;;
 kernel-profile)
     harness_bin /tmp/fa_polar_harness -lineinfo
-    ncu --set full --import-source yes -k regex:flash_attn_ext -f -o /tmp/fa-profile /tmp/fa_polar_harness --profile > "$OUT/kernel-profile-run.txt" 2>&1
-    ncu -i /tmp/fa-profile.ncu-rep --page details > "$OUT/kernel-profile-details.txt"
-    ncu -i /tmp/fa-profile.ncu-rep --page source --csv --print-source sass > /tmp/kernel-profile-sass.csv 2>&1 || true
-    gzip -c /tmp/kernel-profile-sass.csv > "$OUT/kernel-profile-sass.csv.gz"
+    ncu --set full --import-source yes -k regex:flash_attn_ext -f -o /tmp/kernel-profile /tmp/fa_polar_harness --profile > "$OUT/kernel-profile-run.txt" 2>&1
+    ncu_pages kernel-profile
     tail -5 "$OUT/kernel-profile-run.txt"
     ;;
 checks)
@@ -249,9 +253,7 @@ chain-profile)
     models_and_build
     ncu --set full -k regex:k_polar_layer_chains --launch-skip 300 --launch-count 1 -f -o /tmp/chain-profile \
         build/bin/llama-bench -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 32 -r 1 > "$OUT/chain-profile-run.txt" 2>&1
-    ncu -i /tmp/chain-profile.ncu-rep --page details > "$OUT/chain-profile-details.txt"
-    ncu -i /tmp/chain-profile.ncu-rep --page source --csv --print-source sass > /tmp/chain-profile-sass.csv 2>&1 || true
-    gzip -c /tmp/chain-profile-sass.csv > "$OUT/chain-profile-sass.csv.gz"
+    ncu_pages chain-profile
     tail -3 "$OUT/chain-profile-run.txt"
     ;;
 bench)

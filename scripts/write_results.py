@@ -231,11 +231,9 @@ def headline() -> list[str]:
         a, b, f = (t.get((x, x, "tg64", depth)) for x in ("polar", "q4_0", "f16"))
         if a and b and f:
             out.append(
-                f"- {label}, llama.cpp CUDA on {g['gpu'].split(',')[0]}, tg64 @ depth {depth}, "
-                "K+V polar (bench_llama_gpu.py table, session 10's build): "
-                f"{a:.1f} t/s = {a / f:.2f}x f16 ({f:.1f}), {a / b:.2f}x K+V q4_0 ({b:.1f}) "
-                f"(target >= 1.0x f16 {'met' if a >= f else 'missed'}, "
-                f">= 1.2x q4_0 {'met' if a >= 1.2 * b else 'missed'})."
+                _gpu_tg_line(
+                    label, g["gpu"], depth, " (bench_llama_gpu.py table, session 10's build)", a, b, f
+                )
             )
     # the newest same-run A/B of the same targets (ab_llama_gpu.py, 5 repetitions; the full tables above are
     # bench_llama_gpu.py's, last run on session 10's build)
@@ -253,13 +251,8 @@ def headline() -> list[str]:
         }
         a, b, f = (t.get(f"{x}/{x}") for x in ("polar", "q4_0", "f16"))
         if a and b and f:
-            out.append(
-                f"- {label}, llama.cpp CUDA on {g['gpu'].split(',')[0]}, tg64 @ depth {depth}, K+V polar, "
-                f"newest same-run A/B ({path.relative_to(REPO)}): "
-                f"{a:.1f} t/s = {a / f:.2f}x f16 ({f:.1f}), {a / b:.2f}x K+V q4_0 ({b:.1f}) "
-                f"(target >= 1.0x f16 {'met' if a >= f else 'missed'}, "
-                f">= 1.2x q4_0 {'met' if a >= 1.2 * b else 'missed'})."
-            )
+            source = f", newest same-run A/B ({path.relative_to(REPO)})"
+            out.append(_gpu_tg_line(label, g["gpu"], depth, source, a, b, f))
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
     if nd.exists():
         d = json.loads(nd.read_text())
@@ -270,6 +263,16 @@ def headline() -> list[str]:
                 f"{name} finds {n}/{len(d['cells'])}."
             )
     return [*out, "", "GPU decode-attention speed and bandwidth targets: see the GPU section.", ""]
+
+
+def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: float, f: float) -> str:
+    """One headline of issue 10's tg targets: polar K+V (a) against f16 (f) and q4_0 K+V (b)."""
+    return (
+        f"- {label}, llama.cpp CUDA on {gpu.split(',')[0]}, tg64 @ depth {depth}, K+V polar{source}: "
+        f"{a:.1f} t/s = {a / f:.2f}x f16 ({f:.1f}), {a / b:.2f}x K+V q4_0 ({b:.1f}) "
+        f"(target >= 1.0x f16 {'met' if a >= f else 'missed'}, "
+        f">= 1.2x q4_0 {'met' if a >= 1.2 * b else 'missed'})."
+    )
 
 
 # ab_llama_gpu.py runs of issue 10's tg targets on the newest build (docs/results-cuda.md), listed in
