@@ -7,6 +7,7 @@ on torch's current stream.
 
     encode(x, fmt)                      (..., k*64) float32/float16/bfloat16 -> (..., k, type_size) uint8
     encode(x, fmt, variant="base")      the same bytes from another warp-path kernel (ENCODE_VARIANTS)
+    encode(x, fmt, "cta", cta_variant="one_warp")  ... from another latency-path kernel (CTA_VARIANTS)
     encode_into(x, cache, fmt, pos)     x [B, H, T, D] written into cache [B, H, T_max, D/64, ts] at pos
     decode(blocks, fmt, dtype)          (..., type_size) uint8 -> (..., 64) float32/float16
     dequantize_cache(cache, fmt, ...)   [B, H, T_max, D/64, ts] -> [B, H, length, D]
@@ -55,6 +56,16 @@ VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 DEFAULT_VARIANT = "rs8_lb5"
 
 
+# Kernels of the latency path (path "cta", one CTA of 16 warps a block: ggml-cuda's shape): name -> the
+# #defines of its module. "split" (the default module) builds the candidate table with one warp a ring and
+# refines with paired sums; "one_warp" is the code before it (warp 0 builds the table and refines alone),
+# kept for scripts/bench_gpu.py encode-latency. Same bytes (tests/test_gpu_encode_variants.py).
+CTA_VARIANTS: dict[str, tuple[tuple[str, int], ...]] = {
+    "split": (),
+    "one_warp": (("POLAR_ENC_CTA_SPLIT", 0),),
+}
+
+
 def _variant_kernel(variant: str, fmt: str, suffix: str):
     """The warp-path kernel of a variant name (checked by the caller: encode_into)."""
     defines = ENCODE_VARIANTS[variant].defines
@@ -87,7 +98,15 @@ CTA_PATH_BLOCKS_PER_SM = 4
 ENCODE_PATHS = ("auto", "warp", "cta")
 
 
-def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant: str | None = None) -> None:
+def encode_into(
+    x,
+    cache,
+    fmt: str = "polar",
+    pos=0,
+    path: str = "auto",
+    variant: str | None = None,
+    cta_variant: str = "split",
+) -> None:
     """Encode x [B, H, T, D] (float32/16/bf16, last dim contiguous) into
     cache [B, H, T_max, D/64, type_size] uint8 (contiguous) at token positions pos + t.
 
@@ -97,9 +116,12 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant
     bfloat16), or a kernel of the warp path by name (ENCODE_VARIANTS; a variant other than "base"
     takes float32/float16 input and path "auto" or "warp", and runs whatever the number of
     blocks); same bytes.
+    cta_variant: the latency path's kernel by name (CTA_VARIANTS) where the call takes that path; same bytes.
     """
     torch = loader.torch()
     fmt = _enc_fmt(fmt)
+    if cta_variant not in CTA_VARIANTS:
+        raise ValueError(f"cta_variant must be one of {tuple(CTA_VARIANTS)}, got {cta_variant!r}")
     if path not in ENCODE_PATHS:
         raise ValueError(f"path must be one of {ENCODE_PATHS}, got {path!r}")
     if variant is not None and variant not in ENCODE_VARIANTS:
@@ -144,7 +166,9 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant
         sms = loader.sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         path = "cta" if n <= CTA_PATH_BLOCKS_PER_SM * sms else "warp"
     if path == "cta":
-        kern = _module().get_function(f"polar_encode_cta_{fmt}_{_in_suffix(x.dtype)}")
+        kern = loader.module("polar_encode.cu", CTA_VARIANTS[cta_variant], exact=True).get_function(
+            f"polar_encode_cta_{fmt}_{_in_suffix(x.dtype)}"
+        )
         warps = 16
         grid = min(n, 65535 * 4)
     else:
@@ -174,10 +198,10 @@ def encode_into(x, cache, fmt: str = "polar", pos=0, path: str = "auto", variant
     loader.launch(kern, (grid,), (32 * warps,), args)
 
 
-def encode(x, fmt: str = "polar", path: str = "auto", variant: str | None = None):
+def encode(x, fmt: str = "polar", path: str = "auto", variant: str | None = None, cta_variant: str = "split"):
     """(..., k*64) float32/float16/bfloat16 CUDA tensor -> (..., k, type_size) uint8 blocks.
 
-    path, variant: as in encode_into."""
+    path, variant, cta_variant: as in encode_into."""
     torch = loader.torch()
     loader.check_cuda("x", x)
     if x.dim() == 0 or x.shape[-1] % QK:
@@ -188,7 +212,7 @@ def encode(x, fmt: str = "polar", path: str = "auto", variant: str | None = None
     x2 = x.reshape(1, 1, -1, D)
     ts = get_format(_enc_fmt(fmt)).type_size
     out = torch.empty((1, 1, x2.shape[2], D // QK, ts), dtype=torch.uint8, device=x.device)
-    encode_into(x2, out, fmt, 0, path, variant)
+    encode_into(x2, out, fmt, 0, path, variant, cta_variant)
     return out.reshape(*lead, D // QK, out.shape[-1])
 
 

@@ -386,6 +386,40 @@ __device__ __forceinline__ void polar_build_candidates(float theta, const float2
     }
 }
 
+// POLAR_ENC_CTA_SPLIT (default 1): a CTA of NW > NRINGS warps that all hold one block's pairs (the latency
+// path: ggml-cuda's SET_ROWS and layer launch of a decode step, the CuPy encoder's path "cta") builds the
+// candidate table with one warp a ring and refines with the paired sums (the same bits). 0: warp 0 builds
+// the whole table and refines with single sums, as before; kept for scripts/bench_gpu.py encode-latency.
+#ifndef POLAR_ENC_CTA_SPLIT
+#define POLAR_ENC_CTA_SPLIT 1
+#endif
+
+// polar_build_candidates spread over the warps of a CTA that all hold the block's pairs (NW > NRINGS): warp
+// j < NRINGS builds ring j's row of the table, warp NRINGS the window tables; the same entries, each
+// computed by the same code, at the latency of one ring instead of NRINGS in one warp (session 14's
+// profile of ggml-cuda's layer launch: warp 0 alone built the table while the other 15 waited)
+template <int FMT, int REPL>
+__device__ __forceinline__ void polar_build_candidates_split(float theta, const float2 * tab, int lane, int warp,
+                                                             polar_cand_table * t) {
+    constexpr int NR = polar_fmt<FMT>::NRINGS;
+    if (warp < NR) {
+        int lo, hi;
+        polar_ring_neighbours<FMT>(theta, warp, lo, hi);
+        const float2 a = tab[lo * REPL + lane % REPL];
+        const float2 b = tab[hi * REPL + lane % REPL];
+        t->xy[warp][lane] = make_float4(a.x, a.y, b.x, b.y);
+    } else if (warp == NR) {
+        const polar_ring_bounds & B = polar_g_bounds[FMT];
+        if (lane < NR - 1) {
+            t->win[lane] = B.win[lane];
+        }
+#pragma unroll
+        for (int e = lane; e < POLAR_WIN_LUT; e += POLAR_BLOCK_PAIRS) {
+            t->lut[e] = B.lut[e];
+        }
+    }
+}
+
 // one candidate of the search: computed distance, kept on a strict < (slots ascend with codes)
 __device__ __forceinline__ void polar_try(float xn, float yn, float cx, float cy, int slot, float & best, int & bs,
                                           float & bx, float & by) {
@@ -574,7 +608,9 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
         __syncwarp();  // the lanes are done with the warp's previous block
     }
     const float theta = atan2f(Y, X);
-    if (NW == 1 || warp == 0) {
+    if constexpr (POLAR_ENC_CTA_SPLIT && NW > TR::NRINGS) {
+        polar_build_candidates_split<FMT, REPL>(theta, tab, lane, warp, t);
+    } else if (NW == 1 || warp == 0) {
         polar_build_candidates<FMT, REPL>(theta, tab, lane, t);
     }
     if (NW > 1) {
@@ -636,7 +672,8 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
     }
 
     // step 6: least-squares scale of the chosen codes, kept while it lowers the error
-    polar_refine_finish<FMT, false>(X, Y, r, theta, t, lane, best_s, best_e, best_i, best_x, best_y, s_out, code_out);
+    // (NW > 1, POLAR_ENC_CTA_SPLIT: the paired sums, the same bits with 4 shuffles fewer an iteration)
+    polar_refine_finish<FMT, (POLAR_ENC_CTA_SPLIT && NW > 1)>(X, Y, r, theta, t, lane, best_s, best_e, best_i, best_x, best_y, s_out, code_out);
     return true;
 }
 

@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -36,6 +36,9 @@ polar/polar; polar/f16, polar/polar3 and polar3/polar3 with the defaults; next t
 and K as their own kernels (GGML_CUDA_POLAR_NO_FUSE_ROPE=1), upstream's merge of the tensor-core
 kernel's partial results (GGML_CUDA_POLAR_FA_COMBINE=0), both; polar/f16, polar/polar3 and
 polar3/polar3 with the defaults; next to f16 and q4_0.
+--set rot: patch 0027's V output rotation written by the tensor-core kernel's row combine (the default)
+against it as its own kernel (GGML_CUDA_POLAR_NO_FUSE_ROT_OUT=1), for polar/polar; polar/f16,
+polar/polar3 and polar3/polar3 with the defaults; next to f16 and q4_0.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -128,8 +131,18 @@ ROPE_VARIANTS = (  # (K, V, environment): patch 0026's choices (defaults) agains
     ("polar", "polar3", {}),
     ("polar3", "polar3", {}),
 )
+ROT_VARIANTS = (  # (K, V, environment): patch 0027's V output rotation in the row combine (default) and outside
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    ("polar", "polar", {}),
+    ("polar", "polar", {"GGML_CUDA_POLAR_NO_FUSE_ROT_OUT": "1"}),
+    ("polar", "f16", {}),
+    ("polar", "polar3", {}),
+    ("polar3", "polar3", {}),
+)
 SETS = {
     "extras": VARIANTS,
+    "rot": ROT_VARIANTS,
     "sched": SCHED_VARIANTS,
     "rope": ROPE_VARIANTS,
     "gqa": GQA_VARIANTS,

@@ -7,6 +7,7 @@ before every timed repetition).
     python scripts/bench_gpu.py kmode  [--json out.json]   (a) gather+FMA vs (b) LUT
     python scripts/bench_gpu.py encode [--json out.json]   encoder throughput
     python scripts/bench_gpu.py encode --variants all      + the encoder's throughput variants, bytes checked
+    python scripts/bench_gpu.py encode-latency             the latency path's kernels (a decode step)
     python scripts/bench_gpu.py copy                       device-to-device copy rate
     python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
     python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
@@ -863,6 +864,54 @@ def cmd_encode(args, timer) -> list[dict]:
     return rows
 
 
+LATENCY_BLOCKS = (3, 4, 8, 132, 528)  # SmolLM2's and Qwen2.5's K of a decode step, 8, one and four a SM
+LATENCY_LAUNCHES = 64  # launches captured back to back into one CUDA graph
+
+
+def cmd_encode_latency(args, timer) -> list[dict]:
+    """Each kernel of the encoder's latency path (cupy_kernels.codec.CTA_VARIANTS: one CTA of 16 warps a
+    block, the shape of ggml-cuda's SET_ROWS and layer launch in a decode step) on a few blocks of float32:
+    us a launch, from LATENCY_LAUNCHES launches in one CUDA graph (so that the host's launch cost does not
+    hide the kernel's latency). The bytes of every variant are checked against the default's first."""
+    torch = _torch()
+    from cupy_kernels import codec
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for fmt in ("polar", "polar3"):
+        for nb in LATENCY_BLOCKS:
+            x = torch.randn((1, 1, nb, 64), generator=gen, device="cuda")
+            ts = codec.get_format(fmt).type_size
+            want = codec.encode(x, fmt, "cta")
+            for v in codec.CTA_VARIANTS:
+                cache = torch.zeros((1, 1, nb, 1, ts), dtype=torch.uint8, device="cuda")
+                codec.encode_into(x, cache, fmt, 0, "cta", cta_variant=v)
+                if not torch.equal(cache.reshape(want.shape), want):
+                    args.failures.append(
+                        f"encode-latency {fmt} {nb} blocks [{v}]: bytes differ from the default's"
+                    )
+                    continue
+
+                def launches(x=x, cache=cache, fmt=fmt, v=v):
+                    for _ in range(LATENCY_LAUNCHES):
+                        codec.encode_into(x, cache, fmt, 0, "cta", cta_variant=v)
+
+                r = timer(graph_fn(launches))
+                us = r["ms"] * 1e3 / LATENCY_LAUNCHES
+                rows.append(
+                    {
+                        "variant": f"encode-latency {fmt} {nb} blocks [{v}]",
+                        "fmt": fmt,
+                        "blocks": nb,
+                        "cta_variant": v,
+                        **r,
+                        "us_per_launch": us,
+                    }
+                )
+                print(f"encode-latency {fmt:<6} {nb:4d} blocks {v:<9} {us:7.2f} us a launch", flush=True)
+    return rows
+
+
 def cmd_copy(args, timer) -> list[dict]:
     """Device-to-device copy of 1 GiB: the bandwidth every percentage of this run is taken against."""
     torch = _torch()
@@ -906,7 +955,19 @@ def main(argv=None) -> int:
     ap.add_argument(
         "cmd",
         nargs="?",
-        choices=["attn", "tune", "tune-mma", "kmode", "encode", "copy", "compare", "small", "profile", "all"],
+        choices=[
+            "attn",
+            "tune",
+            "tune-mma",
+            "kmode",
+            "encode",
+            "encode-latency",
+            "copy",
+            "compare",
+            "small",
+            "profile",
+            "all",
+        ],
     )
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--reps", type=int, default=25)

@@ -9,9 +9,8 @@
 //      CTA, with and without attention sinks, and with the exact sink key (k0: key 0 from f32 values,
 //      session 12; the case also fails when k0 leaves the vector kernel's result unchanged): values are
 //      rounded to f16 for its products, so NMSE about 1e-6 is expected; a case fails above 1e-4.
-//   2b. with patches/experiments/session14-combine-rotation.diff applied: the row combine writing the output
-//      rotated by 64-value groups against the plain combine and fwht_cuda<64>'s operations on the host, bit
-//      for bit (nothing without the diff).
+//   2b. the row combine writing the output rotated by 64-value groups (patch 0027) against the plain
+//      combine and fwht_cuda<64>'s operations on the host, bit for bit (nothing on a tree before 0027).
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
 //      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
 //      kernel (the tensor-core kernel's merged by flash_attn_combine_results_rows, patch 0026, and also by
@@ -102,7 +101,7 @@ static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, cons
 #ifdef GGML_CUDA_POLAR_FA_COMBINE_ROWS
         if (k == MMA && g_combine_rows) { // as launch_fattn merges the tensor-core kernel's blocks
 #ifdef GGML_CUDA_POLAR_FA_COMBINE_ROT
-            // the experiment's signature; rot_out: the output rotated by 64-value groups into rot_out
+            // patch 0027's signature; rot_out: the output rotated by 64-value groups into rot_out
             if (rot_out) {
                 flash_attn_combine_results_rows<D, 8, 64><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, rot_out, 1/sqrtf(64));
             } else {
@@ -173,8 +172,8 @@ struct problem {
         CK(cudaMemcpy(r.data(), out, sizeof(float)*r.size(), cudaMemcpyDeviceToHost));
         return r;
     }
-    // the tensor-core kernel with the row combine writing the output rotated (experiment
-    // session14-combine-rotation.diff): the rotated output
+    // the tensor-core kernel with the row combine writing the output rotated (patch 0027): the rotated
+    // output
     std::vector<float> run_rot(int PB) {
         float * rot; CK(cudaMalloc(&rot, sizeof(float)*D*sh.H));
         CK(cudaMemset(rot, 0xFF, sizeof(float)*D*sh.H));
@@ -262,7 +261,7 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
     return fails != 0;
 }
 
-// 2b. with session14-combine-rotation.diff applied: the row combine's rotated output against fwht_cuda<64>'s
+// 2b. (patch 0027) the row combine's rotated output against fwht_cuda<64>'s
 // operations on the host (scale 1/8, butterflies of stride 1, 2, ..., 32: the lower element a + b, the upper
 // partner - own), bit for bit
 template <int D, ggml_type TK, ggml_type TV>
@@ -404,7 +403,7 @@ int main(int argc, char ** argv) {
             fails += check_mma<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 4096, PB, false, true);
             fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, false, true);
         }
-        // 2b. (with the combine-rotation experiment; nothing otherwise)
+        // 2b. (patch 0027; nothing on an older tree)
         for (int PB : {2, 32, 127}) {
             fails += check_rot< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 32768, PB);
             fails += check_rot<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 32768, PB);

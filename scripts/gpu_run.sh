@@ -134,6 +134,10 @@ build)
         PYTHONPATH=/tmp/site:$PWD/converter:$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider \
             tests/test_gpu_parity.py tests/test_gpu_encode_variants.py tests/test_torch_cache.py > "$OUT/cupy-tests.txt" 2>&1 || rc=1
         tail -3 "$OUT/cupy-tests.txt"
+        # the encoder's latency-path kernels (a decode step's few blocks: ggml-cuda's shape), bytes checked
+        PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 180 python3 scripts/bench_gpu.py encode-latency \
+            --json "$OUT/encode-latency.json" > "$OUT/encode-latency.txt" 2>&1 || rc=1
+        tail -22 "$OUT/encode-latency.txt"
     fi
     cat /tmp/gpu-run-build.log | tail -5
     exit $rc
@@ -185,7 +189,8 @@ verify)
     # a short check of a tree (session 13): every polar FLASH_ATTN_EXT case and the layer chains in
     # test-backend-ops; Qwen2.5's decode with the layer's query chain fused (its rotated query overlaps its
     # input elsewhere) against the same run unfused (GGML_CUDA_POLAR_NO_FUSE_LAYER=1) and with the ROPEs
-    # outside the layer's launch (session 14): the greedy text must be the same; results packed after each step
+    # outside the layer's launch (session 14) and with the V output rotation outside the attention's combine
+    # (patch 0027): the greedy text must be the same; results packed after each step
     models_and_build
     B=/tmp/verify-out && mkdir -p $B
     rc=0
@@ -199,17 +204,19 @@ verify)
     fi
     : > $B/greedy-summary.txt
     # fuse 1: the defaults; 0: no layer launch (each chain its own kernel, the ROPEs too); 2: the layer
-    # launch without the ROPEs inside it (GGML_CUDA_POLAR_NO_FUSE_ROPE=1, patch 0026)
-    fuse_env=("GGML_CUDA_POLAR_NO_FUSE_LAYER=1" "" "GGML_CUDA_POLAR_NO_FUSE_ROPE=1")
+    # launch without the ROPEs inside it (GGML_CUDA_POLAR_NO_FUSE_ROPE=1, patch 0026); 3: the V output
+    # rotation as its own kernel (GGML_CUDA_POLAR_NO_FUSE_ROT_OUT=1, patch 0027)
+    fuse_env=("GGML_CUDA_POLAR_NO_FUSE_LAYER=1" "" "GGML_CUDA_POLAR_NO_FUSE_ROPE=1" "GGML_CUDA_POLAR_NO_FUSE_ROT_OUT=1")
     for m in qwen smol; do
         ok=1
-        for fuse in 0 1 2; do
+        for fuse in 0 1 2 3; do
             env ${fuse_env[$fuse]} build/bin/llama-completion -m /tmp/$m.gguf -c 2048 -ngl 99 -fa on \
                 -ctk polar -ctv polar -p "The history of the Amazon rainforest" -n 64 --temp 0 -no-cnv --no-display-prompt \
                 > $B/greedy-$m-fuse$fuse.txt 2> $B/greedy-$m-fuse$fuse.log || { ok=0; echo "greedy $m: run failed (fuse $fuse)" >> $B/greedy-summary.txt; }
         done
-        if [[ $ok == 1 ]] && cmp -s $B/greedy-$m-fuse0.txt $B/greedy-$m-fuse1.txt && cmp -s $B/greedy-$m-fuse2.txt $B/greedy-$m-fuse1.txt; then
-            echo "greedy $m: fused (layer and ROPEs) = layer only = unfused" >> $B/greedy-summary.txt
+        if [[ $ok == 1 ]] && cmp -s $B/greedy-$m-fuse0.txt $B/greedy-$m-fuse1.txt && cmp -s $B/greedy-$m-fuse2.txt $B/greedy-$m-fuse1.txt &&
+            cmp -s $B/greedy-$m-fuse3.txt $B/greedy-$m-fuse1.txt; then
+            echo "greedy $m: fused (layer, ROPEs, output rotation) = layer only = rotation outside = unfused" >> $B/greedy-summary.txt
         else
             echo "greedy $m: fused differs or a run failed" >> $B/greedy-summary.txt
             rc=1

@@ -2,6 +2,7 @@
 "base" and polar_encode.cu under POLAR_ENC_RS_G, one of which is the default for float32/float16
 input): each writes the bytes of kvpolar.codec.quantize_blocks for both formats, float32 and
 float16 input, on the parity tests' blocks (tests/blocks.py), and the bytes of "base" elsewhere.
+The same for each kernel of the latency path (path "cta", cupy_kernels.codec.CTA_VARIANTS).
 
 Skipped without CuPy and a CUDA device (the gpu marker, tests/conftest.py). The CPU twin of the
 variants' grouped search is checked by tests/test_encoder_search.py.
@@ -105,3 +106,23 @@ def test_variant_bad_inputs(torch):
         gpu_codec.encode(x, "polar", "cta", variant=RS)
     with pytest.raises(ValueError, match="float32 or float16"):
         gpu_codec.encode(x.to(torch.bfloat16), "polar", variant=RS)
+    with pytest.raises(ValueError, match="cta_variant must be one of"):
+        gpu_codec.encode(x, "polar", "cta", cta_variant="fast")
+
+
+@pytest.mark.parametrize("cta_variant", list(gpu_codec.CTA_VARIANTS))
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("kind", blocks.KINDS)
+def test_cta_variant_f32_bytes(torch, cta_variant, fmt, kind):
+    x, want = _case(fmt, kind)
+    got = gpu_codec.encode(torch.from_numpy(x).cuda(), fmt, "cta", cta_variant=cta_variant)
+    got = got.reshape(len(x), -1).cpu().numpy()
+    assert np.array_equal(got, want), blocks.first_diff(fmt, got, want)
+
+
+@pytest.mark.parametrize("cta_variant", list(gpu_codec.CTA_VARIANTS))
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cta_variant_f16_bytes(torch, cta_variant, fmt):
+    h, want = _case16(fmt, "gaussian")
+    got = gpu_codec.encode(torch.from_numpy(h).cuda(), fmt, "cta", cta_variant=cta_variant)
+    assert np.array_equal(got.reshape(len(h), -1).cpu().numpy(), want), fmt
