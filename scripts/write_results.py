@@ -235,8 +235,8 @@ def headline() -> list[str]:
                     label, g["gpu"], depth, " (bench_llama_gpu.py table, session 10's build)", a, b, f
                 )
             )
-    # the newest same-run A/B of the same targets (ab_llama_gpu.py, 5 repetitions; the full tables above are
-    # bench_llama_gpu.py's, last run on session 10's build)
+    # the newest build's same-run A/Bs of the same targets (ab_llama_gpu.py, 3 or 5 repetitions; the full
+    # tables above are bench_llama_gpu.py's, last run on session 10's build)
     for path, label, depth in AB_LATEST:
         path = REPO / path
         if not path.exists():
@@ -277,10 +277,15 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
 
 # ab_llama_gpu.py runs of issue 10's tg targets on the newest build (docs/results-cuda.md), listed in
 # results.md next to the full bench_llama_gpu.py tables
-AB_DIR = "docs/gpu/h200-llama/session14/ab"
+# (every run of the newest build, as the runs scatter by several per cent)
+AB_DIR = "docs/gpu/h200-llama/session15"
+QWEN_SHAPE = "Qwen2.5-1.5B shape (random Q8_0 weights)"
 AB_LATEST = (
-    (f"{AB_DIR}/ab-steps-r5-smollm2.json", "SmolLM2-135M", 16384),
-    (f"{AB_DIR}/ab-steps-r5-qwen.json", "Qwen2.5-1.5B shape (random Q8_0 weights)", 32768),
+    (f"{AB_DIR}/ab5/ab-rot-r5-smollm2.json", "SmolLM2-135M", 16384),
+    (f"{AB_DIR}/ab/ab-rot-smollm2.json", "SmolLM2-135M", 16384),
+    (f"{AB_DIR}/ab5/ab-rot-r5-qwen.json", QWEN_SHAPE, 32768),
+    (f"{AB_DIR}/ab/ab-rot-qwen.json", QWEN_SHAPE, 32768),
+    (f"{AB_DIR}/profile/ab-graphs-qwen.json", QWEN_SHAPE, 32768),
 )
 
 
