@@ -23,6 +23,7 @@
 #           scripts/gpu_run.sh kernel-profile # the harness's --profile launches under ncu (--set full, SASS-level
 #                                           # stall samples): the tensor-core kernel at 256 and 32768 keys
 #           scripts/gpu_run.sh chain-profile # one launch of the layer's write kernel in a Qwen2.5 decode under ncu
+#           scripts/gpu_run.sh encode-profile # the CuPy encoder's throughput kernel under ncu (no llama build)
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -33,9 +34,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | bench) ;;
+prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | bench) ;;
 *)
-    sed -n '2,33p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,34p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -253,6 +254,18 @@ profile)
     python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-graphs-qwen --set graphs || rc=1
     tar czf "$OUT/profile.tgz" -C $B .
     exit $rc
+    ;;
+encode-profile)
+    # the CuPy encoder's throughput kernel (the warp path's default, codec.DEFAULT_VARIANT) under ncu (--set
+    # full, SASS-level stall samples): one launch on 64 Mi float16 values, the input bench_gpu.py encode
+    # times (issue 11, item 4); no llama.cpp build needed
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD/converter:$PWD ncu --set full -k regex:polar_encode_rs_polar_f16 --launch-count 1 \
+        -f -o /tmp/encode-profile python3 -c "import torch; from cupy_kernels import codec
+x = torch.randn((1 << 19, 128), device='cuda').half(); codec.encode(x, 'polar'); torch.cuda.synchronize()" \
+        > "$OUT/encode-profile-run.txt" 2>&1
+    ncu_pages encode-profile
+    tail -3 "$OUT/encode-profile-run.txt"
     ;;
 chain-profile)
     # one launch of the layer's write kernel (k_polar_layer_chains) inside a Qwen2.5 decode under ncu
