@@ -131,7 +131,7 @@ ROPE_VARIANTS = (  # (K, V, environment): patch 0026's choices (defaults) agains
     ("polar", "polar3", {}),
     ("polar3", "polar3", {}),
 )
-ROT_VARIANTS = (  # (K, V, environment): patch 0027's V output rotation in the row combine (default) and outside
+ROT_VARIANTS = (  # (K, V, environment): patch 0027's V output rotation in the row combine (default), outside
     ("f16", "f16", {}),
     ("q4_0", "q4_0", {}),
     ("polar", "polar", {}),
