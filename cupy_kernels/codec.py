@@ -39,6 +39,8 @@ def _module():
 # persistent-grid variants lost on the H200 and were removed (docs/gpu/encode-variants-h200-session8.json).
 #   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
 #   *_lb<N>   __launch_bounds__(256, N): registers capped for N CTAs of 8 warps per SM
+#   *_c       the ring tables const, folded into the table build (session 15; to be measured)
+#   *_cw      and the window tables written once a warp instead of once a block (session 15; to be measured)
 @dataclasses.dataclass(frozen=True)
 class EncodeVariant:
     defines: tuple[tuple[str, int], ...] | None
@@ -48,6 +50,10 @@ ENCODE_VARIANTS: dict[str, EncodeVariant] = {
     "base": EncodeVariant(None),
     "rs8": EncodeVariant((("POLAR_ENC_RS_G", 8),)),
     "rs8_lb5": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))),
+    "rs8_lb5_c": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_CONST_RINGS", 1))),
+    "rs8_lb5_cw": EncodeVariant(
+        (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_CONST_RINGS", 1), ("POLAR_ENC_WIN_ONCE", 1))
+    ),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 # The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).

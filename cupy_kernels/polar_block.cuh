@@ -106,15 +106,24 @@ template <> struct polar_fmt<POLAR3_KERNEL_ID> {
 
 // Encoder constants (read warp-uniformly: constant memory) and the codebooks, which kernels copy
 // into shared memory (polar_load_codebook) or read from global memory (polar_cx / polar_cy).
-static __constant__ int   polar_c_ring_n[POLAR_NRINGS]       = POLAR_RING_N_INIT;
-static __constant__ int   polar_c_ring_off[POLAR_NRINGS]     = POLAR_RING_OFF_INIT;
-static __constant__ float polar_c_ring_phi[POLAR_NRINGS]     = POLAR_RING_PHI_INIT;
-static __constant__ float polar_c_ring_istep[POLAR_NRINGS]   = POLAR_RING_ISTEP_INIT;
+// POLAR_CONST_RINGS=1 (the encoder variant "rs8_lb5_c", cupy_kernels.codec.ENCODE_VARIANTS) declares the
+// ring tables const, so that the compiler folds them into the unrolled table build (immediates instead of
+// constant loads, the n > 1 branches gone: 120 SASS instructions fewer in the rs8_lb5 kernel, nvcc 13, sm_90);
+// the same values, so the same bytes. To be measured on the GPU before it becomes the default.
+#if defined(POLAR_CONST_RINGS) && POLAR_CONST_RINGS
+#define POLAR_RING_CONST const
+#else
+#define POLAR_RING_CONST
+#endif
+static __constant__ POLAR_RING_CONST int   polar_c_ring_n[POLAR_NRINGS]       = POLAR_RING_N_INIT;
+static __constant__ POLAR_RING_CONST int   polar_c_ring_off[POLAR_NRINGS]     = POLAR_RING_OFF_INIT;
+static __constant__ POLAR_RING_CONST float polar_c_ring_phi[POLAR_NRINGS]     = POLAR_RING_PHI_INIT;
+static __constant__ POLAR_RING_CONST float polar_c_ring_istep[POLAR_NRINGS]   = POLAR_RING_ISTEP_INIT;
 static __constant__ float polar_c_g[POLAR_NCAND]             = POLAR_G_INIT;
-static __constant__ int   polar3_c_ring_n[POLAR3_NRINGS]     = POLAR3_RING_N_INIT;
-static __constant__ int   polar3_c_ring_off[POLAR3_NRINGS]   = POLAR3_RING_OFF_INIT;
-static __constant__ float polar3_c_ring_phi[POLAR3_NRINGS]   = POLAR3_RING_PHI_INIT;
-static __constant__ float polar3_c_ring_istep[POLAR3_NRINGS] = POLAR3_RING_ISTEP_INIT;
+static __constant__ POLAR_RING_CONST int   polar3_c_ring_n[POLAR3_NRINGS]     = POLAR3_RING_N_INIT;
+static __constant__ POLAR_RING_CONST int   polar3_c_ring_off[POLAR3_NRINGS]   = POLAR3_RING_OFF_INIT;
+static __constant__ POLAR_RING_CONST float polar3_c_ring_phi[POLAR3_NRINGS]   = POLAR3_RING_PHI_INIT;
+static __constant__ POLAR_RING_CONST float polar3_c_ring_istep[POLAR3_NRINGS] = POLAR3_RING_ISTEP_INIT;
 static __constant__ float polar3_c_g[POLAR3_NCAND]           = POLAR3_G_INIT;
 static __device__ const float polar_g_cx[POLAR_NCODES]       = POLAR_CX_INIT;
 static __device__ const float polar_g_cy[POLAR_NCODES]       = POLAR_CY_INIT;
@@ -363,9 +372,22 @@ template <int FMT> __device__ __forceinline__ void polar_ring_neighbours(float t
     }
 }
 
+// the window tables of a candidate table (the same for every block: a warp that keeps its table may
+// write them once, polar_build_candidates<..., false>)
+template <int FMT> __device__ __forceinline__ void polar_write_windows(int lane, polar_cand_table * t) {
+    const polar_ring_bounds & B = polar_g_bounds[FMT];
+    if (lane < polar_fmt<FMT>::NRINGS - 1) {
+        t->win[lane] = B.win[lane];
+    }
+#pragma unroll
+    for (int e = lane; e < POLAR_WIN_LUT; e += POLAR_BLOCK_PAIRS) {
+        t->lut[e] = B.lut[e];
+    }
+}
+
 // step 4's candidates of this lane's pair (both angular neighbours on every ring, lower code first)
-// and the window tables
-template <int FMT, int REPL>
+// and (WIN) the window tables
+template <int FMT, int REPL, bool WIN = true>
 __device__ __forceinline__ void polar_build_candidates(float theta, const float2 * tab, int lane, polar_cand_table * t) {
     constexpr int NR = polar_fmt<FMT>::NRINGS;
 #pragma unroll
@@ -376,13 +398,8 @@ __device__ __forceinline__ void polar_build_candidates(float theta, const float2
         const float2 b = tab[hi * REPL + lane % REPL];
         t->xy[j][lane] = make_float4(a.x, a.y, b.x, b.y);
     }
-    const polar_ring_bounds & B = polar_g_bounds[FMT];
-    if (lane < NR - 1) {
-        t->win[lane] = B.win[lane];
-    }
-#pragma unroll
-    for (int e = lane; e < POLAR_WIN_LUT; e += POLAR_BLOCK_PAIRS) {
-        t->lut[e] = B.lut[e];
+    if constexpr (WIN) {
+        polar_write_windows<FMT>(lane, t);
     }
 }
 

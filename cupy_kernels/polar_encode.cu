@@ -37,6 +37,8 @@ __device__ __forceinline__ void encode_block_at(long long i, const typename IN::
 template <int FMT> struct polar_enc_default {
     typedef polar_encode_scratch<1> scratch;
 
+    static __device__ __forceinline__ void init(int, scratch *) {}
+
     static __device__ __forceinline__ void encode(float X, float Y, const float2 * tab, int lane, scratch * sc,
                                                   float & s, int & code) {
         polar_encode_block<FMT, 1, 1>(X, Y, tab, lane, 0, sc, s, code);
@@ -57,6 +59,7 @@ __device__ __forceinline__ void encode_kernel(const typename IN::T * __restrict_
     const int       lane   = threadIdx.x & 31;
     const int       warps  = blockDim.x >> 5;
     const long long stride = (long long) gridDim.x * warps;
+    ENC::init(lane, &scratch[threadIdx.x >> 5]);  // what the warp's scratch keeps across its blocks
     for (long long i = (long long) blockIdx.x * warps + (threadIdx.x >> 5); i < n_blocks; i += stride) {
         const typename IN::T * xb;
         u8 *                   dst;
@@ -158,7 +161,13 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 //           whole table in registers).
 //  *_lb<N>  POLAR_ENC_MINB = N: __launch_bounds__(256, N), registers capped for N CTAs per SM
 //           (N = 5: 48 registers).
+//  *_c     POLAR_CONST_RINGS = 1: the ring tables folded into the table build (polar_block.cuh)
+//  *_cw     and POLAR_ENC_WIN_ONCE = 1: the window tables written once a warp, not once a block
 #ifdef POLAR_ENC_RS_G
+
+#ifndef POLAR_ENC_WIN_ONCE
+#define POLAR_ENC_WIN_ONCE 0
+#endif
 
 __device__ __forceinline__ unsigned int polar_umin(unsigned int a, unsigned int b) { return a < b ? a : b; }
 
@@ -186,7 +195,7 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
 
     __syncwarp();  // the lanes are done with the warp's previous block
     const float theta = atan2f(Y, X);
-    polar_build_candidates<FMT, 1>(theta, tab, lane, t);
+    polar_build_candidates<FMT, 1, !POLAR_ENC_WIN_ONCE>(theta, tab, lane, t);  // (else written by init)
     __syncwarp();
 
     static_assert(TR::NCAND <= POLAR_BLOCK_PAIRS, "one scale candidate per lane");
@@ -257,6 +266,12 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
 // the block encoder of encode_kernel for the rs<G> variants
 template <int FMT, int G> struct polar_enc_rs {
     typedef polar_cand_table scratch;
+
+    static __device__ __forceinline__ void init(int lane, scratch * sc) {
+        if constexpr (POLAR_ENC_WIN_ONCE) {
+            polar_write_windows<FMT>(lane, sc);  // once a warp: the blocks' tables rewrite only xy
+        }
+    }
 
     static __device__ __forceinline__ void encode(float X, float Y, const float2 * tab, int lane, scratch * sc,
                                                   float & s, int & code) {

@@ -9,7 +9,8 @@
 
 The source of each variant is the text cupy_kernels.loader gives NVRTC (`build_source`: the
 #defines of cupy_kernels.attention's plan, then the file), compiled with the loader's options
-plus -arch. Variants: the encoder and its throughput variants (cupy_kernels.codec.ENCODE_VARIANTS),
+plus -arch. Variants: the encoder, its throughput and latency variants (cupy_kernels.codec.ENCODE_VARIANTS,
+CTA_VARIANTS),
 polar_attn_combine per head dim, and polar_attn_mma / polar_attn_simt for head dims
 64/128/256, K/V formats polar, polar3, paperb (the research
 preset, registered from scripts/study) and float16 V, every kmode, q float32/float16/bfloat16
@@ -124,6 +125,7 @@ def variants(full: bool) -> list[Variant]:
     paperb_kernel_ref.register_kernel_format()
     out = [Variant("polar_encode.cu", (), exact=True)]
     enc = dict.fromkeys(v.defines for v in codec.ENCODE_VARIANTS.values() if v.defines)
+    enc.update(dict.fromkeys(d for d in codec.CTA_VARIANTS.values() if d))
     out += [Variant("polar_encode.cu", d, exact=True) for d in enc]
     out += [Variant("polar_attn_combine.cu", (("HD", D),)) for D in attention.HEAD_DIMS]
     seen: dict[Variant, None] = {}

@@ -139,6 +139,10 @@ build)
         PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 180 python3 scripts/bench_gpu.py encode-latency \
             --json "$OUT/encode-latency.json" > "$OUT/encode-latency.txt" 2>&1 || rc=1
         tail -22 "$OUT/encode-latency.txt"
+        # the warp path's throughput variants against "base", bytes checked (issue 11, item 4)
+        PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 300 python3 scripts/bench_gpu.py encode --variants all \
+            --json "$OUT/encode-variants.json" > "$OUT/encode-variants.txt" 2>&1 || rc=1
+        grep -E "M blocks/s" "$OUT/encode-variants.txt" | tail -24
     fi
     cat /tmp/gpu-run-build.log | tail -5
     exit $rc
