@@ -426,14 +426,7 @@ __device__ __forceinline__ void polar_build_candidates_split(float theta, const 
         const float2 b = tab[hi * REPL + lane % REPL];
         t->xy[warp][lane] = make_float4(a.x, a.y, b.x, b.y);
     } else if (warp == NR) {
-        const polar_ring_bounds & B = polar_g_bounds[FMT];
-        if (lane < NR - 1) {
-            t->win[lane] = B.win[lane];
-        }
-#pragma unroll
-        for (int e = lane; e < POLAR_WIN_LUT; e += POLAR_BLOCK_PAIRS) {
-            t->lut[e] = B.lut[e];
-        }
+        polar_write_windows<FMT>(lane, t);
     }
 }
 
