@@ -102,13 +102,33 @@ SINK_WEIGHTS = (0.125, 0.25, 0.375)
 ONLINE_TOKENS = 512  # the first ubatch (-ub 512) measures the online offsets
 
 
-def layer_levers(model: str, layer: int, n_seq: int, seq_len: int, nq: int, types: list[str]) -> dict:
+SINK_NS = (2, 4, 8, 16)  # --sinks: the first N keys / values kept exact
+TOP_NS = (4, 16)  # --sinks: the N keys / values with the most attention mass kept exact (an oracle)
+
+
+def _top_mass(ref: AttentionRef, n: int) -> list[np.ndarray]:
+    """Per KV head, the n token positions with the most attention mass over the scored queries."""
+    return [np.argsort(-p.sum(0), kind="stable")[:n] for p in ref.p]
+
+
+def _exact_at(xh: np.ndarray, x: np.ndarray, idx: list[np.ndarray]) -> np.ndarray:
+    out = xh.copy()
+    for g, ii in enumerate(idx):
+        out[g, ii] = x[g, ii]
+    return out
+
+
+def layer_levers(
+    model: str, layer: int, n_seq: int, seq_len: int, nq: int, types: list[str], sinks: bool = False
+) -> dict:
     """Sums (AttentionRef.k_sums / v_sums) per "tensor|type|lever" for one layer.
 
     K offsets: "mean0" the mean of window 0 (docs/format-study.md), "online" the mean of the first
     ONLINE_TOKENS keys of the scored window (what patch 0007 measures), "sinkW" the online offset
     weighted toward the first key, (1 - W) mean + W k_0 (patch 0012). "+D": K balancing with
-    factors from the same tokens; "+sink": token 0's K or V exact.
+    factors from the same tokens; "+sink": token 0's K or V exact. sinks: also the first N keys
+    (with "online+D", the default of the built patches) or values exact, N in SINK_NS, and the N with
+    the most attention mass (TOP_NS), and "mass": the share of the attention on each of tokens 0-7.
     """
     meta = activations.meta(model, n_seq, seq_len)
     data = activations.load_layer(model, layer, n_seq, seq_len)
@@ -130,6 +150,10 @@ def layer_levers(model: str, layer: int, n_seq: int, seq_len: int, nq: int, type
     rk, rv = k_rot_size(k.shape[-1]), 64
     ref = AttentionRef(q, k, v, np.arange(seq_len // nq - 1, seq_len, seq_len // nq))
     out: dict = {"p0": ref.p0 / ref.nq}
+    if sinks:
+        out["mass"] = [float(sum(p[:, j].sum() for p in ref.p)) / ref.nq for j in range(8)]
+    first = {n: [np.arange(n)] * k.shape[0] for n in SINK_NS}
+    top = {n: _top_mass(ref, n) for n in TOP_NS} if sinks else {}
     for t in types:
         fn = lays[t].fn
         for name, mu, f in k_cfg:
@@ -138,6 +162,11 @@ def layer_levers(model: str, layer: int, n_seq: int, seq_len: int, nq: int, type
             xh = hadamard_rows(fn(s).astype(np.float64), rk) / f + mu
             out[f"k|{t}|{name}"] = ref.k_sums(xh)
             if name in ("online", f"sink{SINK_WEIGHTS[1]:g}", "online+D"):
+                if sinks and name == "online+D":
+                    for n in SINK_NS:
+                        out[f"k|{t}|{name}+first {n} exact"] = ref.k_sums(_exact_at(xh, x, first[n]))
+                    for n in TOP_NS:
+                        out[f"k|{t}|{name}+top {n} mass exact"] = ref.k_sums(_exact_at(xh, x, top[n]))
                 xh[:, 0] = x[:, 0]
                 out[f"k|{t}|{name}+sink exact"] = ref.k_sums(xh)
         for name, f in v_cfg:
@@ -145,6 +174,11 @@ def layer_levers(model: str, layer: int, n_seq: int, seq_len: int, nq: int, type
             s = hadamard_rows(f * xv, rv).astype(np.float32)
             vh = hadamard_rows(fn(s).astype(np.float64), rv) / f
             out[f"v|{t}|{name}"] = ref.v_sums(vh)
+            if sinks and name == "none":
+                for n in SINK_NS:
+                    out[f"v|{t}|{name}+first {n} exact"] = ref.v_sums(_exact_at(vh, xv, first[n]))
+                for n in TOP_NS:
+                    out[f"v|{t}|{name}+top {n} mass exact"] = ref.v_sums(_exact_at(vh, xv, top[n]))
             vh[:, 0] = xv[:, 0]
             out[f"v|{t}|{name}+sink exact"] = ref.v_sums(vh)
     return out
@@ -184,7 +218,7 @@ def run_study(args) -> dict:
         per = {}
         for il in layers:
             t0 = time.time()
-            per[il] = layer_levers(model, il, args.n_seq, args.seq_len, args.nq, args.types)
+            per[il] = layer_levers(model, il, args.n_seq, args.seq_len, args.nq, args.types, args.sinks)
             log.info("%s layer %d: %.1f s", model, il, time.time() - t0)
         res["models"][model] = {
             "layers": layers,
@@ -192,6 +226,8 @@ def run_study(args) -> dict:
             "per_layer": {il: finish([s]) for il, s in per.items()},
             "p0": float(np.mean([s["p0"] for s in per.values()])),
         }
+        if args.sinks:
+            res["models"][model]["mass"] = np.mean([s["mass"] for s in per.values()], axis=0).tolist()
     return res
 
 
@@ -201,6 +237,14 @@ def render_study(res: dict) -> str:
         lines += [
             f"### {model} (layers {r['layers']}; token 0 takes {100 * r['p0']:.0f} % of the attention)",
             "",
+            *(
+                [
+                    "tokens 0-7, share of the attention: " + ", ".join(f"{100 * m:.1f} %" for m in r["mass"]),
+                    "",
+                ]
+                if "mass" in r
+                else []
+            ),
             "| tensor | type | lever | logit err | softmax KL | attn-out err | vs online / none |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -395,6 +439,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-seq", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--nq", type=int, default=128, help="query positions per head")
+    p.add_argument(
+        "--sinks", action="store_true", help="also the first / most-attended N keys and values exact"
+    )
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("kld", help="llama-perplexity --kl-divergence per cache setting")
     p.add_argument("--bin", required=True, help="folder with the patched llama-perplexity")

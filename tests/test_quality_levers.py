@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from kv_llama import logits, new_llama, prompted
-from quality_levers import k_factors, pair_ids
+from quality_levers import _exact_at, _top_mass, k_factors, pair_ids
+from study import AttentionRef
 
 N_LAYER, N_EMBD_KV = 30, 192  # SmolLM2-135M: 3 KV heads x 64, RoPE pairs (2i, 2i+1)
 CENTER_MAGIC = b"PVCK" + N_LAYER.to_bytes(4, "little")  # llama_kv_cache::state_write_center
@@ -25,6 +26,26 @@ BALANCE_MAGIC = b"PVCB" + N_LAYER.to_bytes(4, "little")
 
 # ----------------------------------------------------------------------------------------------
 # numpy: the study's factors
+
+
+def test_sinks_study_helpers():
+    """--sinks: the most-attended keys are found per KV head, and keeping keys exact puts back exactly
+    those rows, so their error (and only theirs) goes away."""
+    rng = np.random.default_rng(0)
+    hkv, rep, t, d = 2, 2, 32, 8
+    q = rng.standard_normal((hkv * rep, t, d))
+    k = rng.standard_normal((hkv, t, d))
+    k[0, 5] = q[0, -1] * 8  # head 0: token 5 takes most of the last query's attention
+    k[1, 9] = q[2, -1] * 8
+    ref = AttentionRef(q, k, rng.standard_normal((hkv, t, d)), np.array([t - 1]))
+    top = _top_mass(ref, 1)
+    assert [int(x[0]) for x in top] == [5, 9]
+    kh = k + 0.1 * rng.standard_normal(k.shape)
+    fixed = _exact_at(kh, k, [np.arange(3), np.array([9])])
+    assert np.array_equal(fixed[0, :3], k[0, :3]) and np.array_equal(fixed[1, 9], k[1, 9])
+    assert np.array_equal(fixed[0, 3:], kh[0, 3:]) and np.array_equal(fixed[1, :9], kh[1, :9])
+    assert not np.array_equal(kh[0, :3], k[0, :3])  # the input is not changed in place
+    assert ref.k_sums(_exact_at(kh, k, top))["kl"] < ref.k_sums(kh)["kl"]
 
 
 @pytest.mark.parametrize("pairing", ["norm", "neox"])
