@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -39,6 +39,9 @@ polar3/polar3 with the defaults; next to f16 and q4_0.
 --set rot: patch 0027's V output rotation written by the tensor-core kernel's row combine (the default)
 against it as its own kernel (GGML_CUDA_POLAR_NO_FUSE_ROT_OUT=1), for polar/polar; polar/f16,
 polar/polar3 and polar3/polar3 with the defaults; next to f16 and q4_0.
+--set pdl: f16, q4_0 and polar/polar each with upstream's programmatic dependent launch (the default) and
+without it (GGML_CUDA_PDL=0): session 15 found polar's decode-step kernels summing to less than f16's under
+Nsight Compute while its tg stayed 0-4 % lower; does f16 gain more from kernels overlapping their neighbours?
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -140,8 +143,14 @@ ROT_VARIANTS = (  # (K, V, environment): patch 0027's V output rotation in the r
     ("polar", "polar3", {}),
     ("polar3", "polar3", {}),
 )
+PDL_VARIANTS = tuple(  # (K, V, environment): upstream's programmatic dependent launch on (default) and off
+    (k, v, env)
+    for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("polar", "polar"))
+    for env in ({}, {"GGML_CUDA_PDL": "0"})
+)
 SETS = {
     "extras": VARIANTS,
+    "pdl": PDL_VARIANTS,
     "rot": ROT_VARIANTS,
     "sched": SCHED_VARIANTS,
     "rope": ROPE_VARIANTS,
