@@ -111,6 +111,11 @@ def _top_mass(ref: AttentionRef, n: int) -> list[np.ndarray]:
     return [np.argsort(-p.sum(0), kind="stable")[:n] for p in ref.p]
 
 
+def _top_score(score: np.ndarray, n: int) -> list[np.ndarray]:
+    """Per KV head (rows of score (Hkv, T)), the n positions of the largest score, and token 0 (the sink)."""
+    return [np.union1d(np.argsort(-row, kind="stable")[:n], [0]) for row in score]
+
+
 def _exact_at(xh: np.ndarray, x: np.ndarray, idx: list[np.ndarray]) -> np.ndarray:
     out = xh.copy()
     for g, ii in enumerate(idx):
@@ -127,8 +132,10 @@ def layer_levers(
     ONLINE_TOKENS keys of the scored window (what patch 0007 measures), "sinkW" the online offset
     weighted toward the first key, (1 - W) mean + W k_0 (patch 0012). "+D": K balancing with
     factors from the same tokens; "+sink": token 0's K or V exact. sinks: also the first N keys
-    (with "online+D", the default of the built patches) or values exact, N in SINK_NS, and the N with
-    the most attention mass (TOP_NS), and "mass": the share of the attention on each of tokens 0-7.
+    (with "online+D", the default of the built patches) or values exact, N in SINK_NS; the N with the
+    most attention mass (TOP_NS; an oracle: it needs the later queries); the N keys with the largest
+    stored norm |D (k - mu)|, or values with the largest |v|, plus token 0 (what a cache write could
+    choose); and "mass": the share of the attention on each of tokens 0-7.
     """
     meta = activations.meta(model, n_seq, seq_len)
     data = activations.load_layer(model, layer, n_seq, seq_len)
@@ -167,6 +174,8 @@ def layer_levers(
                         out[f"k|{t}|{name}+first {n} exact"] = ref.k_sums(_exact_at(xh, x, first[n]))
                     for n in TOP_NS:
                         out[f"k|{t}|{name}+top {n} mass exact"] = ref.k_sums(_exact_at(xh, x, top[n]))
+                        norm = _top_score((((f * (x - mu)) ** 2).sum(-1)), n)
+                        out[f"k|{t}|{name}+top {n} stored norm exact"] = ref.k_sums(_exact_at(xh, x, norm))
                 xh[:, 0] = x[:, 0]
                 out[f"k|{t}|{name}+sink exact"] = ref.k_sums(xh)
         for name, f in v_cfg:
@@ -179,6 +188,8 @@ def layer_levers(
                     out[f"v|{t}|{name}+first {n} exact"] = ref.v_sums(_exact_at(vh, xv, first[n]))
                 for n in TOP_NS:
                     out[f"v|{t}|{name}+top {n} mass exact"] = ref.v_sums(_exact_at(vh, xv, top[n]))
+                    norm = _top_score((xv**2).sum(-1), n)
+                    out[f"v|{t}|{name}+top {n} norm exact"] = ref.v_sums(_exact_at(vh, xv, norm))
             vh[:, 0] = xv[:, 0]
             out[f"v|{t}|{name}+sink exact"] = ref.v_sums(vh)
     return out

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from kv_llama import logits, new_llama, prompted
-from quality_levers import _exact_at, _top_mass, k_factors, pair_ids
+from quality_levers import _exact_at, _top_mass, _top_score, k_factors, pair_ids
 from study import AttentionRef
 
 N_LAYER, N_EMBD_KV = 30, 192  # SmolLM2-135M: 3 KV heads x 64, RoPE pairs (2i, 2i+1)
@@ -46,6 +46,8 @@ def test_sinks_study_helpers():
     assert np.array_equal(fixed[0, 3:], kh[0, 3:]) and np.array_equal(fixed[1, :9], kh[1, :9])
     assert not np.array_equal(kh[0, :3], k[0, :3])  # the input is not changed in place
     assert ref.k_sums(_exact_at(kh, k, top))["kl"] < ref.k_sums(kh)["kl"]
+    score = np.array([[0.0, 5.0, 1.0, 7.0], [3.0, 0.0, 2.0, 1.0]])
+    assert [list(i) for i in _top_score(score, 2)] == [[0, 1, 3], [0, 2]]  # token 0 always
 
 
 @pytest.mark.parametrize("pairing", ["norm", "neox"])
