@@ -103,7 +103,7 @@ ONLINE_TOKENS = 512  # the first ubatch (-ub 512) measures the online offsets
 
 
 SINK_NS = (2, 4, 8, 16)  # --sinks: the first N keys / values kept exact
-TOP_NS = (4, 16)  # --sinks: the N keys / values with the most attention mass kept exact (an oracle)
+TOP_NS = (4, 16, 64)  # --sinks: the N keys / values with the most attention mass kept exact (an oracle)
 
 
 def _top_mass(ref: AttentionRef, n: int) -> list[np.ndarray]:
