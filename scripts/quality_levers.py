@@ -345,6 +345,18 @@ POLAR3K = [
     ("polar3", "f16", {"LLAMA_KV_BALANCE": "0", "LLAMA_KV_CENTER_SINK": "0.125"}),
     ("polar", "polar3", {"LLAMA_KV_BALANCE": "0"}),
 ]
+# session 15: the keys of largest stored norm kept exact, on a build with the measurement hack
+# patches/experiments/session15-exact-top-measure.diff (LLAMA_KV_EXACT_TOP=M: M keys a head, CPU only);
+# the rows without the variable are that build's defaults, next to q4_0's
+EXACT_TOP = [
+    *(
+        (k, v, env)
+        for k, v in (("polar3", "f16"), ("polar", "f16"), ("polar", "polar3"))
+        for env in ({}, {"LLAMA_KV_EXACT_TOP": "16"})
+    ),
+    ("q4_0", "f16", {}),
+    ("q4_0", "q4_0", {}),
+]
 SETS = {
     "levers": SETTINGS,
     "polar3k": POLAR3K,
@@ -352,6 +364,7 @@ SETS = {
     "sinkauto": SINK_AUTO,
     "exactsink": EXACT_SINK,
     "exactsink-built": EXACT_SINK_BUILT,
+    "exacttop": EXACT_TOP,
 }
 
 
