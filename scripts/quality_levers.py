@@ -356,6 +356,8 @@ EXACT_TOP = [
     ),
     ("q4_0", "f16", {}),
     ("q4_0", "q4_0", {}),
+    ("polar3", "f16", {"LLAMA_KV_EXACT_TOP": "64"}),
+    ("polar3", "f16", {"LLAMA_KV_EXACT_TOP": "256"}),
 ]
 SETS = {
     "levers": SETTINGS,
