@@ -8,7 +8,8 @@
 #                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl};
 #                                           # KVPOLAR_EXPERIMENTS="x.diff ..." applies patches/experiments/x.diff
 #   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
-#                                           # run scripts/fa_polar_harness.cu and the CuPy GPU tests meanwhile
+#                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
+#                                           # benchmarks (encode-latency, encode --variants, compare) meanwhile
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
@@ -36,7 +37,7 @@ set -euo pipefail
 case ${1:-} in
 prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | bench) ;;
 *)
-    sed -n '2,34p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,35p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -143,6 +144,10 @@ build)
         PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 300 python3 scripts/bench_gpu.py encode --variants all \
             --json "$OUT/encode-variants.json" > "$OUT/encode-variants.txt" 2>&1 || rc=1
         grep -E "M blocks/s" "$OUT/encode-variants.txt" | tail -24
+        # issue 11's attention table on the current kernels (B=16, 32/8 heads, D=128; SDPA fp16 in the same run)
+        PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 300 python3 scripts/bench_gpu.py compare \
+            --contexts 32768 131072 --json "$OUT/compare.json" > "$OUT/compare.txt" 2>&1 || rc=1
+        tail -12 "$OUT/compare.txt"
     fi
     cat /tmp/gpu-run-build.log | tail -5
     exit $rc
