@@ -6,6 +6,7 @@
     python scripts/check_kernels.py --emit ptx --out DIR   keep the PTX of each variant in DIR
     python scripts/check_kernels.py --list       print the variants, compile nothing
     python scripts/check_kernels.py --resources --only polar_encode   ptxas -v: registers, spills, smem
+    python scripts/check_kernels.py --sass-count --only polar_encode  SASS instructions per entry (cuobjdump)
 
 The source of each variant is the text cupy_kernels.loader gives NVRTC (`build_source`: the
 #defines of cupy_kernels.attention's plan, then the file), compiled with the loader's options
@@ -172,10 +173,36 @@ def resources(ptxas_log: str) -> list[str]:
     ]
 
 
+_SASS_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S")
+
+
+def sass_counts(sass: str) -> dict[str, int]:
+    """SASS instructions per function in `cuobjdump -sass` output (the lines with an address)."""
+    counts: dict[str, int] = {}
+    fn = None
+    for line in sass.splitlines():
+        m = _SASS_FUNCTION.match(line)
+        if m:
+            fn = m.group(1)
+            counts[fn] = 0
+        elif fn is not None and _SASS_INSTRUCTION.match(line):
+            counts[fn] += 1
+    return counts
+
+
 def compile_one(
-    v: Variant, nvcc: str, arch: str, emit: str, tmp: Path, out: Path | None, usage: bool = False
+    v: Variant,
+    nvcc: str,
+    arch: str,
+    emit: str,
+    tmp: Path,
+    out: Path | None,
+    usage: bool = False,
+    cuobjdump: str | None = None,
 ) -> str | None:
-    """None if `v` compiles, else the compiler's message; usage: the ptxas -v lines (resources)."""
+    """None if `v` compiles, else the compiler's message; usage: the ptxas -v lines (resources);
+    cuobjdump: the SASS instruction count of each entry (a cubin)."""
     src = tmp / f"{v.key}.cu"
     src.write_text(loader.build_source(v.file, dict(v.defines)))
     opts = [*loader.OPTIONS, *loader.include_options(), *(loader.EXACT_OPTIONS if v.exact else ())]
@@ -189,6 +216,14 @@ def compile_one(
         (out / f"{v.key}.txt").write_text(v.label + "\n")
     if usage:
         log.info("%s\n%s", v.label, "\n".join(resources(r.stderr + r.stdout)))
+    if cuobjdump:
+        d = subprocess.run([cuobjdump, "-sass", str(dst)], capture_output=True, text=True)
+        if d.returncode:
+            return f"cuobjdump exit status {d.returncode}\n" + d.stderr.strip()[-3000:]
+        counts = sass_counts(d.stdout)
+        log.info(
+            "%s\n%s", v.label, "\n".join(f"  {fn:<44} {n:6d} SASS instructions" for fn, n in counts.items())
+        )
     return None
 
 
@@ -205,6 +240,9 @@ def main(argv=None) -> int:
         "--only", metavar="FILE", help="only the variants of this kernel file (e.g. polar_encode)"
     )
     ap.add_argument("--resources", action="store_true", help="print ptxas -v registers/spills/smem per entry")
+    ap.add_argument(
+        "--sass-count", action="store_true", help="print the SASS instructions of each entry (cubin)"
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -221,13 +259,31 @@ def main(argv=None) -> int:
     if not Path(args.nvcc).exists():
         log.error("nvcc not found (%s): pass --nvcc", args.nvcc)
         return 1
+    cuobjdump = None
+    if args.sass_count:
+        cuobjdump = shutil.which("cuobjdump") or str(Path(args.nvcc).with_name("cuobjdump"))
+        if args.emit != "cubin" or not Path(cuobjdump).exists():
+            log.error(
+                "--sass-count needs --emit cubin and cuobjdump (next to nvcc or on PATH), got %s", cuobjdump
+            )
+            return 1
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     log.info("compiling %d variants with %s (-arch=%s, %d jobs)", len(vs), args.nvcc, args.arch, args.jobs)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as ex:
         jobs = {
-            ex.submit(compile_one, v, args.nvcc, args.arch, args.emit, Path(tmp), args.out, args.resources): v
+            ex.submit(
+                compile_one,
+                v,
+                args.nvcc,
+                args.arch,
+                args.emit,
+                Path(tmp),
+                args.out,
+                args.resources,
+                cuobjdump,
+            ): v
             for v in vs
         }
         for i, fut in enumerate(concurrent.futures.as_completed(jobs), 1):

@@ -49,9 +49,20 @@ export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 
+site_wheels() { # the carried wheels (gguf) into /tmp/site, for the model tools, the CuPy tests and benchmarks
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+}
+
+cupy_bench() { # cupy_bench NAME TIMEOUT ARGS...: scripts/bench_gpu.py ARGS -> $OUT/NAME.json and NAME.txt
+    local name=$1 t=$2
+    shift 2
+    PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout "$t" python3 scripts/bench_gpu.py "$@" \
+        --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
+}
+
 models_and_build() { # the models in /tmp (once a machine: the next step finds them), then wait for the background build
     if [[ ! -f /tmp/models.ok ]]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+        site_wheels
         cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
         [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
         PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "$G/b/qwen.skel" /tmp/qwen.gguf
@@ -132,21 +143,18 @@ build)
     # the transformers cache), under the machine's own torch/cupy
     # (GPU_RUN_NO_CUPY=1 skips them: a tree whose change is only in ggml-cuda, on a short device budget)
     if [[ -z "${GPU_RUN_NO_CUPY:-}" ]]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+        site_wheels
         PYTHONPATH=/tmp/site:$PWD/converter:$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider \
             tests/test_gpu_parity.py tests/test_gpu_encode_variants.py tests/test_torch_cache.py > "$OUT/cupy-tests.txt" 2>&1 || rc=1
         tail -3 "$OUT/cupy-tests.txt"
         # the encoder's latency-path kernels (a decode step's few blocks: ggml-cuda's shape), bytes checked
-        PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 180 python3 scripts/bench_gpu.py encode-latency \
-            --json "$OUT/encode-latency.json" > "$OUT/encode-latency.txt" 2>&1 || rc=1
+        cupy_bench encode-latency 180 encode-latency || rc=1
         tail -22 "$OUT/encode-latency.txt"
         # the warp path's throughput variants against "base", bytes checked (issue 11, item 4)
-        PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 300 python3 scripts/bench_gpu.py encode --variants all \
-            --json "$OUT/encode-variants.json" > "$OUT/encode-variants.txt" 2>&1 || rc=1
+        cupy_bench encode-variants 300 encode --variants all || rc=1
         grep -E "M blocks/s" "$OUT/encode-variants.txt" | tail -24
         # issue 11's attention table on the current kernels (B=16, 32/8 heads, D=128; SDPA fp16 in the same run)
-        PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout 300 python3 scripts/bench_gpu.py compare \
-            --contexts 32768 131072 --json "$OUT/compare.json" > "$OUT/compare.txt" 2>&1 || rc=1
+        cupy_bench compare 300 compare --contexts 32768 131072 || rc=1
         tail -12 "$OUT/compare.txt"
     fi
     cat /tmp/gpu-run-build.log | tail -5
@@ -268,7 +276,7 @@ encode-profile)
     # the CuPy encoder's throughput kernel (the warp path's default, codec.DEFAULT_VARIANT) under ncu (--set
     # full, SASS-level stall samples): one launch on 64 Mi float16 values, the input bench_gpu.py encode
     # times (issue 11, item 4); no llama.cpp build needed
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+    site_wheels
     PYTHONPATH=/tmp/site:$PWD/converter:$PWD ncu --set full -k regex:polar_encode_rs_polar_f16 --launch-count 1 \
         -f -o /tmp/encode-profile python3 -c "import torch; from cupy_kernels import codec
 x = torch.randn((1 << 19, 128), device='cuda').half(); codec.encode(x, 'polar'); torch.cuda.synchronize()" \

@@ -159,8 +159,12 @@ def layer_levers(
     out: dict = {"p0": ref.p0 / ref.nq}
     if sinks:
         out["mass"] = [float(sum(p[:, j].sum() for p in ref.p)) / ref.nq for j in range(8)]
-    first = {n: [np.arange(n)] * k.shape[0] for n in SINK_NS}
-    top = {n: _top_mass(ref, n) for n in TOP_NS} if sinks else {}
+    if sinks:  # the cells kept exact, per N (the same for every type)
+        first = {n: [np.arange(n)] * k.shape[0] for n in SINK_NS}
+        top = {n: _top_mass(ref, n) for n in TOP_NS}
+        mu_d, f_d = next((mu, f) for name, mu, f in k_cfg if name == "online+D")
+        k_norm = {n: _top_score(((f_d * (x - mu_d)) ** 2).sum(-1), n) for n in TOP_NS}
+        v_norm = {n: _top_score((xv**2).sum(-1), n) for n in TOP_NS}
     for t in types:
         fn = lays[t].fn
         for name, mu, f in k_cfg:
@@ -174,8 +178,9 @@ def layer_levers(
                         out[f"k|{t}|{name}+first {n} exact"] = ref.k_sums(_exact_at(xh, x, first[n]))
                     for n in TOP_NS:
                         out[f"k|{t}|{name}+top {n} mass exact"] = ref.k_sums(_exact_at(xh, x, top[n]))
-                        norm = _top_score((((f * (x - mu)) ** 2).sum(-1)), n)
-                        out[f"k|{t}|{name}+top {n} stored norm exact"] = ref.k_sums(_exact_at(xh, x, norm))
+                        out[f"k|{t}|{name}+top {n} stored norm exact"] = ref.k_sums(
+                            _exact_at(xh, x, k_norm[n])
+                        )
                 xh[:, 0] = x[:, 0]
                 out[f"k|{t}|{name}+sink exact"] = ref.k_sums(xh)
         for name, f in v_cfg:
@@ -188,8 +193,7 @@ def layer_levers(
                     out[f"v|{t}|{name}+first {n} exact"] = ref.v_sums(_exact_at(vh, xv, first[n]))
                 for n in TOP_NS:
                     out[f"v|{t}|{name}+top {n} mass exact"] = ref.v_sums(_exact_at(vh, xv, top[n]))
-                    norm = _top_score((xv**2).sum(-1), n)
-                    out[f"v|{t}|{name}+top {n} norm exact"] = ref.v_sums(_exact_at(vh, xv, norm))
+                    out[f"v|{t}|{name}+top {n} norm exact"] = ref.v_sums(_exact_at(vh, xv, v_norm[n]))
             vh[:, 0] = xv[:, 0]
             out[f"v|{t}|{name}+sink exact"] = ref.v_sums(vh)
     return out

@@ -163,6 +163,9 @@ def _row(d: dict | None, **kw) -> dict | None:
     return None
 
 
+QWEN_SHAPE = "Qwen2.5-1.5B shape (random Q8_0 weights)"  # the random-weight model of the GPU runs
+
+
 def headline() -> list[str]:
     """The issues' acceptance numbers, read from the raw files (None-safe: a missing file says so)."""
     out = ["## Headline (computed from the raw files below)", ""]
@@ -221,7 +224,7 @@ def headline() -> list[str]:
                 break
     for name, label, depth in (
         ("smollm2", "SmolLM2-135M", 16384),
-        ("qwen2.5-1.5b-synthetic", "Qwen2.5-1.5B shape (random Q8_0 weights)", 32768),
+        ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768),
     ):
         path = REPO / "docs" / "bench" / "gpu" / f"llama-gpu-{name}.json"
         if not path.exists():
@@ -279,7 +282,6 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
 # results.md next to the full bench_llama_gpu.py tables
 # (every run of the newest build, as the runs scatter by several per cent)
 AB_DIR = "docs/gpu/h200-llama/session15"
-QWEN_SHAPE = "Qwen2.5-1.5B shape (random Q8_0 weights)"
 AB_LATEST = (
     (f"{AB_DIR}/ab5/ab-rot-r5-smollm2.json", "SmolLM2-135M", 16384),
     (f"{AB_DIR}/ab/ab-rot-smollm2.json", "SmolLM2-135M", 16384),
