@@ -25,6 +25,8 @@
 #                                           # stall samples): the tensor-core kernel at 256 and 32768 keys
 #           scripts/gpu_run.sh chain-profile # one launch of the layer's write kernel in a Qwen2.5 decode under ncu
 #           scripts/gpu_run.sh encode-profile # the CuPy encoder's throughput kernel under ncu (no llama build)
+#           scripts/gpu_run.sh trace        # models, wait for the build, then a timeline of the decode steps
+#                                           # (trace_decode_gpu.py, CUPTI): f16, q4_0, polar at the tg depths
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -35,9 +37,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | bench) ;;
+prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,35p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,37p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -283,6 +285,22 @@ x = torch.randn((1 << 19, 128), device='cuda').half(); codec.encode(x, 'polar');
         > "$OUT/encode-profile-run.txt" 2>&1
     ncu_pages encode-profile
     tail -3 "$OUT/encode-profile-run.txt"
+    ;;
+trace)
+    # the decode steps on a timeline (trace_decode_gpu.py: a CUPTI tracer, kernels overlapping as in the real
+    # run, the host's time between steps): both models at depth 0 and at issue 10's depths; $TRACE_ENV
+    # (NAME=VALUE ...) for every run, e.g. TRACE_ENV=GGML_CUDA_PDL=0
+    models_and_build
+    B=/tmp/trace-out && mkdir -p $B
+    rc=0
+    for md in qwen:0 qwen:32768 smol:0 smol:16384; do
+        m=${md%%:*} d=${md##*:}
+        # shellcheck disable=SC2086
+        python3 scripts/trace_decode_gpu.py run --bin build/bin --model /tmp/$m.gguf --kv f16/f16 q4_0/q4_0 polar/polar \
+            --depth "$d" --out $B --name "trace-decode-$m-d$d${TRACE_TAG:-}" --env ${TRACE_ENV:-} || rc=1
+        tar czf "$OUT/trace.tgz" -C $B .
+    done
+    exit $rc
     ;;
 chain-profile)
     # one launch of the layer's write kernel (k_polar_layer_chains) inside a Qwen2.5 decode under ncu

@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""Where a decode step's wall-clock time goes on the GPU, from a timeline: llama-bench tg under a CUPTI
+tracer (scripts/cupti_trace.cpp; Nsight Systems is not on the H200 machine). ncu (profile_decode_gpu.py)
+times each kernel alone; this sees the real run: kernels overlapping under programmatic dependent launch,
+the gaps between them, and the host's time between one token's CUDA graph and the next.
+
+    python3 scripts/trace_decode_gpu.py run --bin BUILD/bin --model M [--kv f16/f16 polar/polar]
+        [--tokens 16] [--depth 0] [--env NAME=VALUE ...] [--out DIR] [--name trace-decode]
+    python3 scripts/trace_decode_gpu.py analyze TRACE.txt [--steps 8]     # one trace, printed
+    python3 scripts/trace_decode_gpu.py --render DIR/NAME.json             # only the .md again
+
+`run` builds the tracer once (g++ against the machine's CUPTI: $CUPTI_ROOT, the CUDA toolkit's
+extras/CUPTI, or the nvidia-cuda-cupti Python package) and runs, for each K/V pair, `llama-bench -p 0
+-n TOKENS -d DEPTH -ngl 99 -fa 1 -r 1 --no-warmup` (the depth prefilled as one batch) with
+CUDA_INJECTION64_PATH set. A decode step is the time from one cudaGraphLaunch to the next (each token
+is one graph replay); the last STEPS of them are averaged:
+  - wall: launch to launch; gpu span: the step's first kernel start to its last kernel end;
+  - idle between steps: the last kernel's end to the next step's first kernel start (host work
+    and launch latency that nothing overlaps);
+  - per kernel, its *advance*: from its start to the next kernel's start (the last kernel: to its end),
+    the time the step's critical path spends on it with the overlap of the real run; the advances sum
+    to the gpu span. Its duration (end - start) is there too.
+Writes DIR/NAME.json, DIR/NAME.md and each raw trace as DIR/NAME-K-V.txt.gz; exits non-zero when a
+run failed or gave no steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import glob
+import gzip
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+from bench_llama_gpu import gpu_name
+from profile_decode_gpu import OTHER, PARTS, part_of, short
+
+HERE = Path(__file__).resolve().parent
+GRAPH_LAUNCH = "cudaGraphLaunch"
+
+
+def parse(lines) -> tuple[list[tuple], list[tuple]]:
+    """Kernel records (start, end, graph, name) and runtime-call records (start, end, name) of a trace,
+    each sorted by start; a line of another shape is an error naming it."""
+    kernels, calls = [], []
+    for n, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        f = line.split(" ", 6)
+        try:
+            if f[0] == "K" and len(f) == 7:
+                kernels.append((int(f[1]), int(f[2]), int(f[3]), f[6]))
+                continue
+            if f[0] == "R" and len(f) >= 5:
+                calls.append((int(f[1]), int(f[2]), " ".join(f[4:])))
+                continue
+        except ValueError:
+            pass
+        raise ValueError(
+            f"trace line {n}: expected 'K start end graph grid block name' or 'R start end thread call', "
+            f"got {line[:120]!r}"
+        )
+    kernels.sort()
+    calls.sort()
+    return kernels, calls
+
+
+def steps_of(kernels: list[tuple], calls: list[tuple], steps: int) -> dict:
+    """The mean decode step over the last `steps` complete graph launches (see the module doc)."""
+    launches = [c[0] for c in calls if c[2].startswith(GRAPH_LAUNCH)]
+    if len(launches) < 3:
+        raise ValueError(
+            f"{len(launches)} {GRAPH_LAUNCH} calls in the trace; "
+            "a decode step needs CUDA graphs and at least 3 tokens"
+        )
+    # the steps between launches; the last launch's step has no next launch (complete up to the run's end)
+    bounds = list(itertools.pairwise(launches))[-steps:]
+    starts = [k[0] for k in kernels]
+    per, out = OrderedDict(), []
+    for a, b in bounds:
+        ks = kernels[bisect.bisect_left(starts, a) : bisect.bisect_left(starts, b)]
+        if not ks:
+            raise ValueError(f"no kernel between two graph launches at {a} and {b} ns")
+        after = bisect.bisect_left(starts, b)
+        nxt = kernels[after][0] if after < len(kernels) else None
+        end = max(k[1] for k in ks)
+        span = end - ks[0][0]
+        for j, k in enumerate(ks):
+            adv = (ks[j + 1][0] if j + 1 < len(ks) else end) - k[0]
+            cell = per.setdefault(short(k[3]), [0.0, 0.0, 0.0])
+            cell[0] += 1
+            cell[1] += adv / 1e3
+            cell[2] += (k[1] - k[0]) / 1e3
+        out.append(
+            {
+                "wall_us": (b - a) / 1e3,
+                "launch_to_first_kernel_us": (ks[0][0] - a) / 1e3,
+                "gpu_span_us": span / 1e3,
+                "kernel_sum_us": sum(k[1] - k[0] for k in ks) / 1e3,
+                "idle_after_us": (nxt - end) / 1e3 if nxt is not None else None,
+                "kernels": len(ks),
+            }
+        )
+    n = len(out)
+    mean = {
+        key: sum(s[key] for s in out) / n
+        for key in ("wall_us", "launch_to_first_kernel_us", "gpu_span_us", "kernel_sum_us")
+    }
+    idle = [s["idle_after_us"] for s in out if s["idle_after_us"] is not None]
+    mean["idle_between_steps_us"] = sum(idle) / len(idle) if idle else None
+    mean["kernels"] = out[-1]["kernels"]
+    mean["steps"] = n
+    mean["per_kernel"] = [
+        {"kernel": name, "launches": c[0] / n, "advance_us": c[1] / n, "duration_us": c[2] / n}
+        for name, c in sorted(per.items(), key=lambda x: -x[1][1])
+    ]
+    return mean
+
+
+def find_cupti() -> tuple[str, str, str]:
+    """(include dir of cupti.h, include dir of cuda.h, libcupti file) on this machine."""
+    roots = [os.environ.get("CUPTI_ROOT", "")]
+    nvcc = shutil.which("nvcc")
+    cuda = str(Path(nvcc).resolve().parent.parent) if nvcc else "/usr/local/cuda"
+    roots += [f"{cuda}/extras/CUPTI", cuda, f"{cuda}/targets/x86_64-linux"]
+    try:
+        import nvidia  # the nvidia-cuda-cupti package (namespace package)
+
+        roots += [str(Path(p) / sub) for p in nvidia.__path__ for sub in ("cu13", "cuda_cupti", "cu12")]
+    except ImportError:
+        pass
+    for r in filter(None, roots):
+        if Path(r, "include", "cupti.h").is_file():
+            libs = sorted(glob.glob(f"{r}/lib*/libcupti.so*"), key=len)
+            if libs:
+                cuda_h = next(
+                    (
+                        str(Path(d, "include"))
+                        for d in (r, cuda, f"{cuda}/targets/x86_64-linux")
+                        if Path(d, "include", "cuda.h").is_file()
+                    ),
+                    None,
+                )
+                if cuda_h:
+                    return str(Path(r, "include")), cuda_h, libs[0]
+    raise FileNotFoundError(
+        f"no cupti.h with a libcupti.so beside it under {', '.join(filter(None, roots))}; set CUPTI_ROOT"
+    )
+
+
+def build_tracer(dest: Path) -> Path:
+    inc, cuda_inc, lib = find_cupti()
+    so = dest / "libcupti_trace.so"
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-O2",
+        "-fPIC",
+        "-shared",
+        f"-I{inc}",
+        f"-I{cuda_inc}",
+        str(HERE / "cupti_trace.cpp"),
+        "-o",
+        str(so),
+        lib,
+        f"-Wl,-rpath,{Path(lib).parent}",
+    ]
+    subprocess.run(cmd, check=True)
+    return so
+
+
+def render(data: dict) -> str:
+    runs = data["runs"]
+    head = "| | " + " | ".join(r["kv"] for r in runs) + " |"
+    md = [
+        f"# One decode step on the timeline ({data['gpu']}), depth {data['depth']}",
+        "",
+        f"Generated by `{data['command']}`. Per step, us, the mean of the last steady steps (CUPTI activity "
+        "trace: kernels overlap as in the real run; *advance* = from a kernel's start to the next one's).",
+        "",
+        head,
+        "|---|" + "---|" * len(runs),
+    ]
+    rows = (
+        ("wall (graph launch to the next)", "wall_us"),
+        ("GPU span (first kernel start to last end)", "gpu_span_us"),
+        ("GPU idle between steps", "idle_between_steps_us"),
+        ("launch call to first kernel", "launch_to_first_kernel_us"),
+        ("kernel durations summed", "kernel_sum_us"),
+        ("kernels", "kernels"),
+    )
+    for label, key in rows:
+        md.append(
+            f"| {label} | "
+            + " | ".join(
+                "-" if r[key] is None else f"{r[key]:.1f}" if key != "kernels" else str(r[key]) for r in runs
+            )
+            + " |"
+        )
+    md += ["", "Advance by part (us a step; `PARTS` of profile_decode_gpu.py):", "", head, md[5]]
+    for part in [p for p, _ in PARTS] + [OTHER]:
+        md.append(
+            f"| {part} | "
+            + " | ".join(
+                f"{sum(x['advance_us'] for x in r['per_kernel'] if part_of(x['kernel']) == part):.1f}"
+                for r in runs
+            )
+            + " |"
+        )
+    names: dict[str, float] = {}
+    for r in runs:
+        for x in r["per_kernel"]:
+            names[x["kernel"]] = max(names.get(x["kernel"], 0.0), x["advance_us"])
+    md += [
+        "",
+        "Per kernel: launches x advance (duration), us a step:",
+        "",
+        head.replace("| |", "| kernel |", 1),
+        md[5],
+    ]
+    for name in sorted(names, key=lambda n: -names[n]):
+        cells = []
+        for r in runs:
+            x = next((x for x in r["per_kernel"] if x["kernel"] == name), None)
+            cells.append(
+                f"{x['launches']:.0f} x {x['advance_us']:.1f} ({x['duration_us']:.1f})" if x else "-"
+            )
+        md.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--render", metavar="JSON", help="only write the .md of an earlier run's JSON next to it")
+    sub = ap.add_subparsers(dest="cmd")
+    r = sub.add_parser("run")
+    r.add_argument("--bin", required=True)
+    r.add_argument("--model", required=True)
+    r.add_argument("--kv", nargs="+", default=["f16/f16", "polar/polar"])
+    r.add_argument("--tokens", type=int, default=16)
+    r.add_argument("--steps", type=int, default=8)
+    r.add_argument("--depth", type=int, default=0)
+    r.add_argument("--env", nargs="*", default=[], help="NAME=VALUE for every run")
+    r.add_argument("--out", default="docs/bench/gpu")
+    r.add_argument("--name", default="trace-decode")
+    a = sub.add_parser("analyze")
+    a.add_argument("trace")
+    a.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        src.with_suffix(".md").write_text(render(json.loads(src.read_text())))
+        return 0
+    if args.cmd == "analyze":
+        opener = gzip.open if args.trace.endswith(".gz") else open
+        with opener(args.trace, "rt") as f:
+            print(json.dumps(steps_of(*parse(f), args.steps), indent=1))
+        return 0
+    if args.cmd != "run":
+        ap.error("a subcommand (run, analyze) or --render is required")
+    if args.tokens < args.steps + 2:
+        ap.error(
+            "--tokens must be at least --steps + 2 (the first tokens are not steady), "
+            f"got {args.tokens} < {args.steps + 2}"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    so = build_tracer(out)
+    env = dict(os.environ)
+    env.update(dict(e.split("=", 1) for e in args.env))
+    runs, failed = [], 0
+    for kv in args.kv:
+        k, v = kv.split("/")
+        trace = out / f"{args.name}-{k}-{v}.txt"
+        cmd = [
+            str(Path(args.bin) / "llama-bench"),
+            "-m",
+            args.model,
+            "-ngl",
+            "99",
+            "-fa",
+            "1",
+            "-ctk",
+            k,
+            "-ctv",
+            v,
+        ]
+        cmd += ["-p", "0", "-n", str(args.tokens), "-r", "1", "--no-warmup", "-d", str(args.depth)]
+        if args.depth:
+            cmd += ["-b", str(args.depth), "-ub", str(args.depth)]
+        p = subprocess.run(
+            cmd,
+            env={**env, "CUDA_INJECTION64_PATH": str(so), "KVPOLAR_TRACE_OUT": str(trace)},
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            if p.returncode != 0:
+                raise ValueError(f"llama-bench rc {p.returncode}: {p.stderr[-1500:]}")
+            with open(trace) as f:
+                step = steps_of(*parse(f), args.steps)
+        except (ValueError, OSError) as e:
+            print(f"{kv}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        finally:
+            if trace.exists():
+                with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
+                    shutil.copyfileobj(f, g)
+                trace.unlink()
+        runs.append({"kv": kv, "command": " ".join(cmd), **step})
+        print(
+            f"{kv}: wall {step['wall_us']:.1f} us a step, gpu span {step['gpu_span_us']:.1f}, "
+            f"idle between steps {step['idle_between_steps_us']}",
+            flush=True,
+        )
+    command = "python3 scripts/trace_decode_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    data = {"gpu": gpu_name(), "command": command, "depth": args.depth, "runs": runs}
+    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / f"{args.name}.md").write_text(render(data))
+    return 1 if failed or not runs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""scripts/trace_decode_gpu.py: the decode-step timeline read from a CUPTI trace (no GPU needed: a
+synthetic trace with known gaps and overlaps), and the tracer's source compiled where CUPTI is found."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import trace_decode_gpu as td  # noqa: E402
+
+
+def synthetic(n_steps=5, wall=1000_000, idle=50_000):
+    """n_steps graph launches `wall` ns apart; each step: a q8_1 quantization (100 us), an attention
+    kernel (300 us) that the next kernel overlaps by 20 us, the write kernel (200 us); then the GPU is
+    idle for `idle` ns before the next step's first kernel."""
+    lines = []
+    t0 = 10_000_000
+    for i in range(n_steps + 1):
+        a = t0 + i * wall
+        lines.append(f"R {a} {a + 8_000} 77 cudaGraphLaunch_v10000")
+        k = a + 30_000  # launch call to first kernel
+        lines.append(f"K {k} {k + 100_000} 3 64 128 void quantize_q8_1(float const*, void*)")
+        k2 = k + 100_000
+        lines.append(
+            f"K {k2} {k2 + 300_000} 3 192 128 void flash_attn_ext_vec<64, 1, 43, 43, 0, 0>(char const*)"
+        )
+        k3 = k2 + 280_000
+        lines.append(
+            f"K {k3} {k3 + 200_000} 3 9 512 void k_polar_layer_chains<0, 0, 64, 64>(polar_layer_args)"
+        )
+        lines.append(f"R {k3 + 200_000} {k3 + 210_000} 77 cudaStreamSynchronize_v3020")
+    return lines
+
+
+def test_steps_of_synthetic():
+    lines = synthetic()
+    kernels, calls = td.parse(lines)
+    s = td.steps_of(kernels, calls, steps=3)
+    assert s["steps"] == 3
+    assert s["wall_us"] == pytest.approx(1000.0)
+    assert s["launch_to_first_kernel_us"] == pytest.approx(30.0)
+    assert s["gpu_span_us"] == pytest.approx(580.0)  # 100 + 280 + 200
+    assert s["kernel_sum_us"] == pytest.approx(600.0)
+    assert s["idle_between_steps_us"] == pytest.approx(1000.0 - 580.0)
+    adv = {x["kernel"]: x for x in s["per_kernel"]}
+    assert adv["flash_attn_ext_vec<64, 1, 43, 43, 0, 0>"]["advance_us"] == pytest.approx(280.0)
+    assert adv["flash_attn_ext_vec<64, 1, 43, 43, 0, 0>"]["duration_us"] == pytest.approx(300.0)
+    assert sum(x["advance_us"] for x in s["per_kernel"]) == pytest.approx(s["gpu_span_us"])
+    assert s["per_kernel"][0]["kernel"] == "flash_attn_ext_vec<64, 1, 43, 43, 0, 0>"  # largest advance first
+
+
+def test_parse_rejects_other_lines():
+    with pytest.raises(ValueError, match="trace line 2: expected"):
+        td.parse(["K 1 2 0 1 1 k()", "X what"])
+    with pytest.raises(ValueError, match="trace line 1"):
+        td.parse(["K one 2 0 1 1 k()"])
+
+
+def test_too_few_graph_launches():
+    kernels, calls = td.parse(synthetic(n_steps=1))
+    with pytest.raises(ValueError, match="2 cudaGraphLaunch calls"):
+        td.steps_of(kernels, calls, steps=3)
+
+
+def test_analyze_and_render(tmp_path, capsys):
+    trace = tmp_path / "t.txt.gz"
+    with gzip.open(trace, "wt") as f:
+        f.write("\n".join(synthetic()) + "\n")
+    assert td.main(["analyze", str(trace), "--steps", "2"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["steps"] == 2 and s["wall_us"] == pytest.approx(1000.0)
+    data = {"gpu": "test GPU", "command": "x", "depth": 0, "runs": [{"kv": "polar/polar", **s}]}
+    md = td.render(data)
+    assert "| GPU idle between steps | 420.0 |" in md
+    assert "| attention (flash attention, combine or stream-k fixup) | 280.0 |" in md
+    assert "| RoPE and the cache writes | 200.0 |" in md
+
+
+def test_run_needs_enough_tokens():
+    with pytest.raises(SystemExit):
+        td.main(["run", "--bin", "b", "--model", "m", "--tokens", "4", "--steps", "8"])
+
+
+def test_tracer_compiles_where_cupti_is():
+    try:
+        inc, cuda_inc, _ = td.find_cupti()
+    except FileNotFoundError:
+        pytest.skip("no CUPTI headers and library on this machine (the GPU machine has them)")
+    out = subprocess.run(
+        [
+            "g++",
+            "-std=c++17",
+            "-fsyntax-only",
+            f"-I{inc}",
+            f"-I{cuda_inc}",
+            str(ROOT / "scripts" / "cupti_trace.cpp"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
