@@ -39,8 +39,7 @@ def _module():
 # persistent-grid variants lost on the H200 and were removed (docs/gpu/encode-variants-h200-session8.json).
 #   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
 #   *_lb<N>   __launch_bounds__(256, N): registers capped for N CTAs of 8 warps per SM
-#   *_c       the ring tables const, folded into the table build (session 15; to be measured)
-#   *_cw      and the window tables written once a warp instead of once a block (session 15; to be measured)
+#   *_w       the window tables written once a warp instead of once a block
 @dataclasses.dataclass(frozen=True)
 class EncodeVariant:
     defines: tuple[tuple[str, int], ...] | None
@@ -50,16 +49,14 @@ ENCODE_VARIANTS: dict[str, EncodeVariant] = {
     "base": EncodeVariant(None),
     "rs8": EncodeVariant((("POLAR_ENC_RS_G", 8),)),
     "rs8_lb5": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))),
-    "rs8_lb5_c": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_CONST_RINGS", 1))),
-    "rs8_lb5_cw": EncodeVariant(
-        (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_CONST_RINGS", 1), ("POLAR_ENC_WIN_ONCE", 1))
-    ),
+    "rs8_lb5_w": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_ENC_WIN_ONCE", 1))),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 # The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).
-# H200, session 8: 366 vs 344 M blocks/s (polar from float16), same bytes
-# (docs/gpu/encode-variants-h200-session8.json).
-DEFAULT_VARIANT = "rs8_lb5"
+# H200, session 16, before the ring tables became const in every kernel: rs8_lb5 366, with const rings 381,
+# and the windows once a warp (rs8_lb5_w) 386 M blocks/s (polar from float16), same bytes
+# (docs/gpu/encode-variants-h200-session16.json).
+DEFAULT_VARIANT = "rs8_lb5_w"
 
 
 # Kernels of the latency path (path "cta", one CTA of 16 warps a block: ggml-cuda's shape): name -> the

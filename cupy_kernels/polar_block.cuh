@@ -106,24 +106,19 @@ template <> struct polar_fmt<POLAR3_KERNEL_ID> {
 
 // Encoder constants (read warp-uniformly: constant memory) and the codebooks, which kernels copy
 // into shared memory (polar_load_codebook) or read from global memory (polar_cx / polar_cy).
-// POLAR_CONST_RINGS=1 (the encoder variant "rs8_lb5_c", cupy_kernels.codec.ENCODE_VARIANTS) declares the
-// ring tables const, so that the compiler folds them into the unrolled table build (immediates instead of
-// constant loads, the n > 1 branches gone: 120 SASS instructions fewer in the rs8_lb5 kernel, nvcc 13, sm_90);
-// the same values, so the same bytes. To be measured on the GPU before it becomes the default.
-#if defined(POLAR_CONST_RINGS) && POLAR_CONST_RINGS
-#define POLAR_RING_CONST const
-#else
-#define POLAR_RING_CONST
-#endif
-static __constant__ POLAR_RING_CONST int   polar_c_ring_n[POLAR_NRINGS]       = POLAR_RING_N_INIT;
-static __constant__ POLAR_RING_CONST int   polar_c_ring_off[POLAR_NRINGS]     = POLAR_RING_OFF_INIT;
-static __constant__ POLAR_RING_CONST float polar_c_ring_phi[POLAR_NRINGS]     = POLAR_RING_PHI_INIT;
-static __constant__ POLAR_RING_CONST float polar_c_ring_istep[POLAR_NRINGS]   = POLAR_RING_ISTEP_INIT;
+// The ring tables are const, so that nvcc folds them into the unrolled table build (immediates instead
+// of constant loads, the n > 1 branches gone: 3296 -> 3176 SASS instructions in the rs8_lb5 kernel, nvcc
+// 13, sm_90; the same values, so the same bytes). H200, session 16 (scripts/bench_gpu.py encode --variants
+// all, as "rs8_lb5_c"): 366 -> 381 M blocks/s, polar from float16.
+static __constant__ const int   polar_c_ring_n[POLAR_NRINGS]       = POLAR_RING_N_INIT;
+static __constant__ const int   polar_c_ring_off[POLAR_NRINGS]     = POLAR_RING_OFF_INIT;
+static __constant__ const float polar_c_ring_phi[POLAR_NRINGS]     = POLAR_RING_PHI_INIT;
+static __constant__ const float polar_c_ring_istep[POLAR_NRINGS]   = POLAR_RING_ISTEP_INIT;
 static __constant__ float polar_c_g[POLAR_NCAND]             = POLAR_G_INIT;
-static __constant__ POLAR_RING_CONST int   polar3_c_ring_n[POLAR3_NRINGS]     = POLAR3_RING_N_INIT;
-static __constant__ POLAR_RING_CONST int   polar3_c_ring_off[POLAR3_NRINGS]   = POLAR3_RING_OFF_INIT;
-static __constant__ POLAR_RING_CONST float polar3_c_ring_phi[POLAR3_NRINGS]   = POLAR3_RING_PHI_INIT;
-static __constant__ POLAR_RING_CONST float polar3_c_ring_istep[POLAR3_NRINGS] = POLAR3_RING_ISTEP_INIT;
+static __constant__ const int   polar3_c_ring_n[POLAR3_NRINGS]     = POLAR3_RING_N_INIT;
+static __constant__ const int   polar3_c_ring_off[POLAR3_NRINGS]   = POLAR3_RING_OFF_INIT;
+static __constant__ const float polar3_c_ring_phi[POLAR3_NRINGS]   = POLAR3_RING_PHI_INIT;
+static __constant__ const float polar3_c_ring_istep[POLAR3_NRINGS] = POLAR3_RING_ISTEP_INIT;
 static __constant__ float polar3_c_g[POLAR3_NCAND]           = POLAR3_G_INIT;
 static __device__ const float polar_g_cx[POLAR_NCODES]       = POLAR_CX_INIT;
 static __device__ const float polar_g_cy[POLAR_NCODES]       = POLAR_CY_INIT;

@@ -161,8 +161,7 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 //           whole table in registers).
 //  *_lb<N>  POLAR_ENC_MINB = N: __launch_bounds__(256, N), registers capped for N CTAs per SM
 //           (N = 5: 48 registers).
-//  *_c     POLAR_CONST_RINGS = 1: the ring tables folded into the table build (polar_block.cuh)
-//  *_cw     and POLAR_ENC_WIN_ONCE = 1: the window tables written once a warp, not once a block
+//  *_w      POLAR_ENC_WIN_ONCE = 1: the window tables written once a warp, not once a block
 #ifdef POLAR_ENC_RS_G
 
 #ifndef POLAR_ENC_WIN_ONCE

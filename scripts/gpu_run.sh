@@ -118,7 +118,9 @@ prepare)
     fi
     tar czf "$G/a/src.tgz" -C "$src" --exclude=.git --exclude='*.gguf' \
         --exclude=src/vendor/llama.cpp/docs --exclude=src/vendor/llama.cpp/media \
-        --exclude=src/vendor/llama.cpp/models --exclude=src/vendor/llama.cpp/benches --exclude=src/docs src
+        --exclude=src/vendor/llama.cpp/models --exclude=src/vendor/llama.cpp/benches --exclude=src/docs \
+        --exclude=src/examples $(for b in opencl vulkan sycl hexagon metal et webgpu openvino cann virtgpu zdnn; do
+            echo "--exclude=src/vendor/llama.cpp/ggml/src/ggml-$b"; done) src # backends the CUDA build does not configure
     split -b 45000000 -a 1 "$DATA/$SMOL" "$G/part."
     mv "$G/part.a" "$G/a/smol.part.a" && cat "$G"/part.* > "$G/b/smol.part.b" && rm "$G"/part.*
     sha256sum "$DATA/$SMOL" | cut -d' ' -f1 > "$G/b/smol.sha256"
