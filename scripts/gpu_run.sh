@@ -309,7 +309,7 @@ chain-profile)
     # (--set full, SASS-level stall samples): what its latency is made of (session 14)
     models_and_build
     # (the finest warp sampling, every 32 cycles: the default interval left ~50 samples in one launch)
-    ncu --set full --sampling-interval 0 -k regex:k_polar_layer_chains --launch-skip 300 --launch-count 1 -f -o /tmp/chain-profile \
+    ncu --set full --warp-sampling-interval 0 -k regex:k_polar_layer_chains --launch-skip 300 --launch-count 1 -f -o /tmp/chain-profile \
         build/bin/llama-bench -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 32 -r 1 > "$OUT/chain-profile-run.txt" 2>&1
     ncu_pages chain-profile
     tail -3 "$OUT/chain-profile-run.txt"
