@@ -4,7 +4,7 @@
 # wheels it lacks travel with the repo as ignored folders, and four steps run there.
 #
 #   here:   scripts/gpu_run.sh prepare      # source tree (KVPOLAR_CUDA=1, archs $KVPOLAR_CUDA_ARCHS,
-#                                           # default 90) -> .gpurun/a/src.tgz; SmolLM2 and a Qwen2.5-1.5B
+#                                           # default 90) -> .gpurun/a/src.txz; SmolLM2 and a Qwen2.5-1.5B
 #                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl};
 #                                           # KVPOLAR_EXPERIMENTS="x.diff ..." applies patches/experiments/x.diff
 #   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
@@ -67,8 +67,9 @@ models_and_build() { # the models in /tmp (once a machine: the next step finds t
         site_wheels
         cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
         [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
-        PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "$G/b/qwen.skel" /tmp/qwen.gguf
-        cp "$G/b/squad.txt" /tmp/squad.txt
+        unxz_to "$G/b/qwen.skel.xz" /tmp/qwen.skel
+        unxz_to "$G/b/squad.txt.xz" /tmp/squad.txt
+        PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build /tmp/qwen.skel /tmp/qwen.gguf
         touch /tmp/models.ok
     fi
     until grep -q "llama.cpp built in" /tmp/gpu-run-build.log; do
@@ -86,11 +87,19 @@ ncu_pages() { # ncu_pages NAME: /tmp/NAME.ncu-rep's details page and SASS-level 
     gzip -c "/tmp/$1-sass.csv" > "$OUT/$1-sass.csv.gz"
 }
 
+unxz_to() { # unxz_to FILE.xz OUT (Python's lzma: the machine may lack the xz tool)
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+}
+
+unpack_src() { # unpack_src DIR: the prepared source tree into DIR (Python's tarfile reads xz without the xz tool)
+    mkdir -p "$1" && python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="fully_trusted")' "$G/a/src.txz" "$1"
+}
+
 harness_tree() { # the prepared source tree under its build key (unpacked once); prints its llama.cpp folder
     local key dir
     key=$(python3 scripts/bootstrap.py key)
     dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
-    [[ -d "$dir/src" ]] || { mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"; }
+    [[ -d "$dir/src" ]] || unpack_src "$dir"
     echo "$dir/src/vendor/llama.cpp"
 }
 
@@ -116,24 +125,29 @@ prepare)
         done
         src=$tmp
     fi
-    tar czf "$G/a/src.tgz" -C "$src" --exclude=.git --exclude='*.gguf' \
+    tar cf - -C "$src" --exclude=.git --exclude='*.gguf' \
         --exclude=src/vendor/llama.cpp/docs --exclude=src/vendor/llama.cpp/media \
         --exclude=src/vendor/llama.cpp/models --exclude=src/vendor/llama.cpp/benches --exclude=src/docs \
         --exclude=src/examples $(for b in opencl vulkan sycl hexagon metal et webgpu openvino cann virtgpu zdnn; do
-            echo "--exclude=src/vendor/llama.cpp/ggml/src/ggml-$b"; done) src # backends the CUDA build does not configure
-    split -b 45000000 -a 1 "$DATA/$SMOL" "$G/part."
-    mv "$G/part.a" "$G/a/smol.part.a" && cat "$G"/part.* > "$G/b/smol.part.b" && rm "$G"/part.*
+            echo "--exclude=src/vendor/llama.cpp/ggml/src/ggml-$b"; done) src | xz -9 -T2 > "$G/a/src.txz"
+    # (the backends a CUDA build does not configure are left out, and xz packs 2 MB tighter than gzip: every
+    # call's upload, the repository's tracked files included, must stay under 64 MiB)
     sha256sum "$DATA/$SMOL" | cut -d' ' -f1 > "$G/b/smol.sha256"
-    cp "$DATA/squad.txt" "$G/b/"
+    xz -9 -c "$DATA/squad.txt" > "$G/b/squad.txt.xz"
     eval "$(python3 scripts/bootstrap.py env)"
-    PYTHONPATH=converter "$KVPOLAR_PYTHON" scripts/synth_gguf.py skeleton "$DATA/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$G/b/qwen.skel"
+    PYTHONPATH=converter "$KVPOLAR_PYTHON" scripts/synth_gguf.py skeleton "$DATA/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$G/qwen.skel"
+    xz -9 -c "$G/qwen.skel" > "$G/b/qwen.skel.xz" && rm "$G/qwen.skel"
+    # SmolLM2 split so that a and b weigh the same
+    na=$(( ($(stat -c %s "$DATA/$SMOL") + $(du -cb "$G"/b/* | tail -1 | cut -f1) - $(stat -c %s "$G/a/src.txz")) / 2 ))
+    split -b "$na" -a 1 "$DATA/$SMOL" "$G/part."
+    mv "$G/part.a" "$G/a/smol.part.a" && cat "$G"/part.* > "$G/b/smol.part.b" && rm "$G"/part.*
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$G/whl" gguf==0.19.0
     du -sh "$G"/*
     ;;
 build)
     key=$(python3 scripts/bootstrap.py key)
     dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
-    mkdir -p "$dir" && tar xzf "$G/a/src.tgz" -C "$dir"
+    unpack_src "$dir"
     cp "$G/a/smol.part.a" /tmp/smol.part.a
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
