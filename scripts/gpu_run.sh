@@ -158,12 +158,13 @@ build)
     cp /tmp/fa-polar-harness.txt "$OUT/" && cat "$OUT/fa-polar-harness.txt"
     grep -q "^harness rc=0" /tmp/fa-polar-harness.txt || rc=1
     # while the build runs: the CuPy kernels' GPU tests (bytes against numpy, the encoder variants,
-    # the transformers cache), under the machine's own torch/cupy
+    # the transformers cache; and that the CUPTI tracer compiles), under the machine's own torch/cupy
     # (GPU_RUN_NO_CUPY=1 skips them: a tree whose change is only in ggml-cuda, on a short device budget)
     if [[ -z "${GPU_RUN_NO_CUPY:-}" ]]; then
         site_wheels
         PYTHONPATH=/tmp/site:$PWD/converter:$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider \
-            tests/test_gpu_parity.py tests/test_gpu_encode_variants.py tests/test_torch_cache.py > "$OUT/cupy-tests.txt" 2>&1 || rc=1
+            tests/test_gpu_parity.py tests/test_gpu_encode_variants.py tests/test_torch_cache.py tests/test_trace_decode.py \
+            > "$OUT/cupy-tests.txt" 2>&1 || rc=1
         tail -3 "$OUT/cupy-tests.txt"
         # the encoder's latency-path kernels (a decode step's few blocks: ggml-cuda's shape), bytes checked
         cupy_bench encode-latency 180 encode-latency || rc=1
@@ -305,7 +306,7 @@ x = torch.randn((1 << 19, 128), device='cuda').half(); codec.encode(x, 'polar');
 trace)
     # the decode steps on a timeline (trace_decode_gpu.py: a CUPTI tracer, kernels overlapping as in the real
     # run, the host's time between steps): both models at depth 0 and at issue 10's depths; $TRACE_ENV
-    # (NAME=VALUE ...) for every run, e.g. TRACE_ENV=GGML_CUDA_PDL=0
+    # (NAME=VALUE ...) for every run, e.g. TRACE_ENV=GGML_CUDA_PDL=0, and $TRACE_TAG appended to the names
     models_and_build
     B=/tmp/trace-out && mkdir -p $B
     rc=0
