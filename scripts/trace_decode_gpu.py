@@ -97,7 +97,7 @@ def steps_of(kernels: list[tuple], calls: list[tuple], steps: int) -> dict:
             f"{len(launches)} {GRAPH_LAUNCH} calls in the trace; "
             "a decode step needs CUDA graphs and at least 3 tokens"
         )
-    # the steps between launches; the last launch's step has no next launch (complete up to the run's end)
+    # the steps between consecutive launches (the last launch's step is left out: nothing marks its end)
     bounds = list(itertools.pairwise(launches))[-steps:]
     starts = [k[0] for k in kernels]
     per, out = OrderedDict(), []
