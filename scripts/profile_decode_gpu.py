@@ -84,9 +84,15 @@ def per_step(rows: list[dict], steps: int) -> tuple[int, int, OrderedDict]:
 
 
 def short(kernel: str) -> str:
-    """A kernel's name with its template arguments, without "void " and its parameter list."""
+    """A kernel's name with its template arguments, without "void " and its parameter list (the first "("
+    outside the template arguments, which may hold casts: "(ggml_type)1" in a CUPTI trace's names)."""
     name = kernel.removeprefix("void ")
-    return name[: name.index("(")] if "(" in name else name
+    depth = 0
+    for i, c in enumerate(name):
+        depth += (c == "<") - (c == ">")
+        if c == "(" and depth == 0:
+            return name[:i]
+    return name
 
 
 def render(data: dict) -> str:

@@ -44,22 +44,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bench_llama_gpu import gpu_name
-from profile_decode_gpu import OTHER, PARTS, part_of
+from profile_decode_gpu import OTHER, PARTS, part_of, short
 
 HERE = Path(__file__).resolve().parent
 GRAPH_LAUNCH = "cudaGraphLaunch"
-
-
-def short(kernel: str) -> str:
-    """A demangled kernel name without "void " and its parameter list, template arguments kept (they may
-    hold parentheses: "(ggml_type)1")."""
-    name = kernel.removeprefix("void ")
-    depth = 0
-    for i, c in enumerate(name):
-        depth += (c == "<") - (c == ">")
-        if c == "(" and depth == 0:
-            return name[:i]
-    return name
 
 
 def parse(lines) -> tuple[list[tuple], list[tuple]]:
