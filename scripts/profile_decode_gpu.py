@@ -83,6 +83,14 @@ def per_step(rows: list[dict], steps: int) -> tuple[int, int, OrderedDict]:
     return p, n, table
 
 
+def decode_bench_cmd(bin_dir: str, model: str, k: str, v: str, tokens: int, depth: int) -> list[str]:
+    """llama-bench's decode run of one K/V pair: TOKENS tokens after DEPTH, the depth prefilled as one
+    batch (-b/-ub = depth) so that its kernels are few; no warm-up, one repetition."""
+    cmd = [str(Path(bin_dir) / "llama-bench"), "-m", model, "-ngl", "99", "-fa", "1", "-ctk", k, "-ctv", v]
+    cmd += ["-p", "0", "-n", str(tokens), "-r", "1", "--no-warmup", "-d", str(depth)]
+    return cmd + (["-b", str(depth), "-ub", str(depth)] if depth else [])
+
+
 def short(kernel: str) -> str:
     """A kernel's name with its template arguments, without "void " and its parameter list (the first "("
     outside the template arguments, which may hold casts: "(ggml_type)1" in a CUPTI trace's names)."""
@@ -159,36 +167,12 @@ def main(argv=None) -> int:
         return 2
     env = dict(os.environ)
     env.update(dict(e.split("=", 1) for e in args.env))
-    bench = str(Path(args.bin) / "llama-bench")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs, failed = [], 0
     for kv in args.kv:
         k, v = kv.split("/")
-        cmd = [
-            bench,
-            "-m",
-            args.model,
-            "-ngl",
-            "99",
-            "-fa",
-            "1",
-            "-ctk",
-            k,
-            "-ctv",
-            v,
-            "-p",
-            "0",
-            "-n",
-            str(args.tokens),
-            "-r",
-            "1",
-            "--no-warmup",
-            "-d",
-            str(args.depth),
-        ]
-        if args.depth:
-            cmd += ["-b", str(args.depth), "-ub", str(args.depth)]
+        cmd = decode_bench_cmd(args.bin, args.model, k, v, args.tokens, args.depth)
         full = [
             ncu,
             "--clock-control",

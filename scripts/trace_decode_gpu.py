@@ -44,7 +44,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bench_llama_gpu import gpu_name
-from profile_decode_gpu import OTHER, PARTS, part_of, short
+from profile_decode_gpu import OTHER, PARTS, decode_bench_cmd, part_of, short
 
 HERE = Path(__file__).resolve().parent
 GRAPH_LAUNCH = "cudaGraphLaunch"
@@ -310,22 +310,7 @@ def main(argv=None) -> int:
     for kv in args.kv:
         k, v = kv.split("/")
         trace = out / f"{args.name}-{k}-{v}.txt"
-        cmd = [
-            str(Path(args.bin) / "llama-bench"),
-            "-m",
-            args.model,
-            "-ngl",
-            "99",
-            "-fa",
-            "1",
-            "-ctk",
-            k,
-            "-ctv",
-            v,
-        ]
-        cmd += ["-p", "0", "-n", str(args.tokens), "-r", "1", "--no-warmup", "-d", str(args.depth)]
-        if args.depth:
-            cmd += ["-b", str(args.depth), "-ub", str(args.depth)]
+        cmd = decode_bench_cmd(args.bin, args.model, k, v, args.tokens, args.depth)
         p = subprocess.run(
             cmd,
             env={**env, "CUDA_INJECTION64_PATH": str(so), "KVPOLAR_TRACE_OUT": str(trace)},

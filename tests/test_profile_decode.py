@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from profile_decode_gpu import ncu_rows, per_step, period, render
+from profile_decode_gpu import decode_bench_cmd, ncu_rows, per_step, period, render
 
 HEAD = '"ID","Kernel Name","gpu__time_duration.sum"\n"","","nsecond"\n'
 
@@ -59,3 +59,14 @@ def test_render_sums_each_part():
     assert "| `flash_attn_ext_polar_mma<128>` | 1 x 1.5 |" in md
     assert "| attention (flash attention, combine or stream-k fixup) | 2.0 |" in md
     assert "| everything else (weights, norms, q8_1 quantization) | 4.0 |" in md
+
+
+def test_decode_bench_cmd_prefills_the_depth_as_one_batch():
+    cmd = decode_bench_cmd("b", "m.gguf", "polar", "f16", 16, 32768)
+    assert (
+        cmd[0] == "b/llama-bench"
+        and cmd[cmd.index("-ctk") + 1] == "polar"
+        and cmd[cmd.index("-ctv") + 1] == "f16"
+    )
+    assert cmd[cmd.index("-d") + 1] == "32768" and cmd[-4:] == ["-b", "32768", "-ub", "32768"]
+    assert "-b" not in decode_bench_cmd("b", "m.gguf", "f16", "f16", 6, 0)
