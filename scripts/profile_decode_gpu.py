@@ -91,6 +91,17 @@ def decode_bench_cmd(bin_dir: str, model: str, k: str, v: str, tokens: int, dept
     return cmd + (["-b", str(depth), "-ub", str(depth)] if depth else [])
 
 
+def write_tables(
+    out: Path, name: str, script: str, argv, gpu: str, depth: int, runs: list, render_md
+) -> dict:
+    """OUT/NAME.json (the runs, the GPU and the command that made them) and OUT/NAME.md (render_md of it)."""
+    command = f"python3 scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    data = {"gpu": gpu, "command": command, "depth": depth, "runs": runs}
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / f"{name}.md").write_text(render_md(data))
+    return data
+
+
 def short(kernel: str) -> str:
     """A kernel's name with its template arguments, without "void " and its parameter list (the first "("
     outside the template arguments, which may hold casts: "(ggml_type)1" in a CUPTI trace's names)."""
@@ -211,10 +222,7 @@ def main(argv=None) -> int:
             }
         )
         print(f"{kv}: {plen} kernels a step, {total:.1f} us of kernel time a step", flush=True)
-    command = "python3 scripts/profile_decode_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data = {"gpu": gpu_name(), "command": command, "depth": args.depth, "runs": runs}
-    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(render(data))
+    write_tables(out, args.name, "profile_decode_gpu.py", argv, gpu_name(), args.depth, runs, render)
     return 1 if failed or not runs else 0
 
 

@@ -44,7 +44,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bench_llama_gpu import gpu_name
-from profile_decode_gpu import OTHER, PARTS, decode_bench_cmd, part_of, short
+from profile_decode_gpu import OTHER, PARTS, decode_bench_cmd, part_of, short, write_tables
 
 HERE = Path(__file__).resolve().parent
 GRAPH_LAUNCH = "cudaGraphLaunch"
@@ -286,13 +286,10 @@ def main(argv=None) -> int:
             k, v = Path(trace).name.split(".")[0].split("-")[-2:]
             runs.append({"kv": f"{k}/{v}", "trace": Path(trace).name, **step})
         if args.name:
-            command = "python3 scripts/trace_decode_gpu.py " + " ".join(
-                argv if argv is not None else sys.argv[1:]
-            )
-            data = {"gpu": args.gpu or gpu_name(), "command": command, "depth": args.depth, "runs": runs}
             out = Path(args.out or ".")
-            (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
-            (out / f"{args.name}.md").write_text(render(data))
+            write_tables(
+                out, args.name, "trace_decode_gpu.py", argv, args.gpu or gpu_name(), args.depth, runs, render
+            )
         return 0
     if args.cmd != "run":
         ap.error("a subcommand (run, analyze) or --render is required")
@@ -338,10 +335,7 @@ def main(argv=None) -> int:
             f"idle between steps {step['idle_between_steps_us']}",
             flush=True,
         )
-    command = "python3 scripts/trace_decode_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data = {"gpu": gpu_name(), "command": command, "depth": args.depth, "runs": runs}
-    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(render(data))
+    write_tables(out, args.name, "trace_decode_gpu.py", argv, gpu_name(), args.depth, runs, render)
     return 1 if failed or not runs else 0
 
 
