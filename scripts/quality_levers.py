@@ -363,6 +363,14 @@ EXACT_TOP = [
     ("polar3", "f16", {"LLAMA_KV_EXACT_TOP": "64"}),
     ("polar3", "f16", {"LLAMA_KV_EXACT_TOP": "256"}),
 ]
+# session 16: the sink's value kept exact too, on a build with the measurement hack
+# patches/experiments/session16-exact-v0-measure.diff (session 15's hack plus LLAMA_KV_EXACT_V0=1: cell 0's V
+# row in f32, CPU only); the row without the variable is that build's default
+EXACT_V0 = [
+    ("polar", "polar3", {}),
+    ("polar", "polar3", {"LLAMA_KV_EXACT_V0": "1"}),
+    ("polar", "polar", {"LLAMA_KV_EXACT_V0": "1"}),
+]
 SETS = {
     "levers": SETTINGS,
     "polar3k": POLAR3K,
@@ -371,6 +379,7 @@ SETS = {
     "exactsink": EXACT_SINK,
     "exactsink-built": EXACT_SINK_BUILT,
     "exacttop": EXACT_TOP,
+    "exactv0": EXACT_V0,
 }
 
 
