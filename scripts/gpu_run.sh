@@ -4,10 +4,13 @@
 # wheels it lacks travel with the repo as ignored folders, and four steps run there.
 #
 #   here:   scripts/gpu_run.sh prepare      # source tree (KVPOLAR_CUDA=1, archs $KVPOLAR_CUDA_ARCHS,
-#                                           # default 90) -> .gpurun/a/src.txz; SmolLM2 and a Qwen2.5-1.5B
-#                                           # skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,whl};
+#                                           # default 90) -> .gpurun/a/src.txz; SmolLM2 (in three parts),
+#                                           # a Qwen2.5-1.5B skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,c,whl};
 #                                           # KVPOLAR_EXPERIMENTS="x.diff ..." applies patches/experiments/x.diff
-#   there:  scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
+#   there:  (every step first keeps the parts of whichever of .gpurun/a, b, c it carries in /tmp/gpurun-parts;
+#           the steps that run models need all three, so carry a, b and c in three calls, e.g. build, parts, verify)
+#           scripts/gpu_run.sh parts        # only that: keep the carried parts, list what the machine holds
+#           scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
 #                                           # benchmarks (encode-latency, encode --variants, compare) meanwhile
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
@@ -30,23 +33,33 @@
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
-# Results go to $OUT (default ./gpu-run-out). The model is split over two folders (a and b) so that
-# each call's upload stays under 64 MiB; a call that carries .gpurun/a runs `build`, one that carries
-# .gpurun/b runs `checks`. The steps leave the build and the checks running in the background
+# Results go to $OUT (default ./gpu-run-out). The model is split over three folders (a, b and c) of about
+# 36 MB so that each call's upload, the repository's tracked files included, stays well under 64 MiB; a
+# call that carries .gpurun/a runs `build`, the next two carry b and c (with .gpurun/whl where a step needs
+# the wheel). The steps leave the build and the checks running in the background
 # (setsid), so they must run on the same machine one after another. Exit status: non-zero when a
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
+prepare | build | parts | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,37p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,41p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 G=.gpurun
+P=/tmp/gpurun-parts # the carried parts, kept on the machine from call to call (each call carries one folder)
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
+if [[ $1 != prepare ]]; then # (the case above has checked $1)
+    mkdir -p "$P"
+    for d in a b c; do
+        if [[ -d $G/$d ]]; then
+            find "$G/$d" -maxdepth 1 -type f ! -name src.txz -exec cp {} "$P"/ \;
+        fi
+    done
+fi
 export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -64,11 +77,16 @@ cupy_bench() { # cupy_bench NAME TIMEOUT ARGS...: scripts/bench_gpu.py ARGS -> $
 
 models_and_build() { # the models in /tmp (once a machine: the next step finds them), then wait for the background build
     if [[ ! -f /tmp/models.ok ]]; then
+        local f missing=""
+        for f in smol.part.a smol.part.b smol.part.c smol.sha256 qwen.skel.xz squad.txt.xz; do
+            [[ -f $P/$f ]] || missing+=" $f"
+        done
+        [[ -z $missing ]] || { echo "gpu_run: not on this machine yet:$missing; carry .gpurun/a, b and c (one call each) first" >&2; exit 1; }
         site_wheels
-        cat /tmp/smol.part.a "$G/b/smol.part.b" > /tmp/smol.gguf
-        [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$G/b/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
-        unxz_to "$G/b/qwen.skel.xz" /tmp/qwen.skel
-        unxz_to "$G/b/squad.txt.xz" /tmp/squad.txt
+        cat "$P"/smol.part.a "$P"/smol.part.b "$P"/smol.part.c > /tmp/smol.gguf
+        [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$P/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
+        unxz_to "$P/qwen.skel.xz" /tmp/qwen.skel
+        unxz_to "$P/squad.txt.xz" /tmp/squad.txt
         PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build /tmp/qwen.skel /tmp/qwen.gguf
         touch /tmp/models.ok
     fi
@@ -113,7 +131,7 @@ harness_bin() { # harness_bin OUT [nvcc flags...]: scripts/fa_polar_harness.cu a
 
 case ${1:-} in
 prepare)
-    rm -rf "$G" && mkdir -p "$G/a" "$G/b" "$G/whl"
+    rm -rf "$G" && mkdir -p "$G/a" "$G/b" "$G/c" "$G/whl"
     python3 scripts/bootstrap.py data --qwen
     python3 scripts/bootstrap.py llama --source-only
     key=$(python3 scripts/bootstrap.py key)
@@ -137,18 +155,25 @@ prepare)
     eval "$(python3 scripts/bootstrap.py env)"
     PYTHONPATH=converter "$KVPOLAR_PYTHON" scripts/synth_gguf.py skeleton "$DATA/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$G/qwen.skel"
     xz -9 -c "$G/qwen.skel" > "$G/b/qwen.skel.xz" && rm "$G/qwen.skel"
-    # SmolLM2 split so that a and b weigh the same
-    na=$(( ($(stat -c %s "$DATA/$SMOL") + $(du -cb "$G"/b/* | tail -1 | cut -f1) - $(stat -c %s "$G/a/src.txz")) / 2 ))
-    split -b "$na" -a 1 "$DATA/$SMOL" "$G/part."
-    mv "$G/part.a" "$G/a/smol.part.a" && cat "$G"/part.* > "$G/b/smol.part.b" && rm "$G"/part.*
+    # SmolLM2 in three parts, so that a (with the source), b (with the small files) and c weigh the same
+    sm=$(stat -c %s "$DATA/$SMOL")
+    third=$(( (sm + $(du -cb "$G"/b/* | tail -1 | cut -f1) + $(stat -c %s "$G/a/src.txz")) / 3 ))
+    na=$(( third - $(stat -c %s "$G/a/src.txz") ))
+    nb=$(( third - $(du -cb "$G"/b/* | tail -1 | cut -f1) ))
+    dd if="$DATA/$SMOL" of="$G/a/smol.part.a" bs=1M iflag=count_bytes count="$na" status=none
+    dd if="$DATA/$SMOL" of="$G/b/smol.part.b" bs=1M iflag=skip_bytes,count_bytes skip="$na" count="$nb" status=none
+    dd if="$DATA/$SMOL" of="$G/c/smol.part.c" bs=1M iflag=skip_bytes skip=$(( na + nb )) status=none
+    cat "$G"/a/smol.part.a "$G"/b/smol.part.b "$G"/c/smol.part.c | cmp - "$DATA/$SMOL"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$G/whl" gguf==0.19.0
     du -sh "$G"/*
+    ;;
+parts)
+    ls -la "$P"
     ;;
 build)
     key=$(python3 scripts/bootstrap.py key)
     dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
     unpack_src "$dir"
-    cp "$G/a/smol.part.a" /tmp/smol.part.a
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
     rc=0
