@@ -40,6 +40,7 @@ def _module():
 #   rs<G>     scale candidates G at a time, one reduce-scatter block sum per group
 #   *_lb<N>   __launch_bounds__(256, N): registers capped for N CTAs of 8 warps per SM
 #   *_w       the window tables written once a warp instead of once a block
+#   *_n       no branch around each candidate for a zero scale (session 16; to be measured)
 @dataclasses.dataclass(frozen=True)
 class EncodeVariant:
     defines: tuple[tuple[str, int], ...] | None
@@ -50,6 +51,9 @@ ENCODE_VARIANTS: dict[str, EncodeVariant] = {
     "rs8": EncodeVariant((("POLAR_ENC_RS_G", 8),)),
     "rs8_lb5": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5))),
     "rs8_lb5_w": EncodeVariant((("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_ENC_WIN_ONCE", 1))),
+    "rs8_lb5_wn": EncodeVariant(
+        (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_ENC_WIN_ONCE", 1), ("POLAR_ENC_NOSKIP", 1))
+    ),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 # The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).

@@ -162,10 +162,15 @@ ENCODE_ENTRY(polar_encode_polar3_bf16, 1, in_bf16)
 //  *_lb<N>  POLAR_ENC_MINB = N: __launch_bounds__(256, N), registers capped for N CTAs per SM
 //           (N = 5: 48 registers).
 //  *_w      POLAR_ENC_WIN_ONCE = 1: the window tables written once a warp, not once a block
+//  *_n      POLAR_ENC_NOSKIP = 1: no branch around each candidate for a zero scale (its error is forced to
+//           +inf after the search instead), so the compiler may interleave a group's candidates
 #ifdef POLAR_ENC_RS_G
 
 #ifndef POLAR_ENC_WIN_ONCE
 #define POLAR_ENC_WIN_ONCE 0
+#endif
+#ifndef POLAR_ENC_NOSKIP
+#define POLAR_ENC_NOSKIP 0
 #endif
 
 __device__ __forceinline__ unsigned int polar_umin(unsigned int a, unsigned int b) { return a < b ? a : b; }
@@ -211,12 +216,21 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
 #pragma unroll
         for (int c = 0; c < G; ++c) {
             const float s = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + c);
-            v[c]          = __uint_as_float(POLAR_INF_BITS);
+#if POLAR_ENC_NOSKIP
+            {  // every candidate searched; a zero scale's error forced to +inf (never wins), without a branch
+                int slot;
+                float bx, by;
+                const float e = polar_encode_lane<FMT, 1>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c),
+                                                          t, lane, slot, bx, by);
+                v[c] = s != 0.0f ? e : __uint_as_float(POLAR_INF_BITS);
+#else
+            v[c] = __uint_as_float(POLAR_INF_BITS);
             if (s != 0.0f) {  // warp-uniform; a skipped candidate sums to +inf and never wins
                 int slot;
                 float bx, by;
                 v[c] = polar_encode_lane<FMT, 1>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c), t,
                                                  lane, slot, bx, by);
+#endif
                 if (c < 8) {
                     sl0 |= (unsigned long long) slot << (8 * c);
                 } else {
