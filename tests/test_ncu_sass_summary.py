@@ -62,3 +62,37 @@ def test_bad_input_is_named(tmp_path, capsys):
     good = _write(tmp_path, ROWS)
     with pytest.raises(ValueError, match="--per must be positive"):
         ns.summarize(ns.read_rows(good)[1], per=0)
+
+
+def test_stall_reasons_segments_and_top_instructions(tmp_path):
+    head = (
+        '"Kernel Name","k_test",\n'
+        '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+        '"stall_long_sb","stall_barrier","stall_long_sb (Not Issued)"\n'
+    )
+    rows = [  # (SASS, executed, long_sb, barrier): a phase of 64, a never-run line, more of it, then 4
+        ("LDG R1, [R2]", "64", 0, 0),
+        ("FADD R3, R1, R1", "64", 9, 0),
+        ("BRA 0x10", "0", 0, 0),
+        ("BAR.SYNC 0", "64", 0, 5),
+        ("FMUL R4, R3, R3", "4", 2, 0),
+        ("EXIT", "4", 0, 1),
+    ]
+    text = head + "".join(
+        f'"0x{i:04x}","{s}","{lsb + bar}","{e}","{lsb}","{bar}","99"\n'
+        for i, (s, e, lsb, bar) in enumerate(rows)
+    )
+    p = tmp_path / "t.csv"
+    p.write_text(text)
+    kernel, rs = ns.read_rows(p)
+    s = ns.summarize(rs, per=4)
+    assert s["stall_samples"] == 17
+    assert s["stall_reasons"] == {"stall_long_sb": 11, "stall_barrier": 6}  # "(Not Issued)" columns left out
+    segs = [(g["first"], g["last"], g["executed_each"], g["stall_samples"]) for g in s["segments"]]
+    assert segs == [(0, 3, 64, 14), (4, 5, 4, 3)]  # the never-run BRA does not end the first segment
+    assert [(t["index"], t["reason"]) for t in s["top_stalled"][:2]] == [
+        (1, "stall_long_sb"),
+        (3, "stall_barrier"),
+    ]
+    out = ns.render(kernel, s, 4)
+    assert "by reason: long_sb 11, barrier 6" in out and "0-3" in out
