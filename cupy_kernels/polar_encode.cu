@@ -216,21 +216,15 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
 #pragma unroll
         for (int c = 0; c < G; ++c) {
             const float s = __shfl_sync(POLAR_FULL_MASK, s_lane, k0 + c);
-#if POLAR_ENC_NOSKIP
-            {  // every candidate searched; a zero scale's error forced to +inf (never wins), without a branch
-                int slot;
-                float bx, by;
+            v[c]          = __uint_as_float(POLAR_INF_BITS);
+            // warp-uniform; a zero scale's candidate sums to +inf and never wins (POLAR_ENC_NOSKIP: searched anyway,
+            // its error then discarded, so that there is no branch between a group's candidates)
+            if (POLAR_ENC_NOSKIP || s != 0.0f) {
+                int         slot;
+                float       bx, by;
                 const float e = polar_encode_lane<FMT, 1>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c),
                                                           t, lane, slot, bx, by);
-                v[c] = s != 0.0f ? e : __uint_as_float(POLAR_INF_BITS);
-#else
-            v[c] = __uint_as_float(POLAR_INF_BITS);
-            if (s != 0.0f) {  // warp-uniform; a skipped candidate sums to +inf and never wins
-                int slot;
-                float bx, by;
-                v[c] = polar_encode_lane<FMT, 1>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k0 + c), t,
-                                                 lane, slot, bx, by);
-#endif
+                v[c]          = s != 0.0f ? e : __uint_as_float(POLAR_INF_BITS);
                 if (c < 8) {
                     sl0 |= (unsigned long long) slot << (8 * c);
                 } else {
