@@ -238,8 +238,8 @@ def headline() -> list[str]:
                     label, g["gpu"], depth, " (bench_llama_gpu.py table, session 10's build)", a, b, f
                 )
             )
-    # the newest build's same-run A/Bs of the same targets (ab_llama_gpu.py, 3 or 5 repetitions; the full
-    # tables above are bench_llama_gpu.py's, last run on session 10's build)
+    # the newest builds' same-run A/Bs of the same targets (ab_llama_gpu.py, 3 repetitions; the full tables
+    # above are bench_llama_gpu.py's, last run on session 10's build)
     for path, label, depth in AB_LATEST:
         path = REPO / path
         if not path.exists():
@@ -278,16 +278,16 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
     )
 
 
-# ab_llama_gpu.py runs of issue 10's tg targets on the newest build (docs/results-cuda.md), listed in
-# results.md next to the full bench_llama_gpu.py tables
-# (every run of the newest build, as the runs scatter by several per cent)
-AB_DIR = "docs/gpu/h200-llama/session15"
+# ab_llama_gpu.py runs of issue 10's tg targets on session 16's two builds (docs/results-cuda.md): the ring
+# tables const (ab-rot, the newest) and the session-15 tree it started from (ab-pdl, the rows with PDL on),
+# listed in results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several
+# per cent)
+AB_DIR = "docs/gpu/h200-llama/session16/ab"
 AB_LATEST = (
-    (f"{AB_DIR}/ab5/ab-rot-r5-smollm2.json", "SmolLM2-135M", 16384),
-    (f"{AB_DIR}/ab/ab-rot-smollm2.json", "SmolLM2-135M", 16384),
-    (f"{AB_DIR}/ab5/ab-rot-r5-qwen.json", QWEN_SHAPE, 32768),
-    (f"{AB_DIR}/ab/ab-rot-qwen.json", QWEN_SHAPE, 32768),
-    (f"{AB_DIR}/profile/ab-graphs-qwen.json", QWEN_SHAPE, 32768),
+    (f"{AB_DIR}/ab-rot-smollm2.json", "SmolLM2-135M", 16384),
+    (f"{AB_DIR}/ab-pdl-smollm2.json", "SmolLM2-135M", 16384),
+    (f"{AB_DIR}/ab-rot-qwen.json", QWEN_SHAPE, 32768),
+    (f"{AB_DIR}/ab-pdl-qwen.json", QWEN_SHAPE, 32768),
 )
 
 
