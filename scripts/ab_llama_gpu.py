@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -42,11 +42,6 @@ polar/polar3 and polar3/polar3 with the defaults; next to f16 and q4_0.
 --set pdl: f16, q4_0 and polar/polar each with upstream's programmatic dependent launch (the default) and
 without it (GGML_CUDA_PDL=0): session 15 found polar's decode-step kernels summing to less than f16's under
 Nsight Compute while its tg stayed 0-4 % lower; does f16 gain more from kernels overlapping their neighbours?
---set early: the layer's write kernel reading its positions, cache rows, offsets and factors and computing the
-RoPE's angles before it waits for the kernel before it (the default since session 17) against after
-(GGML_CUDA_POLAR_NO_EARLY=1), for polar/polar; polar/f16, polar/polar3 and polar3/polar3 with the defaults;
-next to f16 and q4_0. The two polar/polar rows run twice each, alternating, so that a drift of the clock
-shows as a difference between the copies.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -153,20 +148,8 @@ PDL_VARIANTS = tuple(  # (K, V, environment): upstream's programmatic dependent 
     for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("polar", "polar"))
     for env in ({}, {"GGML_CUDA_PDL": "0"})
 )
-EARLY_VARIANTS = (  # (K, V, environment): the write kernel's inputs read before its PDL wait (default), after
-    ("f16", "f16", {}),
-    ("q4_0", "q4_0", {}),
-    ("polar", "polar", {}),
-    ("polar", "polar", {"GGML_CUDA_POLAR_NO_EARLY": "1"}),
-    ("polar", "polar", {}),
-    ("polar", "polar", {"GGML_CUDA_POLAR_NO_EARLY": "1"}),
-    ("polar", "f16", {}),
-    ("polar", "polar3", {}),
-    ("polar3", "polar3", {}),
-)
 SETS = {
     "extras": VARIANTS,
-    "early": EARLY_VARIANTS,
     "pdl": PDL_VARIANTS,
     "rot": ROT_VARIANTS,
     "sched": SCHED_VARIANTS,
