@@ -54,6 +54,15 @@ ENCODE_VARIANTS: dict[str, EncodeVariant] = {
     "rs8_lb5_wn": EncodeVariant(
         (("POLAR_ENC_RS_G", 8), ("POLAR_ENC_MINB", 5), ("POLAR_ENC_WIN_ONCE", 1), ("POLAR_ENC_NOSKIP", 1))
     ),
+    "rs8_lb5_wnr": EncodeVariant(
+        (
+            ("POLAR_ENC_RS_G", 8),
+            ("POLAR_ENC_MINB", 5),
+            ("POLAR_ENC_WIN_ONCE", 1),
+            ("POLAR_ENC_NOSKIP", 1),
+            ("POLAR_ENC_RCP", 1),
+        )
+    ),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 # The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).
@@ -70,6 +79,7 @@ DEFAULT_VARIANT = "rs8_lb5_w"
 CTA_VARIANTS: dict[str, tuple[tuple[str, int], ...]] = {
     "split": (),
     "one_warp": (("POLAR_ENC_CTA_SPLIT", 0),),
+    "split_rcp": (("POLAR_ENC_RCP", 1),),
 }
 
 

@@ -204,7 +204,7 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
 
     static_assert(TR::NCAND <= POLAR_BLOCK_PAIRS, "one scale candidate per lane");
     const float s_lane   = polar_round_scale(polar_fmul(rmax, polar_tab<FMT>::g(lane % TR::NCAND)));
-    const float inv_lane = polar_fdiv(1.0f, s_lane);
+    const float inv_lane = polar_finv(s_lane);
 
     float        best_s = 0.0f;
     unsigned int best_b = POLAR_INF_BITS;  // bits of the best E
