@@ -68,8 +68,10 @@ VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 # The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).
 # H200, session 16, before the ring tables became const in every kernel: rs8_lb5 366, with const rings 381,
 # and the windows once a warp (rs8_lb5_w) 386 M blocks/s (polar from float16), same bytes
-# (docs/gpu/encode-variants-h200-session16.json).
-DEFAULT_VARIANT = "rs8_lb5_w"
+# (docs/gpu/encode-variants-h200-session16.json). Session 17: no branch per scale candidate (rs8_lb5_wn) 398, and
+# the scales' reciprocals by rcp.rn (rs8_lb5_wnr) 400 (polar3 418), same bytes
+# (docs/gpu/encode-variants-h200-session17b.json).
+DEFAULT_VARIANT = "rs8_lb5_wnr"
 
 
 # Kernels of the latency path (path "cta", one CTA of 16 warps a block: ggml-cuda's shape): name -> the
@@ -79,7 +81,6 @@ DEFAULT_VARIANT = "rs8_lb5_w"
 CTA_VARIANTS: dict[str, tuple[tuple[str, int], ...]] = {
     "split": (),
     "one_warp": (("POLAR_ENC_CTA_SPLIT", 0),),
-    "split_rcp": (("POLAR_ENC_RCP", 1),),
 }
 
 
