@@ -282,8 +282,12 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
 # tables const (ab-rot, the newest) and the session-15 tree it started from (ab-pdl, the rows with PDL on),
 # listed in results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several
 # per cent)
+# and session 17's A/B of a dropped experiment (the write kernel's early reads: its polar/polar rows ran the same
+# encoder and attention arithmetic, and equalled the rows with the reads after the wait)
 AB_DIR = "docs/gpu/h200-llama/session16/ab"
 AB_LATEST = (
+    ("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json", "SmolLM2-135M", 16384),
+    ("docs/gpu/h200-llama/session17/ab/ab-early-qwen.json", QWEN_SHAPE, 32768),
     (f"{AB_DIR}/ab-rot-smollm2.json", "SmolLM2-135M", 16384),
     (f"{AB_DIR}/ab-pdl-smollm2.json", "SmolLM2-135M", 16384),
     (f"{AB_DIR}/ab-rot-qwen.json", QWEN_SHAPE, 32768),
