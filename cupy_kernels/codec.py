@@ -68,8 +68,8 @@ VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 # The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).
 # H200, session 16, before the ring tables became const in every kernel: rs8_lb5 366, with const rings 381,
 # and the windows once a warp (rs8_lb5_w) 386 M blocks/s (polar from float16), same bytes
-# (docs/gpu/encode-variants-h200-session16.json). Session 17: no branch per scale candidate (rs8_lb5_wn) 398, and
-# the scales' reciprocals by rcp.rn (rs8_lb5_wnr) 400 (polar3 418), same bytes
+# (docs/gpu/encode-variants-h200-session16.json). Session 17: no branch per scale candidate (rs8_lb5_wn)
+# 398, and the scales' reciprocals by rcp.rn (rs8_lb5_wnr) 400 (polar3 418), same bytes
 # (docs/gpu/encode-variants-h200-session17b.json).
 DEFAULT_VARIANT = "rs8_lb5_wnr"
 

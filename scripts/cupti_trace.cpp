@@ -6,6 +6,9 @@
 //   K <start_ns> <end_ns> <graph_id> <grid x*y*z> <block x*y*z> <name, demangled>
 //   R <start_ns> <end_ns> <thread id> <runtime call name>
 //
+// KVPOLAR_TRACE_KERNELS=0 records the runtime calls only: no kernel activity, so that the host's side of a
+// step is timed without what tracing each kernel of a CUDA graph adds to cudaGraphLaunch.
+//
 // Built and used by scripts/trace_decode_gpu.py (g++ -shared against the machine's own CUPTI headers
 // and libcupti), run as CUDA_INJECTION64_PATH=libcupti_trace.so KVPOLAR_TRACE_OUT=trace.txt PROGRAM.
 // Kernels inside CUDA graphs are recorded one by one, with the programmatic-dependent-launch overlap
@@ -111,7 +114,10 @@ void start() {
         return;
     }
     TRY(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed));
-    TRY(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL));
+    const char * kernels = std::getenv("KVPOLAR_TRACE_KERNELS");
+    if (kernels == nullptr || std::strcmp(kernels, "0") != 0) {
+        TRY(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL));
+    }
     TRY(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME));
     std::atexit(finish);
 }

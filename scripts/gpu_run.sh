@@ -30,6 +30,7 @@
 #           scripts/gpu_run.sh encode-profile # the CuPy encoder's throughput kernel under ncu (no llama build)
 #           scripts/gpu_run.sh trace        # models, wait for the build, then a timeline of the decode steps
 #                                           # (trace_decode_gpu.py, CUPTI): f16, q4_0, polar at the tg depths
+#                                           # (TRACE_HOST=1: the host's side of each step, runtime calls only)
 #           scripts/gpu_run.sh bench ab     # wait for the checks, then ab_llama_gpu.py --set kernel, perf_ops_gpu.py
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #
@@ -43,7 +44,7 @@ set -euo pipefail
 case ${1:-} in
 prepare | build | parts | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,41p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,42p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -331,7 +332,8 @@ x = torch.randn((1 << 19, 128), device='cuda').half(); codec.encode(x, 'polar');
 trace)
     # the decode steps on a timeline (trace_decode_gpu.py: a CUPTI tracer, kernels overlapping as in the real
     # run, the host's time between steps): both models at depth 0 and at issue 10's depths; $TRACE_ENV
-    # (NAME=VALUE ...) for every run, e.g. TRACE_ENV=GGML_CUDA_PDL=0, and $TRACE_TAG appended to the names
+    # (NAME=VALUE ...) for every run, e.g. TRACE_ENV=GGML_CUDA_PDL=0, and $TRACE_TAG appended to the names;
+    # TRACE_HOST=1: the runtime calls only (trace_decode_gpu.py run --host), the host's side of each step
     models_and_build
     B=/tmp/trace-out && mkdir -p $B
     rc=0
@@ -339,7 +341,7 @@ trace)
         m=${md%%:*} d=${md##*:}
         # shellcheck disable=SC2086
         python3 scripts/trace_decode_gpu.py run --bin build/bin --model /tmp/$m.gguf --kv f16/f16 q4_0/q4_0 polar/polar \
-            --depth "$d" --out $B --name "trace-decode-$m-d$d${TRACE_TAG:-}" --env ${TRACE_ENV:-} || rc=1
+            --depth "$d" --out $B --name "trace-decode-$m-d$d${TRACE_TAG:-}" ${TRACE_HOST:+--host} --env ${TRACE_ENV:-} || rc=1
         tar czf "$OUT/trace.tgz" -C $B .
     done
     exit $rc

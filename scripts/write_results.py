@@ -281,9 +281,8 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
 # ab_llama_gpu.py runs of issue 10's tg targets on session 16's two builds (docs/results-cuda.md): the ring
 # tables const (ab-rot, the newest) and the session-15 tree it started from (ab-pdl, the rows with PDL on),
 # listed in results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several
-# per cent)
-# and session 17's A/B of a dropped experiment (the write kernel's early reads: its polar/polar rows ran the same
-# encoder and attention arithmetic, and equalled the rows with the reads after the wait)
+# per cent); and session 17's A/B of a dropped experiment (the write kernel's early reads: its polar/polar
+# rows ran the same encoder and attention arithmetic, and equalled the rows with the reads after the wait)
 AB_DIR = "docs/gpu/h200-llama/session16/ab"
 AB_LATEST = (
     ("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json", "SmolLM2-135M", 16384),

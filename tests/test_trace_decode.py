@@ -112,3 +112,52 @@ def test_tracer_compiles_where_cupti_is():
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+def synthetic_host(n_steps=5, wall=1000_000, extra_copies=0):
+    """Runtime calls only (`run --host`): each step a graph launch (8 us), 2 + extra_copies input copies
+    (5 us each), then cudaStreamSynchronize until 700 us into the step."""
+    lines = []
+    t0 = 10_000_000
+    for i in range(n_steps + 1):
+        a = t0 + i * wall
+        t = a - 10_000 * (2 + extra_copies)
+        for _ in range(2 + extra_copies):
+            lines.append(f"R {t} {t + 5_000} 77 cudaMemcpyAsync_v3020")
+            t += 10_000
+        lines.append(f"R {a} {a + 8_000} 77 cudaGraphLaunch_v10000")
+        lines.append(f"R {a + 20_000} {a + 700_000} 77 cudaStreamSynchronize_v3020")
+    return lines
+
+
+def test_host_steps_of_synthetic():
+    _, calls = td.parse(synthetic_host())
+    s = td.host_steps_of(calls, steps=3)
+    assert s["steps"] == 3
+    assert s["wall_us"] == pytest.approx(1000.0)
+    assert s["waiting_us"] == pytest.approx(680.0)
+    assert s["host_us"] == pytest.approx(320.0)
+    per = {x["call"]: x for x in s["per_call"]}
+    assert per["cudaMemcpyAsync"]["calls"] == pytest.approx(2.0)
+    assert per["cudaMemcpyAsync"]["time_us"] == pytest.approx(10.0)
+    assert per["cudaGraphLaunch"]["calls"] == pytest.approx(1.0)
+    # a type with more input copies a step shows them as calls (the wall here is fixed by construction)
+    _, calls2 = td.parse(synthetic_host(extra_copies=3))
+    s2 = td.host_steps_of(calls2, steps=3)
+    assert {x["call"]: x for x in s2["per_call"]}["cudaMemcpyAsync"]["calls"] == pytest.approx(5.0)
+    md = td.render_host(
+        {
+            "gpu": "G",
+            "command": "c",
+            "depth": 0,
+            "runs": [{"kv": "f16/f16", **s}, {"kv": "polar/polar", **s2}],
+        }
+    )
+    assert "| host | 320.0 | 320.0 |" in md
+    assert "| `cudaMemcpyAsync` | 2.0 x 5.0 | 5.0 x 5.0 |" in md
+
+
+def test_host_steps_need_graph_launches():
+    _, calls = td.parse(synthetic_host(n_steps=1))
+    with pytest.raises(ValueError, match="2 cudaGraphLaunch calls"):
+        td.host_steps_of(calls, steps=3)
