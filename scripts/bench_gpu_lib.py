@@ -116,7 +116,7 @@ def print_rows(rows) -> None:
     for r in rows:
         extra = ""
         if r.get("speedup_vs_sdpa"):
-            extra += f"  x{r['speedup_vs_sdpa']:.2f} vs sdpa"
+            extra += f"  x{r['speedup_vs_sdpa']:.2f} vs {r.get('vs', 'sdpa')}"
         if r.get("pct_copy_rate"):
             extra += f"  {r['pct_copy_rate']:.0f}% of copy"
         print(
