@@ -489,6 +489,19 @@ COMPARE_CFGS = {  # name: AttnConfig kwargs (cupy_kernels.attention) + optional 
 }
 
 
+def timed_row(sh: Shape, variant: str, r: dict, nbytes: int, **extra) -> dict:
+    """A result row: the shape, the variant, the timer's numbers, the bytes and their rate, extra keys."""
+    return {
+        "shape": sh.label,
+        **dataclasses.asdict(sh),
+        "variant": variant,
+        **r,
+        "bytes": nbytes,
+        "GBps": nbytes / r["ms"] / 1e6,
+        **extra,
+    }
+
+
 def cmd_compare(args, timer) -> list[dict]:
     """The simt kernel (before) against tensor-core variants, same run, same data; fp16 q.
 
@@ -508,18 +521,10 @@ def cmd_compare(args, timer) -> list[dict]:
         v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
         sdpa = sdpa_fns(q, k16, v16)["sdpa_fold"]
         sdpa_bytes = 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D)
+
         r = timer(sdpa)
         base = r["ms"]
-        rows.append(
-            {
-                "shape": sh.label,
-                **dataclasses.asdict(sh),
-                "variant": "sdpa fp16",
-                **r,
-                "bytes": sdpa_bytes,
-                "GBps": sdpa_bytes / r["ms"] / 1e6,
-            }
-        )
+        rows.append(timed_row(sh, "sdpa fp16", r, sdpa_bytes))
         print_rows(rows[-1:])
         # the same call replayed from a CUDA graph (as a decode loop runs it, gpu_decode_bench.py): an eager
         # call's host time (Python, argument checks, launches) is hidden behind the timer's L2 flush only up
@@ -530,16 +535,7 @@ def cmd_compare(args, timer) -> list[dict]:
             rg = timer(g)
             del g
             base_graph = rg["ms"]
-            rows.append(
-                {
-                    "shape": sh.label,
-                    **dataclasses.asdict(sh),
-                    "variant": "sdpa fp16 graph",
-                    **rg,
-                    "bytes": sdpa_bytes,
-                    "GBps": sdpa_bytes / rg["ms"] / 1e6,
-                }
-            )
+            rows.append(timed_row(sh, "sdpa fp16 graph", rg, sdpa_bytes))
             print_rows(rows[-1:])
         except Exception as e:
             failed(args, f"{sh.label} graph capture of sdpa", e)
@@ -574,17 +570,15 @@ def cmd_compare(args, timer) -> list[dict]:
                     print(f"{sh.label} {kfmt}+{vfmt} {name}: FAILED {str(e)[:300]}", flush=True)
                     continue
                 rows.append(
-                    {
-                        "shape": sh.label,
-                        **dataclasses.asdict(sh),
-                        "variant": f"{kfmt}+{vfmt} {name}",
-                        "config": dataclasses.asdict(cfg),
-                        **r,
-                        "bytes": nbytes,
-                        "GBps": nbytes / r["ms"] / 1e6,
-                        "pct_copy_rate": 100 * nbytes / (r["ms"] * 1e-3) / args.copy_rate,
-                        "speedup_vs_sdpa": base / r["ms"],
-                    }
+                    timed_row(
+                        sh,
+                        f"{kfmt}+{vfmt} {name}",
+                        r,
+                        nbytes,
+                        config=dataclasses.asdict(cfg),
+                        pct_copy_rate=100 * nbytes / (r["ms"] * 1e-3) / args.copy_rate,
+                        speedup_vs_sdpa=base / r["ms"],
+                    )
                 )
                 print_rows(rows[-1:])
                 if name == "mma default" and base_graph is not None:  # against SDPA's graph (above)
@@ -598,18 +592,16 @@ def cmd_compare(args, timer) -> list[dict]:
                         failed(args, f"{sh.label} graph capture of {kfmt} {name}", e)
                         continue
                     rows.append(
-                        {
-                            "shape": sh.label,
-                            **dataclasses.asdict(sh),
-                            "variant": f"{kfmt}+{vfmt} {name} graph",
-                            "config": dataclasses.asdict(cfg),
-                            **rg,
-                            "bytes": nbytes,
-                            "GBps": nbytes / rg["ms"] / 1e6,
-                            "pct_copy_rate": 100 * nbytes / (rg["ms"] * 1e-3) / args.copy_rate,
-                            "speedup_vs_sdpa": base_graph / rg["ms"],
-                            "vs": "sdpa fp16 graph",
-                        }
+                        timed_row(
+                            sh,
+                            f"{kfmt}+{vfmt} {name} graph",
+                            rg,
+                            nbytes,
+                            config=dataclasses.asdict(cfg),
+                            pct_copy_rate=100 * nbytes / (rg["ms"] * 1e-3) / args.copy_rate,
+                            speedup_vs_sdpa=base_graph / rg["ms"],
+                            vs="sdpa fp16 graph",
+                        )
                     )
                     print_rows(rows[-1:])
             del kc, vc
@@ -637,17 +629,7 @@ def cmd_compare(args, timer) -> list[dict]:
             except Exception as e:
                 failed(args, f"graph capture of {name}", e)
         for name, fn in fns.items():
-            r = timer(fn)
-            rows.append(
-                {
-                    "shape": sh.label,
-                    **dataclasses.asdict(sh),
-                    "variant": name,
-                    **r,
-                    "bytes": nbytes,
-                    "GBps": nbytes / r["ms"] / 1e6,
-                }
-            )
+            rows.append(timed_row(sh, name, timer(fn), nbytes))
             print_rows(rows[-1:])
     return rows
 

@@ -84,16 +84,21 @@ def parse(lines) -> tuple[list[tuple], list[tuple]]:
     return kernels, calls
 
 
-def steps_of(kernels: list[tuple], calls: list[tuple], steps: int) -> dict:
-    """The mean decode step over the last `steps` complete graph launches (see the module doc)."""
+def step_bounds(calls: list[tuple], steps: int) -> list[tuple[int, int]]:
+    """(start, end) of the last `steps` decode steps: consecutive graph launches (the last launch's step is
+    left out: nothing marks its end); an error when the trace has fewer than 3 launches."""
     launches = [c[0] for c in calls if c[2].startswith(GRAPH_LAUNCH)]
     if len(launches) < 3:
         raise ValueError(
             f"{len(launches)} {GRAPH_LAUNCH} calls in the trace; "
             "a decode step needs CUDA graphs and at least 3 tokens"
         )
-    # the steps between consecutive launches (the last launch's step is left out: nothing marks its end)
-    bounds = list(itertools.pairwise(launches))[-steps:]
+    return list(itertools.pairwise(launches))[-steps:]
+
+
+def steps_of(kernels: list[tuple], calls: list[tuple], steps: int) -> dict:
+    """The mean decode step over the last `steps` complete graph launches (see the module doc)."""
+    bounds = step_bounds(calls, steps)
     starts = [k[0] for k in kernels]
     per, out = OrderedDict(), []
     for a, b in bounds:
@@ -144,13 +149,7 @@ WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize
 def host_steps_of(calls: list[tuple], steps: int) -> dict:
     """The mean decode step's host side over the last `steps` complete graph launches, from the runtime
     calls alone (see the module doc, `run --host`)."""
-    launches = [c[0] for c in calls if c[2].startswith(GRAPH_LAUNCH)]
-    if len(launches) < 3:
-        raise ValueError(
-            f"{len(launches)} {GRAPH_LAUNCH} calls in the trace; "
-            "a decode step needs CUDA graphs and at least 3 tokens"
-        )
-    bounds = list(itertools.pairwise(launches))[-steps:]
+    bounds = step_bounds(calls, steps)
     starts = [c[0] for c in calls]
     per: OrderedDict[str, list[float]] = OrderedDict()
     walls, waits = [], []
