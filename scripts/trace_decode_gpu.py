@@ -11,6 +11,8 @@ the gaps between them, and the host's time between one token's CUDA graph and th
                                                         # the .json and .md of `run` again from its traces
     python3 scripts/trace_decode_gpu.py --render DIR/NAME.json             # only the .md again
     python3 scripts/trace_decode_gpu.py run --host ...                     # the host's side of a step only
+    python3 scripts/trace_decode_gpu.py head-start TRACE.txt.gz --kernel NAME [--steps 8]
+                                          # how early each launch of a kernel starts before the one ahead ends
 
 `run` builds the tracer once (g++ against the machine's CUPTI: $CUPTI_ROOT, the CUDA toolkit's
 extras/CUPTI, or the nvidia-cuda-cupti Python package) and runs, for each K/V pair, `llama-bench -p 0
@@ -45,6 +47,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from collections import OrderedDict
@@ -211,6 +214,28 @@ def render_host(data: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+def head_start(kernels: list[tuple], calls: list[tuple], kernel: str, steps: int) -> dict:
+    """Over the last `steps` decode steps, each launch of the kernels whose name contains `kernel`: how long
+    before the kernel ahead of it ends it starts (its head start under programmatic dependent launch, us) and
+    its duration; their count, median and maximum."""
+    heads, durs = [], []
+    for a, b in step_bounds(calls, steps):
+        ks = [k for k in kernels if a <= k[0] < b]
+        for i, k in enumerate(ks):
+            if i > 0 and kernel in k[3]:
+                heads.append((ks[i - 1][1] - k[0]) / 1e3)
+                durs.append((k[1] - k[0]) / 1e3)
+    if not heads:
+        raise ValueError(f"no launch of a kernel named like {kernel!r} in the last {steps} steps")
+    return {
+        "kernel": kernel,
+        "launches": len(heads),
+        "head_start_median_us": statistics.median(heads),
+        "head_start_max_us": max(heads),
+        "duration_median_us": statistics.median(durs),
+    }
+
+
 def find_cupti() -> tuple[str, str, str]:
     """(include dir of cupti.h, include dir of cuda.h, libcupti file) on this machine."""
     roots = [os.environ.get("CUPTI_ROOT", "")]
@@ -351,7 +376,16 @@ def main(argv=None) -> int:
     a.add_argument(
         "--gpu", help="the GPU the traces were taken on (default: this machine's, from nvidia-smi)"
     )
+    h = sub.add_parser("head-start")
+    h.add_argument("trace")
+    h.add_argument("--kernel", required=True, help="a part of the kernel's name, e.g. k_polar_layer_chains")
+    h.add_argument("--steps", type=int, default=8)
     args = ap.parse_args(argv)
+    if args.cmd == "head-start":
+        opener = gzip.open if args.trace.endswith(".gz") else open
+        with opener(args.trace, "rt") as f:
+            print(json.dumps(head_start(*parse(f), args.kernel, args.steps), indent=1))
+        return 0
     if args.render:
         src = Path(args.render)
         data = json.loads(src.read_text())
@@ -384,7 +418,7 @@ def main(argv=None) -> int:
             )
         return 0
     if args.cmd != "run":
-        ap.error("a subcommand (run, analyze) or --render is required")
+        ap.error("a subcommand (run, analyze, head-start) or --render is required")
     if args.tokens < args.steps + 2:
         ap.error(
             "--tokens must be at least --steps + 2 (the first tokens are not steady), "

@@ -161,3 +161,15 @@ def test_host_steps_need_graph_launches():
     _, calls = td.parse(synthetic_host(n_steps=1))
     with pytest.raises(ValueError, match="2 cudaGraphLaunch calls"):
         td.host_steps_of(calls, steps=3)
+
+
+def test_head_start_synthetic():
+    # each step's write kernel starts 20 us before the attention ahead of it ends and runs 200 us
+    kernels, calls = td.parse(synthetic())
+    h = td.head_start(kernels, calls, "k_polar_layer_chains", steps=3)
+    assert h["launches"] == 3
+    assert h["head_start_median_us"] == pytest.approx(20.0)
+    assert h["head_start_max_us"] == pytest.approx(20.0)
+    assert h["duration_median_us"] == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="no launch of a kernel named like 'nothing'"):
+        td.head_start(kernels, calls, "nothing", steps=3)
