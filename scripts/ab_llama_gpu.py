@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -42,6 +42,10 @@ polar/polar3 and polar3/polar3 with the defaults; next to f16 and q4_0.
 --set pdl: f16, q4_0 and polar/polar each with upstream's programmatic dependent launch (the default) and
 without it (GGML_CUDA_PDL=0): session 15 found polar's decode-step kernels summing to less than f16's under
 Nsight Compute while its tg stayed 0-4 % lower; does f16 gain more from kernels overlapping their neighbours?
+--set early: for a tree with session 17's experiments (KVPOLAR_EXPERIMENTS="session17-rope-rotate.diff
+session17-chain-early-v2.diff session17-mmvq-early-trigger.diff"): mmvq lets the next kernel launch
+early (default) or not (GGML_CUDA_MMVQ_PDL_LC=0), and polar's layer kernel reads its inputs before its wait
+(default) or after (GGML_CUDA_POLAR_NO_EARLY=1); f16 and polar/polar with each, q4_0 for reference.
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 """
@@ -148,8 +152,18 @@ PDL_VARIANTS = tuple(  # (K, V, environment): upstream's programmatic dependent 
     for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("polar", "polar"))
     for env in ({}, {"GGML_CUDA_PDL": "0"})
 )
+EARLY_VARIANTS = (  # (K, V, environment): session 17's experiments, each turned off
+    ("f16", "f16", {}),
+    ("f16", "f16", {"GGML_CUDA_MMVQ_PDL_LC": "0"}),
+    ("q4_0", "q4_0", {}),
+    ("polar", "polar", {}),
+    ("polar", "polar", {"GGML_CUDA_POLAR_NO_EARLY": "1"}),
+    ("polar", "polar", {"GGML_CUDA_MMVQ_PDL_LC": "0"}),
+    ("polar", "polar", {"GGML_CUDA_MMVQ_PDL_LC": "0", "GGML_CUDA_POLAR_NO_EARLY": "1"}),
+)
 SETS = {
     "extras": VARIANTS,
+    "early": EARLY_VARIANTS,
     "pdl": PDL_VARIANTS,
     "rot": ROT_VARIANTS,
     "sched": SCHED_VARIANTS,
@@ -176,7 +190,9 @@ def main(argv=None) -> int:
     clean = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("LLAMA_KV_", "LLAMA_ATTN_ROT", "GGML_CUDA_POLAR_", "GGML_CUDA_DISABLE_GRAPHS"))
+        if not k.startswith(
+            ("LLAMA_KV_", "LLAMA_ATTN_ROT", "GGML_CUDA_POLAR_", "GGML_CUDA_DISABLE_GRAPHS", "GGML_CUDA_MMVQ_")
+        )
     }
     runs, failed = [], 0
     for k, v, env in SETS[args.set]:
