@@ -76,7 +76,10 @@ class AttnConfig:
     tiles as lean 1 stages them, whatever lean is).
     vunroll: the V phase's loop over the 8-key steps of a warp tile fully unrolled (was by 2): the
     staged-row and P addresses become per-lane bases plus constants (no address arithmetic per key
-    step)."""
+    step).
+    cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at four
+    points and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
+    anatomy`); the results are the same."""
 
     kmode: str = "gather"  # "gather" (a), "lut" (b), "anglelut" (angle-LUT formats, paper B)
     nwarps: int = 4
@@ -93,6 +96,7 @@ class AttnConfig:
     smlean: int = 0  # mma: 0 | 1 (repeated q columns, exp2 without -inf tests) | 2 (+ rescale skip) (SMLEAN)
     ptrs: bool = False  # mma: staging from running per-lane pointers (PTRS)
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
+    cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
 
     @property
     def tile(self) -> int:
@@ -141,6 +145,8 @@ def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
         return F16V_CONFIG
     return POLAR3V_CONFIG if vfmt == "polar3" else DEFAULT_CONFIG
 
+
+CTA_TIMES_MAX = 8192  # CTAs that AttnConfig.cta_times stamps (polar_attn_mma.cu's CTA_TIMES)
 
 # ----------------------------------------------------------------------------------------------
 # Variants: #defines and shared memory
@@ -203,6 +209,8 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             PTRS=int(cfg.ptrs),
             VUNROLL=int(cfg.vunroll),
         )
+        if cfg.cta_times:  # (only then: the defines of every other variant, and so its cache key, stay)
+            d["CTA_TIMES"] = CTA_TIMES_MAX
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
     return d
@@ -530,6 +538,28 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
     )
     loader.launch(comb, (B * Hq * Tq,), (D,), cargs)
     return out
+
+
+CTA_MARKS = ("entry", "tables", "loop_done", "written")
+
+
+def cta_times(p: Plan, reset: bool = False):
+    """The per-CTA stamps of the last launch of plan p (its config has cta_times): a numpy uint64
+    array [n_ctas, 5] = %globaltimer (ns) at CTA_MARKS, then the SM; the CTAs in launch order
+    (x + splits (y + n_groups z)); a CTA with no keys has zeros past its entry. reset=True zeroes the
+    array instead (before a launch)."""
+    if p.config.impl != "mma" or not p.config.cta_times:
+        raise ValueError(f"cta_times needs an mma plan with config.cta_times=True, got {p.config}")
+    cp = loader.cupy()
+    n = p.splits * p.n_groups * p.B * p.Hkv
+    if n > CTA_TIMES_MAX:
+        raise ValueError(f"cta_times keeps at most {CTA_TIMES_MAX} CTAs, the plan has {n}")
+    g = loader.module(f"{p.kernel}.cu", p.defines).get_global("polar_attn_cta_times")
+    a = cp.ndarray((CTA_TIMES_MAX, 5), dtype=cp.uint64, memptr=g)
+    if reset:
+        a.fill(0)
+        return None
+    return cp.asnumpy(a[:n])
 
 
 def attention(

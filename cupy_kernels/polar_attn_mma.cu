@@ -335,8 +335,36 @@ template <class X> __device__ __forceinline__ float merge_warps(const float * mw
 #define MMA_LAUNCH_BOUNDS __launch_bounds__(NTHREADS)
 #endif
 
+// CTA_TIMES N > 0 (AttnConfig.cta_times, instrumentation only; scripts/bench_gpu.py anatomy reads it): thread 0
+// of each CTA (linear index x + gridDim.x (y + gridDim.y z) < N) writes %globaltimer (ns) at
+// entry (mark 0), when the tables have landed (1), when every warp's main loop is done (2), after the
+// partials are written (3), and its SM (slot 4), to polar_attn_cta_times
+#ifndef CTA_TIMES
+#define CTA_TIMES 0
+#endif
+#if CTA_TIMES
+__device__ unsigned long long polar_attn_cta_times[CTA_TIMES * 5];
+__device__ __forceinline__ void cta_mark(int k) {
+    const unsigned cid = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (threadIdx.x == 0 && cid < CTA_TIMES) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        polar_attn_cta_times[cid * 5 + k] = t;
+        if (k == 0) {
+            unsigned sm;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+            polar_attn_cta_times[cid * 5 + 4] = sm;
+        }
+    }
+}
+#define CTA_MARK(k) cta_mark(k)
+#else
+#define CTA_MARK(k)
+#endif
+
 extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     extern __shared__ __align__(16) u8 smem[];
+    CTA_MARK(0);
     const int      tid  = threadIdx.x;
     const int      lane = tid & 31;
     const int      warp = tid >> 5;
@@ -680,6 +708,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
 
     cp_async_wait<TAB_WAIT>();  // the table group (the oldest) has landed
     __syncthreads();             // tables ready
+    CTA_MARK(1);
 
 #pragma unroll 1
     for (int i = 0; i < nmine; ++i) {
@@ -1017,6 +1046,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     // ---- epilogue: merge the warps, write partials ---------------------------------------------
     cp_async_wait<0>();
     __syncthreads();  // stage buffers free
+    CTA_MARK(2);
     float * red = reinterpret_cast<float *>(smem + MOFF_STAGE);  // [NWARPS][RBP][HD]
     float * mw  = reinterpret_cast<float *>(smem + MOFF_ML);     // [NWARPS][RBP]
     float * lw  = mw + NWARPS * RBP;
@@ -1060,4 +1090,8 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         m_part[cta.part(tid)] = M;
         l_part[cta.part(tid)] = L;
     }
+#if CTA_TIMES
+    __syncthreads();
+    CTA_MARK(3);
+#endif
 }

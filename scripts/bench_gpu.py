@@ -10,6 +10,8 @@ before every timed repetition).
     python scripts/bench_gpu.py encode-latency             the latency path's kernels (a decode step)
     python scripts/bench_gpu.py copy                       device-to-device copy rate
     python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
+    python scripts/bench_gpu.py anatomy --contexts 4096 ... 131072  where polar K+V's time goes (L2 flush
+                                                           by a write or a read, per-CTA timestamps)
     python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
     python scripts/bench_gpu.py profile --contexts 32768    untimed default kernels, for ncu
     python scripts/bench_gpu.py all --json out.json        everything above
@@ -634,6 +636,154 @@ def cmd_compare(args, timer) -> list[dict]:
     return rows
 
 
+def cta_stats(t) -> dict:
+    """Summary (us) of one launch's per-CTA stamps (attention.cta_times): from the first CTA's entry."""
+    import numpy as np
+
+    t = t[t[:, 1] > 0].astype(np.int64)  # CTAs with keys
+    e, tab, loop, wr, sm = (t[:, k] for k in range(5))
+    t0 = e.min()
+    us = lambda x: float(x) / 1e3  # noqa: E731
+    med = lambda x: us(np.median(x))  # noqa: E731
+    stamps = np.unique(t[:, :4])
+    steps = np.diff(stamps)
+    return {
+        "ctas": len(t),
+        "sms": len(np.unique(sm)),
+        "max_ctas_per_sm": int(np.bincount(sm).max()),
+        "entry_last_us": us(e.max() - t0),
+        "prologue_med_us": med(tab - e),
+        "prologue_max_us": us((tab - e).max()),
+        "loop_min_us": us((loop - tab).min()),
+        "loop_med_us": med(loop - tab),
+        "loop_max_us": us((loop - tab).max()),
+        "epilogue_med_us": med(wr - loop),
+        "epilogue_max_us": us((wr - loop).max()),
+        "first_done_us": us(wr.min() - t0),
+        "median_done_us": med(wr - t0),
+        "span_us": us(wr.max() - t0),
+        "tail_us": us(wr.max() - np.median(wr)),
+        "timer_step_ns": int(steps[steps > 0].min()) if (steps > 0).any() else 0,
+    }
+
+
+def cmd_anatomy(args, timer) -> list[dict]:
+    """Where polar K+V's time goes (issue 11: B=16, 32/8 heads, D=128, fp16 q; the default kernel).
+
+    1. SDPA fp16 and the default kernel over --contexts, the L2 flushed by a write (the timer's default:
+       the call's first reads also write back dirty lines) and by a read (clean lines, as after a decode
+       step's weight reads); a straight line through each series (least squares): its intercept is the
+       part that does not grow with the context.
+    2. At each context, launches of the same kernel with per-CTA %globaltimer stamps (AttnConfig.cta_times,
+       the median launch of --reps): prologue, main loop, epilogue, the spread of the CTAs' starts and
+       ends, and the partial kernel's span against the timed call (partial + combine)."""
+    import numpy as np
+
+    torch = _torch()
+    from cupy_kernels import attention
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    timers = {"write": timer, "read": Timer(timer.reps, timer.warmup, flush="read")}
+    cfg = attention.default_config("polar")
+    cfg_t = dataclasses.replace(cfg, cta_times=True)
+    for T in args.contexts:
+        sh = Shape(16, T, 32, 8, 128)
+        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
+        k16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+        v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+        sdpa = sdpa_fns(q, k16, v16)["sdpa_fold"]
+        base = {}
+        for fl, tm in timers.items():
+            r = tm(sdpa)
+            base[fl] = r["ms"]
+            rows.append(
+                timed_row(sh, "sdpa fp16", r, 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D), flush=fl)
+            )
+            print_rows(rows[-1:])
+        del sdpa, k16, v16
+        kc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
+        vc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
+        nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, T, sh.D)
+        for fl, tm in timers.items():
+            r = tm(attn_fn(q, kc, vc, lens, "polar", "polar", max_len=T))
+            rows.append(
+                timed_row(
+                    sh,
+                    "polar+polar mma default",
+                    r,
+                    nbytes,
+                    flush=fl,
+                    pct_copy_rate=100 * nbytes / (r["ms"] * 1e-3) / args.copy_rate,
+                    speedup_vs_sdpa=base[fl] / r["ms"],
+                )
+            )
+            print_rows(rows[-1:])
+        # the stamped kernel: timed like the others (the stamps should cost nothing), then launched --reps
+        # times alone, each after a write flush, and the launch of median span kept
+        fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=cfg_t, max_len=T)
+        r = timer(fn)
+        p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, cfg_t, None, 0)
+        launches = []
+        for _ in range(timer.reps):
+            attention.cta_times(p, reset=True)
+            timer.flush_l2()
+            fn()
+            torch.cuda.synchronize()
+            launches.append(cta_stats(attention.cta_times(p)))
+        launches.sort(key=lambda x: x["span_us"])
+        st = launches[len(launches) // 2]
+        rows.append(
+            timed_row(
+                sh,
+                "polar+polar mma default, stamped",
+                r,
+                nbytes,
+                flush="write",
+                splits=p.splits,
+                span_min_us=launches[0]["span_us"],
+                span_max_us=launches[-1]["span_us"],
+                **st,
+            )
+        )
+        print(
+            f"{sh.label:<24} stamped {r['ms'] * 1e3:7.1f} us timed; {p.splits} splits, {st['ctas']} CTAs on "
+            f"{st['sms']} SMs; span {st['span_us']:.1f} us (entries within {st['entry_last_us']:.1f}); "
+            f"prologue {st['prologue_med_us']:.1f} (max {st['prologue_max_us']:.1f}), loop "
+            f"{st['loop_min_us']:.1f}/{st['loop_med_us']:.1f}/{st['loop_max_us']:.1f}, epilogue "
+            f"{st['epilogue_med_us']:.1f}; done {st['first_done_us']:.1f}/{st['median_done_us']:.1f}/"
+            f"{st['span_us']:.1f} (tail {st['tail_us']:.1f}); timer step {st['timer_step_ns']} ns",
+            flush=True,
+        )
+        del kc, vc, fn
+        torch.cuda.empty_cache()
+    # the straight lines: time = a + b * T for each series
+    for variant in ("sdpa fp16", "polar+polar mma default"):
+        for fl in timers:
+            pts = [(r["T"], r["ms"] * 1e3) for r in rows if r["variant"] == variant and r.get("flush") == fl]
+            if len(pts) < 2:
+                continue
+            x, y = np.array(pts, dtype=float).T
+            b, a = np.polyfit(x, y, 1)
+            rows.append(
+                {
+                    "variant": f"{variant} fit",
+                    "flush": fl,
+                    "contexts": [int(v) for v in x],
+                    "intercept_us": float(a),
+                    "us_per_32768": float(b * 32768),
+                    "max_residual_us": float(np.abs(y - (a + b * x)).max()),
+                }
+            )
+            print(
+                f"fit {variant:<24} flush {fl:<5}: {a:6.1f} us + {b * 32768:6.1f} us per 32768 keys "
+                f"(max residual {rows[-1]['max_residual_us']:.1f} us)",
+                flush=True,
+            )
+    return rows
+
+
 def cmd_small(args, timer) -> list[dict]:
     """Small shapes: simt vs mma, eager vs CUDA-graph replay (host time vs kernel time), split counts."""
     torch = _torch()
@@ -995,6 +1145,7 @@ def main(argv=None) -> int:
             "encode-latency",
             "copy",
             "compare",
+            "anatomy",
             "small",
             "profile",
             "all",

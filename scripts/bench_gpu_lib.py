@@ -19,12 +19,25 @@ def _torch():
 
 
 class Timer:
-    """Median time (ms) of fn() over reps, the L2 flushed (a 256 MB write) before each."""
+    """Median time (ms) of fn() over reps, the L2 flushed before each: flush "write" (the default) writes
+    256 MB, which leaves the L2 full of dirty lines that the timed call's first reads write back; "read"
+    reads them (a sum), which leaves clean lines, as a decode step's weight reads do."""
 
-    def __init__(self, reps: int, warmup: int):
+    FLUSHES = ("write", "read")
+
+    def __init__(self, reps: int, warmup: int, flush: str = "write"):
         torch = _torch()
-        self.reps, self.warmup = reps, warmup
+        if flush not in self.FLUSHES:
+            raise ValueError(f"flush must be one of {self.FLUSHES}, got {flush!r}")
+        self.reps, self.warmup, self.flush_kind = reps, warmup, flush
         self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
+        self.flush.zero_()
+
+    def flush_l2(self) -> None:
+        if self.flush_kind == "write":
+            self.flush.zero_()
+        else:
+            self.flush.sum()
 
     def __call__(self, fn) -> dict:
         torch = _torch()
@@ -36,7 +49,7 @@ class Timer:
             for _ in range(self.reps)
         ]
         for s, e in ev:
-            self.flush.zero_()
+            self.flush_l2()
             s.record()
             fn()
             e.record()
@@ -119,6 +132,8 @@ def print_rows(rows) -> None:
             extra += f"  x{r['speedup_vs_sdpa']:.2f} vs {r.get('vs', 'sdpa')}"
         if r.get("pct_copy_rate"):
             extra += f"  {r['pct_copy_rate']:.0f}% of copy"
+        if r.get("flush"):
+            extra += f"  (L2 flush: {r['flush']})"
         print(
             f"{r['shape']:<24} {r['variant']:<26} {r['ms'] * 1e3:9.1f} us  {r['GBps']:7.0f} GB/s{extra}",
             flush=True,

@@ -92,6 +92,7 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     dataclasses.replace(attention.F16V_CONFIG, pdw=True, smlean=1, vunroll=True),
     dataclasses.replace(attention.F16V_CONFIG, pdw=True, smlean=2, vunroll=True, prec="fp16"),
     dataclasses.replace(attention.F16V_CONFIG, pdw=True, smlean=1, vunroll=True, ptrs=True),
+    dataclasses.replace(attention.DEFAULT_CONFIG, cta_times=True),  # bench_gpu.py anatomy's stamps
 ]
 
 

@@ -481,3 +481,42 @@ def test_plan_run(torch):
         attn.run(p, q.half(), kc, vc, lens)
     with pytest.raises(ValueError, match="v_cache"):
         attn.run(p, q, kc, kc, lens)
+
+
+def test_cta_times(torch):
+    """The stamped kernel (AttnConfig.cta_times, bench_gpu.py anatomy) gives the default's bits, and each
+    CTA with keys has stamps in order on a real SM; a CTA without keys (lens 17 < the second split) none
+    past its entry; a plan without stamps is refused."""
+    import dataclasses
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    lens = torch.tensor([1000, 17], dtype=torch.int32, device="cuda")
+    kc = _rand_cache(torch, "polar", 2, 2, 1024, 128, gen)
+    vc = _rand_cache(torch, "polar", 2, 2, 1024, 128, gen)
+    q = torch.randn((2, 8, 1, 128), generator=gen, device="cuda").half()
+    cfg = dataclasses.replace(attn.default_config("polar"), cta_times=True)
+    p = attn.plan(2, 8, 2, 1, 128, 1024, "polar", "polar", q.dtype, cfg, 2, q.device.index or 0)
+    attn.cta_times(p, reset=True)
+    got = attn.run(p, q, kc, vc, lens)
+    torch.cuda.synchronize()
+    t = attn.cta_times(p)
+    want = attn.attention(q, kc, vc, lens, "polar", "polar", splits=2)
+    assert torch.equal(got, want)
+    assert t.shape == (p.splits * p.n_groups * 2 * 2, 5) and p.splits == 2
+    z = torch.arange(t.shape[0]).numpy() // (p.splits * p.n_groups)  # b * Hkv + h
+    split = torch.arange(t.shape[0]).numpy() % p.splits
+    empty = (z >= 2) & (split == 1) & (17 <= p.chunk)  # batch 1's second split: no keys
+    assert (t[:, 0] > 0).all()
+    assert (t[empty, 1:4] == 0).all()
+    full = t[~empty]
+    assert (
+        (full[:, 0] <= full[:, 1]).all()
+        and (full[:, 1] <= full[:, 2]).all()
+        and (full[:, 2] <= full[:, 3]).all()
+    )
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    assert (t[:, 4] < sm_count).all()
+    with pytest.raises(ValueError, match="cta_times"):
+        attn.cta_times(
+            attn.plan(2, 8, 2, 1, 128, 1024, "polar", "polar", q.dtype, device=q.device.index or 0)
+        )
