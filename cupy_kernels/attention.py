@@ -540,12 +540,12 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
     return out
 
 
-CTA_MARKS = ("entry", "tables", "loop_done", "written")
+CTA_MARKS = ("entry", "issued", "q_done", "tables", "loop_done", "written")
 
 
 def cta_times(p: Plan, reset: bool = False):
     """The per-CTA stamps of the last launch of plan p (its config has cta_times): a numpy uint64
-    array [n_ctas, 5] = %globaltimer (ns) at CTA_MARKS, then the SM; the CTAs in launch order
+    array [n_ctas, 7] = %globaltimer (ns) at CTA_MARKS, then the SM; the CTAs in launch order
     (x + splits (y + n_groups z)); a CTA with no keys has zeros past its entry. reset=True zeroes the
     array instead (before a launch)."""
     if p.config.impl != "mma" or not p.config.cta_times:
@@ -555,7 +555,7 @@ def cta_times(p: Plan, reset: bool = False):
     if n > CTA_TIMES_MAX:
         raise ValueError(f"cta_times keeps at most {CTA_TIMES_MAX} CTAs, the plan has {n}")
     g = loader.module(f"{p.kernel}.cu", p.defines).get_global("polar_attn_cta_times")
-    a = cp.ndarray((CTA_TIMES_MAX, 5), dtype=cp.uint64, memptr=g)
+    a = cp.ndarray((CTA_TIMES_MAX, len(CTA_MARKS) + 1), dtype=cp.uint64, memptr=g)
     if reset:
         a.fill(0)
         return None

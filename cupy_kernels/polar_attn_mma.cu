@@ -336,24 +336,25 @@ template <class X> __device__ __forceinline__ float merge_warps(const float * mw
 #endif
 
 // CTA_TIMES N > 0 (AttnConfig.cta_times, instrumentation only; scripts/bench_gpu.py anatomy reads it): thread 0
-// of each CTA (linear index x + gridDim.x (y + gridDim.y z) < N) writes %globaltimer (ns) at
-// entry (mark 0), when the tables have landed (1), when every warp's main loop is done (2), after the
-// partials are written (3), and its SM (slot 4), to polar_attn_cta_times
+// of each CTA (linear index x + gridDim.x (y + gridDim.y z) < N) writes %globaltimer (ns) at entry (mark 0),
+// after issuing the table and first-stage copies (1), after building its q fragments (2), when the tables
+// have landed (3), when every warp's main loop is done (4), after the partials are written (5), and its SM
+// (slot 6), to polar_attn_cta_times [N][7]
 #ifndef CTA_TIMES
 #define CTA_TIMES 0
 #endif
 #if CTA_TIMES
-__device__ unsigned long long polar_attn_cta_times[CTA_TIMES * 5];
+__device__ unsigned long long polar_attn_cta_times[CTA_TIMES * 7];
 __device__ __forceinline__ void cta_mark(int k) {
     const unsigned cid = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     if (threadIdx.x == 0 && cid < CTA_TIMES) {
         unsigned long long t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        polar_attn_cta_times[cid * 5 + k] = t;
+        polar_attn_cta_times[cid * 7 + k] = t;
         if (k == 0) {
             unsigned sm;
             asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-            polar_attn_cta_times[cid * 5 + 4] = sm;
+            polar_attn_cta_times[cid * 7 + 6] = sm;
         }
     }
 }
@@ -604,6 +605,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     }
 #define TAB_WAIT (STAGES - 1)
 #endif
+    CTA_MARK(1);
     const u8 * ktl = smem + MOFF_KTAB + TAB_LANE_OFF(lane);
 #if VQUANT
     const u8 * vtl = smem + (SHARE_TAB ? MOFF_KTAB : MOFF_VTAB) + TAB_LANE_OFF(lane);
@@ -667,6 +669,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         }
     }
 
+    CTA_MARK(2);
     // rows of this lane in the K phase (ra, ra + 1); owner lanes write P and l
 #if RBP == 4
     const int  ra    = 2 * (c & 1);
@@ -708,7 +711,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
 
     cp_async_wait<TAB_WAIT>();  // the table group (the oldest) has landed
     __syncthreads();             // tables ready
-    CTA_MARK(1);
+    CTA_MARK(3);
 
 #pragma unroll 1
     for (int i = 0; i < nmine; ++i) {
@@ -1046,7 +1049,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     // ---- epilogue: merge the warps, write partials ---------------------------------------------
     cp_async_wait<0>();
     __syncthreads();  // stage buffers free
-    CTA_MARK(2);
+    CTA_MARK(4);
     float * red = reinterpret_cast<float *>(smem + MOFF_STAGE);  // [NWARPS][RBP][HD]
     float * mw  = reinterpret_cast<float *>(smem + MOFF_ML);     // [NWARPS][RBP]
     float * lw  = mw + NWARPS * RBP;
@@ -1092,6 +1095,6 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     }
 #if CTA_TIMES
     __syncthreads();
-    CTA_MARK(3);
+    CTA_MARK(5);
 #endif
 }

@@ -640,23 +640,30 @@ def cta_stats(t) -> dict:
     """Summary (us) of one launch's per-CTA stamps (attention.cta_times): from the first CTA's entry."""
     import numpy as np
 
-    t = t[t[:, 1] > 0].astype(np.int64)  # CTAs with keys
-    e, tab, loop, wr, sm = (t[:, k] for k in range(5))
+    t = t[t[:, 3] > 0].astype(np.int64)  # CTAs with keys
+    e, iss, qd, tab, loop, wr, sm = (t[:, k] for k in range(7))
     t0 = e.min()
     us = lambda x: float(x) / 1e3  # noqa: E731
     med = lambda x: us(np.median(x))  # noqa: E731
-    stamps = np.unique(t[:, :4])
+    stamps = np.unique(t[:, :6])
     steps = np.diff(stamps)
+    per_sm = np.bincount(sm)
+    two = per_sm[sm] >= 2  # CTAs sharing their SM
     return {
         "ctas": len(t),
         "sms": len(np.unique(sm)),
-        "max_ctas_per_sm": int(np.bincount(sm).max()),
+        "max_ctas_per_sm": int(per_sm.max()),
         "entry_last_us": us(e.max() - t0),
+        "issue_med_us": med(iss - e),
+        "q_med_us": med(qd - iss),
+        "table_wait_med_us": med(tab - qd),
         "prologue_med_us": med(tab - e),
         "prologue_max_us": us((tab - e).max()),
         "loop_min_us": us((loop - tab).min()),
         "loop_med_us": med(loop - tab),
         "loop_max_us": us((loop - tab).max()),
+        "loop_med_shared_sm_us": med((loop - tab)[two]) if two.any() else None,
+        "loop_med_own_sm_us": med((loop - tab)[~two]) if (~two).any() else None,
         "epilogue_med_us": med(wr - loop),
         "epilogue_max_us": us((wr - loop).max()),
         "first_done_us": us(wr.min() - t0),
@@ -665,6 +672,43 @@ def cta_stats(t) -> dict:
         "tail_us": us(wr.max() - np.median(wr)),
         "timer_step_ns": int(steps[steps > 0].min()) if (steps > 0).any() else 0,
     }
+
+
+def stamped_launches(fn, p, flush, reps: int):
+    """reps launches of fn (plan p, stamped) each after flush(): [(cta_stats, stamps relative to the first
+    entry, ns, and the SM)], sorted by span."""
+    torch = _torch()
+    from cupy_kernels import attention
+
+    out = []
+    for _ in range(reps):
+        attention.cta_times(p, reset=True)
+        flush()
+        fn()
+        torch.cuda.synchronize()
+        t = attention.cta_times(p).astype("int64")
+        rel = t.copy()
+        ok = t[:, 0] > 0
+        base = t[ok, 0].min()
+        rel[:, :6] = (t[:, :6] - base) * (t[:, :6] > 0)
+        out.append((cta_stats(t), rel.tolist()))
+    out.sort(key=lambda x: x[0]["span_us"])
+    return out
+
+
+def print_stamped(label: str, what: str, ms: float, splits: int, st: dict) -> None:
+    print(
+        f"{label:<24} {what}: {ms * 1e3:7.1f} us timed; {splits} splits, {st['ctas']} CTAs on "
+        f"{st['sms']} SMs; "
+        f"span {st['span_us']:.1f} us (entries within {st['entry_last_us']:.1f}); prologue "
+        f"{st['prologue_med_us']:.1f} (issue {st['issue_med_us']:.1f}, q {st['q_med_us']:.1f}, table wait "
+        f"{st['table_wait_med_us']:.1f}; max {st['prologue_max_us']:.1f}), loop {st['loop_min_us']:.1f}/"
+        f"{st['loop_med_us']:.1f}/{st['loop_max_us']:.1f} (median sharing an SM "
+        f"{st['loop_med_shared_sm_us'] or 0:.1f}, alone {st['loop_med_own_sm_us'] or 0:.1f}), epilogue "
+        f"{st['epilogue_med_us']:.1f}; done {st['first_done_us']:.1f}/{st['median_done_us']:.1f}/"
+        f"{st['span_us']:.1f} (tail {st['tail_us']:.1f}); timer step {st['timer_step_ns']} ns",
+        flush=True,
+    )
 
 
 def cmd_anatomy(args, timer) -> list[dict]:
@@ -721,41 +765,32 @@ def cmd_anatomy(args, timer) -> list[dict]:
             )
             print_rows(rows[-1:])
         # the stamped kernel: timed like the others (the stamps should cost nothing), then launched --reps
-        # times alone, each after a write flush, and the launch of median span kept
-        fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=cfg_t, max_len=T)
-        r = timer(fn)
-        p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, cfg_t, None, 0)
-        launches = []
-        for _ in range(timer.reps):
-            attention.cta_times(p, reset=True)
-            timer.flush_l2()
-            fn()
-            torch.cuda.synchronize()
-            launches.append(cta_stats(attention.cta_times(p)))
-        launches.sort(key=lambda x: x["span_us"])
-        st = launches[len(launches) // 2]
-        rows.append(
-            timed_row(
-                sh,
-                "polar+polar mma default, stamped",
-                r,
-                nbytes,
-                flush="write",
-                splits=p.splits,
-                span_min_us=launches[0]["span_us"],
-                span_max_us=launches[-1]["span_us"],
-                **st,
-            )
-        )
-        print(
-            f"{sh.label:<24} stamped {r['ms'] * 1e3:7.1f} us timed; {p.splits} splits, {st['ctas']} CTAs on "
-            f"{st['sms']} SMs; span {st['span_us']:.1f} us (entries within {st['entry_last_us']:.1f}); "
-            f"prologue {st['prologue_med_us']:.1f} (max {st['prologue_max_us']:.1f}), loop "
-            f"{st['loop_min_us']:.1f}/{st['loop_med_us']:.1f}/{st['loop_max_us']:.1f}, epilogue "
-            f"{st['epilogue_med_us']:.1f}; done {st['first_done_us']:.1f}/{st['median_done_us']:.1f}/"
-            f"{st['span_us']:.1f} (tail {st['tail_us']:.1f}); timer step {st['timer_step_ns']} ns",
-            flush=True,
-        )
+        # times alone after each kind of flush, and the launch of median span kept (its stamps too); at
+        # --stamp-splits contexts also with other split counts (more CTAs than slots: the block scheduler
+        # fills the SMs that finish first)
+        for splits in [None, *(args.stamp_splits if T == args.stamp_context else [])]:
+            fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=cfg_t, max_len=T, splits=splits)
+            p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, cfg_t, splits, 0)
+            r = timer(fn)
+            for fl, tm in timers.items():
+                launches = stamped_launches(fn, p, tm.flush_l2, timer.reps)
+                st, stamps = launches[len(launches) // 2]
+                rows.append(
+                    timed_row(
+                        sh,
+                        "polar+polar mma default, stamped",
+                        r,
+                        nbytes,
+                        flush=fl,
+                        splits=p.splits,
+                        span_min_us=launches[0][0]["span_us"],
+                        span_max_us=launches[-1][0]["span_us"],
+                        marks=list(attention.CTA_MARKS),
+                        stamps=stamps,
+                        **st,
+                    )
+                )
+                print_stamped(sh.label, f"stamped, flush {fl}", r["ms"], p.splits, st)
         del kc, vc, fn
         torch.cuda.empty_cache()
     # the straight lines: time = a + b * T for each series
@@ -1156,6 +1191,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument(
+        "--stamp-splits", type=int, nargs="*", default=[4, 8], help="anatomy: split counts stamped too"
+    )
+    ap.add_argument("--stamp-context", type=int, default=32768, help="anatomy: ... at this context")
     ap.add_argument("--no-dequant", dest="dequant", action="store_false", help="skip dequantize+SDPA")
     ap.add_argument("--quick", action="store_true", help="tune: a small grid")
     ap.add_argument("--tuned", action="store_true", help="attn: tune the kernel shape first")
