@@ -77,6 +77,10 @@ class AttnConfig:
     vunroll: the V phase's loop over the 8-key steps of a warp tile fully unrolled (was by 2): the
     staged-row and P addresses become per-lane bases plus constants (no address arithmetic per key
     step).
+    qstage: the CTA's q rows copied into shared memory with 16-byte cp.async before the tables and the
+    first stages, and the q max and fragments read from there (instead of dependent rounds of 2-byte
+    global loads queued behind the CTA's copies: ~11 us of the ~12 us prologue at B=16 on the H200,
+    `bench_gpu.py anatomy`); the same q values, so the same results.
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at four
     points and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
@@ -96,6 +100,7 @@ class AttnConfig:
     smlean: int = 0  # mma: 0 | 1 (repeated q columns, exp2 without -inf tests) | 2 (+ rescale skip) (SMLEAN)
     ptrs: bool = False  # mma: staging from running per-lane pointers (PTRS)
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
+    qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
 
     @property
@@ -209,6 +214,8 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             PTRS=int(cfg.ptrs),
             VUNROLL=int(cfg.vunroll),
         )
+        if cfg.qstage:  # (only then: the other variants' defines, and so their cache keys, stay)
+            d["QSTAGE"] = 1
         if cfg.cta_times:  # (only then: the defines of every other variant, and so its cache key, stay)
             d["CTA_TIMES"] = CTA_TIMES_MAX
     else:
@@ -245,6 +252,7 @@ def smem_bytes(impl: str, d: dict[str, int]) -> int:
             + _a16(max(stage, red))
             + _a16(d["NWARPS"] * d["TW"] * rbp * 4 * wn)
             + _a16(d["NWARPS"] * rbp * 8)
+            + _a16(RB * HD * (4 if d["QT"] == 0 else 2) if d.get("QSTAGE") else 0)  # QSTAGE: the q rows
         )
     tt = nthreads * d["TPT"]
     nbv = nb if vquant else 1

@@ -55,8 +55,17 @@
 //     tile's key, bounds and addresses recomputed from its index.
 //   VUNROLL 1: the V phase's loop over the TW / 8 key steps fully unrolled (instead of by 2): every
 //     staged-row and P offset is a per-lane base plus a constant.
+//   QSTAGE 1: the CTA's q rows are copied into shared memory (16-byte cp.async, the oldest group, issued
+//     before the tables and the first stages; a row not 16-byte aligned is copied by plain loads), and the
+//     q max and fragments read them there, instead of 2 + 1 dependent rounds of 2-byte global loads issued
+//     behind the CTA's copies (~11 us of a ~12 us prologue at B=16 on the H200, bench_gpu.py anatomy,
+//     session 18). The same q values: the same results.
 
 #include "polar_attn_common.cuh"
+
+#ifndef QSTAGE
+#define QSTAGE 0
+#endif
 
 #define RBP (RB <= 4 ? 4 : 8)                  // rows padded
 #define QPARTS (PREC ? 2 : 1)
@@ -84,7 +93,10 @@
 #define MOFF_STAGE (MOFF_VTAB + ALIGN16(MVTAB_BYTES))
 #define MOFF_WS (MOFF_STAGE + ALIGN16(MSTAGE_BYTES > MRED_BYTES ? MSTAGE_BYTES : MRED_BYTES))
 #define MOFF_ML (MOFF_WS + ALIGN16(NWARPS * TW * RBP * 4 * WN))
-#define MSMEM_TOTAL (MOFF_ML + ALIGN16(NWARPS * RBP * 4 * 2))
+#define QES (QT == 0 ? 4 : 2)                  // bytes of a q element
+#define MQS_BYTES (QSTAGE ? RB * HD * QES : 0)   // QSTAGE: the CTA's q rows as they are in memory
+#define MOFF_QS (MOFF_ML + ALIGN16(NWARPS * RBP * 4 * 2))
+#define MSMEM_TOTAL (MOFF_QS + ALIGN16(MQS_BYTES))
 
 static_assert(TW % 16 == 0, "warp tile must be a multiple of 16 keys");
 static_assert(RB <= 8, "at most 8 rows per CTA");
@@ -564,6 +576,33 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         STAGE_V_ZFILL(vdst, vsrc, nvalid)
     };
 #endif
+#if QSTAGE
+    // the q rows first, a group of their own (the oldest): RB rows of HD elements, 16 bytes a copy
+    {
+        constexpr int QCH = HD * QES / 16;  // 16-byte chunks a row
+        const u32     qs  = smem_u32(smem + MOFF_QS);
+        for (int e = tid; e < RB * QCH; e += NTHREADS) {
+            const int r = e / QCH, ch = e % QCH;
+            if (r0 + r < R) {
+                const u8 * src = reinterpret_cast<const u8 *>(q) + cta.q_row(r0 + r, sqb, sqh, sqt) * QES + 16 * ch;
+                if ((reinterpret_cast<unsigned long long>(src) & 15) == 0) {
+                    cp_async16(qs + (r * QCH + ch) * 16, src);
+                } else {  // a row not 16-byte aligned (a strided view): element by element
+                    for (int i = 0; i < 16; i += QES) {
+                        if (QES == 4) {
+                            *reinterpret_cast<u32 *>(smem + MOFF_QS + (r * QCH + ch) * 16 + i) =
+                                *reinterpret_cast<const u32 *>(src + i);
+                        } else {
+                            *reinterpret_cast<u16 *>(smem + MOFF_QS + (r * QCH + ch) * 16 + i) =
+                                *reinterpret_cast<const u16 *>(src + i);
+                        }
+                    }
+                }
+            }
+        }
+        cp_async_commit();
+    }
+#endif
     // codebook tables, prebuilt by cupy_kernels.codec in the shared-memory layout (entry (hi half2
     // [, lo half2]) of code k, copy l at byte k * 128 + TAB_LANE_OFF(l)): one cp.async group of
     // their own (the oldest), overlapping the first K/V stages
@@ -619,11 +658,20 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
 
     // q: a power-of-two normalization 2^-E (max |q| of the CTA's rows < 1, so fp16 never overflows),
     // then this lane's B fragments. score = fac * sum_blocks d * S, fac = scale * log2(e) * 2^E.
+#if QSTAGE
+    cp_async_wait<TAB_WAIT + 1>();  // the q group (the oldest) has landed
+    __syncthreads();                // (and the rows copied element by element)
+    const void * qsrc = smem + MOFF_QS;  // row r0 + r at element r * HD
+#endif
     float qmax = 0.0f;
     for (int e = lane; e < RB * HD; e += 32) {
         const int rr = r0 + e / HD;
         if (rr < R) {
+#if QSTAGE
+            qmax = fmaxf(qmax, fabsf(load_q(qsrc, e)));
+#else
             qmax = fmaxf(qmax, fabsf(load_q(q, cta.q_row(rr, sqb, sqh, sqt) + e % HD)));
+#endif
         }
     }
 #pragma unroll
@@ -646,10 +694,16 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         const int r    = col % RBP;
         const int rr   = r0 + r;
         const bool ok  = r < RB && rr < R && (part < QPARTS || QDUP);
-        long long qoff = 0;
+#if QSTAGE
+        const void *    qb   = qsrc;
+        const long long qoff = (long long) r * HD;
+#else
+        const void * qb   = q;
+        long long    qoff = 0;
         if (ok) {
             qoff = cta.q_row(rr, sqb, sqh, sqt);
         }
+#endif
 #pragma unroll
         for (int j = 0; j < NB; ++j) {
 #pragma unroll
@@ -660,7 +714,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
                     u32 v = 0;
                     if (ok) {
                         u32 hi, lo;
-                        split_h2(load_q(q, qoff + 2 * p) * qnorm, load_q(q, qoff + 2 * p + 1) * qnorm, hi, lo);
+                        split_h2(load_q(qb, qoff + 2 * p) * qnorm, load_q(qb, qoff + 2 * p + 1) * qnorm, hi, lo);
                         v = (part == 0 || QDUP) ? hi : lo;
                     }
                     qf[j][ks][t][e] = v;

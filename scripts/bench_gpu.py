@@ -314,6 +314,7 @@ def mma_label(cfg) -> str:
         + (f"+sml{cfg.smlean}" if cfg.smlean else "")
         + ("+vun" if cfg.vunroll else "")
         + ("+ptrs" if cfg.ptrs else "")
+        + ("+qst" if cfg.qstage else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
 
@@ -482,6 +483,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
 COMPARE_CFGS = {  # name: AttnConfig kwargs (cupy_kernels.attention) + optional "splits"; None = simt
     "simt (before)": None,
     "mma default": {},
+    "mma qstage": dict(qstage=True),
     "mma fp32-prec": dict(prec="fp32"),
     "mma 8w32k2s splits4": dict(nwarps=8, wtile=32, stages=2, splits=4),
     "mma 8w32k2s splits16": dict(nwarps=8, wtile=32, stages=2, splits=16),
@@ -548,7 +550,7 @@ def cmd_compare(args, timer) -> list[dict]:
             nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, T, sh.D)
             names = list(COMPARE_CFGS) if (kfmt, vfmt) != ("polar3", "polar3") else list(COMPARE_CFGS)[:3]
             if T > min(args.contexts):
-                names = names[:4]
+                names = names[:5]
             for name in names:
                 kw = COMPARE_CFGS[name]
                 kw = dict(kw or {}) if kw is not None else None
@@ -731,6 +733,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
     timers = {"write": timer, "read": Timer(timer.reps, timer.warmup, flush="read")}
     cfg = attention.default_config("polar")
     cfg_t = dataclasses.replace(cfg, cta_times=True)
+    cfg_q = dataclasses.replace(cfg, qstage=True)  # q through shared memory (AttnConfig.qstage)
     for T in args.contexts:
         sh = Shape(16, T, 32, 8, 128)
         q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
@@ -750,39 +753,47 @@ def cmd_anatomy(args, timer) -> list[dict]:
         kc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         vc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, T, sh.D)
-        for fl, tm in timers.items():
-            r = tm(attn_fn(q, kc, vc, lens, "polar", "polar", max_len=T))
-            rows.append(
-                timed_row(
-                    sh,
-                    "polar+polar mma default",
-                    r,
-                    nbytes,
-                    flush=fl,
-                    pct_copy_rate=100 * nbytes / (r["ms"] * 1e-3) / args.copy_rate,
-                    speedup_vs_sdpa=base[fl] / r["ms"],
+        for name, c in (("default", cfg), ("qstage", cfg_q)):
+            for fl, tm in timers.items():
+                r = tm(attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T))
+                rows.append(
+                    timed_row(
+                        sh,
+                        f"polar+polar mma {name}",
+                        r,
+                        nbytes,
+                        flush=fl,
+                        pct_copy_rate=100 * nbytes / (r["ms"] * 1e-3) / args.copy_rate,
+                        speedup_vs_sdpa=base[fl] / r["ms"],
+                    )
                 )
-            )
-            print_rows(rows[-1:])
+                print_rows(rows[-1:])
         # the stamped kernel: timed like the others (the stamps should cost nothing), then launched --reps
         # times alone after each kind of flush, and the launch of median span kept (its stamps too); at
         # --stamp-splits contexts also with other split counts (more CTAs than slots: the block scheduler
         # fills the SMs that finish first)
-        for splits in [None, *(args.stamp_splits if T == args.stamp_context else [])]:
-            fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=cfg_t, max_len=T, splits=splits)
-            p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, cfg_t, splits, 0)
+        stamped = [("default", cfg_t, None)]
+        if T == args.stamp_context:
+            stamped += [("default", cfg_t, s) for s in args.stamp_splits]
+            stamped += [("qstage", dataclasses.replace(cfg_t, qstage=True), None)]
+        for name, c, splits in stamped:
+            fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T, splits=splits)
+            p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, c, splits, 0)
             r = timer(fn)
+            part, _ = attention._kernels(p.config.impl, p.defines, p.smem)
+            regs = int(getattr(part, "num_regs", 0) or 0)  # (the split model counts CTAs a SM from them)
             for fl, tm in timers.items():
                 launches = stamped_launches(fn, p, tm.flush_l2, timer.reps)
                 st, stamps = launches[len(launches) // 2]
                 rows.append(
                     timed_row(
                         sh,
-                        "polar+polar mma default, stamped",
+                        f"polar+polar mma {name}, stamped",
                         r,
                         nbytes,
                         flush=fl,
                         splits=p.splits,
+                        regs=regs,
                         span_min_us=launches[0][0]["span_us"],
                         span_max_us=launches[-1][0]["span_us"],
                         marks=list(attention.CTA_MARKS),
@@ -790,11 +801,11 @@ def cmd_anatomy(args, timer) -> list[dict]:
                         **st,
                     )
                 )
-                print_stamped(sh.label, f"stamped, flush {fl}", r["ms"], p.splits, st)
+                print_stamped(sh.label, f"{name} stamped, flush {fl}", r["ms"], p.splits, st)
         del kc, vc, fn
         torch.cuda.empty_cache()
     # the straight lines: time = a + b * T for each series
-    for variant in ("sdpa fp16", "polar+polar mma default"):
+    for variant in ("sdpa fp16", "polar+polar mma default", "polar+polar mma qstage"):
         for fl in timers:
             pts = [(r["T"], r["ms"] * 1e3) for r in rows if r["variant"] == variant and r.get("flush") == fl]
             if len(pts) < 2:

@@ -12,7 +12,8 @@
 #           scripts/gpu_run.sh parts        # only that: keep the carried parts, list what the machine holds
 #           scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
-#                                           # benchmarks (encode-latency, encode --variants, compare) meanwhile
+#                                           # benchmarks (encode-latency, encode --variants, compare, anatomy)
+#                                           # meanwhile
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
@@ -44,7 +45,7 @@ set -euo pipefail
 case ${1:-} in
 prepare | build | parts | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,42p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,43p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -201,6 +202,9 @@ build)
         # issue 11's attention table on the current kernels (B=16, 32/8 heads, D=128; SDPA fp16 in the same run)
         cupy_bench compare 300 compare --contexts 32768 131072 || rc=1
         tail -12 "$OUT/compare.txt"
+        # where the default kernel's time goes (per-CTA stamps), and q through shared memory (AttnConfig.qstage)
+        cupy_bench anatomy 300 anatomy --contexts 4096 32768 131072 || rc=1
+        grep -E "stamped|^fit" "$OUT/anatomy.txt"
     fi
     cat /tmp/gpu-run-build.log | tail -5
     exit $rc

@@ -518,3 +518,25 @@ def test_cta_times(torch):
         attn.cta_times(
             attn.plan(2, 8, 2, 1, 128, 1024, "polar", "polar", q.dtype, device=q.device.index or 0)
         )
+
+
+@pytest.mark.parametrize("qdtype", ["float16", "float32", "bfloat16"])
+@pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
+def test_qstage_same_bits(torch, qdtype, kfmt, vfmt):
+    """AttnConfig.qstage (q rows through shared memory) gives the bits of the same config without it: on a
+    contiguous q (16-byte copies), on a q view whose rows are not 16-byte aligned (element copies), and
+    with more query rows than a CTA takes (rows split over CTAs, a last CTA with fewer rows)."""
+    import dataclasses
+
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    lens = torch.tensor([700, 33, 1], dtype=torch.int32, device="cuda")
+    kc = _rand_cache(torch, kfmt, 3, 2, 712, 128, gen)
+    vc = _rand_cache(torch, vfmt, 3, 2, 712, 128, gen)
+    dt = getattr(torch, qdtype)
+    base = attn.default_config(vfmt)
+    for Hq in (8, 20):
+        big = torch.randn((3, Hq, 1, 129), generator=gen, device="cuda").to(dt)
+        for q in (big[..., :128].contiguous(), big[..., 1:]):  # aligned rows; rows 1 element off
+            want = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=base)
+            got = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=dataclasses.replace(base, qstage=True))
+            assert torch.equal(got, want), f"{kfmt}/{vfmt} {qdtype} Hq {Hq} stride {q.stride()}"
