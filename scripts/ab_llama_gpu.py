@@ -184,6 +184,25 @@ SETS = {
 }
 
 
+def pool(
+    docs, depth: int, drop: dict[str, str] | None = None
+) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """The rows of several runs of this script (their JSON documents) at `depth`, by (K / V, environment
+    "NAME=VALUE ..." or "-"): {"tg": [t/s, ...], "pp": [...]}, one value per run and row. `drop`: settings
+    left out of a row's environment (a variable the build does not read), so its rows pool with the others."""
+    drop = drop or {}
+    pooled: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for doc in docs:
+        for r in doc["runs"]:
+            env = {k: v for k, v in r["env"].items() if drop.get(k) != v}
+            key = (r["kv"], " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "-")
+            cell = pooled.setdefault(key, {"tg": [], "pp": []})
+            for x in r["rows"]:
+                if x["depth"] == depth:
+                    cell["tg" if x["test"].startswith("tg") else "pp"].append(x["tps"])
+    return pooled
+
+
 def summarize(argv) -> int:
     """The `summarize` subcommand (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="ab_llama_gpu.py summarize")
@@ -198,22 +217,15 @@ def summarize(argv) -> int:
             ap.error(f"--same-as takes NAME=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         drop[k] = v
-    pooled: dict[tuple[str, str], dict[str, list[float]]] = {}
-    gpus = set()
+    docs = []
     for f in args.runs:
         try:
-            doc = json.loads(Path(f).read_text())
-            runs = doc["runs"]
+            docs.append(json.loads(Path(f).read_text()))
+            docs[-1]["runs"]
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"{f}: expected a JSON file written by ab_llama_gpu.py ({type(e).__name__}: {e})")
-        gpus.add(doc.get("gpu", "?"))
-        for r in runs:
-            env = {k: v for k, v in r["env"].items() if drop.get(k) != v}
-            key = (r["kv"], " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "-")
-            cell = pooled.setdefault(key, {"tg": [], "pp": []})
-            for x in r["rows"]:
-                if x["depth"] == args.depth:
-                    cell["tg" if x["test"].startswith("tg") else "pp"].append(x["tps"])
+    gpus = {d.get("gpu", "?") for d in docs}
+    pooled = pool(docs, args.depth, drop)
     if not any(c["tg"] for c in pooled.values()):
         ap.error(f"no tg rows at depth {args.depth} in {args.runs}")
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731

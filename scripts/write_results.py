@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import figures
+from ab_llama_gpu import pool
 from kvpolar.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,22 +241,20 @@ def headline() -> list[str]:
             )
     # the newest builds' same-run A/Bs of the same targets (ab_llama_gpu.py, 3 repetitions; the full tables
     # above are bench_llama_gpu.py's, last run on session 10's build)
-    for path, label, depth in AB_LATEST:
-        path = REPO / path
-        if not path.exists():
+    for paths, label, depth, same in AB_LATEST:
+        if not all((REPO / p).exists() for p in paths):
             continue
-        g = json.loads(path.read_text())
+        docs = [json.loads((REPO / p).read_text()) for p in paths]
         t = {
-            r["kv"]: row["tps"]
-            for r in g["runs"]
-            if not r["env"]
-            for row in r["rows"]
-            if row["test"] == "tg64" and row["depth"] == depth
+            kv: sum(c["tg"]) / len(c["tg"])
+            for (kv, env), c in pool(docs, depth, same).items()
+            if env == "-" and c["tg"]
         }
         a, b, f = (t.get(f"{x}/{x}") for x in ("polar", "q4_0", "f16"))
         if a and b and f:
-            source = f", newest same-run A/B ({path.relative_to(REPO)})"
-            out.append(_gpu_tg_line(label, g["gpu"], depth, source, a, b, f))
+            what = paths[0] if len(paths) == 1 else f"{len(paths)} runs pooled, {paths[0].rsplit('/', 2)[0]}"
+            source = f", same-run A/B ({what})"
+            out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
     if nd.exists():
         d = json.loads(nd.read_text())
@@ -278,19 +277,25 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
     )
 
 
-# ab_llama_gpu.py runs of issue 10's tg targets on session 16's two builds (docs/results-cuda.md): the ring
-# tables const (ab-rot, the newest) and the session-15 tree it started from (ab-pdl, the rows with PDL on),
-# listed in results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several
-# per cent); and session 17's A/B of a dropped experiment (the write kernel's early reads: its polar/polar
-# rows ran the same encoder and attention arithmetic, and equalled the rows with the reads after the wait)
+# ab_llama_gpu.py runs of issue 10's tg targets (docs/results-cuda.md), newest first, listed in
+# results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several per
+# cent): (runs pooled by ab_llama_gpu.pool, model, depth, settings the build does not read).
+# Session 18: the series 0001-0029, three passes (its GGML_CUDA_POLAR_NO_EARLY rows are the same code);
+# session 17: the A/B of a dropped experiment (the write kernel's early reads: its polar/polar rows ran the
+# same encoder and attention arithmetic, each setting twice, pooled); session 16's two builds: the ring
+# tables const (ab-rot) and the session-15 tree it started from (ab-pdl, the rows with PDL on).
 AB_DIR = "docs/gpu/h200-llama/session16/ab"
+S18 = "docs/gpu/h200-llama/session18/series-ab"
+S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
 AB_LATEST = (
-    ("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json", "SmolLM2-135M", 16384),
-    ("docs/gpu/h200-llama/session17/ab/ab-early-qwen.json", QWEN_SHAPE, 32768),
-    (f"{AB_DIR}/ab-rot-smollm2.json", "SmolLM2-135M", 16384),
-    (f"{AB_DIR}/ab-pdl-smollm2.json", "SmolLM2-135M", 16384),
-    (f"{AB_DIR}/ab-rot-qwen.json", QWEN_SHAPE, 32768),
-    (f"{AB_DIR}/ab-pdl-qwen.json", QWEN_SHAPE, 32768),
+    (tuple(f"{S18}/pass{i}/ab-early-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, S18_SAME),
+    (tuple(f"{S18}/pass{i}/ab-early-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, S18_SAME),
+    (("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json",), "SmolLM2-135M", 16384, {}),
+    (("docs/gpu/h200-llama/session17/ab/ab-early-qwen.json",), QWEN_SHAPE, 32768, {}),
+    ((f"{AB_DIR}/ab-rot-smollm2.json",), "SmolLM2-135M", 16384, {}),
+    ((f"{AB_DIR}/ab-pdl-smollm2.json",), "SmolLM2-135M", 16384, {}),
+    ((f"{AB_DIR}/ab-rot-qwen.json",), QWEN_SHAPE, 32768, {}),
+    ((f"{AB_DIR}/ab-pdl-qwen.json",), QWEN_SHAPE, 32768, {}),
 )
 
 

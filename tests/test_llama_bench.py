@@ -41,3 +41,63 @@ def test_results_from_output_with_log_lines_around_the_json():
 def test_results_without_json_is_an_error_naming_the_output():
     with pytest.raises(ValueError, match=r"no JSON array.*error: model not found"):
         llama_bench.results("error: model not found")
+
+
+def _ab_doc(rows):
+    """An ab_llama_gpu.py JSON document: rows = [(kv, env, tg at 32768, pp at 32768)]."""
+    return {
+        "gpu": "GPU X",
+        "runs": [
+            {
+                "kv": kv,
+                "env": env,
+                "rows": [
+                    {"test": "pp512", "depth": 32768, "tps": pp},
+                    {"test": "tg64", "depth": 32768, "tps": tg},
+                    {"test": "tg64", "depth": 0, "tps": 999.0},
+                ],
+            }
+            for kv, env, tg, pp in rows
+        ],
+    }
+
+
+def test_ab_summarize_pools_runs_and_drops_unread_settings(tmp_path, capsys):
+    import ab_llama_gpu
+
+    a = _ab_doc(
+        [
+            ("f16/f16", {}, 400.0, 10.0),
+            ("q4_0/q4_0", {}, 300.0, 9.0),
+            ("polar/polar", {}, 390.0, 8.0),
+            ("polar/polar", {"UNREAD": "1"}, 410.0, 8.0),
+            ("polar/polar", {"OFF": "0"}, 350.0, 8.0),
+        ]
+    )
+    b = _ab_doc(
+        [("f16/f16", {}, 380.0, 12.0), ("q4_0/q4_0", {}, 280.0, 9.0), ("polar/polar", {}, 400.0, 8.0)]
+    )
+    pooled = ab_llama_gpu.pool([a, b], 32768, {"UNREAD": "1"})
+    assert pooled[("polar/polar", "-")]["tg"] == [390.0, 410.0, 400.0]
+    assert pooled[("polar/polar", "OFF=0")]["tg"] == [350.0]
+    assert pooled[("f16/f16", "-")] == {"tg": [400.0, 380.0], "pp": [10.0, 12.0]}
+    assert ab_llama_gpu.pool([a], 32768)[("polar/polar", "UNREAD=1")]["tg"] == [410.0]
+    files = []
+    for i, d in enumerate((a, b)):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(d))
+    out = tmp_path / "s.md"
+    argv = ["summarize", *map(str, files), "--depth", "32768", "--same-as", "UNREAD=1", "--out", str(out)]
+    assert ab_llama_gpu.main(argv) == 0
+    text = out.read_text()
+    assert "| polar/polar | - | 3 | 400.0 | 1.026 | 1.379 | 8 |" in text  # 400 / 390 f16, / 290 q4_0
+    assert "| f16/f16 | - | 2 | 390.0 | 1.000 |" in text and "GPU X" in text
+    assert capsys.readouterr().out == text
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        ab_llama_gpu.main(["summarize", str(bad), "--depth", "32768"])
+    assert "expected a JSON file written by ab_llama_gpu.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ab_llama_gpu.main(["summarize", str(files[0]), "--depth", "4096"])
+    assert "no tg rows at depth 4096" in capsys.readouterr().err
