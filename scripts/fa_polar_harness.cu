@@ -31,6 +31,7 @@
 // scripts/gpu_run.sh checks builds and runs it.
 #include "fattn-vec.cuh"
 #include <cstdio>
+#include <cstring>
 #include <vector>
 #include <random>
 #include <cmath>
@@ -44,13 +45,20 @@ struct shape {
     int H, HKV, kv, nb11, nb21;
 };
 
+// the tensor-core kernel's instance: with every load of a step first (GGML_CUDA_POLAR_FA_LOADS_FIRST,
+// session 18's experiment) or as before
+static bool g_loads_first = true;
 template <int D, ggml_type TK, ggml_type TV>
 static fattn_kernel_t kernel_of(kernel_kind k) {
     switch (k) {
         case VEC1: return flash_attn_ext_vec<D, 1, TK, TV, false, false>;
         case VEC2: return flash_attn_ext_vec<D, 2, TK, TV, false, true>;
         case VEC4: return flash_attn_ext_vec<D, 4, TK, TV, false, true>;
+#ifdef GGML_CUDA_POLAR_FA_LOADS_FIRST_AVAILABLE // (session 18's experiment: both instances)
+        default:   return g_loads_first ? flash_attn_ext_polar_mma<D, TK, TV, true> : flash_attn_ext_polar_mma<D, TK, TV, false>;
+#else
         default:   return flash_attn_ext_polar_mma<D, TK, TV>;
+#endif
     }
 }
 
@@ -257,6 +265,16 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
             for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
         }
         fails += fail;
+#ifdef GGML_CUDA_POLAR_FA_LOADS_FIRST_AVAILABLE
+        // session 18's experiment: the instance with a step's loads first gives the bits of the one without
+        g_loads_first = false;
+        const auto r0 = p.run(MMA, PB, sinks, k0);
+        g_loads_first = true;
+        const bool same = memcmp(r.data(), r0.data(), sizeof(float)*r.size()) == 0;
+        printf("loads  %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d k0=%d: loads first %s loads as before%s\n", name, D, H, HKV, kv,
+               PB, sinks, k0, same ? "=" : "!=", same ? "" : "  FAIL");
+        fails += !same;
+#endif
     }
     return fails != 0;
 }
@@ -317,6 +335,16 @@ static void timing(const char * name, int H, int HKV, int kv) {
             g_combine_rows = true;
             printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, with upstream's combine %7.2f (PB %d)\n",
                    name, D, H, HKV, kv, what, us, us0, us1, PB);
+#ifdef GGML_CUDA_POLAR_FA_LOADS_FIRST_AVAILABLE
+            {
+                g_loads_first = false;
+                int PB2; const float uso = p.time(k, keys, true, PB2);
+                int PB3; const float uso0 = p.time(k, keys, false, PB3);
+                g_loads_first = true;
+                printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, loads as before (PB %d)\n",
+                       name, D, H, HKV, kv, what, uso, uso0, PB2);
+            }
+#endif
 #else
             printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, what, us, us0, PB);
 #endif
@@ -349,7 +377,8 @@ static void pb_sweep(const char * name, int H, int HKV, int kv) {
 }
 
 // 5. --profile: a few launches of the tensor-core kernel on Qwen2.5-1.5B's shape (256 keys, one CTA a K/V
-// head; 32768 keys, launch_fattn's blocks for 2 steps a CTA) and of the vector kernel at 256 keys, for
+// head; 32768 keys, launch_fattn's blocks for 2 steps a CTA), on SmolLM2's at 16384 keys, and of the vector
+// kernel at 256 keys, for
 // Nsight Compute (`ncu -k regex:flash_attn_ext ... fa_polar_harness --profile`; session 13)
 static void profile_launches() {
     for (int kv : {256, 32768}) {
@@ -362,6 +391,14 @@ static void profile_launches() {
             p.run(VEC1, 2, false);
         }
         printf("profile kv=%d: tensor-core kernel with PB %d\n", kv, PB);
+    }
+    { // SmolLM2's shape at issue 10's depth (head size 64, GQA 3, 16384 keys; session 18)
+        problem<64, GGML_TYPE_POLAR, GGML_TYPE_POLAR> p(9, 3, 16384, 1);
+        int PB = choose_pb(kernel_of<64, GGML_TYPE_POLAR, GGML_TYPE_POLAR>(MMA), MMA, p.sh, 2*POLAR_FA_MMA_KT);
+        for (int i = 0; i < 2; ++i) {
+            p.run(MMA, PB, false);
+        }
+        printf("profile D=64 kv=16384: tensor-core kernel with PB %d\n", PB);
     }
 }
 

@@ -26,7 +26,7 @@
 #                                           # build), e.g. `harness --pb-sweep`
 #           scripts/gpu_run.sh variants     # the harness for each set of flags in $HARNESS_VARIANTS (first checked)
 #           scripts/gpu_run.sh kernel-profile # the harness's --profile launches under ncu (--set full, SASS-level
-#                                           # stall samples): the tensor-core kernel at 256 and 32768 keys
+#                                           # stall samples): the tensor-core kernel at 256 and 32768 keys (Qwen2.5), 16384 (SmolLM2)
 #           scripts/gpu_run.sh chain-profile # one launch of the layer's write kernel in a Qwen2.5 decode under ncu
 #           scripts/gpu_run.sh encode-profile # the CuPy encoder's throughput kernel under ncu (no llama build)
 #           scripts/gpu_run.sh trace        # models, wait for the build, then a timeline of the decode steps
