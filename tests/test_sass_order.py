@@ -1,0 +1,41 @@
+"""scripts/sass_order.py: the run-length order of loads and products in a cuobjdump -sass listing."""
+
+from __future__ import annotations
+
+import sass_order
+
+LISTING = """
+	code for sm_90
+		Function : _Z3fooPf
+	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                          /* 0x00000a00ff017b82 */
+        /*0010*/                   LDG.E.U16.CONSTANT R2, desc[UR8][R4.64] ;        /* 0x0000000804027981 */
+        /*0020*/              @!P1 LDG.E.128 R8, desc[UR8][R6.64] ;                 /* 0x000000080608a981 */
+        /*0030*/                   LDS.64 R10, [R2] ;                               /* 0x000000000a0a7984 */
+        /*0040*/                   HMMA.16816.F32 R12, R8, R10, RZ ;                /* 0x0000000a080c723c */
+        /*0050*/               @P0 BRA 0x10 ;                                       /* 0x00000004001c0947 */
+        /*0060*/                   LDG.E R3, desc[UR8][R4.64] ;                     /* 0x0000000804037981 */
+		..........
+		Function : _Z3barv
+        /*0000*/                   MUFU.EX2 R0, R0 ;                                /* 0x0000000000007308 */
+        /*0010*/                   EXIT ;                                           /* 0x000000000000794d */
+"""
+
+
+def test_kernels_and_runs():
+    ks = sass_order.kernels(LISTING)
+    assert list(ks) == ["_Z3fooPf", "_Z3barv"]
+    assert ks["_Z3fooPf"][:3] == ["LDC", "LDG.E.U16.CONSTANT", "LDG.E.128"]  # predicates dropped
+    assert sass_order.runs(ks["_Z3fooPf"]) == [("LDG", 2), ("LDS", 1), ("HMMA", 1), ("BRA", 1), ("LDG", 1)]
+    assert sass_order.runs(ks["_Z3barv"]) == [("MUFU.EX2", 1)]
+    assert sass_order.kind("LDGSTS") is None and sass_order.kind("MUFU.RCP") is None
+
+
+def test_main_on_a_listing(tmp_path, capsys):
+    f = tmp_path / "k.sass"
+    f.write_text(LISTING)
+    assert sass_order.main(["--sass", str(f), "--kernel", "foo"]) == 0
+    out = capsys.readouterr().out
+    assert "_Z3fooPf: 7 instructions, 2 runs of global loads" in out
+    assert "LDG x2, LDS x1, HMMA x1, BRA x1, LDG x1" in out
+    assert sass_order.main(["--sass", str(f), "--kernel", "nothing"]) == 1
