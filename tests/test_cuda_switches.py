@@ -1,4 +1,4 @@
-"""kvpolar's environment switches in the patched ggml-cuda (patches 0023, 0025, 0026): every one is read
+"""kvpolar's environment switches in the patched ggml-cuda (patches 0023, 0025, 0026, 0029): every one is read
 through `ggml_cuda_polar_env_int` (polar.cuh), which takes the whole value as an integer in its range and
 aborts with the variable's name otherwise, so a mistyped value is an error and not a silent 0 (as
 `atoi` would make it); and every one is documented where a user looks for it (README.md, docs/).
@@ -14,7 +14,7 @@ import pytest
 
 from conftest import _missing
 
-SWITCH = r"(?:GGML_CUDA_POLAR_\w+|GGML_CUDA_NO_POLAR)"
+SWITCH = r"(?:GGML_CUDA_POLAR_\w+|GGML_CUDA_NO_POLAR|GGML_CUDA_MMVQ_PDL_LC)"
 
 
 @pytest.fixture(scope="module")
