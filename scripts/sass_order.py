@@ -3,6 +3,7 @@
 
     python3 scripts/sass_order.py TREE FILE.cu --kernel REGEX [--arch 90]
     python3 scripts/sass_order.py --sass FILE.sass --kernel REGEX
+    python3 scripts/sass_order.py --cupy-default KFMT VFMT --kernel polar_attn_mma --loops [--per 64]
 
 Compiles FILE.cu of a patched llama.cpp tree (as scripts/cuda_sass_diff.sh does: nvcc and cuobjdump on PATH,
 PyPI's nvidia-cuda-nvcc has them) or reads a `cuobjdump -sass` listing, and prints, for every kernel whose
@@ -11,6 +12,14 @@ shared loads (LDS), tensor products (HMMA), exp2 (MUFU.EX2), branches (BRA), bar
 `LDG x5, LDS x8, BRA x1, LDG x8, HMMA x4, ...`. A loop whose loads come in several runs, each after the
 products of the previous one, waits for memory once per run (session 18: the polar tensor-core flash
 attention kernel, `docs/results-cuda.md`). Exit status 1 when no kernel matches or a compile fails.
+
+--cupy-default KFMT VFMT compiles the CuPy attention kernel's default variant for those formats (head size
+128, 4 query rows a KV head, float16 q: issue 11's benchmark) from cupy_kernels' own defines and source.
+--loops lists each loop (a backward branch) with its instruction count and its shared-memory traffic in
+wavefronts of 128 bytes, as if conflict-free: a 32-bit LDS or STS is 1, a 64-bit one 2, a 128-bit one 4
+(narrower loads 1), a 16-byte cp.async (LDGSTS) 4; --per N divides both by N (keys a loop iteration takes).
+An SM serves one wavefront a cycle, so a loop that needs more wavefronts than it issues instructions per
+scheduler is bound by shared memory (session 18, `docs/results-gpu.md`).
 """
 
 from __future__ import annotations
@@ -64,6 +73,72 @@ def runs(ops: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def wavefronts(op: str) -> int:
+    """Shared-memory wavefronts of one warp instruction (conflict-free), 0 for other instructions."""
+    if op.startswith("LDGSTS"):
+        return 4 if ".128" in op else (2 if ".64" in op else 1)
+    if op.startswith("LDSM"):  # ldmatrix: .x1 / .x2 / .x4 8x8 matrices of 16 bits (128 bytes each)
+        return 4 if op.endswith(".4") else (2 if op.endswith(".2") else 1)
+    if op.split(".")[0] in ("LDS", "STS"):
+        if ".128" in op:
+            return 4
+        return 2 if ".64" in op else 1
+    return 0
+
+
+def loops(sass_fn: str) -> list[dict]:
+    """The loops of one kernel's listing (cuobjdump -sass text of one function): a backward branch and its
+    target; per loop its instruction count and shared-memory wavefronts (see `wavefronts`)."""
+    ins = []
+    for line in sass_fn.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    out = []
+    for addr, op, rest in ins:
+        m = re.search(r"0x([0-9a-f]+)\s*$", rest.strip())
+        if op == "BRA" and m and int(m.group(1), 16) < addr:
+            lo = int(m.group(1), 16)
+            body = [o for a, o, _ in ins if lo <= a <= addr]
+            out.append(
+                {
+                    "start": lo,
+                    "end": addr,
+                    "instructions": len(body),
+                    "wavefronts": sum(map(wavefronts, body)),
+                }
+            )
+    return out
+
+
+def function_text(sass: str, name: str) -> str:
+    """The listing of one function of a cuobjdump -sass text."""
+    parts = re.split(r"(?=\n\s*Function : )", sass)
+    return next((p for p in parts if f"Function : {name}" in p), "")
+
+
+def cupy_default_sass(kfmt: str, vfmt: str, arch: str) -> str:
+    """SASS of the CuPy attention kernel's default variant (head size 128, 4 rows, float16 q)."""
+    from cupy_kernels import attention, loader
+
+    cfg = attention.default_config(vfmt)
+    d = attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg)
+    nvcc, cuobjdump = shutil.which("nvcc"), shutil.which("cuobjdump")
+    if not nvcc or not cuobjdump:
+        raise SystemExit("sass_order: nvcc and cuobjdump must be on PATH (pip install nvidia-cuda-nvcc)")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.cu"
+        src.write_text(loader.build_source(f"{attention.KERNELS[cfg.impl]}.cu", d))
+        cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", *loader.OPTIONS, *loader.include_options()]
+        p = subprocess.run([*cmd, "-o", f"{tmp}/k.cubin", str(src)], capture_output=True, text=True)
+        if p.returncode:
+            print(p.stderr[-3000:], file=sys.stderr)
+            raise SystemExit("sass_order: nvcc failed on the CuPy variant")
+        return subprocess.run(
+            [cuobjdump, "-sass", f"{tmp}/k.cubin"], capture_output=True, text=True, check=True
+        ).stdout
+
+
 def compile_sass(tree: Path, file: str, arch: str) -> str:
     nvcc, cuobjdump = shutil.which("nvcc"), shutil.which("cuobjdump")
     if not nvcc or not cuobjdump:
@@ -102,9 +177,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", type=Path, help="a cuobjdump -sass listing instead of a compile")
     ap.add_argument("--kernel", required=True, help="regular expression over the mangled kernel names")
     ap.add_argument("--arch", default="90")
+    ap.add_argument("--cupy-default", nargs=2, metavar=("KFMT", "VFMT"), help="the CuPy attention default")
+    ap.add_argument(
+        "--loops", action="store_true", help="each loop's instructions and shared-memory wavefronts"
+    )
+    ap.add_argument("--per", type=int, default=0, help="--loops: divide by N (keys a loop iteration takes)")
     args = ap.parse_args(argv)
     if args.sass:
         text = args.sass.read_text()
+    elif args.cupy_default:
+        text = cupy_default_sass(*args.cupy_default, args.arch)
     elif args.tree and args.file:
         text = compile_sass(args.tree, args.file, args.arch)
     else:
@@ -117,6 +199,16 @@ def main(argv=None) -> int:
         r = runs(ops)
         print(f"{name}: {len(ops)} instructions, {sum(1 for k, _ in r if k == 'LDG')} runs of global loads")
         print("  " + ", ".join(f"{k} x{n}" for k, n in r))
+        if args.loops:
+            for lp in loops(function_text(text, name)):
+                per = ""
+                if args.per:
+                    n = args.per
+                    per = f" = {lp['instructions'] / n:.1f} and {lp['wavefronts'] / n:.1f} per key"
+                print(
+                    f"  loop 0x{lp['start']:x}-0x{lp['end']:x}: {lp['instructions']} instructions, "
+                    f"{lp['wavefronts']} shared-memory wavefronts{per}"
+                )
     return 0
 
 

@@ -39,3 +39,42 @@ def test_main_on_a_listing(tmp_path, capsys):
     assert "_Z3fooPf: 7 instructions, 2 runs of global loads" in out
     assert "LDG x2, LDS x1, HMMA x1, BRA x1, LDG x1" in out
     assert sass_order.main(["--sass", str(f), "--kernel", "nothing"]) == 1
+
+
+LOOP = """
+		Function : _Z4loopv
+        /*0000*/                   MOV R1, RZ ;                                     /* 0x000000ff00017202 */
+        /*0010*/                   LDS R2, [R1] ;                                   /* 0x0000000001027984 */
+        /*0020*/                   LDS.64 R4, [R1+0x8] ;                            /* 0x0000080001047984 */
+        /*0030*/                   LDS.U16 R6, [R1+0x10] ;                          /* 0x0000100001067984 */
+        /*0040*/                   STS.128 [R1+0x20], R8 ;                          /* 0x0000200801007388 */
+        /*0050*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;     /* 0x0000000002017fae */
+        /*0060*/               @P0 BRA 0x10 ;                                       /* 0xfffffffc00000947 */
+        /*0070*/                   EXIT ;                                           /* 0x000000000000794d */
+"""
+
+
+def test_loops_and_wavefronts():
+    assert [
+        sass_order.wavefronts(op) for op in ("LDS", "LDS.64", "LDS.U16", "STS.128", "LDGSTS.E.BYPASS.128")
+    ] == [
+        1,
+        2,
+        1,
+        4,
+        4,
+    ]
+    assert sass_order.wavefronts("FFMA") == 0 and sass_order.wavefronts("LDSM.16.M88.4") == 4
+    fn = sass_order.function_text(LISTING + LOOP, "_Z4loopv")
+    assert "MOV R1" in fn and "_Z3fooPf" not in fn
+    assert sass_order.loops(fn) == [{"start": 0x10, "end": 0x60, "instructions": 6, "wavefronts": 12}]
+
+
+def test_main_loops_per_key(tmp_path, capsys):
+    f = tmp_path / "l.sass"
+    f.write_text(LOOP)
+    assert sass_order.main(["--sass", str(f), "--kernel", "loop", "--loops", "--per", "4"]) == 0
+    assert (
+        "loop 0x10-0x60: 6 instructions, 12 shared-memory wavefronts = 1.5 and 3.0 per key"
+        in capsys.readouterr().out
+    )
