@@ -81,8 +81,8 @@ class AttnConfig:
     first stages, and the q max and fragments read from there (instead of dependent rounds of 2-byte
     global loads queued behind the CTA's copies: ~11 us of the ~12 us prologue at B=16 on the H200,
     `bench_gpu.py anatomy`); the same q values, so the same results.
-    cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at four
-    points and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
+    cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
+    points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
 
     kmode: str = "gather"  # "gather" (a), "lut" (b), "anglelut" (angle-LUT formats, paper B)
