@@ -506,6 +506,19 @@ def timed_row(sh: Shape, variant: str, r: dict, nbytes: int, **extra) -> dict:
     }
 
 
+def headline_inputs(T: int, gen):
+    """Issue 11's benchmark shape at context T (B=16, 32/8 heads, D=128, float16 q, every key valid): the
+    shape, q, lens, fp16 SDPA over random fp16 K/V (a closure) and the bytes it reads; draws q, K, V from
+    gen."""
+    torch = _torch()
+    sh = Shape(16, T, 32, 8, 128)
+    q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+    lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
+    k16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+    v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
+    return sh, q, lens, sdpa_fns(q, k16, v16)["sdpa_fold"], 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D)
+
+
 def cmd_compare(args, timer) -> list[dict]:
     """The simt kernel (before) against tensor-core variants, same run, same data; fp16 q.
 
@@ -518,14 +531,7 @@ def cmd_compare(args, timer) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(4)
     fmts = [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")]
     for T in args.contexts:
-        sh = Shape(16, T, 32, 8, 128)
-        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
-        lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
-        k16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
-        v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
-        sdpa = sdpa_fns(q, k16, v16)["sdpa_fold"]
-        sdpa_bytes = 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D)
-
+        sh, q, lens, sdpa, sdpa_bytes = headline_inputs(T, gen)
         r = timer(sdpa)
         base = r["ms"]
         rows.append(timed_row(sh, "sdpa fp16", r, sdpa_bytes))
@@ -543,7 +549,7 @@ def cmd_compare(args, timer) -> list[dict]:
             print_rows(rows[-1:])
         except Exception as e:
             failed(args, f"{sh.label} graph capture of sdpa", e)
-        del sdpa, k16, v16
+        del sdpa  # (and the fp16 K/V it holds)
         for kfmt, vfmt in fmts:
             kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
             vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
@@ -735,21 +741,14 @@ def cmd_anatomy(args, timer) -> list[dict]:
     cfg_t = dataclasses.replace(cfg, cta_times=True)
     cfg_q = dataclasses.replace(cfg, qstage=True)  # q through shared memory (AttnConfig.qstage)
     for T in args.contexts:
-        sh = Shape(16, T, 32, 8, 128)
-        q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
-        lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
-        k16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
-        v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
-        sdpa = sdpa_fns(q, k16, v16)["sdpa_fold"]
+        sh, q, lens, sdpa, sdpa_bytes = headline_inputs(T, gen)
         base = {}
         for fl, tm in timers.items():
             r = tm(sdpa)
             base[fl] = r["ms"]
-            rows.append(
-                timed_row(sh, "sdpa fp16", r, 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D), flush=fl)
-            )
+            rows.append(timed_row(sh, "sdpa fp16", r, sdpa_bytes, flush=fl))
             print_rows(rows[-1:])
-        del sdpa, k16, v16
+        del sdpa
         kc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         vc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, T, sh.D)
