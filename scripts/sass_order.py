@@ -7,7 +7,8 @@
 
 Compiles FILE.cu of a patched llama.cpp tree (as scripts/cuda_sass_diff.sh does: nvcc and cuobjdump on PATH,
 PyPI's nvidia-cuda-nvcc has them) or reads a `cuobjdump -sass` listing, and prints, for every kernel whose
-mangled name matches REGEX, its instructions of a few kinds in program order as runs: global loads (LDG),
+mangled name matches REGEX, its registers, stack and local memory (of a compile: `cuobjdump -res-usage`), and
+its instructions of a few kinds in program order as runs: global loads (LDG),
 shared loads (LDS), tensor products (HMMA), exp2 (MUFU.EX2), branches (BRA), barriers (BAR), e.g.
 `LDG x5, LDS x8, BRA x1, LDG x8, HMMA x4, ...`. A loop whose loads come in several runs, each after the
 products of the previous one, waits for memory once per run (session 18: the polar tensor-core flash
@@ -139,6 +140,29 @@ def cupy_default_sass(kfmt: str, vfmt: str, arch: str) -> str:
         ).stdout
 
 
+def _listings(obj: str) -> str:
+    """cuobjdump -sass of an object, followed by its -res-usage lines (registers, stack, local memory)."""
+    cuobjdump = shutil.which("cuobjdump")
+    sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([cuobjdump, "-res-usage", obj], capture_output=True, text=True, check=True).stdout
+    return sass + "\n" + res
+
+
+def resources(text: str) -> dict[str, dict[str, int]]:
+    """{mangled name: {"REG": .., "STACK": .., "LOCAL": ..}} from cuobjdump -res-usage lines in text."""
+    out: dict[str, dict[str, int]] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+?):?\s*$", line)
+        if m:
+            name = m.group(1)
+            continue
+        if name and "REG:" in line:
+            out[name] = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", line)}
+            name = None
+    return out
+
+
 def compile_sass(tree: Path, file: str, arch: str) -> str:
     nvcc, cuobjdump = shutil.which("nvcc"), shutil.which("cuobjdump")
     if not nvcc or not cuobjdump:
@@ -167,7 +191,7 @@ def compile_sass(tree: Path, file: str, arch: str) -> str:
         if p.returncode:
             print(p.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"sass_order: nvcc failed on {tree / file}")
-        return subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
+        return _listings(obj)
 
 
 def main(argv=None) -> int:
@@ -195,9 +219,19 @@ def main(argv=None) -> int:
     if not found:
         print(f"sass_order: no kernel matches {args.kernel!r}", file=sys.stderr)
         return 1
+    res = resources(text)
     for name, ops in found.items():
         r = runs(ops)
-        print(f"{name}: {len(ops)} instructions, {sum(1 for k, _ in r if k == 'LDG')} runs of global loads")
+        rs = res.get(name)
+        extra = (
+            f"; {rs.get('REG', 0)} registers, stack {rs.get('STACK', 0)}, local {rs.get('LOCAL', 0)}"
+            if rs
+            else ""
+        )
+        print(
+            f"{name}: {len(ops)} instructions, "
+            f"{sum(1 for k, _ in r if k == 'LDG')} runs of global loads{extra}"
+        )
         print("  " + ", ".join(f"{k} x{n}" for k, n in r))
         if args.loops:
             for lp in loops(function_text(text, name)):

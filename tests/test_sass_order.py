@@ -78,3 +78,19 @@ def test_main_loops_per_key(tmp_path, capsys):
         "loop 0x10-0x60: 6 instructions, 12 shared-memory wavefronts = 1.5 and 3.0 per key"
         in capsys.readouterr().out
     )
+
+
+def test_resources():
+    text = """
+ Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z3fooPf:
+  REG:219 STACK:0 SHARED:0 LOCAL:8 CONSTANT[0]:904 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z3barv:
+  REG:40 STACK:16 SHARED:0 LOCAL:0 CONSTANT[0]:896 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert sass_order.resources(text) == {
+        "_Z3fooPf": {"REG": 219, "STACK": 0, "LOCAL": 8},
+        "_Z3barv": {"REG": 40, "STACK": 16, "LOCAL": 0},
+    }
