@@ -234,9 +234,11 @@ def summarize(argv) -> int:
     docs = []
     for f in args.runs:
         try:
-            docs.append(json.loads(Path(f).read_text()))
-            docs[-1]["runs"]
-        except (OSError, ValueError, KeyError) as e:
+            doc = json.loads(Path(f).read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+                raise ValueError("no list of runs")
+            docs.append(doc)
+        except (OSError, ValueError) as e:
             ap.error(f"{f}: expected a JSON file written by ab_llama_gpu.py ({type(e).__name__}: {e})")
     gpus = {d.get("gpu", "?") for d in docs}
     pooled = pool(docs, args.depth, drop)

@@ -119,25 +119,24 @@ def function_text(sass: str, name: str) -> str:
 
 
 def cupy_default_sass(kfmt: str, vfmt: str, arch: str) -> str:
-    """SASS of the CuPy attention kernel's default variant (head size 128, 4 rows, float16 q)."""
-    from cupy_kernels import attention, loader
+    """SASS (and resource usage) of the CuPy attention kernel's default variant (head size 128, 4 rows,
+    float16 q), compiled as scripts/check_kernels.py compiles every variant."""
+    import check_kernels
+    from cupy_kernels import attention
 
     cfg = attention.default_config(vfmt)
-    d = attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg)
-    nvcc, cuobjdump = shutil.which("nvcc"), shutil.which("cuobjdump")
-    if not nvcc or not cuobjdump:
+    v = check_kernels.Variant(
+        f"{attention.KERNELS[cfg.impl]}.cu", tuple(attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg).items())
+    )
+    nvcc = shutil.which("nvcc")
+    if not nvcc or not shutil.which("cuobjdump"):
         raise SystemExit("sass_order: nvcc and cuobjdump must be on PATH (pip install nvidia-cuda-nvcc)")
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.cu"
-        src.write_text(loader.build_source(f"{attention.KERNELS[cfg.impl]}.cu", d))
-        cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", *loader.OPTIONS, *loader.include_options()]
-        p = subprocess.run([*cmd, "-o", f"{tmp}/k.cubin", str(src)], capture_output=True, text=True)
-        if p.returncode:
-            print(p.stderr[-3000:], file=sys.stderr)
-            raise SystemExit("sass_order: nvcc failed on the CuPy variant")
-        return subprocess.run(
-            [cuobjdump, "-sass", f"{tmp}/k.cubin"], capture_output=True, text=True, check=True
-        ).stdout
+        err = check_kernels.compile_one(v, nvcc, f"sm_{arch}", "cubin", Path(tmp), None)
+        if err:
+            print(err, file=sys.stderr)
+            raise SystemExit(f"sass_order: nvcc failed on {v.label}")
+        return _listings(str(Path(tmp) / f"{v.key}.cubin"))
 
 
 def _listings(obj: str) -> str:
