@@ -80,7 +80,10 @@ class AttnConfig:
     qstage: the CTA's q rows copied into shared memory with 16-byte cp.async before the tables and the
     first stages, and the q max and fragments read from there (instead of dependent rounds of 2-byte
     global loads queued behind the CTA's copies: ~11 us of the ~12 us prologue at B=16 on the H200,
-    `bench_gpu.py anatomy`); the same q values, so the same results.
+    `bench_gpu.py anatomy`); the same q values, so the same results. On in the three default configs
+    since session 19 (H200, B=16, 32768 keys: polar K+V 181.6 -> 176.0 us, fp16 V 327.5 -> 319.0,
+    polar3 256.0 -> 247.5; docs/results-gpu.md). Its RB x HD x 2 or 4 bytes of q rows change no
+    shape's fallback (head sizes 64-256, 1-16 rows).
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
@@ -100,7 +103,7 @@ class AttnConfig:
     smlean: int = 0  # mma: 0 | 1 (repeated q columns, exp2 without -inf tests) | 2 (+ rescale skip) (SMLEAN)
     ptrs: bool = False  # mma: staging from running per-lane pointers (PTRS)
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
-    qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE)
+    qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE; on in the defaults)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
 
     @property
@@ -126,6 +129,7 @@ DEFAULT_CONFIG = AttnConfig(  # quantized V
     smlean=1,
     vunroll=True,
     ptrs=True,
+    qstage=True,
 )
 # `bench_gpu.py tune-mma` on the H200 (B=16, 32/8 heads, D=128): session 6 (tune-mma-h200-session6.json)
 # polar K+V 263.5 -> 203.6 us at 32768 keys (swizzle + lean 2), 1003.9 -> 751.3 us at 131072;
@@ -133,11 +137,11 @@ DEFAULT_CONFIG = AttnConfig(  # quantized V
 # (85 % of the copy rate) with 64-key tiles in split rings, pdw, smlean 1, vunroll, ptrs;
 # polar K + fp16 V 336.3 -> 326.9 us at 32768 with separate K/V rings of one stage (equal at 131072;
 # the session-7 options do not change it: 327.0 us)
-F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True)  # float16 V
+F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True, qstage=True)  # float16 V
 # polar3 V: session 6's default. The session-7 default (tuned on polar V) took polar3 K+V from 253.2
 # (session 6, docs/gpu/compare_h200_session6.txt) to 302.0 us (compare_h200_session7.txt) at B=16, 32768
 # keys: polar3's V unpacking is heavier in the fully unrolled V phase
-POLAR3V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2)
+POLAR3V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2, qstage=True)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
@@ -214,7 +218,7 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             PTRS=int(cfg.ptrs),
             VUNROLL=int(cfg.vunroll),
         )
-        if cfg.qstage:  # (only then: the other variants' defines, and so their cache keys, stay)
+        if cfg.qstage:  # (only then: the defines of a variant without it, and so its cache key, stay)
             d["QSTAGE"] = 1
         if cfg.cta_times:  # (only then: the defines of every other variant, and so its cache key, stay)
             d["CTA_TIMES"] = CTA_TIMES_MAX

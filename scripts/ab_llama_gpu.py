@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early|loads]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early|prefetch]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -47,9 +47,10 @@ Nsight Compute while its tg stayed 0-4 % lower; does f16 gain more from kernels 
 polar's layer kernel reads its inputs before its wait (default) or after (GGML_CUDA_POLAR_NO_EARLY=1;
 without the experiment that variable does nothing, and its rows repeat the ones without it); f16 and
 polar/polar with each, q4_0 for reference.
---set loads: for a tree with KVPOLAR_EXPERIMENTS="session18-fa-loads-first.diff": the polar tensor-core
-kernel issuing every load of a step before its first product (default) or as before
-(GGML_CUDA_POLAR_FA_LOADS_FIRST=0), for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0.
+--set prefetch: for a tree with KVPOLAR_EXPERIMENTS="session19-fa-prefetch.diff": the polar tensor-core
+kernel at head size 64 loading the next step's codes during this step's products (default) or not
+(GGML_CUDA_POLAR_FA_PREFETCH=0), for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0 (at
+head size 128, Qwen2.5's, the experiment changes nothing: its rows repeat).
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 
@@ -172,20 +173,20 @@ EARLY_VARIANTS = (  # (K, V, environment): session 17's experiments, each turned
     ("polar", "polar", {"GGML_CUDA_MMVQ_PDL_LC": "0"}),
     ("polar", "polar", {"GGML_CUDA_MMVQ_PDL_LC": "0", "GGML_CUDA_POLAR_NO_EARLY": "1"}),
 )
-LOADS_VARIANTS = (  # (K, V, environment): session 18's experiment, a step's loads first, on and off
+PREFETCH_VARIANTS = (  # (K, V, environment): session 19's experiment, the next step's loads early, on and off
     ("f16", "f16", {}),
     ("q4_0", "q4_0", {}),
     ("polar", "polar", {}),
-    ("polar", "polar", {"GGML_CUDA_POLAR_FA_LOADS_FIRST": "0"}),
+    ("polar", "polar", {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}),
     ("polar", "f16", {}),
-    ("polar", "f16", {"GGML_CUDA_POLAR_FA_LOADS_FIRST": "0"}),
+    ("polar", "f16", {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}),
     ("polar", "polar3", {}),
-    ("polar", "polar3", {"GGML_CUDA_POLAR_FA_LOADS_FIRST": "0"}),
+    ("polar", "polar3", {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}),
 )
 SETS = {
     "extras": VARIANTS,
     "early": EARLY_VARIANTS,
-    "loads": LOADS_VARIANTS,
+    "prefetch": PREFETCH_VARIANTS,
     "pdl": PDL_VARIANTS,
     "rot": ROT_VARIANTS,
     "sched": SCHED_VARIANTS,

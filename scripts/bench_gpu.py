@@ -483,7 +483,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
 COMPARE_CFGS = {  # name: AttnConfig kwargs (cupy_kernels.attention) + optional "splits"; None = simt
     "simt (before)": None,
     "mma default": {},
-    "mma qstage": dict(qstage=True),
+    "mma no-qstage": dict(qstage=False),  # (the default before session 19)
     "mma fp32-prec": dict(prec="fp32"),
     "mma 8w32k2s splits4": dict(nwarps=8, wtile=32, stages=2, splits=4),
     "mma 8w32k2s splits16": dict(nwarps=8, wtile=32, stages=2, splits=16),
@@ -739,7 +739,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
     timers = {"write": timer, "read": Timer(timer.reps, timer.warmup, flush="read")}
     cfg = attention.default_config("polar")
     cfg_t = dataclasses.replace(cfg, cta_times=True)
-    cfg_q = dataclasses.replace(cfg, qstage=True)  # q through shared memory (AttnConfig.qstage)
+    cfg_q = dataclasses.replace(cfg, qstage=False)  # q from global memory (the default before session 19)
     for T in args.contexts:
         sh, q, lens, sdpa, sdpa_bytes = headline_inputs(T, gen)
         base = {}
@@ -752,7 +752,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
         kc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         vc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, T, sh.D)
-        for name, c in (("default", cfg), ("qstage", cfg_q)):
+        for name, c in (("default", cfg), ("no-qstage", cfg_q)):
             for fl, tm in timers.items():
                 r = tm(attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T))
                 rows.append(
@@ -774,7 +774,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
         stamped = [("default", cfg_t, None)]
         if T == args.stamp_context:
             stamped += [("default", cfg_t, s) for s in args.stamp_splits]
-            stamped += [("qstage", dataclasses.replace(cfg_t, qstage=True), None)]
+            stamped += [("no-qstage", dataclasses.replace(cfg_t, qstage=False), None)]
         for name, c, splits in stamped:
             fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T, splits=splits)
             p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, c, splits, 0)
@@ -804,7 +804,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
         del kc, vc, fn
         torch.cuda.empty_cache()
     # the straight lines: time = a + b * T for each series
-    for variant in ("sdpa fp16", "polar+polar mma default", "polar+polar mma qstage"):
+    for variant in ("sdpa fp16", "polar+polar mma default", "polar+polar mma no-qstage"):
         for fl in timers:
             pts = [(r["T"], r["ms"] * 1e3) for r in rows if r["variant"] == variant and r.get("flush") == fl]
             if len(pts) < 2:

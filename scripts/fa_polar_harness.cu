@@ -45,17 +45,17 @@ struct shape {
     int H, HKV, kv, nb11, nb21;
 };
 
-// the tensor-core kernel's instance: with every load of a step first (GGML_CUDA_POLAR_FA_LOADS_FIRST,
-// session 18's experiment) or as before
-static bool g_loads_first = true;
+// the tensor-core kernel's instance at head size 64: with the next step's loads issued before this step's
+// products (GGML_CUDA_POLAR_FA_PREFETCH, session 19's experiment) or without
+static bool g_prefetch = true;
 template <int D, ggml_type TK, ggml_type TV>
 static fattn_kernel_t kernel_of(kernel_kind k) {
     switch (k) {
         case VEC1: return flash_attn_ext_vec<D, 1, TK, TV, false, false>;
         case VEC2: return flash_attn_ext_vec<D, 2, TK, TV, false, true>;
         case VEC4: return flash_attn_ext_vec<D, 4, TK, TV, false, true>;
-#ifdef GGML_CUDA_POLAR_FA_LOADS_FIRST_AVAILABLE // (session 18's experiment: both instances)
-        default:   return g_loads_first ? flash_attn_ext_polar_mma<D, TK, TV, true> : flash_attn_ext_polar_mma<D, TK, TV, false>;
+#ifdef GGML_CUDA_POLAR_FA_PREFETCH_AVAILABLE // (session 19's experiment: both instances at head size 64)
+        default:   return D == 64 && g_prefetch ? flash_attn_ext_polar_mma<D, TK, TV, D == 64> : flash_attn_ext_polar_mma<D, TK, TV, false>;
 #else
         default:   return flash_attn_ext_polar_mma<D, TK, TV>;
 #endif
@@ -265,15 +265,17 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
             for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
         }
         fails += fail;
-#ifdef GGML_CUDA_POLAR_FA_LOADS_FIRST_AVAILABLE
-        // session 18's experiment: the instance with a step's loads first gives the bits of the one without
-        g_loads_first = false;
-        const auto r0 = p.run(MMA, PB, sinks, k0);
-        g_loads_first = true;
-        const bool same = memcmp(r.data(), r0.data(), sizeof(float)*r.size()) == 0;
-        printf("loads  %-14s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d k0=%d: loads first %s loads as before%s\n", name, D, H, HKV, kv,
-               PB, sinks, k0, same ? "=" : "!=", same ? "" : "  FAIL");
-        fails += !same;
+#ifdef GGML_CUDA_POLAR_FA_PREFETCH_AVAILABLE
+        // session 19's experiment: the instance that prefetches the next step gives the bits of the one without
+        if (D == 64) {
+            g_prefetch = false;
+            const auto r0 = p.run(MMA, PB, sinks, k0);
+            g_prefetch = true;
+            const bool same = memcmp(r.data(), r0.data(), sizeof(float)*r.size()) == 0;
+            printf("prefetch %-12s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d k0=%d: prefetch %s without%s\n", name, D, H, HKV, kv,
+                   PB, sinks, k0, same ? "=" : "!=", same ? "" : "  FAIL");
+            fails += !same;
+        }
 #endif
     }
     return fails != 0;
@@ -335,13 +337,13 @@ static void timing(const char * name, int H, int HKV, int kv) {
             g_combine_rows = true;
             printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, with upstream's combine %7.2f (PB %d)\n",
                    name, D, H, HKV, kv, what, us, us0, us1, PB);
-#ifdef GGML_CUDA_POLAR_FA_LOADS_FIRST_AVAILABLE
-            {
-                g_loads_first = false;
+#ifdef GGML_CUDA_POLAR_FA_PREFETCH_AVAILABLE
+            if (D == 64 && k == MMA) {
+                g_prefetch = false;
                 int PB2; const float uso = p.time(k, keys, true, PB2);
                 int PB3; const float uso0 = p.time(k, keys, false, PB3);
-                g_loads_first = true;
-                printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, loads as before (PB %d)\n",
+                g_prefetch = true;
+                printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, without the prefetch (PB %d)\n",
                        name, D, H, HKV, kv, what, uso, uso0, PB2);
             }
 #endif

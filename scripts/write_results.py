@@ -241,18 +241,16 @@ def headline() -> list[str]:
             )
     # the newest builds' same-run A/Bs of the same targets (ab_llama_gpu.py, 3 repetitions; the full tables
     # above are bench_llama_gpu.py's, last run on session 10's build)
-    for paths, label, depth, same in AB_LATEST:
+    for paths, label, depth, same, polar_env in AB_LATEST:
         if not all((REPO / p).exists() for p in paths):
             continue
         docs = [json.loads((REPO / p).read_text()) for p in paths]
-        t = {
-            kv: sum(c["tg"]) / len(c["tg"])
-            for (kv, env), c in pool(docs, depth, same).items()
-            if env == "-" and c["tg"]
-        }
-        a, b, f = (t.get(f"{x}/{x}") for x in ("polar", "q4_0", "f16"))
+        t = {key: sum(c["tg"]) / len(c["tg"]) for key, c in pool(docs, depth, same).items() if c["tg"]}
+        a, b, f = t.get(("polar/polar", polar_env)), t.get(("q4_0/q4_0", "-")), t.get(("f16/f16", "-"))
         if a and b and f:
             what = paths[0] if len(paths) == 1 else f"{len(paths)} runs pooled, {paths[0].rsplit('/', 2)[0]}"
+            if polar_env != "-":
+                what += f"; polar row {polar_env}"
             source = f", same-run A/B ({what})"
             out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
@@ -279,23 +277,39 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
 
 # ab_llama_gpu.py runs of issue 10's tg targets (docs/results-cuda.md), newest first, listed in
 # results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several per
-# cent): (runs pooled by ab_llama_gpu.pool, model, depth, settings the build does not read).
-# Session 18: the series 0001-0029, three passes (its GGML_CUDA_POLAR_NO_EARLY rows are the same code);
+# cent): (runs pooled by ab_llama_gpu.pool, model, depth, settings the build does not read, the environment
+# of the polar/polar row to take). Session 19: the series 0001-0030, as a tree with the dropped prefetch
+# experiment (two passes; its GGML_CUDA_POLAR_FA_PREFETCH=0 rows are 0030's kernel, and at head size 128 every
+# row is) and as the A/B of 0030's diff (three passes; its rows without an environment are 0030's code);
+# session 18: the series 0001-0029, three passes (its GGML_CUDA_POLAR_NO_EARLY rows are the same code);
 # session 17: the A/B of a dropped experiment (the write kernel's early reads: its polar/polar rows ran the
 # same encoder and attention arithmetic, each setting twice, pooled); session 16's two builds: the ring
 # tables const (ab-rot) and the session-15 tree it started from (ab-pdl, the rows with PDL on).
 AB_DIR = "docs/gpu/h200-llama/session16/ab"
+S19P = "docs/gpu/h200-llama/session19/prefetch-ab"
+S19L = "docs/gpu/h200-llama/session19/loads-ab"
+S19_OFF = "GGML_CUDA_POLAR_FA_PREFETCH=0"
 S18 = "docs/gpu/h200-llama/session18/series-ab"
 S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
 AB_LATEST = (
-    (tuple(f"{S18}/pass{i}/ab-early-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, S18_SAME),
-    (tuple(f"{S18}/pass{i}/ab-early-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, S18_SAME),
-    (("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json",), "SmolLM2-135M", 16384, {}),
-    (("docs/gpu/h200-llama/session17/ab/ab-early-qwen.json",), QWEN_SHAPE, 32768, {}),
-    ((f"{AB_DIR}/ab-rot-smollm2.json",), "SmolLM2-135M", 16384, {}),
-    ((f"{AB_DIR}/ab-pdl-smollm2.json",), "SmolLM2-135M", 16384, {}),
-    ((f"{AB_DIR}/ab-rot-qwen.json",), QWEN_SHAPE, 32768, {}),
-    ((f"{AB_DIR}/ab-pdl-qwen.json",), QWEN_SHAPE, 32768, {}),
+    (tuple(f"{S19P}/pass{i}/ab-prefetch-smollm2.json" for i in (1, 2)), "SmolLM2-135M", 16384, {}, S19_OFF),
+    (
+        tuple(f"{S19P}/pass{i}/ab-prefetch-qwen.json" for i in (1, 2)),
+        QWEN_SHAPE,
+        32768,
+        {"GGML_CUDA_POLAR_FA_PREFETCH": "0"},
+        "-",
+    ),
+    (tuple(f"{S19L}/pass{i}/ab-loads-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, {}, "-"),
+    (tuple(f"{S19L}/pass{i}/ab-loads-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, {}, "-"),
+    (tuple(f"{S18}/pass{i}/ab-early-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, S18_SAME, "-"),
+    (tuple(f"{S18}/pass{i}/ab-early-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, S18_SAME, "-"),
+    (("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json",), "SmolLM2-135M", 16384, {}, "-"),
+    (("docs/gpu/h200-llama/session17/ab/ab-early-qwen.json",), QWEN_SHAPE, 32768, {}, "-"),
+    ((f"{AB_DIR}/ab-rot-smollm2.json",), "SmolLM2-135M", 16384, {}, "-"),
+    ((f"{AB_DIR}/ab-pdl-smollm2.json",), "SmolLM2-135M", 16384, {}, "-"),
+    ((f"{AB_DIR}/ab-rot-qwen.json",), QWEN_SHAPE, 32768, {}, "-"),
+    ((f"{AB_DIR}/ab-pdl-qwen.json",), QWEN_SHAPE, 32768, {}, "-"),
 )
 
 

@@ -148,12 +148,12 @@ def test_tune_mma_grid():
         bench_gpu.mma_label(attn.AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, lean=2, kvsplit=True))
         == "8w32k2s+lean2+kvs"
     )
-    assert bench_gpu.mma_label(attn.DEFAULT_CONFIG) == "8w64k1s+swz+lean2+kvs+pdw+sml1+vun+ptrs"
+    assert bench_gpu.mma_label(attn.DEFAULT_CONFIG) == "8w64k1s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst"
     assert (
         bench_gpu.mma_label(
             dataclasses.replace(attn.DEFAULT_CONFIG, wtile=32, stages=2, kvsplit=False, smlean=2)
         )
-        == "8w32k2s+swz+lean2+pdw+sml2+vun+ptrs"
+        == "8w32k2s+swz+lean2+pdw+sml2+vun+ptrs+qst"
     )
 
 
@@ -523,9 +523,10 @@ def test_cta_times(torch):
 @pytest.mark.parametrize("qdtype", ["float16", "float32", "bfloat16"])
 @pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
 def test_qstage_same_bits(torch, qdtype, kfmt, vfmt):
-    """AttnConfig.qstage (q rows through shared memory) gives the bits of the same config without it: on a
-    contiguous q (16-byte copies), on a q view whose rows are not 16-byte aligned (element copies), and
-    with more query rows than a CTA takes (rows split over CTAs, a last CTA with fewer rows)."""
+    """AttnConfig.qstage (q rows through shared memory, on in the defaults) gives the bits of the same
+    config without it: on a contiguous q (16-byte copies), on a q view whose rows are not 16-byte aligned
+    (element copies), and with more query rows than a CTA takes (rows split over CTAs, a last CTA with
+    fewer rows)."""
     import dataclasses
 
     gen = torch.Generator(device="cuda").manual_seed(14)
@@ -537,6 +538,7 @@ def test_qstage_same_bits(torch, qdtype, kfmt, vfmt):
     for Hq in (8, 20):
         big = torch.randn((3, Hq, 1, 129), generator=gen, device="cuda").to(dt)
         for q in (big[..., :128].contiguous(), big[..., 1:]):  # aligned rows; rows 1 element off
-            want = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=base)
-            got = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=dataclasses.replace(base, qstage=True))
+            assert base.qstage
+            got = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=base)
+            want = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=dataclasses.replace(base, qstage=False))
             assert torch.equal(got, want), f"{kfmt}/{vfmt} {qdtype} Hq {Hq} stride {q.stride()}"
