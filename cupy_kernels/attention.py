@@ -363,6 +363,7 @@ class Plan:
     n_groups: int  # row groups: grid.y
     splits: int  # key splits: grid.x
     chunk: int  # keys per split (a multiple of the tile)
+    regs: int  # registers a thread of the compiled partial kernel (0 where CuPy does not say)
 
     @property
     def kernel(self) -> str:
@@ -432,13 +433,13 @@ def plan(
         )
     defines = tuple(d.items())
     part, _ = _kernels(cfg.impl, defines, smem)
+    try:
+        regs = int(getattr(part, "num_regs", 0) or 0)
+    except Exception:  # pragma: no cover - depends on the cupy version
+        regs = 0
     n_groups = -(-R // rb)
     if splits is None:
         if cfg.impl == "mma":
-            try:
-                regs = int(getattr(part, "num_regs", 0) or 0)
-            except Exception:  # pragma: no cover - depends on the cupy version
-                regs = 0
             per_sm = _per_sm(smem, cfg.nwarps * 32, regs)
             splits = choose_splits_mma(B * Hkv * n_groups, max_len, cfg.tile, per_sm, loader.sm_count(device))
         else:
@@ -446,7 +447,7 @@ def plan(
     chunk = -(-max(max_len, 1) // splits)
     chunk = -(-chunk // cfg.tile) * cfg.tile
     splits = max(1, -(-max(max_len, 1) // chunk))
-    return Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk)
+    return Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk, regs)
 
 
 def check_cache(name: str, c, B: int, H: int, D: int, fmt: str) -> None:

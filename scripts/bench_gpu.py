@@ -431,10 +431,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                     failed(args, name, e)
                     print(f"{name}: FAILED {str(e)[:300]}", flush=True)
                     continue
-                regs = int(
-                    getattr(attention._kernels(p.config.impl, p.defines, p.smem)[0], "num_regs", 0) or 0
-                )
-                warps = attention._per_sm(p.smem, cfg.nwarps * 32, regs) * cfg.nwarps
+                warps = attention._per_sm(p.smem, cfg.nwarps * 32, p.regs) * cfg.nwarps
                 rows.append(
                     {
                         "shape": sh.label,
@@ -445,7 +442,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                         "config": dataclasses.asdict(cfg),
                         "splits": p.splits,
                         "smem": p.smem,
-                        "regs": regs,
+                        "regs": p.regs,
                         "warps_per_sm": warps,
                         **r,
                         "bytes": nbytes,
@@ -459,7 +456,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                 row = rows[-1]
                 print(
                     f"{name:<58} {phase:<7} splits {p.splits:<3} smem {p.smem / 1024:5.1f} KiB "
-                    f"regs {regs:3d} {warps:2d} warps/SM: {r['ms'] * 1e3:7.1f} us {row['GBps']:5.0f} GB/s "
+                    f"regs {p.regs:3d} {warps:2d} warps/SM: {r['ms'] * 1e3:7.1f} us {row['GBps']:5.0f} GB/s "
                     f"x{row['speedup_vs_sdpa']:.2f} vs sdpa {row['pct_copy_rate']:3.0f}% of copy",
                     flush=True,
                 )
@@ -779,8 +776,6 @@ def cmd_anatomy(args, timer) -> list[dict]:
             fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T, splits=splits)
             p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, c, splits, 0)
             r = timer(fn)
-            part, _ = attention._kernels(p.config.impl, p.defines, p.smem)
-            regs = int(getattr(part, "num_regs", 0) or 0)  # (the split model counts CTAs a SM from them)
             for fl, tm in timers.items():
                 launches = stamped_launches(fn, p, tm.flush_l2, timer.reps)
                 st, stamps = launches[len(launches) // 2]
@@ -792,7 +787,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
                         nbytes,
                         flush=fl,
                         splits=p.splits,
-                        regs=regs,
+                        regs=p.regs,  # (the split model counts CTAs a SM from them)
                         span_min_us=launches[0][0]["span_us"],
                         span_max_us=launches[-1][0]["span_us"],
                         marks=list(attention.CTA_MARKS),
