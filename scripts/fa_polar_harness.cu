@@ -12,7 +12,7 @@
 //   2b. the row combine writing the output rotated by 64-value groups (patch 0027) against the plain
 //      combine and fwht_cuda<64>'s operations on the host, bit for bit (nothing on a tree before 0027).
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
-//      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose, with the combine
+//      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose (its balancing too), with the combine
 //      kernel (the tensor-core kernel's merged by flash_attn_combine_results_rows, patch 0026, and also by
 //      upstream's) and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
 //      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least; also at 256
@@ -45,20 +45,13 @@ struct shape {
     int H, HKV, kv, nb11, nb21;
 };
 
-// the tensor-core kernel's instance at head size 64: with the next step's loads issued before this step's
-// products (GGML_CUDA_POLAR_FA_PREFETCH, session 19's experiment) or without
-static bool g_prefetch = true;
 template <int D, ggml_type TK, ggml_type TV>
 static fattn_kernel_t kernel_of(kernel_kind k) {
     switch (k) {
         case VEC1: return flash_attn_ext_vec<D, 1, TK, TV, false, false>;
         case VEC2: return flash_attn_ext_vec<D, 2, TK, TV, false, true>;
         case VEC4: return flash_attn_ext_vec<D, 4, TK, TV, false, true>;
-#ifdef GGML_CUDA_POLAR_FA_PREFETCH_AVAILABLE // (session 19's experiment: both instances at head size 64)
-        default:   return D == 64 && g_prefetch ? flash_attn_ext_polar_mma<D, TK, TV, D == 64> : flash_attn_ext_polar_mma<D, TK, TV, false>;
-#else
         default:   return flash_attn_ext_polar_mma<D, TK, TV>;
-#endif
     }
 }
 
@@ -73,6 +66,7 @@ static dim3 grid_of(kernel_kind k, const shape & sh, int PB) {
 }
 
 // parallel blocks as launch_fattn chooses them (occupancy, then the fewest waves at >= 95 % efficiency)
+static bool g_balance = true; // as launch_fattn (false: its choice before the balancing, for --pb-sweep)
 static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int nbatch_fa) {
     int dev; CK(cudaGetDevice(&dev));
     int nsm; CK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
@@ -86,6 +80,18 @@ static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int n
         if (best_eff >= 95 && waves > best_waves) break;
         if (eff > best_eff) { best_eff = eff; best_waves = waves; pb = p; }
     }
+    // launch_fattn's balancing of the tensor-core kernel's steps of POLAR_FA_MMA_KT keys (patch 0025, on by
+    // default: GGML_CUDA_POLAR_FA_MMA_BALANCE): every block the same steps where that adds no wave, else the
+    // fewest blocks for the same steps; without it the harness timed PB 127 at 16384 and 32768 keys where
+    // llama.cpp runs 128 (session 19)
+    if (k == MMA && g_balance) {
+        const int S = (sh.kv + POLAR_FA_MMA_KT - 1)/POLAR_FA_MMA_KT;
+        if (S % pb != 0) {
+            const int w_lo = std::max(1, S/pb), w_hi = (S + pb - 1)/pb, pb_up = (S + w_lo - 1)/w_lo;
+            const int waves = (ntiles_dst*pb + per_wave - 1)/per_wave, waves_up = (ntiles_dst*pb_up + per_wave - 1)/per_wave;
+            pb = waves_up == waves ? pb_up : (S + w_hi - 1)/w_hi;
+        }
+    }
     return pb;
 }
 
@@ -93,6 +99,19 @@ static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int n
 // tensor-core kernel's partial results merged by it, as launch_fattn does, or (false) by upstream's
 // flash_attn_combine_results
 static bool g_combine_rows = true;
+
+#ifdef GGML_CUDA_POLAR_FA_COMBINE_LF_AVAILABLE
+// the row combine's instance: a thread row's partial results loaded at once (GGML_CUDA_POLAR_FA_COMBINE_LOADS_FIRST,
+// session 19's experiment) or in the max loop and the sum loop as before
+static bool g_combine_lf = true;
+template <int D, int Y, int ROT>
+static decltype(&flash_attn_combine_results_rows<D, Y, ROT, true>) combine_rows_of() {
+    return g_combine_lf ? flash_attn_combine_results_rows<D, Y, ROT, true> : flash_attn_combine_results_rows<D, Y, ROT, false>;
+}
+#define COMBINE_ROWS(D, Y, ROT) combine_rows_of<D, Y, ROT>()
+#else
+#define COMBINE_ROWS(D, Y, ROT) flash_attn_combine_results_rows<D, Y, ROT>
+#endif
 
 template <int D, ggml_type TK, ggml_type TV>
 static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, const char * K, const char * V, const char * M,
@@ -111,9 +130,9 @@ static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, cons
 #ifdef GGML_CUDA_POLAR_FA_COMBINE_ROT
             // patch 0027's signature; rot_out: the output rotated by 64-value groups into rot_out
             if (rot_out) {
-                flash_attn_combine_results_rows<D, 8, 64><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, rot_out, 1/sqrtf(64));
+                COMBINE_ROWS(D, 8, 64)<<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, rot_out, 1/sqrtf(64));
             } else {
-                flash_attn_combine_results_rows<D, 8><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, nullptr, 0.0f);
+                COMBINE_ROWS(D, 8, 0)<<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, nullptr, 0.0f);
             }
 #else
             flash_attn_combine_results_rows<D, 8><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB);
@@ -265,18 +284,6 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
             for (int h = 0; h < H; ++h) printf("  head %d ref %.5f %.5f mma %.5f %.5f\n", h, ref[h*D], ref[h*D + 1], r[h*D], r[h*D + 1]);
         }
         fails += fail;
-#ifdef GGML_CUDA_POLAR_FA_PREFETCH_AVAILABLE
-        // session 19's experiment: the instance that prefetches the next step gives the bits of the one without
-        if (D == 64) {
-            g_prefetch = false;
-            const auto r0 = p.run(MMA, PB, sinks, k0);
-            g_prefetch = true;
-            const bool same = memcmp(r.data(), r0.data(), sizeof(float)*r.size()) == 0;
-            printf("prefetch %-12s D=%d H=%d HKV=%d kv=%d PB=%d sinks=%d k0=%d: prefetch %s without%s\n", name, D, H, HKV, kv,
-                   PB, sinks, k0, same ? "=" : "!=", same ? "" : "  FAIL");
-            fails += !same;
-        }
-#endif
     }
     return fails != 0;
 }
@@ -290,6 +297,18 @@ static int check_rot(const char * name, int H, int HKV, int kv, int PB) {
     problem<D, TK, TV> p(H, HKV, kv, 1);
     std::vector<float> ref = p.run(MMA, PB, false);
     const std::vector<float> r = p.run_rot(PB);
+    int fails_lf = 0;
+#ifdef GGML_CUDA_POLAR_FA_COMBINE_LF_AVAILABLE
+    { // session 19's experiment: the combine with a thread row's loads at once gives the bits of the one without
+        g_combine_lf = false;
+        const std::vector<float> ref0 = p.run(MMA, PB, false), r0 = p.run_rot(PB);
+        g_combine_lf = true;
+        const bool same = memcmp(ref.data(), ref0.data(), 4*ref.size()) == 0 && memcmp(r.data(), r0.data(), 4*r.size()) == 0;
+        printf("comblf %-14s D=%d H=%d HKV=%d kv=%d PB=%d: loads at once %s as before (plain and rotated)%s\n", name, D, H,
+               HKV, kv, PB, same ? "=" : "!=", same ? "" : "  FAIL");
+        fails_lf += !same;
+    }
+#endif
     for (size_t g = 0; g < ref.size(); g += 64) {
         float * v = &ref[g];
         for (int i = 0; i < 64; ++i) v[i] *= 1/sqrtf(64);
@@ -306,7 +325,7 @@ static int check_rot(const char * name, int H, int HKV, int kv, int PB) {
     int bad = 0;
     for (size_t i = 0; i < ref.size(); ++i) bad += memcmp(&ref[i], &r[i], 4) != 0;
     printf("rot    %-14s D=%d H=%d HKV=%d kv=%d PB=%d: rotated combine vs combine + host fwht: %d/%zu differ%s\n", name, D, H, HKV, kv, PB, bad, ref.size(), bad ? "  FAIL" : "");
-    return bad != 0;
+    return bad != 0 || fails_lf != 0;
 #else
     (void) name; (void) H; (void) HKV; (void) kv; (void) PB;
     return 0;
@@ -337,14 +356,13 @@ static void timing(const char * name, int H, int HKV, int kv) {
             g_combine_rows = true;
             printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, with upstream's combine %7.2f (PB %d)\n",
                    name, D, H, HKV, kv, what, us, us0, us1, PB);
-#ifdef GGML_CUDA_POLAR_FA_PREFETCH_AVAILABLE
-            if (D == 64 && k == MMA) {
-                g_prefetch = false;
+#ifdef GGML_CUDA_POLAR_FA_COMBINE_LF_AVAILABLE
+            {
+                g_combine_lf = false;
                 int PB2; const float uso = p.time(k, keys, true, PB2);
-                int PB3; const float uso0 = p.time(k, keys, false, PB3);
-                g_prefetch = true;
-                printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, without the prefetch (PB %d)\n",
-                       name, D, H, HKV, kv, what, uso, uso0, PB2);
+                g_combine_lf = true;
+                printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us with the combine's loads as before (PB %d)\n",
+                       name, D, H, HKV, kv, what, uso, PB2);
             }
 #endif
 #else
@@ -358,16 +376,20 @@ static void timing(const char * name, int H, int HKV, int kv) {
 // taking steps y, y + PB, ..., so a block does ceil(steps/PB) of them and the slowest block sets the time
 // (at 32768 keys launch_fattn's PB 127 leaves 2 blocks 3 steps where the rest do 2). Each PB that gives
 // a block w = 1..12 steps at the fewest blocks (PB = ceil(steps/w)), next to launch_fattn's choice for 1
-// and 2 steps a CTA, with the combine kernel.
+// and 2 steps a CTA (before and after its balancing), with the combine kernel.
 template <int D, ggml_type TK, ggml_type TV>
 static void pb_sweep(const char * name, int H, int HKV, int kv) {
     problem<D, TK, TV> p(H, HKV, kv, 8);
     const int steps = (kv + POLAR_FA_MMA_KT - 1)/POLAR_FA_MMA_KT;
     for (int s : {1, 2}) {
-        int PB; const float us = p.time(MMA, s*POLAR_FA_MMA_KT, true, PB);
-        printf("pb     %-14s D=%d H=%d HKV=%d kv=%d: launch_fattn, steps %d: PB %3d (%d steps a block) %7.2f us\n",
-               name, D, H, HKV, kv, s, PB, (steps + PB - 1)/PB, us);
+        for (bool bal : {false, true}) {
+            g_balance = bal;
+            int PB; const float us = p.time(MMA, s*POLAR_FA_MMA_KT, true, PB);
+            printf("pb     %-14s D=%d H=%d HKV=%d kv=%d: launch_fattn%s, steps %d: PB %3d (%d steps a block) %7.2f us\n",
+                   name, D, H, HKV, kv, bal ? "" : " before balancing", s, PB, (steps + PB - 1)/PB, us);
+        }
     }
+    g_balance = true;
     int last = -1;
     for (int w = 1; w <= 12; ++w) {
         const int PB = (steps + w - 1)/w;
@@ -443,7 +465,7 @@ int main(int argc, char ** argv) {
             fails += check_mma<128, GGML_TYPE_POLAR,  GGML_TYPE_F16   >("polar/f16",     12, 2, 4096, PB, false, true);
         }
         // 2b. (patch 0027; nothing on an older tree)
-        for (int PB : {2, 32, 127}) {
+        for (int PB : {2, 32, 127, 160}) { // (160: more blocks than the combine's loads at once take)
             fails += check_rot< 64, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",    9, 3, 32768, PB);
             fails += check_rot<128, GGML_TYPE_POLAR,  GGML_TYPE_POLAR >("polar/polar",   12, 2, 32768, PB);
             fails += check_rot<128, GGML_TYPE_POLAR3, GGML_TYPE_POLAR3>("polar3/polar3",  8, 4, 32768, PB);
