@@ -89,7 +89,9 @@ def wavefronts(op: str) -> int:
 
 def loops(sass_fn: str) -> list[dict]:
     """The loops of one kernel's listing (cuobjdump -sass text of one function): a backward branch and its
-    target; per loop its instruction count and shared-memory wavefronts (see `wavefronts`)."""
+    target; per loop its instruction count, shared-memory wavefronts (see `wavefronts`) and, by opcode, the
+    shared-memory instructions and their wavefronts ("by_op": {opcode: [instructions, wavefronts]}, all paths
+    of the body counted, also those a given iteration skips)."""
     ins = []
     for line in sass_fn.splitlines():
         m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
@@ -101,12 +103,19 @@ def loops(sass_fn: str) -> list[dict]:
         if op == "BRA" and m and int(m.group(1), 16) < addr:
             lo = int(m.group(1), 16)
             body = [o for a, o, _ in ins if lo <= a <= addr]
+            by_op: dict[str, list[int]] = {}
+            for o in body:
+                if wavefronts(o):
+                    cell = by_op.setdefault(o, [0, 0])
+                    cell[0] += 1
+                    cell[1] += wavefronts(o)
             out.append(
                 {
                     "start": lo,
                     "end": addr,
                     "instructions": len(body),
                     "wavefronts": sum(map(wavefronts, body)),
+                    "by_op": dict(sorted(by_op.items())),
                 }
             )
     return out
@@ -242,6 +251,8 @@ def main(argv=None) -> int:
                     f"  loop 0x{lp['start']:x}-0x{lp['end']:x}: {lp['instructions']} instructions, "
                     f"{lp['wavefronts']} shared-memory wavefronts{per}"
                 )
+                if lp["by_op"]:
+                    print("    " + ", ".join(f"{o} x{n} ({w})" for o, (n, w) in lp["by_op"].items()))
     return 0
 
 

@@ -67,17 +67,25 @@ def test_loops_and_wavefronts():
     assert sass_order.wavefronts("FFMA") == 0 and sass_order.wavefronts("LDSM.16.M88.4") == 4
     fn = sass_order.function_text(LISTING + LOOP, "_Z4loopv")
     assert "MOV R1" in fn and "_Z3fooPf" not in fn
-    assert sass_order.loops(fn) == [{"start": 0x10, "end": 0x60, "instructions": 6, "wavefronts": 12}]
+    by_op = {
+        "LDGSTS.E.BYPASS.128": [1, 4],
+        "LDS": [1, 1],
+        "LDS.64": [1, 2],
+        "LDS.U16": [1, 1],
+        "STS.128": [1, 4],
+    }
+    assert sass_order.loops(fn) == [
+        {"start": 0x10, "end": 0x60, "instructions": 6, "wavefronts": 12, "by_op": by_op}
+    ]
 
 
 def test_main_loops_per_key(tmp_path, capsys):
     f = tmp_path / "l.sass"
     f.write_text(LOOP)
     assert sass_order.main(["--sass", str(f), "--kernel", "loop", "--loops", "--per", "4"]) == 0
-    assert (
-        "loop 0x10-0x60: 6 instructions, 12 shared-memory wavefronts = 1.5 and 3.0 per key"
-        in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert "loop 0x10-0x60: 6 instructions, 12 shared-memory wavefronts = 1.5 and 3.0 per key" in out
+    assert "LDGSTS.E.BYPASS.128 x1 (4), LDS x1 (1), LDS.64 x1 (2), LDS.U16 x1 (1), STS.128 x1 (4)" in out
 
 
 def test_resources():
