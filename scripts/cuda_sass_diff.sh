@@ -27,7 +27,6 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 command -v nvcc > /dev/null || { echo "cuda_sass_diff: nvcc is not on PATH" >&2; exit 2; }
 command -v cuobjdump > /dev/null || { echo "cuda_sass_diff: cuobjdump is not on PATH" >&2; exit 2; }
 [[ -f "$TREE/ggml/src/ggml-cuda/polar_block.cuh" ]] || { echo "cuda_sass_diff: $TREE is not a patched llama.cpp tree (no ggml/src/ggml-cuda/polar_block.cuh)" >&2; exit 2; }
-NV=$(dirname "$(dirname "$(command -v nvcc)")")
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 rc=0
@@ -40,9 +39,7 @@ done
 for f in "${FILES[@]}"; do
     for c in "$A" "$B"; do
         T=$WORK/$c
-        nvcc -std=c++17 -arch="sm_${ARCH:-90}" -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
-            -DGGML_CUDA_USE_PDL -I"$NV/include" -I"$NV/include/cccl" -I"$T/ggml/include" -I"$T/ggml/src" \
-            -I"$T/ggml/src/ggml-cuda" -c "$T/$f" -o "$T/out.o" 2> "$T/nvcc.log" ||
+        "$REPO/scripts/ggml_cuda_nvcc.sh" "$T" "${ARCH:-90}" -c "$T/$f" -o "$T/out.o" 2> "$T/nvcc.log" ||
             { echo "cuda_sass_diff: nvcc failed on $f at $c:" >&2; tail -20 "$T/nvcc.log" >&2; exit 2; }
         cuobjdump -sass "$T/out.o" | sed 's#/\*[0-9a-f]*\*/##g; s#/\* 0x[0-9a-f]* \*/##g' > "$T/$(basename "$f").sass"
     done

@@ -127,8 +127,7 @@ harness_bin() { # harness_bin OUT [nvcc flags...]: scripts/fa_polar_harness.cu a
     local out=$1 T
     shift
     T=$(harness_tree)
-    nvcc -std=c++17 -arch=sm_${KVPOLAR_CUDA_ARCHS%%[;,]*} -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG "$@" \
-        -I"$T/ggml/include" -I"$T/ggml/src" -I"$T/ggml/src/ggml-cuda" -o "$out" scripts/fa_polar_harness.cu
+    scripts/ggml_cuda_nvcc.sh "$T" "${KVPOLAR_CUDA_ARCHS%%[;,]*}" "$@" -o "$out" scripts/fa_polar_harness.cu
 }
 
 case ${1:-} in

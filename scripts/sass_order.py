@@ -5,7 +5,7 @@
     python3 scripts/sass_order.py --sass FILE.sass --kernel REGEX
     python3 scripts/sass_order.py --cupy-default KFMT VFMT --kernel polar_attn_mma --loops [--per 64]
 
-Compiles FILE.cu of a patched llama.cpp tree (as scripts/cuda_sass_diff.sh does: nvcc and cuobjdump on PATH,
+Compiles FILE.cu of a patched llama.cpp tree (with scripts/ggml_cuda_nvcc.sh: nvcc and cuobjdump on PATH,
 PyPI's nvidia-cuda-nvcc has them) or reads a `cuobjdump -sass` listing, and prints, for every kernel whose
 mangled name matches REGEX, its registers, stack and local memory (of a compile: `cuobjdump -res-usage`), and
 its instructions of a few kinds in program order as runs: global loads (LDG),
@@ -172,29 +172,15 @@ def resources(text: str) -> dict[str, dict[str, int]]:
 
 
 def compile_sass(tree: Path, file: str, arch: str) -> str:
+    """cuobjdump -sass of FILE of a patched llama.cpp tree, compiled by scripts/ggml_cuda_nvcc.sh (the flags
+    cuda_sass_diff.sh and gpu_run.sh's harness build use too)."""
     nvcc, cuobjdump = shutil.which("nvcc"), shutil.which("cuobjdump")
     if not nvcc or not cuobjdump:
         raise SystemExit("sass_order: nvcc and cuobjdump must be on PATH (pip install nvidia-cuda-nvcc)")
-    nv = Path(nvcc).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "out.o")
-        cmd = [
-            nvcc,
-            "-std=c++17",
-            f"-arch=sm_{arch}",
-            "-O3",
-            "-use_fast_math",
-            "-extended-lambda",
-            "-DGGML_USE_CUDA",
-        ]
-        cmd += ["-DNDEBUG", "-DGGML_CUDA_USE_PDL", f"-I{nv}/include", f"-I{nv}/include/cccl"]
-        cmd += [
-            f"-I{tree}/ggml/include",
-            f"-I{tree}/ggml/src",
-            f"-I{tree}/ggml/src/ggml-cuda",
-            "-c",
-            str(tree / file),
-        ]
+        script = Path(__file__).resolve().parent / "ggml_cuda_nvcc.sh"
+        cmd = [str(script), str(tree), arch, "-c", str(tree / file)]
         p = subprocess.run([*cmd, "-o", obj], capture_output=True, text=True)
         if p.returncode:
             print(p.stderr[-3000:], file=sys.stderr)

@@ -1,5 +1,5 @@
-"""scripts/cuda_sass_diff.sh refuses what it cannot compare, naming what it expected (the compile itself
-needs nvcc and a patched tree: run by hand, docs/results-cuda.md session 15)."""
+"""scripts/cuda_sass_diff.sh and scripts/ggml_cuda_nvcc.sh refuse what they cannot do, naming what they
+expected (the compile itself needs nvcc and a patched tree: run by hand, docs/results-cuda.md session 15)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,36 @@ def test_tree_must_be_a_patched_llama_cpp(tmp_path):
     (tmp_path / "cuobjdump").chmod(0o755)
     p = _run(str(tmp_path), "HEAD", "HEAD", env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert p.returncode == 2 and "not a patched llama.cpp tree" in p.stderr
+
+
+NVCC = SCRIPT.parent / "ggml_cuda_nvcc.sh"  # the compile cuda_sass_diff.sh, sass_order.py, gpu_run.sh share
+
+
+def _nvcc(*args, env=None):
+    return subprocess.run(["bash", str(NVCC), *args], capture_output=True, text=True, env=env)
+
+
+def test_ggml_cuda_nvcc_refuses_bad_arguments(tmp_path):
+    p = _nvcc()
+    assert p.returncode == 2 and "TREE ARCH NVCC_ARGS" in p.stderr
+    p = _nvcc(str(tmp_path), "90", "-c", "x.cu")
+    assert p.returncode == 2 and "is not a llama.cpp tree" in p.stderr
+    (tmp_path / "ggml" / "src" / "ggml-cuda").mkdir(parents=True)
+    p = _nvcc(str(tmp_path), "sm_90", "-c", "x.cu")
+    assert p.returncode == 2 and "ARCH must be an SM version" in p.stderr and "sm_90" in p.stderr
+
+
+def test_ggml_cuda_nvcc_flags(tmp_path):
+    """The flags it passes: a stand-in nvcc prints its arguments."""
+    tree = tmp_path / "tree"
+    (tree / "ggml" / "src" / "ggml-cuda").mkdir(parents=True)
+    bin_dir = tmp_path / "cuda" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "nvcc").write_text('#!/bin/sh\necho "$@"\n')
+    (bin_dir / "nvcc").chmod(0o755)
+    p = _nvcc(str(tree), "90", "-c", "a.cu", "-o", "a.o", env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    args = p.stdout.split()
+    assert args[:3] == ["-std=c++17", "-arch=sm_90", "-O3"]
+    assert f"-I{tree}/ggml/src/ggml-cuda" in args and f"-I{tmp_path / 'cuda'}/include" in args
+    assert args[-4:] == ["-c", "a.cu", "-o", "a.o"]
