@@ -223,6 +223,20 @@ def headline() -> list[str]:
                     f"{f16[r['ctx']] / r['total_mib']:.2f}x smaller than f16."
                 )
                 break
+    # the newest builds' same-run A/Bs of issue 10's tg targets first (ab_llama_gpu.py), then the full tables'
+    # lines (bench_llama_gpu.py, last run on session 10's build)
+    for paths, label, depth, same, polar_env in AB_LATEST:
+        if not all((REPO / p).exists() for p in paths):
+            continue
+        docs = [json.loads((REPO / p).read_text()) for p in paths]
+        t = {key: sum(c["tg"]) / len(c["tg"]) for key, c in pool(docs, depth, same).items() if c["tg"]}
+        a, b, f = t.get(("polar/polar", polar_env)), t.get(("q4_0/q4_0", "-")), t.get(("f16/f16", "-"))
+        if a and b and f:
+            what = paths[0] if len(paths) == 1 else f"{len(paths)} runs pooled, {paths[0].rsplit('/', 2)[0]}"
+            if polar_env != "-":
+                what += f"; polar row {polar_env}"
+            source = f", same-run A/B ({what})"
+            out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
     for name, label, depth in (
         ("smollm2", "SmolLM2-135M", 16384),
         ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768),
@@ -239,20 +253,6 @@ def headline() -> list[str]:
                     label, g["gpu"], depth, " (bench_llama_gpu.py table, session 10's build)", a, b, f
                 )
             )
-    # the newest builds' same-run A/Bs of the same targets (ab_llama_gpu.py, 3 repetitions; the full tables
-    # above are bench_llama_gpu.py's, last run on session 10's build)
-    for paths, label, depth, same, polar_env in AB_LATEST:
-        if not all((REPO / p).exists() for p in paths):
-            continue
-        docs = [json.loads((REPO / p).read_text()) for p in paths]
-        t = {key: sum(c["tg"]) / len(c["tg"]) for key, c in pool(docs, depth, same).items() if c["tg"]}
-        a, b, f = t.get(("polar/polar", polar_env)), t.get(("q4_0/q4_0", "-")), t.get(("f16/f16", "-"))
-        if a and b and f:
-            what = paths[0] if len(paths) == 1 else f"{len(paths)} runs pooled, {paths[0].rsplit('/', 2)[0]}"
-            if polar_env != "-":
-                what += f"; polar row {polar_env}"
-            source = f", same-run A/B ({what})"
-            out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
     if nd.exists():
         d = json.loads(nd.read_text())
