@@ -13,7 +13,7 @@
 #           scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
 #                                           # benchmarks (encode-latency, encode --variants, compare, anatomy)
-#                                           # meanwhile
+#                                           # meanwhile (the text logs come back in build-logs.tgz)
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
@@ -201,10 +201,13 @@ build)
         # issue 11's attention table on the current kernels (B=16, 32/8 heads, D=128; SDPA fp16 in the same run)
         cupy_bench compare 300 compare --contexts 32768 131072 || rc=1
         tail -12 "$OUT/compare.txt"
-        # where the default kernel's time goes (per-CTA stamps), and q through shared memory (AttnConfig.qstage)
+        # where the default kernel's time goes (per-CTA stamps), with and without q through shared memory
         cupy_bench anatomy 300 anatomy --contexts 4096 32768 131072 || rc=1
         grep -E "stamped|^fit" "$OUT/anatomy.txt"
     fi
+    # the text logs in one archive: a call brings back at most 8 files (session 19 lost the harness log)
+    (cd "$OUT" && tar czf build-logs.tgz -- *.txt && rm -f -- *.txt)
+    ls "$OUT"
     cat /tmp/gpu-run-build.log | tail -5
     exit $rc
     ;;
