@@ -83,7 +83,7 @@ class AttnConfig:
     `bench_gpu.py anatomy`); the same q values, so the same results. On in the three default configs
     since session 19 (H200, B=16, 32768 keys: polar K+V 181.6 -> 176.0 us, fp16 V 327.5 -> 319.0,
     polar3 256.0 -> 247.5; docs/results-gpu.md). Its RB x HD x 2 or 4 bytes of q rows change no
-    shape's fallback (head sizes 64-256, 1-16 rows).
+    shape's fallback (head sizes 64-256, 1-8 rows: tests/test_gpu_attention.py).
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""

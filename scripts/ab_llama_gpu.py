@@ -215,6 +215,11 @@ SETS = {
 }
 
 
+def env_key(env: dict[str, str]) -> str:
+    """A row's environment as `pool` keys it: "NAME=VALUE ..." sorted by name, "-" for none."""
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "-"
+
+
 def pool(
     docs, depth: int, drop: dict[str, str] | None = None
 ) -> dict[tuple[str, str], dict[str, list[float]]]:
@@ -226,7 +231,7 @@ def pool(
     for doc in docs:
         for r in doc["runs"]:
             env = {k: v for k, v in r["env"].items() if drop.get(k) != v}
-            key = (r["kv"], " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "-")
+            key = (r["kv"], env_key(env))
             cell = pooled.setdefault(key, {"tg": [], "pp": []})
             for x in r["rows"]:
                 if x["depth"] == depth:

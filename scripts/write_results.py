@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import figures
-from ab_llama_gpu import pool
+from ab_llama_gpu import env_key, pool
 from kvpolar.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,11 +230,12 @@ def headline() -> list[str]:
             continue
         docs = [json.loads((REPO / p).read_text()) for p in paths]
         t = {key: sum(c["tg"]) / len(c["tg"]) for key, c in pool(docs, depth, same).items() if c["tg"]}
-        a, b, f = t.get(("polar/polar", polar_env)), t.get(("q4_0/q4_0", "-")), t.get(("f16/f16", "-"))
+        a = t.get(("polar/polar", env_key(polar_env)))
+        b, f = t.get(("q4_0/q4_0", "-")), t.get(("f16/f16", "-"))
         if a and b and f:
             what = paths[0] if len(paths) == 1 else f"{len(paths)} runs pooled, {paths[0].rsplit('/', 2)[0]}"
-            if polar_env != "-":
-                what += f"; polar row {polar_env}"
+            if polar_env:
+                what += f"; polar row {env_key(polar_env)}"
             source = f", same-run A/B ({what})"
             out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
     for name, label, depth in (
@@ -288,7 +289,7 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
 AB_DIR = "docs/gpu/h200-llama/session16/ab"
 S19P = "docs/gpu/h200-llama/session19/prefetch-ab"
 S19L = "docs/gpu/h200-llama/session19/loads-ab"
-S19_OFF = "GGML_CUDA_POLAR_FA_PREFETCH=0"
+S19_OFF = {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}
 S18 = "docs/gpu/h200-llama/session18/series-ab"
 S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
 AB_LATEST = (
@@ -297,19 +298,19 @@ AB_LATEST = (
         tuple(f"{S19P}/pass{i}/ab-prefetch-qwen.json" for i in (1, 2)),
         QWEN_SHAPE,
         32768,
-        {"GGML_CUDA_POLAR_FA_PREFETCH": "0"},
-        "-",
+        S19_OFF,
+        {},
     ),
-    (tuple(f"{S19L}/pass{i}/ab-loads-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, {}, "-"),
-    (tuple(f"{S19L}/pass{i}/ab-loads-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, {}, "-"),
-    (tuple(f"{S18}/pass{i}/ab-early-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, S18_SAME, "-"),
-    (tuple(f"{S18}/pass{i}/ab-early-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, S18_SAME, "-"),
-    (("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json",), "SmolLM2-135M", 16384, {}, "-"),
-    (("docs/gpu/h200-llama/session17/ab/ab-early-qwen.json",), QWEN_SHAPE, 32768, {}, "-"),
-    ((f"{AB_DIR}/ab-rot-smollm2.json",), "SmolLM2-135M", 16384, {}, "-"),
-    ((f"{AB_DIR}/ab-pdl-smollm2.json",), "SmolLM2-135M", 16384, {}, "-"),
-    ((f"{AB_DIR}/ab-rot-qwen.json",), QWEN_SHAPE, 32768, {}, "-"),
-    ((f"{AB_DIR}/ab-pdl-qwen.json",), QWEN_SHAPE, 32768, {}, "-"),
+    (tuple(f"{S19L}/pass{i}/ab-loads-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, {}, {}),
+    (tuple(f"{S19L}/pass{i}/ab-loads-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, {}, {}),
+    (tuple(f"{S18}/pass{i}/ab-early-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, S18_SAME, {}),
+    (tuple(f"{S18}/pass{i}/ab-early-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, S18_SAME, {}),
+    (("docs/gpu/h200-llama/session17/ab/ab-early-smollm2.json",), "SmolLM2-135M", 16384, {}, {}),
+    (("docs/gpu/h200-llama/session17/ab/ab-early-qwen.json",), QWEN_SHAPE, 32768, {}, {}),
+    ((f"{AB_DIR}/ab-rot-smollm2.json",), "SmolLM2-135M", 16384, {}, {}),
+    ((f"{AB_DIR}/ab-pdl-smollm2.json",), "SmolLM2-135M", 16384, {}, {}),
+    ((f"{AB_DIR}/ab-rot-qwen.json",), QWEN_SHAPE, 32768, {}, {}),
+    ((f"{AB_DIR}/ab-pdl-qwen.json",), QWEN_SHAPE, 32768, {}, {}),
 )
 
 

@@ -157,6 +157,24 @@ def test_tune_mma_grid():
     )
 
 
+def test_qstage_changes_no_fallback():
+    """The q rows of qstage (on in the defaults) move no shape across the shared-memory limit: every default
+    config fits with it exactly where it fits without it (head sizes 64-256, 1-8 rows, each q type), as the
+    AttnConfig docstring says. CPU only."""
+    for D in attn.HEAD_DIMS:
+        for kfmt, vfmt in (("polar", "polar"), ("polar", "f16"), ("polar3", "polar3"), ("polar", "polar3")):
+            cfg = attn.default_config(vfmt)
+            assert cfg.qstage
+            off = dataclasses.replace(cfg, qstage=False)
+            for rb in range(1, 9):
+                for qt in (0, 1, 2):
+                    with_q = attn.smem_bytes("mma", attn.attn_defines(D, kfmt, vfmt, rb, qt, cfg))
+                    without = attn.smem_bytes("mma", attn.attn_defines(D, kfmt, vfmt, rb, qt, off))
+                    assert with_q >= without
+                    fits = (with_q <= attn.SMEM_LIMIT, without <= attn.SMEM_LIMIT)
+                    assert fits[0] == fits[1], (D, kfmt, vfmt, rb, qt)
+
+
 def test_choose_splits_mma():
     # headline shape (B=16, 8 KV heads, 2 CTAs/SM on 132 SMs, tile 256): one full wave of 2 splits
     assert attn.choose_splits_mma(128, 32768, 256, 2, 132) == 2
