@@ -63,27 +63,6 @@ ENCODE_VARIANTS: dict[str, EncodeVariant] = {
             ("POLAR_ENC_RCP", 1),
         )
     ),
-    # session 19, prepared (nvcc 13, sm_90, `check_kernels.py --resources`): the default spills 8 bytes in
-    # polar3 at 48 registers; with 4 CTAs a SM (58 registers) nothing spills, at 4/5 of the warps; groups of
-    # 4 candidates take 2336 SASS instructions where groups of 8 take 3152 (more shuffles, less code)
-    "rs8_lb4_wnr": EncodeVariant(
-        (
-            ("POLAR_ENC_RS_G", 8),
-            ("POLAR_ENC_MINB", 4),
-            ("POLAR_ENC_WIN_ONCE", 1),
-            ("POLAR_ENC_NOSKIP", 1),
-            ("POLAR_ENC_RCP", 1),
-        )
-    ),
-    "rs4_lb5_wnr": EncodeVariant(
-        (
-            ("POLAR_ENC_RS_G", 4),
-            ("POLAR_ENC_MINB", 5),
-            ("POLAR_ENC_WIN_ONCE", 1),
-            ("POLAR_ENC_NOSKIP", 1),
-            ("POLAR_ENC_RCP", 1),
-        )
-    ),
 }
 VARIANT_DTYPES = ("f32", "f16")  # input types of the variant modules
 # The warp path's kernel for float32/float16 input unless a variant is asked for (bfloat16: base).

@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early|prefetch|combine]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early|prefetch]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -51,11 +51,8 @@ polar/polar with each, q4_0 for reference.
 kernel at head size 64 loading the next step's codes during this step's products (default) or not
 (GGML_CUDA_POLAR_FA_PREFETCH=0), for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0 (at
 head size 128, Qwen2.5's, the experiment changes nothing: its rows repeat).
---set combine: for a tree with KVPOLAR_EXPERIMENTS="session19-fa-combine-loads-first.diff": the row combine of
-the tensor-core kernel's partial results loading them at once (default) or in two loops as before
-(GGML_CUDA_POLAR_FA_COMBINE_LOADS_FIRST=0), each with the default steps of 128 keys a CTA and with one
-(GGML_CUDA_POLAR_FA_MMA_STEPS=1, balanced to one step a block where that adds no wave: session 13's two tg
-runs had SmolLM2 3 % and 11 % faster with it), for polar/polar; polar/f16 with each combine; f16 and q4_0.
+(Session 19's set combine, for the experiment that is patch 0031 since session 20, was removed; its
+definition is at commit f4b43fa.)
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
 Writes <out>/<name>.json and .md; standard library only; exits non-zero when a run failed.
 
@@ -188,21 +185,10 @@ PREFETCH_VARIANTS = (  # (K, V, environment): session 19's experiment, the next 
     ("polar", "polar3", {}),
     ("polar", "polar3", {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}),
 )
-COMBINE_VARIANTS = (  # (K, V, environment): session 19's experiment (the combine's loads at once), one step
-    ("f16", "f16", {}),
-    ("q4_0", "q4_0", {}),
-    ("polar", "polar", {}),
-    ("polar", "polar", {"GGML_CUDA_POLAR_FA_COMBINE_LOADS_FIRST": "0"}),
-    ("polar", "polar", {"GGML_CUDA_POLAR_FA_MMA_STEPS": "1"}),
-    ("polar", "polar", {"GGML_CUDA_POLAR_FA_MMA_STEPS": "1", "GGML_CUDA_POLAR_FA_COMBINE_LOADS_FIRST": "0"}),
-    ("polar", "f16", {}),
-    ("polar", "f16", {"GGML_CUDA_POLAR_FA_COMBINE_LOADS_FIRST": "0"}),
-)
 SETS = {
     "extras": VARIANTS,
     "early": EARLY_VARIANTS,
     "prefetch": PREFETCH_VARIANTS,
-    "combine": COMBINE_VARIANTS,
     "pdl": PDL_VARIANTS,
     "rot": ROT_VARIANTS,
     "sched": SCHED_VARIANTS,

@@ -137,10 +137,15 @@ prepare)
     python3 scripts/bootstrap.py llama --source-only
     key=$(python3 scripts/bootstrap.py key)
     src=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
+    # the build key is the series' (bootstrap.py key), blind to experiment diffs: experiments.txt names them
+    # (sha256 and file) for the build's logs, "none" without
+    echo none > "$G/a/experiments.txt"
     if [[ -n "${KVPOLAR_EXPERIMENTS:-}" ]]; then # measured experiments on top of the series, by name
         tmp=$(mktemp -d) && cp -a "$src/src" "$tmp/"
+        : > "$G/a/experiments.txt"
         for d in $KVPOLAR_EXPERIMENTS; do
             git -C "$tmp/src/vendor/llama.cpp" apply "$PWD/patches/experiments/$d" && echo "applied $d"
+            (cd patches/experiments && sha256sum "$d") >> "$G/a/experiments.txt"
         done
         src=$tmp
     fi
@@ -176,6 +181,7 @@ build)
     dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
     unpack_src "$dir"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    { echo "build key $key (the series'); experiment diffs on it:"; cat "$G/a/experiments.txt"; } | tee "$OUT/experiments.txt"
     setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
     rc=0
     # the polar flash-attention kernels alone (scripts/fa_polar_harness.cu): checks and timings, ~1 min

@@ -224,7 +224,7 @@ def headline() -> list[str]:
                 )
                 break
     # the newest builds' same-run A/Bs of issue 10's tg targets first (ab_llama_gpu.py), then the full tables'
-    # lines (bench_llama_gpu.py, last run on session 10's build)
+    # lines (bench_llama_gpu.py, last run on GPU_TABLES_BUILD)
     for paths, label, depth, same, polar_env in AB_LATEST:
         if not all((REPO / p).exists() for p in paths):
             continue
@@ -251,7 +251,7 @@ def headline() -> list[str]:
         if a and b and f:
             out.append(
                 _gpu_tg_line(
-                    label, g["gpu"], depth, " (bench_llama_gpu.py table, session 10's build)", a, b, f
+                    label, g["gpu"], depth, f" (bench_llama_gpu.py table, {GPU_TABLES_BUILD})", a, b, f
                 )
             )
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
@@ -276,10 +276,14 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
     )
 
 
+# the build that docs/bench/gpu/llama-gpu-*.json (bench_llama_gpu.py, `gpu_run.sh bench tables`) last ran on
+GPU_TABLES_BUILD = "session 20's build, patch 0031's code"
+
 # ab_llama_gpu.py runs of issue 10's tg targets (docs/results-cuda.md), newest first, listed in
 # results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several per
 # cent): (runs pooled by ab_llama_gpu.pool, model, depth, settings the build does not read, the environment
-# of the polar/polar row to take). Session 19: the series 0001-0030, as a tree with the dropped prefetch
+# of the polar/polar row to take). Session 20: the A/B of 0031's diff (three passes; its rows without an
+# environment are 0031's code). Session 19: the series 0001-0030, as a tree with the dropped prefetch
 # experiment (two passes; its GGML_CUDA_POLAR_FA_PREFETCH=0 rows are 0030's kernel, and at head size 128 every
 # row is) and as the A/B of 0030's diff (three passes; its rows without an environment are 0030's code);
 # session 18: the series 0001-0029, three passes (its GGML_CUDA_POLAR_NO_EARLY rows are the same code);
@@ -287,12 +291,15 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
 # same encoder and attention arithmetic, each setting twice, pooled); session 16's two builds: the ring
 # tables const (ab-rot) and the session-15 tree it started from (ab-pdl, the rows with PDL on).
 AB_DIR = "docs/gpu/h200-llama/session16/ab"
+S20C = "docs/gpu/h200-llama/session20/combine-ab"
 S19P = "docs/gpu/h200-llama/session19/prefetch-ab"
 S19L = "docs/gpu/h200-llama/session19/loads-ab"
 S19_OFF = {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}
 S18 = "docs/gpu/h200-llama/session18/series-ab"
 S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
 AB_LATEST = (
+    (tuple(f"{S20C}/pass{i}/ab-combine-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, {}, {}),
+    (tuple(f"{S20C}/pass{i}/ab-combine-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S19P}/pass{i}/ab-prefetch-smollm2.json" for i in (1, 2)), "SmolLM2-135M", 16384, {}, S19_OFF),
     (
         tuple(f"{S19P}/pass{i}/ab-prefetch-qwen.json" for i in (1, 2)),
