@@ -4,7 +4,7 @@ extra turned off by its environment variable (docs/bench/gpu/ab-depth0-session6.
 
     python3 scripts/ab_llama_gpu.py --bin BUILD/bin --model SmolLM2-135M-Instruct.Q4_1.gguf \
         [--depths 0 4096] [--reps 5] [--out docs/bench/gpu] [--name ab-depth0]
-        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early|prefetch]
+        [--set extras|gqa|kernel|steps|graphs|k0|sched|rope|rot|pdl|early|prefetch|targets]
 
 Rows: f16/f16 and q4_0/q4_0 (references; q4_0 K is centered by default since patch 0015, so also
 with LLAMA_KV_CENTER=0), then polar/polar with the defaults, GGML_CUDA_POLAR_NO_FUSE_LAYER=1 (each
@@ -51,6 +51,9 @@ polar/polar with each, q4_0 for reference.
 kernel at head size 64 loading the next step's codes during this step's products (default) or not
 (GGML_CUDA_POLAR_FA_PREFETCH=0), for polar/polar, polar/f16 and polar/polar3, next to f16 and q4_0 (at
 head size 128, Qwen2.5's, the experiment changes nothing: its rows repeat).
+--set targets: issue 10's pairs (f16, q4_0, polar/polar, polar/f16, polar/polar3, polar3/polar3) with the
+defaults and nothing else: the shortest set for the repeated passes that a same-run ratio near 1.0 needs
+(a tg64 row scatters by 3-7 % at 3 reps on the H200; `summarize` shows each pass's ratio).
 (Session 19's set combine, for the experiment that is patch 0031 since session 20, was removed; its
 definition is at commit f4b43fa.)
 Runs llama-bench -ngl 99 through scripts/llama_bench.py (pp512 and tg64; the table shows tg64).
@@ -185,7 +188,16 @@ PREFETCH_VARIANTS = (  # (K, V, environment): session 19's experiment, the next 
     ("polar", "polar3", {}),
     ("polar", "polar3", {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}),
 )
+TARGET_VARIANTS = (  # (K, V, environment): issue 10's pairs with the defaults, for repeated passes
+    ("f16", "f16", {}),
+    ("q4_0", "q4_0", {}),
+    ("polar", "polar", {}),
+    ("polar", "f16", {}),
+    ("polar", "polar3", {}),
+    ("polar3", "polar3", {}),
+)
 SETS = {
+    "targets": TARGET_VARIANTS,
     "extras": VARIANTS,
     "early": EARLY_VARIANTS,
     "prefetch": PREFETCH_VARIANTS,
@@ -223,6 +235,20 @@ def pool(
                 if x["depth"] == depth:
                     cell["tg" if x["test"].startswith("tg") else "pp"].append(x["tps"])
     return pooled
+
+
+def per_run_ratios(
+    docs, depth: int, key: tuple[str, str], ref: tuple[str, str] = ("f16/f16", "-"), drop=None
+) -> list[float]:
+    """tg of row `key` over tg of row `ref` within each run (document) that has both at `depth`, in run
+    order: the same-run ratio, one a run (a row that occurs twice in a run after `drop`: its mean)."""
+    out = []
+    for doc in docs:
+        c = pool([doc], depth, drop)
+        a, b = c.get(key, {}).get("tg"), c.get(ref, {}).get("tg")
+        if a and b:
+            out.append((sum(a) / len(a)) / (sum(b) / len(b)))
+    return out
 
 
 def summarize(argv) -> int:
@@ -263,14 +289,19 @@ def summarize(argv) -> int:
         + " ".join(Path(f).as_posix() for f in args.runs)
         + f" --depth {args.depth}"
         + (" --same-as " + " ".join(args.same_as) if args.same_as else "")
-        + "`; tokens/s, the mean of every run's mean (n = runs pooled into the row).",
+        + "`; tokens/s, the mean of every run's mean (n = runs pooled into the row). *Each run*: the "
+        "row's tg64 over f16's in the same run, lowest and highest over the runs, and in how many runs it "
+        "was >= 1.",
         "",
-        "| K / V | environment | n | tg64 | tg64 / f16 | tg64 / q4_0 | pp512 |",
-        "|---|---|---|---|---|---|---|",
+        "| K / V | environment | n | tg64 | tg64 / f16 | each run / f16 | tg64 / q4_0 | pp512 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (kv, env), c in pooled.items():
         tg, pp = mean(c["tg"]), mean(c["pp"])
-        md.append(f"| {kv} | {env} | {len(c['tg'])} | {tg:.1f} | {tg / f16:.3f} | {tg / q4:.3f} | {pp:.0f} |")
+        rr = per_run_ratios(docs, args.depth, (kv, env), drop=drop)
+        each = f"{min(rr):.3f}-{max(rr):.3f} ({sum(r >= 1 for r in rr)} of {len(rr)} >= 1)" if rr else "-"
+        cells = (kv, env, len(c["tg"]), f"{tg:.1f}", f"{tg / f16:.3f}", each, f"{tg / q4:.3f}", f"{pp:.0f}")
+        md.append("| " + " | ".join(map(str, cells)) + " |")
     text = "\n".join(md) + "\n"
     if args.out:
         Path(args.out).write_text(text)

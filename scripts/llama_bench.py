@@ -43,7 +43,8 @@ def command(
 
 
 def results(stdout: str) -> list[dict]:
-    """(test, depth, tokens/s, its standard deviation) of each llama-bench JSON record in stdout;
+    """(test, depth, tokens/s, its standard deviation, and each rep's tokens/s where llama-bench gives them:
+    tps_samples) of each llama-bench JSON record in stdout;
     test is "pp<n>" or "tg<n>". Raises ValueError when stdout holds no JSON array."""
     try:
         data = json.loads(stdout[stdout.index("[") : stdout.rindex("]") + 1])
@@ -55,6 +56,7 @@ def results(stdout: str) -> list[dict]:
             "depth": d.get("n_depth", 0),
             "tps": d["avg_ts"],
             "tps_sd": d["stddev_ts"],
+            **({"tps_samples": d["samples_ts"]} if "samples_ts" in d else {}),
         }
         for d in data
     ]

@@ -29,12 +29,13 @@ def test_command_has_types_depths_and_extra_args():
 def test_results_from_output_with_log_lines_around_the_json():
     records = [
         {"n_prompt": 512, "n_gen": 0, "n_depth": 16384, "avg_ts": 2048.5, "stddev_ts": 3.25},
-        {"n_prompt": 0, "n_gen": 64, "avg_ts": 519.1, "stddev_ts": 0.5},  # no n_depth: depth 0
+        # no n_depth: depth 0
+        {"n_prompt": 0, "n_gen": 64, "avg_ts": 519.1, "stddev_ts": 0.5, "samples_ts": [518.6, 519.6]},
     ]
     out = "ggml_cuda_init: found 1 device\n" + json.dumps(records, indent=1) + "\nllama_perf: done\n"
     assert llama_bench.results(out) == [
         {"test": "pp512", "depth": 16384, "tps": 2048.5, "tps_sd": 3.25},
-        {"test": "tg64", "depth": 0, "tps": 519.1, "tps_sd": 0.5},
+        {"test": "tg64", "depth": 0, "tps": 519.1, "tps_sd": 0.5, "tps_samples": [518.6, 519.6]},
     ]
 
 
@@ -90,8 +91,12 @@ def test_ab_summarize_pools_runs_and_drops_unread_settings(tmp_path, capsys):
     argv = ["summarize", *map(str, files), "--depth", "32768", "--same-as", "UNREAD=1", "--out", str(out)]
     assert ab_llama_gpu.main(argv) == 0
     text = out.read_text()
-    assert "| polar/polar | - | 3 | 400.0 | 1.026 | 1.379 | 8 |" in text  # 400 / 390 f16, / 290 q4_0
+    # 400 / 390 f16, / 290 q4_0; each run: (390 + 410) / 2 / 400 in run a, 400 / 380 in run b
+    assert "| polar/polar | - | 3 | 400.0 | 1.026 | 1.000-1.053 (2 of 2 >= 1) | 1.379 | 8 |" in text
+    assert "| polar/polar | OFF=0 | 1 | 350.0 | 0.897 | 0.875-0.875 (0 of 1 >= 1) |" in text
     assert "| f16/f16 | - | 2 | 390.0 | 1.000 |" in text and "GPU X" in text
+    ratios = ab_llama_gpu.per_run_ratios([a, b], 32768, ("polar/polar", "-"), drop={"UNREAD": "1"})
+    assert ratios == [1.0, 400 / 380]
     assert capsys.readouterr().out == text
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
