@@ -10,9 +10,9 @@
 //      session 12; the case also fails when k0 leaves the vector kernel's result unchanged): values are
 //      rounded to f16 for its products, so NMSE about 1e-6 is expected; a case fails above 1e-4.
 //   2b. the row combine writing the output rotated by 64-value groups (patch 0027) against the plain
-//      combine and fwht_cuda<64>'s operations on the host, bit for bit (nothing on a tree before 0027).
+//      combine and fwht_cuda<64>'s operations on the host, bit for bit.
 //   3. timing (CUDA events, 50 launches after 5, rotating over 8 copies of K/V so that they do not stay
-//      in the 60 MB L2): each kernel with the parallel blocks launch_fattn would choose (its balancing too), with the combine
+//      in the 60 MB L2): each kernel with the parallel blocks launch_fattn chooses (its ggml_cuda_fattn_parallel_blocks), with the combine
 //      kernel (the tensor-core kernel's merged by flash_attn_combine_results_rows, patch 0026, and also by
 //      upstream's) and alone, at the shapes of SmolLM2-135M (head size 64, GQA 3) and Qwen2.5-1.5B (128,
 //      GQA 6); the tensor-core kernel with 1, 2, 4 and 8 steps of 128 keys a CTA at least; also at 256
@@ -22,8 +22,7 @@
 //   5. with --profile only: a few launches for Nsight Compute (session 13).
 //
 //   T=<patched tree>/vendor/llama.cpp
-//   nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -extended-lambda -DGGML_USE_CUDA -DNDEBUG \
-//        -I$T/ggml/include -I$T/ggml/src -I$T/ggml/src/ggml-cuda -o fa_polar_harness scripts/fa_polar_harness.cu
+//   scripts/ggml_cuda_nvcc.sh $T 90 -o fa_polar_harness scripts/fa_polar_harness.cu
 //   ./fa_polar_harness      # exit status 1 when a result differs from the reference
 //   ./fa_polar_harness --pb-sweep   # only 4. below: the tensor-core kernel's time by parallel blocks
 //   ./fa_polar_harness --time-only  # only 3.
@@ -65,39 +64,21 @@ static dim3 grid_of(kernel_kind k, const shape & sh, int PB) {
     return dim3(1, PB, k == VEC1 ? sh.H : nt*sh.HKV);
 }
 
-// parallel blocks as launch_fattn chooses them (occupancy, then the fewest waves at >= 95 % efficiency)
-static bool g_balance = true; // as launch_fattn (false: its choice before the balancing, for --pb-sweep)
+// parallel blocks as launch_fattn chooses them: its own function (patch 0032), with the occupancy and the
+// grid of this launch; balancing the tensor-core kernel's steps of POLAR_FA_MMA_KT keys as launch_fattn does
+// by default (GGML_CUDA_POLAR_FA_MMA_BALANCE), or not (g_balance false: the choice before it, for --pb-sweep)
+static bool g_balance = true;
 static int choose_pb(fattn_kernel_t kern, kernel_kind k, const shape & sh, int nbatch_fa) {
     int dev; CK(cudaGetDevice(&dev));
     int nsm; CK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
     int mb = 1; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&mb, kern, warps_of(k)*WARP_SIZE, 0));
-    const dim3 g = grid_of(k, sh, 1);
-    const int ntiles_dst = g.z, ntiles_KV = (sh.kv + nbatch_fa - 1)/nbatch_fa;
-    int pb = std::min(mb, ntiles_KV), best_eff = 0, best_waves = 0;
-    const int per_wave = nsm*mb;
-    for (int p = pb; p <= ntiles_KV; ++p) {
-        const int tot = ntiles_dst*p, waves = (tot + per_wave - 1)/per_wave, eff = 100*tot/(waves*per_wave);
-        if (best_eff >= 95 && waves > best_waves) break;
-        if (eff > best_eff) { best_eff = eff; best_waves = waves; pb = p; }
-    }
-    // launch_fattn's balancing of the tensor-core kernel's steps of POLAR_FA_MMA_KT keys (patch 0025, on by
-    // default: GGML_CUDA_POLAR_FA_MMA_BALANCE): every block the same steps where that adds no wave, else the
-    // fewest blocks for the same steps; without it the harness timed PB 127 at 16384 and 32768 keys where
-    // llama.cpp runs 128 (session 19)
-    if (k == MMA && g_balance) {
-        const int S = (sh.kv + POLAR_FA_MMA_KT - 1)/POLAR_FA_MMA_KT;
-        if (S % pb != 0) {
-            const int w_lo = std::max(1, S/pb), w_hi = (S + pb - 1)/pb, pb_up = (S + w_lo - 1)/w_lo;
-            const int waves = (ntiles_dst*pb + per_wave - 1)/per_wave, waves_up = (ntiles_dst*pb_up + per_wave - 1)/per_wave;
-            pb = waves_up == waves ? pb_up : (S + w_hi - 1)/w_hi;
-        }
-    }
-    return pb;
+    const int ntiles_dst = grid_of(k, sh, 1).z, ntiles_KV = (sh.kv + nbatch_fa - 1)/nbatch_fa;
+    return ggml_cuda_fattn_parallel_blocks(mb, nsm, ntiles_dst, ntiles_KV, sh.kv, k == MMA ? POLAR_FA_MMA_KT : 0,
+                                           g_balance);
 }
 
-// where the tree has flash_attn_combine_results_rows (patch 0026, GGML_CUDA_POLAR_FA_COMBINE_ROWS): the
-// tensor-core kernel's partial results merged by it, as launch_fattn does, or (false) by upstream's
-// flash_attn_combine_results
+// the tensor-core kernel's partial results merged by flash_attn_combine_results_rows (patch 0026), as
+// launch_fattn does, or (false) by upstream's flash_attn_combine_results
 static bool g_combine_rows = true;
 
 template <int D, ggml_type TK, ggml_type TV>
@@ -112,21 +93,15 @@ static void launch(kernel_kind k, const shape & sh, int PB, const char * Q, cons
         sh.nb21, sh.nb21*sh.kv, (int64_t) sh.nb21*sh.kv*sh.HKV,
         1, 1, 1, sh.kv*2, sh.kv*2, (int64_t) sh.kv*2);
     if (PB > 1 && combine) {
-#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROWS
         if (k == MMA && g_combine_rows) { // as launch_fattn merges the tensor-core kernel's blocks
-#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROT
-            // patch 0027's signature; rot_out: the output rotated by 64-value groups into rot_out
+            // rot_out (patch 0027): the output rotated by 64-value groups into rot_out
             if (rot_out) {
                 flash_attn_combine_results_rows<D, 8, 64><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, rot_out, 1/sqrtf(64));
             } else {
                 flash_attn_combine_results_rows<D, 8, 0><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB, nullptr, 0.0f);
             }
-#else
-            flash_attn_combine_results_rows<D, 8><<<dim3(1, sh.H, 1), dim3(D, 8, 1), 0, st>>>(dst, meta, out, PB);
-#endif
             return;
         }
-#endif
         flash_attn_combine_results<D><<<dim3(1, sh.H, 1), dim3(D, 1, 1), PB*sizeof(float2), st>>>(dst, meta, out, PB);
     }
 }
@@ -280,7 +255,6 @@ static int check_mma(const char * name, int H, int HKV, int kv, int PB, bool sin
 // partner - own), bit for bit
 template <int D, ggml_type TK, ggml_type TV>
 static int check_rot(const char * name, int H, int HKV, int kv, int PB) {
-#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROT
     problem<D, TK, TV> p(H, HKV, kv, 1);
     std::vector<float> ref = p.run(MMA, PB, false);
     const std::vector<float> r = p.run_rot(PB);
@@ -301,10 +275,6 @@ static int check_rot(const char * name, int H, int HKV, int kv, int PB) {
     for (size_t i = 0; i < ref.size(); ++i) bad += memcmp(&ref[i], &r[i], 4) != 0;
     printf("rot    %-14s D=%d H=%d HKV=%d kv=%d PB=%d: rotated combine vs combine + host fwht: %d/%zu differ%s\n", name, D, H, HKV, kv, PB, bad, ref.size(), bad ? "  FAIL" : "");
     return bad != 0;
-#else
-    (void) name; (void) H; (void) HKV; (void) kv; (void) PB;
-    return 0;
-#endif
 }
 
 // 3. timing: the vector kernel (1 and 4 heads a CTA, nbatch_fa = D as upstream) and the tensor-core
@@ -325,15 +295,11 @@ static void timing(const char * name, int H, int HKV, int kv) {
             int PB; const float us = p.time(k, keys, true, PB);
             int PB0; const float us0 = p.time(k, keys, false, PB0);
             char what[64]; snprintf(what, sizeof(what), "%s, steps %d", kind_name[k], steps);
-#ifdef GGML_CUDA_POLAR_FA_COMBINE_ROWS
             g_combine_rows = false;
             int PB1; const float us1 = p.time(k, keys, true, PB1);
             g_combine_rows = true;
             printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f, with upstream's combine %7.2f (PB %d)\n",
                    name, D, H, HKV, kv, what, us, us0, us1, PB);
-#else
-            printf("time   %-14s D=%d H=%d HKV=%d kv=%d: %-32s %7.2f us, kernel alone %7.2f (PB %d)\n", name, D, H, HKV, kv, what, us, us0, PB);
-#endif
         }
     }
 }
