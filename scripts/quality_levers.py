@@ -371,8 +371,11 @@ EXACT_V0 = [
     ("polar", "polar3", {"LLAMA_KV_EXACT_V0": "1"}),
     ("polar", "polar", {"LLAMA_KV_EXACT_V0": "1"}),
 ]
+# session 20: polar and polar3 K with the defaults (V f16), for --fa off against on (patch 0033)
+KTYPES = [("polar", "f16", {}), ("polar3", "f16", {})]
 SETS = {
     "levers": SETTINGS,
+    "ktypes": KTYPES,
     "polar3k": POLAR3K,
     "voffset": V_ONLINE,
     "sinkauto": SINK_AUTO,
@@ -383,7 +386,9 @@ SETS = {
 }
 
 
-def perplexity(bin_dir: Path, model: str, args_extra: list[str], env: dict, chunks: int) -> str:
+def perplexity(
+    bin_dir: Path, model: str, args_extra: list[str], env: dict, chunks: int, fa: str = "on"
+) -> str:
     m = MODELS[model]
     cmd = [
         str(bin_dir / "llama-perplexity"),
@@ -400,7 +405,7 @@ def perplexity(bin_dir: Path, model: str, args_extra: list[str], env: dict, chun
         "-t",
         "1",
         "-fa",
-        "on",
+        fa,
         *args_extra,
     ]
     log.info("%s %s", " ".join(f"{a}={b}" for a, b in env.items()), " ".join(cmd))
@@ -445,8 +450,8 @@ def run_kld(args) -> dict:
                 continue
             if args.env and any(e.split("=", 1) not in ([k, v] for k, v in env.items()) for e in args.env):
                 continue
-            row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env}
-            row.update(parse_kld(perplexity(Path(args.bin), model, extra, env, chunks)))
+            row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env, "fa": args.fa}
+            row.update(parse_kld(perplexity(Path(args.bin), model, extra, env, chunks, args.fa)))
             log.info("%s", row)
             out["rows"].append(row)
     return out
@@ -459,6 +464,8 @@ def render_kld(res: dict) -> str:
     ]
     for r in res["rows"]:
         env = " ".join(f"`{a}={b}`" for a, b in r["env"].items()) or "(default)"
+        if r.get("fa", "on") != "on":  # the base logits are always from -fa on
+            env += f" `-fa {r['fa']}`"
         lines.append(
             f"| {r['model']} | {r['ctk']} | {r['ctv']} | {(BITS[r['ctk']] + BITS[r['ctv']]) / 2:g} | {env} | "
             f"{r['kld']:.4f} ± {r['kld_pm']:.4f} | "
@@ -490,6 +497,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="only these K/V settings, e.g. polar/f16")
     p.add_argument("--env", nargs="+", help="only the rows with these settings, e.g. LLAMA_KV_CENTER=1")
     p.add_argument("--set", choices=list(SETS), default="levers", help="the settings (default: levers)")
+    p.add_argument(
+        "--fa", choices=("on", "off"), default="on", help="flash attention of the measured runs (base: on)"
+    )
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")

@@ -2,7 +2,8 @@
 
 With a polar/polar3 K cache, the key stored in cell 0 of a stream (a fresh sequence's first token: the
 attention sink, about 30 % of the attention mass) is also kept in f32 beside the cache, and flash
-attention uses it for key 0 instead of its codes (ggml_flash_attn_ext_set_k0). KLD of polar K on SmolLM2
+attention uses it for key 0 instead of its codes (ggml_flash_attn_ext_set_k0); without flash attention the
+graph writes its scores over key 0's (patch 0033). KLD of polar K on SmolLM2
 0.0255 -> 0.0208 (docs/quality-levers.md). It must be on by default for polar K only, replace key 0 (not
 add to it, not another key), travel with saved states (whole and per sequence) and follow a K shift.
 The CUDA kernels' use of it is checked against the CPU by test-backend-ops (cases with k0=1,
@@ -82,6 +83,32 @@ def test_on_by_default_for_polar_k(llama_cpp, kv_env, smollm2_path, tokens, ctk)
         out[name] = (SINK_MAGIC in state, logits(llama_cpp, llm))
     assert out["default"][0] and not out["off"][0]
     assert np.abs(out["default"][1] - out["off"][1]).max() > 0.01
+
+
+@pytest.mark.parametrize("ctk", ["polar", "polar3"])
+def test_used_without_flash_attention(llama_cpp, kv_env, smollm2_path, tokens, ctk):
+    """Without flash attention (llama_cpp.Llama's default flash_attn=False) key 0 comes from the exact copy
+    too (patch 0033: its scores written over kq's column 0): the logits move with LLAMA_KV_EXACT_SINK (the
+    offsets held the same), toward flash attention's. Before the patch the copy was kept and not read there,
+    and the two runs were the same (SmolLM2 polar K KLD 0.0352 without flash attention, 0.0199 with;
+    docs/quality-levers.md, session 20)."""
+    prompt, cont, _ = tokens
+    out = {}
+    for name, env, fa in (
+        ("fa", {}, True),
+        ("exact", {}, False),
+        # the same offsets as with the exact key (its sink weight 0), key 0 from its codes
+        ("codes", {"LLAMA_KV_EXACT_SINK": "0", "LLAMA_KV_CENTER_SINK": "0"}, False),
+    ):
+        kv_env(**env)
+        llm = new_llama(llama_cpp, smollm2_path, ctk=ctk, flash_attn=fa)
+        llm.eval(prompt + cont)
+        out[name] = logits(llama_cpp, llm)
+    assert np.abs(out["exact"] - out["codes"]).max() > 0.01
+    assert kl(out["fa"], out["exact"]) < kl(out["fa"], out["codes"]), (
+        kl(out["fa"], out["exact"]),
+        kl(out["fa"], out["codes"]),
+    )
 
 
 def test_off_for_other_k_types(llama_cpp, kv_env, smollm2_path, tokens):
