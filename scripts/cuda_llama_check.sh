@@ -26,7 +26,8 @@
 #      SmolLM2 Q4_1 the f16 cache diverges between GPU and CPU too: the model's matmuls differ,
 #      see docs/results-cuda.md; then the difference is reported, not failed);
 #   5. the same GPU model with the cache and attention on the host (-nkvo): the text is equal;
-#   6. with TEXT=file: mean KLD of polar/polar3 K on the GPU vs host attention, within 0.0005;
+#   6. with TEXT=file: mean KLD of polar/polar3 K on the GPU vs host attention, within 0.0005, with
+#      flash attention and without it (patch 0033: key 0 from the exact sink key there too);
 #   7. the model split between GPU and CPU (-ngl $NGL_SPLIT, default 15): the GPU layers' cache on
 #      the GPU gives the text of the host-cache run, and the all-GPU text where f16's does.
 set -euo pipefail
@@ -192,20 +193,25 @@ done
 # 6. KLD (with TEXT=file, e.g. squad.txt): polar/polar3 K against the GPU f16 base, cache and
 #    attention on the GPU vs on the host (-nkvo --no-op-offload); the two must agree within 0.0005
 if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
-    ppl=("$BIN/llama-perplexity" -m "$MODEL" -f "$TEXT" -c 2048 --chunks 4 -b 2048 -fa on -ngl 99)
+    ppl=("$BIN/llama-perplexity" -m "$MODEL" -f "$TEXT" -c 2048 --chunks 4 -b 2048 -ngl 99)
     base="$OUTDIR/gpu-f16.kld"
-    "${ppl[@]}" --kl-divergence-base "$base" -ctk f16 -ctv f16 > "$OUTDIR/kld-base.log" 2>&1 || fail "KLD base run failed"
-    for type in polar polar3; do
-        "${ppl[@]}" --kl-divergence-base "$base" --kl-divergence -ctk "$type" -ctv f16 > "$OUTDIR/kld-$type-gpu.log" 2>&1
-        "${ppl[@]}" --kl-divergence-base "$base" --kl-divergence -ctk "$type" -ctv f16 -nkvo --no-op-offload \
-            > "$OUTDIR/kld-$type-host.log" 2>&1
-        g=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-gpu.log")
-        h=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-host.log")
-        if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
-            echo "ok: $type K: mean KLD on the GPU $g, host attention $h"
-        else
-            fail "$type K: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
-        fi
+    "${ppl[@]}" -fa on --kl-divergence-base "$base" -ctk f16 -ctv f16 > "$OUTDIR/kld-base.log" 2>&1 || fail "KLD base run failed"
+    # -fa off too: attention as KQ mul_mat + softmax, key 0 from the exact sink key (patch 0033)
+    for fa in on off; do
+        for type in polar polar3; do
+            sfx=$([[ $fa == on ]] && echo "" || echo "-faoff")
+            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$type" -ctv f16 \
+                > "$OUTDIR/kld-$type-gpu$sfx.log" 2>&1
+            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$type" -ctv f16 -nkvo --no-op-offload \
+                > "$OUTDIR/kld-$type-host$sfx.log" 2>&1
+            g=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-gpu$sfx.log")
+            h=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-host$sfx.log")
+            if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
+                echo "ok: $type K, -fa $fa: mean KLD on the GPU $g, host attention $h"
+            else
+                fail "$type K, -fa $fa: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
+            fi
+        done
     done
 fi
 
