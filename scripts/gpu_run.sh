@@ -181,7 +181,9 @@ build)
     dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
     unpack_src "$dir"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    { echo "build key $key (the series'); experiment diffs on it:"; cat "$G/a/experiments.txt"; } | tee "$OUT/experiments.txt"
+    { echo "build key $key (the series'); experiment diffs on it:"
+      cat "$G/a/experiments.txt" 2> /dev/null || echo "(not recorded: .gpurun prepared before experiments.txt)"; } |
+        tee "$OUT/experiments.txt"
     setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
     rc=0
     # the polar flash-attention kernels alone (scripts/fa_polar_harness.cu): checks and timings, ~1 min
