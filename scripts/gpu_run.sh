@@ -27,7 +27,7 @@
 #           scripts/gpu_run.sh variants     # the harness for each set of flags in $HARNESS_VARIANTS (first checked)
 #           scripts/gpu_run.sh kernel-profile # the harness's --profile launches under ncu (--set full, SASS-level
 #                                           # stall samples): the tensor-core kernel at 256 and 32768 keys (Qwen2.5), 16384 (SmolLM2)
-#           scripts/gpu_run.sh chain-profile # one launch of the layer's write kernel in a Qwen2.5 decode under ncu
+#           scripts/gpu_run.sh chain-profile [qwen|smol] # one launch of the layer's write kernel in a decode under ncu
 #           scripts/gpu_run.sh encode-profile # the CuPy encoder's throughput kernel under ncu (no llama build)
 #           scripts/gpu_run.sh trace        # models, wait for the build, then a timeline of the decode steps
 #                                           # (trace_decode_gpu.py, CUPTI): f16, q4_0, polar at the tg depths
@@ -361,12 +361,15 @@ trace)
     exit $rc
     ;;
 chain-profile)
-    # one launch of the layer's write kernel (k_polar_layer_chains) inside a Qwen2.5 decode under ncu
+    # one launch of the layer's write kernel (k_polar_layer_chains) inside a decode of Qwen2.5 (default) or
+    # SmolLM2 (`chain-profile smol`: the model whose tg is at parity with f16, session 20) under ncu
     # (--set full, SASS-level stall samples): what its latency is made of (session 14)
+    m=${2:-qwen}
+    [[ $m == qwen || $m == smol ]] || { echo "chain-profile: the model is qwen or smol, got '$m'" >&2; exit 2; }
     models_and_build
     # (the finest warp sampling, every 32 cycles: the default interval left ~50 samples in one launch)
     ncu --set full --warp-sampling-interval 0 -k regex:k_polar_layer_chains --launch-skip 300 --launch-count 1 -f -o /tmp/chain-profile \
-        build/bin/llama-bench -m /tmp/qwen.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 32 -r 1 > "$OUT/chain-profile-run.txt" 2>&1
+        build/bin/llama-bench -m /tmp/$m.gguf -ngl 99 -fa 1 -ctk polar -ctv polar -p 0 -n 32 -r 1 > "$OUT/chain-profile-run.txt" 2>&1
     ncu_pages chain-profile
     tail -3 "$OUT/chain-profile-run.txt"
     ;;
