@@ -251,6 +251,21 @@ def per_run_ratios(
     return out
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom 1..10 (larger: 2.2, an upper bound to 30)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def mean_ci95(xs: list[float]) -> tuple[float, float]:
+    """The mean of xs and the half-width of its 95 % t interval (nan for fewer than 2 values): for the
+    runs' ratios, each run one sample (the runs alternate the settings, so drift between runs cancels)."""
+    n = len(xs)
+    m = sum(xs) / n if n else float("nan")
+    if n < 2:
+        return m, float("nan")
+    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
+    return m, (T95[n - 2] if n - 1 <= len(T95) else 2.2) * sd / n**0.5
+
+
 def summarize(argv) -> int:
     """The `summarize` subcommand (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="ab_llama_gpu.py summarize")
@@ -290,8 +305,8 @@ def summarize(argv) -> int:
         + f" --depth {args.depth}"
         + (" --same-as " + " ".join(args.same_as) if args.same_as else "")
         + "`; tokens/s, the mean of every run's mean (n = runs pooled into the row). *Each run*: the "
-        "row's tg64 over f16's in the same run, lowest and highest over the runs, and in how many runs it "
-        "was >= 1.",
+        "row's tg64 over f16's in the same run, lowest and highest over the runs, in how many runs it was "
+        ">= 1, and (2 runs or more) their mean ± the half-width of its 95 % t interval.",
         "",
         "| K / V | environment | n | tg64 | tg64 / f16 | each run / f16 | tg64 / q4_0 | pp512 |",
         "|---|---|---|---|---|---|---|---|",
@@ -300,6 +315,9 @@ def summarize(argv) -> int:
         tg, pp = mean(c["tg"]), mean(c["pp"])
         rr = per_run_ratios(docs, args.depth, (kv, env), drop=drop)
         each = f"{min(rr):.3f}-{max(rr):.3f} ({sum(r >= 1 for r in rr)} of {len(rr)} >= 1)" if rr else "-"
+        if len(rr) >= 2:
+            m, h = mean_ci95(rr)
+            each += f"; mean {m:.3f} ± {h:.3f}"
         cells = (kv, env, len(c["tg"]), f"{tg:.1f}", f"{tg / f16:.3f}", each, f"{tg / q4:.3f}", f"{pp:.0f}")
         md.append("| " + " | ".join(map(str, cells)) + " |")
     text = "\n".join(md) + "\n"

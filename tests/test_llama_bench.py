@@ -92,11 +92,17 @@ def test_ab_summarize_pools_runs_and_drops_unread_settings(tmp_path, capsys):
     assert ab_llama_gpu.main(argv) == 0
     text = out.read_text()
     # 400 / 390 f16, / 290 q4_0; each run: (390 + 410) / 2 / 400 in run a, 400 / 380 in run b
-    assert "| polar/polar | - | 3 | 400.0 | 1.026 | 1.000-1.053 (2 of 2 >= 1) | 1.379 | 8 |" in text
+    # 2 runs: mean 1.026, sd 0.0372, t(1) 12.706: ± 12.706 * 0.0372 / sqrt(2) = 0.334
+    assert (
+        "| polar/polar | - | 3 | 400.0 | 1.026 | 1.000-1.053 (2 of 2 >= 1); mean 1.026 ± 0.334 | 1.379 | 8 |"
+        in text
+    )
     assert "| polar/polar | OFF=0 | 1 | 350.0 | 0.897 | 0.875-0.875 (0 of 1 >= 1) |" in text
     assert "| f16/f16 | - | 2 | 390.0 | 1.000 |" in text and "GPU X" in text
     ratios = ab_llama_gpu.per_run_ratios([a, b], 32768, ("polar/polar", "-"), drop={"UNREAD": "1"})
     assert ratios == [1.0, 400 / 380]
+    m, h = ab_llama_gpu.mean_ci95([1.0, 1.1, 0.9])  # sd 0.1, t(2) 4.303
+    assert m == pytest.approx(1.0) and h == pytest.approx(4.303 * 0.1 / 3**0.5)
     assert capsys.readouterr().out == text
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
