@@ -238,20 +238,19 @@ def pool(
 
 
 def per_run_ratios(
-    docs, depth: int, key: tuple[str, str], ref: tuple[str, str] = ("f16/f16", "-"), drop=None
+    runs: list[dict], key: tuple[str, str], ref: tuple[str, str] = ("f16/f16", "-")
 ) -> list[float]:
-    """tg of row `key` over tg of row `ref` within each run (document) that has both at `depth`, in run
-    order: the same-run ratio, one a run (a row that occurs twice in a run after `drop`: its mean)."""
+    """tg of row `key` over tg of row `ref` within each run that has both, in run order: the same-run
+    ratio, one a run (a row that occurs twice in a run: its mean). runs: each run's `pool([doc], ...)`."""
     out = []
-    for doc in docs:
-        c = pool([doc], depth, drop)
+    for c in runs:
         a, b = c.get(key, {}).get("tg"), c.get(ref, {}).get("tg")
         if a and b:
             out.append((sum(a) / len(a)) / (sum(b) / len(b)))
     return out
 
 
-# two-sided 95 % quantiles of Student's t by degrees of freedom 1..10 (larger: 2.2, an upper bound to 30)
+# two-sided 95 % quantiles of Student's t by degrees of freedom 1..10 (more: the last, which bounds them)
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
@@ -263,7 +262,7 @@ def mean_ci95(xs: list[float]) -> tuple[float, float]:
     if n < 2:
         return m, float("nan")
     sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
-    return m, (T95[n - 2] if n - 1 <= len(T95) else 2.2) * sd / n**0.5
+    return m, T95[min(n - 2, len(T95) - 1)] * sd / n**0.5
 
 
 def summarize(argv) -> int:
@@ -291,6 +290,7 @@ def summarize(argv) -> int:
             ap.error(f"{f}: expected a JSON file written by ab_llama_gpu.py ({type(e).__name__}: {e})")
     gpus = {d.get("gpu", "?") for d in docs}
     pooled = pool(docs, args.depth, drop)
+    per_run = [pool([d], args.depth, drop) for d in docs]
     if not any(c["tg"] for c in pooled.values()):
         ap.error(f"no tg rows at depth {args.depth} in {args.runs}")
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
@@ -313,7 +313,7 @@ def summarize(argv) -> int:
     ]
     for (kv, env), c in pooled.items():
         tg, pp = mean(c["tg"]), mean(c["pp"])
-        rr = per_run_ratios(docs, args.depth, (kv, env), drop=drop)
+        rr = per_run_ratios(per_run, (kv, env))
         each = f"{min(rr):.3f}-{max(rr):.3f} ({sum(r >= 1 for r in rr)} of {len(rr)} >= 1)" if rr else "-"
         if len(rr) >= 2:
             m, h = mean_ci95(rr)

@@ -160,3 +160,11 @@ def tokens(llama_cpp, smollm2_path, squad_head):
     toks = llm.tokenize(squad_head.read_text(encoding="utf-8")[:2000].encode())
     assert len(toks) > 150
     return toks[:96], toks[96:104], toks[104:200]
+
+
+@pytest.fixture
+def fake_bin(tmp_path) -> Path:
+    """A folder holding the stand-in llama-perplexity of tests/fake_perplexity.py."""
+    import fake_perplexity
+
+    return fake_perplexity.make(tmp_path / "fakebin")

@@ -99,10 +99,13 @@ def test_ab_summarize_pools_runs_and_drops_unread_settings(tmp_path, capsys):
     )
     assert "| polar/polar | OFF=0 | 1 | 350.0 | 0.897 | 0.875-0.875 (0 of 1 >= 1) |" in text
     assert "| f16/f16 | - | 2 | 390.0 | 1.000 |" in text and "GPU X" in text
-    ratios = ab_llama_gpu.per_run_ratios([a, b], 32768, ("polar/polar", "-"), drop={"UNREAD": "1"})
+    runs = [ab_llama_gpu.pool([d], 32768, {"UNREAD": "1"}) for d in (a, b)]
+    ratios = ab_llama_gpu.per_run_ratios(runs, ("polar/polar", "-"))
     assert ratios == [1.0, 400 / 380]
     m, h = ab_llama_gpu.mean_ci95([1.0, 1.1, 0.9])  # sd 0.1, t(2) 4.303
     assert m == pytest.approx(1.0) and h == pytest.approx(4.303 * 0.1 / 3**0.5)
+    _, h = ab_llama_gpu.mean_ci95([1.0, 1.1, 0.9] * 5)  # 14 degrees of freedom: the table's last, 2.228
+    assert h == pytest.approx(2.228 * (0.1 / 14) ** 0.5 / 15**0.5)  # sd^2 = 5 * 0.02 / 14
     assert capsys.readouterr().out == text
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

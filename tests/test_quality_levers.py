@@ -245,41 +245,26 @@ def test_bad_settings_are_refused(llama_cpp, kv_env, smollm2_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# the kld subcommand on a stand-in llama-perplexity (records its arguments, prints a KLD summary)
-
-FAKE_PPL = r"""#!/usr/bin/env python3
-import json, os, sys
-args = sys.argv[1:]
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps(args) + "\n")
-if "--kl-divergence" not in args:
-    open(args[args.index("--kl-divergence-base") + 1], "wb").write(b"logits")
-    sys.exit(0)
-kld = 0.02 if args[args.index("-fa") + 1] == "on" else 0.035
-print(f"Mean PPL(Q)/PPL(base)         :   1.02 ±   0.01\nMean    KLD:   {kld:.6f} ±   0.0005")
-print("Same top p: 91.000 ± 1.0 %")
-"""
+# the kld subcommand on the stand-in llama-perplexity (tests/fake_perplexity.py: the fixture fake_bin)
 
 
-def test_kld_fa_off_runs_the_measured_settings_without_flash_attention(tmp_path, monkeypatch, capsys):
+def test_kld_fa_off_runs_the_measured_settings_without_flash_attention(
+    tmp_path, fake_bin, monkeypatch, capsys
+):
     """--fa off: the measured runs get -fa off (the base logits stay -fa on); the rows and table say so."""
     import json
 
     import quality_levers
 
-    exe = tmp_path / "bin" / "llama-perplexity"
-    exe.parent.mkdir()
-    exe.write_text(FAKE_PPL)
-    exe.chmod(0o755)
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
     monkeypatch.setattr(quality_levers, "data_file", lambda name: tmp_path / str(name))
     out = tmp_path / "kld.json"
-    argv = ["kld", "--bin", str(exe.parent), "--model", "smollm2-135m", "--set", "ktypes"]
+    argv = ["kld", "--bin", str(fake_bin), "--model", "smollm2-135m", "--set", "ktypes"]
     assert quality_levers.main([*argv, "--fa", "off", "--work", str(tmp_path / "w"), "--json", str(out)]) == 0
     calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     fa = [c[c.index("-fa") + 1] for c in calls]
     assert fa == ["on", "off", "off"]  # base, then polar/f16 and polar3/f16
     rows = json.loads(out.read_text())["rows"]
-    want = [("polar", "off", 0.035), ("polar3", "off", 0.035)]
+    want = [("polar", "off", 0.015), ("polar3", "off", 0.075)]  # the stand-in's KLD: (K's + V's) / 2
     assert [(r["ctk"], r["fa"], r["kld"]) for r in rows] == want
-    assert "(default) `-fa off` | 0.0350" in capsys.readouterr().out
+    assert "(default) `-fa off` | 0.0150" in capsys.readouterr().out

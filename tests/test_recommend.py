@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import stat
-import sys
 import tempfile
 from pathlib import Path
 
@@ -200,48 +198,7 @@ def test_choose_fewest_bits_within_budget():
 
 
 # ----------------------------------------------------------------------------------------------
-# The flow, on a stand-in llama-perplexity (a Python script printing what the real one prints)
-
-FAKE = r"""
-import os, sys
-args = sys.argv[1:]
-if "--help" in args:
-    print("-ctk,  --cache-type-k TYPE              KV cache data type for K\n"
-          "                                        allowed values: f32, f16, q8_0, q4_0,\n"
-          "                                        polar, polar3\n"
-          "                                        (default: f16)")
-    sys.exit(0)
-mode = os.environ.get("FAKE_PPL", "ok")
-k, v = args[args.index("-ctk") + 1], args[args.index("-ctv") + 1]
-if mode == "fail" or (mode == "fail-polar3" and k == "polar3"):
-    print("\n".join(f"load line {i}" for i in range(30)))
-    print("llama_init_from_model: failed to create context: unsupported cache type")
-    sys.exit(3)
-if mode == "short":
-    print("perplexity: you need at least 1024 tokens to evaluate perplexity with a context of 512")
-    print("perplexity: the data file you provided tokenizes to only 700 tokens")
-    sys.exit(0)
-if "--kl-divergence" not in args:
-    chunks = int(args[args.index("--chunks") + 1]) - (mode == "fewer")
-    open(args[args.index("--kl-divergence-base") + 1], "wb").write(b"logits")
-    print(f"perplexity: calculating perplexity over {chunks} chunks, n_ctx=512")
-    print("Final estimate: PPL = 23.2304 +/- 2.07959")
-    sys.exit(0)
-kld = {"f16": 0.0, "q8_0": 0.004, "q4_0": 0.04, "polar": 0.03, "polar3": 0.15}
-d = (kld[k] + kld[v]) / 2
-print("llama_kv_cache: KV centering: K offsets in 0 of 2 layers, V offsets in 0" if "polar" in k else "")
-print(f"Mean PPL(Q)/PPL(base)         :   {1 + d:.6f} ±   0.01\nMean    KLD:   {d:.6f} ±   0.001")
-print(f"Same top p: {100 - 100 * d:.3f} ± 1.0 %")
-"""
-
-
-@pytest.fixture
-def fake_bin(tmp_path) -> Path:
-    exe = tmp_path / "fakebin" / "llama-perplexity"
-    exe.parent.mkdir()
-    exe.write_text(f"#!{sys.executable}\n{FAKE}", encoding="utf-8")
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-    return exe.parent
+# The flow, on a stand-in llama-perplexity (tests/fake_perplexity.py; the fixture fake_bin, conftest.py)
 
 
 def test_flow_defaults_json(model, text, fake_bin, capsys):
