@@ -306,7 +306,10 @@ def summarize(argv) -> int:
         + (" --same-as " + " ".join(args.same_as) if args.same_as else "")
         + "`; tokens/s, the mean of every run's mean (n = runs pooled into the row). *Each run*: the "
         "row's tg64 over f16's in the same run, lowest and highest over the runs, in how many runs it was "
-        ">= 1, and (2 runs or more) their mean ± the half-width of its 95 % t interval.",
+        ">= 1, and (2 runs or more) their mean ± the half-width of its 95 % t interval."
+        + "".join(
+            sorted({f" Build: {llama_bench.build_label(d['build'])}." for d in docs if d.get("build")})
+        ),
         "",
         "| K / V | environment | n | tg64 | tg64 / f16 | each run / f16 | tg64 / q4_0 | pp512 |",
         "|---|---|---|---|---|---|---|---|",
@@ -341,6 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", choices=tuple(SETS), default="extras")
     args = ap.parse_args(argv)
     binary = str(Path(args.bin) / "llama-bench")
+    build = llama_bench.build_info(args.bin)
     clean = {
         k: v
         for k, v in os.environ.items()
@@ -367,7 +371,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(
-        json.dumps({"gpu": gpu_name(), "command": command, "runs": runs}, indent=1) + "\n"
+        json.dumps({"gpu": gpu_name(), "build": build, "command": command, "runs": runs}, indent=1) + "\n"
     )
     head = " | ".join(f"tg64 d{d}" for d in args.depths)
     md = [

@@ -61,6 +61,10 @@ if [[ $1 != prepare ]]; then # (the case above has checked $1)
             find "$G/$d" -maxdepth 1 -type f ! -name src.txz -exec cp {} "$P"/ \;
         fi
     done
+    # the experiment diffs of the build (prepare), which the benchmark JSONs record (llama_bench.build_info)
+    if [[ -f $P/experiments.txt ]]; then
+        export KVPOLAR_EXPERIMENTS_FILE=$P/experiments.txt
+    fi
 fi
 export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data

@@ -5,7 +5,9 @@ only: the GPU machine runs it with any python3."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 def command(
@@ -60,3 +62,39 @@ def results(stdout: str) -> list[dict]:
         }
         for d in data
     ]
+
+
+def build_info(bin_dir: str | os.PathLike) -> dict:
+    """The build a run used, for its JSON: the build key and the patch series from kvpolar-build.json
+    (which bootstrap.py writes beside bin/), and the experiment diffs `gpu_run.sh prepare` compiled in
+    (which the key does not see: $KVPOLAR_EXPERIMENTS_FILE, one `sha256  name` line each or `none`).
+    Raises ValueError when bin_dir is not a bootstrap.py build."""
+    meta = Path(bin_dir).resolve().parent / "kvpolar-build.json"
+    if not meta.is_file():
+        raise ValueError(f"expected a bootstrap.py build (bin/ beside kvpolar-build.json), got {bin_dir}")
+    b = json.loads(meta.read_text())
+    patches = b.get("patches", [])
+    llama = [Path(p).name for p in patches if Path(p).parent.name == "llama.cpp"]
+    info = {
+        "key": b["key"],
+        "pin": b.get("pin"),
+        "patches": patches,
+        "last_patch": llama[-1][:4] if llama else None,
+    }
+    exp = os.environ.get("KVPOLAR_EXPERIMENTS_FILE")
+    if exp:
+        lines = [
+            ln.split()[-1] for ln in Path(exp).read_text().splitlines() if ln.strip() and ln.strip() != "none"
+        ]
+        info["experiments"] = lines
+    return info
+
+
+def build_label(info: dict | None) -> str | None:
+    """'build KEY (patches 0001-NNNN[, experiments: a.diff b.diff])' of a build_info, None without one."""
+    if not info:
+        return None
+    label = f"build {info['key']} (patches 0001-{info['last_patch']}"
+    if info.get("experiments"):
+        label += ", experiments: " + " ".join(info["experiments"])
+    return label + ")"

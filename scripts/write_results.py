@@ -16,6 +16,7 @@ from pathlib import Path
 import figures
 from ab_llama_gpu import env_key, pool
 from kvpolar.atomic import atomic_write_text
+from llama_bench import build_label
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "docs" / "bench"
@@ -249,11 +250,8 @@ def headline() -> list[str]:
         t = {(r["k"], r["v"], r["test"], r["depth"]): r["tps"] for r in g["rows"] if "error" not in r}
         a, b, f = (t.get((x, x, "tg64", depth)) for x in ("polar", "q4_0", "f16"))
         if a and b and f:
-            out.append(
-                _gpu_tg_line(
-                    label, g["gpu"], depth, f" (bench_llama_gpu.py table, {GPU_TABLES_BUILD})", a, b, f
-                )
-            )
+            build = build_label(g.get("build")) or GPU_TABLES_BUILD
+            out.append(_gpu_tg_line(label, g["gpu"], depth, f" (bench_llama_gpu.py table, {build})", a, b, f))
     nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
     if nd.exists():
         d = json.loads(nd.read_text())
@@ -276,7 +274,8 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
     )
 
 
-# the build that docs/bench/gpu/llama-gpu-*.json (bench_llama_gpu.py, `gpu_run.sh bench tables`) last ran on
+# the build that docs/bench/gpu/llama-gpu-*.json (bench_llama_gpu.py, `gpu_run.sh bench tables`) last ran on,
+# for the tables written before bench_llama_gpu.py recorded it ("build": llama_bench.build_info)
 GPU_TABLES_BUILD = "session 20's build, patch 0031's code"
 
 # ab_llama_gpu.py runs of issue 10's tg targets (docs/results-cuda.md), newest first, listed in

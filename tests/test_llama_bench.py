@@ -98,7 +98,7 @@ def test_ab_summarize_pools_runs_and_drops_unread_settings(tmp_path, capsys):
         in text
     )
     assert "| polar/polar | OFF=0 | 1 | 350.0 | 0.897 | 0.875-0.875 (0 of 1 >= 1) |" in text
-    assert "| f16/f16 | - | 2 | 390.0 | 1.000 |" in text and "GPU X" in text
+    assert "| f16/f16 | - | 2 | 390.0 | 1.000 |" in text and "GPU X" in text and "Build:" not in text
     runs = [ab_llama_gpu.pool([d], 32768, {"UNREAD": "1"}) for d in (a, b)]
     ratios = ab_llama_gpu.per_run_ratios(runs, ("polar/polar", "-"))
     assert ratios == [1.0, 400 / 380]
@@ -107,6 +107,11 @@ def test_ab_summarize_pools_runs_and_drops_unread_settings(tmp_path, capsys):
     _, h = ab_llama_gpu.mean_ci95([1.0, 1.1, 0.9] * 5)  # 14 degrees of freedom: the table's last, 2.228
     assert h == pytest.approx(2.228 * (0.1 / 14) ** 0.5 / 15**0.5)  # sd^2 = 5 * 0.02 / 14
     assert capsys.readouterr().out == text
+    a["build"] = {"key": "abc123", "last_patch": "0033"}
+    files[0].write_text(json.dumps(a))
+    assert ab_llama_gpu.main(argv) == 0
+    assert " Build: build abc123 (patches 0001-0033)." in out.read_text()
+    capsys.readouterr()
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(SystemExit):
@@ -115,3 +120,35 @@ def test_ab_summarize_pools_runs_and_drops_unread_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ab_llama_gpu.main(["summarize", str(files[0]), "--depth", "4096"])
     assert "no tg rows at depth 4096" in capsys.readouterr().err
+
+
+def test_build_info_names_key_series_and_experiments(tmp_path, monkeypatch):
+    build = tmp_path / "build"
+    (build / "bin").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"expected a bootstrap\.py build"):
+        llama_bench.build_info(build / "bin")
+    (build / "kvpolar-build.json").write_text(
+        json.dumps(
+            {
+                "key": "abc123",
+                "pin": "llama-cpp-python==0.3.36",
+                "patches": [
+                    "patches/llama.cpp/0001-a.patch",
+                    "patches/llama.cpp/0033-b.patch",
+                    "patches/llama-cpp-python/0002-c.patch",
+                ],
+            }
+        )
+    )
+    monkeypatch.delenv("KVPOLAR_EXPERIMENTS_FILE", raising=False)
+    info = llama_bench.build_info(build / "bin")
+    assert info["key"] == "abc123" and info["last_patch"] == "0033" and "experiments" not in info
+    assert llama_bench.build_label(info) == "build abc123 (patches 0001-0033)"
+    exp = tmp_path / "experiments.txt"
+    exp.write_text("0f00  session21-x.diff\n")
+    monkeypatch.setenv("KVPOLAR_EXPERIMENTS_FILE", str(exp))
+    info = llama_bench.build_info(build / "bin")
+    assert llama_bench.build_label(info) == "build abc123 (patches 0001-0033, experiments: session21-x.diff)"
+    exp.write_text("none\n")
+    assert llama_bench.build_info(build / "bin")["experiments"] == []
+    assert llama_bench.build_label(None) is None
