@@ -53,10 +53,15 @@ def test_build_key_covers_new_patches_renames_headers_flags(bs, tmp_path):
     base = llama.compute_build_key(root, gen="Ninja")
     keys = {base}
 
+    # a llama-cpp-python patch compiles nothing: the build key stays, the binding's key moves
     py_patch = root / "patches" / "llama-cpp-python" / "0001-py.patch"
+    bkey = llama.compute_binding_key(root, base)
     py_patch.write_text("diff py\n")
-    keys.add(llama.compute_build_key(root, gen="Ninja"))
+    assert llama.compute_build_key(root, gen="Ninja") == base
+    assert llama.compute_binding_key(root, base) != bkey
+    assert llama.compute_binding_key(root, "other") != llama.compute_binding_key(root, base)
     py_patch.unlink()
+    assert llama.compute_binding_key(root, base) == bkey
 
     (root / "patches" / "llama.cpp" / "0001-a.patch").rename(root / "patches" / "llama.cpp" / "0002-a.patch")
     keys.add(llama.compute_build_key(root, gen="Ninja"))
@@ -69,7 +74,7 @@ def test_build_key_covers_new_patches_renames_headers_flags(bs, tmp_path):
     keys.add(llama.compute_build_key(root, flags=[*pins.CMAKE_FLAGS, "-DGGML_CUDA=ON"], gen="Ninja"))
     keys.add(llama.compute_build_key(root, gen="Unix Makefiles"))
 
-    assert len(keys) == 6, "each change must give a distinct key"
+    assert len(keys) == 5, "each change must give a distinct key"
     assert llama.compute_build_key(root, gen="Ninja") == base
 
 
@@ -257,6 +262,38 @@ def test_export_gives_back_the_same_patch_files(bs, tmp_path):
 
 
 @needs_git
+def test_sync_binding_patches_reapplies_only_when_they_change(bs, tmp_path):
+    tree = _tree(tmp_path, bs)
+    patches.tag(tree, patches.BASE_TAG)
+    (tree / pins.SRC_MARKER).write_text(
+        json.dumps(
+            {
+                "patches": ["patches/llama.cpp/0001-a.patch"],
+                "patch_sha256": {"patches/llama.cpp/0001-a.patch": "x"},
+            }
+        )
+    )
+    s1, s2 = _series(tmp_path, ["int a(void) {\n    return 2;\n}\n", "int a(void) {\n    return 3;\n}\n"])
+    root = _fake_repo(tmp_path / "repo")
+    pydir = root / "patches" / "llama-cpp-python"
+    shutil.copy(s1, pydir / s1.name)
+    assert llama.sync_binding_patches(root, tree)
+    assert "return 2" in (tree / "src" / "a.c").read_text()
+    info = json.loads((tree / pins.SRC_MARKER).read_text())
+    assert info["patches"] == ["patches/llama.cpp/0001-a.patch", f"patches/llama-cpp-python/{s1.name}"]
+    assert info["patch_sha256"]["patches/llama.cpp/0001-a.patch"] == "x"
+    assert not llama.sync_binding_patches(root, tree)  # unchanged: nothing runs
+    shutil.copy(s2, pydir / s2.name)  # a second patch on top
+    assert llama.sync_binding_patches(root, tree)
+    assert "return 3" in (tree / "src" / "a.c").read_text()
+    (pydir / s1.name).unlink()
+    (pydir / s2.name).unlink()  # none: back to the pristine package
+    assert llama.sync_binding_patches(root, tree)
+    assert "return 1" in (tree / "src" / "a.c").read_text()
+    assert json.loads((tree / pins.SRC_MARKER).read_text())["patches"] == ["patches/llama.cpp/0001-a.patch"]
+
+
+@needs_git
 def test_export_refuses_other_authors(bs, tmp_path):
     tree = _tree(tmp_path, bs)
     patches.tag(tree, patches.BASE_TAG)
@@ -362,7 +399,8 @@ def test_llama_source_only_prepares_the_tree_and_builds_nothing(bs, monkeypatch)
 
     def fake_prepare(root, key, src):
         src.mkdir(parents=True)
-        (src / llama.SRC_MARKER).write_text(json.dumps({"key": key}))
+        shas = {p.relative_to(root).as_posix(): util.sha256_file(p) for p in llama.binding_patch_files(root)}
+        (src / llama.SRC_MARKER).write_text(json.dumps({"key": key, "patch_sha256": shas}))
         prepared.append(key)
 
     def no_build(*a, **k):

@@ -111,11 +111,17 @@ def cmake_flags() -> tuple[str, ...]:
     return CMAKE_FLAGS + cpu_cmake_flags() + cuda_cmake_flags() + extra
 
 
+def binding_patch_files(root: Path) -> list[Path]:
+    """The llama-cpp-python patches (the Python package; not compiled)."""
+    return sorted((root / PATCH_DIRS[1]).glob("*.patch"))
+
+
 def compute_build_key(root: Path, flags: Iterable[str] | None = None, gen: str | None = None) -> str:
-    """Short sha256 over the pin, every patch, every generated header, and the build flags.
+    """Short sha256 over the pin, every llama.cpp patch, every generated header, and the build flags.
 
     Files enter with their path relative to `root` and their bytes, in a fixed order, so
-    renaming, editing, adding or removing any of them changes the key.
+    renaming, editing, adding or removing any of them changes the key. The llama-cpp-python
+    patches do not enter: they change no compiled file (compute_binding_key keys the binding).
     """
     h = hashlib.sha256()
 
@@ -125,7 +131,7 @@ def compute_build_key(root: Path, flags: Iterable[str] | None = None, gen: str |
 
     put("layout", LAYOUT_VERSION.encode())
     put("pin", f"{LLAMA_CPP_PYTHON_PIN} {LLAMA_CPP_PYTHON_SDIST_SHA256}".encode())
-    for p in patch_files(root):
+    for p in sorted((root / PATCH_DIRS[0]).glob("*.patch")):
         put("patch:" + p.relative_to(root).as_posix(), p.read_bytes())
     for p in header_files(root):
         put("header:" + p.relative_to(root).as_posix(), p.read_bytes())
@@ -133,6 +139,47 @@ def compute_build_key(root: Path, flags: Iterable[str] | None = None, gen: str |
     put("targets", "\n".join(BUILD_TARGETS).encode())
     put("generator", (gen or generator()).encode())
     return h.hexdigest()[:16]
+
+
+def compute_binding_key(root: Path, key: str) -> str:
+    """The build key plus the llama-cpp-python patches: what the installed binding and its smoke run
+    are keyed by."""
+    h = hashlib.sha256(f"build\0{key}\0".encode())
+    for p in binding_patch_files(root):
+        data = p.read_bytes()
+        h.update(f"patch:{p.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def sync_binding_patches(root: Path, src: Path) -> bool:
+    """Bring the tree's llama-cpp-python patches to the checkout's, without touching vendor/llama.cpp.
+
+    The tree's marker records the patches it holds; when those of patches/llama-cpp-python differ (a
+    patch edited, added or removed), the Python package goes back to the tag kvpolar-base and the
+    checkout's patches are applied again (git am), and the marker is rewritten. Returns whether it ran.
+    A patch that does not apply raises PatchError; the marker keeps the old list, so the next run
+    resets and tries again.
+    """
+    marker = src / SRC_MARKER
+    info = json.loads(marker.read_text())
+    lpy = binding_patch_files(root)
+    want = {p.relative_to(root).as_posix(): sha256_file(p) for p in lpy}
+    prefix = PATCH_DIRS[1] + "/"
+    have = {k: v for k, v in info.get("patch_sha256", {}).items() if k.startswith(prefix)}
+    if want == have:
+        return False
+    log(f"the llama-cpp-python patches changed: re-applying {len(lpy)} to {src} (llama.cpp is not rebuilt)")
+    git(["reset", "-q", "--hard", BASE_TAG], src, "git reset to kvpolar-base")
+    if lpy:
+        apply_patches(src, lpy)
+    info["patches"] = [p for p in info.get("patches", []) if not p.startswith(prefix)] + list(want)
+    info["patch_sha256"] = {
+        **{k: v for k, v in info.get("patch_sha256", {}).items() if not k.startswith(prefix)},
+        **want,
+    }
+    atomic_write_text(marker, json.dumps(info, indent=2) + "\n")
+    return True
 
 
 def ensure_sdist() -> Path:
@@ -380,7 +427,7 @@ def cmd_llama(args: argparse.Namespace) -> dict:
         (ldir / "last-used").write_text(f"{time.time():.0f} {root}\n")
         if not (src / SRC_MARKER).is_file():
             prepare_src(root, key, src)
-        else:
+        elif not sync_binding_patches(root, src):
             log(f"patched source ok: {src}")
         if getattr(args, "source_only", False):
             log(f"source only: {src} (build key {key}); a machine without network builds it from there")
@@ -410,11 +457,13 @@ def cmd_llama(args: argparse.Namespace) -> dict:
                 smoke.run_smoke(build, key, None, force=getattr(args, "smoke", False))
             return result
         py = cmd_venv()
-        pkg, ran = binding.install_llama_cpp_python(py, src, build, key)
+        bkey = compute_binding_key(root, key)
+        result["binding_key"] = bkey
+        pkg, ran = binding.install_llama_cpp_python(py, src, build, bkey)
         if ran or getattr(args, "verify", False):
             out = binding.verify_binding(py, build)
             log("llama_cpp loads the patched build:\n    " + "\n    ".join(out.splitlines()))
         result["llama_cpp"] = str(pkg)
         if not getattr(args, "no_smoke", False):
-            smoke.run_smoke(build, key, py, force=getattr(args, "smoke", False))
+            smoke.run_smoke(build, bkey, py, force=getattr(args, "smoke", False))
     return result
