@@ -387,15 +387,22 @@ SETS = {
 
 
 def perplexity(
-    bin_dir: Path, model: str, args_extra: list[str], env: dict, chunks: int, fa: str = "on"
+    bin_dir: Path,
+    model: str,
+    args_extra: list[str],
+    env: dict,
+    chunks: int,
+    fa: str = "on",
+    text: Path | None = None,
 ) -> str:
+    """llama-perplexity with this module's settings; text: SQuAD unless given."""
     m = MODELS[model]
     cmd = [
         str(bin_dir / "llama-perplexity"),
         "-m",
         str(data_file(m["gguf"])),
         "-f",
-        str(data_file(SQUAD_TXT)),
+        str(text or data_file(SQUAD_TXT)),
         "-c",
         str(m["ctx"]),
         "--chunks",
