@@ -203,8 +203,8 @@ def memory(args, log) -> dict:
             ]
             out = run(cmd, log=log)
             m = re.search(
-                r"llama_kv_cache: size = +([\d.]+) MiB.*K \((\w+)\): +([\d.]+) MiB, "
-                r"V \((\w+)\): +([\d.]+) MiB",
+                r"llama_kv_cache: size = +([\d.]+) MiB.*K \(([^)]*)\): +([\d.]+) MiB, "
+                r"V \(([^)]*)\): +([\d.]+) MiB",
                 out,
             )
             if not m:

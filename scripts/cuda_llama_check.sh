@@ -175,18 +175,21 @@ for type in f16 polar polar3; do
 done
 
 # 5. the cache alone: same GPU model arithmetic, cache + attention on the GPU vs on the host
-#    (-nkvo; batches this small are not offloaded back to the GPU): the text must be equal
-for type in f16 polar polar3; do
-    a="$OUTDIR/g_${type}_kvgpu"
-    b="$OUTDIR/g_${type}_nkvo"
-    if completion "$a" -ngl 99 -fa on -ctk "$type" -ctv "$type" && completion "$b" -ngl 99 -fa on -ctk "$type" -ctv "$type" -nkvo; then
+#    (-nkvo; batches this small are not offloaded back to the GPU): the text must be equal.
+#    polar/polar3 is the low-memory pair with its layer policy (polar/polar, polar/polar3 and
+#    polar3/polar3 layers in one cache, patch 0034)
+for kv in f16/f16 polar/polar polar3/polar3 polar/polar3; do
+    k=${kv%/*} v=${kv#*/} name=${kv/\//-}
+    a="$OUTDIR/g_${name}_kvgpu"
+    b="$OUTDIR/g_${name}_nkvo"
+    if completion "$a" -ngl 99 -fa on -ctk "$k" -ctv "$v" && completion "$b" -ngl 99 -fa on -ctk "$k" -ctv "$v" -nkvo; then
         if cmp -s "$a.txt" "$b.txt"; then
-            echo "ok: $type: greedy text with the cache on the GPU equals the host-cache (-nkvo) run"
+            echo "ok: $kv: greedy text with the cache on the GPU equals the host-cache (-nkvo) run"
         else
-            fail "$type: greedy text with the cache on the GPU differs from the host-cache run ($a.txt vs $b.txt)"
+            fail "$kv: greedy text with the cache on the GPU differs from the host-cache run ($a.txt vs $b.txt)"
         fi
     else
-        fail "$type: llama-completion failed ($a.log / $b.log)"
+        fail "$kv: llama-completion failed ($a.log / $b.log)"
     fi
 done
 
@@ -197,19 +200,23 @@ if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
     base="$OUTDIR/gpu-f16.kld"
     "${ppl[@]}" -fa on --kl-divergence-base "$base" -ctk f16 -ctv f16 > "$OUTDIR/kld-base.log" 2>&1 || fail "KLD base run failed"
     # -fa off too: attention as KQ mul_mat + softmax, key 0 from the exact sink key (patch 0033)
+    # and the low-memory pair polar K + polar3 V (its layer policy) with flash attention, which a quantized V needs
     for fa in on off; do
-        for type in polar polar3; do
+        for type in polar polar3 polar/polar3; do
+            [[ $type == */* && $fa == off ]] && continue
+            k=${type%/*} v=$([[ $type == */* ]] && echo "${type#*/}" || echo f16)
+            type=${type/\//-}
             sfx=$([[ $fa == on ]] && echo "" || echo "-faoff")
-            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$type" -ctv f16 \
+            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$k" -ctv "$v" \
                 > "$OUTDIR/kld-$type-gpu$sfx.log" 2>&1
-            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$type" -ctv f16 -nkvo --no-op-offload \
+            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$k" -ctv "$v" -nkvo --no-op-offload \
                 > "$OUTDIR/kld-$type-host$sfx.log" 2>&1
             g=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-gpu$sfx.log")
             h=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-host$sfx.log")
             if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
-                echo "ok: $type K, -fa $fa: mean KLD on the GPU $g, host attention $h"
+                echo "ok: $k/$v, -fa $fa: mean KLD on the GPU $g, host attention $h"
             else
-                fail "$type K, -fa $fa: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
+                fail "$k/$v, -fa $fa: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
             fi
         done
     done

@@ -57,6 +57,51 @@ def quality_table(d: dict) -> list[str]:
             f"| {r['mean_kld']:.4f} "
             f"| {r['same_top_pct']:.1f} % | {r['ppl_ratio']:.3f} |"
         )
+    patches = [Path(p).name[:4] for p in d.get("build", {}).get("patches", []) if "/llama.cpp/" in p]
+    if any(r["k"] == "polar" and r["v"] == "polar3" for r in d["rows"]) and LAYER_POLICY_PATCH not in patches:
+        out += [
+            "",
+            f"The polar / polar3 rows are uniform (every layer polar K + polar3 V): this build predates patch "
+            f"{LAYER_POLICY_PATCH}, whose layer policy is now that pair's default (its rows: \"The low-memory "
+            "pair's layer policy\" below).",
+        ]
+    return [*out, ""]
+
+
+# patch 0034: the low-memory pair's layer policy (LLAMA_KV_LAYER_POLICY), measured by layer_policy.py eval
+LAYER_POLICY_PATCH = "0034"
+
+
+def layer_policy_table() -> list[str]:
+    """docs/layer-policy/eval-<model>.json (scripts/layer_policy.py eval on a build with patch 0034): the
+    pair polar K + polar3 V with its default layer policy, uniform, and q4_0 K+V, same runs."""
+    files = sorted((REPO / "docs" / "layer-policy").glob("eval-*.json"))
+    if not files:
+        return []
+    out = [
+        "### The low-memory pair's layer policy (polar K + polar3 V, 3.75 bits/elem)",
+        "",
+        "Patch 0034: V polar in the first round(L / 10) of a model's L layers with a KV cache, K polar3 in the "
+        "last as many (the same bytes); `LLAMA_KV_LAYER_POLICY=0` keeps every layer at polar K + polar3 V. "
+        "Mean KLD against f16, same runs ([`quality-levers.md`](quality-levers.md), session 21).",
+        "",
+        "| model | polar / polar3, layer policy (default) | uniform (`LLAMA_KV_LAYER_POLICY=0`) | change "
+        "| q4_0 / q4_0 (issue 12's target) | command, machine, build |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in files:
+        d = json.loads(f.read_text())
+        for model in dict.fromkeys(r["model"] for r in d["rows"]):
+            rows = {r["policy"]: r for r in d["rows"] if r["model"] == model}
+            a, u, q = rows.get("default"), rows.get("uniform"), rows.get("q4_0 K+V")
+            if not (a and u and q):
+                continue
+            out.append(
+                f"| {model} ({a['chunks']} chunks) | {a['kld']:.4f} ± {a['kld_pm']:.4f} | {u['kld']:.4f} ± "
+                f"{u['kld_pm']:.4f} | {100 * (a['kld'] / u['kld'] - 1):+.0f} % | {q['kld']:.4f} ± {q['kld_pm']:.4f} "
+                f"({'met' if a['kld'] <= q['kld'] else 'missed'}) | `{d['command']}`, {d['machine']}, "
+                f"{build_label(d.get('build'))} |"
+            )
     return [*out, ""]
 
 
@@ -338,6 +383,7 @@ def render() -> str:
             d = _load(kind, model)
             if d:
                 lines += fn(d)
+    lines += layer_policy_table()
     gpu = REPO / "docs" / "results-gpu.md"
     if gpu.exists():
         lines += ["## GPU (CuPy kernels)", "", *gpu.read_text().splitlines()[1:], ""]

@@ -1,7 +1,8 @@
 """A stand-in llama-perplexity for the tests of the scripts that run it (kvpolar recommend,
-scripts/quality_levers.py kld): a Python script printing what the real one prints. KLD by the K and V
-types; FAKE_PPL=fail|fail-polar3|short|fewer for the failure modes; FAKE_LOG=FILE records each call's
-arguments. The fixture fake_bin (conftest.py) puts it in a folder of its own."""
+scripts/quality_levers.py kld, scripts/layer_policy.py): a Python script printing what the real one
+prints. KLD by the K and V types (per layer with LLAMA_KV_LAYER_K / _V); FAKE_PPL=fail|fail-polar3|short|
+fewer for the failure modes; FAKE_LOG=FILE records each call's arguments. The fixture fake_bin
+(conftest.py) puts it in a folder of its own."""
 
 from __future__ import annotations
 
@@ -38,7 +39,22 @@ if "--kl-divergence" not in args:
     print("Final estimate: PPL = 23.2304 +/- 2.07959")
     sys.exit(0)
 kld = {"f16": 0.0, "q8_0": 0.004, "q4_0": 0.04, "polar": 0.03, "polar3": 0.15}
-d = (kld[k] + kld[v]) / 2
+# per-layer types (the session-21 measurement hack's LLAMA_KV_LAYER_K / _V = "TYPE:a-b,c") over FAKE_LAYERS
+# layers; a layer's K weighs 1 + l, its V n - l
+n = int(os.environ.get("FAKE_LAYERS", "4"))
+def layer_kld(name, default, weight):
+    types = [default] * n
+    spec = os.environ.get(name)
+    if spec:
+        t, _, items = spec.partition(":")
+        for item in items.split(","):
+            a, _, b = item.partition("-")
+            for l in range(int(a), int(b or a) + 1):
+                types[l] = t
+    w = [weight(l) for l in range(n)]
+    return sum(wl * kld[tl] for wl, tl in zip(w, types)) / sum(w)
+d_k = layer_kld("LLAMA_KV_LAYER_K", k, lambda l: 1 + l)
+d = (d_k + layer_kld("LLAMA_KV_LAYER_V", v, lambda l: n - l)) / 2
 print("llama_kv_cache: KV centering: K offsets in 0 of 2 layers, V offsets in 0" if "polar" in k else "")
 print(f"Mean PPL(Q)/PPL(base)         :   {1 + d:.6f} ±   0.01\nMean    KLD:   {d:.6f} ±   0.001")
 print(f"Same top p: {100 - 100 * d:.3f} ± 1.0 %")

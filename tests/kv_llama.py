@@ -14,17 +14,18 @@ KV_ENV_VARS = (
     "LLAMA_KV_CENTER_SINK",
     "LLAMA_KV_BALANCE",
     "LLAMA_KV_EXACT_SINK",
+    "LLAMA_KV_LAYER_POLICY",
 )
 
 
-def new_llama(llama_cpp, model, ctk="polar", flash_attn=True):
-    """256-token context, K cache of type ctk, V f16, flash attention (unless flash_attn False), 2 threads."""
+def new_llama(llama_cpp, model, ctk="polar", flash_attn=True, ctv="f16"):
+    """256-token context, K cache of type ctk, V ctv, flash attention (unless flash_attn False), 2 threads."""
     return llama_cpp.Llama(
         model_path=str(model),
         n_ctx=256,
         n_batch=256,
         type_k=getattr(llama_cpp, f"GGML_TYPE_{ctk.upper()}"),
-        type_v=llama_cpp.GGML_TYPE_F16,
+        type_v=getattr(llama_cpp, f"GGML_TYPE_{ctv.upper()}"),
         flash_attn=flash_attn,
         n_threads=2,
         verbose=False,

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Issue 12, lever 3 in llama.cpp: which layers' K and V are worth their bits (a per-layer policy).
+
+    python3 scripts/layer_policy.py scan --bin BUILD/bin --model M [--group G] [--json out.json]
+    python3 scripts/layer_policy.py eval --bin BUILD/bin --model M --policy V_UP K_DOWN [--json ...]
+    python3 scripts/layer_policy.py render out.json
+
+The low-memory pair is polar K + polar3 V (3.75 bits/elem). A policy at the same average gives some
+layers polar V (polar/polar, 4.25) and as many other layers polar3 K (polar3/polar3, 3.25); both pairs
+exist on the GPU too. `scan` measures, one group of G layers at a time, what each move is worth by KLD
+against the uniform pair: `v_up` (the group's V polar: the KLD it saves) and `k_down` (the group's K
+polar3: the KLD it costs). It reads the second half of the SQuAD text, so that `eval` of a policy chosen
+from it (on the first chunks of the text, as every other KLD in docs/quality-levers.md) is not scored on
+the text it was chosen on. `eval` runs the pair as built ("default"), with LLAMA_KV_LAYER_POLICY=0
+("uniform"; patch 0034's switch), q4_0 K + q4_0 V (issue 12's target) and each --policy, with
+quality_levers.py's settings; the JSON records the build.
+
+`scan` and --policy need a build with the measurement hack
+patches/experiments/session21-layer-types-measure.diff (on patches 0001-0033: LLAMA_KV_LAYER_K /
+LLAMA_KV_LAYER_V = "TYPE:LIST" give those layers TYPE instead of -ctk / -ctv; that build has no
+LLAMA_KV_LAYER_POLICY, so its "default" and "uniform" rows are the same run twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gguf import GGUFReader
+
+from kvpolar.paths import SQUAD_TXT, data_file
+from kvsetup.cpu import cpu_model
+from llama_bench import build_info
+from quality_levers import MODELS, parse_kld, perplexity
+
+log = logging.getLogger("layer_policy")
+
+PRESET = ("polar", "polar3")
+
+
+def n_layers(model: str) -> int:
+    r = GGUFReader(str(data_file(MODELS[model]["gguf"])))
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    f = r.fields[f"{arch}.block_count"]
+    return int(f.parts[f.data[0]][0])
+
+
+def tail_text(work: Path) -> Path:
+    """The second half of the SQuAD text (from a line start), the scan's selection text."""
+    src = data_file(SQUAD_TXT).read_text()
+    cut = src.index("\n", len(src) // 2) + 1
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "squad-tail.txt"
+    if not out.is_file() or out.read_text() != src[cut:]:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(src[cut:])
+        tmp.replace(out)
+    return out
+
+
+def span(layers: list[int]) -> str:
+    """[0, 1, 2, 7] -> "0-2,7" (the hack's LIST)."""
+    out, i = [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        out.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def policy_env(v_up: list[int], k_down: list[int]) -> dict:
+    env = {}
+    if v_up:
+        env["LLAMA_KV_LAYER_V"] = "polar:" + span(sorted(v_up))
+    if k_down:
+        env["LLAMA_KV_LAYER_K"] = "polar3:" + span(sorted(k_down))
+    return env
+
+
+class Runner:
+    """KLD rows of one model and text, two llama-perplexity processes (-t 1) at a time."""
+
+    def __init__(self, args, model: str, text: Path | None, tag: str):
+        self.bin = Path(args.bin)
+        self.model = model
+        self.text = text
+        self.chunks = args.chunks or MODELS[model]["chunks"]
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        self.base = work / f"{model}-{tag}-{self.chunks}.kld"
+        if not self.base.is_file():
+            perplexity(
+                self.bin,
+                model,
+                ["--kl-divergence-base", str(self.base), "-ctk", "f16", "-ctv", "f16"],
+                {"LLAMA_KV_CENTER": "0"},
+                self.chunks,
+                text=text,
+            )
+        self.jobs = args.jobs
+
+    def one(self, row: dict) -> dict:
+        extra = [
+            "--kl-divergence-base",
+            str(self.base),
+            "--kl-divergence",
+            "-ctk",
+            row["ctk"],
+            "-ctv",
+            row["ctv"],
+        ]
+        row = {"model": self.model, "chunks": self.chunks, **row}
+        row.update(
+            parse_kld(perplexity(self.bin, self.model, extra, row["env"], self.chunks, text=self.text))
+        )
+        log.info("%s", row)
+        return row
+
+    def run(self, rows: list[dict]) -> list[dict]:
+        with ThreadPoolExecutor(self.jobs) as ex:
+            return list(ex.map(self.one, rows))
+
+
+def run_scan(args) -> dict:
+    out = {
+        "machine": cpu_model(),
+        "nproc": os.cpu_count(),
+        "build": build_info(args.bin),
+        "text": "squad second half",
+        "models": {},
+    }
+    for model in args.model:
+        n = n_layers(model)
+        groups = [list(range(a, min(a + args.group, n))) for a in range(0, n, args.group)]
+        rows = [{"move": "preset", "layers": [], "ctk": PRESET[0], "ctv": PRESET[1], "env": {}}]
+        for g in groups:
+            rows.append(
+                {"move": "v_up", "layers": g, "ctk": "polar", "ctv": "polar3", "env": policy_env(g, [])}
+            )
+            rows.append(
+                {"move": "k_down", "layers": g, "ctk": "polar", "ctv": "polar3", "env": policy_env([], g)}
+            )
+        res = Runner(args, model, tail_text(Path(args.work)), "tail").run(rows)
+        base = res[0]["kld"]
+        for r in res[1:]:
+            r["delta"] = r["kld"] - base
+        out["models"][model] = {"n_layer": n, "group": args.group, "rows": res}
+    return out
+
+
+def choose(scan: dict, model: str, pairs: int) -> tuple[list[int], list[int]]:
+    """The `pairs` groups whose V saves most and, from the rest, the `pairs` whose K costs least."""
+    rows = scan["models"][model]["rows"]
+    v = sorted((r for r in rows if r["move"] == "v_up"), key=lambda r: r["delta"])
+    picked_v = v[:pairs]
+    taken = {tuple(r["layers"]) for r in picked_v}
+    k = sorted(
+        (r for r in rows if r["move"] == "k_down" and tuple(r["layers"]) not in taken),
+        key=lambda r: r["delta"],
+    )
+    picked_k = k[:pairs]
+    return sorted(x for r in picked_v for x in r["layers"]), sorted(x for r in picked_k for x in r["layers"])
+
+
+def parse_layers(s: str) -> list[int]:
+    out: list[int] = []
+    for item in filter(None, s.split(",")):
+        a, _, b = item.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
+def run_eval(args) -> dict:
+    tail = args.text == "tail"
+    out = {
+        "machine": cpu_model(),
+        "nproc": os.cpu_count(),
+        "build": build_info(args.bin),
+        "text": "squad second half" if tail else "squad first chunks",
+        "rows": [],
+    }
+    for model in args.model:
+        rows = [
+            {"policy": "default", "ctk": PRESET[0], "ctv": PRESET[1], "env": {}},
+            {"policy": "uniform", "ctk": PRESET[0], "ctv": PRESET[1], "env": {"LLAMA_KV_LAYER_POLICY": "0"}},
+            {"policy": "q4_0 K+V", "ctk": "q4_0", "ctv": "q4_0", "env": {}},
+        ][: 0 if args.policies_only else 3]
+        for spec in args.policy:
+            v_s, _, k_s = spec.partition("/")
+            v_up, k_down = parse_layers(v_s), parse_layers(k_s)
+            if len(v_up) != len(k_down):
+                raise SystemExit(
+                    f"--policy {spec}: expected as many V-up as K-down layers (3.75 bits), "
+                    f"got {len(v_up)} and {len(k_down)}"
+                )
+            rows.append({"policy": spec, "ctk": "polar", "ctv": "polar3", "env": policy_env(v_up, k_down)})
+        text = tail_text(Path(args.work)) if tail else None
+        out["rows"] += Runner(args, model, text, "tail" if tail else "head").run(rows)
+    return out
+
+
+def render(res: dict) -> str:
+    lines = []
+    if "models" in res:
+        for model, m in res["models"].items():
+            rows = m["rows"]
+            lines += [
+                f"{model} ({m['n_layer']} layers, groups of {m['group']}; the uniform pair {rows[0]['kld']:.4f}):",
+                "",
+                "| layers | V polar: KLD change | K polar3: KLD change |",
+                "|---|---|---|",
+            ]
+            by = {}
+            for r in rows[1:]:
+                by.setdefault(tuple(r["layers"]), {})[r["move"]] = r["delta"]
+            for g, d in by.items():
+                lines.append(f"| {span(list(g))} | {d['v_up']:+.4f} | {d['k_down']:+.4f} |")
+            lines.append("")
+    else:
+        lines += ["| model | K+V (policy: V polar / K polar3 layers) | mean KLD |", "|---|---|---|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['model']} | {r['policy']} | {r['kld']:.4f} ± {r['kld_pm']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd")
+    for name in ("scan", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--bin", required=True, help="folder with llama-perplexity built with the hack")
+        p.add_argument("--model", nargs="+", default=["smollm2-135m"], choices=list(MODELS))
+        p.add_argument("--chunks", type=int, help="chunks (default: 4 for SmolLM2, 2 for Qwen)")
+        p.add_argument("--work", default="/tmp/quality_levers", help="base logits go here")
+        p.add_argument("--jobs", type=int, default=2, help="llama-perplexity processes at a time")
+        p.add_argument("--json", help="write the results here")
+        if name == "scan":
+            p.add_argument("--group", type=int, default=3, help="layers a group")
+        else:
+            p.add_argument(
+                "--policy", nargs="+", required=True, help="V_UP/K_DOWN layer lists, e.g. 0-2/27-29"
+            )
+            p.add_argument(
+                "--text",
+                choices=("head", "tail"),
+                default="head",
+                help="the first chunks of SQuAD (default) or the scan's second half",
+            )
+            p.add_argument("--policies-only", action="store_true", help="without the preset and q4_0 rows")
+    p = sub.add_parser("render")
+    p.add_argument("json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if args.cmd is None:
+        ap.print_help()
+        return 0
+    if args.cmd == "render":
+        print(render(json.loads(Path(args.json).read_text())))
+        return 0
+    res = run_scan(args) if args.cmd == "scan" else run_eval(args)
+    res["command"] = "python3 scripts/layer_policy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(args.json)
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

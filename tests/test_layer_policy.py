@@ -1,0 +1,91 @@
+"""scripts/layer_policy.py (issue 12's per-layer policy study) on the stand-in llama-perplexity
+(tests/fake_perplexity.py: a layer's K weighs 1 + l in its KLD, its V n - l, over FAKE_LAYERS = 4)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import layer_policy
+import quality_levers
+
+
+def test_span_and_parse_layers_round_trip():
+    assert layer_policy.span([0, 1, 2, 7, 9, 10]) == "0-2,7,9-10"
+    assert layer_policy.parse_layers("0-2,7,9-10") == [0, 1, 2, 7, 9, 10]
+    assert layer_policy.policy_env([3, 0, 1], [5]) == {
+        "LLAMA_KV_LAYER_V": "polar:0-1,3",
+        "LLAMA_KV_LAYER_K": "polar3:5",
+    }
+    assert layer_policy.policy_env([], []) == {}
+
+
+@pytest.fixture
+def fake_data(tmp_path, monkeypatch):
+    text = "".join(f"line {i}\n" for i in range(100))
+    (tmp_path / "squad.txt").write_text(text)
+    (tmp_path / "kvpolar-build.json").write_text(json.dumps({"key": "k1", "patches": []}))  # beside fakebin/
+    monkeypatch.setattr(quality_levers, "data_file", lambda name: tmp_path / str(name))
+    monkeypatch.setattr(layer_policy, "data_file", lambda name: tmp_path / str(name))
+    monkeypatch.setattr(layer_policy, "n_layers", lambda model: 4)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
+    return text
+
+
+def test_scan_measures_each_group_on_the_second_half_then_chooses(tmp_path, fake_bin, fake_data, capsys):
+    out = tmp_path / "scan.json"
+    argv = ["scan", "--bin", str(fake_bin), "--group", "2", "--work", str(tmp_path / "w"), "--json", str(out)]
+    assert layer_policy.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["build"]["key"] == "k1"
+    rows = res["models"]["smollm2-135m"]["rows"]
+    assert [(r["move"], r["layers"]) for r in rows] == [
+        ("preset", []),
+        ("v_up", [0, 1]),
+        ("k_down", [0, 1]),
+        ("v_up", [2, 3]),
+        ("k_down", [2, 3]),
+    ]
+    # V weights 4, 3, 2, 1 (of 10), polar3 -> polar V saves 0.12 of a layer's V term, halved in the mean
+    # of K and V; K weights 1, 2, 3, 4, polar -> polar3 K costs 0.12
+    want = [-0.7 * 0.06, 0.3 * 0.06, -0.3 * 0.06, 0.7 * 0.06]
+    assert [r["delta"] for r in rows[1:]] == pytest.approx(want, abs=2e-6)
+    calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    tail = (tmp_path / "w" / "squad-tail.txt").read_text()
+    assert fake_data.endswith(tail) and 0 < len(tail) < len(fake_data) and tail.startswith("line ")
+    assert all(c[c.index("-f") + 1].endswith("squad-tail.txt") for c in calls)
+    # the V group that saves most, and of the others the K group that costs least
+    assert layer_policy.choose(res, "smollm2-135m", 1) == ([0, 1], [2, 3])
+    assert "| 0-1 | -0.0420 | +0.0180 |" in capsys.readouterr().out
+
+
+def test_eval_runs_preset_target_and_policies_on_the_first_chunks(tmp_path, fake_bin, fake_data):
+    out = tmp_path / "eval.json"
+    argv = [
+        "eval",
+        "--bin",
+        str(fake_bin),
+        "--policy",
+        "1/3",
+        "--work",
+        str(tmp_path / "w"),
+        "--json",
+        str(out),
+    ]
+    assert layer_policy.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["policy"], r["ctk"], r["ctv"], r["env"]) for r in rows] == [
+        ("default", "polar", "polar3", {}),
+        ("uniform", "polar", "polar3", {"LLAMA_KV_LAYER_POLICY": "0"}),
+        ("q4_0 K+V", "q4_0", "q4_0", {}),
+        ("1/3", "polar", "polar3", {"LLAMA_KV_LAYER_V": "polar:1", "LLAMA_KV_LAYER_K": "polar3:3"}),
+    ]
+    # preset (0.03 + 0.15) / 2; the policy: V of layer 1 (3 of 10) polar, K of layer 3 (4 of 10) polar3
+    assert [r["kld"] for r in rows] == pytest.approx(
+        [0.09, 0.09, 0.04, 0.09 - 0.3 * 0.06 + 0.4 * 0.06], abs=2e-6
+    )
+    calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(c[c.index("-f") + 1].endswith("squad.txt") for c in calls)
+    with pytest.raises(SystemExit, match="expected as many V-up as K-down layers"):
+        layer_policy.main([*argv[:-2], "--policy", "0-1/3"])
