@@ -246,7 +246,7 @@ def main(argv=None) -> int:
             p.add_argument("--group", type=int, default=3, help="layers a group")
         else:
             p.add_argument(
-                "--policy", nargs="+", required=True, help="V_UP/K_DOWN layer lists, e.g. 0-2/27-29"
+                "--policy", nargs="*", default=[], help="V_UP/K_DOWN layer lists, e.g. 0-2/27-29 (the hack build)"
             )
             p.add_argument(
                 "--text",

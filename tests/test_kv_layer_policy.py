@@ -31,7 +31,7 @@ def completion_log(bindir, model, ctk, ctv, env=None, check=True):
             binary(bindir, "llama-completion"), "-m", model, "-p", PROMPT, "-n", 2, "-ctk", ctk, "-ctv", ctv,
             "-fa", "on", "-no-cnv", "--no-warmup", "-c", 256, "-t", 2, "-lv", 4,
         ],
-        env={"LLAMA_KV_LAYER_POLICY": "", **(env or {})},
+        env=env,
         check=check,
         timeout=120,
     )  # fmt: skip
@@ -43,7 +43,8 @@ def size_line(text: str) -> tuple[float, str, str]:
     return float(m.group(1)), m.group(2), m.group(3)
 
 
-def test_types_per_layer_and_the_same_size(bindir, smollm2_path):
+def test_types_per_layer_and_the_same_size(bindir, smollm2_path, kv_env):
+    kv_env()  # none of the KV settings from the caller's environment
     on = completion_log(bindir, smollm2_path, "polar", "polar3").stderr
     off = completion_log(bindir, smollm2_path, "polar", "polar3", {"LLAMA_KV_LAYER_POLICY": "0"}).stderr
     assert "KV layer policy: V polar in the first 3 and K polar3 in the last 3 of the model's 30 layers" in on
@@ -57,7 +58,8 @@ def test_types_per_layer_and_the_same_size(bindir, smollm2_path):
         assert "KV layer policy" not in text and size_line(text)[1:] == (ctk, ctv)
 
 
-def test_a_mistyped_setting_is_an_error_naming_it(bindir, smollm2_path):
+def test_a_mistyped_setting_is_an_error_naming_it(bindir, smollm2_path, kv_env):
+    kv_env()
     p = completion_log(bindir, smollm2_path, "polar", "polar3", {"LLAMA_KV_LAYER_POLICY": "on"}, check=False)
     assert p.returncode != 0
     assert "LLAMA_KV_LAYER_POLICY=on: expected 0 (off) or 1 (on)" in p.stderr, p.stderr[-2000:]
