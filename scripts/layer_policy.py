@@ -3,6 +3,7 @@
 
     python3 scripts/layer_policy.py scan --bin BUILD/bin --model M [--group G] [--json out.json]
     python3 scripts/layer_policy.py eval --bin BUILD/bin --model M --policy V_UP K_DOWN [--json ...]
+    python3 scripts/layer_policy.py speed --bin build/bin [--model M ...] [--json out.json]
     python3 scripts/layer_policy.py render out.json
 
 The low-memory pair is polar K + polar3 V (3.75 bits/elem). A policy at the same average gives some
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
+import llama_bench
 from kvpolar.paths import SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
 from llama_bench import build_info
@@ -206,13 +208,55 @@ def run_eval(args) -> dict:
     return out
 
 
+def run_speed(args) -> dict:
+    """llama-bench pp512 / tg64 of polar K + polar3 V with the layer policy (default) and without
+    (LLAMA_KV_LAYER_POLICY=0), alternated --rounds times (the same llama-bench settings as bench_llama.py)."""
+    import subprocess
+
+    out = {"machine": cpu_model(), "nproc": os.cpu_count(), "build": build_info(args.bin), "rows": []}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_")}
+    for model in args.model:
+        cmd = llama_bench.command(
+            str(Path(args.bin) / "llama-bench"), str(data_file(MODELS[model]["gguf"])), *PRESET,
+            args.depths, args.reps, ["-t", str(args.threads)],
+        )  # fmt: skip
+        for rnd in range(args.rounds):
+            for policy, env in (("default", {}), ("uniform", {"LLAMA_KV_LAYER_POLICY": "0"})):
+                p = subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, check=False)
+                if p.returncode:
+                    raise RuntimeError(f"llama-bench failed ({p.returncode}):\n{p.stderr[-3000:]}")
+                for r in llama_bench.results(p.stdout):
+                    out["rows"].append({"model": model, "policy": policy, "round": rnd, **r})
+                    log.info("%s", out["rows"][-1])
+    return out
+
+
 def render(res: dict) -> str:
     lines = []
+    if res.get("rows") and "round" in res["rows"][0]:
+        lines += [
+            "| model | test | depth | default (layer policy) t/s | uniform t/s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        keys = dict.fromkeys((r["model"], r["test"], r["depth"]) for r in res["rows"])
+        for m, t, d in keys:
+            tps = {
+                pol: [
+                    r["tps"]
+                    for r in res["rows"]
+                    if (r["model"], r["test"], r["depth"], r["policy"]) == (m, t, d, pol)
+                ]
+                for pol in ("default", "uniform")
+            }
+            a, b = (sum(v) / len(v) for v in tps.values())
+            lines.append(f"| {m} | {t} | {d} | {a:.1f} | {b:.1f} | {a / b:.3f} |")
+        return "\n".join(lines)
     if "models" in res:
         for model, m in res["models"].items():
             rows = m["rows"]
             lines += [
-                f"{model} ({m['n_layer']} layers, groups of {m['group']}; the uniform pair {rows[0]['kld']:.4f}):",
+                f"{model} ({m['n_layer']} layers, groups of {m['group']}; "
+                f"the uniform pair {rows[0]['kld']:.4f}):",
                 "",
                 "| layers | V polar: KLD change | K polar3: KLD change |",
                 "|---|---|---|",
@@ -234,7 +278,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd")
-    for name in ("scan", "eval"):
+    for name in ("scan", "eval", "speed"):
         p = sub.add_parser(name)
         p.add_argument("--bin", required=True, help="folder with llama-perplexity built with the hack")
         p.add_argument("--model", nargs="+", default=["smollm2-135m"], choices=list(MODELS))
@@ -244,9 +288,17 @@ def main(argv=None) -> int:
         p.add_argument("--json", help="write the results here")
         if name == "scan":
             p.add_argument("--group", type=int, default=3, help="layers a group")
+        elif name == "speed":
+            p.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
+            p.add_argument("--reps", type=int, default=3)
+            p.add_argument("--rounds", type=int, default=2, help="default / uniform alternations")
+            p.add_argument("--threads", type=int, default=os.cpu_count())
         else:
             p.add_argument(
-                "--policy", nargs="*", default=[], help="V_UP/K_DOWN layer lists, e.g. 0-2/27-29 (the hack build)"
+                "--policy",
+                nargs="*",
+                default=[],
+                help="V_UP/K_DOWN layer lists, e.g. 0-2/27-29 (the hack build)",
             )
             p.add_argument(
                 "--text",
@@ -265,7 +317,7 @@ def main(argv=None) -> int:
     if args.cmd == "render":
         print(render(json.loads(Path(args.json).read_text())))
         return 0
-    res = run_scan(args) if args.cmd == "scan" else run_eval(args)
+    res = {"scan": run_scan, "eval": run_eval, "speed": run_speed}[args.cmd](args)
     res["command"] = "python3 scripts/layer_policy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
         tmp = Path(args.json + ".tmp")

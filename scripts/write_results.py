@@ -61,9 +61,9 @@ def quality_table(d: dict) -> list[str]:
     if any(r["k"] == "polar" and r["v"] == "polar3" for r in d["rows"]) and LAYER_POLICY_PATCH not in patches:
         out += [
             "",
-            f"The polar / polar3 rows are uniform (every layer polar K + polar3 V): this build predates patch "
-            f"{LAYER_POLICY_PATCH}, whose layer policy is now that pair's default (its rows: \"The low-memory "
-            "pair's layer policy\" below).",
+            "The polar / polar3 rows are uniform (every layer polar K + polar3 V): this build predates "
+            f"patch {LAYER_POLICY_PATCH}, whose layer policy is now that pair's default (its rows: "
+            '"The low-memory pair\'s layer policy" below).',
         ]
     return [*out, ""]
 
@@ -81,9 +81,9 @@ def layer_policy_table() -> list[str]:
     out = [
         "### The low-memory pair's layer policy (polar K + polar3 V, 3.75 bits/elem)",
         "",
-        "Patch 0034: V polar in the first round(L / 10) of a model's L layers with a KV cache, K polar3 in the "
-        "last as many (the same bytes); `LLAMA_KV_LAYER_POLICY=0` keeps every layer at polar K + polar3 V. "
-        "Mean KLD against f16, same runs ([`quality-levers.md`](quality-levers.md), session 21).",
+        "Patch 0034: V polar in the first round(L / 10) of a model's L layers with a KV cache, K polar3 in "
+        "the last as many (the same bytes); `LLAMA_KV_LAYER_POLICY=0` keeps every layer at polar K + "
+        "polar3 V. Mean KLD against f16, same runs ([`quality-levers.md`](quality-levers.md), session 21).",
         "",
         "| model | polar / polar3, layer policy (default) | uniform (`LLAMA_KV_LAYER_POLICY=0`) | change "
         "| q4_0 / q4_0 (issue 12's target) | command, machine, build |",
@@ -98,7 +98,8 @@ def layer_policy_table() -> list[str]:
                 continue
             out.append(
                 f"| {model} ({a['chunks']} chunks) | {a['kld']:.4f} ± {a['kld_pm']:.4f} | {u['kld']:.4f} ± "
-                f"{u['kld_pm']:.4f} | {100 * (a['kld'] / u['kld'] - 1):+.0f} % | {q['kld']:.4f} ± {q['kld_pm']:.4f} "
+                f"{u['kld_pm']:.4f} | {100 * (a['kld'] / u['kld'] - 1):+.0f} % | "
+                f"{q['kld']:.4f} ± {q['kld_pm']:.4f} "
                 f"({'met' if a['kld'] <= q['kld'] else 'missed'}) | `{d['command']}`, {d['machine']}, "
                 f"{build_label(d.get('build'))} |"
             )
