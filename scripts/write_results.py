@@ -98,11 +98,34 @@ def layer_policy_table() -> list[str]:
                 continue
             out.append(
                 f"| {model} ({a['chunks']} chunks) | {a['kld']:.4f} ± {a['kld_pm']:.4f} | {u['kld']:.4f} ± "
-                f"{u['kld_pm']:.4f} | {100 * (a['kld'] / u['kld'] - 1):+.0f} % | "
+                f"{u['kld_pm']:.4f} | {100 * (a['kld'] / u['kld'] - 1):+.1f} % | "
                 f"{q['kld']:.4f} ± {q['kld_pm']:.4f} "
                 f"({'met' if a['kld'] <= q['kld'] else 'missed'}) | `{d['command']}`, {d['machine']}, "
                 f"{build_label(d.get('build'))} |"
             )
+    for f in sorted((REPO / "docs" / "layer-policy").glob("speed-*.json")):
+        d = json.loads(f.read_text())
+        ratios = []
+        for key in dict.fromkeys((r["model"], r["test"], r["depth"]) for r in d["rows"]):
+            t = {
+                p: [
+                    r["tps"]
+                    for r in d["rows"]
+                    if (r["model"], r["test"], r["depth"]) == key and r["policy"] == p
+                ]
+                for p in ("default", "uniform")
+            }
+            if all(t.values()):
+                a, u = (sum(v) / len(v) for v in t.values())
+                ratios.append(f"{key[1]} @ {key[2]} {a / u:.3f}")
+        out += [
+            "",
+            f"Speed on the CPU, {d['rows'][0]['model']} ({d['machine']}, {d['nproc']} cores, "
+            f"{build_label(d.get('build'))}; `{d['command']}`, layer policy against uniform, llama-bench t/s "
+            f"ratios pooled over {1 + max(r['round'] for r in d['rows'])} alternations): "
+            + ", ".join(ratios)
+            + ".",
+        ]
     return [*out, ""]
 
 

@@ -94,7 +94,12 @@ def test_eval_runs_preset_target_and_policies_on_the_first_chunks(tmp_path, fake
 def test_speed_render_pools_the_rounds():
     rows = [
         {"model": "m", "policy": p, "round": r, "test": "tg64", "depth": 4096, "tps": t}
-        for p, r, t in (("default", 0, 30.0), ("uniform", 0, 29.0), ("default", 1, 32.0), ("uniform", 1, 31.0))
+        for p, r, t in (
+            ("default", 0, 30.0),
+            ("uniform", 0, 29.0),
+            ("default", 1, 32.0),
+            ("uniform", 1, 31.0),
+        )
     ]
     text = layer_policy.render({"rows": rows})
     assert "| m | tg64 | 4096 | 31.0 | 30.0 | 1.033 |" in text
