@@ -210,7 +210,8 @@ def run_eval(args) -> dict:
 
 def run_speed(args) -> dict:
     """llama-bench pp512 / tg64 of polar K + polar3 V with the layer policy (default) and without
-    (LLAMA_KV_LAYER_POLICY=0), alternated --rounds times (the same llama-bench settings as bench_llama.py)."""
+    (LLAMA_KV_LAYER_POLICY=0), alternated --rounds times, the first of a round switching each round (the
+    same llama-bench settings as bench_llama.py)."""
     import subprocess
 
     out = {"machine": cpu_model(), "nproc": os.cpu_count(), "build": build_info(args.bin), "rows": []}
@@ -220,8 +221,9 @@ def run_speed(args) -> dict:
             str(Path(args.bin) / "llama-bench"), str(data_file(MODELS[model]["gguf"])), *PRESET,
             args.depths, args.reps, ["-t", str(args.threads)],
         )  # fmt: skip
+        pair = [("default", {}), ("uniform", {"LLAMA_KV_LAYER_POLICY": "0"})]
         for rnd in range(args.rounds):
-            for policy, env in (("default", {}), ("uniform", {"LLAMA_KV_LAYER_POLICY": "0"})):
+            for policy, env in pair if rnd % 2 == 0 else pair[::-1]:  # each goes first every other round
                 p = subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, check=False)
                 if p.returncode:
                     raise RuntimeError(f"llama-bench failed ({p.returncode}):\n{p.stderr[-3000:]}")
