@@ -35,6 +35,7 @@ from pathlib import Path
 from gguf import GGUFReader
 
 import llama_bench
+from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
 from llama_bench import build_info
@@ -59,9 +60,7 @@ def tail_text(work: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     out = work / "squad-tail.txt"
     if not out.is_file() or out.read_text() != src[cut:]:
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(src[cut:])
-        tmp.replace(out)
+        atomic_write_text(out, src[cut:])
     return out
 
 
@@ -308,7 +307,11 @@ def main(argv=None) -> int:
                 default="head",
                 help="the first chunks of SQuAD (default) or the scan's second half",
             )
-            p.add_argument("--policies-only", action="store_true", help="without the preset and q4_0 rows")
+            p.add_argument(
+                "--policies-only",
+                action="store_true",
+                help="only the --policy rows (not default, uniform, q4_0)",
+            )
     p = sub.add_parser("render")
     p.add_argument("json")
     args = ap.parse_args(argv)
@@ -322,9 +325,7 @@ def main(argv=None) -> int:
     res = {"scan": run_scan, "eval": run_eval, "speed": run_speed}[args.cmd](args)
     res["command"] = "python3 scripts/layer_policy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(args.json)
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n", mkdir=True)
     print(render(res))
     return 0
 
