@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-gib", type=float, default=8.0)
     ap.add_argument("--out", default="docs/bench/gpu")
     args = ap.parse_args(argv)
-    llama_bench.build_info(args.bin)  # a bin/ that is not a bootstrap.py build fails here, before the runs
+    build = llama_bench.build_info(
+        args.bin
+    )  # a bin/ that is not a bootstrap.py build fails here, before the runs
     t0 = time.time()
     rows, memory = [], []
     for k, v in PAIRS:
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python3 scripts/bench_llama_gpu.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "gpu": gpu_name(),
-        "build": llama_bench.build_info(args.bin),
+        "build": build,
         "name": args.name,
         "model": Path(args.model).name,
         "depths": args.depths,

@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,8 +39,7 @@ import llama_bench
 from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
-from llama_bench import build_info
-from quality_levers import MODELS, parse_kld, perplexity
+from quality_levers import MODELS, kld_base, kld_row
 
 log = logging.getLogger("layer_policy")
 
@@ -85,6 +85,23 @@ def policy_env(v_up: list[int], k_down: list[int]) -> dict:
     return env
 
 
+def header(args, needs_hack: bool) -> dict:
+    """The machine and the build of a result. A bootstrap.py build records its key and series; a
+    measurement build made by hand (the hack on 0001-0033) has none. needs_hack: the run sets
+    LLAMA_KV_LAYER_K/_V, which a build with patch 0034 (and without the hack) would ignore."""
+    build = llama_bench.build_info(args.bin, required=False)
+    if needs_hack and build and LAYER_POLICY_PATCH in llama_bench.llama_patch_numbers(build["patches"]):
+        raise SystemExit(
+            f"{args.cmd}: per-layer types need the measurement build (patches 0001-0033 with "
+            f"patches/experiments/session21-layer-types-measure.diff), got {llama_bench.build_label(build)}"
+        )
+    return {"machine": cpu_model(), "nproc": os.cpu_count(), "build": build}
+
+
+# patch 0034: the layer policy (LLAMA_KV_LAYER_POLICY), which the measurement build does not have
+LAYER_POLICY_PATCH = "0034"
+
+
 class Runner:
     """KLD rows of one model and text, two llama-perplexity processes (-t 1) at a time."""
 
@@ -93,34 +110,14 @@ class Runner:
         self.model = model
         self.text = text
         self.chunks = args.chunks or MODELS[model]["chunks"]
-        work = Path(args.work)
-        work.mkdir(parents=True, exist_ok=True)
-        self.base = work / f"{model}-{tag}-{self.chunks}.kld"
-        if not self.base.is_file():
-            perplexity(
-                self.bin,
-                model,
-                ["--kl-divergence-base", str(self.base), "-ctk", "f16", "-ctv", "f16"],
-                {"LLAMA_KV_CENTER": "0"},
-                self.chunks,
-                text=text,
-            )
+        self.base = kld_base(self.bin, model, self.chunks, Path(args.work), text, tag)
         self.jobs = args.jobs
 
     def one(self, row: dict) -> dict:
-        extra = [
-            "--kl-divergence-base",
-            str(self.base),
-            "--kl-divergence",
-            "-ctk",
-            row["ctk"],
-            "-ctv",
-            row["ctv"],
-        ]
-        row = {"model": self.model, "chunks": self.chunks, **row}
-        row.update(
-            parse_kld(perplexity(self.bin, self.model, extra, row["env"], self.chunks, text=self.text))
+        res = kld_row(
+            self.bin, self.model, self.base, row["ctk"], row["ctv"], row["env"], self.chunks, text=self.text
         )
+        row = {"model": self.model, "chunks": self.chunks, **row, **res}
         log.info("%s", row)
         return row
 
@@ -130,13 +127,7 @@ class Runner:
 
 
 def run_scan(args) -> dict:
-    out = {
-        "machine": cpu_model(),
-        "nproc": os.cpu_count(),
-        "build": build_info(args.bin),
-        "text": "squad second half",
-        "models": {},
-    }
+    out = {**header(args, needs_hack=True), "text": "squad second half", "models": {}}
     for model in args.model:
         n = n_layers(model)
         groups = [list(range(a, min(a + args.group, n))) for a in range(0, n, args.group)]
@@ -181,9 +172,7 @@ def parse_layers(s: str) -> list[int]:
 def run_eval(args) -> dict:
     tail = args.text == "tail"
     out = {
-        "machine": cpu_model(),
-        "nproc": os.cpu_count(),
-        "build": build_info(args.bin),
+        **header(args, needs_hack=bool(args.policy)),
         "text": "squad second half" if tail else "squad first chunks",
         "rows": [],
     }
@@ -203,7 +192,7 @@ def run_eval(args) -> dict:
                 )
             rows.append({"policy": spec, "ctk": "polar", "ctv": "polar3", "env": policy_env(v_up, k_down)})
         text = tail_text(Path(args.work)) if tail else None
-        out["rows"] += Runner(args, model, text, "tail" if tail else "head").run(rows)
+        out["rows"] += Runner(args, model, text, "tail" if tail else "").run(rows)
     return out
 
 
@@ -211,9 +200,7 @@ def run_speed(args) -> dict:
     """llama-bench pp512 / tg64 of polar K + polar3 V with the layer policy (default) and without
     (LLAMA_KV_LAYER_POLICY=0), alternated --rounds times, the first of a round switching each round (the
     same llama-bench settings as bench_llama.py)."""
-    import subprocess
-
-    out = {"machine": cpu_model(), "nproc": os.cpu_count(), "build": build_info(args.bin), "rows": []}
+    out = {**header(args, needs_hack=False), "rows": []}
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_")}
     for model in args.model:
         cmd = llama_bench.command(
@@ -232,6 +219,23 @@ def run_speed(args) -> dict:
     return out
 
 
+def speed_means(res: dict) -> list[tuple[str, str, int, float, float]]:
+    """(model, test, depth, mean t/s with the policy, mean t/s uniform) of a `speed` result (all rounds)."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["test"], r["depth"]) for r in res["rows"]):
+        tps = {
+            pol: [
+                r["tps"]
+                for r in res["rows"]
+                if (r["model"], r["test"], r["depth"]) == key and r["policy"] == pol
+            ]
+            for pol in ("default", "uniform")
+        }
+        if all(tps.values()):
+            out.append((*key, *(sum(v) / len(v) for v in tps.values())))
+    return out
+
+
 def render(res: dict) -> str:
     lines = []
     if res.get("rows") and "round" in res["rows"][0]:
@@ -239,17 +243,7 @@ def render(res: dict) -> str:
             "| model | test | depth | default (layer policy) t/s | uniform t/s | ratio |",
             "|---|---|---|---|---|---|",
         ]
-        keys = dict.fromkeys((r["model"], r["test"], r["depth"]) for r in res["rows"])
-        for m, t, d in keys:
-            tps = {
-                pol: [
-                    r["tps"]
-                    for r in res["rows"]
-                    if (r["model"], r["test"], r["depth"], r["policy"]) == (m, t, d, pol)
-                ]
-                for pol in ("default", "uniform")
-            }
-            a, b = (sum(v) / len(v) for v in tps.values())
+        for m, t, d, a, b in speed_means(res):
             lines.append(f"| {m} | {t} | {d} | {a:.1f} | {b:.1f} | {a / b:.3f} |")
         return "\n".join(lines)
     if "models" in res:
@@ -281,7 +275,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd")
     for name in ("scan", "eval", "speed"):
         p = sub.add_parser(name)
-        p.add_argument("--bin", required=True, help="folder with llama-perplexity built with the hack")
+        p.add_argument(
+            "--bin", required=True, help="the build's bin/ (scan and --policy: the measurement build's)"
+        )
         p.add_argument("--model", nargs="+", default=["smollm2-135m"], choices=list(MODELS))
         p.add_argument("--chunks", type=int, help="chunks (default: 4 for SmolLM2, 2 for Qwen)")
         p.add_argument("--work", default="/tmp/quality_levers", help="base logits go here")
@@ -292,7 +288,12 @@ def main(argv=None) -> int:
         elif name == "speed":
             p.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
             p.add_argument("--reps", type=int, default=3)
-            p.add_argument("--rounds", type=int, default=2, help="default / uniform alternations")
+            p.add_argument(
+                "--rounds",
+                type=int,
+                default=6,
+                help="default / uniform alternations (2 were too few, session 21)",
+            )
             p.add_argument("--threads", type=int, default=os.cpu_count())
         else:
             p.add_argument(

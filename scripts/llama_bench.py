@@ -64,22 +64,31 @@ def results(stdout: str) -> list[dict]:
     ]
 
 
-def build_info(bin_dir: str | os.PathLike) -> dict:
+def llama_patch_numbers(patches: Iterable[str]) -> list[str]:
+    """'0001', ... of the llama.cpp patches in a build's patch list (kvpolar-build.json's "patches":
+    patches/llama.cpp/NNNN-*.patch next to patches/llama-cpp-python/*)."""
+    return [Path(p).name[:4] for p in patches if Path(p).parent.name == "llama.cpp"]
+
+
+def build_info(bin_dir: str | os.PathLike, required: bool = True) -> dict | None:
     """The build a run used, for its JSON: the build key and the patch series from kvpolar-build.json
     (which bootstrap.py writes beside bin/), and the experiment diffs `gpu_run.sh prepare` compiled in
     (which the key does not see: $KVPOLAR_EXPERIMENTS_FILE, one `sha256  name` line each or `none`).
-    Raises ValueError when bin_dir is not a bootstrap.py build."""
+    When bin_dir is not a bootstrap.py build (a measurement build made by hand): ValueError, or None
+    with required=False."""
     meta = Path(bin_dir).resolve().parent / "kvpolar-build.json"
     if not meta.is_file():
+        if not required:
+            return None
         raise ValueError(f"expected a bootstrap.py build (bin/ beside kvpolar-build.json), got {bin_dir}")
     b = json.loads(meta.read_text())
     patches = b.get("patches", [])
-    llama = [Path(p).name for p in patches if Path(p).parent.name == "llama.cpp"]
+    llama = llama_patch_numbers(patches)
     info = {
         "key": b["key"],
         "pin": b.get("pin"),
         "patches": patches,
-        "last_patch": llama[-1][:4] if llama else None,
+        "last_patch": llama[-1] if llama else None,
     }
     exp = os.environ.get("KVPOLAR_EXPERIMENTS_FILE")
     if exp:

@@ -436,29 +436,47 @@ def parse_kld(text: str) -> dict:
     return {"kld": kld[0], "kld_pm": kld[1], "same_top": top[0], "ppl_ratio": ratio[0]}
 
 
+def kld_base(
+    bin_dir: Path, model: str, chunks: int, work: Path, text: Path | None = None, tag: str = ""
+) -> Path:
+    """The f16 logits (no centering, -fa on) that the KLD rows of `model` compare with, made once in
+    `work`: <model>[-<tag>]-<chunks>.kld (tag names a text other than SQuAD's head)."""
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / f"{model}{'-' + tag if tag else ''}-{chunks}.kld"
+    if not base.is_file():
+        args = ["--kl-divergence-base", str(base), "-ctk", "f16", "-ctv", "f16"]
+        perplexity(bin_dir, model, args, {"LLAMA_KV_CENTER": "0"}, chunks, text=text)
+    return base
+
+
+def kld_row(
+    bin_dir: Path,
+    model: str,
+    base: Path,
+    ctk: str,
+    ctv: str,
+    env: dict,
+    chunks: int,
+    fa: str = "on",
+    text: Path | None = None,
+) -> dict:
+    """parse_kld of one K/V setting against `base` (kld_base of the same model, chunks and text)."""
+    extra = ["--kl-divergence-base", str(base), "--kl-divergence", "-ctk", ctk, "-ctv", ctv]
+    return parse_kld(perplexity(bin_dir, model, extra, env, chunks, fa, text))
+
+
 def run_kld(args) -> dict:
     out = {"machine": cpu_model(), "nproc": os.cpu_count(), "rows": []}
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     for model in args.model:
         chunks = args.chunks or MODELS[model]["chunks"]
-        base = work / f"{model}-{chunks}.kld"
-        if not base.is_file():
-            perplexity(
-                Path(args.bin),
-                model,
-                ["--kl-divergence-base", str(base), "-ctk", "f16", "-ctv", "f16"],
-                {"LLAMA_KV_CENTER": "0"},
-                chunks,
-            )
+        base = kld_base(Path(args.bin), model, chunks, Path(args.work))
         for ctk, ctv, env in SETS[args.set]:
-            extra = ["--kl-divergence-base", str(base), "--kl-divergence", "-ctk", ctk, "-ctv", ctv]
             if args.only and f"{ctk}/{ctv}" not in args.only:
                 continue
             if args.env and any(e.split("=", 1) not in ([k, v] for k, v in env.items()) for e in args.env):
                 continue
             row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env, "fa": args.fa}
-            row.update(parse_kld(perplexity(Path(args.bin), model, extra, env, chunks, args.fa)))
+            row.update(kld_row(Path(args.bin), model, base, ctk, ctv, env, chunks, args.fa))
             log.info("%s", row)
             out["rows"].append(row)
     return out

@@ -16,7 +16,8 @@ from pathlib import Path
 import figures
 from ab_llama_gpu import env_key, pool
 from kvpolar.atomic import atomic_write_text
-from llama_bench import build_label
+from layer_policy import LAYER_POLICY_PATCH, speed_means
+from llama_bench import build_label, llama_patch_numbers
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "docs" / "bench"
@@ -57,7 +58,7 @@ def quality_table(d: dict) -> list[str]:
             f"| {r['mean_kld']:.4f} "
             f"| {r['same_top_pct']:.1f} % | {r['ppl_ratio']:.3f} |"
         )
-    patches = [Path(p).name[:4] for p in d.get("build", {}).get("patches", []) if "/llama.cpp/" in p]
+    patches = llama_patch_numbers(d.get("build", {}).get("patches", []))
     if any(r["k"] == "polar" and r["v"] == "polar3" for r in d["rows"]) and LAYER_POLICY_PATCH not in patches:
         out += [
             "",
@@ -66,10 +67,6 @@ def quality_table(d: dict) -> list[str]:
             '"The low-memory pair\'s layer policy" below).',
         ]
     return [*out, ""]
-
-
-# patch 0034: the low-memory pair's layer policy (LLAMA_KV_LAYER_POLICY), measured by layer_policy.py eval
-LAYER_POLICY_PATCH = "0034"
 
 
 def layer_policy_table() -> list[str]:
@@ -105,19 +102,7 @@ def layer_policy_table() -> list[str]:
             )
     for f in sorted((REPO / "docs" / "layer-policy").glob("speed-*.json")):
         d = json.loads(f.read_text())
-        ratios = []
-        for key in dict.fromkeys((r["model"], r["test"], r["depth"]) for r in d["rows"]):
-            t = {
-                p: [
-                    r["tps"]
-                    for r in d["rows"]
-                    if (r["model"], r["test"], r["depth"]) == key and r["policy"] == p
-                ]
-                for p in ("default", "uniform")
-            }
-            if all(t.values()):
-                a, u = (sum(v) / len(v) for v in t.values())
-                ratios.append(f"{key[1]} @ {key[2]} {a / u:.3f}")
+        ratios = [f"{t} @ {depth} {a / u:.3f}" for _, t, depth, a, u in speed_means(d)]
         out += [
             "",
             f"Speed on the CPU, {d['rows'][0]['model']} ({d['machine']}, {d['nproc']} cores, "

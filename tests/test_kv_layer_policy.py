@@ -2,8 +2,8 @@
 
 With -ctk polar -ctv polar3 (3.75 bits/elem) the cache gives V polar to the first round(L / 10) of the
 model's L layers with a KV cache and K polar3 to the last as many: the same bytes, KLD -12 % on SmolLM2 and
-Qwen2.5 (docs/quality-levers.md, session 21; scripts/layer_policy.py). It must be on by default for that
-pair only, change the result, keep the cache's size, travel with saved states (a state records each
+-11 % on Qwen2.5 (docs/quality-levers.md, session 21; scripts/layer_policy.py). It must be on by default for
+that pair only, change the result, keep the cache's size, travel with saved states (a state records each
 layer's types, so a context without the policy refuses it) and reject a mistyped setting by name.
 """
 
@@ -52,7 +52,7 @@ def test_types_per_layer_and_the_same_size(bindir, smollm2_path, kv_env):
     size_off, k_off, v_off = size_line(off)
     assert (k_on, v_on) == ("polar x27 + polar3 x3", "polar x3 + polar3 x27")
     assert (k_off, v_off) == ("polar", "polar3") and "KV layer policy" not in off
-    assert size_on == size_off  # 3 layers' V 8 bits a pair more, 3 layers' K 8 less
+    assert size_on == size_off  # 3 layers' V 1 bit an element more, 3 layers' K 1 less
     for ctk, ctv in (("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")):
         text = completion_log(bindir, smollm2_path, ctk, ctv).stderr
         assert "KV layer policy" not in text and size_line(text)[1:] == (ctk, ctv)

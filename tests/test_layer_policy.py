@@ -103,3 +103,22 @@ def test_speed_render_pools_the_rounds():
     ]
     text = layer_policy.render({"rows": rows})
     assert "| m | tg64 | 4096 | 31.0 | 30.0 | 1.033 |" in text
+
+
+def test_per_layer_types_need_the_measurement_build(tmp_path, fake_bin, fake_data):
+    """A build by hand (no kvpolar-build.json) is recorded as unknown; a bootstrap build with patch 0034
+    ignores LLAMA_KV_LAYER_K/_V, so scan and --policy refuse it by name."""
+    argv = ["scan", "--bin", str(fake_bin), "--group", "2", "--work", str(tmp_path / "w")]
+    (tmp_path / "kvpolar-build.json").write_text(
+        json.dumps(
+            {"key": "k2", "patches": ["patches/llama.cpp/0001-a.patch", "patches/llama.cpp/0034-b.patch"]}
+        )
+    )
+    with pytest.raises(SystemExit, match=r"scan: per-layer types need the measurement build .* build k2"):
+        layer_policy.main(argv)
+    with pytest.raises(SystemExit, match="eval: per-layer types need the measurement build"):
+        layer_policy.main(["eval", "--bin", str(fake_bin), "--policy", "1/3", "--work", str(tmp_path / "w")])
+    (tmp_path / "kvpolar-build.json").unlink()
+    out = tmp_path / "scan.json"
+    assert layer_policy.main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["build"] is None

@@ -56,10 +56,18 @@ from .venv import cmd_venv, pip_download
 
 
 def patch_files(root: Path) -> list[Path]:
-    out: list[Path] = []
-    for d in PATCH_DIRS:
-        out += sorted((root / d).glob("*.patch"))
-    return out
+    """Both series: llama.cpp's, then llama-cpp-python's."""
+    return llama_patch_files(root) + binding_patch_files(root)
+
+
+def llama_patch_files(root: Path) -> list[Path]:
+    """The llama.cpp patches (compiled: they enter the build key)."""
+    return sorted((root / PATCH_DIRS[0]).glob("*.patch"))
+
+
+def binding_patch_files(root: Path) -> list[Path]:
+    """The llama-cpp-python patches (the Python package; not compiled)."""
+    return sorted((root / PATCH_DIRS[1]).glob("*.patch"))
 
 
 def header_files(root: Path) -> list[Path]:
@@ -111,11 +119,6 @@ def cmake_flags() -> tuple[str, ...]:
     return CMAKE_FLAGS + cpu_cmake_flags() + cuda_cmake_flags() + extra
 
 
-def binding_patch_files(root: Path) -> list[Path]:
-    """The llama-cpp-python patches (the Python package; not compiled)."""
-    return sorted((root / PATCH_DIRS[1]).glob("*.patch"))
-
-
 def compute_build_key(root: Path, flags: Iterable[str] | None = None, gen: str | None = None) -> str:
     """Short sha256 over the pin, every llama.cpp patch, every generated header, and the build flags.
 
@@ -124,20 +127,15 @@ def compute_build_key(root: Path, flags: Iterable[str] | None = None, gen: str |
     patches do not enter: they change no compiled file (compute_binding_key keys the binding).
     """
     h = hashlib.sha256()
-
-    def put(tag: str, data: bytes) -> None:
-        h.update(f"{tag}\0{len(data)}\0".encode())
-        h.update(data)
-
-    put("layout", LAYOUT_VERSION.encode())
-    put("pin", f"{LLAMA_CPP_PYTHON_PIN} {LLAMA_CPP_PYTHON_SDIST_SHA256}".encode())
-    for p in sorted((root / PATCH_DIRS[0]).glob("*.patch")):
-        put("patch:" + p.relative_to(root).as_posix(), p.read_bytes())
+    _hash_put(h, "layout", LAYOUT_VERSION.encode())
+    _hash_put(h, "pin", f"{LLAMA_CPP_PYTHON_PIN} {LLAMA_CPP_PYTHON_SDIST_SHA256}".encode())
+    for p in llama_patch_files(root):
+        _hash_put(h, "patch:" + p.relative_to(root).as_posix(), p.read_bytes())
     for p in header_files(root):
-        put("header:" + p.relative_to(root).as_posix(), p.read_bytes())
-    put("flags", "\n".join(cmake_flags() if flags is None else flags).encode())
-    put("targets", "\n".join(BUILD_TARGETS).encode())
-    put("generator", (gen or generator()).encode())
+        _hash_put(h, "header:" + p.relative_to(root).as_posix(), p.read_bytes())
+    _hash_put(h, "flags", "\n".join(cmake_flags() if flags is None else flags).encode())
+    _hash_put(h, "targets", "\n".join(BUILD_TARGETS).encode())
+    _hash_put(h, "generator", (gen or generator()).encode())
     return h.hexdigest()[:16]
 
 
@@ -146,10 +144,14 @@ def compute_binding_key(root: Path, key: str) -> str:
     are keyed by."""
     h = hashlib.sha256(f"build\0{key}\0".encode())
     for p in binding_patch_files(root):
-        data = p.read_bytes()
-        h.update(f"patch:{p.relative_to(root).as_posix()}\0{len(data)}\0".encode())
-        h.update(data)
+        _hash_put(h, "patch:" + p.relative_to(root).as_posix(), p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _hash_put(h, tag: str, data: bytes) -> None:
+    """One tagged, length-prefixed item of a key's hash."""
+    h.update(f"{tag}\0{len(data)}\0".encode())
+    h.update(data)
 
 
 def sync_binding_patches(root: Path, src: Path) -> bool:
@@ -251,8 +253,8 @@ def prepare_src(root: Path, key: str, src: Path) -> None:
         tag(vendor, BASE_TAG)
         tag(tree, BASE_TAG)
 
-        lcpp = sorted((root / PATCH_DIRS[0]).glob("*.patch"))
-        lpy = sorted((root / PATCH_DIRS[1]).glob("*.patch"))
+        lcpp = llama_patch_files(root)
+        lpy = binding_patch_files(root)
         try:
             if lcpp:
                 log(
