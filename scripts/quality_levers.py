@@ -3,7 +3,8 @@
 
     python3 scripts/quality_levers.py study [--model M ...] [--layers N] [--json out.json]
     python3 scripts/quality_levers.py kld --bin build/bin [--model M ...]
-        [--set levers|voffset|sinkauto|exactsink|exactsink-built|polar3k] [--json out.json]
+        [--set levers|voffset|sinkauto|exactsink|exactsink-built|polar3k|multiseq]
+        [--layout single|streams|unified ...] [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
@@ -25,7 +26,10 @@ llama.cpp's graph rotation (Hadamard) and online K centering (the mean of window
 `kld` runs the patched llama-perplexity --kl-divergence with the settings of
 docs/centering-online.md (SQuAD, -fa on, -b = -c, -t 1) for each cache setting and environment;
 `--set voffset` runs session 9's online V offset experiment (a build with
-patches/experiments/session9-v-offset-online.diff).
+patches/experiments/session9-v-offset-online.diff). `--layout` runs the chunks as several sequences
+of one cache, as llama-server's parallel slots do: `streams` (-b = 4 x -c: four sequences, a stream
+each, as `llama-server -np 4`) or `unified` (the same with -kvu: one shared stream, as llama-server's
+default); `single` (the default) is one sequence at a time.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from bench_llama import BITS
+from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import GEMMA3_GGUF, QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
+from llama_bench import build_info
 from study import AttentionRef, activations, layouts
 from study.run import hadamard_rows, k_rot_size, pick_layers
 
@@ -373,6 +379,27 @@ EXACT_V0 = [
 ]
 # session 20: polar and polar3 K with the defaults (V f16), for --fa off against on (patch 0033)
 KTYPES = [("polar", "f16", {}), ("polar3", "f16", {})]
+# session 22: caches that serve several sequences (--layout streams / unified), where the K offsets are
+# not measured online by default; LLAMA_KV_CENTER_ONLINE=1 measures one offset for all of them from
+# the first ubatch (which then mixes the sequences' first tokens), next to q4_0 K+V
+MULTISEQ = [
+    *(
+        (k, v, env)
+        for k, v in (("polar", "f16"), ("polar", "polar"))
+        for env in ({}, {"LLAMA_KV_CENTER_ONLINE": "1"})
+    ),
+    ("polar", "polar3", {}),
+    ("q4_0", "q4_0", {}),
+]
+# the same settings with the defaults only (for a build that changes them, patch 0035)
+MULTISEQ_DEFAULTS = [(k, v, env) for k, v, env in MULTISEQ if not env]
+# patch 0035's offsets from the built-in text: the sink's weight in them (the default: 0 where every
+# sequence keeps its sink key exact, in a stream of its own; 0.25 in a unified cache)
+MULTISEQ_SINK = [("polar", "f16", {"LLAMA_KV_CENTER_SINK": w}) for w in ("0", "0.25", "0.5")]
+# llama-perplexity decodes -b / -c chunks together, each as its own sequence
+LAYOUTS = {"single": [], "streams": [], "unified": ["-kvu"]}
+LAYOUT_SEQS = 4
+LAYOUT_TEXT = {"streams": "a stream each", "unified": "one unified stream"}
 SETS = {
     "levers": SETTINGS,
     "ktypes": KTYPES,
@@ -383,6 +410,9 @@ SETS = {
     "exactsink-built": EXACT_SINK_BUILT,
     "exacttop": EXACT_TOP,
     "exactv0": EXACT_V0,
+    "multiseq": MULTISEQ,
+    "multiseq-defaults": MULTISEQ_DEFAULTS,
+    "multiseq-sink": MULTISEQ_SINK,
 }
 
 
@@ -394,9 +424,11 @@ def perplexity(
     chunks: int,
     fa: str = "on",
     text: Path | None = None,
+    layout: str = "single",
 ) -> str:
-    """llama-perplexity with this module's settings; text: SQuAD unless given."""
+    """llama-perplexity with this module's settings; text: SQuAD unless given; layout: see LAYOUTS."""
     m = MODELS[model]
+    seqs = 1 if layout == "single" else LAYOUT_SEQS
     cmd = [
         str(bin_dir / "llama-perplexity"),
         "-m",
@@ -408,11 +440,12 @@ def perplexity(
         "--chunks",
         str(chunks),
         "-b",
-        str(m["ctx"]),
+        str(m["ctx"] * seqs),
         "-t",
         "1",
         "-fa",
         fa,
+        *LAYOUTS[layout],
         *args_extra,
     ]
     log.info("%s %s", " ".join(f"{a}={b}" for a, b in env.items()), " ".join(cmd))
@@ -459,24 +492,29 @@ def kld_row(
     chunks: int,
     fa: str = "on",
     text: Path | None = None,
+    layout: str = "single",
 ) -> dict:
     """parse_kld of one K/V setting against `base` (kld_base of the same model, chunks and text)."""
     extra = ["--kl-divergence-base", str(base), "--kl-divergence", "-ctk", ctk, "-ctv", ctv]
-    return parse_kld(perplexity(bin_dir, model, extra, env, chunks, fa, text))
+    return parse_kld(perplexity(bin_dir, model, extra, env, chunks, fa, text, layout))
 
 
 def run_kld(args) -> dict:
     out = {"machine": cpu_model(), "nproc": os.cpu_count(), "rows": []}
+    # None for a measurement build made by hand (no kvpolar-build.json)
+    out["build"] = build_info(args.bin, required=False)
     for model in args.model:
         chunks = args.chunks or MODELS[model]["chunks"]
         base = kld_base(Path(args.bin), model, chunks, Path(args.work))
-        for ctk, ctv, env in SETS[args.set]:
+        for (ctk, ctv, env), layout in ((s, lay) for s in SETS[args.set] for lay in args.layout):
             if args.only and f"{ctk}/{ctv}" not in args.only:
                 continue
             if args.env and any(e.split("=", 1) not in ([k, v] for k, v in env.items()) for e in args.env):
                 continue
             row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env, "fa": args.fa}
-            row.update(kld_row(Path(args.bin), model, base, ctk, ctv, env, chunks, args.fa))
+            if layout != "single":
+                row["layout"] = layout
+            row.update(kld_row(Path(args.bin), model, base, ctk, ctv, env, chunks, args.fa, layout=layout))
             log.info("%s", row)
             out["rows"].append(row)
     return out
@@ -491,6 +529,8 @@ def render_kld(res: dict) -> str:
         env = " ".join(f"`{a}={b}`" for a, b in r["env"].items()) or "(default)"
         if r.get("fa", "on") != "on":  # the base logits are always from -fa on
             env += f" `-fa {r['fa']}`"
+        if "layout" in r:
+            env += f" (a cache for {LAYOUT_SEQS} sequences, {LAYOUT_TEXT[r['layout']]})"
         lines.append(
             f"| {r['model']} | {r['ctk']} | {r['ctv']} | {(BITS[r['ctk']] + BITS[r['ctv']]) / 2:g} | {env} | "
             f"{r['kld']:.4f} ± {r['kld_pm']:.4f} | "
@@ -525,6 +565,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--fa", choices=("on", "off"), default="on", help="flash attention of the measured runs (base: on)"
     )
+    p.add_argument(
+        "--layout",
+        nargs="+",
+        choices=list(LAYOUTS),
+        default=["single"],
+        help=f"chunks one at a time (single) or {LAYOUT_SEQS} together, a stream each or one unified stream",
+    )
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")
@@ -538,8 +585,10 @@ def main(argv=None) -> int:
         print(render_study(res) if "models" in res else render_kld(res))
         return 0
     res = run_study(args) if args.cmd == "study" else run_kld(args)
+    argv = sys.argv[1:] if argv is None else argv
+    res["command"] = "python3 scripts/quality_levers.py " + " ".join(argv)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n", mkdir=True)
     print(render_study(res) if args.cmd == "study" else render_kld(res))
     return 0
 

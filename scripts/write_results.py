@@ -114,6 +114,66 @@ def layer_policy_table() -> list[str]:
     return [*out, ""]
 
 
+def multiseq_table() -> list[str]:
+    """docs/quality-levers-kld-multiseq-*.json (scripts/quality_levers.py kld --layout ...): polar K with
+    a cache that serves several sequences, before patch 0035 (the model's K offsets) and with it (offsets
+    from a built-in text), next to one sequence and to the offsets of the first batch of all."""
+    docs = REPO / "docs"
+
+    def load(name: str) -> dict | None:
+        return json.loads((docs / name).read_text()) if (docs / name).is_file() else None
+
+    def cell(r: dict | None) -> str:
+        return f"{r['kld']:.4f} ± {r['kld_pm']:.4f}" if r else "-"
+
+    out: list[str] = []
+    sources: list[str] = []
+    for model in ("smollm2-135m", "qwen2.5-coder-1.5b"):
+        before = load(f"quality-levers-kld-multiseq-{model}.json")
+        after = load(f"quality-levers-kld-multiseq-0035-{model}.json")
+        if not (before and after):
+            continue
+        if not out:
+            out = [
+                "### Several sequences in one cache (llama-server's parallel slots)",
+                "",
+                "Mean KLD against f16, the chunks of the runs above decoded as sequences of one cache for 4 "
+                "(llama-perplexity -b = 4 x -c, as llama-server -np 4: a stream each; with -kvu one unified "
+                "stream, llama-server's default). Before patch 0035 such a cache took the model's K offsets "
+                "(none for SmolLM2, the k bias for Qwen2.5); with it, offsets measured once from a built-in "
+                "text when the context is created. `LLAMA_KV_CENTER_ONLINE=1` measures them from the first "
+                "batch of all instead, which makes a sequence's result depend on the others "
+                "([`quality-levers.md`](quality-levers.md), session 22).",
+                "",
+                "| model | K / V | one sequence | a stream each, 0034 | a stream each, 0035 | unified, 0034 "
+                "| unified, 0035 | first batch of all: a stream each / unified |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+
+        def row(d: dict, k: str, v: str, layout: str | None, env: dict | None = None) -> dict | None:
+            for r in d["rows"]:
+                if (r["ctk"], r["ctv"], r.get("layout"), r["env"]) == (k, v, layout, env or {}):
+                    return r
+            return None
+
+        online = {"LLAMA_KV_CENTER_ONLINE": "1"}
+        for k, v in dict.fromkeys((r["ctk"], r["ctv"]) for r in after["rows"]):
+            first = [row(before, k, v, lay, online) for lay in ("streams", "unified")]
+            out.append(
+                f"| {model} | {k} / {v} | {cell(row(before, k, v, None))} | "
+                f"{cell(row(before, k, v, 'streams'))} | {cell(row(after, k, v, 'streams'))} | "
+                f"{cell(row(before, k, v, 'unified'))} | {cell(row(after, k, v, 'unified'))} | "
+                + (" / ".join(cell(r) for r in first) if any(first) else "-")
+                + " |"
+            )
+        sources.append(
+            f"- {model} ({before['machine']}, {before['nproc']} cores): 0034 and one sequence "
+            f"`{before['command']}`, {build_label(before.get('build'))}; 0035 `{after['command']}`, "
+            f"{build_label(after.get('build'))}"
+        )
+    return [*out, "", *sources, ""] if out else []
+
+
 def speed_table(d: dict) -> list[str]:
     tests = sorted({(r["test"], r["depth"]) for r in d["rows"]}, key=lambda t: (t[0].startswith("tg"), t[1]))
     out = [
@@ -393,6 +453,7 @@ def render() -> str:
             if d:
                 lines += fn(d)
     lines += layer_policy_table()
+    lines += multiseq_table()
     gpu = REPO / "docs" / "results-gpu.md"
     if gpu.exists():
         lines += ["## GPU (CuPy kernels)", "", *gpu.read_text().splitlines()[1:], ""]

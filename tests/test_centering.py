@@ -375,3 +375,87 @@ def centered_and_not(llama_cpp, kv_env, model, toks, n_ubatch):
         states[center] = llm.save_state().llama_state
         del llm
     return scores, states
+
+
+# A cache that serves several sequences (llama-server's parallel slots; here llama-perplexity with
+# -b = 2 x -c, two chunks decoded together as sequences 0 and 1) measures its K offsets once, from a
+# built-in text when the context is created (patch 0035), and keeps them for its life.
+
+
+def chunk_ppls(build_dir, model, text, chunks, env=None, extra=()) -> tuple[list[float], str]:
+    """llama-perplexity's running PPL after each chunk: 256-token chunks, a cache for 2 sequences,
+    polar K (V f16), and the log (-v)."""
+    cmd = [
+        str(build_dir / "bin" / "llama-perplexity"),
+        *("-m", str(model), "-f", str(text), "-c", "256", "--chunks", str(chunks), "-b", "512"),
+        *("-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", "polar", "-ctv", "f16", "-v", *extra),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    ppl = [float(v) for _, v in re.findall(r"\[(\d+)\](\d+\.\d+),", out)]
+    assert len(ppl) == chunks, out[-3000:]
+    return ppl, out
+
+
+@pytest.mark.parametrize("layout", [(), ("-kvu",)], ids=["streams", "unified"])
+def test_several_sequences_share_offsets_from_the_text(build_dir, kv_env, smollm2_path, squad_head, layout):
+    """The first sequence's result is the same whether a second one is decoded beside it: the offsets
+    do not come from the batch. They are in effect (not the model's, none for SmolLM2), and a clear of
+    the cache's buffers between the chunk pairs (llama-perplexity) keeps them."""
+    kv_env()
+    alone, log = chunk_ppls(build_dir, smollm2_path, squad_head, 1, extra=layout)
+    assert re.search(r"K offsets measured from \d+ tokens of a built-in text", log), log[-3000:]
+    # the sink's weight in the offsets: 0 where every sequence keeps its sink key exact (a stream each),
+    # 0.25 in a unified cache, where only the sequence in cell 0 does
+    weight = re.search(r"first key's weight in the measured K offsets ([\d.]+)", log)
+    assert weight and float(weight.group(1)) == (0.25 if layout else 0.0), log[-3000:]
+    both, _ = chunk_ppls(build_dir, smollm2_path, squad_head, 2, extra=layout)
+    assert both[0] == alone[0]
+    model_offsets, _ = chunk_ppls(
+        build_dir, smollm2_path, squad_head, 1, {"LLAMA_KV_CENTER_ONLINE": "0"}, layout
+    )
+    assert model_offsets[0] != alone[0]
+    four, _ = chunk_ppls(build_dir, smollm2_path, squad_head, 4, extra=layout)
+    assert four[:2] == both
+    # zeroed balancing factors (offsets lost in the clear) gave a running PPL in the thousands
+    assert max(four) < 1.5 * max(both), four
+
+
+def test_offsets_from_the_first_batch_would_couple_sequences(build_dir, kv_env, smollm2_path, squad_head):
+    """What the shared offsets avoid, so that the test above can fail: LLAMA_KV_CENTER_ONLINE=1 measures
+    them from the first batch of all, and the first sequence's result then depends on the second."""
+    kv_env()
+    env = {"LLAMA_KV_CENTER_ONLINE": "1"}
+    alone, _ = chunk_ppls(build_dir, smollm2_path, squad_head, 1, env)
+    both, _ = chunk_ppls(build_dir, smollm2_path, squad_head, 2, env)
+    assert both[0] != alone[0]
+
+
+def test_many_sequences_in_a_stream_each(build_dir, kv_env, smollm2_path, squad_head):
+    """32 sequences, a stream each (llama-server -np 32): the graph's node budget counts the exact sink
+    key's copies per stream and the measuring nodes (the build before patch 0035 aborted here)."""
+    kv_env()
+    cmd = [
+        str(build_dir / "bin" / "llama-perplexity"),
+        *("-m", str(smollm2_path), "-f", str(squad_head), "-c", "256", "--chunks", "1", "-b", "8192"),
+        *("-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", "polar", "-ctv", "polar"),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "n_seq=32" in out and re.search(r"\[1\]\d+\.\d+,", out), out[-3000:]
+
+
+def test_several_sequences_in_iswa_cache(build_dir, kv_env, gemma3_path, squad_head):
+    """Gemma 3 (llama.cpp's iSWA cache: a base and a sliding-window cache): both measure their offsets
+    from the built-in text, and the first sequence's result does not depend on the second."""
+    kv_env()
+    alone, log = chunk_ppls(build_dir, gemma3_path, squad_head, 1)
+    assert re.search(r"K offsets measured from \d+ tokens of a built-in text", log), log[-3000:]
+    measured = [int(n) for n in re.findall(r"K offsets in (\d+) of \d+ layers", log)]
+    assert len(measured) >= 2 and all(n > 0 for n in measured), log[-3000:]
+    both, _ = chunk_ppls(build_dir, gemma3_path, squad_head, 2)
+    assert both[0] == alone[0]
+    model_offsets, _ = chunk_ppls(build_dir, gemma3_path, squad_head, 1, {"LLAMA_KV_CENTER_ONLINE": "0"})
+    assert model_offsets[0] != alone[0]

@@ -268,3 +268,34 @@ def test_kld_fa_off_runs_the_measured_settings_without_flash_attention(
     want = [("polar", "off", 0.015), ("polar3", "off", 0.075)]  # the stand-in's KLD: (K's + V's) / 2
     assert [(r["ctk"], r["fa"], r["kld"]) for r in rows] == want
     assert "(default) `-fa off` | 0.0150" in capsys.readouterr().out
+
+
+def test_kld_layout_runs_the_chunks_as_several_sequences(tmp_path, fake_bin, monkeypatch, capsys):
+    """--layout: each setting once a chunk at a time (-b = -c), then with a cache for 4 sequences, a
+    stream each (-b = 4 x -c) and one unified stream (-kvu); the base logits are made once, a chunk at a
+    time. The rows, the table and the JSON's command say which."""
+    import json
+
+    import quality_levers
+
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
+    monkeypatch.setattr(quality_levers, "data_file", lambda name: tmp_path / str(name))
+    out = tmp_path / "kld.json"
+    argv = ["kld", "--bin", str(fake_bin), "--model", "smollm2-135m", "--set", "ktypes"]
+    argv += ["--only", "polar/f16", "--layout", "single", "streams", "unified"]
+    argv += ["--work", str(tmp_path / "w"), "--json", str(out)]
+    assert quality_levers.main(argv) == 0
+    calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(c[c.index("-b") + 1], "-kvu" in c) for c in calls] == [
+        ("2048", False),  # the base
+        ("2048", False),
+        ("8192", False),
+        ("8192", True),
+    ]
+    res = json.loads(out.read_text())
+    assert [r.get("layout") for r in res["rows"]] == [None, "streams", "unified"]
+    assert res["command"] == "python3 scripts/quality_levers.py " + " ".join(argv)
+    assert res["build"] is None  # the stand-in has no kvpolar-build.json
+    text = capsys.readouterr().out
+    assert "(default) (a cache for 4 sequences, a stream each) |" in text
+    assert "(default) (a cache for 4 sequences, one unified stream) |" in text
