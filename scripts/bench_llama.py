@@ -4,6 +4,7 @@
     python scripts/bench_llama.py quality --model qwen    [--chunks 2 --ctx 1024]
     python scripts/bench_llama.py speed   --model smollm2 [--depths 0 4096 8192]
     python scripts/bench_llama.py memory  --model smollm2 [--ctx 8192 32768]
+    python scripts/bench_llama.py startup --model smollm2 [--seqs 4 --rounds 5]
 
 Each writes docs/bench/<kind>-<model>.json (the raw figures, the machine and every command)
 and prints a markdown table; scripts/write_results.py assembles docs/results.md from them.
@@ -12,7 +13,8 @@ quality: `llama-perplexity --kl-divergence` against an f16-cache base run on the
 K types with V f16, each with centering off and on (env LLAMA_KV_CENTER), then K+V; the polar types
 also with the exact sink key of patch 0024 on (their default) and off (env LLAMA_KV_EXACT_SINK).
 speed: `llama-bench -fa 1`, pp512 and tg64 at the given depths. memory: the KV size
-llama.cpp reports at context creation.
+llama.cpp reports at context creation. startup: the seconds a context that serves several sequences
+spends decoding patch 0035's built-in text (from the tool's time-stamped log).
 """
 
 from __future__ import annotations
@@ -222,10 +224,44 @@ def memory(args, log) -> dict:
     return {"rows": rows}
 
 
+STAMP = re.compile(r"^(\d+)\.(\d\d)\.(\d{3})\.(\d{3}) ")
+
+
+def stamp(line: str) -> float | None:
+    """Seconds since the start of a llama.cpp tool's log line ("min.ss.ms.us I ..."), None without one."""
+    m = STAMP.match(line)
+    return int(m[1]) * 60 + int(m[2]) + int(m[3]) / 1e3 + int(m[4]) / 1e6 if m else None
+
+
+def startup(args, log) -> dict:
+    """What patch 0035 adds to creating a context that serves several sequences: the decode of its built-in
+    text, from `llama-perplexity -v`'s log (a cache for --seqs sequences, polar K and V): the time from the
+    log line before kvpolar_center_fixed's "measured from N tokens" to that line."""
+    binp = str(paths.bin_path("llama-perplexity"))
+    model = str(paths.data_file(MODELS[args.model]))
+    text = str(paths.data_file(paths.SQUAD_TXT))
+    cmd = [binp, "-m", model, "-f", text, "-c", "256", "--chunks", "1", "-b", str(256 * args.seqs)]
+    cmd += ["-t", str(args.threads), "-fa", "on", "-ctk", "polar", "-ctv", "polar", "-v"]
+    rows = []
+    for i in range(args.rounds):
+        lines = run(cmd, log=log).splitlines()
+        at = [j for j, ln in enumerate(lines) if "kvpolar_center_fixed:" in ln and "measured from" in ln]
+        if not at:
+            raise RuntimeError(f"no 'measured from N tokens' line of kvpolar_center_fixed in {' '.join(cmd)}")
+        before = [t for t in map(stamp, lines[: at[0]]) if t is not None]
+        end = stamp(lines[at[0]])
+        if not before or end is None:
+            raise RuntimeError(f"expected time-stamped log lines (-v) from {' '.join(cmd)}")
+        n = int(re.search(r"measured from (\d+) tokens", lines[at[0]])[1])
+        rows.append({"round": i, "tokens": n, "seconds": round(end - before[-1], 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "seqs": args.seqs, "threads": args.threads}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("quality", "speed", "memory"):
+    for name in ("quality", "speed", "memory", "startup"):
         p = sub.add_parser(name)
         p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
         p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -240,11 +276,14 @@ def main(argv=None) -> int:
     s.add_argument("--reps", type=int, default=3)
     m = sub.choices["memory"]
     m.add_argument("--ctx", type=int, nargs="+", default=[8192, 32768])
+    u = sub.choices["startup"]
+    u.add_argument("--seqs", type=int, default=4, help="sequences the cache serves (llama-server -np)")
+    u.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
 
     log: list = []
     t0 = time.time()
-    res = {"quality": quality, "speed": speed, "memory": memory}[args.cmd](args, log)
+    res = {"quality": quality, "speed": speed, "memory": memory, "startup": startup}[args.cmd](args, log)
     res.update(
         {
             "kind": args.cmd,

@@ -69,6 +69,24 @@ check_cases() {
     fi
 }
 
+# kld_gpu_host NAME LABEL ARGS...: the command in the array ppl (llama-perplexity) with ARGS and
+# --kl-divergence against $base, the cache and attention on the GPU and on the host (-nkvo
+# --no-op-offload; logs $OUTDIR/kld-NAME-gpu.log / -host.log): their mean KLDs must be within 0.0005
+kld_gpu_host() {
+    local name=$1 label=$2 g h
+    shift 2
+    "${ppl[@]}" "$@" --kl-divergence-base "$base" --kl-divergence > "$OUTDIR/kld-$name-gpu.log" 2>&1
+    "${ppl[@]}" "$@" --kl-divergence-base "$base" --kl-divergence -nkvo --no-op-offload \
+        > "$OUTDIR/kld-$name-host.log" 2>&1
+    g=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$name-gpu.log")
+    h=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$name-host.log")
+    if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
+        echo "ok: $label: mean KLD on the GPU $g, host attention $h"
+    else
+        fail "$label: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
+    fi
+}
+
 # sourced (tests/test_cuda_check_parse.py): the functions above only
 if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
     return 0
@@ -194,7 +212,8 @@ for kv in f16/f16 polar/polar polar3/polar3 polar/polar3; do
 done
 
 # 6. KLD (with TEXT=file, e.g. squad.txt): polar/polar3 K against the GPU f16 base, cache and
-#    attention on the GPU vs on the host (-nkvo --no-op-offload); the two must agree within 0.0005
+#    attention on the GPU vs on the host (-nkvo --no-op-offload); the two must agree within 0.0005;
+#    also polar/polar with the chunks as 4 sequences of one cache (a stream each, unified)
 if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
     ppl=("$BIN/llama-perplexity" -m "$MODEL" -f "$TEXT" -c 2048 --chunks 4 -b 2048 -ngl 99)
     base="$OUTDIR/gpu-f16.kld"
@@ -205,21 +224,14 @@ if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
         for type in polar polar3 polar/polar3; do
             [[ $type == */* && $fa == off ]] && continue
             k=${type%/*} v=$([[ $type == */* ]] && echo "${type#*/}" || echo f16)
-            type=${type/\//-}
             sfx=$([[ $fa == on ]] && echo "" || echo "-faoff")
-            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$k" -ctv "$v" \
-                > "$OUTDIR/kld-$type-gpu$sfx.log" 2>&1
-            "${ppl[@]}" -fa "$fa" --kl-divergence-base "$base" --kl-divergence -ctk "$k" -ctv "$v" -nkvo --no-op-offload \
-                > "$OUTDIR/kld-$type-host$sfx.log" 2>&1
-            g=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-gpu$sfx.log")
-            h=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$type-host$sfx.log")
-            if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
-                echo "ok: $k/$v, -fa $fa: mean KLD on the GPU $g, host attention $h"
-            else
-                fail "$k/$v, -fa $fa: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
-            fi
+            kld_gpu_host "${type/\//-}$sfx" "$k/$v, -fa $fa" -fa "$fa" -ctk "$k" -ctv "$v"
         done
     done
+    # several sequences in one cache (patch 0035: K offsets from a built-in text, decoded when the context is
+    # created): the 4 chunks as 4 sequences, a stream each (-b 8192) and in one unified stream (-kvu)
+    kld_gpu_host polar-polar-streams "polar/polar, 4 sequences (a stream each)" -fa on -ctk polar -ctv polar -b 8192
+    kld_gpu_host polar-polar-unified "polar/polar, 4 sequences (unified)" -fa on -ctk polar -ctv polar -b 8192 -kvu
 fi
 
 # 7. the model split between the GPU and the CPU (-ngl NGL_SPLIT, default 15 layers on the GPU):

@@ -171,6 +171,17 @@ def multiseq_table() -> list[str]:
             f"`{before['command']}`, {build_label(before.get('build'))}; 0035 `{after['command']}`, "
             f"{build_label(after.get('build'))}"
         )
+    for model in ("smollm2", "qwen"):
+        d = _load("startup", model)
+        if d and out:
+            secs = sorted(r["seconds"] for r in d["rows"])
+            median = secs[len(secs) // 2]
+            sources.append(
+                f"- What it costs: creating a context for {d['seqs']} sequences decodes the built-in text "
+                f"({d['rows'][0]['tokens']} tokens of {d['model_file']}): median {median:.2f} s "
+                f"({secs[0]:.2f}-{secs[-1]:.2f} s over {len(secs)} runs, {d['threads']} threads; "
+                f"`{d['command']}`, {d['machine']})"
+            )
     return [*out, "", *sources, ""] if out else []
 
 

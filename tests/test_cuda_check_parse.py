@@ -69,3 +69,37 @@ def test_no_case_fails(tmp_path):
     log.write_text("Testing 2 devices\n")
     status, out = check(log)
     assert status == 1 and "no polar case ran" in out, out
+
+
+def kld_check(tmp_path, gpu: str, host: str) -> tuple[int, str]:
+    """Source the script and run kld_gpu_host with a stand-in llama-perplexity that prints the mean KLD
+    `gpu`, or `host` when given -nkvo; (status, output)."""
+    fake = tmp_path / "ppl.sh"
+    line = 'echo "Mean    KLD:   {} ±   0.0001"'
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'for a in "$@"; do [[ $a == -nkvo ]] && {{ {line.format(host)}; exit; }}; done\n'
+        f"{line.format(gpu)}\n"
+    )
+    fake.chmod(0o755)
+    cmd = (
+        f'source "{SCRIPT}"; OUTDIR="{tmp_path}"; base=b.kld; ppl=("{fake}" -c 2048); '
+        'kld_gpu_host polar-polar-streams "polar/polar, 4 sequences" -ctk polar -b 8192; '
+        'echo "status=$status"'
+    )
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
+    return int(out.rsplit("status=", 1)[1]), out
+
+
+def test_kld_gpu_host_within_tolerance(tmp_path):
+    status, out = kld_check(tmp_path, "0.031285", "0.031100")
+    assert status == 0 and "ok: polar/polar, 4 sequences: mean KLD on the GPU 0.031285" in out, out
+    assert (tmp_path / "kld-polar-polar-streams-gpu.log").is_file()
+    assert (tmp_path / "kld-polar-polar-streams-host.log").is_file()
+
+
+def test_kld_gpu_host_apart_or_missing_fails(tmp_path):
+    status, out = kld_check(tmp_path, "0.0320", "0.0310")
+    assert status == 1 and "more than 0.0005 apart" in out, out
+    status, out = kld_check(tmp_path, "", "0.0310")
+    assert status == 1 and "GPU ''" in out, out
