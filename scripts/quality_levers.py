@@ -397,9 +397,12 @@ MULTISEQ_DEFAULTS = [(k, v, env) for k, v, env in MULTISEQ if not env]
 # sequence keeps its sink key exact, in a stream of its own; 0.25 in a unified cache)
 MULTISEQ_SINK = [("polar", "f16", {"LLAMA_KV_CENTER_SINK": w}) for w in ("0", "0.25", "0.5")]
 # llama-perplexity decodes -b / -c chunks together, each as its own sequence
-LAYOUTS = {"single": [], "streams": [], "unified": ["-kvu"]}
-LAYOUT_SEQS = 4
-LAYOUT_TEXT = {"streams": "a stream each", "unified": "one unified stream"}
+# (sequences, extra arguments, how the table names it)
+LAYOUTS = {
+    "single": (1, [], ""),
+    "streams": (4, [], "a cache for 4 sequences, a stream each"),
+    "unified": (4, ["-kvu"], "a cache for 4 sequences, one unified stream"),
+}
 SETS = {
     "levers": SETTINGS,
     "ktypes": KTYPES,
@@ -428,7 +431,7 @@ def perplexity(
 ) -> str:
     """llama-perplexity with this module's settings; text: SQuAD unless given; layout: see LAYOUTS."""
     m = MODELS[model]
-    seqs = 1 if layout == "single" else LAYOUT_SEQS
+    seqs, layout_args, _ = LAYOUTS[layout]
     cmd = [
         str(bin_dir / "llama-perplexity"),
         "-m",
@@ -445,7 +448,7 @@ def perplexity(
         "1",
         "-fa",
         fa,
-        *LAYOUTS[layout],
+        *layout_args,
         *args_extra,
     ]
     log.info("%s %s", " ".join(f"{a}={b}" for a, b in env.items()), " ".join(cmd))
@@ -530,7 +533,7 @@ def render_kld(res: dict) -> str:
         if r.get("fa", "on") != "on":  # the base logits are always from -fa on
             env += f" `-fa {r['fa']}`"
         if "layout" in r:
-            env += f" (a cache for {LAYOUT_SEQS} sequences, {LAYOUT_TEXT[r['layout']]})"
+            env += f" ({LAYOUTS[r['layout']][2]})"
         lines.append(
             f"| {r['model']} | {r['ctk']} | {r['ctv']} | {(BITS[r['ctk']] + BITS[r['ctv']]) / 2:g} | {env} | "
             f"{r['kld']:.4f} ± {r['kld_pm']:.4f} | "
@@ -570,7 +573,7 @@ def main(argv=None) -> int:
         nargs="+",
         choices=list(LAYOUTS),
         default=["single"],
-        help=f"chunks one at a time (single) or {LAYOUT_SEQS} together, a stream each or one unified stream",
+        help="chunks one at a time (single) or 4 together, a stream each or one unified stream",
     )
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")

@@ -43,32 +43,22 @@ def offset_model(tmp_path_factory, smollm2_path):
     return out
 
 
-def perplexity(build_dir, model, text, env=None, ctk="f16", ctv="f16"):
+def run_ppl(build_dir, model, text, *, chunks=3, batch=256, ctk="f16", ctv="f16", env=None, extra=()) -> str:
+    """llama-perplexity on 256-token chunks (-b batch: batch / 256 sequences at a time), flash attention,
+    all cores, -v; its output (the run must succeed)."""
     cmd = [
         str(build_dir / "bin" / "llama-perplexity"),
-        "-m",
-        str(model),
-        "-f",
-        str(text),
-        "-c",
-        "256",
-        "--chunks",
-        "3",
-        "-b",
-        "256",
-        "-t",
-        str(os.cpu_count() or 2),
-        "-fa",
-        "on",
-        "-ctk",
-        ctk,
-        "-ctv",
-        ctv,
-        "-v",
+        *("-m", str(model), "-f", str(text), "-c", "256", "--chunks", str(chunks), "-b", str(batch)),
+        *("-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", ctk, "-ctv", ctv, "-v", *extra),
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def perplexity(build_dir, model, text, env=None, ctk="f16", ctv="f16"):
+    out = run_ppl(build_dir, model, text, ctk=ctk, ctv=ctv, env=env)
     m = re.search(r"Final estimate: PPL = ([\d.]+)", out)
     assert m, out[-3000:]
     return float(m.group(1)), out
@@ -385,14 +375,7 @@ def centered_and_not(llama_cpp, kv_env, model, toks, n_ubatch):
 def chunk_ppls(build_dir, model, text, chunks, env=None, extra=()) -> tuple[list[float], str]:
     """llama-perplexity's running PPL after each chunk: 256-token chunks, a cache for 2 sequences,
     polar K (V f16), and the log (-v)."""
-    cmd = [
-        str(build_dir / "bin" / "llama-perplexity"),
-        *("-m", str(model), "-f", str(text), "-c", "256", "--chunks", str(chunks), "-b", "512"),
-        *("-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", "polar", "-ctv", "f16", "-v", *extra),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=600)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-3000:]
+    out = run_ppl(build_dir, model, text, chunks=chunks, batch=512, ctk="polar", env=env, extra=extra)
     ppl = [float(v) for _, v in re.findall(r"\[(\d+)\](\d+\.\d+),", out)]
     assert len(ppl) == chunks, out[-3000:]
     return ppl, out
@@ -436,14 +419,7 @@ def test_many_sequences_in_a_stream_each(build_dir, kv_env, smollm2_path, squad_
     """32 sequences, a stream each (llama-server -np 32): the graph's node budget counts the exact sink
     key's copies per stream and the measuring nodes (the build before patch 0035 aborted here)."""
     kv_env()
-    cmd = [
-        str(build_dir / "bin" / "llama-perplexity"),
-        *("-m", str(smollm2_path), "-f", str(squad_head), "-c", "256", "--chunks", "1", "-b", "8192"),
-        *("-t", str(os.cpu_count() or 2), "-fa", "on", "-ctk", "polar", "-ctv", "polar"),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-3000:]
+    out = run_ppl(build_dir, smollm2_path, squad_head, chunks=1, batch=8192, ctk="polar", ctv="polar")
     assert "n_seq=32" in out and re.search(r"\[1\]\d+\.\d+,", out), out[-3000:]
 
 
