@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0022, 0024: polar/polar3 in
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0022, 0024, 0036: polar/polar3 in
 # ggml-cuda and the backend guard in llama) on a machine with an NVIDIA GPU.
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
@@ -9,11 +9,11 @@
 # ($OUT, else ./cuda_llama_check). Steps, each failing the script:
 #   1. test-backend-ops -b CUDA0 for SET_ROWS, CENTER_SET_ROWS (the cache write chain that patch
 #      0017 fuses: centering, balancing, Hadamard rotation, SET_ROWS), LAYER_CHAINS (patch 0018: the
-#      query's D^-1 and rotation and both cache writes as one kernel), GET_ROWS, CPY,
-#      FLASH_ATTN_EXT, cases whose parameters name polar/polar3 (-p polar): every one supported and
-#      OK (polar SET_ROWS/CPY and the rotation-free CENTER_SET_ROWS/LAYER_CHAINS cases compare
-#      exactly, max NMSE 0; rotated chains within 1e-5 (polar) or 4e-5 (polar3) of test-backend-ops'
-#      dense-product reference);
+#      query's D^-1 and rotation and both cache writes as one kernel), GET_ROWS, CPY, MUL_MAT
+#      (patch 0036: KQ on a polar K cache without flash attention), FLASH_ATTN_EXT, cases whose
+#      parameters name polar/polar3 (-p polar): every one supported and OK (polar SET_ROWS/CPY and
+#      the rotation-free CENTER_SET_ROWS/LAYER_CHAINS cases compare exactly, max NMSE 0; rotated
+#      chains within 1e-5 (polar) or 4e-5 (polar3) of test-backend-ops' dense-product reference);
 #      FLASH_ATTN_EXT also with the vector kernel (GGML_CUDA_POLAR_FA_MMA=0) where the tensor-core
 #      kernel of patch 0022 runs by default, alone and with GGML_CUDA_POLAR_FA_GQA=2 and 4;
 #   2. test-backend-ops support -b CUDA0, same filter: every case supported;
@@ -109,7 +109,7 @@ done
 mkdir -p "$OUTDIR"
 
 # 1. correctness
-for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY FLASH_ATTN_EXT; do
+for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY MUL_MAT FLASH_ATTN_EXT; do
     log="$OUTDIR/test-backend-ops-$op.log"
     "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
     check_cases "$log" "test-backend-ops -o $op"
@@ -127,7 +127,7 @@ done
 
 # 2. support matrix
 log="$OUTDIR/test-backend-ops-support.log"
-"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,MUL_MAT,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
 check_cases "$log" "test-backend-ops support" SUPPORTED
 
 # 3. the guard: a backend without the polar ops
