@@ -21,7 +21,7 @@
 #           scripts/gpu_run.sh verify       # models, wait for the build, then a short check of a tree: the polar
 #                                           # FLASH_ATTN_EXT and LAYER_CHAINS cases, greedy decode fused = unfused
 #           scripts/gpu_run.sh ab [SET]     # models, wait for the build, ab_llama_gpu.py --set SET (default sched)
-#                                           # on both models
+#                                           # on both models (AB_PASSES=N: N passes, packed in one ab.tgz)
 #           scripts/gpu_run.sh harness ARGS # only scripts/fa_polar_harness.cu on the prepared tree (no llama
 #                                           # build), e.g. `harness --pb-sweep`
 #           scripts/gpu_run.sh variants     # the harness for each set of flags in $HARNESS_VARIANTS (first checked)
@@ -309,14 +309,22 @@ verify)
     exit $rc
     ;;
 ab)
-    # llama-bench tg64/pp512 A/B on both models (ab_llama_gpu.py --set ${2:-sched}), packed after each model
+    # llama-bench tg64/pp512 A/B on both models (ab_llama_gpu.py --set ${2:-sched}), packed after each model;
+    # AB_PASSES=N: N passes in one call, pass1 .. passN/ in the one ab.tgz (a call fetches at most 8 files)
+    n=${AB_PASSES:-1}
+    [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "gpu_run: AB_PASSES must be a positive integer, got '$n'" >&2; exit 2; }
     models_and_build
-    B=/tmp/ab-out && mkdir -p $B
+    B=/tmp/ab-out && rm -rf $B && mkdir -p $B
     rc=0
-    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $B --name ab-${2:-sched}-qwen --set ${2:-sched} || rc=1
-    tar czf "$OUT/ab.tgz" -C $B .
-    python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 16384 --reps 3 --out $B --name ab-${2:-sched}-smollm2 --set ${2:-sched} || rc=1
-    tar czf "$OUT/ab.tgz" -C $B .
+    for ((p = 1; p <= n; p++)); do
+        D=$B
+        [[ $n -eq 1 ]] || D=$B/pass$p
+        mkdir -p $D
+        python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $D --name ab-${2:-sched}-qwen --set ${2:-sched} || rc=1
+        tar czf "$OUT/ab.tgz" -C $B .
+        python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 16384 --reps 3 --out $D --name ab-${2:-sched}-smollm2 --set ${2:-sched} || rc=1
+        tar czf "$OUT/ab.tgz" -C $B .
+    done
     exit $rc
     ;;
 profile)

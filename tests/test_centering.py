@@ -20,7 +20,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from kv_llama import logits, new_llama, prompted
+from kv_llama import k_shift_logits, logits, new_llama, prompted, restored_logits
 from kvpolar import calibrate
 
 pytestmark = pytest.mark.build
@@ -163,17 +163,11 @@ def test_online_offsets_survive_state_restore(llama_cpp, kv_env, smollm2_path, t
     want = logits(llama_cpp, llm)
 
     # a fresh context adopts the state's offsets: the same logits, bit for bit
-    llm2 = new_llama(llama_cpp, smollm2_path)
-    llm2.load_state(state)
-    llm2.eval(cont)
-    assert np.array_equal(logits(llama_cpp, llm2), want)
+    assert np.array_equal(restored_logits(llama_cpp, smollm2_path, state, cont), want)
 
     # the offsets in the state are what makes it exact: other offsets give other logits
     state.llama_state = with_offsets(state.llama_state, mu + 1.0)
-    llm3 = new_llama(llama_cpp, smollm2_path)
-    llm3.load_state(state)
-    llm3.eval(cont)
-    assert np.abs(logits(llama_cpp, llm3) - want).max() > 0.05
+    assert np.abs(restored_logits(llama_cpp, smollm2_path, state, cont) - want).max() > 0.05
 
     # a new conversation (the cache emptied) measures new offsets
     llm.reset()
@@ -252,17 +246,6 @@ def test_short_first_batch_keeps_model_offsets(llama_cpp, kv_env, smollm2_path, 
     llm.reset()
     llm.eval(prompt[:16])
     assert offsets(llm.save_state().llama_state).any()
-
-
-def k_shift_logits(llama_cpp, llm, prompt, cont, n_discard=32) -> np.ndarray:
-    """Prompt, then drop positions [4, 4 + n_discard) and shift the rest back (K shift), then cont."""
-    llm.eval(prompt)
-    mem = llama_cpp.llama_get_memory(llm.ctx)
-    assert llama_cpp.llama_memory_seq_rm(mem, 0, 4, 4 + n_discard)
-    llama_cpp.llama_memory_seq_add(mem, 0, 4 + n_discard, -1, -n_discard)
-    llm.n_tokens = len(prompt) - n_discard
-    llm.eval(cont)
-    return logits(llama_cpp, llm)
 
 
 def test_k_shift_uses_online_offsets(llama_cpp, kv_env, smollm2_path, tokens):

@@ -25,3 +25,17 @@ def test_usage(args, tmp_path):
     )
     assert r.returncode == 2, r
     assert "prepare" in r.stderr and "bench" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("passes", ["0", "two", "-1"])
+def test_ab_passes_checked_first(passes, tmp_path):
+    """A bad AB_PASSES is refused, naming it, before anything waits for models or a build."""
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "ab", "targets"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "AB_PASSES": passes, "HOME": str(tmp_path)},
+    )
+    assert r.returncode == 2, r
+    assert f"AB_PASSES must be a positive integer, got '{passes}'" in r.stderr, r.stderr

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kv_llama import logits, new_llama, prompted
+from kv_llama import k_shift_logits, logits, new_llama, prompted, restored_logits
 from quality_levers import _exact_at, _top_mass, _top_score, k_factors, pair_ids
 from study import AttentionRef
 
@@ -146,17 +146,6 @@ def test_balancing_is_exact_with_f16_cache(llama_cpp, kv_env, smollm2_path, toke
     assert np.array_equal(out["0"], out["1"])
 
 
-def k_shift_logits(llama_cpp, llm, prompt, cont, n_discard=32) -> np.ndarray:
-    """Prompt, then drop positions [4, 4 + n_discard) and shift the rest back (K shift), then cont."""
-    llm.eval(prompt)
-    mem = llama_cpp.llama_get_memory(llm.ctx)
-    assert llama_cpp.llama_memory_seq_rm(mem, 0, 4, 4 + n_discard)
-    llama_cpp.llama_memory_seq_add(mem, 0, 4 + n_discard, -1, -n_discard)
-    llm.n_tokens = len(prompt) - n_discard
-    llm.eval(cont)
-    return logits(llama_cpp, llm)
-
-
 @pytest.mark.build
 def test_k_shift_keeps_balancing_exact(llama_cpp, kv_env, smollm2_path, tokens):
     """K shift rotates D (k - mu) as R(D k) - D mu: D is one factor per RoPE pair, so R(D k) = D R(k)
@@ -178,19 +167,13 @@ def test_factors_survive_state_restore(llama_cpp, kv_env, smollm2_path, tokens):
     llm.eval(cont)
     want = logits(llama_cpp, llm)
 
-    llm2 = new_llama(llama_cpp, smollm2_path)
-    llm2.load_state(state)
-    llm2.eval(cont)
-    assert np.array_equal(logits(llama_cpp, llm2), want)
+    assert np.array_equal(restored_logits(llama_cpp, smollm2_path, state, cont), want)
 
     # the state's factors are what the restored cache uses: D^-1 on the query doubled -> other logits
     g = f.copy()
     g[:, 1] *= 2
     state.llama_state = with_factors(state.llama_state, g)
-    llm3 = new_llama(llama_cpp, smollm2_path)
-    llm3.load_state(state)
-    llm3.eval(cont)
-    assert np.abs(logits(llama_cpp, llm3) - want).max() > 0.05
+    assert np.abs(restored_logits(llama_cpp, smollm2_path, state, cont) - want).max() > 0.05
 
     # a context that does not balance refuses balanced keys
     kv_env(LLAMA_KV_BALANCE="0")
