@@ -87,6 +87,11 @@ kld_gpu_host() {
     fi
 }
 
+# step_time N: a line with the seconds the script has run when step N starts (to plan a run's device time)
+step_time() {
+    echo "time: step $1 starts at ${SECONDS} s"
+}
+
 # sourced (tests/test_cuda_check_parse.py): the functions above only
 if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
     return 0
@@ -108,6 +113,7 @@ done
 [[ -f "$MODEL" ]] || { echo "error: model $MODEL not found" >&2; exit 2; }
 mkdir -p "$OUTDIR"
 
+step_time 1
 # 1. correctness
 for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY MUL_MAT FLASH_ATTN_EXT; do
     log="$OUTDIR/test-backend-ops-$op.log"
@@ -125,11 +131,13 @@ for env in "GGML_CUDA_POLAR_FA_MMA=0" "GGML_CUDA_POLAR_FA_MMA=0 GGML_CUDA_POLAR_
     check_cases "$log" "$env test-backend-ops -o FLASH_ATTN_EXT"
 done
 
+step_time 2
 # 2. support matrix
 log="$OUTDIR/test-backend-ops-support.log"
 "$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,MUL_MAT,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
 check_cases "$log" "test-backend-ops support" SUPPORTED
 
+step_time 3
 # 3. the guard: a backend without the polar ops
 log="$OUTDIR/test-backend-ops-support-no-polar.log"
 GGML_CUDA_NO_POLAR=1 "$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
@@ -161,6 +169,7 @@ else
     tail -5 "$prefix.log"
 fi
 
+step_time 4
 # 4. GPU text == CPU text, where the model's own arithmetic allows it: when the f16 cache already
 #    gives different text on the GPU and the CPU (the GPU's matmuls differ, e.g. SmolLM2 Q4_1),
 #    a polar difference is reported, not failed, and step 5 compares the cache alone
@@ -192,6 +201,7 @@ for type in f16 polar polar3; do
     fi
 done
 
+step_time 5
 # 5. the cache alone: same GPU model arithmetic, cache + attention on the GPU vs on the host
 #    (-nkvo; batches this small are not offloaded back to the GPU): the text must be equal.
 #    polar/polar3 is the low-memory pair with its layer policy (polar/polar, polar/polar3 and
@@ -211,6 +221,7 @@ for kv in f16/f16 polar/polar polar3/polar3 polar/polar3; do
     fi
 done
 
+step_time 6
 # 6. KLD (with TEXT=file, e.g. squad.txt): polar/polar3 K against the GPU f16 base, cache and
 #    attention on the GPU vs on the host (-nkvo --no-op-offload); the two must agree within 0.0005;
 #    also polar/polar with the chunks as 4 sequences of one cache (a stream each, unified)
@@ -234,6 +245,7 @@ if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
     kld_gpu_host polar-polar-unified "polar/polar, 4 sequences (unified)" -fa on -ctk polar -ctv polar -b 8192 -kvu
 fi
 
+step_time 7
 # 7. the model split between the GPU and the CPU (-ngl NGL_SPLIT, default 15 layers on the GPU):
 #    with the cache of the GPU layers on the GPU vs all of the cache on the host (-nkvo), the
 #    same weights in the same places: the text must be equal; against the all-GPU run the text
@@ -264,6 +276,7 @@ for type in f16 polar polar3; do
     fi
 done
 
+echo "time: all steps took ${SECONDS} s"
 if [[ $status -eq 0 ]]; then
     echo "all checks passed (logs in $OUTDIR)"
 fi

@@ -37,9 +37,9 @@ from gguf import GGUFReader
 
 import llama_bench
 from kvpolar.atomic import atomic_write_text
-from kvpolar.paths import SQUAD_TXT, data_file
+from kvpolar.paths import data_file
 from kvsetup.cpu import cpu_model
-from quality_levers import MODELS, kld_base, kld_row
+from quality_levers import MODELS, kld_base, kld_row, tail_text
 
 log = logging.getLogger("layer_policy")
 
@@ -51,17 +51,6 @@ def n_layers(model: str) -> int:
     arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
     f = r.fields[f"{arch}.block_count"]
     return int(f.parts[f.data[0]][0])
-
-
-def tail_text(work: Path) -> Path:
-    """The second half of the SQuAD text (from a line start), the scan's selection text."""
-    src = data_file(SQUAD_TXT).read_text()
-    cut = src.index("\n", len(src) // 2) + 1
-    work.mkdir(parents=True, exist_ok=True)
-    out = work / "squad-tail.txt"
-    if not out.is_file() or out.read_text() != src[cut:]:
-        atomic_write_text(out, src[cut:])
-    return out
 
 
 def span(layers: list[int]) -> str:

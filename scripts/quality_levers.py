@@ -396,6 +396,15 @@ MULTISEQ_DEFAULTS = [(k, v, env) for k, v, env in MULTISEQ if not env]
 # patch 0035's offsets from the built-in text: the sink's weight in them (the default: 0 where every
 # sequence keeps its sink key exact, in a stream of its own; 0.25 in a unified cache)
 MULTISEQ_SINK = [("polar", "f16", {"LLAMA_KV_CENTER_SINK": w}) for w in ("0", "0.25", "0.5")]
+# session 23: the sink's weight in the K offsets of a sliding-window cache alone (Gemma 3's iSWA: its
+# sliding-window layers drop the sink token from their window; on a build with the measurement hack
+# patches/experiments/session23-swa-sink-weight-measure.diff, LLAMA_KV_CENTER_SINK_SWA=w); the rows without
+# the variable are the defaults (weight 0 in both caches with the exact sink key)
+SWA_SINK = [
+    (k, v, env)
+    for k, v in (("polar", "f16"), ("polar3", "f16"), ("polar", "polar3"))
+    for env in ({}, *({"LLAMA_KV_CENTER_SINK_SWA": w} for w in ("0.25", "0.5", "0.75", "1")))
+]
 # llama-perplexity decodes -b / -c chunks together, each as its own sequence
 # (sequences, extra arguments, how the table names it)
 LAYOUTS = {
@@ -416,6 +425,7 @@ SETS = {
     "multiseq": MULTISEQ,
     "multiseq-defaults": MULTISEQ_DEFAULTS,
     "multiseq-sink": MULTISEQ_SINK,
+    "swasink": SWA_SINK,
 }
 
 
@@ -472,6 +482,18 @@ def parse_kld(text: str) -> dict:
     return {"kld": kld[0], "kld_pm": kld[1], "same_top": top[0], "ppl_ratio": ratio[0]}
 
 
+def tail_text(work: Path) -> Path:
+    """The second half of the SQuAD text (from a line start), a text apart from the first chunks that
+    every KLD row reads (layer_policy.py's scan chooses on it; `kld --text tail` checks a choice there)."""
+    src = data_file(SQUAD_TXT).read_text()
+    cut = src.index("\n", len(src) // 2) + 1
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "squad-tail.txt"
+    if not out.is_file() or out.read_text() != src[cut:]:
+        atomic_write_text(out, src[cut:])
+    return out
+
+
 def kld_base(
     bin_dir: Path, model: str, chunks: int, work: Path, text: Path | None = None, tag: str = ""
 ) -> Path:
@@ -480,8 +502,12 @@ def kld_base(
     work.mkdir(parents=True, exist_ok=True)
     base = work / f"{model}{'-' + tag if tag else ''}-{chunks}.kld"
     if not base.is_file():
-        args = ["--kl-divergence-base", str(base), "-ctk", "f16", "-ctv", "f16"]
+        # written under another name and renamed when complete: an interrupted run leaves no base that a
+        # later run would take for whole
+        part = base.with_name(base.name + ".part")
+        args = ["--kl-divergence-base", str(part), "-ctk", "f16", "-ctv", "f16"]
         perplexity(bin_dir, model, args, {"LLAMA_KV_CENTER": "0"}, chunks, text=text)
+        part.replace(base)
     return base
 
 
@@ -506,9 +532,12 @@ def run_kld(args) -> dict:
     out = {"machine": cpu_model(), "nproc": os.cpu_count(), "rows": []}
     # None for a measurement build made by hand (no kvpolar-build.json)
     out["build"] = build_info(args.bin, required=False)
+    text = tail_text(Path(args.work)) if args.text == "tail" else None
+    if text:
+        out["text"] = "squad second half"
     for model in args.model:
         chunks = args.chunks or MODELS[model]["chunks"]
-        base = kld_base(Path(args.bin), model, chunks, Path(args.work))
+        base = kld_base(Path(args.bin), model, chunks, Path(args.work), text, "tail" if text else "")
         for (ctk, ctv, env), layout in ((s, lay) for s in SETS[args.set] for lay in args.layout):
             if args.only and f"{ctk}/{ctv}" not in args.only:
                 continue
@@ -517,7 +546,7 @@ def run_kld(args) -> dict:
             row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env, "fa": args.fa}
             if layout != "single":
                 row["layout"] = layout
-            row.update(kld_row(Path(args.bin), model, base, ctk, ctv, env, chunks, args.fa, layout=layout))
+            row.update(kld_row(Path(args.bin), model, base, ctk, ctv, env, chunks, args.fa, text, layout))
             log.info("%s", row)
             out["rows"].append(row)
     return out
@@ -565,6 +594,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="only these K/V settings, e.g. polar/f16")
     p.add_argument("--env", nargs="+", help="only the rows with these settings, e.g. LLAMA_KV_CENTER=1")
     p.add_argument("--set", choices=list(SETS), default="levers", help="the settings (default: levers)")
+    p.add_argument(
+        "--text",
+        choices=("head", "tail"),
+        default="head",
+        help="SQuAD's first chunks (head, as every KLD in the docs) or its second half (tail: check a choice "
+        "made on the head on other text)",
+    )
     p.add_argument(
         "--fa", choices=("on", "off"), default="on", help="flash attention of the measured runs (base: on)"
     )

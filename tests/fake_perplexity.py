@@ -1,7 +1,7 @@
 """A stand-in llama-perplexity for the tests of the scripts that run it (kvpolar recommend,
 scripts/quality_levers.py kld, scripts/layer_policy.py): a Python script printing what the real one
 prints. KLD by the K and V types (per layer with LLAMA_KV_LAYER_K / _V); FAKE_PPL=fail|fail-polar3|short|
-fewer for the failure modes; FAKE_LOG=FILE records each call's arguments. The fixture fake_bin
+fewer|partial for the failure modes; FAKE_LOG=FILE records each call's arguments. The fixture fake_bin
 (conftest.py) puts it in a folder of its own."""
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ if mode == "short":
     sys.exit(0)
 if "--kl-divergence" not in args:
     chunks = int(args[args.index("--chunks") + 1]) - (mode == "fewer")
+    if mode == "partial":  # killed while writing the base logits
+        open(args[args.index("--kl-divergence-base") + 1], "wb").write(b"log")
+        sys.exit(9)
     open(args[args.index("--kl-divergence-base") + 1], "wb").write(b"logits")
     print(f"perplexity: calculating perplexity over {chunks} chunks, n_ctx=512")
     print("Final estimate: PPL = 23.2304 +/- 2.07959")

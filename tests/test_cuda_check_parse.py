@@ -103,3 +103,10 @@ def test_kld_gpu_host_apart_or_missing_fails(tmp_path):
     assert status == 1 and "more than 0.0005 apart" in out, out
     status, out = kld_check(tmp_path, "", "0.0310")
     assert status == 1 and "GPU ''" in out, out
+
+
+def test_step_time_line():
+    """step_time prints the seconds the script has run (bash's SECONDS) when a step starts."""
+    cmd = f'source "{SCRIPT}"; SECONDS=41; step_time 6'
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
+    assert out.strip() in ("time: step 6 starts at 41 s", "time: step 6 starts at 42 s"), out

@@ -282,3 +282,43 @@ def test_kld_layout_runs_the_chunks_as_several_sequences(tmp_path, fake_bin, mon
     text = capsys.readouterr().out
     assert "(default) (a cache for 4 sequences, a stream each) |" in text
     assert "(default) (a cache for 4 sequences, one unified stream) |" in text
+
+
+def test_kld_base_interrupted_leaves_no_base(tmp_path, fake_bin, monkeypatch):
+    """A base run that dies while writing its logits leaves no base file that a later run would take for
+    whole: the logits are written under another name and renamed when the run succeeded."""
+    import quality_levers
+
+    monkeypatch.setattr(quality_levers, "data_file", lambda name: tmp_path / str(name))
+    monkeypatch.setenv("FAKE_PPL", "partial")
+    work = tmp_path / "w"
+    with pytest.raises(RuntimeError, match="llama-perplexity failed"):
+        quality_levers.kld_base(fake_bin, "smollm2-135m", 4, work)
+    assert not (work / "smollm2-135m-4.kld").exists()
+    monkeypatch.setenv("FAKE_PPL", "ok")
+    base = quality_levers.kld_base(fake_bin, "smollm2-135m", 4, work)
+    assert base == work / "smollm2-135m-4.kld" and base.read_bytes() == b"logits"
+
+
+def test_kld_text_tail_reads_the_second_half(tmp_path, fake_bin, monkeypatch):
+    """--text tail: the base and the rows read SQuAD's second half (from a line start), the base gets
+    its own name, and the JSON says which text."""
+    import json
+
+    import quality_levers
+    from kvpolar.paths import SQUAD_TXT
+
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
+    monkeypatch.setattr(quality_levers, "data_file", lambda name: tmp_path / str(name))
+    (tmp_path / str(SQUAD_TXT)).write_text("".join(f"line {i}\n" for i in range(10)))
+    out = tmp_path / "kld.json"
+    work = tmp_path / "w"
+    argv = ["kld", "--bin", str(fake_bin), "--model", "smollm2-135m", "--set", "ktypes"]
+    argv += ["--only", "polar/f16", "--text", "tail", "--work", str(work), "--json", str(out)]
+    assert quality_levers.main(argv) == 0
+    calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [c[c.index("-f") + 1] for c in calls] == [str(work / "squad-tail.txt")] * 2
+    assert calls[0][calls[0].index("--kl-divergence-base") + 1].endswith("smollm2-135m-tail-4.kld.part")
+    # from the line start after the midpoint
+    assert (work / "squad-tail.txt").read_text() == "".join(f"line {i}\n" for i in range(6, 10))
+    assert json.loads(out.read_text())["text"] == "squad second half"
