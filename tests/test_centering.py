@@ -418,3 +418,24 @@ def test_several_sequences_in_iswa_cache(build_dir, kv_env, gemma3_path, squad_h
     assert both[0] == alone[0]
     model_offsets, _ = chunk_ppls(build_dir, gemma3_path, squad_head, 1, {"LLAMA_KV_CENTER_ONLINE": "0"})
     assert model_offsets[0] != alone[0]
+
+
+def test_sliding_window_cache_weights_the_sink(build_dir, kv_env, gemma3_path, squad_head):
+    """Gemma 3's iSWA cache, one sequence, polar K: with the exact sink key the base cache measures its K
+    offsets as the plain mean (weight 0) and the sliding-window cache with the first key at weight 0.5
+    (patch 0037); without the exact key both take 0.25. The weight is in effect: the plain mean in both
+    caches gives another result."""
+    kv_env()
+    pattern = r"first key's weight in the measured K offsets ([\d.]+)"
+
+    def weights_and_ppl(env=None):
+        out = run_ppl(build_dir, gemma3_path, squad_head, chunks=1, ctk="polar", env=env)
+        ppl = re.search(r"Final estimate: PPL = ([\d.]+)", out)
+        assert ppl, out[-3000:]
+        return {float(w) for w in re.findall(pattern, out)}, float(ppl.group(1))  # (each cache logs it)
+
+    weights, ppl = weights_and_ppl()
+    assert weights == {0.0, 0.5}
+    assert weights_and_ppl({"LLAMA_KV_EXACT_SINK": "0"})[0] == {0.25}
+    plain, ppl_plain = weights_and_ppl({"LLAMA_KV_CENTER_SINK": "0"})
+    assert plain == {0.0} and ppl_plain != ppl
