@@ -398,8 +398,10 @@ MULTISEQ_DEFAULTS = [(k, v, env) for k, v, env in MULTISEQ if not env]
 MULTISEQ_SINK = [("polar", "f16", {"LLAMA_KV_CENTER_SINK": w}) for w in ("0", "0.25", "0.5")]
 # session 23: the sink's weight in the K offsets of a sliding-window cache alone (Gemma 3's iSWA: its
 # sliding-window layers drop the sink token from their window; on a build with the measurement hack
-# patches/experiments/session23-swa-sink-weight-measure.diff, LLAMA_KV_CENTER_SINK_SWA=w); the rows without
-# the variable are the defaults (weight 0 in both caches with the exact sink key)
+# patches/experiments/session23-swa-sink-weight-measure.diff on the tree of patches 0001-0036,
+# LLAMA_KV_CENTER_SINK_SWA=w); the rows without the variable are that tree's defaults (weight 0 in both caches
+# with the exact sink key; patch 0037 makes 0.5 the sliding-window cache's default, so on a later build the
+# variable is ignored and every row is that default)
 SWA_SINK = [
     (k, v, env)
     for k, v in (("polar", "f16"), ("polar3", "f16"), ("polar", "polar3"))
