@@ -83,7 +83,8 @@ kld_gpu_host() {
     if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
         echo "ok: $label: mean KLD on the GPU $g, host attention $h"
     else
-        fail "$label: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing)"
+        fail "$label: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing;" \
+            "logs: $OUTDIR/kld-$name-gpu.log $OUTDIR/kld-$name-host.log)"
     fi
 }
 

@@ -22,6 +22,8 @@
 #                                           # FLASH_ATTN_EXT and LAYER_CHAINS cases, greedy decode fused = unfused
 #           scripts/gpu_run.sh ab [SET]     # models, wait for the build, ab_llama_gpu.py --set SET (default sched)
 #                                           # on both models (AB_PASSES=N: N passes, packed in one ab.tgz)
+#           scripts/gpu_run.sh script FILE  # models, wait for the build, then `bash FILE` (a diagnosis kept in
+#                                           # scripts/, e.g. fa_off_diag.sh; what it writes under $OUT comes back)
 #           scripts/gpu_run.sh harness ARGS # only scripts/fa_polar_harness.cu on the prepared tree (no llama
 #                                           # build), e.g. `harness --pb-sweep`
 #           scripts/gpu_run.sh variants     # the harness for each set of flags in $HARNESS_VARIANTS (first checked)
@@ -43,9 +45,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | parts | checks | profile | collect | verify | ab | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
+prepare | build | parts | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,43p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,45p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -258,6 +260,11 @@ checks)
     models_and_build
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
+    ;;
+script)
+    [[ -f ${2:-} ]] || { echo "gpu_run script: expected a script file, got '${2:-}'" >&2; exit 2; }
+    models_and_build
+    OUT=$OUT bash "$2"
     ;;
 collect)
     until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done

@@ -101,6 +101,11 @@ def test_kld_gpu_host_within_tolerance(tmp_path):
 def test_kld_gpu_host_apart_or_missing_fails(tmp_path):
     status, out = kld_check(tmp_path, "0.0320", "0.0310")
     assert status == 1 and "more than 0.0005 apart" in out, out
+    # the failing line names both logs, which `gpu_run.sh collect` packs by their /tmp/gpu-run-check/ paths
+    assert (
+        f"logs: {tmp_path}/kld-polar-polar-streams-gpu.log {tmp_path}/kld-polar-polar-streams-host.log)"
+        in out
+    ), out
     status, out = kld_check(tmp_path, "", "0.0310")
     assert status == 1 and "GPU ''" in out, out
 

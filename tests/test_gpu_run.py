@@ -39,3 +39,18 @@ def test_ab_passes_checked_first(passes, tmp_path):
     )
     assert r.returncode == 2, r
     assert f"AB_PASSES must be a positive integer, got '{passes}'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["script"], ["script", "no/such/diagnosis.sh"]])
+def test_script_needs_a_file(args, tmp_path):
+    """`script FILE` refuses a missing file, naming what it got, before anything waits for models or a build."""
+    r = subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert r.returncode == 2, r
+    got = args[1] if len(args) > 1 else ""
+    assert f"gpu_run script: expected a script file, got '{got}'" in r.stderr, r.stderr

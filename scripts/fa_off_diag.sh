@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Session 24 diagnosis of cuda_llama_check.sh step 6 (-fa off, polar K: the GPU's KLD above host attention):
+# the same llama-perplexity pair (GPU; host with -nkvo --no-op-offload) under settings that each turn one
+# part of the -fa off graph off. Runs on the GPU machine after `gpu_run.sh checks` (its model, text, base).
+set -uo pipefail
+B=build/bin/llama-perplexity
+ppl=("$B" -m /tmp/smol.gguf -f /tmp/squad.txt -c 2048 --chunks 4 -b 2048 -ngl 99 --kl-divergence-base /tmp/gpu-run-check/gpu-f16.kld --kl-divergence)
+O=/tmp/diag
+mkdir -p "$O"
+base=/tmp/gpu-run-check/gpu-f16.kld
+if [[ ! -s $base ]]; then # a machine without the checks' base: the same base run as cuda_llama_check.sh step 6
+    mkdir -p /tmp/gpu-run-check
+    "$B" -m /tmp/smol.gguf -f /tmp/squad.txt -c 2048 --chunks 4 -b 2048 -ngl 99 -fa on --kl-divergence-base "$base" \
+        -ctk f16 -ctv f16 > "$O/base.log" 2>&1 || { echo "base run failed"; tail -5 "$O/base.log"; }
+fi
+kld() { sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$1"; }
+row() { # row NAME ENV... -- ARGS...
+    local name=$1; shift
+    local envs=()
+    while [[ $1 != -- ]]; do envs+=("$1"); shift; done; shift
+    env "${envs[@]}" "${ppl[@]}" "$@" > "$O/$name-gpu.log" 2>&1
+    env "${envs[@]}" "${ppl[@]}" "$@" -nkvo --no-op-offload > "$O/$name-host.log" 2>&1
+    echo "$name: gpu $(kld "$O/$name-gpu.log") host $(kld "$O/$name-host.log")"
+}
+row polar-off           X=1 -- -fa off -ctk polar -ctv f16
+row polar-off-nosink    LLAMA_KV_EXACT_SINK=0 -- -fa off -ctk polar -ctv f16
+row polar-off-nobal     LLAMA_KV_BALANCE=0 -- -fa off -ctk polar -ctv f16
+row polar-off-nocenter  LLAMA_KV_CENTER=0 -- -fa off -ctk polar -ctv f16
+row polar-off-norot     LLAMA_ATTN_ROT_DISABLE=1 -- -fa off -ctk polar -ctv f16
+row polar-off-nofuse    GGML_CUDA_DISABLE_FUSION=1 -- -fa off -ctk polar -ctv f16
+row polar-off-nolayer  GGML_CUDA_POLAR_NO_FUSE_LAYER=1 -- -fa off -ctk polar -ctv f16
+row polar-off-nofuse-nosink GGML_CUDA_DISABLE_FUSION=1 LLAMA_KV_EXACT_SINK=0 -- -fa off -ctk polar -ctv f16
+row polar-off-ub64      X=1 -- -fa off -ctk polar -ctv f16 -ub 64
+row polar-off-ub2048    X=1 -- -fa off -ctk polar -ctv f16 -ub 2048
+row polar-off-noreuse  LLAMA_GRAPH_REUSE_DISABLE=1 -- -fa off -ctk polar -ctv f16
+row f16-off            X=1 -- -fa off -ctk f16 -ctv f16
+row q40-off             X=1 -- -fa off -ctk q4_0 -ctv f16
+row q40-off-norot       LLAMA_ATTN_ROT_DISABLE=1 -- -fa off -ctk q4_0 -ctv f16
+row polar-on-norot      LLAMA_ATTN_ROT_DISABLE=1 -- -fa on -ctk polar -ctv f16
+GGML_SCHED_DEBUG=2 "${ppl[@]}" -fa off -ctk polar -ctv f16 --chunks 1 > "$O/sched-debug.log" 2>&1
+grep -c "CPU" "$O/sched-debug.log"
+grep -E "^## SPLIT|split #" "$O/sched-debug.log" | head -20
+tar czf "${OUT:-/tmp}/diag.tgz" -C "$O" --exclude sched-debug.log . 2>/dev/null
+gzip -c "$O/sched-debug.log" > "${OUT:-/tmp}/sched-debug.log.gz"
