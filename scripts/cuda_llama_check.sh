@@ -10,7 +10,8 @@
 #   1. test-backend-ops -b CUDA0 for SET_ROWS, CENTER_SET_ROWS (the cache write chain that patch
 #      0017 fuses: centering, balancing, Hadamard rotation, SET_ROWS), LAYER_CHAINS (patch 0018: the
 #      query's D^-1 and rotation and both cache writes as one kernel), GET_ROWS, CPY, MUL_MAT
-#      (patch 0036: KQ on a polar K cache without flash attention), FLASH_ATTN_EXT, cases whose
+#      (patch 0036: KQ on a polar K cache without flash attention), SET (patch 0038: KQ with the exact
+#      sink key's scores set over column 0, as patch 0033 builds it), FLASH_ATTN_EXT, cases whose
 #      parameters name polar/polar3 (-p polar): every one supported and OK (polar SET_ROWS/CPY and
 #      the rotation-free CENTER_SET_ROWS/LAYER_CHAINS cases compare exactly, max NMSE 0; rotated
 #      chains within 1e-5 (polar) or 4e-5 (polar3) of test-backend-ops' dense-product reference);
@@ -116,7 +117,7 @@ mkdir -p "$OUTDIR"
 
 step_time 1
 # 1. correctness
-for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY MUL_MAT FLASH_ATTN_EXT; do
+for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY MUL_MAT SET FLASH_ATTN_EXT; do
     log="$OUTDIR/test-backend-ops-$op.log"
     "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
     check_cases "$log" "test-backend-ops -o $op"
@@ -135,7 +136,7 @@ done
 step_time 2
 # 2. support matrix
 log="$OUTDIR/test-backend-ops-support.log"
-"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,MUL_MAT,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,MUL_MAT,SET,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
 check_cases "$log" "test-backend-ops support" SUPPORTED
 
 step_time 3

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 24 diagnosis of cuda_llama_check.sh step 6 (-fa off, polar K: the GPU's KLD above host attention):
-# the same llama-perplexity pair (GPU; host with -nkvo --no-op-offload) under settings that each turn one
-# part of the -fa off graph off. Runs on the GPU machine after `gpu_run.sh checks` (its model, text, base).
+# test-backend-ops' KQ cases with and without the exact sink key's SET (patch 0038), then the same
+# llama-perplexity pair as step 6 (GPU; host with -nkvo --no-op-offload) under settings that each turn one
+# part of the -fa off graph off. Runs on the GPU machine: `gpu_run.sh script scripts/fa_off_diag.sh`.
 set -uo pipefail
 B=build/bin/llama-perplexity
 ppl=("$B" -m /tmp/smol.gguf -f /tmp/squad.txt -c 2048 --chunks 4 -b 2048 -ngl 99 --kl-divergence-base /tmp/gpu-run-check/gpu-f16.kld --kl-divergence)
@@ -22,21 +23,21 @@ row() { # row NAME ENV... -- ARGS...
     env "${envs[@]}" "${ppl[@]}" "$@" -nkvo --no-op-offload > "$O/$name-host.log" 2>&1
     echo "$name: gpu $(kld "$O/$name-gpu.log") host $(kld "$O/$name-host.log")"
 }
+# test-backend-ops first: KQ with the sink's SET (patch 0038's case) and the plain KQ
+build/bin/test-backend-ops test -b CUDA0 -o SET -p polar > "$O/tbo-set.log" 2>&1
+build/bin/test-backend-ops test -b CUDA0 -o MUL_MAT -p polar > "$O/tbo-mul-mat.log" 2>&1
+for f in "$O"/tbo-*.log; do
+    plain=$(sed 's/\x1b\[[0-9;]*m//g' "$f")
+    echo "$(basename "$f"): $(grep -c -E '^ +(SET|MUL_MAT)\(.*polar.*OK$' <<<"$plain") polar cases OK," \
+        "$(grep -c -E 'polar.*FAIL$' <<<"$plain") failing"
+done
 row polar-off           X=1 -- -fa off -ctk polar -ctv f16
+row polar3-off          X=1 -- -fa off -ctk polar3 -ctv f16
 row polar-off-nosink    LLAMA_KV_EXACT_SINK=0 -- -fa off -ctk polar -ctv f16
-row polar-off-nobal     LLAMA_KV_BALANCE=0 -- -fa off -ctk polar -ctv f16
-row polar-off-nocenter  LLAMA_KV_CENTER=0 -- -fa off -ctk polar -ctv f16
-row polar-off-norot     LLAMA_ATTN_ROT_DISABLE=1 -- -fa off -ctk polar -ctv f16
 row polar-off-nofuse    GGML_CUDA_DISABLE_FUSION=1 -- -fa off -ctk polar -ctv f16
-row polar-off-nolayer  GGML_CUDA_POLAR_NO_FUSE_LAYER=1 -- -fa off -ctk polar -ctv f16
-row polar-off-nofuse-nosink GGML_CUDA_DISABLE_FUSION=1 LLAMA_KV_EXACT_SINK=0 -- -fa off -ctk polar -ctv f16
-row polar-off-ub64      X=1 -- -fa off -ctk polar -ctv f16 -ub 64
 row polar-off-ub2048    X=1 -- -fa off -ctk polar -ctv f16 -ub 2048
-row polar-off-noreuse  LLAMA_GRAPH_REUSE_DISABLE=1 -- -fa off -ctk polar -ctv f16
-row f16-off            X=1 -- -fa off -ctk f16 -ctv f16
+row f16-off             X=1 -- -fa off -ctk f16 -ctv f16
 row q40-off             X=1 -- -fa off -ctk q4_0 -ctv f16
-row q40-off-norot       LLAMA_ATTN_ROT_DISABLE=1 -- -fa off -ctk q4_0 -ctv f16
-row polar-on-norot      LLAMA_ATTN_ROT_DISABLE=1 -- -fa on -ctk polar -ctv f16
 GGML_SCHED_DEBUG=2 "${ppl[@]}" -fa off -ctk polar -ctv f16 --chunks 1 > "$O/sched-debug.log" 2>&1
 grep -c "CPU" "$O/sched-debug.log"
 grep -E "^## SPLIT|split #" "$O/sched-debug.log" | head -20
