@@ -1,7 +1,7 @@
 """The patched llama.cpp with polar/polar3 KV caches: its own tests, generation, perplexity, guards.
 
 Runs binaries of the patched build (<repo>/build/bin or $KVPOLAR_BUILD/bin) on the CPU:
-  - test-backend-ops -b CPU for SET_ROWS, GET_ROWS, CPY, MUL_MAT and FLASH_ATTN_EXT with the
+  - test-backend-ops -b CPU for SET_ROWS, GET_ROWS, CPY, MUL_MAT, SET and FLASH_ATTN_EXT with the
     polar types (with only a CPU this compares the fast paths against the CPU reference path:
     crash-freedom, shapes and the tiled / split-KV / GQA flash-attention paths),
   - test-quantize-fns,
@@ -63,6 +63,7 @@ BACKEND_OPS = [
     ("GET_ROWS", "polar"),
     ("CPY", "polar"),
     ("MUL_MAT", "polar"),
+    ("SET", "polar"),  # KQ with the exact sink key's scores set over column 0 (patches 0033, 0038)
     # the polar x polar/polar3/f16 block: vec path (nb=2), tiled prefill (nb=64,67), split-KV
     # decode with GQA (nb=1, kv=640/1024)
     ("FLASH_ATTN_EXT", r"nh=(2|3),nr23=\[(2|3),1\],kv=(640|1024),"),
