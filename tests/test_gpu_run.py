@@ -43,7 +43,7 @@ def test_ab_passes_checked_first(passes, tmp_path):
 
 @pytest.mark.parametrize("args", [["script"], ["script", "no/such/diagnosis.sh"]])
 def test_script_needs_a_file(args, tmp_path):
-    """`script FILE` refuses a missing file, naming what it got, before anything waits for models or a build."""
+    """`script FILE` refuses a missing file, naming what it got, before waiting for models or a build."""
     r = subprocess.run(
         ["bash", str(SCRIPT), *args],
         capture_output=True,
