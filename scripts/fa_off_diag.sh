@@ -4,7 +4,8 @@
 # llama-perplexity pair as step 6 (GPU; host with -nkvo --no-op-offload) under settings that each turn one
 # part of the -fa off graph off. Runs on the GPU machine: `gpu_run.sh script scripts/fa_off_diag.sh`.
 set -uo pipefail
-B=build/bin/llama-perplexity
+BIN=${BIN:-build/bin} # the binaries: a CUDA build of the tree (gpu_run.sh build), or BIN=DIR
+B=$BIN/llama-perplexity
 ppl=("$B" -m /tmp/smol.gguf -f /tmp/squad.txt -c 2048 --chunks 4 -b 2048 -ngl 99 --kl-divergence-base /tmp/gpu-run-check/gpu-f16.kld --kl-divergence)
 O=/tmp/diag
 mkdir -p "$O"
@@ -24,8 +25,8 @@ row() { # row NAME ENV... -- ARGS...
     echo "$name: gpu $(kld "$O/$name-gpu.log") host $(kld "$O/$name-host.log")"
 }
 # test-backend-ops first: KQ with the sink's SET (patch 0038's case) and the plain KQ
-build/bin/test-backend-ops test -b CUDA0 -o SET -p polar > "$O/tbo-set.log" 2>&1
-build/bin/test-backend-ops test -b CUDA0 -o MUL_MAT -p polar > "$O/tbo-mul-mat.log" 2>&1
+"$BIN"/test-backend-ops test -b CUDA0 -o SET -p polar > "$O/tbo-set.log" 2>&1
+"$BIN"/test-backend-ops test -b CUDA0 -o MUL_MAT -p polar > "$O/tbo-mul-mat.log" 2>&1
 for f in "$O"/tbo-*.log; do
     plain=$(sed 's/\x1b\[[0-9;]*m//g' "$f")
     echo "$(basename "$f"): $(grep -c -E '^ +(SET|MUL_MAT)\(.*polar.*OK$' <<<"$plain") polar cases OK," \
