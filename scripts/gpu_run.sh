@@ -7,8 +7,14 @@
 #                                           # default 90) -> .gpurun/a/src.txz; SmolLM2 (in three parts),
 #                                           # a Qwen2.5-1.5B skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,c,whl};
 #                                           # KVPOLAR_EXPERIMENTS="x.diff ..." applies patches/experiments/x.diff
+#   here:   scripts/gpu_run.sh xprepare     # (after prepare) the CUDA build made here with PyPI's CUDA 13.0
+#                                           # toolchain, the GPU machine's (pinned below), ~25 min on 2 cores
+#                                           # -> .gpurun/x/bin.tar.xz: carried, it saves the machine the build
 #   there:  (every step first keeps the parts of whichever of .gpurun/a, b, c it carries in /tmp/gpurun-parts;
 #           the steps that run models need all three, so carry a, b and c in three calls, e.g. build, parts, verify)
+#           scripts/gpu_run.sh xbin         # (carry .gpurun/x) xprepare's binaries as build/bin, with the
+#                                           # machine's libcudart/libcublas; fails, naming what is missing, where
+#                                           # they do not load (then `build` there as before)
 #           scripts/gpu_run.sh parts        # only that: keep the carried parts, list what the machine holds
 #           scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
@@ -45,9 +51,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | build | parts | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
+prepare | xprepare | xbin | build | parts | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,45p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,51p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -56,7 +62,7 @@ G=.gpurun
 P=/tmp/gpurun-parts # the carried parts, kept on the machine from call to call (each call carries one folder)
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
-if [[ $1 != prepare ]]; then # (the case above has checked $1)
+if [[ $1 != prepare && $1 != xprepare ]]; then # (the case above has checked $1)
     mkdir -p "$P"
     for d in a b c; do
         if [[ -d $G/$d ]]; then
@@ -69,6 +75,14 @@ if [[ $1 != prepare ]]; then # (the case above has checked $1)
     fi
 fi
 export KVPOLAR_CUDA=1 KVPOLAR_CUDA_ARCHS=${KVPOLAR_CUDA_ARCHS:-90}
+if [[ -f /tmp/xbin/libdirs ]]; then # xbin's binaries: the folders of the machine's CUDA libraries
+    export LD_LIBRARY_PATH=/tmp/xbin:$(cat /tmp/xbin/libdirs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+# xprepare's toolchain: the CUDA 13.0 of the GPU machine's image (nvcc 13.0, driver 580), from PyPI
+XTOOLCHAIN=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96
+    nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14)
+XBIN_FILES=(llama-cli llama-completion llama-perplexity llama-bench llama-server test-backend-ops test-quantize-fns
+    ggml-rpc-server) # kvsetup's BUILD_TARGETS
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -260,6 +274,50 @@ checks)
     models_and_build
     setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
+    ;;
+xprepare)
+    [[ -d $G/a ]] || { echo "gpu_run xprepare: run prepare first (it remakes .gpurun)" >&2; exit 2; }
+    [[ -z "${KVPOLAR_EXPERIMENTS:-}" ]] || { echo "gpu_run xprepare: builds the series only, not KVPOLAR_EXPERIMENTS" >&2; exit 2; }
+    TK=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/cuda-13.0-pip
+    T=$TK/nvidia/cu13
+    if [[ ! -x $T/bin/nvcc ]] || ! "$T/bin/nvcc" --version | grep -q "release 13.0"; then
+        rm -rf "$TK" && python3 -m pip install -q --no-deps --target "$TK" "${XTOOLCHAIN[@]}"
+    fi
+    for l in cudart cublas cublasLt; do ln -sfn "lib$l.so.13" "$T/lib/lib$l.so"; done # what the linker asks for
+    [[ -e $T/lib64 ]] || ln -s lib "$T/lib64"                                        # where nvcc 13.0 looks
+    # no libcuda here (the driver's): GGML_CUDA_NO_VMM; the binaries find their libraries beside them
+    PATH=$T/bin:$PATH KVPOLAR_CMAKE_ARGS="-DCUDAToolkit_ROOT=$T -DGGML_CUDA_NO_VMM=ON \
+        -DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,$T/lib -DCMAKE_BUILD_RPATH=\$ORIGIN" \
+        python3 scripts/bootstrap.py llama --no-python
+    mkdir -p "$G/x"
+    (cd build/bin && tar cf - ./*.so* "${XBIN_FILES[@]}") | xz -6 -T2 > "$G/x/bin.tar.xz.part"
+    mv "$G/x/bin.tar.xz.part" "$G/x/bin.tar.xz"
+    ls -la "$G/x/bin.tar.xz"
+    echo "gpu_run xprepare: build/ now points at this CUDA build; ./scripts/test.sh points it back"
+    ;;
+xbin)
+    [[ -f $G/x/bin.tar.xz ]] || { echo "gpu_run xbin: carry .gpurun/x (gpu_run.sh xprepare makes it)" >&2; exit 2; }
+    rm -rf /tmp/xbin && mkdir -p /tmp/xbin
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="fully_trusted")' "$G/x/bin.tar.xz" /tmp/xbin
+    find / \( -path /proc -o -path /sys -o -path /dev -o -path /tmp/xbin \) -prune -o \
+        \( -name libcudart.so.13 -o -name libcublas.so.13 -o -name libcublasLt.so.13 \) -printf '%h\n' 2>/dev/null |
+        grep -v '^/tmp/xbin$' | sort -u | tr '\n' ':' > /tmp/xbin/libdirs.try
+    missing=$(LD_LIBRARY_PATH=/tmp/xbin:$(cat /tmp/xbin/libdirs.try) ldd /tmp/xbin/libggml-cuda.so | grep "not found" || true)
+    if [[ -n $missing ]]; then
+        echo "gpu_run xbin: xprepare's binaries do not load here (build there instead): $missing" >&2
+        exit 1
+    fi
+    mv /tmp/xbin/libdirs.try /tmp/xbin/libdirs
+    export LD_LIBRARY_PATH=/tmp/xbin:$(cat /tmp/xbin/libdirs)
+    rm -rf build && mkdir -p build && ln -s /tmp/xbin build/bin
+    build/bin/test-backend-ops support -b CUDA0 -o SET -p polar > /tmp/xbin-support.log 2>&1 || true
+    if ! sed 's/\x1b\[[0-9;]*m//g' /tmp/xbin-support.log | grep -q -E '^  SET\(.*polar.*\): SUPPORTED$'; then
+        tail -5 /tmp/xbin-support.log >&2
+        echo "gpu_run xbin: xprepare's test-backend-ops did not open CUDA0 (build there instead)" >&2
+        exit 1
+    fi
+    # the steps that wait for the build (models_and_build) find it done
+    echo "llama.cpp built in 0 min (xprepare's binaries, $(ls /tmp/xbin | wc -l) files)" | tee /tmp/gpu-run-build.log
     ;;
 script)
     [[ -f ${2:-} ]] || { echo "gpu_run script: expected a script file, got '${2:-}'" >&2; exit 2; }
