@@ -58,7 +58,7 @@ prepare | xprepare | xbin | build | parts | checks | profile | collect | verify 
     ;;
 esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-G=.gpurun
+G=${GPU_RUN_DIR:-.gpurun} # (GPU_RUN_DIR: another folder, for the tests)
 P=/tmp/gpurun-parts # the carried parts, kept on the machine from call to call (each call carries one folder)
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
@@ -276,7 +276,7 @@ checks)
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
     ;;
 xprepare)
-    [[ -d $G/a ]] || { echo "gpu_run xprepare: run prepare first (it remakes .gpurun)" >&2; exit 2; }
+    [[ -d $G/a ]] || { echo "gpu_run xprepare: no $G/a: run prepare first (it remakes .gpurun)" >&2; exit 2; }
     [[ -z "${KVPOLAR_EXPERIMENTS:-}" ]] || { echo "gpu_run xprepare: builds the series only, not KVPOLAR_EXPERIMENTS" >&2; exit 2; }
     TK=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/cuda-13.0-pip
     T=$TK/nvidia/cu13
@@ -296,7 +296,7 @@ xprepare)
     echo "gpu_run xprepare: build/ now points at this CUDA build; ./scripts/test.sh points it back"
     ;;
 xbin)
-    [[ -f $G/x/bin.tar.xz ]] || { echo "gpu_run xbin: carry .gpurun/x (gpu_run.sh xprepare makes it)" >&2; exit 2; }
+    [[ -f $G/x/bin.tar.xz ]] || { echo "gpu_run xbin: no $G/x/bin.tar.xz: carry .gpurun/x (gpu_run.sh xprepare makes it)" >&2; exit 2; }
     rm -rf /tmp/xbin && mkdir -p /tmp/xbin
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="fully_trusted")' "$G/x/bin.tar.xz" /tmp/xbin
     find / \( -path /proc -o -path /sys -o -path /dev -o -path /tmp/xbin \) -prune -o \

@@ -54,3 +54,25 @@ def test_script_needs_a_file(args, tmp_path):
     assert r.returncode == 2, r
     got = args[1] if len(args) > 1 else ""
     assert f"gpu_run script: expected a script file, got '{got}'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ("xbin", "gpu_run xbin: no {G}/x/bin.tar.xz: carry .gpurun/x (gpu_run.sh xprepare makes it)"),
+        ("xprepare", "gpu_run xprepare: no {G}/a: run prepare first (it remakes .gpurun)"),
+    ],
+)
+def test_cross_build_steps_need_their_folders(step, message, tmp_path):
+    """xprepare needs prepare's folders, xbin the carried binaries: each says so before doing anything."""
+    g = tmp_path / "gpurun"
+    g.mkdir()
+    r = subprocess.run(
+        ["bash", str(SCRIPT), step],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GPU_RUN_DIR": str(g)},
+    )
+    assert r.returncode == 2, r
+    assert message.format(G=g) in r.stderr, r.stderr
