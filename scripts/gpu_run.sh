@@ -316,6 +316,12 @@ xbin)
         echo "gpu_run xbin: xprepare's test-backend-ops did not open CUDA0 (build there instead)" >&2
         exit 1
     fi
+    # this machine's CPU flags (xprepare probed its own): the CPU backend's polar paths run here
+    if ! build/bin/test-backend-ops test -b CPU -o SET -p polar > /tmp/xbin-cpu.log 2>&1; then
+        tail -5 /tmp/xbin-cpu.log >&2
+        echo "gpu_run xbin: xprepare's CPU backend does not run here (its CPU flags?); build there instead" >&2
+        exit 1
+    fi
     # the steps that wait for the build (models_and_build) find it done
     echo "llama.cpp built in 0 min (xprepare's binaries, $(ls /tmp/xbin | wc -l) files)" | tee /tmp/gpu-run-build.log
     ;;
