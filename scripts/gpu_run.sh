@@ -285,8 +285,9 @@ xprepare)
     fi
     for l in cudart cublas cublasLt; do ln -sfn "lib$l.so.13" "$T/lib/lib$l.so"; done # what the linker asks for
     [[ -e $T/lib64 ]] || ln -s lib "$T/lib64"                                        # where nvcc 13.0 looks
-    # no libcuda here (the driver's): GGML_CUDA_NO_VMM; the binaries find their libraries beside them
-    PATH=$T/bin:$PATH KVPOLAR_CMAKE_ARGS="-DCUDAToolkit_ROOT=$T -DGGML_CUDA_NO_VMM=ON \
+    # no libcuda here (the driver's): GGML_CUDA_NO_VMM; the binaries find their libraries beside them, and
+    # the toolchain's libcudart/libcublas for the set-up's smoke run here (on the CPU: no GPU here)
+    LD_LIBRARY_PATH=$T/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$T/bin:$PATH KVPOLAR_CMAKE_ARGS="-DCUDAToolkit_ROOT=$T -DGGML_CUDA_NO_VMM=ON \
         -DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,$T/lib -DCMAKE_BUILD_RPATH=\$ORIGIN" \
         python3 scripts/bootstrap.py llama --no-python
     mkdir -p "$G/x"
@@ -309,7 +310,8 @@ xbin)
     fi
     mv /tmp/xbin/libdirs.try /tmp/xbin/libdirs
     export LD_LIBRARY_PATH=/tmp/xbin:$(cat /tmp/xbin/libdirs)
-    rm -rf build && mkdir -p build && ln -s /tmp/xbin build/bin
+    # build -> a folder whose bin is /tmp/xbin: a link, as the set-up leaves it (a later `build` relinks it)
+    rm -rf build /tmp/xbuild && mkdir -p /tmp/xbuild && ln -s /tmp/xbin /tmp/xbuild/bin && ln -s /tmp/xbuild build
     build/bin/test-backend-ops support -b CUDA0 -o SET -p polar > /tmp/xbin-support.log 2>&1 || true
     if ! sed 's/\x1b\[[0-9;]*m//g' /tmp/xbin-support.log | grep -q -E '^  SET\(.*polar.*\): SUPPORTED$'; then
         tail -5 /tmp/xbin-support.log >&2
