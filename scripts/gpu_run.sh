@@ -9,12 +9,13 @@
 #                                           # KVPOLAR_EXPERIMENTS="x.diff ..." applies patches/experiments/x.diff
 #   here:   scripts/gpu_run.sh xprepare     # (after prepare) the CUDA build made here with PyPI's CUDA 13.0
 #                                           # toolchain, the GPU machine's (pinned below), ~25 min on 2 cores
-#                                           # -> .gpurun/x/bin.tar.xz: carried, it saves the machine the build
-#   there:  (every step first keeps the parts of whichever of .gpurun/a, b, c it carries in /tmp/gpurun-parts;
+#                                           # -> .gpurun/x1, x2 (halves): carried, they save the machine the build
+#   there:  (every step first keeps the parts of whichever of .gpurun/a, b, c, x1, x2 it carries in /tmp/gpurun-parts;
 #           the steps that run models need all three, so carry a, b and c in three calls, e.g. build, parts, verify)
-#           scripts/gpu_run.sh xbin         # (carry .gpurun/x) xprepare's binaries as build/bin, with the
-#                                           # machine's libcudart/libcublas; fails, naming what is missing, where
-#                                           # they do not load (then `build` there as before)
+#           scripts/gpu_run.sh xbin         # (`parts` carrying .gpurun/x1, then this carrying x2) xprepare's
+#                                           # binaries as build/bin, with the machine's libcudart/libcublas;
+#                                           # fails, naming what is missing, where they do not load or run
+#                                           # (then `build` there as before)
 #           scripts/gpu_run.sh parts        # only that: keep the carried parts, list what the machine holds
 #           scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
@@ -53,18 +54,18 @@ set -euo pipefail
 case ${1:-} in
 prepare | xprepare | xbin | build | parts | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,51p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,52p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 G=${GPU_RUN_DIR:-.gpurun} # (GPU_RUN_DIR: another folder, for the tests)
-P=/tmp/gpurun-parts # the carried parts, kept on the machine from call to call (each call carries one folder)
+P=${GPU_RUN_PARTS:-/tmp/gpurun-parts} # the carried parts, kept on the machine from call to call (each call carries one folder)
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
 if [[ $1 != prepare && $1 != xprepare ]]; then # (the case above has checked $1)
     mkdir -p "$P"
-    for d in a b c; do
+    for d in a b c x1 x2; do
         if [[ -d $G/$d ]]; then
             find "$G/$d" -maxdepth 1 -type f ! -name src.txz -exec cp {} "$P"/ \;
         fi
@@ -290,16 +291,26 @@ xprepare)
     LD_LIBRARY_PATH=$T/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$T/bin:$PATH KVPOLAR_CMAKE_ARGS="-DCUDAToolkit_ROOT=$T -DGGML_CUDA_NO_VMM=ON \
         -DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,$T/lib -DCMAKE_BUILD_RPATH=\$ORIGIN" \
         python3 scripts/bootstrap.py llama --no-python
-    mkdir -p "$G/x"
-    (cd build/bin && tar cf - ./*.so* "${XBIN_FILES[@]}") | xz -6 -T2 > "$G/x/bin.tar.xz.part"
-    mv "$G/x/bin.tar.xz.part" "$G/x/bin.tar.xz"
-    ls -la "$G/x/bin.tar.xz"
+    # in two halves (.gpurun/x1, x2: about 24 MB each), so that each call's upload, the tracked files
+    # (17 MB) included, stays well under 64 MiB: 47 MB in one would come to 62 MiB
+    rm -rf "$G/x1" "$G/x2" && mkdir -p "$G/x1" "$G/x2"
+    (cd build/bin && tar cf - ./*.so* "${XBIN_FILES[@]}") | xz -6 -T2 > "$G/bin.tar.xz"
+    sha256sum "$G/bin.tar.xz" | cut -d' ' -f1 > "$G/x2/xbin.sha256"
+    half=$(( ($(stat -c %s "$G/bin.tar.xz") + 1) / 2 ))
+    head -c "$half" "$G/bin.tar.xz" > "$G/x1/xbin.part.a"
+    tail -c +$((half + 1)) "$G/bin.tar.xz" > "$G/x2/xbin.part.b"
+    rm "$G/bin.tar.xz"
+    ls -la "$G/x1" "$G/x2"
     echo "gpu_run xprepare: build/ now points at this CUDA build; ./scripts/test.sh points it back"
     ;;
 xbin)
-    [[ -f $G/x/bin.tar.xz ]] || { echo "gpu_run xbin: no $G/x/bin.tar.xz: carry .gpurun/x (gpu_run.sh xprepare makes it)" >&2; exit 2; }
+    for f in xbin.part.a xbin.part.b xbin.sha256; do
+        [[ -f $P/$f ]] || { echo "gpu_run xbin: no $f: carry .gpurun/x1 and .gpurun/x2 (one call each; gpu_run.sh xprepare makes them)" >&2; exit 2; }
+    done
+    cat "$P/xbin.part.a" "$P/xbin.part.b" > /tmp/xbin.tar.xz
+    [[ "$(sha256sum /tmp/xbin.tar.xz | cut -d' ' -f1)" == "$(cat "$P/xbin.sha256")" ]] || { echo "gpu_run xbin: the binaries' sha256 differs" >&2; exit 1; }
     rm -rf /tmp/xbin && mkdir -p /tmp/xbin
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="fully_trusted")' "$G/x/bin.tar.xz" /tmp/xbin
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="fully_trusted")' /tmp/xbin.tar.xz /tmp/xbin
     find / \( -path /proc -o -path /sys -o -path /dev -o -path /tmp/xbin \) -prune -o \
         \( -name libcudart.so.13 -o -name libcublas.so.13 -o -name libcublasLt.so.13 \) -printf '%h\n' 2>/dev/null |
         grep -v '^/tmp/xbin$' | sort -u | tr '\n' ':' > /tmp/xbin/libdirs.try

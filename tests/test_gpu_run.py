@@ -59,12 +59,12 @@ def test_script_needs_a_file(args, tmp_path):
 @pytest.mark.parametrize(
     ("step", "message"),
     [
-        ("xbin", "gpu_run xbin: no {G}/x/bin.tar.xz: carry .gpurun/x (gpu_run.sh xprepare makes it)"),
+        ("xbin", "gpu_run xbin: no xbin.part.a: carry .gpurun/x1 and .gpurun/x2 (one call each; "),
         ("xprepare", "gpu_run xprepare: no {G}/a: run prepare first (it remakes .gpurun)"),
     ],
 )
 def test_cross_build_steps_need_their_folders(step, message, tmp_path):
-    """xprepare needs prepare's folders, xbin the carried binaries: each says so before doing anything."""
+    """xprepare needs prepare's folders, xbin the carried halves of the binaries: each says so first."""
     g = tmp_path / "gpurun"
     g.mkdir()
     r = subprocess.run(
@@ -72,7 +72,13 @@ def test_cross_build_steps_need_their_folders(step, message, tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GPU_RUN_DIR": str(g)},
+        env={
+            "OUT": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "GPU_RUN_DIR": str(g),
+            "GPU_RUN_PARTS": str(tmp_path / "parts"),
+        },
     )
     assert r.returncode == 2, r
     assert message.format(G=g) in r.stderr, r.stderr
