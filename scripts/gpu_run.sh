@@ -319,8 +319,9 @@ xbin)
         echo "gpu_run xbin: xprepare's binaries do not load here (build there instead): $missing" >&2
         exit 1
     fi
-    mv /tmp/xbin/libdirs.try /tmp/xbin/libdirs
-    export LD_LIBRARY_PATH=/tmp/xbin:$(cat /tmp/xbin/libdirs)
+    # /tmp/xbin/libdirs (what later steps put on LD_LIBRARY_PATH) is written last, when every check passed: a
+    # failed xbin must not put its libraries in front of a `build` made there afterwards
+    export LD_LIBRARY_PATH=/tmp/xbin:$(cat /tmp/xbin/libdirs.try)
     # build -> a folder whose bin is /tmp/xbin: a link, as the set-up leaves it (a later `build` relinks it)
     rm -rf build /tmp/xbuild && mkdir -p /tmp/xbuild && ln -s /tmp/xbin /tmp/xbuild/bin && ln -s /tmp/xbuild build
     build/bin/test-backend-ops support -b CUDA0 -o SET -p polar > /tmp/xbin-support.log 2>&1 || true
@@ -335,6 +336,7 @@ xbin)
         echo "gpu_run xbin: xprepare's CPU backend does not run here (its CPU flags?); build there instead" >&2
         exit 1
     fi
+    mv /tmp/xbin/libdirs.try /tmp/xbin/libdirs
     # the steps that wait for the build (models_and_build) find it done
     echo "llama.cpp built in 0 min (xprepare's binaries, $(ls /tmp/xbin | wc -l) files)" | tee /tmp/gpu-run-build.log
     ;;
