@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0022, 0024, 0036: polar/polar3 in
+# Checks a CUDA build of the patched llama.cpp (patches 0008-0010, 0014, 0016-0022, 0024, 0036, 0038: polar/polar3 in
 # ggml-cuda and the backend guard in llama) on a machine with an NVIDIA GPU.
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
@@ -70,6 +70,11 @@ check_cases() {
     fi
 }
 
+# mean_kld LOG: the mean KLD a llama-perplexity --kl-divergence log reports (empty if none)
+mean_kld() {
+    sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$1"
+}
+
 # kld_gpu_host NAME LABEL ARGS...: the command in the array ppl (llama-perplexity) with ARGS and
 # --kl-divergence against $base, the cache and attention on the GPU and on the host (-nkvo
 # --no-op-offload; logs $OUTDIR/kld-NAME-gpu.log / -host.log): their mean KLDs must be within 0.0005
@@ -79,8 +84,8 @@ kld_gpu_host() {
     "${ppl[@]}" "$@" --kl-divergence-base "$base" --kl-divergence > "$OUTDIR/kld-$name-gpu.log" 2>&1
     "${ppl[@]}" "$@" --kl-divergence-base "$base" --kl-divergence -nkvo --no-op-offload \
         > "$OUTDIR/kld-$name-host.log" 2>&1
-    g=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$name-gpu.log")
-    h=$(sed -nE 's/^Mean +KLD: +([0-9.]+).*/\1/p' "$OUTDIR/kld-$name-host.log")
+    g=$(mean_kld "$OUTDIR/kld-$name-gpu.log")
+    h=$(mean_kld "$OUTDIR/kld-$name-host.log")
     if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
         echo "ok: $label: mean KLD on the GPU $g, host attention $h"
     else

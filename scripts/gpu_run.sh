@@ -82,8 +82,6 @@ fi
 # xprepare's toolchain: the CUDA 13.0 of the GPU machine's image (nvcc 13.0, driver 580), from PyPI
 XTOOLCHAIN=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96
     nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14)
-XBIN_FILES=(llama-cli llama-completion llama-perplexity llama-bench llama-server test-backend-ops test-quantize-fns
-    ggml-rpc-server) # kvsetup's BUILD_TARGETS
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -294,13 +292,16 @@ xprepare)
     # in two halves (.gpurun/x1, x2: about 24 MB each), so that each call's upload, the tracked files
     # (17 MB) included, stays well under 64 MiB: 47 MB in one would come to 62 MiB
     rm -rf "$G/x1" "$G/x2" && mkdir -p "$G/x1" "$G/x2"
-    (cd build/bin && tar cf - ./*.so* "${XBIN_FILES[@]}") | xz -6 -T2 > "$G/bin.tar.xz"
+    # the set-up's tools (kvsetup.pins.BUILD_TARGETS) and every library beside them
+    read -r -a tools <<< "$(python3 -c 'import sys; sys.path.insert(0, "scripts"); from kvsetup.pins import BUILD_TARGETS; print(*BUILD_TARGETS)')"
+    (cd build/bin && tar cf - ./*.so* "${tools[@]}") | xz -6 -T2 > "$G/bin.tar.xz"
     sha256sum "$G/bin.tar.xz" | cut -d' ' -f1 > "$G/x2/xbin.sha256"
     half=$(( ($(stat -c %s "$G/bin.tar.xz") + 1) / 2 ))
     head -c "$half" "$G/bin.tar.xz" > "$G/x1/xbin.part.a"
     tail -c +$((half + 1)) "$G/bin.tar.xz" > "$G/x2/xbin.part.b"
     rm "$G/bin.tar.xz"
     ls -la "$G/x1" "$G/x2"
+    echo "gpu_run xprepare: the tracked files a call uploads too: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes"
     echo "gpu_run xprepare: build/ now points at this CUDA build; ./scripts/test.sh points it back"
     ;;
 xbin)

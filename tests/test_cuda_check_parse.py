@@ -115,3 +115,42 @@ def test_step_time_line():
     cmd = f'source "{SCRIPT}"; SECONDS=41; step_time 6'
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
     assert out.strip() in ("time: step 6 starts at 41 s", "time: step 6 starts at 42 s"), out
+
+
+def test_fa_off_diag_reuses_the_check(tmp_path):
+    """scripts/fa_off_diag.sh runs step 6's pair (kld_gpu_host, sourced from this script) per setting, with
+    the setting in the environment of both runs, and test-backend-ops through check_cases; its exit status
+    is the check's. Stand-in binaries: the GPU run of a polar K cache without flash attention reports a KLD
+    0.016 above the host's unless LLAMA_KV_EXACT_SINK=0 (the shape of the session-24 failure)."""
+    diag = SCRIPT.parent / "fa_off_diag.sh"
+    b = tmp_path / "bin"
+    b.mkdir()
+    (b / "llama-perplexity").write_text(
+        "#!/usr/bin/env bash\n"
+        'host=0; polar=0; off=0; for a in "$@"; do [[ $a == -nkvo ]] && host=1; [[ $a == polar ]] && polar=1;'
+        " [[ $a == off ]] && off=1; done\n"
+        "kld=0.0361; if [[ $host == 0 && $polar == 1 && $off == 1 && ${LLAMA_KV_EXACT_SINK:-1} == 1 ]]; then"
+        " kld=0.0522; fi\n"
+        'echo "Mean    KLD:   $kld ±   0.0001"\n'
+    )
+    (b / "test-backend-ops").write_text(
+        "#!/usr/bin/env bash\n"
+        "op=; while [[ $# -gt 0 ]]; do [[ $1 == -o ]] && op=$2; shift; done\n"
+        'echo "  $op(type=polar,d=64): OK"\n'
+    )
+    for f in b.iterdir():
+        f.chmod(0o755)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "BIN": str(b),
+        "OUT": str(tmp_path),
+        "DIAG_DIR": str(tmp_path / "diag"),
+        "DIAG_BASE": str(tmp_path / "base.kld"),
+    }
+    r = subprocess.run(["bash", str(diag)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r
+    assert "ok: test-backend-ops -o SET: 1 polar cases OK" in r.stdout, r.stdout
+    assert "FAIL: polar-off: mean KLD on the GPU '0.0522' vs host attention '0.0361'" in r.stdout, r.stdout
+    assert "ok: polar-off-nosink LLAMA_KV_EXACT_SINK=0: mean KLD on the GPU 0.0361" in r.stdout, r.stdout
+    assert "ok: f16-off: mean KLD on the GPU 0.0361" in r.stdout, r.stdout
+    assert (tmp_path / "diag.tgz").is_file()
