@@ -11,7 +11,8 @@ and prints a markdown table; scripts/write_results.py assembles docs/results.md 
 
 quality: `llama-perplexity --kl-divergence` against an f16-cache base run on the SQuAD text;
 K types with V f16, each with centering off and on (env LLAMA_KV_CENTER), then K+V; the polar types
-also with the exact sink key of patch 0024 on (their default) and off (env LLAMA_KV_EXACT_SINK).
+also with the exact sink key of patch 0024 on (their default) and off (env LLAMA_KV_EXACT_SINK), and
+the pair polar K + polar3 V also without its layer policy (patch 0034; env LLAMA_KV_LAYER_POLICY=0).
 speed: `llama-bench -fa 1`, pp512 and tg64 at the given depths. memory: the KV size
 llama.cpp reports at context creation. startup: the seconds a context that serves several sequences
 spends decoding patch 0035's built-in text (from the tool's time-stamped log).
@@ -138,12 +139,18 @@ def quality(args, log) -> dict:
             for s in (True, False)
         ]
         plan += [("f16", "f16", True, None)]
-        for k, v, center, sink in plan:
+        plan = [(*row, None) for row in plan]
+        # the low-memory pair's layer policy (patch 0034, its default) off: every layer polar K + polar3 V
+        at = plan.index(("polar", "polar3", True, False, None)) + 1
+        plan.insert(at, ("polar", "polar3", True, True, False))
+        for k, v, center, sink, policy in plan:
             if args.only and k not in args.only:
                 continue
             env = {"LLAMA_KV_CENTER": "1" if center else "0"}
             if sink is not None:
                 env["LLAMA_KV_EXACT_SINK"] = "1" if sink else "0"
+            if policy is not None:
+                env["LLAMA_KV_LAYER_POLICY"] = "1" if policy else "0"
             try:
                 out = run(
                     [*common, "--kl-divergence-base", base, "--kl-divergence", "-ctk", k, "-ctv", v],
@@ -153,7 +160,10 @@ def quality(args, log) -> dict:
                 r = parse_kld(out)
             except RuntimeError as e:
                 r = {"error": str(e).splitlines()[0]}
-            rows.append({"k": k, "v": v, "center": center, "sink": sink, "bits_k": BITS[k], **r})
+            row = {"k": k, "v": v, "center": center, "sink": sink, "bits_k": BITS[k]}
+            if policy is not None:
+                row["layer_policy"] = policy
+            rows.append({**row, **r})
             print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "chunks": args.chunks, "ctx": args.ctx}
 

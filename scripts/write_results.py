@@ -47,26 +47,74 @@ def quality_table(d: dict) -> list[str]:
     ]
     for r in d["rows"]:
         sink = {True: "on", False: "off"}.get(r.get("sink"), "-")
+        v = f"{r['v']} (uniform layers)" if r.get("layer_policy") is False else r["v"]
         if "error" in r:
             out.append(
-                f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {sink} | {r['bits_k']} "
+                f"| {r['k']} | {v} | {'on' if r['center'] else 'off'} | {sink} | {r['bits_k']} "
                 f"| error: {r['error']} | | |"
             )
             continue
         out.append(
-            f"| {r['k']} | {r['v']} | {'on' if r['center'] else 'off'} | {sink} | {r['bits_k']:g} "
+            f"| {r['k']} | {v} | {'on' if r['center'] else 'off'} | {sink} | {r['bits_k']:g} "
             f"| {r['mean_kld']:.4f} "
             f"| {r['same_top_pct']:.1f} % | {r['ppl_ratio']:.3f} |"
         )
     patches = llama_patch_numbers(d.get("build", {}).get("patches", []))
-    if any(r["k"] == "polar" and r["v"] == "polar3" for r in d["rows"]) and LAYER_POLICY_PATCH not in patches:
+    pair = any(r["k"] == "polar" and r["v"] == "polar3" for r in d["rows"])
+    if pair and LAYER_POLICY_PATCH not in patches:
         out += [
             "",
             "The polar / polar3 rows are uniform (every layer polar K + polar3 V): this build predates "
             f"patch {LAYER_POLICY_PATCH}, whose layer policy is now that pair's default (its rows: "
             '"The low-memory pair\'s layer policy" below).',
         ]
+    elif pair:
+        out += [
+            "",
+            f"polar / polar3 (3.75 bits/elem): the layer policy of patch {LAYER_POLICY_PATCH} (the default: "
+            "V polar in the first round(L / 10) layers, K polar3 in the last as many) unless marked uniform "
+            "(`LLAMA_KV_LAYER_POLICY=0`). The K bits/elem column gives -ctk's type.",
+        ]
     return [*out, ""]
+
+
+def cpu_ab_tables() -> list[str]:
+    """docs/bench/cpu-ab-*.json (scripts/cpu_build_ab.py): two builds on the CPU, the cache write's encoder
+    a block (same bytes checked) and llama-bench pooled over the alternated rounds."""
+    out: list[str] = []
+    for f in sorted(BENCH.glob("cpu-ab-*.json")):
+        d = json.loads(f.read_text())
+        a, b = (build_label(d["builds"][x]) for x in ("A", "B"))
+        out += [
+            f"### Two builds on the CPU: {f.stem.removeprefix('cpu-ab-')}",
+            "",
+            f"Command: `{d['command']}` — {d['machine']}, {d['date']}, {d['seconds']} s. A: {a}; B: {b}.",
+            "",
+            "| encoder (thread CPU time, best of 3) | A ns/block | B ns/block | A / B | bytes |",
+            "|---|---|---|---|---|",
+        ]
+        for key, ra in d["encode"]["A"].items():
+            rb = d["encode"]["B"][key]
+            same = "same" if ra["sha256"] == rb["sha256"] else "differ"
+            out.append(
+                f"| {key} | {ra['ns_per_block']:.0f} | {rb['ns_per_block']:.0f} | "
+                f"{ra['ns_per_block'] / rb['ns_per_block']:.2f}x | {same} |"
+            )
+        rounds = 1 + max(r["round"] for r in d["rows"])
+        out += [
+            "",
+            f"| K = V | test | A t/s | B t/s | B / A (pooled over {rounds} alternated rounds) "
+            "| each round's B / A |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['type']} | {r['test']} @ d{r['depth']} | {r['A']:.1f} | {r['B']:.1f} | {r['B/A']:.3f} | "
+            + ", ".join(f"{x:.2f}" for x in r["rounds"])
+            + " |"
+            for r in d["pooled"]
+        ]
+        out.append("")
+    return out
 
 
 def layer_policy_table() -> list[str]:
@@ -406,8 +454,9 @@ GPU_TABLES_BUILD = "session 20's build, patch 0031's code"
 # ab_llama_gpu.py runs of issue 10's tg targets (docs/results-cuda.md), newest first, listed in
 # results.md next to the full bench_llama_gpu.py tables (every run, as the runs scatter by several per
 # cent): (runs pooled by ab_llama_gpu.pool, model, depth, settings the build does not read, the environment
-# of the polar/polar row to take). Session 20: the A/B of 0031's diff (three passes; its rows without an
-# environment are 0031's code). Session 19: the series 0001-0030, as a tree with the dropped prefetch
+# of the polar/polar row to take). Session 23: `ab targets`, the series 0001-0035 (five passes).
+# Session 20: the A/B of 0031's diff (three passes; its rows without an environment are 0031's code).
+# Session 19: the series 0001-0030, as a tree with the dropped prefetch
 # experiment (two passes; its GGML_CUDA_POLAR_FA_PREFETCH=0 rows are 0030's kernel, and at head size 128 every
 # row is) and as the A/B of 0030's diff (three passes; its rows without an environment are 0030's code);
 # session 18: the series 0001-0029, three passes (its GGML_CUDA_POLAR_NO_EARLY rows are the same code);
@@ -421,7 +470,10 @@ S19L = "docs/gpu/h200-llama/session19/loads-ab"
 S19_OFF = {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}
 S18 = "docs/gpu/h200-llama/session18/series-ab"
 S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
+S23T = "docs/gpu/h200-llama/session23/targets-ab"
 AB_LATEST = (
+    (tuple(f"{S23T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 6)), "SmolLM2-135M", 16384, {}, {}),
+    (tuple(f"{S23T}/pass{i}/ab-targets-qwen.json" for i in range(1, 6)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S20C}/pass{i}/ab-combine-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, {}, {}),
     (tuple(f"{S20C}/pass{i}/ab-combine-qwen.json" for i in (1, 2, 3)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S19P}/pass{i}/ab-prefetch-smollm2.json" for i in (1, 2)), "SmolLM2-135M", 16384, {}, S19_OFF),
@@ -463,6 +515,7 @@ def render() -> str:
             d = _load(kind, model)
             if d:
                 lines += fn(d)
+    lines += cpu_ab_tables()
     lines += layer_policy_table()
     lines += multiseq_table()
     gpu = REPO / "docs" / "results-gpu.md"

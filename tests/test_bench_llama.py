@@ -42,3 +42,41 @@ def test_startup_is_the_time_before_the_measured_line(tmp_path, monkeypatch):
 def test_startup_without_the_line_says_so(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="measured from N tokens"):
         run_startup(tmp_path, monkeypatch, "0.00.361.010 I llama_kv_cache: one sequence\n")
+
+
+def test_quality_runs_the_low_memory_pair_also_without_its_layer_policy(tmp_path, monkeypatch):
+    """quality: polar K + polar3 V with its layer policy (patch 0034, the default) and once more with
+    LLAMA_KV_LAYER_POLICY=0, marked in its row and in results.md's table; no other row sets it."""
+    import write_results
+
+    calls = []
+
+    def fake_run(cmd, env_extra=None, log=None):
+        calls.append((cmd, dict(env_extra or {})))
+        n = len(calls)
+        ratio = f"Mean PPL(Q)/PPL(base) : 1.0{n:02d}\n"
+        return ratio + f"Mean PPL(Q) : 10.0\nMean KLD: 0.0{n:02d}\nSame top p: 90.0 %\n"
+
+    monkeypatch.setattr(bench_llama, "run", fake_run)
+    monkeypatch.setattr(bench_llama.paths, "bin_path", lambda name: tmp_path / name)
+    monkeypatch.setattr(bench_llama.paths, "data_file", lambda name: tmp_path / str(name))
+    args = bench_llama.argparse.Namespace(model="smollm2", ctx=64, chunks=1, threads=1, only=None)
+    res = bench_llama.quality(args, [])
+    pair = [
+        (r, env)
+        for r, (_, env) in zip(res["rows"][1:], calls[1:], strict=True)
+        if (r["k"], r["v"]) == ("polar", "polar3")
+    ]
+    assert [(r["sink"], r.get("layer_policy")) for r, _ in pair] == [
+        (True, None),
+        (False, None),
+        (True, False),
+    ]
+    assert pair[2][1]["LLAMA_KV_LAYER_POLICY"] == "0"
+    assert sum("LLAMA_KV_LAYER_POLICY" in env for _, env in calls) == 1
+    d = {**res, "model_file": "m.gguf", "command": "c", "machine": "m", "date": "d", "seconds": 1}
+    d["build"] = {"key": "k", "patches": ["patches/llama.cpp/0034-x.patch"]}
+    table = "\n".join(write_results.quality_table(d))
+    assert table.count("| polar | polar3 (uniform layers) | on | on |") == 1
+    assert table.count("| polar | polar3 | on |") == 2
+    assert "unless marked uniform" in table

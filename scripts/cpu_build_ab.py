@@ -1,0 +1,183 @@
+"""A/B of two bootstrap.py builds on the CPU: the polar cache write's encoder and llama-bench.
+
+    python scripts/cpu_build_ab.py --a BUILD_A/bin --b BUILD_B/bin [--model smollm2] [--rounds 2]
+        [--types f16 polar polar3] [--depths 0 4096] [--reps 3] [--threads N] [--json OUT]
+
+encode: each build's CPU cache write (the CPU backend's from_float, which SET_ROWS calls) and
+ggml-base's quantize_row_<type>_ref on the same Gaussian blocks, in a process of its own, timed in
+thread CPU time (the best of 3 passes), with the sha256 of the bytes each wrote: the builds must
+write the same bytes, or the A/B stops. bench: llama-bench -fa 1 pp512 and tg64 at each depth, K and
+V of each type, the two builds alternated --rounds times, the first of a round switching each round.
+Prints t/s of each and B / A pooled over the rounds; --json keeps every row, the machine and both
+builds (llama_bench.build_info).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import llama_bench
+from kvpolar import format as pformat
+from kvpolar import paths
+from kvpolar.atomic import atomic_write_text
+from kvsetup.cpu import cpu_model
+from study import ggml_lib
+from study.ggml_lib import FROM_FLOAT
+
+MODELS = {"smollm2": paths.SMOLLM2_GGUF, "qwen": paths.QWEN_GGUF}
+ENCODE_TYPES = ("polar", "polar3")
+
+
+class _TraitsCpu(ctypes.Structure):
+    """struct ggml_type_traits_cpu (ggml/include/ggml-cpu.h): from_float first."""
+
+    _fields_ = [("from_float", ctypes.c_void_p)]
+
+
+def encode_times(bin_dir: Path, n_blocks: int, passes: int = 3) -> dict:
+    """ns a block and the sha256 of the output of the CPU cache write and of the reference encoder,
+    each type, in this process (one build's libraries a process)."""
+    mode = getattr(ctypes, "RTLD_GLOBAL", 0)
+    base = ggml_lib.load_base(bin_dir / "libggml-base.so", mode=mode)
+    cpu = ctypes.CDLL(str(bin_dir / "libggml-cpu.so"), mode=mode)
+    cpu.ggml_cpu_init.restype = None
+    cpu.ggml_cpu_init()
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TraitsCpu)
+    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    x = (np.random.default_rng(0).standard_normal(n_blocks * pformat.QK) * 3.0).astype(np.float32)
+    out = {}
+    for name in ENCODE_TYPES:
+        fmt = pformat.get_format(name)
+        fns = {
+            "cache write": cpu.ggml_get_type_traits_cpu(fmt.type_id).contents.from_float,
+            "reference": ggml_lib.type_traits(base, fmt.type_id).from_float_ref,
+        }
+        for what, fn in fns.items():
+            y = np.zeros(n_blocks * fmt.type_size, np.uint8)
+            best = float("inf")
+            for _ in range(passes):
+                t0 = time.thread_time()
+                FROM_FLOAT(fn)(x.ctypes.data, y.ctypes.data, x.size)
+                best = min(best, time.thread_time() - t0)
+            out[f"{name} {what}"] = {
+                "ns_per_block": best * 1e9 / n_blocks,
+                "sha256": hashlib.sha256(y.tobytes()).hexdigest(),
+            }
+    return out
+
+
+def _encode_in_child(bin_dir: Path, n_blocks: int) -> dict:
+    env = dict(os.environ, LD_LIBRARY_PATH=str(bin_dir))
+    p = subprocess.run(
+        [sys.executable, __file__, "_encode", str(bin_dir), str(n_blocks)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"the encoder timing of {bin_dir} failed (exit {p.returncode}): {p.stderr[-800:]}")
+    return json.loads(p.stdout)
+
+
+def pool(rows: list[dict]) -> list[dict]:
+    """Per (type, test, depth): the mean t/s of A and of B over the rounds, B / A of the means, and each
+    round's B / A (the scatter the pooled ratio hides)."""
+    out = []
+    for key in dict.fromkeys((r["type"], r["test"], r["depth"]) for r in rows):
+        mine = [r for r in rows if (r["type"], r["test"], r["depth"]) == key]
+        tps = {lab: {r["round"]: r["tps"] for r in mine if r["build"] == lab} for lab in ("A", "B")}
+        a, b = (float(np.mean(list(tps[lab].values()))) for lab in ("A", "B"))
+        rounds = [tps["B"][n] / tps["A"][n] for n in sorted(tps["A"]) if n in tps["B"]]
+        out.append(
+            {"type": key[0], "test": key[1], "depth": key[2], "A": a, "B": b, "B/A": b / a, "rounds": rounds}
+        )
+    return out
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_encode":
+        print(json.dumps(encode_times(Path(sys.argv[2]), int(sys.argv[3]))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", required=True, type=Path, help="bin/ of build A (the baseline)")
+    ap.add_argument("--b", required=True, type=Path, help="bin/ of build B")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--types", nargs="+", default=["f16", "polar", "polar3"])
+    ap.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--blocks", type=int, default=20000, help="blocks of the encoder timing")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    builds = {"A": args.a, "B": args.b}
+    for label, d in builds.items():
+        if not (d / "llama-bench").is_file():
+            ap.error(f"--{label.lower()}: expected a build's bin/ with llama-bench, got {d}")
+    t_start = time.time()
+    enc = {label: _encode_in_child(d.resolve(), args.blocks) for label, d in builds.items()}
+    for key in enc["A"]:
+        if enc["A"][key]["sha256"] != enc["B"][key]["sha256"]:
+            print(f"the builds write different bytes: {key}", file=sys.stderr)
+            return 1
+        a, b = enc["A"][key]["ns_per_block"], enc["B"][key]["ns_per_block"]
+        print(f"encode {key}: A {a:.0f} ns/block, B {b:.0f} ns/block, A / B {a / b:.2f}x (same bytes)")
+    model = str(paths.data_file(MODELS[args.model]))
+    rows = []
+    for rnd in range(args.rounds):
+        order = ["A", "B"] if rnd % 2 == 0 else ["B", "A"]
+        for label in order:
+            for t in args.types:
+                cmd = llama_bench.command(
+                    str(builds[label] / "llama-bench"),
+                    model,
+                    t,
+                    t,
+                    args.depths,
+                    args.reps,
+                    ["-t", str(args.threads)],
+                )
+                p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                if p.returncode != 0:
+                    print(f"llama-bench failed (exit {p.returncode}): {' '.join(cmd)}\n{p.stderr[-800:]}")
+                    return 1
+                for r in llama_bench.results(p.stdout):
+                    rows.append({"build": label, "round": rnd, "type": t, **r})
+                    print(json.dumps(rows[-1]), flush=True)
+    pooled = pool(rows)
+    print("| K = V | test | A t/s | B t/s | B / A | each round's B / A |\n|---|---|---|---|---|---|")
+    for r in pooled:
+        each = ", ".join(f"{x:.3f}" for x in r["rounds"])
+        print(
+            f"| {r['type']} | {r['test']} @ d{r['depth']} | {r['A']:.1f} | {r['B']:.1f} | {r['B/A']:.3f} "
+            f"| {each} |"
+        )
+    if args.json:
+        doc = {
+            "command": "python3 scripts/cpu_build_ab.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": round(time.time() - t_start),
+            "builds": {lab: llama_bench.build_info(d) for lab, d in builds.items()},
+            "encode": enc,
+            "pooled": pooled,
+            "rows": rows,
+        }
+        atomic_write_text(args.json, json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
