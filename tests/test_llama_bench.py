@@ -152,3 +152,29 @@ def test_build_info_names_key_series_and_experiments(tmp_path, monkeypatch):
     exp.write_text("none\n")
     assert llama_bench.build_info(build / "bin")["experiments"] == []
     assert llama_bench.build_label(None) is None
+
+
+def test_ab_cpu_runs_each_setting_on_the_cpu_backend(tmp_path, monkeypatch):
+    """ab_llama_gpu.py --cpu THREADS: -ngl 0 -t THREADS instead of -ngl 99, each row's environment as set,
+    and the machine named as the CPU."""
+    import ab_llama_gpu
+
+    (tmp_path / "kvpolar-build.json").write_text(json.dumps({"key": "k", "patches": []}))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = []
+    out = '[{"n_prompt": 0, "n_gen": 64, "n_depth": 0, "avg_ts": 10.0, "stddev_ts": 0.1}]'
+
+    def fake_run(cmd, env=None, **kw):
+        calls.append((cmd, {k: v for k, v in env.items() if k.startswith(("LLAMA_KV_", "LLAMA_ATTN_ROT"))}))
+        return ab_llama_gpu.subprocess.CompletedProcess(cmd, 0, out, "")
+
+    monkeypatch.setattr(ab_llama_gpu.subprocess, "run", fake_run)
+    monkeypatch.setenv("LLAMA_KV_CENTER", "0")  # from the caller's shell: not passed on
+    argv = ["--bin", str(bindir), "--model", "m.gguf", "--set", "cpu-extras", "--cpu", "2", "--depths", "0"]
+    assert ab_llama_gpu.main([*argv, "--out", str(tmp_path / "o"), "--name", "x"]) == 0
+    assert len(calls) == len(ab_llama_gpu.CPU_EXTRAS_VARIANTS)
+    assert all(c[c.index("-ngl") + 1] == "0" and c[c.index("-t") + 1] == "2" for c, _ in calls)
+    assert [env for _, env in calls] == [env for _, _, env in ab_llama_gpu.CPU_EXTRAS_VARIANTS]
+    doc = json.loads((tmp_path / "o" / "x.json").read_text())
+    assert doc["gpu"].startswith("CPU: ") and doc["gpu"].endswith(", 2 threads")
