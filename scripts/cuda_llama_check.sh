@@ -27,8 +27,9 @@
 #      SmolLM2 Q4_1 the f16 cache diverges between GPU and CPU too: the model's matmuls differ,
 #      see docs/results-cuda.md; then the difference is reported, not failed);
 #   5. the same GPU model with the cache and attention on the host (-nkvo): the text is equal;
-#   6. with TEXT=file: mean KLD of polar/polar3 K on the GPU vs host attention, within 0.0005, with
-#      flash attention and without it (patch 0033: key 0 from the exact sink key there too);
+#   6. with TEXT=file: mean KLD of polar/polar3 K on the GPU vs host attention, within 0.0005 with
+#      flash attention; without it (patch 0033: key 0 from the exact sink key there too) within 5 % of
+#      the host's KLD, the rule f16 and q4_0 K meet beside them (the GPU's cuBLAS products differ);
 #   7. the model split between GPU and CPU (-ngl $NGL_SPLIT, default 15): the GPU layers' cache on
 #      the GPU gives the text of the host-cache run, and the all-GPU text where f16's does.
 set -euo pipefail
@@ -79,17 +80,20 @@ mean_kld() {
 # --kl-divergence against $base, the cache and attention on the GPU and on the host (-nkvo
 # --no-op-offload; logs $OUTDIR/kld-NAME-gpu.log / -host.log): their mean KLDs must be within 0.0005
 kld_gpu_host() {
-    local name=$1 label=$2 g h
+    # the pair agrees within 0.0005, or within KLD_REL_TOL times the host's KLD where that is larger (the
+    # -fa off rows: their GPU and host arithmetic differ for upstream's types too, see step 6)
+    local name=$1 label=$2 g h tol
     shift 2
     "${ppl[@]}" "$@" --kl-divergence-base "$base" --kl-divergence > "$OUTDIR/kld-$name-gpu.log" 2>&1
     "${ppl[@]}" "$@" --kl-divergence-base "$base" --kl-divergence -nkvo --no-op-offload \
         > "$OUTDIR/kld-$name-host.log" 2>&1
     g=$(mean_kld "$OUTDIR/kld-$name-gpu.log")
     h=$(mean_kld "$OUTDIR/kld-$name-host.log")
-    if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=0.0005)}'; then
+    tol=$(awk -v h="${h:-0}" -v r="${KLD_REL_TOL:-0}" 'BEGIN{t=r*h; if (t<0.0005) t=0.0005; printf "%g", t}')
+    if [[ -n "$g" && -n "$h" ]] && awk -v g="$g" -v h="$h" -v t="$tol" 'BEGIN{d=g-h; if (d<0) d=-d; exit !(d<=t)}'; then
         echo "ok: $label: mean KLD on the GPU $g, host attention $h"
     else
-        fail "$label: mean KLD on the GPU '$g' vs host attention '$h' (more than 0.0005 apart or missing;" \
+        fail "$label: mean KLD on the GPU '$g' vs host attention '$h' (more than $tol apart or missing;" \
             "logs: $OUTDIR/kld-$name-gpu.log $OUTDIR/kld-$name-host.log)"
     fi
 }
@@ -230,21 +234,24 @@ done
 
 step_time 6
 # 6. KLD (with TEXT=file, e.g. squad.txt): polar/polar3 K against the GPU f16 base, cache and
-#    attention on the GPU vs on the host (-nkvo --no-op-offload); the two must agree within 0.0005;
+#    attention on the GPU vs on the host (-nkvo --no-op-offload); the two must agree within 0.0005
+#    (-fa off: 5 % of the host's KLD, below);
 #    also polar/polar with the chunks as 4 sequences of one cache (a stream each, unified)
 if [[ -n "${TEXT:-}" && -x "$BIN/llama-perplexity" ]]; then
     ppl=("$BIN/llama-perplexity" -m "$MODEL" -f "$TEXT" -c 2048 --chunks 4 -b 2048 -ngl 99)
     base="$OUTDIR/gpu-f16.kld"
     "${ppl[@]}" -fa on --kl-divergence-base "$base" -ctk f16 -ctv f16 > "$OUTDIR/kld-base.log" 2>&1 || fail "KLD base run failed"
-    # -fa off too: attention as KQ mul_mat + softmax, key 0 from the exact sink key (patch 0033)
-    # and the low-memory pair polar K + polar3 V (its layer policy) with flash attention, which a quantized V needs
-    for fa in on off; do
-        for type in polar polar3 polar/polar3; do
-            [[ $type == */* && $fa == off ]] && continue
-            k=${type%/*} v=$([[ $type == */* ]] && echo "${type#*/}" || echo f16)
-            sfx=$([[ $fa == on ]] && echo "" || echo "-faoff")
-            kld_gpu_host "${type/\//-}$sfx" "$k/$v, -fa $fa" -fa "$fa" -ctk "$k" -ctv "$v"
-        done
+    # with flash attention: polar/polar3 K and the low-memory pair polar K + polar3 V (its layer policy)
+    for type in polar polar3 polar/polar3; do
+        k=${type%/*} v=$([[ $type == */* ]] && echo "${type#*/}" || echo f16)
+        kld_gpu_host "${type/\//-}" "$k/$v, -fa on" -fa on -ctk "$k" -ctv "$v"
+    done
+    # -fa off: attention as KQ mul_mat + softmax, key 0 from the exact sink key (patch 0033). Here the GPU's
+    # products (cuBLAS) and the host's differ for every K type: session 26 measured upstream's f16, q8_0 and
+    # q4_0 K up to 3.0 % of the host's KLD apart (polar 2.6 %, polar3 3.9 %; docs/results-cuda.md), so
+    # these rows pass within 5 % of the host's KLD, upstream's types under the same rule beside them
+    for k in f16 q4_0 polar polar3; do
+        KLD_REL_TOL=0.05 kld_gpu_host "$k-faoff" "$k/f16, -fa off" -fa off -ctk "$k" -ctv f16
     done
     # several sequences in one cache (patch 0035: K offsets from a built-in text, decoded when the context is
     # created): the 4 chunks as 4 sequences, a stream each (-b 8192) and in one unified stream (-kvu)

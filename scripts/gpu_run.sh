@@ -152,6 +152,7 @@ harness_bin() { # harness_bin OUT [nvcc flags...]: scripts/fa_polar_harness.cu a
 case ${1:-} in
 prepare)
     rm -rf "$G" && mkdir -p "$G/a" "$G/b" "$G/c" "$G/whl"
+    python3 scripts/bootstrap.py venv # (synth_gguf.py below runs in it; a fresh machine has none)
     python3 scripts/bootstrap.py data --qwen
     python3 scripts/bootstrap.py llama --source-only
     key=$(python3 scripts/bootstrap.py key)

@@ -412,11 +412,15 @@ def headline() -> list[str]:
                 what += f"; polar row {env_key(polar_env)}"
             source = f", same-run A/B ({what})"
             out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
-    for name, label, depth in (
-        ("smollm2", "SmolLM2-135M", 16384),
-        ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768),
+    for folder, name, label, depth in (
+        (folder, name, label, depth)
+        for folder in (S26_TABLES, "docs/bench/gpu")
+        for name, label, depth in (
+            ("smollm2", "SmolLM2-135M", 16384),
+            ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768),
+        )
     ):
-        path = REPO / "docs" / "bench" / "gpu" / f"llama-gpu-{name}.json"
+        path = REPO / folder / f"llama-gpu-{name}.json"
         if not path.exists():
             continue
         g = json.loads(path.read_text())
@@ -447,6 +451,9 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
     )
 
 
+# bench_llama_gpu.py's tables of the series 0001-0039 on an H100 (session 26), listed before the H200's
+S26_TABLES = "docs/gpu/h100-llama/session26/bench-tables"
+
 # the build that docs/bench/gpu/llama-gpu-*.json (bench_llama_gpu.py, `gpu_run.sh bench tables`) last ran on,
 # for the tables written before bench_llama_gpu.py recorded it ("build": llama_bench.build_info)
 GPU_TABLES_BUILD = "session 20's build, patch 0031's code"
@@ -471,7 +478,10 @@ S19_OFF = {"GGML_CUDA_POLAR_FA_PREFETCH": "0"}
 S18 = "docs/gpu/h200-llama/session18/series-ab"
 S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
 S23T = "docs/gpu/h200-llama/session23/targets-ab"
+S26T = "docs/gpu/h100-llama/session26/targets-ab"  # an H100: the series 0001-0039, five passes
 AB_LATEST = (
+    (tuple(f"{S26T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 6)), "SmolLM2-135M", 16384, {}, {}),
+    (tuple(f"{S26T}/pass{i}/ab-targets-qwen.json" for i in range(1, 6)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S23T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 6)), "SmolLM2-135M", 16384, {}, {}),
     (tuple(f"{S23T}/pass{i}/ab-targets-qwen.json" for i in range(1, 6)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S20C}/pass{i}/ab-combine-smollm2.json" for i in (1, 2, 3)), "SmolLM2-135M", 16384, {}, {}),

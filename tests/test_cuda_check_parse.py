@@ -71,7 +71,7 @@ def test_no_case_fails(tmp_path):
     assert status == 1 and "no polar case ran" in out, out
 
 
-def kld_check(tmp_path, gpu: str, host: str) -> tuple[int, str]:
+def kld_check(tmp_path, gpu: str, host: str, rel: str = "") -> tuple[int, str]:
     """Source the script and run kld_gpu_host with a stand-in llama-perplexity that prints the mean KLD
     `gpu`, or `host` when given -nkvo; (status, output)."""
     fake = tmp_path / "ppl.sh"
@@ -84,7 +84,7 @@ def kld_check(tmp_path, gpu: str, host: str) -> tuple[int, str]:
     fake.chmod(0o755)
     cmd = (
         f'source "{SCRIPT}"; OUTDIR="{tmp_path}"; base=b.kld; ppl=("{fake}" -c 2048); '
-        'kld_gpu_host polar-polar-streams "polar/polar, 4 sequences" -ctk polar -b 8192; '
+        f'{"KLD_REL_TOL=" + rel if rel else ""} kld_gpu_host polar-polar-streams "polar/polar, 4 sequences" -ctk polar -b 8192; '
         'echo "status=$status"'
     )
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
@@ -108,6 +108,18 @@ def test_kld_gpu_host_apart_or_missing_fails(tmp_path):
     ), out
     status, out = kld_check(tmp_path, "", "0.0310")
     assert status == 1 and "GPU ''" in out, out
+
+
+def test_kld_gpu_host_relative_tolerance(tmp_path):
+    """KLD_REL_TOL (step 6's -fa off rows): within that share of the host's KLD where it exceeds 0.0005."""
+    status, out = kld_check(tmp_path, "0.035432", "0.036104", rel="0.05")  # session 26's polar K, -fa off
+    assert status == 0 and "ok:" in out, out
+    status, out = kld_check(tmp_path, "0.052184", "0.036104", rel="0.05")  # session 24's, before patch 0038
+    assert status == 1 and "more than 0.0018052 apart" in out, out
+    status, out = kld_check(tmp_path, "0.0108", "0.0100", rel="0.05")  # 5 % of 0.01 is under 0.0005
+    assert status == 1 and "more than 0.0005 apart" in out, out
+    status, out = kld_check(tmp_path, "0.035432", "0.036104")  # without it: 0.0005
+    assert status == 1 and "more than 0.0005 apart" in out, out
 
 
 def test_step_time_line():
@@ -154,3 +166,15 @@ def test_fa_off_diag_reuses_the_check(tmp_path):
     assert "ok: polar-off-nosink LLAMA_KV_EXACT_SINK=0: mean KLD on the GPU 0.0361" in r.stdout, r.stdout
     assert "ok: f16-off: mean KLD on the GPU 0.0361" in r.stdout, r.stdout
     assert (tmp_path / "diag.tgz").is_file()
+
+
+def test_fa_off_diag_table_from_logs(tmp_path):
+    """fa_off_diag.sh --table DIR: the ubatch sweep's gaps from the logs alone; a missing pair is named."""
+    diag = SCRIPT.parent / "fa_off_diag.sh"
+    (tmp_path / "kld-polar-ub512-gpu.log").write_text("Mean    KLD:   0.035432 ±   0.0001\n")
+    (tmp_path / "kld-polar-ub512-host.log").write_text("Mean    KLD:   0.036104 ±   0.0001\n")
+    r = subprocess.run(["bash", str(diag), "--table", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "| polar | 512 | 0.035432 | 0.036104 | 0.000672 | 1.9 % |" in r.stdout, r.stdout
+    assert "| f16 | 256 | - | - | missing | |" in r.stdout, r.stdout
+    r = subprocess.run(["bash", str(diag), "--table", str(tmp_path / "none")], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected a folder" in r.stderr, r.stderr
