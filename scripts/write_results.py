@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import figures
-from ab_llama_gpu import env_key, pool
+from ab_llama_gpu import env_key, mean_ci95, per_run_ratios, pool
 from kvpolar.atomic import atomic_write_text
 from layer_policy import LAYER_POLICY_PATCH, speed_means
 from llama_bench import build_label, llama_patch_numbers
@@ -115,6 +115,35 @@ def cpu_ab_tables() -> list[str]:
         ]
         out.append("")
     return out
+
+
+def cpu_extras_section() -> list[str]:
+    """docs/bench/cpu-extras/ (ab_llama_gpu.py --set cpu-extras --cpu, several passes, and its `summarize`):
+    tg64 at depth 0 with each of polar's graph options off, as the same-run ratio to f16; each option's
+    interval is held against the default polar row's."""
+    folder = BENCH / "cpu-extras"
+    summary = folder / "summary.md"
+    runs = sorted(folder.glob("pass*.json"))
+    if not summary.exists() or len(runs) < 2:
+        return []
+    docs = [json.loads(f.read_text()) for f in runs]
+    per_run = [pool([d], 0) for d in docs]
+    default = mean_ci95(per_run_ratios(per_run, ("polar/polar", "-")))
+    apart = []
+    for key in per_run[0]:
+        if key[0] != "polar/polar" or key[1] == "-":
+            continue
+        m, h = mean_ci95(per_run_ratios(per_run, key))
+        if abs(m - default[0]) > h + default[1]:
+            apart.append(f"{key[1]} ({m:.3f} against {default[0]:.3f})")
+    reading = (
+        "Every option's interval overlaps the default's: on this machine no option's cost at depth 0 stands out "
+        "of the run-to-run scatter."
+        if not apart
+        else "Apart from the default beyond both intervals: " + "; ".join(apart) + "."
+    )
+    body = summary.read_text().splitlines()[2:]  # its title line and the blank after it
+    return ["### What polar's graph options cost on the CPU at depth 0", "", *body, "", reading, ""]
 
 
 def layer_policy_table() -> list[str]:
@@ -526,6 +555,7 @@ def render() -> str:
             if d:
                 lines += fn(d)
     lines += cpu_ab_tables()
+    lines += cpu_extras_section()
     lines += layer_policy_table()
     lines += multiseq_table()
     gpu = REPO / "docs" / "results-gpu.md"
