@@ -137,8 +137,8 @@ def cpu_extras_section() -> list[str]:
         if abs(m - default[0]) > h + default[1]:
             apart.append(f"{key[1]} ({m:.3f} against {default[0]:.3f})")
     reading = (
-        "Every option's interval overlaps the default's: on this machine no option's cost at depth 0 stands out "
-        "of the run-to-run scatter."
+        "Every option's interval overlaps the default's: on this machine no option's cost at depth 0 "
+        "stands out of the run-to-run scatter."
         if not apart
         else "Apart from the default beyond both intervals: " + "; ".join(apart) + "."
     )

@@ -82,9 +82,10 @@ def kld_check(tmp_path, gpu: str, host: str, rel: str = "") -> tuple[int, str]:
         f"{line.format(gpu)}\n"
     )
     fake.chmod(0o755)
+    tol = f"KLD_REL_TOL={rel} " if rel else ""
     cmd = (
         f'source "{SCRIPT}"; OUTDIR="{tmp_path}"; base=b.kld; ppl=("{fake}" -c 2048); '
-        f'{"KLD_REL_TOL=" + rel if rel else ""} kld_gpu_host polar-polar-streams "polar/polar, 4 sequences" -ctk polar -b 8192; '
+        f'{tol}kld_gpu_host polar-polar-streams "polar/polar, 4 sequences" -ctk polar -b 8192; '
         'echo "status=$status"'
     )
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
@@ -173,7 +174,9 @@ def test_fa_off_diag_table_from_logs(tmp_path):
     diag = SCRIPT.parent / "fa_off_diag.sh"
     (tmp_path / "kld-polar-ub512-gpu.log").write_text("Mean    KLD:   0.035432 ±   0.0001\n")
     (tmp_path / "kld-polar-ub512-host.log").write_text("Mean    KLD:   0.036104 ±   0.0001\n")
-    r = subprocess.run(["bash", str(diag), "--table", str(tmp_path)], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        ["bash", str(diag), "--table", str(tmp_path)], capture_output=True, text=True, check=True
+    )
     assert "| polar | 512 | 0.035432 | 0.036104 | 0.000672 | 1.9 % |" in r.stdout, r.stdout
     assert "| f16 | 256 | - | - | missing | |" in r.stdout, r.stdout
     r = subprocess.run(["bash", str(diag), "--table", str(tmp_path / "none")], capture_output=True, text=True)
