@@ -63,7 +63,7 @@ row q40-off -- -fa off -ctk q4_0 -ctv f16
 # session 26: each of polar's graph options off, flash attention with one ubatch a chunk, and the sweep
 row nocenter LLAMA_KV_CENTER=0 -- -fa off -ctk polar -ctv f16
 row nobal LLAMA_KV_BALANCE=0 -- -fa off -ctk polar -ctv f16
-row norot LLAMA_KV_ROT_DISABLE=1 -- -fa off -ctk polar -ctv f16
+row norot LLAMA_ATTN_ROT_DISABLE=1 -- -fa off -ctk polar -ctv f16
 row nosink-ub2048 LLAMA_KV_EXACT_SINK=0 -- -fa off -ctk polar -ctv f16 -ub 2048
 row faon-ub2048 -- -fa on -ctk polar -ctv f16 -ub 2048
 for ub in "${SWEEP_UBS[@]}"; do
