@@ -190,44 +190,17 @@ def memory(args, log) -> dict:
     rows = []
     for ctx in args.ctx:
         for kv in ("f16", "q8_0", "q4_0", "polar", "polar3"):
-            cmd = [
-                binp,
-                "-m",
-                model,
-                "-c",
-                str(ctx),
-                "-ctk",
-                kv,
-                "-ctv",
-                kv,
-                "-fa",
-                "on",
-                "-n",
-                "1",
-                "-p",
-                "hi",
-                "-no-cnv",
-                "--temp",
-                "0",
-                "-t",
-                str(args.threads),
-                "-v",
-            ]
-            out = run(cmd, log=log)
-            m = re.search(
-                r"llama_kv_cache: size = +([\d.]+) MiB.*K \(([^)]*)\): +([\d.]+) MiB, "
-                r"V \(([^)]*)\): +([\d.]+) MiB",
-                out,
-            )
-            if not m:
+            cmd = llama_bench.kv_probe_command(binp, model, kv, kv, ctx, ["-t", str(args.threads)])
+            size = llama_bench.kv_size(run(cmd, log=log))
+            if size is None:
                 raise RuntimeError(f"no KV size line in the output of {' '.join(cmd)}")
             rows.append(
                 {
                     "ctx": ctx,
                     "kv": kv,
-                    "total_mib": float(m.group(1)),
-                    "k_mib": float(m.group(3)),
-                    "v_mib": float(m.group(5)),
+                    "total_mib": size["total_mib"],
+                    "k_mib": size["k_mib"],
+                    "v_mib": size["v_mib"],
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -71,34 +70,15 @@ def bench(args, k: str, v: str) -> list[dict]:
 
 
 def kv_size(args, k: str, v: str) -> dict:
-    cmd = [
-        str(Path(args.bin) / "llama-completion"),
-        "-m",
-        args.model,
-        "-ngl",
-        "99",
-        "-fa",
-        "on",
-        "-c",
-        str(args.ctx_probe),
-        "-ctk",
-        k,
-        "-ctv",
-        v,
-        "-n",
-        "1",
-        "-p",
-        "hi",
-        "-no-cnv",
-        "--temp",
-        "0",
-        "-v",
-    ]
+    cmd = llama_bench.kv_probe_command(
+        Path(args.bin) / "llama-completion", args.model, k, v, args.ctx_probe, ["-ngl", "99"]
+    )
     p = run(cmd)
-    m = re.search(r"llama_kv_cache: +size = +([\d.]+) MiB", p.stdout + p.stderr)
-    if p.returncode != 0 or not m:
-        return {"k": k, "v": v, "error": f"exit {p.returncode}, size line {'found' if m else 'missing'}"}
-    mib = float(m.group(1))
+    size = llama_bench.kv_size(p.stdout + p.stderr)
+    if p.returncode != 0 or size is None:
+        found = "found" if size else "missing"
+        return {"k": k, "v": v, "error": f"exit {p.returncode}, size line {found}"}
+    mib = size["total_mib"]
     per_tok = mib * 2**20 / args.ctx_probe
     return {
         "k": k,

@@ -1,11 +1,13 @@
 """One llama-bench run: the command line and its JSON output as rows, for the benchmark scripts
-(bench_llama.py on the CPU, bench_llama_gpu.py on a GPU, bench_cpu_flags.py). Standard library
-only: the GPU machine runs it with any python3."""
+(bench_llama.py on the CPU, bench_llama_gpu.py on a GPU, bench_cpu_flags.py); and the KV cache's size
+as llama-completion logs it (their memory tables). Standard library only: the GPU machine runs it with
+any python3."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -42,6 +44,54 @@ def command(
         "json",
         *extra,
     ]
+
+
+def kv_probe_command(
+    binary: str | os.PathLike, model: str | os.PathLike, k: str, v: str, ctx: int, extra: Sequence[str] = ()
+) -> list[str]:
+    """llama-completion that creates a context of `ctx` cells with K cache type k and V cache type v (flash
+    attention on, which a quantized V needs), decodes one token and logs (-v) the cache's size line, which
+    `kv_size` reads; `extra`: more arguments (-t N, -ngl 99)."""
+    return [
+        str(binary),
+        "-m",
+        str(model),
+        *extra,
+        "-fa",
+        "on",
+        "-c",
+        str(ctx),
+        "-ctk",
+        k,
+        "-ctv",
+        v,
+        "-n",
+        "1",
+        "-p",
+        "hi",
+        "-no-cnv",
+        "--temp",
+        "0",
+        "-v",
+    ]
+
+
+# llama.cpp's line (src/llama-kv-cache.cpp), e.g.
+#   llama_kv_cache: size =   90.00 MiB (  4096 cells,  30 layers,  1/1 seqs), K (f16):   45.00 MiB,
+#   V (f16):   45.00 MiB   (one line)
+KV_SIZE = re.compile(
+    r"llama_kv_cache: +size = +([\d.]+) MiB .*?K \(([^)]*)\): +([\d.]+) MiB, V \(([^)]*)\): +([\d.]+) MiB"
+)
+
+
+def kv_size(log: str) -> dict | None:
+    """The first KV cache size line of a llama.cpp log as {total_mib, k_type, k_mib, v_type, v_mib}; None
+    where the log has none."""
+    m = KV_SIZE.search(log)
+    if not m:
+        return None
+    total, kt, km, vt, vm = m.groups()
+    return {"total_mib": float(total), "k_type": kt, "k_mib": float(km), "v_type": vt, "v_mib": float(vm)}
 
 
 def results(stdout: str) -> list[dict]:

@@ -178,3 +178,27 @@ def test_ab_cpu_runs_each_setting_on_the_cpu_backend(tmp_path, monkeypatch):
     assert [env for _, env in calls] == [env for _, _, env in ab_llama_gpu.CPU_EXTRAS_VARIANTS]
     doc = json.loads((tmp_path / "o" / "x.json").read_text())
     assert doc["gpu"].startswith("CPU: ") and doc["gpu"].endswith(", 2 threads")
+
+
+def test_kv_size_reads_llama_cpps_size_line():
+    """llama_bench.kv_size: the first size line of a log, its five fields; None without one."""
+    log = (
+        "llama_kv_cache:        CPU KV buffer size =    42.19 MiB\n"
+        "llama_kv_cache: size =   42.19 MiB (  8192 cells,  30 layers,  1/1 seqs), "
+        "K (polar):   23.91 MiB, V (polar3):   18.28 MiB\n"
+    )
+    assert llama_bench.kv_size(log) == {
+        "total_mib": 42.19,
+        "k_type": "polar",
+        "k_mib": 23.91,
+        "v_type": "polar3",
+        "v_mib": 18.28,
+    }
+    assert llama_bench.kv_size("llama_kv_cache: CPU KV buffer size = 1.00 MiB\n") is None
+
+
+def test_kv_probe_command_asks_for_the_size_line():
+    cmd = llama_bench.kv_probe_command("bin/llama-completion", "m.gguf", "polar", "f16", 8192, ["-ngl", "99"])
+    assert cmd[:5] == ["bin/llama-completion", "-m", "m.gguf", "-ngl", "99"]
+    assert cmd[cmd.index("-c") + 1] == "8192" and cmd[cmd.index("-ctk") + 1] == "polar"
+    assert cmd[cmd.index("-ctv") + 1] == "f16" and cmd[-1] == "-v" and "on" == cmd[cmd.index("-fa") + 1]
