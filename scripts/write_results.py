@@ -10,11 +10,12 @@ into docs/figures/ and embeds them, each with a caption naming its raw files and
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import figures
-from ab_llama_gpu import env_key, mean_ci95, per_run_ratios, pool
+from ab_llama_gpu import env_key, mean_ci95, per_run_ratios, pool, summary_lines
 from kvpolar.atomic import atomic_write_text
 from layer_policy import LAYER_POLICY_PATCH, speed_means
 from llama_bench import build_label, llama_patch_numbers
@@ -118,13 +119,11 @@ def cpu_ab_tables() -> list[str]:
 
 
 def cpu_extras_section() -> list[str]:
-    """docs/bench/cpu-extras/ (ab_llama_gpu.py --set cpu-extras --cpu, several passes, and its `summarize`):
-    tg64 at depth 0 with each of polar's graph options off, as the same-run ratio to f16; each option's
-    interval is held against the default polar row's."""
-    folder = BENCH / "cpu-extras"
-    summary = folder / "summary.md"
-    runs = sorted(folder.glob("pass*.json"))
-    if not summary.exists() or len(runs) < 2:
+    """docs/bench/cpu-extras/pass*.json (ab_llama_gpu.py --set cpu-extras --cpu, several passes) as its
+    `summarize` table: tg64 at depth 0 with each of polar's graph options off, as the same-run ratio to f16;
+    each option's interval is held against the default polar row's."""
+    runs = sorted((BENCH / "cpu-extras").glob("pass*.json"))
+    if len(runs) < 2:
         return []
     docs = [json.loads(f.read_text()) for f in runs]
     per_run = [pool([d], 0) for d in docs]
@@ -142,7 +141,8 @@ def cpu_extras_section() -> list[str]:
         if not apart
         else "Apart from the default beyond both intervals: " + "; ".join(apart) + "."
     )
-    body = summary.read_text().splitlines()[2:]  # its title line and the blank after it
+    paths = [f.relative_to(REPO).as_posix() for f in runs]
+    body = summary_lines(docs, paths, 0, [])[2:]  # without its title line and the blank after it
     return ["### What polar's graph options cost on the CPU at depth 0", "", *body, "", reading, ""]
 
 
@@ -441,14 +441,8 @@ def headline() -> list[str]:
                 what += f"; polar row {env_key(polar_env)}"
             source = f", same-run A/B ({what})"
             out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
-    for folder, name, label, depth in (
-        (folder, name, label, depth)
-        for folder in (S26_TABLES, "docs/bench/gpu")
-        for name, label, depth in (
-            ("smollm2", "SmolLM2-135M", 16384),
-            ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768),
-        )
-    ):
+    tables = (("smollm2", "SmolLM2-135M", 16384), ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768))
+    for folder, (name, label, depth) in itertools.product((S26_TABLES, "docs/bench/gpu"), tables):
         path = REPO / folder / f"llama-gpu-{name}.json"
         if not path.exists():
             continue
