@@ -7,7 +7,7 @@ on torch's current stream.
 
     encode(x, fmt)                      (..., k*64) float32/float16/bfloat16 -> (..., k, type_size) uint8
     encode(x, fmt, variant="base")      the same bytes from another warp-path kernel (ENCODE_VARIANTS)
-    encode(x, fmt, "cta", cta_variant="one_warp")  ... from another latency-path kernel (CTA_VARIANTS)
+    encode(x, fmt, "cta", cta_variant="handoff")  ... from another latency-path kernel (CTA_VARIANTS)
     encode_into(x, cache, fmt, pos)     x [B, H, T, D] written into cache [B, H, T_max, D/64, ts] at pos
     decode(blocks, fmt, dtype)          (..., type_size) uint8 -> (..., 64) float32/float16
     dequantize_cache(cache, fmt, ...)   [B, H, T_max, D/64, ts] -> [B, H, length, D]
@@ -75,12 +75,13 @@ DEFAULT_VARIANT = "rs8_lb5_wnr"
 
 
 # Kernels of the latency path (path "cta", one CTA of 16 warps a block: ggml-cuda's shape): name -> the
-# #defines of its module. "split" (the default module) builds the candidate table with one warp a ring and
-# refines with paired sums; "one_warp" is the code before it (warp 0 builds the table and refines alone),
-# kept for scripts/bench_gpu.py encode-latency. Same bytes (tests/test_gpu_encode_variants.py).
+# #defines of its module. "winner" (the default module): each warp reduces its scale candidate's step-6 sums
+# beside its error, and the warp whose candidate wins refines it; "handoff" is the code before it (warp 0
+# takes the winner's codes from shared memory, then sums them: POLAR_ENC_CTA_WINNER=0), kept for
+# scripts/bench_gpu.py encode-latency. Same bytes (tests/test_gpu_encode_variants.py).
 CTA_VARIANTS: dict[str, tuple[tuple[str, int], ...]] = {
-    "split": (),
-    "one_warp": (("POLAR_ENC_CTA_SPLIT", 0),),
+    "winner": (),
+    "handoff": (("POLAR_ENC_CTA_WINNER", 0),),
 }
 
 
@@ -123,7 +124,7 @@ def encode_into(
     pos=0,
     path: str = "auto",
     variant: str | None = None,
-    cta_variant: str = "split",
+    cta_variant: str = "winner",
 ) -> None:
     """Encode x [B, H, T, D] (float32/16/bf16, last dim contiguous) into
     cache [B, H, T_max, D/64, type_size] uint8 (contiguous) at token positions pos + t.
@@ -216,7 +217,7 @@ def encode_into(
     loader.launch(kern, (grid,), (32 * warps,), args)
 
 
-def encode(x, fmt: str = "polar", path: str = "auto", variant: str | None = None, cta_variant: str = "split"):
+def encode(x, fmt: str = "polar", path: str = "auto", variant: str | None = None, cta_variant: str = "winner"):
     """(..., k*64) float32/float16/bfloat16 CUDA tensor -> (..., k, type_size) uint8 blocks.
 
     path, variant, cta_variant: as in encode_into."""

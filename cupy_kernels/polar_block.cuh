@@ -422,14 +422,6 @@ __device__ __forceinline__ void polar_build_candidates(float theta, const float2
     }
 }
 
-// POLAR_ENC_CTA_SPLIT (default 1): a CTA of NW > NRINGS warps that all hold one block's pairs (the latency
-// path: ggml-cuda's SET_ROWS and layer launch of a decode step, the CuPy encoder's path "cta") builds the
-// candidate table with one warp a ring and refines with the paired sums (the same bits). 0: warp 0 builds
-// the whole table and refines with single sums, as before; kept for scripts/bench_gpu.py encode-latency.
-#ifndef POLAR_ENC_CTA_SPLIT
-#define POLAR_ENC_CTA_SPLIT 1
-#endif
-
 // polar_build_candidates spread over the warps of a CTA that all hold the block's pairs (NW > NRINGS): warp
 // j < NRINGS builds ring j's row of the table, warp NRINGS the window tables; the same entries, each
 // computed by the same code, at the latency of one ring instead of NRINGS in one warp (session 14's
@@ -562,32 +554,61 @@ __device__ __forceinline__ void polar_tree32x2(float a, float b, int lane, float
     sb            = up ? v : o;
 }
 
-// Steps 6 and 7's inputs: from the chosen scale best_s, block error best_e (+inf: none) and this
-// lane's slot best_i with its (CX, CY) best_x, best_y, the least-squares scale of the chosen codes,
-// kept while it lowers the error (NREFINE times at most); then s (0: the zero block) and this lane's
-// code. PAIRED: num and den summed together (polar_tree32x2, same bits as two polar_tree32).
-template <int FMT, bool PAIRED>
+// step 6's block sums for this lane's chosen (CX, CY) = (cx, cy): num = tree32(X CX + Y CY) and
+// den = tree32(CX^2 + CY^2), summed together (polar_tree32x2: the bits of two polar_tree32)
+__device__ __forceinline__ void polar_step6_sums(float X, float Y, float cx, float cy, int lane, float & num,
+                                                 float & den) {
+    const float a = polar_fadd(polar_fmul(X, cx), polar_fmul(Y, cy));
+    const float b = polar_fadd(polar_fmul(cx, cx), polar_fmul(cy, cy));
+    polar_tree32x2(a, b, lane, num, den);
+}
+
+// step 4 at scale s (polar_encode_at) and, reduced beside its block error E, step 6's sums of the codes
+// it chose (polar_step6_sums): the two butterflies are independent, so the sums cost issue slots, not
+// latency, where the next step needs them
+template <int FMT>
+__device__ __forceinline__ void polar_encode_at_sums(float X, float Y, float r, float s, float inv,
+                                                     const polar_cand_table * t, int lane, int & slot, float & E,
+                                                     float & num, float & den) {
+    float       bx, by;
+    const float err = polar_encode_lane<FMT>(X, Y, r, s, inv, t, lane, slot, bx, by);
+    polar_step6_sums(X, Y, bx, by, lane, num, den);
+    E = polar_tree32(err);
+}
+
+// Steps 6 and 7's inputs: from the chosen scale best_s, block error best_e (+inf: none), this lane's
+// slot best_i and step 6's sums num, den of the chosen codes (polar_step6_sums), the least-squares
+// scale num / den, kept while it lowers the error (NREFINE times at most); then s (0: the zero block)
+// and this lane's code. Each trial but the last reduces its error together with its codes' sums
+// (polar_encode_at_sums), which the next trial divides: one butterfly an iteration on the serial
+// path instead of two, the same bits.
+template <int FMT>
 __device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, float theta, const polar_cand_table * t,
-                                                    int lane, float best_s, float best_e, int best_i, float best_x,
-                                                    float best_y, float & s_out, int & code_out) {
-    bool active = __float_as_uint(best_e) != POLAR_INF_BITS;
+                                                    int lane, float best_s, float best_e, int best_i, float num,
+                                                    float den, float & s_out, int & code_out) {
+    constexpr int NREF   = polar_fmt<FMT>::NREFINE;
+    bool          active = __float_as_uint(best_e) != POLAR_INF_BITS;
 #pragma unroll 1
-    for (int it = 0; it < polar_fmt<FMT>::NREFINE && active; ++it) {
-        const float a = polar_fadd(polar_fmul(X, best_x), polar_fmul(Y, best_y));
-        const float b = polar_fadd(polar_fmul(best_x, best_x), polar_fmul(best_y, best_y));
-        float       num, den;
-        if (PAIRED) {
-            polar_tree32x2(a, b, lane, num, den);
-        } else {
-            num = polar_tree32(a);
-            den = polar_tree32(b);
-        }
+    for (int it = 0; it < NREF && active; ++it) {
         active = false;
         if (den > 0.0f) {
             const float s2 = polar_round_scale(polar_fdiv(num, den));
             if (s2 > 0.0f && s2 != best_s) {
-                active = polar_keep_if_lower<FMT>(X, Y, r, s2, polar_finv(s2), t, lane, best_s, best_e, best_i,
-                                                  best_x, best_y);
+                const float inv = polar_finv(s2);
+                int         slot;
+                float       E;
+                if (it + 1 < NREF) {
+                    polar_encode_at_sums<FMT>(X, Y, r, s2, inv, t, lane, slot, E, num, den);
+                } else {
+                    float bx, by;
+                    E = polar_tree32(polar_encode_lane<FMT>(X, Y, r, s2, inv, t, lane, slot, bx, by));
+                }
+                if (polar_lt_nonneg(E, best_e)) {
+                    best_s = s2;
+                    best_e = E;
+                    best_i = slot;
+                    active = true;
+                }
             }
         }
     }
@@ -600,6 +621,40 @@ __device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, f
         s_out    = best_s;
         code_out = (best_i & 1) ? hi : lo;
     }
+}
+
+// POLAR_ENC_CTA_WINNER (default 1): in a CTA with a warp for every scale candidate (the latency path), each
+// warp reduces its candidate's step-6 sums beside its error, and the warp whose candidate wins refines it
+// from its own registers. 0: warp 0 takes the winner's codes from shared memory and sums them first, as
+// before; kept for scripts/bench_gpu.py encode-latency (cupy_kernels.codec.CTA_VARIANTS). Same bytes.
+#ifndef POLAR_ENC_CTA_WINNER
+#define POLAR_ENC_CTA_WINNER 1
+#endif
+
+// the warp w < NW with the least (e[w] as bits, k[w]) (every lane of the calling warp gets it): the first
+// strict minimum of E over the candidates, as the sequential loop chooses
+template <int NW>
+__device__ __forceinline__ int polar_least_warp(const float * e, const int * k, int lane) {
+    const unsigned int eb = lane < NW ? __float_as_uint(e[lane]) : 0xffffffffu;
+    const unsigned int kb = lane < NW ? (unsigned int) k[lane] : 0xffffffffu;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned int em = __reduce_min_sync(POLAR_FULL_MASK, eb);
+    const unsigned int km = __reduce_min_sync(POLAR_FULL_MASK, eb == em ? kb : 0xffffffffu);
+#else
+    unsigned int em = eb;
+#pragma unroll
+    for (int h = 16; h >= 1; h >>= 1) {
+        const unsigned int o = __shfl_xor_sync(POLAR_FULL_MASK, em, h);
+        em                   = o < em ? o : em;
+    }
+    unsigned int km = eb == em ? kb : 0xffffffffu;
+#pragma unroll
+    for (int h = 16; h >= 1; h >>= 1) {
+        const unsigned int o = __shfl_xor_sync(POLAR_FULL_MASK, km, h);
+        km                   = o < km ? o : km;
+    }
+#endif
+    return __ffs(__ballot_sync(POLAR_FULL_MASK, eb == em && kb == km)) - 1;
 }
 
 // Scratch in shared memory for polar_encode_block: the block's candidates and, with NW > 1 warps
@@ -618,8 +673,8 @@ template <> struct polar_encode_scratch<1> {
 
 // Steps 1-6 for one block: X, Y the raw pair of this lane; sets the scale s (0: the zero block)
 // and this lane's code. Warp `warp` of NW tries scale candidates warp, warp + NW, ...; all NW warps
-// of the CTA must call it (NW > 1: two __syncthreads) and only warp 0 refines: returns true in the
-// warp that holds the block's result (warp 0). The choice is the first strict minimum of E over
+// of the CTA must call it (NW > 1: two __syncthreads) and one warp refines: returns true in the
+// warp that holds the block's result (warp 0, or with POLAR_ENC_CTA_WINNER the winning candidate's). The choice is the first strict minimum of E over
 // k = 0..NCAND-1, as in the sequential loop (NW = 1). scratch: one per block being encoded (with
 // NW = 1, one per warp).
 template <int FMT, int NW, int REPL>
@@ -637,7 +692,7 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
         __syncwarp();  // the lanes are done with the warp's previous block
     }
     const float theta = atan2f(Y, X);
-    if constexpr (POLAR_ENC_CTA_SPLIT && NW > TR::NRINGS) {
+    if constexpr (NW > TR::NRINGS) {
         polar_build_candidates_split<FMT, REPL>(theta, tab, lane, warp, t);
     } else if (NW == 1 || warp == 0) {
         polar_build_candidates<FMT, REPL>(theta, tab, lane, t);
@@ -653,56 +708,72 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
     const float s_lane   = polar_round_scale(polar_fmul(rmax, polar_tab<FMT>::g(lane % TR::NCAND)));
     const float inv_lane = polar_finv(s_lane);
 
+    // WIN: one candidate a warp at most, and the winner refines (POLAR_ENC_CTA_WINNER)
+    constexpr bool WIN = POLAR_ENC_CTA_WINNER && NW >= TR::NCAND;
     float best_s = 0.0f;
     float best_e = __uint_as_float(POLAR_INF_BITS);
     int   best_i = 0;  // slot
     float best_x = 0.0f;
     float best_y = 0.0f;
     int   best_k = TR::NCAND;
+    float num = 0.0f, den = 0.0f;  // WIN: step 6's sums of the best codes
 #pragma unroll 1
     for (int k = warp; k < TR::NCAND; k += NW) {
         const float s = __shfl_sync(POLAR_FULL_MASK, s_lane, k);
         if (s == 0.0f) {
             continue;  // warp-uniform
         }
-        if (polar_keep_if_lower<FMT>(X, Y, r, s, __shfl_sync(POLAR_FULL_MASK, inv_lane, k), t, lane, best_s, best_e,
-                                     best_i, best_x, best_y)) {
+        const float inv = __shfl_sync(POLAR_FULL_MASK, inv_lane, k);
+        if constexpr (WIN) {
+            int   i;
+            float E, n, d;
+            polar_encode_at_sums<FMT>(X, Y, r, s, inv, t, lane, i, E, n, d);
+            if (polar_lt_nonneg(E, best_e)) {
+                best_s = s;
+                best_e = E;
+                best_i = i;
+                best_k = k;
+                num    = n;
+                den    = d;
+            }
+        } else if (polar_keep_if_lower<FMT>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, best_x, best_y)) {
             best_k = k;
         }
     }
 
     if constexpr (NW > 1) {
-        scratch->c[warp][lane] = (unsigned char) best_i;
+        if constexpr (!WIN) {
+            scratch->c[warp][lane] = (unsigned char) best_i;
+        }
         if (lane == 0) {
             scratch->e[warp] = best_e;
             scratch->s[warp] = best_s;
             scratch->k[warp] = best_k;
         }
         __syncthreads();
-        if (warp != 0) {
+        if (!WIN && warp != 0) {
             return false;
         }
-        // the warp with the least (E, k), E compared as bits: a butterfly over lanes 0..NW-1
-        unsigned long long key = lane < NW ? ((unsigned long long) __float_as_uint(scratch->e[lane]) << 32) |
-                                                 (unsigned int) (scratch->k[lane] * 32 + lane)
-                                           : ~0ull;
-#pragma unroll
-        for (int h = 16; h >= 1; h >>= 1) {
-            const unsigned long long o = __shfl_xor_sync(POLAR_FULL_MASK, key, h);
-            key                        = o < key ? o : key;
+        const int bw = polar_least_warp<NW>(scratch->e, scratch->k, lane);
+        if constexpr (WIN) {
+            if (warp != bw) {
+                return false;  // the winner has its codes and their sums in registers
+            }
+        } else {
+            best_e         = scratch->e[bw];
+            best_s         = scratch->s[bw];
+            best_i         = scratch->c[bw][lane];
+            const float2 b = polar_slot_xy(t, best_i, lane);
+            best_x         = b.x;
+            best_y         = b.y;
         }
-        const int bw = (int) (key & 31u);
-        best_e       = scratch->e[bw];
-        best_s       = scratch->s[bw];
-        best_i       = scratch->c[bw][lane];
-        const float2 b = polar_slot_xy(t, best_i, lane);
-        best_x       = b.x;
-        best_y       = b.y;
+    }
+    if constexpr (!WIN) {
+        polar_step6_sums(X, Y, best_x, best_y, lane, num, den);
     }
 
     // step 6: least-squares scale of the chosen codes, kept while it lowers the error
-    // (NW > 1, POLAR_ENC_CTA_SPLIT: the paired sums, the same bits with 4 shuffles fewer an iteration)
-    polar_refine_finish<FMT, (POLAR_ENC_CTA_SPLIT && NW > 1)>(X, Y, r, theta, t, lane, best_s, best_e, best_i, best_x, best_y, s_out, code_out);
+    polar_refine_finish<FMT>(X, Y, r, theta, t, lane, best_s, best_e, best_i, num, den, s_out, code_out);
     return true;
 }
 

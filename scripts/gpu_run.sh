@@ -19,8 +19,8 @@
 #           scripts/gpu_run.sh parts        # only that: keep the carried parts, list what the machine holds
 #           scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
-#                                           # benchmarks (encode-latency, encode --variants, compare, anatomy)
-#                                           # meanwhile (the text logs come back in build-logs.tgz)
+#                                           # benchmarks (encode-latency, encode-variants, compare, anatomy;
+#                                           # GPU_RUN_CUPY_BENCHES: a subset) meanwhile (the logs: build-logs.tgz)
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
@@ -90,8 +90,12 @@ site_wheels() { # the carried wheels (gguf) into /tmp/site, for the model tools,
 }
 
 cupy_bench() { # cupy_bench NAME TIMEOUT ARGS...: scripts/bench_gpu.py ARGS -> $OUT/NAME.json and NAME.txt
-    local name=$1 t=$2
+    local name=$1 t=$2   # (GPU_RUN_CUPY_BENCHES="NAME ...": only those run, the others say so in NAME.txt)
     shift 2
+    if [[ -n ${GPU_RUN_CUPY_BENCHES:-} && " $GPU_RUN_CUPY_BENCHES " != *" $name "* ]]; then
+        echo "$name: not run (GPU_RUN_CUPY_BENCHES=$GPU_RUN_CUPY_BENCHES)" > "$OUT/$name.txt"
+        return 0
+    fi
     PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout "$t" python3 scripts/bench_gpu.py "$@" \
         --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
 }
@@ -225,13 +229,13 @@ build)
         tail -22 "$OUT/encode-latency.txt"
         # the warp path's throughput variants against "base", bytes checked (issue 11, item 4)
         cupy_bench encode-variants 300 encode --variants all || rc=1
-        grep -E "M blocks/s" "$OUT/encode-variants.txt" | tail -24
+        grep -E "M blocks/s|not run" "$OUT/encode-variants.txt" | tail -24
         # issue 11's attention table on the current kernels (B=16, 32/8 heads, D=128; SDPA fp16 in the same run)
         cupy_bench compare 300 compare --contexts 32768 131072 || rc=1
         tail -12 "$OUT/compare.txt"
         # where the default kernel's time goes (per-CTA stamps), with and without q through shared memory
         cupy_bench anatomy 300 anatomy --contexts 4096 32768 131072 || rc=1
-        grep -E "stamped|^fit" "$OUT/anatomy.txt"
+        grep -E "stamped|^fit|not run" "$OUT/anatomy.txt"
     fi
     # the text logs in one archive: a call brings back at most 8 files (session 19 lost the harness log)
     (cd "$OUT" && tar czf build-logs.tgz -- *.txt && rm -f -- *.txt)
