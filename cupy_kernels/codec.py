@@ -217,7 +217,9 @@ def encode_into(
     loader.launch(kern, (grid,), (32 * warps,), args)
 
 
-def encode(x, fmt: str = "polar", path: str = "auto", variant: str | None = None, cta_variant: str = "winner"):
+def encode(
+    x, fmt: str = "polar", path: str = "auto", variant: str | None = None, cta_variant: str = "winner"
+):
     """(..., k*64) float32/float16/bfloat16 CUDA tensor -> (..., k, type_size) uint8 blocks.
 
     path, variant, cta_variant: as in encode_into."""

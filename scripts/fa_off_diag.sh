@@ -53,13 +53,10 @@ row() { # row NAME [VAR=VALUE...] -- ARGS...: step 6's pair with the environment
     ppl=(env "${envs[@]}" "${ppl0[@]}")
     kld_gpu_host "$name" "$name${envs[*]:+ ${envs[*]}}" "$@"
 }
-row polar-off -- -fa off -ctk polar -ctv f16
-row polar3-off -- -fa off -ctk polar3 -ctv f16
+# (session 24's plain rows, polar, polar3, f16 and q4_0 K at the default -ub 512 and polar at 2048, are the
+# sweep's rows of those names below)
 row polar-off-nosink LLAMA_KV_EXACT_SINK=0 -- -fa off -ctk polar -ctv f16
 row polar-off-nofuse GGML_CUDA_DISABLE_FUSION=1 -- -fa off -ctk polar -ctv f16
-row polar-off-ub2048 -- -fa off -ctk polar -ctv f16 -ub 2048
-row f16-off -- -fa off -ctk f16 -ctv f16
-row q40-off -- -fa off -ctk q4_0 -ctv f16
 # session 26: each of polar's graph options off, flash attention with one ubatch a chunk, and the sweep
 row nocenter LLAMA_KV_CENTER=0 -- -fa off -ctk polar -ctv f16
 row nobal LLAMA_KV_BALANCE=0 -- -fa off -ctk polar -ctv f16

@@ -163,9 +163,11 @@ def test_fa_off_diag_reuses_the_check(tmp_path):
     r = subprocess.run(["bash", str(diag)], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1, r
     assert "ok: test-backend-ops -o SET: 1 polar cases OK" in r.stdout, r.stdout
-    assert "FAIL: polar-off: mean KLD on the GPU '0.0522' vs host attention '0.0361'" in r.stdout, r.stdout
+    assert "FAIL: polar-ub512: mean KLD on the GPU '0.0522' vs host attention '0.0361'" in r.stdout, r.stdout
     assert "ok: polar-off-nosink LLAMA_KV_EXACT_SINK=0: mean KLD on the GPU 0.0361" in r.stdout, r.stdout
-    assert "ok: f16-off: mean KLD on the GPU 0.0361" in r.stdout, r.stdout
+    assert "ok: f16-ub512: mean KLD on the GPU 0.0361" in r.stdout, r.stdout
+    for dropped in ("polar-off:", "polar3-off:", "f16-off:", "q40-off:", "polar-off-ub2048:"):
+        assert dropped not in r.stdout, r.stdout  # the sweep's rows of the same runs
     assert (tmp_path / "diag.tgz").is_file()
 
 
