@@ -85,8 +85,16 @@ XTOOLCHAIN=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0
 DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 
-site_wheels() { # the carried wheels (gguf) into /tmp/site, for the model tools, the CuPy tests and benchmarks
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/whl/*.whl
+gguf_wheel() { # the gguf wheel: prepare puts it in .gpurun/a (kept in $P by every step after the call that
+    # carried a) and in .gpurun/whl; prints its path, or nothing
+    ls "$P"/gguf-*.whl "$G"/whl/gguf-*.whl 2> /dev/null | head -1
+}
+
+site_wheels() { # the gguf wheel into /tmp/site, for the model tools, the CuPy tests and benchmarks
+    local w
+    w=$(gguf_wheel)
+    [[ -n $w ]] || { echo "gpu_run: no gguf wheel: carry .gpurun/a or .gpurun/whl (gpu_run.sh prepare makes both)" >&2; return 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$w"
 }
 
 cupy_bench() { # cupy_bench NAME TIMEOUT ARGS...: scripts/bench_gpu.py ARGS -> $OUT/NAME.json and NAME.txt
@@ -195,12 +203,18 @@ prepare)
     dd if="$DATA/$SMOL" of="$G/c/smol.part.c" bs=1M iflag=skip_bytes skip=$(( na + nb )) status=none
     cat "$G"/a/smol.part.a "$G"/b/smol.part.b "$G"/c/smol.part.c | cmp - "$DATA/$SMOL"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$G/whl" gguf==0.19.0
+    cp "$G"/whl/gguf-*.whl "$G/a/" # (also in a: `build`, which carries a, runs the CuPy tests that need it)
     du -sh "$G"/*
     ;;
 parts)
     ls -la "$P"
     ;;
 build)
+    # the CuPy part needs the gguf wheel: refused here, before the build starts, rather than after the harness
+    if [[ -z "${GPU_RUN_NO_CUPY:-}" && -z $(gguf_wheel) ]]; then
+        echo "gpu_run build: no gguf wheel for the CuPy tests: carry .gpurun/a from this version's prepare (it holds the wheel) or .gpurun/whl, or set GPU_RUN_NO_CUPY=1" >&2
+        exit 2
+    fi
     key=$(python3 scripts/bootstrap.py key)
     dir=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/llama-$key
     unpack_src "$dir"

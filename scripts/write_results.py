@@ -502,7 +502,10 @@ S18 = "docs/gpu/h200-llama/session18/series-ab"
 S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
 S23T = "docs/gpu/h200-llama/session23/targets-ab"
 S26T = "docs/gpu/h100-llama/session26/targets-ab"  # an H100: the series 0001-0039, five passes
+S27T = "docs/gpu/h100-llama/session27/targets-ab"  # an H100: the series 0001-0040, ten passes
 AB_LATEST = (
+    (tuple(f"{S27T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 11)), "SmolLM2-135M", 16384, {}, {}),
+    (tuple(f"{S27T}/pass{i}/ab-targets-qwen.json" for i in range(1, 11)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S26T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 6)), "SmolLM2-135M", 16384, {}, {}),
     (tuple(f"{S26T}/pass{i}/ab-targets-qwen.json" for i in range(1, 6)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S23T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 6)), "SmolLM2-135M", 16384, {}, {}),

@@ -61,10 +61,15 @@ def test_script_needs_a_file(args, tmp_path):
     [
         ("xbin", "gpu_run xbin: no xbin.part.a: carry .gpurun/x1 and .gpurun/x2 (one call each; "),
         ("xprepare", "gpu_run xprepare: no {G}/a: run prepare first (it remakes .gpurun)"),
+        (
+            "build",
+            "gpu_run build: no gguf wheel for the CuPy tests: carry .gpurun/a from this version's prepare",
+        ),
     ],
 )
 def test_cross_build_steps_need_their_folders(step, message, tmp_path):
-    """xprepare needs prepare's folders, xbin the carried halves of the binaries: each says so first."""
+    """xprepare needs prepare's folders, xbin the carried halves of the binaries, build (with the CuPy tests)
+    the gguf wheel: each says so first."""
     g = tmp_path / "gpurun"
     g.mkdir()
     r = subprocess.run(
