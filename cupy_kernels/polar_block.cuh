@@ -576,37 +576,47 @@ __device__ __forceinline__ void polar_encode_at_sums(float X, float Y, float r, 
     E = polar_tree32(err);
 }
 
-// Steps 6 and 7's inputs: from the chosen scale best_s, block error best_e (+inf: none), this lane's
-// slot best_i and step 6's sums num, den of the chosen codes (polar_step6_sums), the least-squares
-// scale num / den, kept while it lowers the error (NREFINE times at most); then s (0: the zero block)
-// and this lane's code. Each trial but the last reduces its error together with its codes' sums
-// (polar_encode_at_sums), which the next trial divides: one butterfly an iteration on the serial
-// path instead of two, the same bits.
-template <int FMT>
+// Steps 6 and 7's inputs: from the chosen scale best_s, block error best_e (+inf: none) and this
+// lane's slot best_i with its (CX, CY) best_x, best_y, the least-squares scale num / den of the chosen
+// codes (step 6's sums, polar_step6_sums), kept while it lowers the error (NREFINE times at most); then
+// s (0: the zero block) and this lane's code.
+// SPEC false: each iteration sums its codes first (num, den unused on entry). SPEC true (the latency
+// path, POLAR_ENC_CTA_WINNER): num, den are the sums of the chosen codes on entry (best_x, best_y
+// unused), and each trial but the last reduces its error together with its codes' sums
+// (polar_encode_at_sums): one butterfly an iteration on the serial path instead of two, at the cost of
+// the sums of a trial that does not win (issue slots the throughput paths keep). The same bits.
+template <int FMT, bool SPEC>
 __device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, float theta, const polar_cand_table * t,
-                                                    int lane, float best_s, float best_e, int best_i, float num,
-                                                    float den, float & s_out, int & code_out) {
+                                                    int lane, float best_s, float best_e, int best_i, float best_x,
+                                                    float best_y, float num, float den, float & s_out,
+                                                    int & code_out) {
     constexpr int NREF   = polar_fmt<FMT>::NREFINE;
     bool          active = __float_as_uint(best_e) != POLAR_INF_BITS;
 #pragma unroll 1
     for (int it = 0; it < NREF && active; ++it) {
+        if constexpr (!SPEC) {
+            polar_step6_sums(X, Y, best_x, best_y, lane, num, den);
+        }
         active = false;
         if (den > 0.0f) {
             const float s2 = polar_round_scale(polar_fdiv(num, den));
             if (s2 > 0.0f && s2 != best_s) {
                 const float inv = polar_finv(s2);
                 int         slot;
-                float       E;
-                if (it + 1 < NREF) {
+                float       E, bx, by;
+                if (SPEC && it + 1 < NREF) {
                     polar_encode_at_sums<FMT>(X, Y, r, s2, inv, t, lane, slot, E, num, den);
                 } else {
-                    float bx, by;
                     E = polar_tree32(polar_encode_lane<FMT>(X, Y, r, s2, inv, t, lane, slot, bx, by));
                 }
                 if (polar_lt_nonneg(E, best_e)) {
                     best_s = s2;
                     best_e = E;
                     best_i = slot;
+                    if constexpr (!SPEC) {
+                        best_x = bx;
+                        best_y = by;
+                    }
                     active = true;
                 }
             }
@@ -768,12 +778,10 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
             best_y         = b.y;
         }
     }
-    if constexpr (!WIN) {
-        polar_step6_sums(X, Y, best_x, best_y, lane, num, den);
-    }
 
     // step 6: least-squares scale of the chosen codes, kept while it lowers the error
-    polar_refine_finish<FMT>(X, Y, r, theta, t, lane, best_s, best_e, best_i, num, den, s_out, code_out);
+    polar_refine_finish<FMT, WIN>(X, Y, r, theta, t, lane, best_s, best_e, best_i, best_x, best_y, num, den, s_out,
+                                  code_out);
     return true;
 }
 

@@ -266,9 +266,8 @@ __device__ __forceinline__ void polar_encode_block_rs(float X, float Y, const fl
     }
     const float2 b0 = polar_slot_xy(t, best_i, lane);
     // step 6, as polar_encode_block
-    float num, den;
-    polar_step6_sums(X, Y, b0.x, b0.y, lane, num, den);
-    polar_refine_finish<FMT>(X, Y, r, theta, t, lane, best_s, __uint_as_float(best_b), best_i, num, den, s_out, code_out);
+    polar_refine_finish<FMT, false>(X, Y, r, theta, t, lane, best_s, __uint_as_float(best_b), best_i, b0.x, b0.y, 0.0f,
+                                    0.0f, s_out, code_out);
 }
 
 // the block encoder of encode_kernel for the rs<G> variants
