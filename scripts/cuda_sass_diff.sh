@@ -49,6 +49,31 @@ for f in "${FILES[@]}"; do
     else
         echo "SASS differs: $f"
         diff "$WORK/$A/$(basename "$f").sass" "$WORK/$B/$(basename "$f").sass" | head -20 || true
+        # which kernels: each function's SASS compared on its own (names demangled by c++filt where there is one)
+        python3 - "$WORK/$A/$(basename "$f").sass" "$WORK/$B/$(basename "$f").sass" << 'PY'
+import re, shutil, subprocess, sys
+
+def functions(path):
+    out, name = {}, None
+    for line in open(path):
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+        elif name:
+            out[name].append(line)
+    return out
+
+a, b = (functions(p) for p in sys.argv[1:3])
+differ = sorted(n for n in a.keys() | b.keys() if a.get(n) != b.get(n))
+if shutil.which("c++filt") and differ:
+    shown = subprocess.run(["c++filt"], input="\n".join(differ), capture_output=True, text=True).stdout.split("\n")
+else:
+    shown = differ
+print(f"{len(differ)} of {len(a.keys() | b.keys())} functions differ:")
+for n in shown[: len(differ)]:
+    print("  " + (n if len(n) <= 160 else n[:157] + "..."))
+PY
         rc=1
     fi
 done
