@@ -62,3 +62,37 @@ def test_ggml_cuda_nvcc_flags(tmp_path):
     assert args[:3] == ["-std=c++17", "-arch=sm_90", "-O3"]
     assert f"-I{tree}/ggml/src/ggml-cuda" in args and f"-I{tmp_path / 'cuda'}/include" in args
     assert args[-4:] == ["-c", "a.cu", "-o", "a.o"]
+
+
+# stand-ins for test_names_the_functions_that_differ
+FAKE_NVCC = r"""#!/bin/bash
+src=; out=
+while [[ $# -gt 0 ]]; do [[ $1 == -c ]] && src=$2; [[ $1 == -o ]] && out=$2; shift; done
+echo "$src" > "$out"
+"""
+FAKE_CUOBJDUMP = r"""#!/bin/bash
+printf '\t\tFunction : kept\n        FADD R1, R2, R3 ;\n\t\tFunction : changed\n'
+if grep -q "~0" "$2"; then op=FMUL; else op=FADD; fi
+printf '        %s R1, R2, R3 ;\n' "$op"
+"""
+
+
+def test_names_the_functions_that_differ(tmp_path):
+    """Where the SASS of a file differs, the functions whose SASS differs are named (the others are not).
+    Stand-ins: nvcc writes the path it compiled into its object, and cuobjdump prints two functions, the
+    second of which depends on that path; HEAD and HEAD~0 are the same header in two work folders."""
+    tree = tmp_path / "tree"
+    (tree / "ggml" / "src" / "ggml-cuda").mkdir(parents=True)
+    (tree / "ggml" / "src" / "ggml-cuda" / "polar_block.cuh").write_text("// header\n")
+    (tree / "ggml" / "src" / "ggml-cuda" / "k.cu").write_text("// kernels\n")
+    bin_dir = tmp_path / "cuda" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "nvcc").write_text(FAKE_NVCC)
+    (bin_dir / "cuobjdump").write_text(FAKE_CUOBJDUMP)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    p = _run(str(tree), "HEAD", "HEAD~0", "ggml/src/ggml-cuda/k.cu", env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert p.returncode == 1, p
+    assert "SASS differs: ggml/src/ggml-cuda/k.cu" in p.stdout, p.stdout
+    assert "1 of 2 functions differ:\n  changed\n" in p.stdout, p.stdout
+    assert "  kept" not in p.stdout, p.stdout
