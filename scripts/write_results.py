@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import figures
-from ab_llama_gpu import env_key, mean_ci95, per_run_ratios, pool, summary_lines
+from ab_llama_gpu import device_of, env_key, mean_ci95, per_run_ratios, pool, summary_lines
 from kvpolar.atomic import atomic_write_text
 from layer_policy import LAYER_POLICY_PATCH, speed_means
 from llama_bench import build_label, llama_patch_numbers
@@ -440,7 +440,7 @@ def headline() -> list[str]:
             if polar_env:
                 what += f"; polar row {env_key(polar_env)}"
             source = f", same-run A/B ({what})"
-            out.append(_gpu_tg_line(label, docs[0]["gpu"], depth, source, a, b, f))
+            out.append(_gpu_tg_line(label, device_of(docs[0]), depth, source, a, b, f))
     tables = (("smollm2", "SmolLM2-135M", 16384), ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768))
     for folder, (name, label, depth) in itertools.product((S26_TABLES, "docs/bench/gpu"), tables):
         path = REPO / folder / f"llama-gpu-{name}.json"

@@ -177,7 +177,7 @@ def test_ab_cpu_runs_each_setting_on_the_cpu_backend(tmp_path, monkeypatch):
     assert all(c[c.index("-ngl") + 1] == "0" and c[c.index("-t") + 1] == "2" for c, _ in calls)
     assert [env for _, env in calls] == [env for _, _, env in ab_llama_gpu.CPU_EXTRAS_VARIANTS]
     doc = json.loads((tmp_path / "o" / "x.json").read_text())
-    assert doc["gpu"].startswith("CPU: ") and doc["gpu"].endswith(", 2 threads")
+    assert doc["device"].startswith("CPU: ") and doc["device"].endswith(", 2 threads") and "gpu" not in doc
 
 
 def test_kv_size_reads_llama_cpps_size_line():
@@ -202,3 +202,10 @@ def test_kv_probe_command_asks_for_the_size_line():
     assert cmd[:5] == ["bin/llama-completion", "-m", "m.gguf", "-ngl", "99"]
     assert cmd[cmd.index("-c") + 1] == "8192" and cmd[cmd.index("-ctk") + 1] == "polar"
     assert cmd[cmd.index("-ctv") + 1] == "f16" and cmd[-1] == "-v" and "on" == cmd[cmd.index("-fa") + 1]
+
+
+def test_device_of_reads_both_keys():
+    """ab_llama_gpu.device_of: "device" (written since session 27), else the older files' "gpu", else "?"."""
+    assert ab_llama_gpu.device_of({"device": "CPU: X, 2 threads", "gpu": "old"}) == "CPU: X, 2 threads"
+    assert ab_llama_gpu.device_of({"gpu": "NVIDIA H100"}) == "NVIDIA H100"
+    assert ab_llama_gpu.device_of({}) == "?"
