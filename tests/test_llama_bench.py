@@ -206,6 +206,8 @@ def test_kv_probe_command_asks_for_the_size_line():
 
 def test_device_of_reads_both_keys():
     """ab_llama_gpu.device_of: "device" (written since session 27), else the older files' "gpu", else "?"."""
+    import ab_llama_gpu
+
     assert ab_llama_gpu.device_of({"device": "CPU: X, 2 threads", "gpu": "old"}) == "CPU: X, 2 threads"
     assert ab_llama_gpu.device_of({"gpu": "NVIDIA H100"}) == "NVIDIA H100"
     assert ab_llama_gpu.device_of({}) == "?"
