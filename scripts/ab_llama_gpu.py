@@ -69,6 +69,12 @@ pools repeated runs of one set (e.g. three passes, each run by `gpu_run.sh ab`):
 the mean tg64 and pp512 at depth D over every run and rep, and the ratio of polar's rows to f16/f16 and
 q4_0/q4_0 without an environment. --same-as NAME=VALUE drops that setting from a row's environment (a
 variable the measured build does not read), so its rows pool with the rows without it.
+
+    python3 scripts/ab_llama_gpu.py change --before RUN.json ... --after RUN.json ... --depth D
+
+compares two builds' passes of one set, each pooled as `summarize` pools it: per row without an environment,
+tg64 over f16/f16's (and q4_0/q4_0's) in each, and the change of the f16 ratio. Each ratio is a same-run
+ratio; their change is across runs, so it carries the scatter of two sessions.
 """
 
 from __future__ import annotations
@@ -339,15 +345,7 @@ def summarize(argv) -> int:
             ap.error(f"--same-as takes NAME=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         drop[k] = v
-    docs = []
-    for f in args.runs:
-        try:
-            doc = json.loads(Path(f).read_text())
-            if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
-                raise ValueError("no list of runs")
-            docs.append(doc)
-        except (OSError, ValueError) as e:
-            ap.error(f"{f}: expected a JSON file written by ab_llama_gpu.py ({type(e).__name__}: {e})")
+    docs = _read_runs(ap, args.runs)
     if not any(c["tg"] for c in pool(docs, args.depth, drop).values()):
         ap.error(f"no tg rows at depth {args.depth} in {args.runs}")
     md = summary_lines(docs, args.runs, args.depth, args.same_as)
@@ -358,10 +356,60 @@ def summarize(argv) -> int:
     return 0
 
 
+def _read_runs(ap, files: list[str]) -> list[dict]:
+    """The A/B documents of `files`, or the parser's error naming the file that is not one."""
+    docs = []
+    for f in files:
+        try:
+            doc = json.loads(Path(f).read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+                raise ValueError("no list of runs")
+            docs.append(doc)
+        except (OSError, ValueError) as e:
+            ap.error(f"{f}: expected a JSON file written by ab_llama_gpu.py ({type(e).__name__}: {e})")
+    return docs
+
+
+def change_lines(before: list[dict], after: list[dict], depth: int) -> list[str]:
+    """The markdown of `change`: per row without an environment in both sets, its pooled tg64 over f16/f16's
+    and over q4_0/q4_0's in each set, and the difference of the f16 ratios."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    sets = [{k: mean(c["tg"]) for k, c in pool(d, depth).items() if c["tg"]} for d in (before, after)]
+    md = [
+        f"| K / V (tg64, depth {depth}) | before / f16 | after / f16 | change | before / q4_0 "
+        "| after / q4_0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in [k for k in sets[0] if k in sets[1] and k[1] == "-"]:
+        r = [t[key] / t[("f16/f16", "-")] for t in sets]
+        q = [t[key] / t[("q4_0/q4_0", "-")] for t in sets]
+        md.append(f"| {key[0]} | {r[0]:.3f} | {r[1]:.3f} | {r[1] - r[0]:+.3f} | {q[0]:.3f} | {q[1]:.3f} |")
+    return md
+
+
+def change(argv) -> int:
+    """The `change` subcommand (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="ab_llama_gpu.py change")
+    ap.add_argument("--before", nargs="+", required=True, help="JSON files of the earlier build's passes")
+    ap.add_argument("--after", nargs="+", required=True, help="JSON files of the later build's passes")
+    ap.add_argument("--depth", type=int, required=True)
+    args = ap.parse_args(argv)
+    sets = [_read_runs(ap, args.before), _read_runs(ap, args.after)]
+    for name, docs in zip(("--before", "--after"), sets, strict=True):
+        t = pool(docs, args.depth)
+        missing = [k for k in ("f16/f16", "q4_0/q4_0") if not t.get((k, "-"), {}).get("tg")]
+        if missing:
+            ap.error(f"{name}: no tg64 row of {' and '.join(missing)} at depth {args.depth}")
+    print("\n".join(change_lines(*sets, args.depth)))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["summarize"]:
         return summarize(argv[1:])
+    if argv[:1] == ["change"]:
+        return change(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
     ap.add_argument("--model", required=True)

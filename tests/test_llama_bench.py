@@ -211,3 +211,36 @@ def test_device_of_reads_both_keys():
     assert ab_llama_gpu.device_of({"device": "CPU: X, 2 threads", "gpu": "old"}) == "CPU: X, 2 threads"
     assert ab_llama_gpu.device_of({"gpu": "NVIDIA H100"}) == "NVIDIA H100"
     assert ab_llama_gpu.device_of({}) == "?"
+
+
+def test_ab_change_compares_two_builds(tmp_path, capsys):
+    """`change`: each set pooled, polar's tg64 over f16's and q4_0's in each, and the change of the f16 ratio;
+    rows with an environment are left out; a set without an f16 or q4_0 row is refused, naming it."""
+    import ab_llama_gpu
+
+    before = _ab_doc(
+        [("f16/f16", {}, 400.0, 1.0), ("q4_0/q4_0", {}, 300.0, 1.0), ("polar/polar", {}, 396.0, 1.0)]
+    )
+    after = _ab_doc(
+        [
+            ("f16/f16", {}, 380.0, 1.0),
+            ("q4_0/q4_0", {}, 290.0, 1.0),
+            ("polar/polar", {}, 383.8, 1.0),
+            ("polar/polar", {"OFF": "1"}, 100.0, 1.0),
+        ]
+    )
+    paths = []
+    for name, d in (("b.json", before), ("a.json", after)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(d))
+    argv = ["change", "--before", str(paths[0]), "--after", str(paths[1]), "--depth", "32768"]
+    assert ab_llama_gpu.main(argv) == 0
+    out = capsys.readouterr().out
+    # 396 / 400 = 0.990, 383.8 / 380 = 1.010; / q4_0: 396 / 300 = 1.320, 383.8 / 290 = 1.323
+    assert "| polar/polar | 0.990 | 1.010 | +0.020 | 1.320 | 1.323 |" in out, out
+    assert "OFF" not in out and "100" not in out, out
+    no_q4 = tmp_path / "n.json"
+    no_q4.write_text(json.dumps(_ab_doc([("f16/f16", {}, 400.0, 1.0)])))
+    with pytest.raises(SystemExit):
+        ab_llama_gpu.main(["change", "--before", str(no_q4), "--after", str(paths[1]), "--depth", "32768"])
+    assert "--before: no tg64 row of q4_0/q4_0 at depth 32768" in capsys.readouterr().err
