@@ -672,7 +672,7 @@ __device__ __forceinline__ int polar_least_warp(const float * e, const int * k, 
 template <int NW> struct polar_encode_scratch {
     polar_cand_table t;                          // written by warp 0
     float            e[NW];                      // best error of warp w (+inf: no candidate)
-    float            s[NW];                      // its scale
+    float            s[NW];                      // its scale (read by the handoff, not by the winner)
     int              k[NW];                      // its candidate index
     unsigned char    c[NW][POLAR_BLOCK_PAIRS];   // its candidate slots
 };
@@ -757,7 +757,9 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
         }
         if (lane == 0) {
             scratch->e[warp] = best_e;
-            scratch->s[warp] = best_s;
+            if constexpr (!WIN) {
+                scratch->s[warp] = best_s;  // (the winner keeps its own)
+            }
             scratch->k[warp] = best_k;
         }
         __syncthreads();
