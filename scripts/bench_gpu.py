@@ -1129,7 +1129,13 @@ def cmd_encode_latency(args, timer) -> list[dict]:
                         "us_per_launch": us,
                     }
                 )
-                print(f"encode-latency {fmt:<6} {nb:4d} blocks {v:<9} {us:7.2f} us a launch", flush=True)
+                first = next(r for r in rows if r["fmt"] == fmt and r["blocks"] == nb)
+                rows[-1]["vs_default"] = us / first["us_per_launch"]  # the first variant is the default
+                print(
+                    f"encode-latency {fmt:<6} {nb:4d} blocks {v:<9} {us:7.2f} us a launch"
+                    f" ({rows[-1]['vs_default']:.3f}x the default's)",
+                    flush=True,
+                )
     return rows
 
 

@@ -5,6 +5,7 @@
     python3 scripts/quality_levers.py kld --bin build/bin [--model M ...]
         [--set levers|voffset|sinkauto|exactsink|exactsink-built|polar3k|multiseq]
         [--layout single|streams|unified ...] [--json out.json]
+    python3 scripts/quality_levers.py vshape [--model M ...] [--types T ...] [--c C ...] [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
@@ -22,6 +23,9 @@ llama.cpp's graph rotation (Hadamard) and online K centering (the mean of window
 - V balancing: the cache stores H (E v) and the attention output is divided by E;
   E_j = 2^round(log2 (E v_j^2)^(-1/4)) (minimises the output error (sum 1/E^2)(sum E^2 v^2)).
 - Sink: token 0's K or V kept exact (f16 in a real cache: +11.75 bits for one token a head).
+
+`vshape` measures V noise shaping along the tokens (`study.vshape`: each token coded with part of the
+previous token's residual added), the same way, on every layer.
 
 `kld` runs the patched llama-perplexity --kl-divergence with the settings of
 docs/centering-online.md (SQuAD, -fa on, -b = -c, -t 1) for each cache setting and environment;
@@ -51,7 +55,7 @@ from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import GEMMA3_GGUF, QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
 from llama_bench import build_info
-from study import AttentionRef, activations, layouts
+from study import AttentionRef, activations, layouts, vshape
 from study.run import hadamard_rows, k_rot_size, pick_layers
 
 log = logging.getLogger("quality_levers")
@@ -614,6 +618,16 @@ def main(argv=None) -> int:
         help="chunks one at a time (single) or 4 together, a stream each or one unified stream",
     )
     p.add_argument("--json", help="write the results here")
+    p = sub.add_parser("vshape", help="V noise shaping along the tokens, numpy (study.vshape)")
+    p.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=list(MODELS))
+    p.add_argument("--types", nargs="+", default=["polar3", "polar"])
+    p.add_argument(
+        "--c", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="shaping strengths (0 is added)"
+    )
+    p.add_argument("--n-seq", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--nq", type=int, default=128, help="query positions per head")
+    p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")
     args = ap.parse_args(argv)
@@ -623,15 +637,26 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "render":
         res = json.loads(Path(args.json).read_text())
-        print(render_study(res) if "models" in res else render_kld(res))
+        print(render_any(res))
         return 0
-    res = run_study(args) if args.cmd == "study" else run_kld(args)
+    if args.cmd == "vshape":
+        res = vshape.measure(args.model, args.types, args.c, args.n_seq, args.seq_len, args.nq, log=log)
+        res["machine"] = cpu_model()
+    else:
+        res = run_study(args) if args.cmd == "study" else run_kld(args)
     argv = sys.argv[1:] if argv is None else argv
     res["command"] = "python3 scripts/quality_levers.py " + " ".join(argv)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n", mkdir=True)
-    print(render_study(res) if args.cmd == "study" else render_kld(res))
+    print(render_any(res))
     return 0
+
+
+def render_any(res: dict) -> str:
+    """The tables of a result of `study`, `kld` or `vshape`."""
+    if "cs" in res:
+        return vshape.render(res)
+    return render_study(res) if "models" in res else render_kld(res)
 
 
 if __name__ == "__main__":
