@@ -17,6 +17,7 @@
 #                                           # fails, naming what is missing, where they do not load or run
 #                                           # (then `build` there as before)
 #           scripts/gpu_run.sh parts        # only that: keep the carried parts, list what the machine holds
+#                                           # and the gguf wheel the model and CuPy steps will install
 #           scripts/gpu_run.sh build        # unpack under the build key, start the CUDA build (background),
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
 #                                           # benchmarks (encode-latency, encode-variants, compare, anatomy;
@@ -54,7 +55,7 @@ set -euo pipefail
 case ${1:-} in
 prepare | xprepare | xbin | build | parts | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,52p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,53p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -86,8 +87,15 @@ DATA=${KVPOLAR_CACHE:-$HOME/.cache/kvpolar}/data
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 
 gguf_wheel() { # the gguf wheel: prepare puts it in .gpurun/a (kept in $P by every step after the call that
-    # carried a) and in .gpurun/whl; prints its path, or nothing
-    ls "$P"/gguf-*.whl "$G"/whl/gguf-*.whl 2> /dev/null | head -1
+    # carried a) and in .gpurun/whl; prints its path, or nothing. (Not `ls A B | head`: under pipefail a
+    # missing folder made `w=$(gguf_wheel)` end the script with ls's status 2, after session 28's harness.)
+    local w
+    for w in "$P"/gguf-*.whl "$G"/whl/gguf-*.whl; do
+        if [[ -f $w ]]; then
+            echo "$w"
+            return 0
+        fi
+    done
 }
 
 site_wheels() { # the gguf wheel into /tmp/site, for the model tools, the CuPy tests and benchmarks
@@ -208,6 +216,8 @@ prepare)
     ;;
 parts)
     ls -la "$P"
+    w=$(gguf_wheel)
+    echo "gguf wheel: ${w:-none (carry .gpurun/a or .gpurun/whl)}"
     ;;
 build)
     # the CuPy part needs the gguf wheel: refused here, before the build starts, rather than after the harness

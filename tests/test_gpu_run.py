@@ -87,3 +87,35 @@ def test_cross_build_steps_need_their_folders(step, message, tmp_path):
     )
     assert r.returncode == 2, r
     assert message.format(G=g) in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("where", ["a", "whl", None])
+def test_parts_names_the_gguf_wheel(where, tmp_path):
+    """The model and CuPy steps install the gguf wheel from whichever folder was carried (`parts` names it).
+    With only .gpurun/a carried, the lookup must not end the script: in session 28 it did, with ls's status 2
+    under pipefail, and `build` stopped after its harness."""
+    g = tmp_path / "gpurun"
+    g.mkdir()
+    if where:
+        (g / where).mkdir()
+        (g / where / "gguf-0.19.0-py3-none-any.whl").write_bytes(b"")
+    parts = tmp_path / "parts"
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "parts"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "OUT": str(tmp_path / "out"),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "GPU_RUN_DIR": str(g),
+            "GPU_RUN_PARTS": str(parts),
+        },
+    )
+    assert r.returncode == 0, r
+    want = {"a": parts / "gguf-0.19.0-py3-none-any.whl", "whl": g / "whl" / "gguf-0.19.0-py3-none-any.whl"}
+    if where:
+        assert f"gguf wheel: {want[where]}\n" in r.stdout, r.stdout
+    else:
+        assert "gguf wheel: none (carry .gpurun/a or .gpurun/whl)" in r.stdout, r.stdout
