@@ -1130,7 +1130,7 @@ def cmd_encode_latency(args, timer) -> list[dict]:
                     }
                 )
                 # the default is CTA_VARIANTS' first; its row is missing only if its own bytes failed above
-                base = next((r for r in rows if r["fmt"] == fmt and r["blocks"] == nb), None)
+                base = next((row for row in rows if row["fmt"] == fmt and row["blocks"] == nb), None)
                 ratio = ""
                 if base is not None and base["cta_variant"] == next(iter(codec.CTA_VARIANTS)):
                     rows[-1]["vs_default"] = us / base["us_per_launch"]
