@@ -640,6 +640,11 @@ def main(argv=None) -> int:
         print(render_any(res))
         return 0
     if args.cmd == "vshape":
+        bad = [c for c in args.c if not 0.0 < c <= 1.0]
+        if bad:
+            ap.error(
+                f"vshape --c: each strength must be in (0, 1] (the plain codes are measured too), got {bad}"
+            )
         res = vshape.measure(args.model, args.types, args.c, args.n_seq, args.seq_len, args.nq, log=log)
         res["machine"] = cpu_model()
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from study import AttentionRef, vshape
 from study.run import hadamard_rows
@@ -65,3 +66,17 @@ def test_codec_roundtrip_rotates_and_undoes():
 
     assert np.allclose(vshape.codec_roundtrip(ident)(x), x)
     assert np.allclose(seen[0], hadamard_rows(x, vshape.V_ROT).astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.25"])
+def test_strength_outside_range_refused(bad, capsys):
+    """`quality_levers.py vshape --c` takes strengths in (0, 1]; another is refused before anything loads,
+    naming what it got."""
+    import quality_levers
+
+    with pytest.raises(SystemExit) as e:
+        quality_levers.main(["vshape", "--c", "0.5", bad])
+    assert e.value.code == 2
+    assert f"each strength must be in (0, 1] (the plain codes are measured too), got [{float(bad)}]" in (
+        capsys.readouterr().err
+    )
