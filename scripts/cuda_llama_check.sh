@@ -4,6 +4,8 @@
 #
 #   scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]
 #   (or the environment: LLAMA_BIN, MODEL, OUT)
+#   CHECK_OPS_ONLY=1 scripts/cuda_llama_check.sh BIN_DIR [- [OUT_DIR]]   steps 1-2 only, no model needed
+#   (what a short GPU lease checks first: the kernels, without the three calls that carry the models)
 #
 # BIN_DIR holds test-backend-ops and llama-completion of a GGML_CUDA=ON build. Logs go to OUT_DIR
 # ($OUT, else ./cuda_llama_check). Steps, each failing the script:
@@ -111,17 +113,29 @@ fi
 BIN=${1:-${LLAMA_BIN:-}}
 MODEL=${2:-${MODEL:-}}
 OUTDIR=${3:-${OUT:-./cuda_llama_check}}
-if [[ -z "$BIN" || -z "$MODEL" ]]; then
-    echo "usage: $0 BIN_DIR MODEL.gguf [OUT_DIR]   (or LLAMA_BIN, MODEL, OUT in the environment)" >&2
+OPS_ONLY=${CHECK_OPS_ONLY:-}
+case $OPS_ONLY in
+"" | 0) OPS_ONLY="" ;;
+1) ;;
+*)
+    echo "error: CHECK_OPS_ONLY must be 1 (steps 1-2 only) or 0/unset (every step), got '$OPS_ONLY'" >&2
+    exit 2
+    ;;
+esac
+if [[ -z "$BIN" || ( -z "$MODEL" && -z $OPS_ONLY ) ]]; then
+    echo "usage: $0 BIN_DIR MODEL.gguf [OUT_DIR]   (or LLAMA_BIN, MODEL, OUT in the environment;" \
+        "CHECK_OPS_ONLY=1: steps 1-2, no model: $0 BIN_DIR - [OUT_DIR])" >&2
     exit 2
 fi
-for exe in test-backend-ops llama-completion; do
+exes=(test-backend-ops)
+[[ -n $OPS_ONLY ]] || exes+=(llama-completion)
+for exe in "${exes[@]}"; do
     if [[ ! -x "$BIN/$exe" ]]; then
         echo "error: $BIN/$exe not found (build with -DGGML_CUDA=ON -DLLAMA_BUILD_TESTS=ON)" >&2
         exit 2
     fi
 done
-[[ -f "$MODEL" ]] || { echo "error: model $MODEL not found" >&2; exit 2; }
+[[ -n $OPS_ONLY || -f "$MODEL" ]] || { echo "error: model $MODEL not found" >&2; exit 2; }
 mkdir -p "$OUTDIR"
 
 step_time 1
@@ -147,6 +161,14 @@ step_time 2
 log="$OUTDIR/test-backend-ops-support.log"
 "$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,MUL_MAT,SET,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
 check_cases "$log" "test-backend-ops support" SUPPORTED
+
+if [[ -n $OPS_ONLY ]]; then
+    echo "time: steps 1-2 took ${SECONDS} s"
+    if [[ $status -eq 0 ]]; then
+        echo "steps 1-2 passed (CHECK_OPS_ONLY=1: steps 3-7, which run the model, not run; logs in $OUTDIR)"
+    fi
+    exit $status
+fi
 
 step_time 3
 # 3. the guard: a backend without the polar ops

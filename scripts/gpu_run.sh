@@ -22,6 +22,8 @@
 #                                           # run scripts/fa_polar_harness.cu, the CuPy GPU tests and the CuPy
 #                                           # benchmarks (encode-latency, encode-variants, compare, anatomy;
 #                                           # GPU_RUN_CUPY_BENCHES: a subset) meanwhile (the logs: build-logs.tgz)
+#           scripts/gpu_run.sh ops          # wait for the build, then cuda_llama_check.sh's steps 1-2 (every polar
+#                                           # test-backend-ops case, the support query; no models): a short lease
 #           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
@@ -53,9 +55,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | xprepare | xbin | build | parts | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
+prepare | xprepare | xbin | build | parts | ops | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,53p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,55p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -131,6 +133,11 @@ models_and_build() { # the models in /tmp (once a machine: the next step finds t
         PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build /tmp/qwen.skel /tmp/qwen.gguf
         touch /tmp/models.ok
     fi
+    wait_build
+}
+
+wait_build() { # wait for the background build that `build` started on this machine
+    [[ -f /tmp/gpu-run-build.log ]] || { echo "gpu_run: no build on this machine: run build first (it carries .gpurun/a)" >&2; exit 1; }
     until grep -q "llama.cpp built in" /tmp/gpu-run-build.log; do
         if grep -q -E "subcommand failed|error:" /tmp/gpu-run-build.log; then
             tail -20 /tmp/gpu-run-build.log; exit 1
@@ -297,6 +304,17 @@ kernel-profile)
     ncu --set full --import-source yes -k regex:flash_attn_ext -f -o /tmp/kernel-profile /tmp/fa_polar_harness --profile > "$OUT/kernel-profile-run.txt" 2>&1
     ncu_pages kernel-profile
     tail -5 "$OUT/kernel-profile-run.txt"
+    ;;
+ops)
+    # the kernels first, without the models (steps 1-2 of cuda_llama_check.sh: every polar case of
+    # test-backend-ops and the support query), in the foreground: what a short lease checks right after
+    # `build`, in the same call
+    wait_build
+    rc=0
+    CHECK_OPS_ONLY=1 bash scripts/cuda_llama_check.sh build/bin - /tmp/gpu-run-ops > "$OUT/ops-summary.txt" 2>&1 || rc=1
+    cat "$OUT/ops-summary.txt"
+    grep -o -E '/tmp/gpu-run-ops/[^ ):]+' "$OUT/ops-summary.txt" | sort -u | xargs -r tar czf "$OUT/ops-failing.tgz" 2>/dev/null || true
+    exit $rc
     ;;
 checks)
     models_and_build

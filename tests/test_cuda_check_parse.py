@@ -183,3 +183,63 @@ def test_fa_off_diag_table_from_logs(tmp_path):
     assert "| f16 | 256 | - | - | missing | |" in r.stdout, r.stdout
     r = subprocess.run(["bash", str(diag), "--table", str(tmp_path / "none")], capture_output=True, text=True)
     assert r.returncode == 2 and "expected a folder" in r.stderr, r.stderr
+
+
+STUB = """#!/usr/bin/env bash
+# a test-backend-ops stand-in: one polar case for the op asked (-o), OK (test) or SUPPORTED (support)
+mode=$1; shift
+ops=SET_ROWS
+while [[ $# -gt 0 ]]; do [[ $1 == -o ]] && ops=$2; shift; done
+for op in ${ops//,/ }; do
+    st=$STUB_STATUS
+    [[ $mode == support ]] && st=SUPPORTED
+    echo "  $op(type=polar): $st"
+done
+"""
+
+
+def run_ops_only(
+    tmp_path: Path, status: str, env_value: str = "1", model: str = "-"
+) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "test-backend-ops"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(bin_dir), model, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CHECK_OPS_ONLY": env_value, "STUB_STATUS": status},
+    )
+
+
+def test_ops_only_runs_steps_1_and_2_without_a_model(tmp_path):
+    """CHECK_OPS_ONLY=1 (gpu_run.sh ops, a short lease): every test-backend-ops step and the support query,
+    then a stop that names what was not run; no model and no llama-completion needed."""
+    r = run_ops_only(tmp_path, "OK")
+    assert r.returncode == 0, r
+    for op in ("SET_ROWS", "CENTER_SET_ROWS", "LAYER_CHAINS", "CPY", "MUL_MAT", "SET", "FLASH_ATTN_EXT"):
+        assert f"ok: test-backend-ops -o {op}: 1 polar cases OK" in r.stdout, r.stdout
+    assert "ok: test-backend-ops support: 8 polar cases SUPPORTED" in r.stdout, r.stdout
+    assert "steps 1-2 passed (CHECK_OPS_ONLY=1: steps 3-7, which run the model, not run" in r.stdout, r.stdout
+    assert "step 3" not in r.stdout, r.stdout
+
+
+def test_ops_only_fails_on_a_failing_case(tmp_path):
+    r = run_ops_only(tmp_path, "FAIL")
+    assert r.returncode == 1, r
+    assert "FAIL: test-backend-ops -o SET_ROWS: 1 of 1 polar cases not OK" in r.stdout, r.stdout
+    assert "steps 1-2 passed" not in r.stdout, r.stdout
+
+
+def test_ops_only_value_checked_and_model_still_needed_without_it(tmp_path):
+    r = run_ops_only(tmp_path, "OK", env_value="yes")
+    assert r.returncode == 2, r
+    assert "CHECK_OPS_ONLY must be 1 (steps 1-2 only) or 0/unset (every step), got 'yes'" in r.stderr, (
+        r.stderr
+    )
+    r = run_ops_only(tmp_path, "OK", env_value="0", model="")
+    assert r.returncode == 2, r
+    assert "usage:" in r.stderr, r.stderr
