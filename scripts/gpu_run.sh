@@ -307,8 +307,8 @@ kernel-profile)
     ;;
 ops)
     # the kernels first, without the models (steps 1-2 of cuda_llama_check.sh: every polar case of
-    # test-backend-ops and the support query), in the foreground: what a short lease checks right after
-    # `build`, in the same call
+    # test-backend-ops and the support query), in the foreground: what a short lease checks in the call
+    # after `build` (one call for both would outlast a call's 10 minutes)
     wait_build
     rc=0
     CHECK_OPS_ONLY=1 bash scripts/cuda_llama_check.sh build/bin - /tmp/gpu-run-ops > "$OUT/ops-summary.txt" 2>&1 || rc=1
