@@ -602,22 +602,24 @@ __device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, f
             const float s2 = polar_round_scale(polar_fdiv(num, den));
             if (s2 > 0.0f && s2 != best_s) {
                 const float inv = polar_finv(s2);
-                int         slot;
-                float       E, bx, by;
-                if (SPEC && it + 1 < NREF) {
-                    polar_encode_at_sums<FMT>(X, Y, r, s2, inv, t, lane, slot, E, num, den);
-                } else {
-                    E = polar_tree32(polar_encode_lane<FMT>(X, Y, r, s2, inv, t, lane, slot, bx, by));
-                }
-                if (polar_lt_nonneg(E, best_e)) {
-                    best_s = s2;
-                    best_e = E;
-                    best_i = slot;
-                    if constexpr (!SPEC) {
-                        best_x = bx;
-                        best_y = by;
+                if constexpr (SPEC) {
+                    int   slot;
+                    float E;
+                    if (it + 1 < NREF) {
+                        polar_encode_at_sums<FMT>(X, Y, r, s2, inv, t, lane, slot, E, num, den);
+                    } else {
+                        float bx, by;
+                        polar_encode_at<FMT>(X, Y, r, s2, inv, t, lane, slot, bx, by, E);
                     }
-                    active = true;
+                    if (polar_lt_nonneg(E, best_e)) {
+                        best_s = s2;
+                        best_e = E;
+                        best_i = slot;
+                        active = true;
+                    }
+                } else {
+                    active = polar_keep_if_lower<FMT>(X, Y, r, s2, inv, t, lane, best_s, best_e, best_i, best_x,
+                                                      best_y);
                 }
             }
         }
