@@ -217,9 +217,11 @@ prepare)
     dd if="$DATA/$SMOL" of="$G/b/smol.part.b" bs=1M iflag=skip_bytes,count_bytes skip="$na" count="$nb" status=none
     dd if="$DATA/$SMOL" of="$G/c/smol.part.c" bs=1M iflag=skip_bytes skip=$(( na + nb )) status=none
     cat "$G"/a/smol.part.a "$G"/b/smol.part.b "$G"/c/smol.part.c | cmp - "$DATA/$SMOL"
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$G/whl" gguf==0.19.0
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$G/whl" gguf==0.19.0 ||
+        { echo "gpu_run prepare: pip download gguf==0.19.0 (the wheel the GPU machine installs) failed" >&2; exit 1; }
     cp "$G"/whl/gguf-*.whl "$G/a/" # (also in a: `build`, which carries a, runs the CuPy tests that need it)
     du -sh "$G"/*
+    echo "gpu_run prepare: done (build key $key)"
     ;;
 parts)
     ls -la "$P"

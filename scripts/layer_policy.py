@@ -16,10 +16,14 @@ the text it was chosen on. `eval` runs the pair as built ("default"), with LLAMA
 ("uniform"; patch 0034's switch), q4_0 K + q4_0 V (issue 12's target) and each --policy, with
 quality_levers.py's settings; the JSON records the build.
 
-`scan` and --policy need a build with the measurement hack
-patches/experiments/session21-layer-types-measure.diff (on patches 0001-0033: LLAMA_KV_LAYER_K /
-LLAMA_KV_LAYER_V = "TYPE:LIST" give those layers TYPE instead of -ctk / -ctv; that build has no
-LLAMA_KV_LAYER_POLICY, so its "default" and "uniform" rows are the same run twice).
+`scan` and --policy need a build with a measurement hack: LLAMA_KV_LAYER_K / LLAMA_KV_LAYER_V =
+"TYPE:LIST" give those layers TYPE instead of -ctk / -ctv. The hack
+patches/experiments/session21-layer-types-measure.diff is on patches 0001-0033 (that build has no
+LLAMA_KV_LAYER_POLICY, so its "default" and "uniform" rows are the same run twice);
+session29-layer-types-measure.diff is on the series through 0040, where either variable, when set, replaces
+patch 0034's policy for its tensor. Both variables are always set (an empty LIST: every layer at -ctk /
+-ctv), so a row means the same on both builds. --any-bits allows policies that do not keep 3.75 bits/elem
+(as many V-up as K-down layers); every row records its bits/elem.
 """
 
 from __future__ import annotations
@@ -66,12 +70,23 @@ def span(layers: list[int]) -> str:
 
 
 def policy_env(v_up: list[int], k_down: list[int]) -> dict:
-    env = {}
-    if v_up:
-        env["LLAMA_KV_LAYER_V"] = "polar:" + span(sorted(v_up))
-    if k_down:
-        env["LLAMA_KV_LAYER_K"] = "polar3:" + span(sorted(k_down))
-    return env
+    """Both variables, also for an empty list (every layer at -ctk / -ctv: with the session-29 hack a
+    variable left unset would leave patch 0034's policy in place for its tensor)."""
+    return {
+        "LLAMA_KV_LAYER_V": "polar:" + span(sorted(v_up)),
+        "LLAMA_KV_LAYER_K": "polar3:" + span(sorted(k_down)),
+    }
+
+
+BITS = {"polar": 4.25, "polar3": 3.25, "q4_0": 4.5}
+
+
+def policy_bits(n: int, v_up: list[int], k_down: list[int]) -> float:
+    """Bits/elem of polar K + polar3 V over n layers (K and V rows of the same size) with the layers v_up
+    given polar V and k_down polar3 K."""
+    k = sum(BITS["polar3"] if il in k_down else BITS["polar"] for il in range(n))
+    v = sum(BITS["polar"] if il in v_up else BITS["polar3"] for il in range(n))
+    return (k + v) / (2 * n)
 
 
 def header(args, needs_hack: bool) -> dict:
@@ -81,8 +96,9 @@ def header(args, needs_hack: bool) -> dict:
     build = llama_bench.build_info(args.bin, required=False)
     if needs_hack and build and LAYER_POLICY_PATCH in llama_bench.llama_patch_numbers(build["patches"]):
         raise SystemExit(
-            f"{args.cmd}: per-layer types need the measurement build (patches 0001-0033 with "
-            f"patches/experiments/session21-layer-types-measure.diff), got {llama_bench.build_label(build)}"
+            f"{args.cmd}: per-layer types need a measurement build (patches 0001-0033 with "
+            f"patches/experiments/session21-layer-types-measure.diff, or the series with "
+            f"session29-layer-types-measure.diff, built by hand), got {llama_bench.build_label(build)}"
         )
     return {"machine": cpu_model(), "nproc": os.cpu_count(), "build": build}
 
@@ -120,7 +136,8 @@ def run_scan(args) -> dict:
     for model in args.model:
         n = n_layers(model)
         groups = [list(range(a, min(a + args.group, n))) for a in range(0, n, args.group)]
-        rows = [{"move": "preset", "layers": [], "ctk": PRESET[0], "ctv": PRESET[1], "env": {}}]
+        env0 = policy_env([], [])
+        rows = [{"move": "preset", "layers": [], "ctk": PRESET[0], "ctv": PRESET[1], "env": env0}]
         for g in groups:
             rows.append(
                 {"move": "v_up", "layers": g, "ctk": "polar", "ctv": "polar3", "env": policy_env(g, [])}
@@ -171,15 +188,27 @@ def run_eval(args) -> dict:
             {"policy": "uniform", "ctk": PRESET[0], "ctv": PRESET[1], "env": {"LLAMA_KV_LAYER_POLICY": "0"}},
             {"policy": "q4_0 K+V", "ctk": "q4_0", "ctv": "q4_0", "env": {}},
         ][: 0 if args.policies_only else 3]
+        n = n_layers(model)
         for spec in args.policy:
             v_s, _, k_s = spec.partition("/")
             v_up, k_down = parse_layers(v_s), parse_layers(k_s)
-            if len(v_up) != len(k_down):
+            if len(v_up) != len(k_down) and not args.any_bits:
                 raise SystemExit(
                     f"--policy {spec}: expected as many V-up as K-down layers (3.75 bits), "
-                    f"got {len(v_up)} and {len(k_down)}"
+                    f"got {len(v_up)} and {len(k_down)} (--any-bits allows it)"
                 )
-            rows.append({"policy": spec, "ctk": "polar", "ctv": "polar3", "env": policy_env(v_up, k_down)})
+            bad = [il for il in v_up + k_down if not 0 <= il < n]
+            if bad:
+                raise SystemExit(f"--policy {spec}: expected layers 0-{n - 1} of {model}, got {bad}")
+            rows.append(
+                {
+                    "policy": spec,
+                    "ctk": "polar",
+                    "ctv": "polar3",
+                    "bits": policy_bits(n, v_up, k_down),
+                    "env": policy_env(v_up, k_down),
+                }
+            )
         text = tail_text(Path(args.work)) if tail else None
         out["rows"] += Runner(args, model, text, "tail" if tail else "").run(rows)
     return out
@@ -252,9 +281,14 @@ def render(res: dict) -> str:
                 lines.append(f"| {span(list(g))} | {d['v_up']:+.4f} | {d['k_down']:+.4f} |")
             lines.append("")
     else:
-        lines += ["| model | K+V (policy: V polar / K polar3 layers) | mean KLD |", "|---|---|---|"]
+        lines += [
+            "| model | K+V (policy: V polar / K polar3 layers) | bits/elem | mean KLD |",
+            "|---|---|---|---|",
+        ]
         for r in res["rows"]:
-            lines.append(f"| {r['model']} | {r['policy']} | {r['kld']:.4f} ± {r['kld_pm']:.4f} |")
+            bits = r.get("bits", BITS[r["ctk"]] / 2 + BITS[r["ctv"]] / 2 if r["ctk"] in BITS else None)
+            b = f"{bits:.4g}" if bits is not None else "-"
+            lines.append(f"| {r['model']} | {r['policy']} | {b} | {r['kld']:.4f} ± {r['kld_pm']:.4f} |")
     return "\n".join(lines)
 
 
@@ -296,6 +330,11 @@ def main(argv=None) -> int:
                 choices=("head", "tail"),
                 default="head",
                 help="the first chunks of SQuAD (default) or the scan's second half",
+            )
+            p.add_argument(
+                "--any-bits",
+                action="store_true",
+                help="allow --policy rows with more V-up than K-down layers (or fewer): not 3.75 bits/elem",
             )
             p.add_argument(
                 "--policies-only",

@@ -42,7 +42,7 @@ if "--kl-divergence" not in args:
     print("Final estimate: PPL = 23.2304 +/- 2.07959")
     sys.exit(0)
 kld = {"f16": 0.0, "q8_0": 0.004, "q4_0": 0.04, "polar": 0.03, "polar3": 0.15}
-# per-layer types (the session-21 measurement hack's LLAMA_KV_LAYER_K / _V = "TYPE:a-b,c") over FAKE_LAYERS
+# per-layer types (the session-21/29 measurement hacks' LLAMA_KV_LAYER_K / _V = "TYPE:a-b,c") over FAKE_LAYERS
 # layers; a layer's K weighs 1 + l, its V n - l
 n = int(os.environ.get("FAKE_LAYERS", "4"))
 def layer_kld(name, default, weight):
@@ -50,7 +50,7 @@ def layer_kld(name, default, weight):
     spec = os.environ.get(name)
     if spec:
         t, _, items = spec.partition(":")
-        for item in items.split(","):
+        for item in filter(None, items.split(",")):  # (an empty list: no layer)
             a, _, b = item.partition("-")
             for l in range(int(a), int(b or a) + 1):
                 types[l] = t

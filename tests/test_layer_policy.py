@@ -18,7 +18,10 @@ def test_span_and_parse_layers_round_trip():
         "LLAMA_KV_LAYER_V": "polar:0-1,3",
         "LLAMA_KV_LAYER_K": "polar3:5",
     }
-    assert layer_policy.policy_env([], []) == {}
+    # both always set: with the session-29 hack an unset one would leave patch 0034's policy in place
+    assert layer_policy.policy_env([], []) == {"LLAMA_KV_LAYER_V": "polar:", "LLAMA_KV_LAYER_K": "polar3:"}
+    assert layer_policy.policy_bits(10, [0, 1], [9, 8]) == pytest.approx(3.75)
+    assert layer_policy.policy_bits(8, [0, 1], []) == pytest.approx((4.25 + 3.25 + 2 / 8) / 2)
 
 
 @pytest.fixture
@@ -89,6 +92,20 @@ def test_eval_runs_preset_target_and_policies_on_the_first_chunks(tmp_path, fake
     assert all(c[c.index("-f") + 1].endswith("squad.txt") for c in calls)
     with pytest.raises(SystemExit, match="expected as many V-up as K-down layers"):
         layer_policy.main([*argv[:-2], "--policy", "0-1/3"])
+    with pytest.raises(SystemExit, match=r"expected layers 0-3 of smollm2-135m, got \[4\]"):
+        layer_policy.main([*argv[:-2], "--policy", "4/3"])
+
+
+def test_eval_any_bits_records_the_bits_and_sets_both_lists(tmp_path, fake_bin, fake_data, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--bin", str(fake_bin), "--policy", "0-1/", "--any-bits", "--policies-only"]
+    assert layer_policy.main([*argv, "--work", str(tmp_path / "w"), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["env"] == {"LLAMA_KV_LAYER_V": "polar:0-1", "LLAMA_KV_LAYER_K": "polar3:"}
+    assert row["bits"] == pytest.approx((4.25 + 3.25 + 2 / 4) / 2)
+    # V of layers 0 and 1 (weights 4 and 3 of 10) polar, every K polar
+    assert row["kld"] == pytest.approx((0.03 + 0.15 - 0.7 * 0.12) / 2, abs=2e-6)
+    assert "| smollm2-135m | 0-1/ | 4 | " in capsys.readouterr().out
 
 
 def test_speed_render_pools_the_rounds():
@@ -114,9 +131,9 @@ def test_per_layer_types_need_the_measurement_build(tmp_path, fake_bin, fake_dat
             {"key": "k2", "patches": ["patches/llama.cpp/0001-a.patch", "patches/llama.cpp/0034-b.patch"]}
         )
     )
-    with pytest.raises(SystemExit, match=r"scan: per-layer types need the measurement build .* build k2"):
+    with pytest.raises(SystemExit, match=r"scan: per-layer types need a measurement build .* build k2"):
         layer_policy.main(argv)
-    with pytest.raises(SystemExit, match="eval: per-layer types need the measurement build"):
+    with pytest.raises(SystemExit, match="eval: per-layer types need a measurement build"):
         layer_policy.main(["eval", "--bin", str(fake_bin), "--policy", "1/3", "--work", str(tmp_path / "w")])
     (tmp_path / "kvpolar-build.json").unlink()
     out = tmp_path / "scan.json"
