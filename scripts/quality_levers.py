@@ -6,6 +6,7 @@
         [--set levers|voffset|sinkauto|exactsink|exactsink-built|polar3k|multiseq]
         [--layout single|streams|unified ...] [--json out.json]
     python3 scripts/quality_levers.py vshape [--model M ...] [--types T ...] [--c C ...] [--json out.json]
+    python3 scripts/quality_levers.py scalebits [--blocks N] [--levels L ...] [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
@@ -25,7 +26,8 @@ llama.cpp's graph rotation (Hadamard) and online K centering (the mean of window
 - Sink: token 0's K or V kept exact (f16 in a real cache: +11.75 bits for one token a head).
 
 `vshape` measures V noise shaping along the tokens (`study.vshape`: each token coded with part of the
-previous token's residual added), the same way, on every layer.
+previous token's residual added), the same way, on every layer. `scalebits` measures what an 8-bit block
+scale would cost the codes (`study.scalebits`: the reference encoder with its scales on a log grid).
 
 `kld` runs the patched llama-perplexity --kl-divergence with the settings of
 docs/centering-online.md (SQuAD, -fa on, -b = -c, -t 1) for each cache setting and environment;
@@ -55,7 +57,7 @@ from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import GEMMA3_GGUF, QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
 from llama_bench import build_info
-from study import AttentionRef, activations, layouts, vshape
+from study import AttentionRef, activations, layouts, scalebits, vshape
 from study.run import hadamard_rows, k_rot_size, pick_layers
 
 log = logging.getLogger("quality_levers")
@@ -628,6 +630,13 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--nq", type=int, default=128, help="query positions per head")
     p.add_argument("--json", help="write the results here")
+    p = sub.add_parser("scalebits", help="a block scale on a coarser grid than fp16, numpy (study.scalebits)")
+    p.add_argument("--blocks", type=int, default=16384)
+    p.add_argument("--spread", type=float, default=8.0, help="octaves the block RMS is spread over")
+    p.add_argument(
+        "--levels", nargs="+", type=int, default=list(scalebits.LEVELS), help="grid steps an octave"
+    )
+    p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")
     args = ap.parse_args(argv)
@@ -647,6 +656,14 @@ def main(argv=None) -> int:
             )
         res = vshape.measure(args.model, args.types, args.c, args.n_seq, args.seq_len, args.nq, log=log)
         res["machine"] = cpu_model()
+    elif args.cmd == "scalebits":
+        bad = [lv for lv in args.levels if lv < 1]
+        if bad or args.blocks < 1:
+            ap.error(
+                f"scalebits: --levels must be >= 1 and --blocks >= 1, got {args.levels} and {args.blocks}"
+            )
+        res = scalebits.measure(args.blocks, args.spread, args.levels)
+        res["machine"] = cpu_model()
     else:
         res = run_study(args) if args.cmd == "study" else run_kld(args)
     argv = sys.argv[1:] if argv is None else argv
@@ -658,9 +675,11 @@ def main(argv=None) -> int:
 
 
 def render_any(res: dict) -> str:
-    """The tables of a result of `study`, `kld` or `vshape`."""
+    """The tables of a result of `study`, `kld`, `vshape` or `scalebits`."""
     if "cs" in res:
         return vshape.render(res)
+    if "spread_octaves" in res:
+        return scalebits.render(res)
     return render_study(res) if "models" in res else render_kld(res)
 
 

@@ -1,0 +1,100 @@
+"""What a block's scale costs in bits: polar / polar3 with the scale on a coarser grid than fp16 (issue 12).
+
+The block scale is an fp16 value: 16 of a block's bits, 0.25 bits/elem of polar's 4.25 and polar3's 3.25.
+An 8-bit scale would give 0.125 bits/elem back to every K and V row. This measures what the coarser scale
+costs the codes: the reference encoder (`kvpolar.codec`, the scale search and its least-squares refinement)
+with every scale it tries rounded to a log grid of `levels` steps an octave instead of to fp16. 8 bits at 16
+steps an octave span 16 octaves; at 8 steps, 32. The blocks are Gaussian (64 values, the format study's
+shape) with a block RMS spread over `spread` octaves, so that the grid's phase does not favour one size.
+What the saved bits buy when spent on V is measured by KLD in llama.cpp (`layer_policy.py eval --any-bits`,
+docs/quality-levers.md, session 29).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from kvpolar import codec
+
+LEVELS = (32, 16, 8)  # steps an octave
+
+
+def log_grid(levels: int) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 -> the nearest 2^(k / levels) (0 and below: 0), float32."""
+    if levels < 1:
+        raise ValueError(f"log_grid: expected at least 1 step an octave, got {levels}")
+
+    def rnd(v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, np.float32)
+        pos = v > 0
+        k = np.round(np.log2(np.where(pos, v, np.float32(1))) * levels)
+        return np.where(pos, np.exp2(k / levels), 0).astype(np.float32)
+
+    return rnd
+
+
+@contextmanager
+def scale_rounding(rnd: Callable[[np.ndarray], np.ndarray] | None) -> Iterator[None]:
+    """The reference encoder with its scale rounding (codec.to_half) replaced by rnd (None: fp16)."""
+    orig = codec.to_half
+    if rnd is not None:
+        codec.to_half = rnd
+    try:
+        yield
+    finally:
+        codec.to_half = orig
+
+
+def roundtrip(x: np.ndarray, fmt: str, rnd: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+    """x (n, 64) -> the decoded blocks with the scale rounded by rnd (None: the format's fp16)."""
+    with scale_rounding(rnd):
+        s, c = codec._encode_chunk(codec._fmt(fmt), np.asarray(x, np.float32))
+    t = codec.tables(fmt)
+    y = np.empty(x.shape, np.float32)
+    y[:, 0::2] = s[:, None] * t.cx[c]
+    y[:, 1::2] = s[:, None] * t.cy[c]
+    return y
+
+
+def blocks(n: int, spread: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    amp = np.exp2(rng.uniform(-spread / 2, spread / 2, (n, 1)))
+    return (rng.standard_normal((n, 64)) * amp).astype(np.float32)
+
+
+def measure(n: int = 16384, spread: float = 8.0, levels=LEVELS, seed: int = 20250204) -> dict:
+    x = blocks(n, spread, seed)
+    e = float((x.astype(np.float64) ** 2).sum())
+    rows = []
+    for fmt in ("polar", "polar3"):
+        base = None
+        for lv in (None, *levels):
+            y = roundtrip(x, fmt, None if lv is None else log_grid(lv))
+            mse = float(((x - y).astype(np.float64) ** 2).sum()) / e
+            base = mse if base is None else base
+            rows.append(
+                {
+                    "type": fmt,
+                    "scale": "fp16" if lv is None else f"log {lv}/octave",
+                    "levels": lv,
+                    "rel_mse": mse,
+                    "vs_fp16": mse / base,
+                }
+            )
+    return {"blocks": n, "spread_octaves": spread, "seed": seed, "rows": rows}
+
+
+def render(res: dict) -> str:
+    lines = [
+        f"{res['blocks']} Gaussian blocks of 64, block RMS spread over {res['spread_octaves']:g} octaves "
+        f"(seed {res['seed']}):",
+        "",
+        "| type | scale | rel. MSE | / fp16 scale |",
+        "|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(f"| {r['type']} | {r['scale']} | {r['rel_mse']:.5f} | {r['vs_fp16']:.3f} |")
+    return "\n".join(lines)
