@@ -5,14 +5,13 @@
 #
 #   here:   scripts/gpu_run.sh prepare      # source tree (KVPOLAR_CUDA=1, archs $KVPOLAR_CUDA_ARCHS,
 #                                           # default 90) -> .gpurun/a/src.txz; SmolLM2 (in three parts),
-#                                           # skeletons of both models, SQuAD, the gguf wheel -> .gpurun/{a,b,c,whl};
+#                                           # a Qwen2.5-1.5B skeleton, SQuAD, the gguf wheel -> .gpurun/{a,b,c,whl};
 #                                           # KVPOLAR_EXPERIMENTS="x.diff ..." applies patches/experiments/x.diff
 #   here:   scripts/gpu_run.sh xprepare     # (after prepare) the CUDA build made here with PyPI's CUDA 13.0
 #                                           # toolchain, the GPU machine's (pinned below), ~25 min on 2 cores
 #                                           # -> .gpurun/x1, x2 (halves): carried, they save the machine the build
 #   there:  (every step first keeps the parts of whichever of .gpurun/a, b, c, x1, x2 it carries in /tmp/gpurun-parts;
-#           the steps that run the real SmolLM2 need all three, so carry a, b and c in three calls, e.g. build,
-#           parts, verify; `ab` needs a alone: its models are random-weight ones of both shapes, from a's skeletons)
+#           the steps that run models need all three, so carry a, b and c in three calls, e.g. build, parts, verify)
 #           scripts/gpu_run.sh xbin         # (`parts` carrying .gpurun/x1, then this carrying x2) xprepare's
 #                                           # binaries as build/bin, with the machine's libcudart/libcublas;
 #                                           # fails, naming what is missing, where they do not load or run
@@ -31,9 +30,8 @@
 #           scripts/gpu_run.sh collect      # wait for the checks, pack their summary and the failing logs
 #           scripts/gpu_run.sh verify       # models, wait for the build, then a short check of a tree: the polar
 #                                           # FLASH_ATTN_EXT and LAYER_CHAINS cases, greedy decode fused = unfused
-#           scripts/gpu_run.sh ab [SET]     # wait for the build, ab_llama_gpu.py --set SET (default sched) on both
-#                                           # shapes with random weights, SmolLM2's with its file's tensor types
-#                                           # (AB_PASSES=N: N passes, packed in one ab.tgz); right after build
+#           scripts/gpu_run.sh ab [SET]     # models, wait for the build, ab_llama_gpu.py --set SET (default sched)
+#                                           # on both models (AB_PASSES=N: N passes, packed in one ab.tgz)
 #           scripts/gpu_run.sh script FILE  # models, wait for the build, then `bash FILE` (a diagnosis kept in
 #                                           # scripts/, e.g. fa_off_diag.sh; what it writes under $OUT comes back)
 #           scripts/gpu_run.sh harness ARGS # only scripts/fa_polar_harness.cu on the prepared tree (no llama
@@ -59,7 +57,7 @@ set -euo pipefail
 case ${1:-} in
 prepare | xprepare | xbin | build | parts | ops | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
 *)
-    sed -n '2,57p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,55p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac
@@ -130,27 +128,11 @@ models_and_build() { # the models in /tmp (once a machine: the next step finds t
         site_wheels
         cat "$P"/smol.part.a "$P"/smol.part.b "$P"/smol.part.c > /tmp/smol.gguf
         [[ "$(sha256sum /tmp/smol.gguf | cut -d' ' -f1)" == "$(cat "$P/smol.sha256")" ]] || { echo "model sha256 differs" >&2; exit 1; }
+        unxz_to "$P/qwen.skel.xz" /tmp/qwen.skel
         unxz_to "$P/squad.txt.xz" /tmp/squad.txt
-        synth_model qwen
+        PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build /tmp/qwen.skel /tmp/qwen.gguf
         touch /tmp/models.ok
     fi
-    wait_build
-}
-
-synth_model() { # synth_model qwen|smol: /tmp/NAME.gguf (qwen) or /tmp/smol-rand.gguf from the skeleton in .gpurun/a:
-    # the model's metadata, tokenizer, tensor shapes and types with random weights (synth_gguf.py build), once
-    local skel=$P/$1.skel.xz out=/tmp/$1.gguf args=()
-    [[ $1 == smol ]] && out=/tmp/smol-rand.gguf && args=(--type same) # (Q4_1 as the real file: the same kernels)
-    [[ -f $out ]] && return 0
-    [[ -f $skel ]] || { echo "gpu_run: no $1.skel.xz on this machine: carry .gpurun/a of this version's prepare" >&2; exit 1; }
-    site_wheels
-    unxz_to "$skel" "/tmp/$1.skel"
-    PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build "/tmp/$1.skel" "$out" "${args[@]}"
-}
-
-speed_models() { # the models of the speed runs (ab): both shapes with random weights, from .gpurun/a alone
-    synth_model qwen
-    synth_model smol
     wait_build
 }
 
@@ -224,18 +206,13 @@ prepare)
     sha256sum "$DATA/$SMOL" | cut -d' ' -f1 > "$G/b/smol.sha256"
     xz -9 -c "$DATA/squad.txt" > "$G/b/squad.txt.xz"
     eval "$(python3 scripts/bootstrap.py env)"
-    # both models' skeletons (metadata, tokenizer, tensor shapes and types) in a: the speed runs (ab) build
-    # random-weight models from them, so that they need only the call that carries a
     PYTHONPATH=converter "$KVPOLAR_PYTHON" scripts/synth_gguf.py skeleton "$DATA/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$G/qwen.skel"
-    PYTHONPATH=converter "$KVPOLAR_PYTHON" scripts/synth_gguf.py skeleton "$DATA/$SMOL" "$G/smol.skel"
-    for m in qwen smol; do xz -9 -c "$G/$m.skel" > "$G/a/$m.skel.xz" && rm "$G/$m.skel"; done
-    # SmolLM2 in three parts, so that a (with the source and the skeletons), b (with the small files) and c weigh the same
+    xz -9 -c "$G/qwen.skel" > "$G/b/qwen.skel.xz" && rm "$G/qwen.skel"
+    # SmolLM2 in three parts, so that a (with the source), b (with the small files) and c weigh the same
     sm=$(stat -c %s "$DATA/$SMOL")
-    fa=$(du -cb "$G"/a/* | tail -1 | cut -f1)
-    fb=$(du -cb "$G"/b/* | tail -1 | cut -f1)
-    third=$(( (sm + fa + fb) / 3 ))
-    na=$(( third - fa ))
-    nb=$(( third - fb ))
+    third=$(( (sm + $(du -cb "$G"/b/* | tail -1 | cut -f1) + $(stat -c %s "$G/a/src.txz")) / 3 ))
+    na=$(( third - $(stat -c %s "$G/a/src.txz") ))
+    nb=$(( third - $(du -cb "$G"/b/* | tail -1 | cut -f1) ))
     dd if="$DATA/$SMOL" of="$G/a/smol.part.a" bs=1M iflag=count_bytes count="$na" status=none
     dd if="$DATA/$SMOL" of="$G/b/smol.part.b" bs=1M iflag=skip_bytes,count_bytes skip="$na" count="$nb" status=none
     dd if="$DATA/$SMOL" of="$G/c/smol.part.c" bs=1M iflag=skip_bytes skip=$(( na + nb )) status=none
@@ -472,7 +449,7 @@ ab)
     # AB_PASSES=N: N passes in one call, pass1 .. passN/ in the one ab.tgz (a call fetches at most 8 files)
     n=${AB_PASSES:-1}
     [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "gpu_run: AB_PASSES must be a positive integer, got '$n'" >&2; exit 2; }
-    speed_models
+    models_and_build
     B=/tmp/ab-out && rm -rf $B && mkdir -p $B
     rc=0
     for ((p = 1; p <= n; p++)); do
@@ -481,7 +458,7 @@ ab)
         mkdir -p $D
         python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/qwen.gguf --depths 0 32768 --reps 3 --out $D --name ab-${2:-sched}-qwen --set ${2:-sched} || rc=1
         tar czf "$OUT/ab.tgz" -C $B .
-        python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol-rand.gguf --depths 16384 --reps 3 --out $D --name ab-${2:-sched}-smollm2 --set ${2:-sched} || rc=1
+        python3 scripts/ab_llama_gpu.py --bin build/bin --model /tmp/smol.gguf --depths 16384 --reps 3 --out $D --name ab-${2:-sched}-smollm2 --set ${2:-sched} || rc=1
         tar czf "$OUT/ab.tgz" -C $B .
     done
     exit $rc
