@@ -2,7 +2,7 @@
 """Issue 12, lever 3 in llama.cpp: which layers' K and V are worth their bits (a per-layer policy).
 
     python3 scripts/layer_policy.py scan --bin BUILD/bin --model M [--group G] [--json out.json]
-    python3 scripts/layer_policy.py eval --bin BUILD/bin --model M --policy V_UP K_DOWN [--json ...]
+    python3 scripts/layer_policy.py eval --bin BUILD/bin --model M --policy V/K ... [--any-bits] [--json ...]
     python3 scripts/layer_policy.py speed --bin build/bin [--model M ...] [--json out.json]
     python3 scripts/layer_policy.py render out.json
 
