@@ -636,6 +636,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--levels", nargs="+", type=int, default=list(scalebits.LEVELS), help="grid steps an octave"
     )
+    p.add_argument(
+        "--real",
+        nargs="*",
+        default=[],
+        choices=list(MODELS),
+        help="also these models' K and V (study.activations)",
+    )
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")
@@ -663,6 +670,8 @@ def main(argv=None) -> int:
                 f"scalebits: --levels must be >= 1 and --blocks >= 1, got {args.levels} and {args.blocks}"
             )
         res = scalebits.measure(args.blocks, args.spread, args.levels)
+        if args.real:
+            res["real"] = scalebits.measure_real(args.real, levels=args.levels)
         res["machine"] = cpu_model()
     else:
         res = run_study(args) if args.cmd == "study" else run_kld(args)

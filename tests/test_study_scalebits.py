@@ -44,3 +44,22 @@ def test_a_coarser_grid_costs_more(tmp_path, capsys):
     assert "| polar3 | log 2/octave |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         quality_levers.main(["scalebits", "--levels", "0"])
+
+
+def test_real_rows_center_and_rotate_k(monkeypatch):
+    """measure_real: K of window 0's mean plus noise, so that centering leaves the noise; with fp16 scales the
+    pooled error is the codec's on those blocks (the same whatever constant offset K carries)."""
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((2, 2, 64, 64)).astype(np.float32)
+    layer = {"k": noise + 50.0, "v": noise, "q": noise}
+    monkeypatch.setattr(scalebits.activations, "have", lambda *a: True)
+    monkeypatch.setattr(scalebits.activations, "meta", lambda *a: {"n_layer": 1})
+    monkeypatch.setattr(scalebits.activations, "load_layer", lambda *a: layer)
+    rows = scalebits.measure_real(["smollm2-135m"], n_layers=1, levels=(16,))
+    by = {(r["tensor"], r["type"], r["levels"]): r for r in rows}
+    assert set(by) == {(t, f, lv) for t in "KV" for f in ("polar", "polar3") for lv in (None, 16)}
+    # the offset is gone: K's fp16 error is that of centered noise, near V's (the same noise, not centered)
+    assert by[("K", "polar", None)]["rel_mse"] == pytest.approx(by[("V", "polar", None)]["rel_mse"], rel=0.1)
+    monkeypatch.setattr(scalebits.activations, "have", lambda *a: False)
+    with pytest.raises(SystemExit, match="no activations for smollm2-135m"):
+        scalebits.measure_real(["smollm2-135m"])

@@ -5,7 +5,9 @@ An 8-bit scale would give 0.125 bits/elem back to every K and V row. This measur
 costs the codes: the reference encoder (`kvpolar.codec`, the scale search and its least-squares refinement)
 with every scale it tries rounded to a log grid of `levels` steps an octave instead of to fp16. 8 bits at 16
 steps an octave span 16 octaves; at 8 steps, 32. The blocks are Gaussian (64 values, the format study's
-shape) with a block RMS spread over `spread` octaves, so that the grid's phase does not favour one size.
+shape) with a block RMS spread over `spread` octaves, so that the grid's phase does not favour one size;
+`measure_real` does the same on the real K and V of `study.activations` (K centered by window 0's mean and
+rotated as llama.cpp's graph does, V rotated; the last window's rows, a few layers of each model).
 What the saved bits buy when spent on V is measured by KLD in llama.cpp (`layer_policy.py eval --any-bits`,
 docs/quality-levers.md, session 29).
 """
@@ -18,6 +20,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from kvpolar import codec
+
+from . import activations
+from .run import hadamard_rows, k_rot_size, pick_layers
 
 LEVELS = (32, 16, 8)  # steps an octave
 
@@ -66,7 +71,12 @@ def blocks(n: int, spread: float, seed: int) -> np.ndarray:
 
 
 def measure(n: int = 16384, spread: float = 8.0, levels=LEVELS, seed: int = 20250204) -> dict:
-    x = blocks(n, spread, seed)
+    rows = rel_mse_rows(blocks(n, spread, seed), levels, {})
+    return {"blocks": n, "spread_octaves": spread, "seed": seed, "rows": rows}
+
+
+def rel_mse_rows(x: np.ndarray, levels, label: dict) -> list[dict]:
+    """Rows of rel. MSE of blocks x (n, 64) for polar / polar3 with fp16 scales and each log grid."""
     e = float((x.astype(np.float64) ** 2).sum())
     rows = []
     for fmt in ("polar", "polar3"):
@@ -77,6 +87,7 @@ def measure(n: int = 16384, spread: float = 8.0, levels=LEVELS, seed: int = 2025
             base = mse if base is None else base
             rows.append(
                 {
+                    **label,
                     "type": fmt,
                     "scale": "fp16" if lv is None else f"log {lv}/octave",
                     "levels": lv,
@@ -84,7 +95,32 @@ def measure(n: int = 16384, spread: float = 8.0, levels=LEVELS, seed: int = 2025
                     "vs_fp16": mse / base,
                 }
             )
-    return {"blocks": n, "spread_octaves": spread, "seed": seed, "rows": rows}
+    return rows
+
+
+def measure_real(models, n_layers: int = 8, levels=LEVELS, n_seq: int = 2, seq_len: int = 1024) -> list[dict]:
+    """The K (centered by window 0's mean, rotated over k_rot_size(d)) and V (rotated over 64) rows of the
+    last window, n_layers evenly spaced layers pooled, each model."""
+    rows = []
+    for model in models:
+        if not activations.have(model, n_seq, seq_len):
+            raise SystemExit(
+                f"no activations for {model}: python -m study.activations dump --model {model}"
+                " (from scripts/, needs torch, transformers and accelerate)"
+            )
+        meta = activations.meta(model, n_seq, seq_len)
+        ks, vs = [], []
+        for il in pick_layers(meta["n_layer"], n_layers):
+            data = activations.load_layer(model, il, n_seq, seq_len)
+            k, v = data["k"], data["v"]
+            mu = k[0].mean(axis=1, keepdims=True)  # window 0's mean, per KV head and channel
+            ks.append(hadamard_rows(k[-1] - mu, k_rot_size(k.shape[-1])).reshape(-1, 64))
+            vs.append(hadamard_rows(v[-1], 64).reshape(-1, 64))
+        for tensor, x in (("K", ks), ("V", vs)):
+            rows += rel_mse_rows(
+                np.concatenate(x).astype(np.float32), levels, {"model": model, "tensor": tensor}
+            )
+    return rows
 
 
 def render(res: dict) -> str:
@@ -97,4 +133,17 @@ def render(res: dict) -> str:
     ]
     for r in res["rows"]:
         lines.append(f"| {r['type']} | {r['scale']} | {r['rel_mse']:.5f} | {r['vs_fp16']:.3f} |")
+    if res.get("real"):
+        lines += [
+            "",
+            "Real K (centered, rotated) and V (rotated), the last window's rows:",
+            "",
+            "| model | tensor | type | scale | rel. MSE | / fp16 scale |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["real"]:
+            lines.append(
+                f"| {r['model']} | {r['tensor']} | {r['type']} | {r['scale']} | {r['rel_mse']:.5f} "
+                f"| {r['vs_fp16']:.3f} |"
+            )
     return "\n".join(lines)
