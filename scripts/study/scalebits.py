@@ -116,10 +116,12 @@ def measure_real(models, n_layers: int = 8, levels=LEVELS, n_seq: int = 2, seq_l
             mu = k[0].mean(axis=1, keepdims=True)  # window 0's mean, per KV head and channel
             ks.append(hadamard_rows(k[-1] - mu, k_rot_size(k.shape[-1])).reshape(-1, 64))
             vs.append(hadamard_rows(v[-1], 64).reshape(-1, 64))
-        for tensor, x in (("K", ks), ("V", vs)):
-            rows += rel_mse_rows(
-                np.concatenate(x).astype(np.float32), levels, {"model": model, "tensor": tensor}
-            )
+        for tensor, xs in (("K", ks), ("V", vs)):
+            x = np.concatenate(xs).astype(np.float32)
+            sc, _ = codec._encode_chunk(codec._fmt("polar"), x)  # the fp16 scales polar stores
+            lg = np.log2(sc[sc > 0])
+            span = {"scale_log2": [float(lg.min()), float(lg.max())]} if lg.size else {}
+            rows += rel_mse_rows(x, levels, {"model": model, "tensor": tensor, **span})
     return rows
 
 
@@ -138,12 +140,14 @@ def render(res: dict) -> str:
             "",
             "Real K (centered, rotated) and V (rotated), the last window's rows:",
             "",
-            "| model | tensor | type | scale | rel. MSE | / fp16 scale |",
-            "|---|---|---|---|---|---|",
+            "| model | tensor | polar's scales, log2 | type | scale | rel. MSE | / fp16 scale |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in res["real"]:
+            lg = r.get("scale_log2")
+            span = f"{lg[0]:.1f} .. {lg[1]:.1f}" if lg else "-"
             lines.append(
-                f"| {r['model']} | {r['tensor']} | {r['type']} | {r['scale']} | {r['rel_mse']:.5f} "
+                f"| {r['model']} | {r['tensor']} | {span} | {r['type']} | {r['scale']} | {r['rel_mse']:.5f} "
                 f"| {r['vs_fp16']:.3f} |"
             )
     return "\n".join(lines)
