@@ -40,6 +40,7 @@ from pathlib import Path
 from gguf import GGUFReader
 
 import llama_bench
+from bench_llama import BITS
 from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import data_file
 from kvsetup.cpu import cpu_model
@@ -76,9 +77,6 @@ def policy_env(v_up: list[int], k_down: list[int]) -> dict:
         "LLAMA_KV_LAYER_V": "polar:" + span(sorted(v_up)),
         "LLAMA_KV_LAYER_K": "polar3:" + span(sorted(k_down)),
     }
-
-
-BITS = {"polar": 4.25, "polar3": 3.25, "q4_0": 4.5}
 
 
 def policy_bits(n: int, v_up: list[int], k_down: list[int]) -> float:
@@ -183,12 +181,19 @@ def run_eval(args) -> dict:
         "rows": [],
     }
     for model in args.model:
-        rows = [
-            {"policy": "default", "ctk": PRESET[0], "ctv": PRESET[1], "env": {}},
-            {"policy": "uniform", "ctk": PRESET[0], "ctv": PRESET[1], "env": {"LLAMA_KV_LAYER_POLICY": "0"}},
-            {"policy": "q4_0 K+V", "ctk": "q4_0", "ctv": "q4_0", "env": {}},
-        ][: 0 if args.policies_only else 3]
         n = n_layers(model)
+        pair = policy_bits(n, [], [])  # the pair's 3.75, also with patch 0034's policy (the same bytes)
+        rows = [
+            {"policy": "default", "ctk": PRESET[0], "ctv": PRESET[1], "bits": pair, "env": {}},
+            {
+                "policy": "uniform",
+                "ctk": PRESET[0],
+                "ctv": PRESET[1],
+                "bits": pair,
+                "env": {"LLAMA_KV_LAYER_POLICY": "0"},
+            },
+            {"policy": "q4_0 K+V", "ctk": "q4_0", "ctv": "q4_0", "bits": BITS["q4_0"], "env": {}},
+        ][: 0 if args.policies_only else 3]
         for spec in args.policy:
             v_s, _, k_s = spec.partition("/")
             v_up, k_down = parse_layers(v_s), parse_layers(k_s)
@@ -286,8 +291,7 @@ def render(res: dict) -> str:
             "|---|---|---|---|",
         ]
         for r in res["rows"]:
-            bits = r.get("bits", BITS[r["ctk"]] / 2 + BITS[r["ctv"]] / 2 if r["ctk"] in BITS else None)
-            b = f"{bits:.4g}" if bits is not None else "-"
+            b = f"{r['bits']:.4g}" if "bits" in r else "-"  # (JSONs before session 29 have none)
             lines.append(f"| {r['model']} | {r['policy']} | {b} | {r['kld']:.4f} ± {r['kld_pm']:.4f} |")
     return "\n".join(lines)
 

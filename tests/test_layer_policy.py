@@ -84,6 +84,7 @@ def test_eval_runs_preset_target_and_policies_on_the_first_chunks(tmp_path, fake
         ("q4_0 K+V", "q4_0", "q4_0", {}),
         ("1/3", "polar", "polar3", {"LLAMA_KV_LAYER_V": "polar:1", "LLAMA_KV_LAYER_K": "polar3:3"}),
     ]
+    assert [r["bits"] for r in rows] == pytest.approx([3.75, 3.75, 4.5, 3.75])
     # preset (0.03 + 0.15) / 2; the policy: V of layer 1 (3 of 10) polar, K of layer 3 (4 of 10) polar3
     assert [r["kld"] for r in rows] == pytest.approx(
         [0.09, 0.09, 0.04, 0.09 - 0.3 * 0.06 + 0.4 * 0.06], abs=2e-6

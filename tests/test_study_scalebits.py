@@ -16,17 +16,20 @@ def test_fp16_rounding_is_the_codec_itself():
     x = scalebits.blocks(256, 8.0, seed=1)
     for fmt in ("polar", "polar3"):
         want = codec.dequantize(codec.quantize(x.reshape(-1), fmt), fmt).reshape(x.shape)
-        np.testing.assert_array_equal(scalebits.roundtrip(x, fmt, None), want)
+        y, s = scalebits.roundtrip(x, fmt, None)
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(s, codec.to_half(s))  # fp16 values
 
 
-def test_log_grid_scales_are_grid_points_and_the_codec_is_restored():
+def test_log_grid_scales_are_grid_points_and_the_codec_keeps_fp16():
     x = scalebits.blocks(64, 8.0, seed=2)
-    rnd = scalebits.log_grid(4)
-    with scalebits.scale_rounding(rnd):
-        s, _ = codec._encode_chunk(codec._fmt("polar"), x)
+    _, s = scalebits.roundtrip(x, "polar", scalebits.log_grid(4))
     k = np.log2(s[s > 0]) * 4
     np.testing.assert_allclose(k, np.round(k), atol=1e-4)
-    assert codec.to_half is not rnd
+    # the reference encoder's own default is untouched: its scales are fp16 values, not grid points
+    s16, _ = codec._encode_chunk(codec._fmt("polar"), x)
+    np.testing.assert_array_equal(s16, codec.to_half(s16))
+    assert not np.allclose(s16, s)
     with pytest.raises(ValueError, match="at least 1 step an octave, got 0"):
         scalebits.log_grid(0)
 

@@ -12,6 +12,8 @@ equal the C and CUDA encoders'.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .format import FP16_MAX, N_REFINE, PAIRS, QK, VMAX, PolarFormat, get_format, tables
@@ -76,7 +78,11 @@ def _encode_at(fmt, X, Y, cand, s):
     return codes, np.where(ok, err, np.float32(np.inf))
 
 
-def _encode_chunk(fmt: PolarFormat, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _encode_chunk(
+    fmt: PolarFormat, x: np.ndarray, round_scale: Callable[[np.ndarray], np.ndarray] = to_half
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-6 for blocks x (n, 64): scales (n,) and codes (n, 32). round_scale: what every scale tried is
+    rounded to (the format: fp16; scripts/study/scalebits.py measures coarser grids)."""
     t = tables(fmt.name)
     x = sanitize(x)
     X, Y = x[:, 0::2], x[:, 1::2]
@@ -89,7 +95,7 @@ def _encode_chunk(fmt: PolarFormat, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     best_e = np.full(n, np.inf, np.float32)
     best_c = np.zeros((n, PAIRS), np.int32)
     for g in t.g:
-        s = to_half(rmax * g)
+        s = round_scale(rmax * g)
         codes, err = _encode_at(fmt, X, Y, cand, s)
         upd = err < best_e
         best_s[upd], best_e[upd], best_c[upd] = s[upd], err[upd], codes[upd]
@@ -100,7 +106,7 @@ def _encode_chunk(fmt: PolarFormat, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
         num = tree32(X * cx + Y * cy)
         den = tree32(cx * cx + cy * cy)
         with np.errstate(divide="ignore", invalid="ignore"):
-            s2 = to_half(np.where(den > 0, num / np.where(den > 0, den, 1), np.float32(0)))
+            s2 = round_scale(np.where(den > 0, num / np.where(den > 0, den, 1), np.float32(0)))
         try_ = active & (den > 0) & (s2 > 0) & (s2 != best_s)
         codes, err = _encode_at(fmt, X, Y, cand, np.where(try_, s2, np.float32(0)))
         upd = try_ & (err < best_e)
@@ -168,8 +174,12 @@ def quantize_blocks(x: np.ndarray, fmt: PolarFormat | str) -> np.ndarray:
 def dequantize_blocks(b: np.ndarray, fmt: PolarFormat | str) -> np.ndarray:
     """(n, type_size) uint8 -> (n, 64) float32. C twin: dequantize_row_<fmt>."""
     fmt = _fmt(fmt)
-    t = tables(fmt.name)
-    d, codes = unpack(fmt, b)
+    return decode(fmt, *unpack(fmt, b))
+
+
+def decode(fmt: PolarFormat | str, d: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Scales d (n,) and codes (n, 32) -> blocks (n, 64) float32: d (CX, CY)[code] for each pair."""
+    t = tables(_fmt(fmt).name)
     y = np.empty((len(d), QK), np.float32)
     y[:, 0::2] = d[:, None] * t.cx[codes]
     y[:, 1::2] = d[:, None] * t.cy[codes]

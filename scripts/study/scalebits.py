@@ -14,8 +14,7 @@ docs/quality-levers.md, session 29).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,27 +40,13 @@ def log_grid(levels: int) -> Callable[[np.ndarray], np.ndarray]:
     return rnd
 
 
-@contextmanager
-def scale_rounding(rnd: Callable[[np.ndarray], np.ndarray] | None) -> Iterator[None]:
-    """The reference encoder with its scale rounding (codec.to_half) replaced by rnd (None: fp16)."""
-    orig = codec.to_half
-    if rnd is not None:
-        codec.to_half = rnd
-    try:
-        yield
-    finally:
-        codec.to_half = orig
-
-
-def roundtrip(x: np.ndarray, fmt: str, rnd: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
-    """x (n, 64) -> the decoded blocks with the scale rounded by rnd (None: the format's fp16)."""
-    with scale_rounding(rnd):
-        s, c = codec._encode_chunk(codec._fmt(fmt), np.asarray(x, np.float32))
-    t = codec.tables(fmt)
-    y = np.empty(x.shape, np.float32)
-    y[:, 0::2] = s[:, None] * t.cx[c]
-    y[:, 1::2] = s[:, None] * t.cy[c]
-    return y
+def roundtrip(
+    x: np.ndarray, fmt: str, rnd: Callable[[np.ndarray], np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """x (n, 64) -> the decoded blocks and their scales, every scale the encoder tries rounded by rnd (None:
+    the format's fp16)."""
+    s, c = codec._encode_chunk(codec._fmt(fmt), np.asarray(x, np.float32), rnd or codec.to_half)
+    return codec.decode(fmt, s, c), s
 
 
 def blocks(n: int, spread: float, seed: int) -> np.ndarray:
@@ -80,14 +65,18 @@ def rel_mse_rows(x: np.ndarray, levels, label: dict) -> list[dict]:
     e = float((x.astype(np.float64) ** 2).sum())
     rows = []
     for fmt in ("polar", "polar3"):
-        base = None
+        base = span = None
         for lv in (None, *levels):
-            y = roundtrip(x, fmt, None if lv is None else log_grid(lv))
+            y, s = roundtrip(x, fmt, None if lv is None else log_grid(lv))
             mse = float(((x - y).astype(np.float64) ** 2).sum()) / e
-            base = mse if base is None else base
+            if base is None:  # the fp16 run: its error and the span of the scales it stores
+                base = mse
+                lg = np.log2(s[s > 0])
+                span = [float(lg.min()), float(lg.max())] if lg.size else None
             rows.append(
                 {
                     **label,
+                    "scale_log2": span,
                     "type": fmt,
                     "scale": "fp16" if lv is None else f"log {lv}/octave",
                     "levels": lv,
@@ -118,10 +107,7 @@ def measure_real(models, n_layers: int = 8, levels=LEVELS, n_seq: int = 2, seq_l
             vs.append(hadamard_rows(v[-1], 64).reshape(-1, 64))
         for tensor, xs in (("K", ks), ("V", vs)):
             x = np.concatenate(xs).astype(np.float32)
-            sc, _ = codec._encode_chunk(codec._fmt("polar"), x)  # the fp16 scales polar stores
-            lg = np.log2(sc[sc > 0])
-            span = {"scale_log2": [float(lg.min()), float(lg.max())]} if lg.size else {}
-            rows += rel_mse_rows(x, levels, {"model": model, "tensor": tensor, **span})
+            rows += rel_mse_rows(x, levels, {"model": model, "tensor": tensor})
     return rows
 
 
@@ -140,7 +126,7 @@ def render(res: dict) -> str:
             "",
             "Real K (centered, rotated) and V (rotated), the last window's rows:",
             "",
-            "| model | tensor | polar's scales, log2 | type | scale | rel. MSE | / fp16 scale |",
+            "| model | tensor | its fp16 scales, log2 | type | scale | rel. MSE | / fp16 scale |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in res["real"]:
