@@ -576,6 +576,27 @@ __device__ __forceinline__ void polar_encode_at_sums(float X, float Y, float r, 
     E = polar_tree32(err);
 }
 
+// polar_keep_if_lower with step 6's sums (polar_encode_at_sums): the trial at scale s is kept (s, E,
+// this lane's slot, and its codes' sums into num, den) when its block error is lower than best_e;
+// returns whether it was
+template <int FMT>
+__device__ __forceinline__ bool polar_keep_sums_if_lower(float X, float Y, float r, float s, float inv,
+                                                         const polar_cand_table * t, int lane, float & best_s,
+                                                         float & best_e, int & best_i, float & num, float & den) {
+    int   i;
+    float E, n, d;
+    polar_encode_at_sums<FMT>(X, Y, r, s, inv, t, lane, i, E, n, d);
+    if (!polar_lt_nonneg(E, best_e)) {
+        return false;
+    }
+    best_s = s;
+    best_e = E;
+    best_i = i;
+    num    = n;
+    den    = d;
+    return true;
+}
+
 // Steps 6 and 7's inputs: from the chosen scale best_s, block error best_e (+inf: none) and this
 // lane's slot best_i with its (CX, CY) best_x, best_y, the least-squares scale num / den of the chosen
 // codes (step 6's sums, polar_step6_sums), kept while it lowers the error (NREFINE times at most); then
@@ -602,22 +623,10 @@ __device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, f
             const float s2 = polar_round_scale(polar_fdiv(num, den));
             if (s2 > 0.0f && s2 != best_s) {
                 const float inv = polar_finv(s2);
-                if constexpr (SPEC) {
-                    int   slot;
-                    float E;
-                    if (it + 1 < NREF) {
-                        polar_encode_at_sums<FMT>(X, Y, r, s2, inv, t, lane, slot, E, num, den);
-                    } else {
-                        float bx, by;
-                        polar_encode_at<FMT>(X, Y, r, s2, inv, t, lane, slot, bx, by, E);
-                    }
-                    if (polar_lt_nonneg(E, best_e)) {
-                        best_s = s2;
-                        best_e = E;
-                        best_i = slot;
-                        active = true;
-                    }
-                } else {
+                if (SPEC && it + 1 < NREF) {
+                    active = polar_keep_sums_if_lower<FMT>(X, Y, r, s2, inv, t, lane, best_s, best_e, best_i, num,
+                                                           den);
+                } else {  // (SPEC: best_x, best_y are not read)
                     active = polar_keep_if_lower<FMT>(X, Y, r, s2, inv, t, lane, best_s, best_e, best_i, best_x,
                                                       best_y);
                 }
@@ -736,19 +745,10 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
             continue;  // warp-uniform
         }
         const float inv = __shfl_sync(POLAR_FULL_MASK, inv_lane, k);
-        if constexpr (WIN) {
-            int   i;
-            float E, n, d;
-            polar_encode_at_sums<FMT>(X, Y, r, s, inv, t, lane, i, E, n, d);
-            if (polar_lt_nonneg(E, best_e)) {
-                best_s = s;
-                best_e = E;
-                best_i = i;
-                best_k = k;
-                num    = n;
-                den    = d;
-            }
-        } else if (polar_keep_if_lower<FMT>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, best_x, best_y)) {
+        const bool kept =
+            WIN ? polar_keep_sums_if_lower<FMT>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, num, den)
+                : polar_keep_if_lower<FMT>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, best_x, best_y);
+        if (kept) {
             best_k = k;
         }
     }
