@@ -519,26 +519,6 @@ __device__ __forceinline__ void polar_encode_at(float X, float Y, float r, float
     E = polar_tree32(polar_encode_lane<FMT>(X, Y, r, s, inv, t, lane, slot, bx, by));
 }
 
-// step 4 at scale s, kept (s, E, this lane's slot and (CX, CY) into best_*) when its block error
-// is lower than best_e; returns whether it was
-template <int FMT>
-__device__ __forceinline__ bool polar_keep_if_lower(float X, float Y, float r, float s, float inv,
-                                                    const polar_cand_table * t, int lane, float & best_s,
-                                                    float & best_e, int & best_i, float & best_x, float & best_y) {
-    int   i;
-    float bx, by, E;
-    polar_encode_at<FMT>(X, Y, r, s, inv, t, lane, i, bx, by, E);
-    if (!polar_lt_nonneg(E, best_e)) {
-        return false;
-    }
-    best_s = s;
-    best_e = E;
-    best_i = i;
-    best_x = bx;
-    best_y = by;
-    return true;
-}
-
 // tree32 of a and of b in every lane (the bits of polar_tree32 of each) with 6 shuffles instead of
 // 10: a reduce-scatter step (step 16: lanes 0-15 keep a, 16-31 keep b), then the butterfly, then
 // each lane takes the other sum from lane ^ 16.
@@ -576,24 +556,28 @@ __device__ __forceinline__ void polar_encode_at_sums(float X, float Y, float r, 
     E = polar_tree32(err);
 }
 
-// polar_keep_if_lower with step 6's sums (polar_encode_at_sums): the trial at scale s is kept (s, E,
-// this lane's slot, and its codes' sums into num, den) when its block error is lower than best_e;
-// returns whether it was
-template <int FMT>
-__device__ __forceinline__ bool polar_keep_sums_if_lower(float X, float Y, float r, float s, float inv,
-                                                         const polar_cand_table * t, int lane, float & best_s,
-                                                         float & best_e, int & best_i, float & num, float & den) {
+// step 4 at scale s, kept when its block error is lower than best_e: s, E and this lane's slot into best_s,
+// best_e, best_i, and into best_a, best_b this lane's (CX, CY) (SUMS false: polar_encode_at) or step 6's
+// sums num, den of the trial's codes (SUMS true: polar_encode_at_sums); returns whether it was kept
+template <int FMT, bool SUMS>
+__device__ __forceinline__ bool polar_keep_if_lower(float X, float Y, float r, float s, float inv,
+                                                    const polar_cand_table * t, int lane, float & best_s,
+                                                    float & best_e, int & best_i, float & best_a, float & best_b) {
     int   i;
-    float E, n, d;
-    polar_encode_at_sums<FMT>(X, Y, r, s, inv, t, lane, i, E, n, d);
+    float E, a, b;
+    if constexpr (SUMS) {
+        polar_encode_at_sums<FMT>(X, Y, r, s, inv, t, lane, i, E, a, b);
+    } else {
+        polar_encode_at<FMT>(X, Y, r, s, inv, t, lane, i, a, b, E);
+    }
     if (!polar_lt_nonneg(E, best_e)) {
         return false;
     }
     best_s = s;
     best_e = E;
     best_i = i;
-    num    = n;
-    den    = d;
+    best_a = a;
+    best_b = b;
     return true;
 }
 
@@ -624,11 +608,11 @@ __device__ __forceinline__ void polar_refine_finish(float X, float Y, float r, f
             if (s2 > 0.0f && s2 != best_s) {
                 const float inv = polar_finv(s2);
                 if (SPEC && it + 1 < NREF) {
-                    active = polar_keep_sums_if_lower<FMT>(X, Y, r, s2, inv, t, lane, best_s, best_e, best_i, num,
-                                                           den);
+                    active = polar_keep_if_lower<FMT, true>(X, Y, r, s2, inv, t, lane, best_s, best_e, best_i, num,
+                                                            den);
                 } else {  // (SPEC: best_x, best_y are not read)
-                    active = polar_keep_if_lower<FMT>(X, Y, r, s2, inv, t, lane, best_s, best_e, best_i, best_x,
-                                                      best_y);
+                    active = polar_keep_if_lower<FMT, false>(X, Y, r, s2, inv, t, lane, best_s, best_e, best_i,
+                                                             best_x, best_y);
                 }
             }
         }
@@ -746,8 +730,8 @@ __device__ __forceinline__ bool polar_encode_block(float X, float Y, const float
         }
         const float inv = __shfl_sync(POLAR_FULL_MASK, inv_lane, k);
         const bool kept =
-            WIN ? polar_keep_sums_if_lower<FMT>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, num, den)
-                : polar_keep_if_lower<FMT>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, best_x, best_y);
+            WIN ? polar_keep_if_lower<FMT, true>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, num, den)
+                : polar_keep_if_lower<FMT, false>(X, Y, r, s, inv, t, lane, best_s, best_e, best_i, best_x, best_y);
         if (kept) {
             best_k = k;
         }
