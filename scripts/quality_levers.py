@@ -6,6 +6,9 @@
         [--set levers|voffset|sinkauto|exactsink|exactsink-built|polar3k|multiseq]
         [--layout single|streams|unified ...] [--json out.json]
     python3 scripts/quality_levers.py vshape [--model M ...] [--types T ...] [--c C ...] [--json out.json]
+    python3 scripts/quality_levers.py vtransform [--model M ...] [--types T ...] [--variants V ...]
+        [--other-text] [--json out.json]
+    python3 scripts/quality_levers.py vtransform-files [--model M ...] [--variants V ...]   (kld --set vxform)
     python3 scripts/quality_levers.py scalebits [--blocks N] [--levels L ...] [--json out.json]
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
@@ -28,6 +31,9 @@ llama.cpp's graph rotation (Hadamard) and online K centering (the mean of window
 `vshape` measures V noise shaping along the tokens (`study.vshape`: each token coded with part of the
 previous token's residual added), the same way, on every layer. `scalebits` measures what an 8-bit block
 scale would cost the codes (`study.scalebits`: the reference encoder with its scales on a log grid).
+`vtransform` measures V transform coding (`study.vtransform`: the cache stores H diag(lambda^-p) U^T v per KV
+head, U, lambda the eigenvectors and eigenvalues of v's second moment over a first ubatch, and the output is
+multiplied back; `diag`: the channels' own moments, V balancing without the power-of-two rounding).
 
 `kld` runs the patched llama-perplexity --kl-divergence with the settings of
 docs/centering-online.md (SQuAD, -fa on, -b = -c, -t 1) for each cache setting and environment;
@@ -57,7 +63,7 @@ from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import GEMMA3_GGUF, QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
 from llama_bench import build_info
-from study import AttentionRef, activations, layouts, scalebits, vshape
+from study import AttentionRef, activations, layouts, scalebits, vshape, vtransform
 from study.run import hadamard_rows, k_rot_size, pick_layers
 
 log = logging.getLogger("quality_levers")
@@ -413,6 +419,18 @@ SWA_SINK = [
     for k, v in (("polar", "f16"), ("polar3", "f16"), ("polar", "polar3"))
     for env in ({}, *({"LLAMA_KV_CENTER_SINK_SWA": w} for w in ("0.25", "0.5", "0.75", "1")))
 ]
+# session 30: V transform coding (study.vtransform), a build with
+# patches/experiments/session30-v-transform.diff; the matrices from `quality_levers.py vtransform-files`
+# ({work}: --work, {model}: the row's model)
+VXFORM_DIR = "{work}/vxform/{model}/{variant}"
+V_XFORM = [
+    (k, v, env)
+    for k, v, variants in (
+        ("polar", "polar3", ("klt-1_8", "klt-1_4", "diag-1_4")),
+        ("polar", "polar", ("klt-1_4", "diag-1_4")),
+    )
+    for env in ({}, *({"LLAMA_KV_VXFORM": VXFORM_DIR.replace("{variant}", var)} for var in variants))
+]
 # llama-perplexity decodes -b / -c chunks together, each as its own sequence
 # (sequences, extra arguments, how the table names it)
 LAYOUTS = {
@@ -434,6 +452,7 @@ SETS = {
     "multiseq-defaults": MULTISEQ_DEFAULTS,
     "multiseq-sink": MULTISEQ_SINK,
     "swasink": SWA_SINK,
+    "vxform": V_XFORM,
 }
 
 
@@ -551,6 +570,7 @@ def run_kld(args) -> dict:
                 continue
             if args.env and any(e.split("=", 1) not in ([k, v] for k, v in env.items()) for e in args.env):
                 continue
+            env = {k: v.format(work=args.work, model=model) for k, v in env.items()}
             row = {"model": model, "chunks": chunks, "ctk": ctk, "ctv": ctv, "env": env, "fa": args.fa}
             if layout != "single":
                 row["layout"] = layout
@@ -630,6 +650,33 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--nq", type=int, default=128, help="query positions per head")
     p.add_argument("--json", help="write the results here")
+    p = sub.add_parser(
+        "vtransform", help="V transform coding (a shaping A per KV head), numpy (study.vtransform)"
+    )
+    p.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=list(MODELS))
+    p.add_argument("--types", nargs="+", default=["polar3", "polar"])
+    p.add_argument(
+        "--variants", nargs="+", default=list(vtransform.VARIANTS), choices=list(vtransform.VARIANTS)
+    )
+    p.add_argument(
+        "--calib", type=int, default=512, help="the transform from tokens 1..CALIB-1 (a first ubatch)"
+    )
+    p.add_argument(
+        "--other-text", action="store_true", help="the transform from the first sequence, not the scored one"
+    )
+    p.add_argument("--n-seq", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--nq", type=int, default=128, help="query positions per head")
+    p.add_argument("--json", help="write the results here")
+    p = sub.add_parser(
+        "vtransform-files", help="the V transform measurement build's matrices (kld --set vxform)"
+    )
+    p.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=list(MODELS))
+    p.add_argument(
+        "--variants", nargs="+", default=["klt-1/4", "diag-1/4"], choices=list(vtransform.VARIANTS)
+    )
+    p.add_argument("--calib", type=int, default=512, help="from tokens 1..CALIB-1 of the first sequence")
+    p.add_argument("--work", default="/tmp/quality_levers", help="kld's --work: files go to WORK/vxform/")
     p = sub.add_parser("scalebits", help="a block scale on a coarser grid than fp16, numpy (study.scalebits)")
     p.add_argument("--blocks", type=int, default=16384)
     p.add_argument("--spread", type=float, default=8.0, help="octaves the block RMS is spread over")
@@ -655,6 +702,13 @@ def main(argv=None) -> int:
         res = json.loads(Path(args.json).read_text())
         print(render_any(res))
         return 0
+    if args.cmd == "vtransform-files":
+        for model in args.model:
+            for var in args.variants:
+                d = VXFORM_DIR.format(work=args.work, model=model, variant=var.replace("/", "_"))
+                n = vtransform.write_matrices(model, d, var, 2, 1024, args.calib)
+                print(f"{model} {var}: {n} layers in {d}")
+        return 0
     if args.cmd == "vshape":
         bad = [c for c in args.c if not 0.0 < c <= 1.0]
         if bad:
@@ -662,6 +716,21 @@ def main(argv=None) -> int:
                 f"vshape --c: each strength must be in (0, 1] (the plain codes are measured too), got {bad}"
             )
         res = vshape.measure(args.model, args.types, args.c, args.n_seq, args.seq_len, args.nq, log=log)
+        res["machine"] = cpu_model()
+    elif args.cmd == "vtransform":
+        if not 2 < args.calib <= args.seq_len:
+            ap.error(f"vtransform --calib: must be in 3..{args.seq_len} (--seq-len), got {args.calib}")
+        res = vtransform.measure(
+            args.model,
+            args.types,
+            args.variants,
+            args.n_seq,
+            args.seq_len,
+            args.nq,
+            args.calib,
+            other=args.other_text,
+            log=log,
+        )
         res["machine"] = cpu_model()
     elif args.cmd == "scalebits":
         bad = [lv for lv in args.levels if lv < 1]
@@ -687,6 +756,8 @@ def render_any(res: dict) -> str:
     """The tables of a result of `study`, `kld`, `vshape` or `scalebits`."""
     if "cs" in res:
         return vshape.render(res)
+    if "variants" in res:
+        return vtransform.render(res)
     if "spread_octaves" in res:
         return scalebits.render(res)
     return render_study(res) if "models" in res else render_kld(res)

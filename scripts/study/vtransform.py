@@ -1,0 +1,193 @@
+"""V transform coding: a lever for the low-memory pair's V, measured in numpy (issue 12).
+
+The attention output is linear in the values, so a cache may store A v for any invertible D x D matrix A
+per KV head and multiply the output by A^-1: o = sum_t p_t v_t = A^-1 sum_t p_t (A v_t), exact. Today A is
+the graph's Hadamard rotation (orthogonal: the block code's white error stays white, the output error is
+the code's). A non-orthogonal A shapes the error: with U, lambda the eigenvectors and eigenvalues of v's
+second moment (from the first ubatch a context sees, as the K offsets are measured), the transform
+
+    A = H diag(lambda^-p) U^T          (H: the graph's Hadamard rotation, p = 0: an orthogonal A)
+
+spends the block's scale on the directions that carry the value's energy. For a code whose error is white
+with a size that follows the block's norm, the output error is proportional to
+sum_j lambda_j^(1 - 2p) * sum_j lambda_j^(2p); p = 1/4 minimises it, a gain of D sum(lambda) / (sum
+sqrt(lambda))^2 over p = 0 (`predicted_gain`). `diag` takes the channels' own second moments with U = I
+(per-channel V balancing, in the channels' basis).
+
+`measure` runs the reference codec of each type on the real V of `study.activations` (the last window scored,
+the exact Q and K, queries at `nq` positions per head, as `study.vshape`), the transform measured from the
+scored sequence's first `calib` tokens (token 0, the attention sink, left out of the moment), and reports
+per layer the relative output error of the graph's path and each variant's ratio to it; pooled over layers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import AttentionRef, activations, layouts
+from .run import hadamard_rows
+from .vshape import V_ROT, codec_roundtrip
+
+VARIANTS = ("klt-0", "klt-1/8", "klt-1/4", "klt-3/8", "diag-1/4")
+
+
+def _variant(name: str) -> tuple[bool, float]:
+    """'klt-1/4' -> (True, 0.25): the eigenvectors (else the channels) and the exponent p."""
+    kind, p = name.split("-")
+    num, _, den = p.partition("/")
+    return kind == "klt", float(num) / float(den or 1)
+
+
+def transform(v_calib: np.ndarray, klt: bool, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """v_calib (T, D) -> (M, M^-1) with v A^T = (v M) H: M = U diag(lambda^-p) (D x D, applied on the right
+    of row vectors) and its inverse; lambda normalised to mean 1 (the code's block scale takes any scale)."""
+    x = np.asarray(v_calib, dtype=np.float64)
+    m2 = x.T @ x / len(x)
+    if klt:
+        lam, u = np.linalg.eigh(m2)
+    else:
+        lam, u = np.diag(m2).copy(), np.eye(len(m2))
+    lam = np.maximum(lam, lam.max() * 1e-9)
+    lam = lam / lam.mean()
+    s = lam**-p
+    return u * s, (u / s).T
+
+
+def predicted_gain(v_calib: np.ndarray) -> float:
+    """D sum(lambda) / (sum sqrt(lambda))^2 of the KLT: the output error of p = 0 over p = 1/4's for a
+    white code error whose size follows the block's norm."""
+    x = np.asarray(v_calib, dtype=np.float64)
+    lam = np.maximum(np.linalg.eigvalsh(x.T @ x / len(x)), 0.0)
+    return float(len(lam) * lam.sum() / np.sqrt(lam).sum() ** 2)
+
+
+def shaped_roundtrip(v: np.ndarray, fn, mats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """v (H, T, D) -> decode(encode((v M_h) H)) H M_h^-1 for each KV head h (float32 into the code)."""
+    out = np.empty(v.shape, dtype=np.float64)
+    for h, (m, mi) in enumerate(mats):
+        y = hadamard_rows(np.asarray(v[h], dtype=np.float64) @ m, V_ROT)
+        out[h] = hadamard_rows(fn(y.astype(np.float32)).astype(np.float64), V_ROT) @ mi
+    return out
+
+
+def layer_rows(
+    model: str,
+    layer: int,
+    types: list[str],
+    variants: list[str],
+    n_seq: int,
+    seq_len: int,
+    nq: int,
+    calib: int,
+    other: bool = False,
+) -> dict:
+    """One layer: |o|^2, the graph's output squared error per type and each variant's, the predicted gain.
+    other: the transform from the first sequence's tokens, not the scored one's (a fixed text's transform)."""
+    meta = activations.meta(model, n_seq, seq_len)
+    lays = layouts(meta["pairing"])
+    data = activations.load_layer(model, layer, n_seq, seq_len)
+    ev = n_seq - 1
+    q, k, v = data["q"][ev], data["k"][ev], data["v"][ev]
+    ref = AttentionRef(q, k, v, np.arange(seq_len // nq - 1, seq_len, seq_len // nq))
+    vc = data["v"][0] if other else v
+    cal = [vc[h, 1:calib] for h in range(v.shape[0])]
+    row: dict = {
+        "out_sq": ref.out_sq,
+        "gain_pred": float(np.mean([predicted_gain(c) for c in cal])),
+        "se": {},
+    }
+    for t in types:
+        row["se"][t] = {"graph": ref.v_sums(codec_roundtrip(lays[t].fn)(v))["outv_se"]}
+        for name in variants:
+            klt, p = _variant(name)
+            mats = [transform(c, klt, p) for c in cal]
+            row["se"][t][name] = ref.v_sums(shaped_roundtrip(v, lays[t].fn, mats))["outv_se"]
+    return row
+
+
+def measure(
+    models: list[str],
+    types: list[str],
+    variants: list[str],
+    n_seq: int,
+    seq_len: int,
+    nq: int,
+    calib: int,
+    other: bool = False,
+    log=None,
+) -> dict:
+    for name in variants:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}: expected one of {', '.join(VARIANTS)}")
+    if other and n_seq < 2:
+        raise SystemExit("vtransform --other-text: needs 2 sequences or more (--n-seq)")
+    res: dict = {"types": types, "variants": variants, "calib": calib, "other": other, "models": {}}
+    for model in models:
+        if not activations.have(model, n_seq, seq_len):
+            raise SystemExit(
+                f"no activations for {model}: python -m study.activations dump --model {model}"
+                " (from scripts/, needs torch, transformers and accelerate)"
+            )
+        n_layer = activations.meta(model, n_seq, seq_len)["n_layer"]
+        rows = {}
+        for il in range(n_layer):
+            t0 = time.time()
+            rows[il] = layer_rows(model, il, types, variants, n_seq, seq_len, nq, calib, other)
+            if log:
+                log.info("%s layer %d (%.1f s)", model, il, time.time() - t0)
+        res["models"][model] = {"layers": rows, "pooled": pooled(rows, types, ["graph", *variants])}
+    return res
+
+
+def pooled(rows: dict, types: list[str], names: list[str]) -> dict:
+    """Per type and variant: the pooled relative output error (sum of squared errors over sum |o|^2)."""
+    out_sq = sum(r["out_sq"] for r in rows.values())
+    return {t: {n: sum(r["se"][t][n] for r in rows.values()) / out_sq for n in names} for t in types}
+
+
+def render(res: dict) -> str:
+    names = res["variants"]
+    lines = []
+    for model, m in res["models"].items():
+        for t in res["types"]:
+            lines += [
+                f"**{model}, {t} V** (relative attention-output error of the graph's path; each variant's"
+                f" ratio to it; transform from tokens 1-{res['calib'] - 1}"
+                f"{' of the first sequence' if res.get('other') else ''})",
+                "",
+                "| layer | predicted gain | graph | " + " | ".join(names) + " |",
+                "|---|---|---|" + "---|" * len(names),
+            ]
+            for il, r in m["layers"].items():
+                base = r["se"][t]["graph"]
+                cells = [f"{base / r['out_sq']:.2e}"] + [f"{r['se'][t][n] / base:.3f}" for n in names]
+                lines.append(f"| {il} | {r['gain_pred']:.2f} | " + " | ".join(cells) + " |")
+            p = m["pooled"][t]
+            cells = [f"{p['graph']:.2e}"] + [f"{p[n] / p['graph']:.3f}" for n in names]
+            lines += ["| pooled | | " + " | ".join(cells) + " |", ""]
+    return "\n".join(lines)
+
+
+def write_matrices(
+    model: str, out_dir, variant: str, n_seq: int, seq_len: int, calib: int, seq: int = 0
+) -> int:
+    """The measurement build's files (patches/experiments/session30-v-transform.diff,
+    LLAMA_KV_VXFORM=out_dir): out_dir/Lxx.bin per layer, float32 M [n_head_kv][D][D] then M^-1 (row vectors:
+    v' = v M), M = U diag(lambda^-p) from sequence `seq`'s tokens 1..calib-1 of `study.activations`.
+    Returns the number of layers written."""
+    from pathlib import Path
+
+    from kvpolar.atomic import atomic_write_bytes
+
+    klt, p = _variant(variant)
+    out = Path(out_dir)
+    n_layer = activations.meta(model, n_seq, seq_len)["n_layer"]
+    for il in range(n_layer):
+        v = activations.load_layer(model, il, n_seq, seq_len)["v"][seq]
+        mats = [transform(v[h, 1:calib], klt, p) for h in range(v.shape[0])]
+        m = np.stack([a for a, _ in mats]).astype(np.float32)
+        mi = np.stack([b for _, b in mats]).astype(np.float32)
+        atomic_write_bytes(out / f"L{il:02d}.bin", m.tobytes() + mi.tobytes(), mkdir=True)
+    return n_layer

@@ -1,0 +1,82 @@
+"""study.vtransform: V transform coding (issue 12, measured in numpy and by KLD)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from study import vtransform
+from study.vshape import V_ROT
+
+
+def _aniso(rng, t: int, d: int, spread: float = 4.0) -> np.ndarray:
+    """t rows of a zero-mean Gaussian in d dimensions, variances over `spread` octaves, in a random basis."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    sd = 2.0 ** (-np.linspace(0.0, spread, d) / 2)
+    return (rng.standard_normal((t, d)) * sd) @ q.T
+
+
+@pytest.mark.parametrize("klt,p", [(True, 0.0), (True, 0.25), (False, 0.25), (True, 0.375)])
+def test_transform_is_inverted_exactly(klt, p):
+    rng = np.random.default_rng(0)
+    m, mi = vtransform.transform(_aniso(rng, 300, 64), klt, p)
+    assert np.allclose(m @ mi, np.eye(64), atol=1e-9)
+
+
+def test_klt_without_shaping_is_orthogonal():
+    rng = np.random.default_rng(1)
+    m, mi = vtransform.transform(_aniso(rng, 300, 64), True, 0.0)
+    assert np.allclose(m.T @ m, np.eye(64), atol=1e-9)
+    assert np.allclose(mi, m.T, atol=1e-9)
+
+
+def test_shaping_equalises_the_stored_energy():
+    """p = 1/2 whitens the calibration rows (each KLT direction carries the same energy); p = 1/4 halves the
+    spread of the directions' energies in octaves."""
+    rng = np.random.default_rng(2)
+    x = _aniso(rng, 4000, 32, spread=6.0)
+    for p, span in ((0.5, 0.0), (0.25, 3.0)):
+        m, _ = vtransform.transform(x, True, p)
+        e = ((x @ m) ** 2).mean(axis=0)
+        assert np.log2(e.max() / e.min()) == pytest.approx(span, abs=0.05)
+
+
+def test_predicted_gain():
+    rng = np.random.default_rng(3)
+    assert vtransform.predicted_gain(rng.standard_normal((20000, 16))) == pytest.approx(1.0, abs=0.02)
+    x = _aniso(rng, 20000, 16, spread=6.0)
+    lam = np.sort(np.linalg.eigvalsh(x.T @ x / len(x)))
+    assert vtransform.predicted_gain(x) == pytest.approx(16 * lam.sum() / np.sqrt(lam).sum() ** 2)
+    assert vtransform.predicted_gain(x) > 1.3
+
+
+def test_identity_codec_gives_the_values_back():
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal((2, 50, 2 * V_ROT))
+    mats = [vtransform.transform(v[h], True, 0.25) for h in range(2)]
+    out = vtransform.shaped_roundtrip(v, lambda y: y, mats)
+    assert np.allclose(out, v, atol=1e-5)
+
+
+def test_shaping_lowers_a_block_codes_error_on_anisotropic_values():
+    """With a code whose error follows the block's size (here: rounding to 1/8 of the row's largest
+    magnitude), p = 1/4 stores anisotropic values with less error than p = 0 (the orthogonal path)."""
+
+    def code(y):
+        step = np.abs(y).max(axis=-1, keepdims=True) / 8.0
+        return np.round(y / step) * step
+
+    rng = np.random.default_rng(5)
+    v = np.stack([_aniso(rng, 2000, V_ROT, spread=6.0) for _ in range(2)])
+    errs = {}
+    for p in (0.0, 0.25):
+        mats = [vtransform.transform(v[h, :500], True, p) for h in range(2)]
+        errs[p] = float(((vtransform.shaped_roundtrip(v, code, mats) - v) ** 2).sum())
+    assert errs[0.25] < 0.8 * errs[0.0]
+
+
+def test_variant_names():
+    assert vtransform._variant("klt-1/4") == (True, 0.25)
+    assert vtransform._variant("diag-1/4") == (False, 0.25)
+    assert vtransform._variant("klt-0") == (True, 0.0)
+    assert set(vtransform.VARIANTS) >= {"klt-0", "klt-1/4", "diag-1/4"}
