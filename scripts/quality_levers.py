@@ -426,7 +426,7 @@ VXFORM_DIR = "{work}/vxform/{model}/{variant}"
 V_XFORM = [
     (k, v, env)
     for k, v, variants in (
-        ("polar", "polar3", ("klt-1_8", "klt-1_4", "diag-1_4")),
+        ("polar", "polar3", ("klt-1_8", "klt-1_4", "diag-1_4", "klt-0", "rand-0")),
         ("polar", "polar", ("klt-1_4", "diag-1_4")),
     )
     for env in ({}, *({"LLAMA_KV_VXFORM": VXFORM_DIR.replace("{variant}", var)} for var in variants))
@@ -673,7 +673,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=list(MODELS))
     p.add_argument(
-        "--variants", nargs="+", default=["klt-1/4", "diag-1/4"], choices=list(vtransform.VARIANTS)
+        "--variants",
+        nargs="+",
+        default=["klt-1/8", "klt-1/4", "diag-1/4", "klt-0", "rand-0"],
+        choices=list(vtransform.VARIANTS),
     )
     p.add_argument("--calib", type=int, default=512, help="from tokens 1..CALIB-1 of the first sequence")
     p.add_argument("--work", default="/tmp/quality_levers", help="kld's --work: files go to WORK/vxform/")

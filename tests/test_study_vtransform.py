@@ -16,18 +16,24 @@ def _aniso(rng, t: int, d: int, spread: float = 4.0) -> np.ndarray:
     return (rng.standard_normal((t, d)) * sd) @ q.T
 
 
-@pytest.mark.parametrize("klt,p", [(True, 0.0), (True, 0.25), (False, 0.25), (True, 0.375)])
-def test_transform_is_inverted_exactly(klt, p):
+@pytest.mark.parametrize(
+    "kind,p", [("klt", 0.0), ("klt", 0.25), ("diag", 0.25), ("klt", 0.375), ("rand", 0.0), ("rand", 0.25)]
+)
+def test_transform_is_inverted_exactly(kind, p):
     rng = np.random.default_rng(0)
-    m, mi = vtransform.transform(_aniso(rng, 300, 64), klt, p)
+    m, mi = vtransform.transform(_aniso(rng, 300, 64), kind, p)
     assert np.allclose(m @ mi, np.eye(64), atol=1e-9)
 
 
-def test_klt_without_shaping_is_orthogonal():
+@pytest.mark.parametrize("kind", ["klt", "rand"])
+def test_without_shaping_is_orthogonal(kind):
     rng = np.random.default_rng(1)
-    m, mi = vtransform.transform(_aniso(rng, 300, 64), True, 0.0)
+    m, mi = vtransform.transform(_aniso(rng, 300, 64), kind, 0.0)
     assert np.allclose(m.T @ m, np.eye(64), atol=1e-9)
     assert np.allclose(mi, m.T, atol=1e-9)
+    if kind == "rand":  # seeded: the same matrix for the same seed, another for another
+        assert np.array_equal(m, vtransform.transform(_aniso(rng, 300, 64), kind, 0.0)[0])
+        assert not np.allclose(m, vtransform.transform(_aniso(rng, 300, 64), kind, 0.0, seed=1)[0])
 
 
 def test_shaping_equalises_the_stored_energy():
@@ -36,7 +42,7 @@ def test_shaping_equalises_the_stored_energy():
     rng = np.random.default_rng(2)
     x = _aniso(rng, 4000, 32, spread=6.0)
     for p, span in ((0.5, 0.0), (0.25, 3.0)):
-        m, _ = vtransform.transform(x, True, p)
+        m, _ = vtransform.transform(x, "klt", p)
         e = ((x @ m) ** 2).mean(axis=0)
         assert np.log2(e.max() / e.min()) == pytest.approx(span, abs=0.05)
 
@@ -53,7 +59,7 @@ def test_predicted_gain():
 def test_identity_codec_gives_the_values_back():
     rng = np.random.default_rng(4)
     v = rng.standard_normal((2, 50, 2 * V_ROT))
-    mats = [vtransform.transform(v[h], True, 0.25) for h in range(2)]
+    mats = [vtransform.transform(v[h], "klt", 0.25) for h in range(2)]
     out = vtransform.shaped_roundtrip(v, lambda y: y, mats)
     assert np.allclose(out, v, atol=1e-5)
 
@@ -70,13 +76,17 @@ def test_shaping_lowers_a_block_codes_error_on_anisotropic_values():
     v = np.stack([_aniso(rng, 2000, V_ROT, spread=6.0) for _ in range(2)])
     errs = {}
     for p in (0.0, 0.25):
-        mats = [vtransform.transform(v[h, :500], True, p) for h in range(2)]
+        mats = [vtransform.transform(v[h, :500], "klt", p) for h in range(2)]
         errs[p] = float(((vtransform.shaped_roundtrip(v, code, mats) - v) ** 2).sum())
     assert errs[0.25] < 0.8 * errs[0.0]
 
 
 def test_variant_names():
-    assert vtransform._variant("klt-1/4") == (True, 0.25)
-    assert vtransform._variant("diag-1/4") == (False, 0.25)
-    assert vtransform._variant("klt-0") == (True, 0.0)
-    assert set(vtransform.VARIANTS) >= {"klt-0", "klt-1/4", "diag-1/4"}
+    assert vtransform._variant("klt-1/4") == ("klt", 0.25)
+    assert vtransform._variant("diag-1/4") == ("diag", 0.25)
+    assert vtransform._variant("rand-0") == ("rand", 0.0)
+    for name in vtransform.VARIANTS:
+        vtransform._variant(name)
+    for bad in ("pca-1/4", "klt", "klt-"):
+        with pytest.raises(ValueError, match="KIND-P"):
+            vtransform._variant(bad)

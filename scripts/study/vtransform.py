@@ -12,7 +12,8 @@ spends the block's scale on the directions that carry the value's energy. For a 
 with a size that follows the block's norm, the output error is proportional to
 sum_j lambda_j^(1 - 2p) * sum_j lambda_j^(2p); p = 1/4 minimises it, a gain of D sum(lambda) / (sum
 sqrt(lambda))^2 over p = 0 (`predicted_gain`). `diag` takes the channels' own second moments with U = I
-(per-channel V balancing, in the channels' basis).
+(per-channel V balancing, in the channels' basis); `rand-0` a random orthogonal U (the control: what a
+re-rotation alone does to the measure).
 
 `measure` runs the reference codec of each type on the real V of `study.activations` (the last window scored,
 the exact Q and K, queries at `nq` positions per head, as `study.vshape`), the transform measured from the
@@ -30,25 +31,35 @@ from . import AttentionRef, activations, layouts
 from .run import hadamard_rows
 from .vshape import V_ROT, codec_roundtrip
 
-VARIANTS = ("klt-0", "klt-1/8", "klt-1/4", "klt-3/8", "diag-1/4")
+VARIANTS = ("klt-0", "klt-1/8", "klt-1/4", "klt-3/8", "diag-1/4", "rand-0")
+KINDS = ("klt", "diag", "rand")
 
 
-def _variant(name: str) -> tuple[bool, float]:
-    """'klt-1/4' -> (True, 0.25): the eigenvectors (else the channels) and the exponent p."""
-    kind, p = name.split("-")
+def _variant(name: str) -> tuple[str, float]:
+    """'klt-1/4' -> ('klt', 0.25): the basis (klt: the eigenvectors, diag: the channels, rand: a random
+    orthogonal one, the control) and the exponent p."""
+    kind, _, p = name.partition("-")
     num, _, den = p.partition("/")
-    return kind == "klt", float(num) / float(den or 1)
+    if kind not in KINDS or not num:
+        raise ValueError(f"V transform variant: expected KIND-P with KIND one of {KINDS}, got {name!r}")
+    return kind, float(num) / float(den or 1)
 
 
-def transform(v_calib: np.ndarray, klt: bool, p: float) -> tuple[np.ndarray, np.ndarray]:
+def transform(v_calib: np.ndarray, kind: str, p: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """v_calib (T, D) -> (M, M^-1) with v A^T = (v M) H: M = U diag(lambda^-p) (D x D, applied on the right
-    of row vectors) and its inverse; lambda normalised to mean 1 (the code's block scale takes any scale)."""
+    of row vectors) and its inverse; lambda normalised to mean 1 (the code's block scale takes any scale).
+    kind rand: U random orthogonal (`seed`), lambda the calibration rows' moments along it."""
     x = np.asarray(v_calib, dtype=np.float64)
     m2 = x.T @ x / len(x)
-    if klt:
+    if kind == "klt":
         lam, u = np.linalg.eigh(m2)
-    else:
+    elif kind == "diag":
         lam, u = np.diag(m2).copy(), np.eye(len(m2))
+    elif kind == "rand":
+        u, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal(m2.shape))
+        lam = np.einsum("ij,ik,kj->j", u, m2, u)
+    else:
+        raise ValueError(f"V transform kind: expected one of {KINDS}, got {kind!r}")
     lam = np.maximum(lam, lam.max() * 1e-9)
     lam = lam / lam.mean()
     s = lam**-p
@@ -101,8 +112,8 @@ def layer_rows(
     for t in types:
         row["se"][t] = {"graph": ref.v_sums(codec_roundtrip(lays[t].fn)(v))["outv_se"]}
         for name in variants:
-            klt, p = _variant(name)
-            mats = [transform(c, klt, p) for c in cal]
+            kind, p = _variant(name)
+            mats = [transform(c, kind, p, seed=1000 * layer + h) for h, c in enumerate(cal)]
             row["se"][t][name] = ref.v_sums(shaped_roundtrip(v, lays[t].fn, mats))["outv_se"]
     return row
 
@@ -181,12 +192,12 @@ def write_matrices(
 
     from kvpolar.atomic import atomic_write_bytes
 
-    klt, p = _variant(variant)
+    kind, p = _variant(variant)
     out = Path(out_dir)
     n_layer = activations.meta(model, n_seq, seq_len)["n_layer"]
     for il in range(n_layer):
         v = activations.load_layer(model, il, n_seq, seq_len)["v"][seq]
-        mats = [transform(v[h, 1:calib], klt, p) for h in range(v.shape[0])]
+        mats = [transform(v[h, 1:calib], kind, p, seed=1000 * il + h) for h in range(v.shape[0])]
         m = np.stack([a for a, _ in mats]).astype(np.float32)
         mi = np.stack([b for _, b in mats]).astype(np.float32)
         atomic_write_bytes(out / f"L{il:02d}.bin", m.tobytes() + mi.tobytes(), mkdir=True)
