@@ -6,6 +6,8 @@
 #   (or the environment: LLAMA_BIN, MODEL, OUT)
 #   CHECK_OPS_ONLY=1 scripts/cuda_llama_check.sh BIN_DIR [- [OUT_DIR]]   steps 1-2 only, no model needed
 #   (what a short GPU lease checks first: the kernels, without the three calls that carry the models)
+#   CHECK_MODEL_ONLY=1 scripts/cuda_llama_check.sh BIN_DIR MODEL.gguf [OUT_DIR]   steps 3-7 only (after
+#   steps 1-2 passed in a run of their own on the same build, e.g. gpu_run.sh ops: a lease's calls stay short)
 #
 # BIN_DIR holds test-backend-ops and llama-completion of a GGML_CUDA=ON build. Logs go to OUT_DIR
 # ($OUT, else ./cuda_llama_check). Steps, each failing the script:
@@ -122,6 +124,19 @@ case $OPS_ONLY in
     exit 2
     ;;
 esac
+MODEL_ONLY=${CHECK_MODEL_ONLY:-}
+case $MODEL_ONLY in
+"" | 0) MODEL_ONLY="" ;;
+1) ;;
+*)
+    echo "error: CHECK_MODEL_ONLY must be 1 (steps 3-7 only) or 0/unset (every step), got '$MODEL_ONLY'" >&2
+    exit 2
+    ;;
+esac
+if [[ -n $OPS_ONLY && -n $MODEL_ONLY ]]; then
+    echo "error: CHECK_OPS_ONLY=1 (steps 1-2) and CHECK_MODEL_ONLY=1 (steps 3-7) exclude each other; unset both for every step" >&2
+    exit 2
+fi
 if [[ -z "$BIN" || ( -z "$MODEL" && -z $OPS_ONLY ) ]]; then
     echo "usage: $0 BIN_DIR MODEL.gguf [OUT_DIR]   (or LLAMA_BIN, MODEL, OUT in the environment;" \
         "CHECK_OPS_ONLY=1: steps 1-2, no model: $0 BIN_DIR - [OUT_DIR])" >&2
@@ -138,36 +153,40 @@ done
 [[ -n $OPS_ONLY || -f "$MODEL" ]] || { echo "error: model $MODEL not found" >&2; exit 2; }
 mkdir -p "$OUTDIR"
 
-step_time 1
-# 1. correctness
-for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY MUL_MAT SET FLASH_ATTN_EXT; do
-    log="$OUTDIR/test-backend-ops-$op.log"
-    "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
-    check_cases "$log" "test-backend-ops -o $op"
-done
-# the vector kernel where the tensor-core kernel (patch 0022) takes the op by default (one token,
-# grouped-query attention): FLASH_ATTN_EXT again with GGML_CUDA_POLAR_FA_MMA=0, with the default
-# packing and with 2 and 4 query heads a CTA forced at every length and GQA (by default they are
-# packed only from 4096 keys, at GQA 2 to 4)
-for env in "GGML_CUDA_POLAR_FA_MMA=0" "GGML_CUDA_POLAR_FA_MMA=0 GGML_CUDA_POLAR_FA_GQA=2" \
-    "GGML_CUDA_POLAR_FA_MMA=0 GGML_CUDA_POLAR_FA_GQA=4"; do
-    log="$OUTDIR/test-backend-ops-FLASH_ATTN_EXT-$(echo "$env" | tr -c 'A-Za-z0-9=\n' '_' | sed 's/GGML_CUDA_POLAR_//g').log"
-    env $env "$BIN/test-backend-ops" test -b CUDA0 -o FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
-    check_cases "$log" "$env test-backend-ops -o FLASH_ATTN_EXT"
-done
+if [[ -z $MODEL_ONLY ]]; then
+    step_time 1
+    # 1. correctness
+    for op in SET_ROWS CENTER_SET_ROWS LAYER_CHAINS GET_ROWS CPY MUL_MAT SET FLASH_ATTN_EXT; do
+        log="$OUTDIR/test-backend-ops-$op.log"
+        "$BIN/test-backend-ops" test -b CUDA0 -o "$op" -p polar > "$log" 2>&1 || true
+        check_cases "$log" "test-backend-ops -o $op"
+    done
+    # the vector kernel where the tensor-core kernel (patch 0022) takes the op by default (one token,
+    # grouped-query attention): FLASH_ATTN_EXT again with GGML_CUDA_POLAR_FA_MMA=0, with the default
+    # packing and with 2 and 4 query heads a CTA forced at every length and GQA (by default they are
+    # packed only from 4096 keys, at GQA 2 to 4)
+    for env in "GGML_CUDA_POLAR_FA_MMA=0" "GGML_CUDA_POLAR_FA_MMA=0 GGML_CUDA_POLAR_FA_GQA=2" \
+        "GGML_CUDA_POLAR_FA_MMA=0 GGML_CUDA_POLAR_FA_GQA=4"; do
+        log="$OUTDIR/test-backend-ops-FLASH_ATTN_EXT-$(echo "$env" | tr -c 'A-Za-z0-9=\n' '_' | sed 's/GGML_CUDA_POLAR_//g').log"
+        env $env "$BIN/test-backend-ops" test -b CUDA0 -o FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+        check_cases "$log" "$env test-backend-ops -o FLASH_ATTN_EXT"
+    done
 
-step_time 2
-# 2. support matrix
-log="$OUTDIR/test-backend-ops-support.log"
-"$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,MUL_MAT,SET,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
-check_cases "$log" "test-backend-ops support" SUPPORTED
+    step_time 2
+    # 2. support matrix
+    log="$OUTDIR/test-backend-ops-support.log"
+    "$BIN/test-backend-ops" support -b CUDA0 -o SET_ROWS,CENTER_SET_ROWS,LAYER_CHAINS,GET_ROWS,CPY,MUL_MAT,SET,FLASH_ATTN_EXT -p polar > "$log" 2>&1 || true
+    check_cases "$log" "test-backend-ops support" SUPPORTED
 
-if [[ -n $OPS_ONLY ]]; then
-    echo "time: steps 1-2 took ${SECONDS} s"
-    if [[ $status -eq 0 ]]; then
-        echo "steps 1-2 passed (CHECK_OPS_ONLY=1: steps 3-7, which run the model, not run; logs in $OUTDIR)"
+    if [[ -n $OPS_ONLY ]]; then
+        echo "time: steps 1-2 took ${SECONDS} s"
+        if [[ $status -eq 0 ]]; then
+            echo "steps 1-2 passed (CHECK_OPS_ONLY=1: steps 3-7, which run the model, not run; logs in $OUTDIR)"
+        fi
+        exit $status
     fi
-    exit $status
+else
+    echo "steps 1-2 not run (CHECK_MODEL_ONLY=1: the test-backend-ops cases and the support query ran apart)"
 fi
 
 step_time 3

@@ -24,7 +24,8 @@
 #                                           # GPU_RUN_CUPY_BENCHES: a subset) meanwhile (the logs: build-logs.tgz)
 #           scripts/gpu_run.sh ops          # wait for the build, then cuda_llama_check.sh's steps 1-2 (every polar
 #                                           # test-backend-ops case, the support query; no models): a short lease
-#           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background)
+#           scripts/gpu_run.sh checks       # models, wait for the build, start cuda_llama_check.sh (background;
+#                                           # steps 3-7 only where `ops` passed on this machine before)
 #           scripts/gpu_run.sh profile      # models, wait for the build, then (no checks) each decode-step
 #                                           # kernel under ncu, and tg64 with and without CUDA graphs
 #           scripts/gpu_run.sh collect      # wait for the checks, pack their summary and the failing logs
@@ -313,14 +314,23 @@ ops)
     # after `build` (one call for both would outlast a call's 10 minutes)
     wait_build
     rc=0
+    rm -f /tmp/gpu-run-ops.ok
     CHECK_OPS_ONLY=1 bash scripts/cuda_llama_check.sh build/bin - /tmp/gpu-run-ops > "$OUT/ops-summary.txt" 2>&1 || rc=1
+    [[ $rc -ne 0 ]] || touch /tmp/gpu-run-ops.ok # (checks then runs steps 3-7 only, on this machine's build)
     cat "$OUT/ops-summary.txt"
     grep -o -E '/tmp/gpu-run-ops/[^ ):]+' "$OUT/ops-summary.txt" | sort -u | xargs -r tar czf "$OUT/ops-failing.tgz" 2>/dev/null || true
     exit $rc
     ;;
 checks)
     models_and_build
-    setsid nohup bash -c 'TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo "check rc=$?"' \
+    # after `ops` passed on this machine (the same build): steps 3-7 only (CHECK_MODEL_ONLY=1), so that the
+    # checks and the next call fit a lease's 10-minute calls
+    only=0
+    if [[ -f /tmp/gpu-run-ops.ok ]]; then
+        only=1
+        echo "gpu_run checks: ops passed on this build, so steps 3-7 only"
+    fi
+    setsid nohup bash -c "CHECK_MODEL_ONLY=$only TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo \"check rc=\$?\"" \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &
     ;;
 xprepare)

@@ -243,3 +243,49 @@ def test_ops_only_value_checked_and_model_still_needed_without_it(tmp_path):
     r = run_ops_only(tmp_path, "OK", env_value="0", model="")
     assert r.returncode == 2, r
     assert "usage:" in r.stderr, r.stderr
+
+
+COMPLETION_STUB = """#!/usr/bin/env bash
+# a llama-completion stand-in: the same text for every run, and the host-cache warning on stderr
+echo "Rome."
+echo "cannot write a polar KV cache" >&2
+"""
+
+
+def run_model_only(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("test-backend-ops", STUB), ("llama-completion", COMPLETION_STUB)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(bin_dir), str(model), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "STUB_STATUS": "OK", **env},
+    )
+
+
+def test_model_only_skips_steps_1_and_2(tmp_path):
+    """CHECK_MODEL_ONLY=1 (gpu_run.sh checks after ops passed): no test-backend-ops case runs, the guard
+    and the model steps do."""
+    r = run_model_only(tmp_path, {"CHECK_MODEL_ONLY": "1"})
+    assert "steps 1-2 not run (CHECK_MODEL_ONLY=1" in r.stdout, r.stdout
+    assert "ok: test-backend-ops -o" not in r.stdout and "time: step 1 " not in r.stdout, r.stdout
+    assert "time: step 3 starts" in r.stdout and "time: step 7 starts" in r.stdout, r.stdout
+    full = run_model_only(tmp_path, {})
+    assert "ok: test-backend-ops -o SET_ROWS: 1 polar cases OK" in full.stdout, full.stdout
+    assert "steps 1-2 not run" not in full.stdout, full.stdout
+
+
+def test_model_only_value_checked_and_exclusive_with_ops_only(tmp_path):
+    r = run_model_only(tmp_path, {"CHECK_MODEL_ONLY": "yes"})
+    assert r.returncode == 2, r
+    want = "CHECK_MODEL_ONLY must be 1 (steps 3-7 only) or 0/unset (every step), got 'yes'"
+    assert want in r.stderr, r.stderr
+    r = run_model_only(tmp_path, {"CHECK_MODEL_ONLY": "1", "CHECK_OPS_ONLY": "1"})
+    assert r.returncode == 2, r
+    assert "exclude each other" in r.stderr, r.stderr
