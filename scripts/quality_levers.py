@@ -679,6 +679,8 @@ def main(argv=None) -> int:
         choices=list(vtransform.VARIANTS),
     )
     p.add_argument("--calib", type=int, default=512, help="from tokens 1..CALIB-1 of the first sequence")
+    p.add_argument("--n-seq", type=int, default=2, help="the activations' sequences (study.activations)")
+    p.add_argument("--seq-len", type=int, default=1024, help="their length")
     p.add_argument("--work", default="/tmp/quality_levers", help="kld's --work: files go to WORK/vxform/")
     p = sub.add_parser("scalebits", help="a block scale on a coarser grid than fp16, numpy (study.scalebits)")
     p.add_argument("--blocks", type=int, default=16384)
@@ -706,10 +708,17 @@ def main(argv=None) -> int:
         print(render_any(res))
         return 0
     if args.cmd == "vtransform-files":
+        if not 2 < args.calib <= args.seq_len:
+            ap.error(f"vtransform-files --calib: must be in 3..{args.seq_len} (--seq-len), got {args.calib}")
         for model in args.model:
+            if not activations.have(model, args.n_seq, args.seq_len):
+                ap.error(
+                    f"vtransform-files: no activations for {model} at {args.n_seq} x {args.seq_len}: "
+                    f"python -m study.activations dump --model {model} (from scripts/)"
+                )
             for var in args.variants:
                 d = VXFORM_DIR.format(work=args.work, model=model, variant=var.replace("/", "_"))
-                n = vtransform.write_matrices(model, d, var, 2, 1024, args.calib)
+                n = vtransform.write_matrices(model, d, var, args.n_seq, args.seq_len, args.calib)
                 print(f"{model} {var}: {n} layers in {d}")
         return 0
     if args.cmd == "vshape":

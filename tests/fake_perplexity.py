@@ -1,7 +1,8 @@
 """A stand-in llama-perplexity for the tests of the scripts that run it (kvpolar recommend,
 scripts/quality_levers.py kld, scripts/layer_policy.py): a Python script printing what the real one
 prints. KLD by the K and V types (per layer with LLAMA_KV_LAYER_K / _V); FAKE_PPL=fail|fail-polar3|short|
-fewer|partial for the failure modes; FAKE_LOG=FILE records each call's arguments. The fixture fake_bin
+fewer|partial for the failure modes; FAKE_LOG=FILE records each call's arguments, FAKE_ENV_LOG=FILE its
+LLAMA_KV_* variables. The fixture fake_bin
 (conftest.py) puts it in a folder of its own."""
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ if "--help" in args:
 if os.environ.get("FAKE_LOG"):  # every call's arguments, one JSON list a line
     with open(os.environ["FAKE_LOG"], "a") as f:
         f.write(json.dumps(args) + "\n")
+if os.environ.get("FAKE_ENV_LOG"):  # every call's LLAMA_KV_* variables, one JSON object a line
+    with open(os.environ["FAKE_ENV_LOG"], "a") as f:
+        f.write(json.dumps({a: b for a, b in os.environ.items() if a.startswith("LLAMA_KV_")}) + "\n")
 mode = os.environ.get("FAKE_PPL", "ok")
 k, v = args[args.index("-ctk") + 1], args[args.index("-ctv") + 1]
 if mode == "fail" or (mode == "fail-polar3" and k == "polar3"):

@@ -322,3 +322,40 @@ def test_kld_text_tail_reads_the_second_half(tmp_path, fake_bin, monkeypatch):
     # from the line start after the midpoint
     assert (work / "squad-tail.txt").read_text() == "".join(f"line {i}\n" for i in range(6, 10))
     assert json.loads(out.read_text())["text"] == "squad second half"
+
+
+def test_kld_vxform_set_names_each_models_matrices(tmp_path, fake_bin, monkeypatch):
+    """--set vxform (session 30's measurement build): LLAMA_KV_VXFORM is the row's model's folder of
+    `vtransform-files` under --work, in the run and in the row."""
+    import json
+
+    import quality_levers
+
+    monkeypatch.setenv("FAKE_ENV_LOG", str(tmp_path / "env.jsonl"))
+    monkeypatch.setattr(quality_levers, "data_file", lambda name: tmp_path / str(name))
+    work = tmp_path / "w"
+    out = tmp_path / "kld.json"
+    argv = ["kld", "--bin", str(fake_bin), "--model", "smollm2-135m", "qwen2.5-coder-1.5b", "--set", "vxform"]
+    argv += ["--only", "polar/polar", "--work", str(work), "--json", str(out)]
+    assert quality_levers.main(argv) == 0
+    seen = [
+        json.loads(line).get("LLAMA_KV_VXFORM") for line in (tmp_path / "env.jsonl").read_text().splitlines()
+    ]
+    want = [None]  # each model: the base, the plain row, then a row per variant
+    for m in ("smollm2-135m", "qwen2.5-coder-1.5b"):
+        want = [*want, None, f"{work}/vxform/{m}/klt-1_4", f"{work}/vxform/{m}/diag-1_4"]
+    want.insert(4, None)  # Qwen's base
+    assert seen == want
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["env"].get("LLAMA_KV_VXFORM") for r in rows] == [
+        w for i, w in enumerate(want) if i not in (0, 4)
+    ]
+
+
+def test_vtransform_files_refuses_a_bad_calibration_window(capsys):
+    import quality_levers
+
+    with pytest.raises(SystemExit) as e:
+        quality_levers.main(["vtransform-files", "--calib", "2"])
+    assert e.value.code == 2
+    assert "vtransform-files --calib: must be in 3..1024 (--seq-len), got 2" in capsys.readouterr().err
