@@ -431,6 +431,15 @@ V_XFORM = [
     )
     for env in ({}, *({"LLAMA_KV_VXFORM": VXFORM_DIR.replace("{variant}", var)} for var in variants))
 ]
+# the realization band of one text's KLD: the low-memory pair under orthogonal re-rotations of V alone
+# (rand-0 with other random bases; `vtransform-files --variants rand-0 --seeds 1 2 3 4 5 6`)
+V_XFORM_BAND = [
+    ("polar", "polar3", env)
+    for env in (
+        {},
+        *({"LLAMA_KV_VXFORM": VXFORM_DIR.replace("{variant}", f"rand-0-s{s}")} for s in range(1, 7)),
+    )
+]
 # llama-perplexity decodes -b / -c chunks together, each as its own sequence
 # (sequences, extra arguments, how the table names it)
 LAYOUTS = {
@@ -453,6 +462,7 @@ SETS = {
     "multiseq-sink": MULTISEQ_SINK,
     "swasink": SWA_SINK,
     "vxform": V_XFORM,
+    "vxform-band": V_XFORM_BAND,
 }
 
 
@@ -679,6 +689,13 @@ def main(argv=None) -> int:
         choices=list(vtransform.VARIANTS),
     )
     p.add_argument("--calib", type=int, default=512, help="from tokens 1..CALIB-1 of the first sequence")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="rand-0's random bases: seed S > 0 writes the folder rand-0-sS (kld --set vxform-band)",
+    )
     p.add_argument("--n-seq", type=int, default=2, help="the activations' sequences (study.activations)")
     p.add_argument("--seq-len", type=int, default=1024, help="their length")
     p.add_argument("--work", default="/tmp/quality_levers", help="kld's --work: files go to WORK/vxform/")
@@ -717,9 +734,13 @@ def main(argv=None) -> int:
                     f"python -m study.activations dump --model {model} (from scripts/)"
                 )
             for var in args.variants:
-                d = VXFORM_DIR.format(work=args.work, model=model, variant=var.replace("/", "_"))
-                n = vtransform.write_matrices(model, d, var, args.n_seq, args.seq_len, args.calib)
-                print(f"{model} {var}: {n} layers in {d}")
+                for seed in args.seeds if var.startswith("rand") else [0]:
+                    name = var.replace("/", "_") + (f"-s{seed}" if seed else "")
+                    d = VXFORM_DIR.format(work=args.work, model=model, variant=name)
+                    n = vtransform.write_matrices(
+                        model, d, var, args.n_seq, args.seq_len, args.calib, seed=seed
+                    )
+                    print(f"{model} {name}: {n} layers in {d}")
         return 0
     if args.cmd == "vshape":
         bad = [c for c in args.c if not 0.0 < c <= 1.0]

@@ -90,3 +90,27 @@ def test_variant_names():
     for bad in ("pca-1/4", "klt", "klt-"):
         with pytest.raises(ValueError, match="KIND-P"):
             vtransform._variant(bad)
+
+
+def test_write_matrices_files(tmp_path, monkeypatch):
+    """The measurement build's files: per layer M then M^-1 (float32, [n_head_kv][D][D]), M M^-1 = I; rand's
+    seed picks other bases, klt's does not matter."""
+    rng = np.random.default_rng(6)
+    v = rng.standard_normal((2, 2, 40, 64)).astype(np.float32)  # (n_seq, n_head_kv, T, D)
+    monkeypatch.setattr(vtransform.activations, "meta", lambda model, n_seq, seq_len: {"n_layer": 3})
+    monkeypatch.setattr(vtransform.activations, "load_layer", lambda model, il, n_seq, seq_len: {"v": v})
+    for name, var, seed in (
+        ("r0", "rand-0", 0),
+        ("r1", "rand-0", 1),
+        ("k0", "klt-1/4", 0),
+        ("k1", "klt-1/4", 1),
+    ):
+        assert vtransform.write_matrices("m", tmp_path / name, var, 2, 40, 20, seed=seed) == 3
+    files = {}
+    for name in ("r0", "r1", "k0", "k1"):
+        raw = np.fromfile(tmp_path / name / "L02.bin", dtype=np.float32).reshape(2, 2, 64, 64)
+        for h in range(2):
+            assert np.allclose(raw[0, h] @ raw[1, h], np.eye(64), atol=1e-4)
+        files[name] = raw
+    assert not np.allclose(files["r0"], files["r1"])
+    assert np.array_equal(files["k0"], files["k1"])

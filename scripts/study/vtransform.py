@@ -182,12 +182,13 @@ def render(res: dict) -> str:
 
 
 def write_matrices(
-    model: str, out_dir, variant: str, n_seq: int, seq_len: int, calib: int, seq: int = 0
+    model: str, out_dir, variant: str, n_seq: int, seq_len: int, calib: int, seq: int = 0, seed: int = 0
 ) -> int:
     """The measurement build's files (patches/experiments/session30-v-transform.diff,
     LLAMA_KV_VXFORM=out_dir): out_dir/Lxx.bin per layer, float32 M [n_head_kv][D][D] then M^-1 (row vectors:
     v' = v M), M = U diag(lambda^-p) from sequence `seq`'s tokens 1..calib-1 of `study.activations`.
-    Returns the number of layers written."""
+    seed: the random bases of `rand` (layer l, head h: seed 1000 (l + 100 seed) + h). Returns the number of
+    layers written."""
     from pathlib import Path
 
     from kvpolar.atomic import atomic_write_bytes
@@ -197,7 +198,9 @@ def write_matrices(
     n_layer = activations.meta(model, n_seq, seq_len)["n_layer"]
     for il in range(n_layer):
         v = activations.load_layer(model, il, n_seq, seq_len)["v"][seq]
-        mats = [transform(v[h, 1:calib], kind, p, seed=1000 * il + h) for h in range(v.shape[0])]
+        mats = [
+            transform(v[h, 1:calib], kind, p, seed=1000 * (il + 100 * seed) + h) for h in range(v.shape[0])
+        ]
         m = np.stack([a for a, _ in mats]).astype(np.float32)
         mi = np.stack([b for _, b in mats]).astype(np.float32)
         atomic_write_bytes(out / f"L{il:02d}.bin", m.tobytes() + mi.tobytes(), mkdir=True)
