@@ -115,24 +115,20 @@ fi
 BIN=${1:-${LLAMA_BIN:-}}
 MODEL=${2:-${MODEL:-}}
 OUTDIR=${3:-${OUT:-./cuda_llama_check}}
-OPS_ONLY=${CHECK_OPS_ONLY:-}
-case $OPS_ONLY in
-"" | 0) OPS_ONLY="" ;;
-1) ;;
-*)
-    echo "error: CHECK_OPS_ONLY must be 1 (steps 1-2 only) or 0/unset (every step), got '$OPS_ONLY'" >&2
-    exit 2
-    ;;
-esac
-MODEL_ONLY=${CHECK_MODEL_ONLY:-}
-case $MODEL_ONLY in
-"" | 0) MODEL_ONLY="" ;;
-1) ;;
-*)
-    echo "error: CHECK_MODEL_ONLY must be 1 (steps 3-7 only) or 0/unset (every step), got '$MODEL_ONLY'" >&2
-    exit 2
-    ;;
-esac
+# switch01 NAME WHAT: the variable NAME as "" (unset or 0) or 1; another value is refused, naming WHAT 1 does
+switch01() {
+    local v=${!1:-}
+    case $v in
+    "" | 0) echo "" ;;
+    1) echo 1 ;;
+    *)
+        echo "error: $1 must be 1 ($2) or 0/unset (every step), got '$v'" >&2
+        return 2
+        ;;
+    esac
+}
+OPS_ONLY=$(switch01 CHECK_OPS_ONLY "steps 1-2 only") || exit 2
+MODEL_ONLY=$(switch01 CHECK_MODEL_ONLY "steps 3-7 only") || exit 2
 if [[ -n $OPS_ONLY && -n $MODEL_ONLY ]]; then
     echo "error: CHECK_OPS_ONLY=1 (steps 1-2) and CHECK_MODEL_ONLY=1 (steps 3-7) exclude each other; unset both for every step" >&2
     exit 2

@@ -53,7 +53,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -241,18 +240,16 @@ def finish(sums: list[dict]) -> dict:
 def run_study(args) -> dict:
     res = {"machine": cpu_model(), "models": {}}
     for model in args.model:
-        if not activations.have(model, args.n_seq, args.seq_len):
-            raise SystemExit(
-                f"no activations for {model}: python -m study.activations dump --model {model}"
-                " (from scripts/, needs torch and transformers)"
-            )
-        meta = activations.meta(model, args.n_seq, args.seq_len)
+        meta = activations.require(model, args.n_seq, args.seq_len)
         layers = pick_layers(meta["n_layer"], args.layers)
-        per = {}
-        for il in layers:
-            t0 = time.time()
-            per[il] = layer_levers(model, il, args.n_seq, args.seq_len, args.nq, args.types, args.sinks)
-            log.info("%s layer %d: %.1f s", model, il, time.time() - t0)
+        per = activations.per_layer(
+            model,
+            layers,
+            lambda il, m=model: layer_levers(
+                m, il, args.n_seq, args.seq_len, args.nq, args.types, args.sinks
+            ),
+            log,
+        )
         res["models"][model] = {
             "layers": layers,
             "pooled": finish(list(per.values())),
@@ -728,11 +725,7 @@ def main(argv=None) -> int:
         if not 2 < args.calib <= args.seq_len:
             ap.error(f"vtransform-files --calib: must be in 3..{args.seq_len} (--seq-len), got {args.calib}")
         for model in args.model:
-            if not activations.have(model, args.n_seq, args.seq_len):
-                ap.error(
-                    f"vtransform-files: no activations for {model} at {args.n_seq} x {args.seq_len}: "
-                    f"python -m study.activations dump --model {model} (from scripts/)"
-                )
+            activations.require(model, args.n_seq, args.seq_len)
             for var in args.variants:
                 for seed in args.seeds if var.startswith("rand") else [0]:
                     name = var.replace("/", "_") + (f"-s{seed}" if seed else "")

@@ -97,6 +97,7 @@ def test_write_matrices_files(tmp_path, monkeypatch):
     seed picks other bases, klt's does not matter."""
     rng = np.random.default_rng(6)
     v = rng.standard_normal((2, 2, 40, 64)).astype(np.float32)  # (n_seq, n_head_kv, T, D)
+    monkeypatch.setattr(vtransform.activations, "have", lambda model, n_seq, seq_len: True)
     monkeypatch.setattr(vtransform.activations, "meta", lambda model, n_seq, seq_len: {"n_layer": 3})
     monkeypatch.setattr(vtransform.activations, "load_layer", lambda model, il, n_seq, seq_len: {"v": v})
     for name, var, seed in (
@@ -114,3 +115,11 @@ def test_write_matrices_files(tmp_path, monkeypatch):
         files[name] = raw
     assert not np.allclose(files["r0"], files["r1"])
     assert np.array_equal(files["k0"], files["k1"])
+
+
+def test_missing_activations_name_the_dump_command(monkeypatch):
+    monkeypatch.setattr(vtransform.activations, "have", lambda model, n_seq, seq_len: False)
+    with pytest.raises(SystemExit, match=r"no activations for m at 2 x 40: python -m study.activations dump"):
+        vtransform.write_matrices("m", "/nonexistent", "klt-1/4", 2, 40, 20)
+    with pytest.raises(SystemExit, match=r"--n-seq 2 --seq-len 40"):
+        vtransform.measure(["m"], ["polar3"], ["klt-1/4"], 2, 40, 8, 20)

@@ -194,6 +194,27 @@ def meta(key: str, n_seq: int = 2, seq_len: int = 1024) -> dict:
     return json.loads((activations_dir(key, n_seq, seq_len) / "meta.json").read_text())
 
 
+def require(key: str, n_seq: int = 2, seq_len: int = 1024) -> dict:
+    """meta() of a dump that exists, else SystemExit naming the command that makes it."""
+    if not have(key, n_seq, seq_len):
+        raise SystemExit(
+            f"no activations for {key} at {n_seq} x {seq_len}: python -m study.activations dump --model {key}"
+            f" --n-seq {n_seq} --seq-len {seq_len} (from scripts/, needs torch, transformers and accelerate)"
+        )
+    return meta(key, n_seq, seq_len)
+
+
+def per_layer(key: str, layers, row, log=None) -> dict:
+    """{layer: row(layer)} for `layers`, each timed in `log` (a logging.Logger) when given."""
+    rows = {}
+    for il in layers:
+        t0 = time.time()
+        rows[il] = row(il)
+        if log:
+            log.info("%s layer %d (%.1f s)", key, il, time.time() - t0)
+    return rows
+
+
 def load_layer(key: str, layer: int, n_seq: int = 2, seq_len: int = 1024) -> dict[str, np.ndarray]:
     """{"q", "k", "v"[, "kbias"]} of one layer (arrays as saved, see the module docstring)."""
     d = activations_dir(key, n_seq, seq_len)

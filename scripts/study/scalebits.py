@@ -92,12 +92,7 @@ def measure_real(models, n_layers: int = 8, levels=LEVELS, n_seq: int = 2, seq_l
     last window, n_layers evenly spaced layers pooled, each model."""
     rows = []
     for model in models:
-        if not activations.have(model, n_seq, seq_len):
-            raise SystemExit(
-                f"no activations for {model}: python -m study.activations dump --model {model}"
-                " (from scripts/, needs torch, transformers and accelerate)"
-            )
-        meta = activations.meta(model, n_seq, seq_len)
+        meta = activations.require(model, n_seq, seq_len)
         ks, vs = [], []
         for il in pick_layers(meta["n_layer"], n_layers):
             data = activations.load_layer(model, il, n_seq, seq_len)

@@ -21,7 +21,6 @@ oracle: a cache would have to pick c before the queries come).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -92,18 +91,10 @@ def measure(
 ) -> dict:
     res: dict = {"cs": [0.0, *cs], "types": types, "models": {}}
     for model in models:
-        if not activations.have(model, n_seq, seq_len):
-            raise SystemExit(
-                f"no activations for {model}: python -m study.activations dump --model {model}"
-                " (from scripts/, needs torch, transformers and accelerate)"
-            )
-        n_layer = activations.meta(model, n_seq, seq_len)["n_layer"]
-        rows = {}
-        for il in range(n_layer):
-            t0 = time.time()
-            rows[il] = layer_rows(model, il, types, cs, n_seq, seq_len, nq)
-            if log:
-                log.info("%s layer %d: rho %.3f (%.1f s)", model, il, rows[il]["rho"], time.time() - t0)
+        n_layer = activations.require(model, n_seq, seq_len)["n_layer"]
+        rows = activations.per_layer(
+            model, range(n_layer), lambda il, m=model: layer_rows(m, il, types, cs, n_seq, seq_len, nq), log
+        )
         res["models"][model] = {"layers": rows, "pooled": pooled(rows, types, res["cs"])}
     return res
 

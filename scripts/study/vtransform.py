@@ -23,8 +23,6 @@ per layer the relative output error of the graph's path and each variant's ratio
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from . import AttentionRef, activations, layouts
@@ -136,18 +134,13 @@ def measure(
         raise SystemExit("vtransform --other-text: needs 2 sequences or more (--n-seq)")
     res: dict = {"types": types, "variants": variants, "calib": calib, "other": other, "models": {}}
     for model in models:
-        if not activations.have(model, n_seq, seq_len):
-            raise SystemExit(
-                f"no activations for {model}: python -m study.activations dump --model {model}"
-                " (from scripts/, needs torch, transformers and accelerate)"
-            )
-        n_layer = activations.meta(model, n_seq, seq_len)["n_layer"]
-        rows = {}
-        for il in range(n_layer):
-            t0 = time.time()
-            rows[il] = layer_rows(model, il, types, variants, n_seq, seq_len, nq, calib, other)
-            if log:
-                log.info("%s layer %d (%.1f s)", model, il, time.time() - t0)
+        n_layer = activations.require(model, n_seq, seq_len)["n_layer"]
+        rows = activations.per_layer(
+            model,
+            range(n_layer),
+            lambda il, m=model: layer_rows(m, il, types, variants, n_seq, seq_len, nq, calib, other),
+            log,
+        )
         res["models"][model] = {"layers": rows, "pooled": pooled(rows, types, ["graph", *variants])}
     return res
 
@@ -195,7 +188,7 @@ def write_matrices(
 
     kind, p = _variant(variant)
     out = Path(out_dir)
-    n_layer = activations.meta(model, n_seq, seq_len)["n_layer"]
+    n_layer = activations.require(model, n_seq, seq_len)["n_layer"]
     for il in range(n_layer):
         v = activations.load_layer(model, il, n_seq, seq_len)["v"][seq]
         mats = [
