@@ -67,16 +67,21 @@ def codec_roundtrip(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndar
     return rt
 
 
+def scored_window(model: str, layer: int, n_seq: int, seq_len: int, nq: int):
+    """One layer of `study.activations`: (the study's layouts, the layer's arrays, the last sequence's V
+    (H, T, d), its exact attention at `nq` query positions a head)."""
+    lays = layouts(activations.meta(model, n_seq, seq_len)["pairing"])
+    data = activations.load_layer(model, layer, n_seq, seq_len)
+    ev = n_seq - 1
+    q, k, v = data["q"][ev], data["k"][ev], data["v"][ev]
+    return lays, data, v, AttentionRef(q, k, v, np.arange(seq_len // nq - 1, seq_len, seq_len // nq))
+
+
 def layer_rows(
     model: str, layer: int, types: list[str], cs: list[float], n_seq: int, seq_len: int, nq: int
 ) -> dict:
     """One layer: rho, |o|^2 and the output squared error per type and c (c = 0: plain)."""
-    meta = activations.meta(model, n_seq, seq_len)
-    lays = layouts(meta["pairing"])
-    data = activations.load_layer(model, layer, n_seq, seq_len)
-    ev = n_seq - 1
-    q, k, v = data["q"][ev], data["k"][ev], data["v"][ev]
-    ref = AttentionRef(q, k, v, np.arange(seq_len // nq - 1, seq_len, seq_len // nq))
+    lays, _, v, ref = scored_window(model, layer, n_seq, seq_len, nq)
     nrm = np.linalg.norm(v.astype(np.float64), axis=-1)  # (H, T)
     v0 = float(np.median(nrm[:, 0] / np.median(nrm, axis=1)))  # the sink's |v| over the median token's
     row: dict = {"rho": lag1(ref), "v0_norm": v0, "out_sq": ref.out_sq, "se": {}}

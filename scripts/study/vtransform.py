@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import AttentionRef, activations, layouts
+from . import activations
 from .run import hadamard_rows
-from .vshape import V_ROT, codec_roundtrip
+from .vshape import V_ROT, codec_roundtrip, scored_window
 
 VARIANTS = ("klt-0", "klt-1/8", "klt-1/4", "klt-3/8", "diag-1/4", "rand-0")
 KINDS = ("klt", "diag", "rand")
@@ -94,12 +94,7 @@ def layer_rows(
 ) -> dict:
     """One layer: |o|^2, the graph's output squared error per type and each variant's, the predicted gain.
     other: the transform from the first sequence's tokens, not the scored one's (a fixed text's transform)."""
-    meta = activations.meta(model, n_seq, seq_len)
-    lays = layouts(meta["pairing"])
-    data = activations.load_layer(model, layer, n_seq, seq_len)
-    ev = n_seq - 1
-    q, k, v = data["q"][ev], data["k"][ev], data["v"][ev]
-    ref = AttentionRef(q, k, v, np.arange(seq_len // nq - 1, seq_len, seq_len // nq))
+    lays, data, v, ref = scored_window(model, layer, n_seq, seq_len, nq)
     vc = data["v"][0] if other else v
     cal = [vc[h, 1:calib] for h in range(v.shape[0])]
     row: dict = {
