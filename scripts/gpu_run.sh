@@ -316,19 +316,20 @@ ops)
     rc=0
     rm -f /tmp/gpu-run-ops.ok
     CHECK_OPS_ONLY=1 bash scripts/cuda_llama_check.sh build/bin - /tmp/gpu-run-ops > "$OUT/ops-summary.txt" 2>&1 || rc=1
-    [[ $rc -ne 0 ]] || touch /tmp/gpu-run-ops.ok # (checks then runs steps 3-7 only, on this machine's build)
+    # the build key it passed on: checks then runs steps 3-7 only, on a build of the same key
+    [[ $rc -ne 0 ]] || python3 scripts/bootstrap.py key > /tmp/gpu-run-ops.ok
     cat "$OUT/ops-summary.txt"
     grep -o -E '/tmp/gpu-run-ops/[^ ):]+' "$OUT/ops-summary.txt" | sort -u | xargs -r tar czf "$OUT/ops-failing.tgz" 2>/dev/null || true
     exit $rc
     ;;
 checks)
     models_and_build
-    # after `ops` passed on this machine (the same build): steps 3-7 only (CHECK_MODEL_ONLY=1), so that the
-    # checks and the next call fit a lease's 10-minute calls
+    # after `ops` passed on this machine on a build of the same key: steps 3-7 only (CHECK_MODEL_ONLY=1), so
+    # that the checks and the next call fit a lease's 10-minute calls
     only=0
-    if [[ -f /tmp/gpu-run-ops.ok ]]; then
+    if [[ -f /tmp/gpu-run-ops.ok && "$(cat /tmp/gpu-run-ops.ok)" == "$(python3 scripts/bootstrap.py key)" ]]; then
         only=1
-        echo "gpu_run checks: ops passed on this build, so steps 3-7 only"
+        echo "gpu_run checks: ops passed on this build (key $(cat /tmp/gpu-run-ops.ok)), so steps 3-7 only"
     fi
     setsid nohup bash -c "CHECK_MODEL_ONLY=$only TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo \"check rc=\$?\"" \
         > /tmp/gpu-run-check.log 2>&1 < /dev/null &

@@ -10,6 +10,7 @@
         [--other-text] [--json out.json]
     python3 scripts/quality_levers.py vtransform-files [--model M ...] [--variants V ...]   (kld --set vxform)
     python3 scripts/quality_levers.py scalebits [--blocks N] [--levels L ...] [--json out.json]
+    python3 scripts/quality_levers.py changes KLD.json ... [--band REGEX]   (kld rows against their defaults)
 
 `study` works in numpy on real post-RoPE Q/K/V (`study.activations`, window 0 calibrates, the
 last window is scored, as in docs/format-study.md) and measures, per lever, the attention-logit
@@ -587,6 +588,44 @@ def run_kld(args) -> dict:
     return out
 
 
+def kld_changes(results: list[dict], band: str | None = None) -> str:
+    """The rows of `kld` results with an environment, each against its setting's default row (the same model,
+    K/V types, layout and -fa, no environment, first found in `results`), as a relative change; with `band`
+    (a regex), the rows whose environment values match it pooled per setting: n, mean, sd, lowest, highest."""
+    rows = [r for res in results for r in res["rows"]]
+
+    def key(r):
+        return r["model"], r["ctk"], r["ctv"], r.get("layout"), r.get("fa", "on")
+
+    base = {}
+    for r in rows:
+        if not r["env"]:
+            base.setdefault(key(r), r["kld"])
+    lines = ["| model | K / V | environment | mean KLD | change |", "|---|---|---|---|---|"]
+    pooled: dict = {}
+    for r in rows:
+        if not r["env"]:
+            continue
+        if key(r) not in base:
+            raise SystemExit(f"changes: no default row (no environment) for {key(r)} in the results given")
+        ch = r["kld"] / base[key(r)] - 1
+        env = " ".join(f"`{a}={b}`" for a, b in r["env"].items())
+        lines.append(
+            f"| {r['model']} | {r['ctk']} / {r['ctv']} | {env} | {r['kld']:.6f} | {100 * ch:+.1f} % |"
+        )
+        if band and any(re.search(band, v) for v in r["env"].values()):
+            pooled.setdefault(key(r), []).append(ch)
+    if band:
+        lines += ["", f"Rows matching `{band}`:", "", "| model | K / V | n | mean | sd | lowest | highest |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for k, ch in pooled.items():
+            a = np.array(ch) * 100
+            sd = f"{a.std(ddof=1):.1f} %" if len(a) > 1 else "-"
+            stats = f"{a.mean():+.1f} % | {sd} | {a.min():+.1f} % | {a.max():+.1f} %"
+            lines.append(f"| {k[0]} | {k[1]} / {k[2]} | {len(a)} | {stats} |")
+    return "\n".join(lines)
+
+
 def render_kld(res: dict) -> str:
     lines = [
         "| model | K | V | K+V bits/elem | environment | mean KLD | same top token | PPL ratio |",
@@ -606,17 +645,26 @@ def render_kld(res: dict) -> str:
     return "\n".join(lines)
 
 
+NUMPY_MODELS = ["smollm2-135m", "qwen2.5-coder-1.5b"]  # the models with study.activations dumps
+
+
+def activations_args(p, models=NUMPY_MODELS, nq: bool = True) -> None:
+    """The arguments of a subcommand reading study.activations: the models, the dump's size, the queries."""
+    p.add_argument("--model", nargs="+", default=list(models), choices=list(MODELS))
+    p.add_argument("--n-seq", type=int, default=2, help="the dump's sequences (study.activations)")
+    p.add_argument("--seq-len", type=int, default=1024, help="their length")
+    if nq:
+        p.add_argument("--nq", type=int, default=128, help="query positions per head")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd")
     p = sub.add_parser("study", help="numpy estimate per lever on real activations")
-    p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
+    activations_args(p, models=MODELS)
     p.add_argument("--layers", type=int, default=8, help="layers measured (evenly spaced)")
     p.add_argument("--types", nargs="+", default=["polar", "polar3"])
-    p.add_argument("--n-seq", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--nq", type=int, default=128, help="query positions per head")
     p.add_argument(
         "--sinks", action="store_true", help="also the first / most-attended N keys and values exact"
     )
@@ -648,19 +696,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("vshape", help="V noise shaping along the tokens, numpy (study.vshape)")
-    p.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=list(MODELS))
+    activations_args(p)
     p.add_argument("--types", nargs="+", default=["polar3", "polar"])
     p.add_argument(
         "--c", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="shaping strengths (0 is added)"
     )
-    p.add_argument("--n-seq", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--nq", type=int, default=128, help="query positions per head")
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser(
         "vtransform", help="V transform coding (a shaping A per KV head), numpy (study.vtransform)"
     )
-    p.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=list(MODELS))
+    activations_args(p)
     p.add_argument("--types", nargs="+", default=["polar3", "polar"])
     p.add_argument(
         "--variants", nargs="+", default=list(vtransform.VARIANTS), choices=list(vtransform.VARIANTS)
@@ -671,14 +716,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--other-text", action="store_true", help="the transform from the first sequence, not the scored one"
     )
-    p.add_argument("--n-seq", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--nq", type=int, default=128, help="query positions per head")
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser(
         "vtransform-files", help="the V transform measurement build's matrices (kld --set vxform)"
     )
-    p.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=list(MODELS))
+    activations_args(p, nq=False)
     p.add_argument(
         "--variants",
         nargs="+",
@@ -693,8 +735,6 @@ def main(argv=None) -> int:
         default=[0],
         help="rand-0's random bases: seed S > 0 writes the folder rand-0-sS (kld --set vxform-band)",
     )
-    p.add_argument("--n-seq", type=int, default=2, help="the activations' sequences (study.activations)")
-    p.add_argument("--seq-len", type=int, default=1024, help="their length")
     p.add_argument("--work", default="/tmp/quality_levers", help="kld's --work: files go to WORK/vxform/")
     p = sub.add_parser("scalebits", help="a block scale on a coarser grid than fp16, numpy (study.scalebits)")
     p.add_argument("--blocks", type=int, default=16384)
@@ -712,6 +752,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results here")
     p = sub.add_parser("render", help="print the markdown tables of a --json file")
     p.add_argument("json")
+    p = sub.add_parser("changes", help="kld rows against their default rows, pooled where --band matches")
+    p.add_argument("json", nargs="+", help="kld --json files (the default rows may come from any of them)")
+    p.add_argument("--band", help="a regex on the environment's values: those rows pooled (mean, sd, range)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.cmd is None:
@@ -721,11 +764,13 @@ def main(argv=None) -> int:
         res = json.loads(Path(args.json).read_text())
         print(render_any(res))
         return 0
+    if args.cmd == "changes":
+        print(kld_changes([json.loads(Path(f).read_text()) for f in args.json], args.band))
+        return 0
+    if args.cmd in ("vtransform", "vtransform-files") and not 2 < args.calib <= args.seq_len:
+        ap.error(f"{args.cmd} --calib: must be in 3..{args.seq_len} (--seq-len), got {args.calib}")
     if args.cmd == "vtransform-files":
-        if not 2 < args.calib <= args.seq_len:
-            ap.error(f"vtransform-files --calib: must be in 3..{args.seq_len} (--seq-len), got {args.calib}")
         for model in args.model:
-            activations.require(model, args.n_seq, args.seq_len)
             for var in args.variants:
                 for seed in args.seeds if var.startswith("rand") else [0]:
                     name = var.replace("/", "_") + (f"-s{seed}" if seed else "")
@@ -744,8 +789,6 @@ def main(argv=None) -> int:
         res = vshape.measure(args.model, args.types, args.c, args.n_seq, args.seq_len, args.nq, log=log)
         res["machine"] = cpu_model()
     elif args.cmd == "vtransform":
-        if not 2 < args.calib <= args.seq_len:
-            ap.error(f"vtransform --calib: must be in 3..{args.seq_len} (--seq-len), got {args.calib}")
         res = vtransform.measure(
             args.model,
             args.types,

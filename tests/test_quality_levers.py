@@ -359,3 +359,29 @@ def test_vtransform_files_refuses_a_bad_calibration_window(capsys):
         quality_levers.main(["vtransform-files", "--calib", "2"])
     assert e.value.code == 2
     assert "vtransform-files --calib: must be in 3..1024 (--seq-len), got 2" in capsys.readouterr().err
+
+
+def test_changes_against_the_default_rows_and_the_band(tmp_path, capsys):
+    """`changes`: each row with an environment against its setting's default row (from any file given), and
+    the rows whose environment matches --band pooled per setting."""
+    import json
+
+    import quality_levers
+
+    def row(kld, env=None, ctv="polar3"):
+        return {"model": "m", "ctk": "polar", "ctv": ctv, "env": env or {}, "fa": "on", "kld": kld}
+
+    a = {"rows": [row(0.04), row(0.03, ctv="polar"), row(0.05, {"X": "rand-1"}), row(0.036, {"X": "klt"})]}
+    b = {"rows": [row(0.03, {"X": "rand-2"}), row(0.033, {"X": "other"}, ctv="polar")]}
+    for name, res in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(res))
+    argv = ["changes", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--band", "^rand"]
+    assert quality_levers.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| m | polar / polar3 | `X=rand-1` | 0.050000 | +25.0 % |" in out
+    assert "| m | polar / polar3 | `X=klt` | 0.036000 | -10.0 % |" in out
+    assert "| m | polar / polar | `X=other` | 0.033000 | +10.0 % |" in out  # against its own default
+    assert "| m | polar / polar3 | 2 | +0.0 % | 35.4 % | -25.0 % | +25.0 % |" in out
+    (tmp_path / "c.json").write_text(json.dumps(b))
+    with pytest.raises(SystemExit, match="no default row"):
+        quality_levers.main(["changes", str(tmp_path / "c.json")])
