@@ -65,6 +65,10 @@ esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 G=${GPU_RUN_DIR:-.gpurun} # (GPU_RUN_DIR: another folder, for the tests)
 P=${GPU_RUN_PARTS:-/tmp/gpurun-parts} # the carried parts, kept on the machine from call to call (each call carries one folder)
+# this machine's run state, from call to call: the build's log, the models' and ops' markers, the checks' log and
+# folders (GPU_RUN_STATE: another folder, and GPU_RUN_CHECK: a stand-in for cuda_llama_check.sh, for the tests)
+S=${GPU_RUN_STATE:-/tmp}
+CHECK=${GPU_RUN_CHECK:-scripts/cuda_llama_check.sh}
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
 if [[ $1 != prepare && $1 != xprepare ]]; then # (the case above has checked $1)
@@ -120,7 +124,7 @@ cupy_bench() { # cupy_bench NAME TIMEOUT ARGS...: scripts/bench_gpu.py ARGS -> $
 }
 
 models_and_build() { # the models in /tmp (once a machine: the next step finds them), then wait for the background build
-    if [[ ! -f /tmp/models.ok ]]; then
+    if [[ ! -f "$S/models.ok" ]]; then
         local f missing=""
         for f in smol.part.a smol.part.b smol.part.c smol.sha256 qwen.skel.xz squad.txt.xz; do
             [[ -f $P/$f ]] || missing+=" $f"
@@ -132,20 +136,20 @@ models_and_build() { # the models in /tmp (once a machine: the next step finds t
         unxz_to "$P/qwen.skel.xz" /tmp/qwen.skel
         unxz_to "$P/squad.txt.xz" /tmp/squad.txt
         PYTHONPATH=/tmp/site:$PWD/converter python3 scripts/synth_gguf.py build /tmp/qwen.skel /tmp/qwen.gguf
-        touch /tmp/models.ok
+        touch "$S/models.ok"
     fi
     wait_build
 }
 
 wait_build() { # wait for the background build that `build` started on this machine
-    [[ -f /tmp/gpu-run-build.log ]] || { echo "gpu_run: no build on this machine: run build first (it carries .gpurun/a)" >&2; exit 1; }
-    until grep -q "llama.cpp built in" /tmp/gpu-run-build.log; do
-        if grep -q -E "subcommand failed|error:" /tmp/gpu-run-build.log; then
-            tail -20 /tmp/gpu-run-build.log; exit 1
+    [[ -f "$S/gpu-run-build.log" ]] || { echo "gpu_run: no build on this machine: run build first (it carries .gpurun/a)" >&2; exit 1; }
+    until grep -q "llama.cpp built in" "$S/gpu-run-build.log"; do
+        if grep -q -E "subcommand failed|error:" "$S/gpu-run-build.log"; then
+            tail -20 "$S/gpu-run-build.log"; exit 1
         fi
         sleep 5
     done
-    tail -3 /tmp/gpu-run-build.log | tee "$OUT/build-tail.txt"
+    tail -3 "$S/gpu-run-build.log" | tee "$OUT/build-tail.txt"
 }
 
 ncu_pages() { # ncu_pages NAME: /tmp/NAME.ncu-rep's details page and SASS-level source page to $OUT/NAME-*
@@ -242,7 +246,7 @@ build)
     { echo "build key $key (the series'); experiment diffs on it:"
       cat "$G/a/experiments.txt" 2> /dev/null || echo "(not recorded: .gpurun prepared before experiments.txt)"; } |
         tee "$OUT/experiments.txt"
-    setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > /tmp/gpu-run-build.log 2>&1 < /dev/null &
+    setsid nohup python3 scripts/bootstrap.py llama --no-python --no-smoke > "$S/gpu-run-build.log" 2>&1 < /dev/null &
     rc=0
     # the polar flash-attention kernels alone (scripts/fa_polar_harness.cu): checks and timings, ~1 min
     { harness_bin /tmp/fa_polar_harness && /tmp/fa_polar_harness && echo "harness rc=0" || echo "harness rc=1"; } \
@@ -274,7 +278,7 @@ build)
     # the text logs in one archive: a call brings back at most 8 files (session 19 lost the harness log)
     (cd "$OUT" && tar czf build-logs.tgz -- *.txt && rm -f -- *.txt)
     ls "$OUT"
-    cat /tmp/gpu-run-build.log | tail -5
+    cat "$S/gpu-run-build.log" | tail -5
     exit $rc
     ;;
 harness)
@@ -314,12 +318,12 @@ ops)
     # after `build` (one call for both would outlast a call's 10 minutes)
     wait_build
     rc=0
-    rm -f /tmp/gpu-run-ops.ok
-    CHECK_OPS_ONLY=1 bash scripts/cuda_llama_check.sh build/bin - /tmp/gpu-run-ops > "$OUT/ops-summary.txt" 2>&1 || rc=1
+    rm -f "$S/gpu-run-ops.ok"
+    CHECK_OPS_ONLY=1 bash "$CHECK" build/bin - "$S/gpu-run-ops" > "$OUT/ops-summary.txt" 2>&1 || rc=1
     # the build key it passed on: checks then runs steps 3-7 only, on a build of the same key
-    [[ $rc -ne 0 ]] || python3 scripts/bootstrap.py key > /tmp/gpu-run-ops.ok
+    [[ $rc -ne 0 ]] || python3 scripts/bootstrap.py key > "$S/gpu-run-ops.ok"
     cat "$OUT/ops-summary.txt"
-    grep -o -E '/tmp/gpu-run-ops/[^ ):]+' "$OUT/ops-summary.txt" | sort -u | xargs -r tar czf "$OUT/ops-failing.tgz" 2>/dev/null || true
+    grep -o -E "$S"'/gpu-run-ops/[^ ):]+' "$OUT/ops-summary.txt" | sort -u | xargs -r tar czf "$OUT/ops-failing.tgz" 2>/dev/null || true
     exit $rc
     ;;
 checks)
@@ -327,12 +331,12 @@ checks)
     # after `ops` passed on this machine on a build of the same key: steps 3-7 only (CHECK_MODEL_ONLY=1), so
     # that the checks and the next call fit a lease's 10-minute calls
     only=0
-    if [[ -f /tmp/gpu-run-ops.ok && "$(cat /tmp/gpu-run-ops.ok)" == "$(python3 scripts/bootstrap.py key)" ]]; then
+    if [[ -f "$S/gpu-run-ops.ok" && "$(cat "$S/gpu-run-ops.ok")" == "$(python3 scripts/bootstrap.py key)" ]]; then
         only=1
-        echo "gpu_run checks: ops passed on this build (key $(cat /tmp/gpu-run-ops.ok)), so steps 3-7 only"
+        echo "gpu_run checks: ops passed on this build (key $(cat "$S/gpu-run-ops.ok")), so steps 3-7 only"
     fi
-    setsid nohup bash -c "CHECK_MODEL_ONLY=$only TEXT=/tmp/squad.txt bash scripts/cuda_llama_check.sh build/bin /tmp/smol.gguf /tmp/gpu-run-check; echo \"check rc=\$?\"" \
-        > /tmp/gpu-run-check.log 2>&1 < /dev/null &
+    setsid nohup bash -c "CHECK_MODEL_ONLY=$only TEXT=/tmp/squad.txt bash '$CHECK' build/bin /tmp/smol.gguf '$S/gpu-run-check'; echo \"check rc=\$?\"" \
+        > "$S/gpu-run-check.log" 2>&1 < /dev/null &
     ;;
 xprepare)
     [[ -d $G/a ]] || { echo "gpu_run xprepare: no $G/a: run prepare first (it remakes .gpurun)" >&2; exit 2; }
@@ -399,7 +403,7 @@ xbin)
     fi
     mv /tmp/xbin/libdirs.try /tmp/xbin/libdirs
     # the steps that wait for the build (models_and_build) find it done
-    echo "llama.cpp built in 0 min (xprepare's binaries, $(ls /tmp/xbin | wc -l) files)" | tee /tmp/gpu-run-build.log
+    echo "llama.cpp built in 0 min (xprepare's binaries, $(ls /tmp/xbin | wc -l) files)" | tee "$S/gpu-run-build.log"
     ;;
 script)
     [[ -f ${2:-} ]] || { echo "gpu_run script: expected a script file, got '${2:-}'" >&2; exit 2; }
@@ -407,10 +411,10 @@ script)
     OUT=$OUT bash "$2"
     ;;
 collect)
-    until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done
-    cp /tmp/gpu-run-check.log "$OUT/check-summary.txt"
+    until grep -q "^check rc=" "$S/gpu-run-check.log" 2>/dev/null; do sleep 5; done
+    cp "$S/gpu-run-check.log" "$OUT/check-summary.txt"
     # the logs of the failing steps (session 12: all of them did not come back, too large)
-    grep -o -E '/tmp/gpu-run-check/[^ ):]+' /tmp/gpu-run-check.log | sort -u | xargs -r tar czf "$OUT/checks-failing.tgz" 2>/dev/null || true
+    grep -o -E "$S"'/gpu-run-check/[^ ):]+' "$S/gpu-run-check.log" | sort -u | xargs -r tar czf "$OUT/checks-failing.tgz" 2>/dev/null || true
     grep -q "^check rc=0" "$OUT/check-summary.txt"
     ;;
 verify)
@@ -537,9 +541,9 @@ bench)
     # decode-step ops (test-backend-ops perf); bench tables: the llama-bench tables of both models.
     # Results are packed into $OUT/bench-<what>.tgz (a call brings back at most 8 files).
     # after the checks where they were started on this machine (one GPU job at a time), else after the build
-    if [[ -f /tmp/gpu-run-check.log ]]; then
-        until grep -q "^check rc=" /tmp/gpu-run-check.log 2>/dev/null; do sleep 5; done
-        cp /tmp/gpu-run-check.log "$OUT/check-summary.txt"
+    if [[ -f "$S/gpu-run-check.log" ]]; then
+        until grep -q "^check rc=" "$S/gpu-run-check.log" 2>/dev/null; do sleep 5; done
+        cp "$S/gpu-run-check.log" "$OUT/check-summary.txt"
     else
         models_and_build
     fi

@@ -3,7 +3,9 @@ step with its usage and exit status 2 instead of running anything."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,100 @@ def test_parts_names_the_gguf_wheel(where, tmp_path):
         assert f"gguf wheel: {want[where]}\n" in r.stdout, r.stdout
     else:
         assert "gguf wheel: none (carry .gpurun/a or .gpurun/whl)" in r.stdout, r.stdout
+
+
+def _machine(tmp_path):
+    """A GPU machine's run state after `build` finished and the models were unpacked, and a stand-in for
+    cuda_llama_check.sh that records its switches and exits with $FAKE_CHECK_RC."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "gpu-run-build.log").write_text("llama.cpp built in 4.5 min\n")
+    (state / "models.ok").write_text("")
+    check = tmp_path / "check.sh"
+    check.write_text(
+        'echo "ops=${CHECK_OPS_ONLY:-0} model=${CHECK_MODEL_ONLY:-0} args=$*" >> "$FAKE_CHECK_LOG"\n'
+        "exit ${FAKE_CHECK_RC:-0}\n"
+    )
+    env = {
+        "OUT": str(tmp_path / "out"),
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "GPU_RUN_DIR": str(tmp_path / "gpurun"),
+        "GPU_RUN_PARTS": str(tmp_path / "parts"),
+        "GPU_RUN_STATE": str(state),
+        "GPU_RUN_CHECK": str(check),
+        "FAKE_CHECK_LOG": str(tmp_path / "check-calls.txt"),
+    }
+    return state, env
+
+
+def _step(step, env, rc=0):
+    r = subprocess.run(
+        ["bash", str(SCRIPT), step],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "FAKE_CHECK_RC": str(rc)},
+    )
+    return r
+
+
+def _checks_switches(state, env):
+    """Run `checks` (which starts the check in the background) and wait for it: the stand-in's last line."""
+    r = _step("checks", env)
+    assert r.returncode == 0, r
+    log = state / "gpu-run-check.log"
+    deadline = time.monotonic() + 30
+    while "check rc=" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the background check did not end"
+        time.sleep(0.1)
+    assert "check rc=0" in log.read_text()
+    return Path(env["FAKE_CHECK_LOG"]).read_text().splitlines()[-1], r.stdout
+
+
+def _key(env):
+    return subprocess.run(
+        ["python3", "scripts/bootstrap.py", "key"],
+        cwd=SCRIPT.parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**env, "KVPOLAR_CUDA": "1", "KVPOLAR_CUDA_ARCHS": env.get("KVPOLAR_CUDA_ARCHS", "90")},
+    ).stdout.strip()
+
+
+def test_ops_marker_lets_checks_skip_steps_1_2(tmp_path):
+    """A passing `ops` writes the build key it passed on; `checks` on that build then runs steps 3-7 only."""
+    state, env = _machine(tmp_path)
+    r = _step("ops", env)
+    assert r.returncode == 0, r
+    assert Path(env["FAKE_CHECK_LOG"]).read_text().splitlines() == [
+        f"ops=1 model=0 args=build/bin - {state}/gpu-run-ops"
+    ]
+    assert (state / "gpu-run-ops.ok").read_text().strip() == _key(env)
+    line, out = _checks_switches(state, env)
+    assert line == f"ops=0 model=1 args=build/bin /tmp/smol.gguf {state}/gpu-run-check", line
+    assert "ops passed on this build" in out
+
+
+def test_failed_ops_leaves_no_marker(tmp_path):
+    """`ops` that fails removes an earlier marker, and `checks` runs every step."""
+    state, env = _machine(tmp_path)
+    (state / "gpu-run-ops.ok").write_text(_key(env) + "\n")
+    r = _step("ops", env, rc=1)
+    assert r.returncode == 1, r
+    assert not (state / "gpu-run-ops.ok").exists()
+    line, out = _checks_switches(state, env)
+    assert line.startswith("ops=0 model=0 "), line
+    assert "ops passed" not in out
+    assert "ops passed" not in out
+
+
+def test_marker_of_another_build_is_ignored(tmp_path):
+    """A marker left by `ops` on a build of another key (another tree built on the same machine since) does
+    not let `checks` skip steps 1-2."""
+    state, env = _machine(tmp_path)
+    (state / "gpu-run-ops.ok").write_text("0123456789abcdef\n")
+    line, out = _checks_switches(state, env)
+    assert line.startswith("ops=0 model=0 "), line
+    assert "ops passed" not in out
