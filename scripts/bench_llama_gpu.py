@@ -11,12 +11,18 @@ the largest context whose KV cache fits in --budget-gib of GPU memory at that ra
 weights and compute buffers not counted: the budget is what the KV cache may take).
 Standard library only (runs with any python3 on the GPU machine). Writes <out>/llama-gpu-<name>.json
 and .md; exits non-zero when a run failed.
+
+    python3 scripts/bench_llama_gpu.py render JSON [JSON ...]
+
+writes the .md of each JSON again beside it (tables of tokens/s, then each pair's tokens/s over f16/f16's
+and q4_0/q4_0's of the same run, depth and test).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,6 +96,16 @@ def kv_size(args, k: str, v: str) -> dict:
     }
 
 
+def tps(res: dict, k: str, v: str, test: str, depth: int) -> float | None:
+    """The mean tokens/s of pair k/v, test, depth in a result, or None where it did not run."""
+    r = [
+        x
+        for x in res["rows"]
+        if x.get("k") == k and x.get("v") == v and x.get("test") == test and x.get("depth") == depth
+    ]
+    return r[0]["tps"] if r else None
+
+
 def render(res: dict) -> str:
     out = [
         f"# llama.cpp on {res['gpu']}: {res['name']}",
@@ -98,24 +114,23 @@ def render(res: dict) -> str:
         "",
     ]
     depths = res["depths"]
+    head = ["| K / V | " + " | ".join(f"d{d}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
     for test in ("tg64", "pp512"):
-        out += [
-            f"## {test}",
-            "",
-            "| K / V | " + " | ".join(f"d{d}" for d in depths) + " |",
-            "|---|" + "---|" * len(depths),
-        ]
+        out += [f"## {test}", "", *head]
         for k, v in PAIRS:
-            cells = []
-            for d in depths:
-                r = [
-                    x
-                    for x in res["rows"]
-                    if x.get("k") == k and x.get("v") == v and x.get("test") == test and x.get("depth") == d
-                ]
-                cells.append(f"{r[0]['tps']:.1f}" if r else "-")
-            out.append(f"| {k} / {v} | " + " | ".join(cells) + " |")
+            cells = [tps(res, k, v, test, d) for d in depths]
+            out.append(f"| {k} / {v} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
         out.append("")
+    for test in ("tg64", "pp512"):
+        for base in ("f16", "q4_0"):
+            out += [f"## {test}, over {base} / {base} (same run)", "", *head]
+            for k, v in PAIRS:
+                cells = []
+                for d in depths:
+                    a, b = tps(res, k, v, test, d), tps(res, base, base, test, d)
+                    cells.append(f"{a / b:.3f}" if a is not None and b else "-")
+                out.append(f"| {k} / {v} | " + " | ".join(cells) + " |")
+            out.append("")
     out += [
         f"## KV cache size and context in a {res['budget_gib']} GiB budget",
         "",
@@ -130,7 +145,40 @@ def render(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def write_text(path: Path, text: str) -> None:
+    """path's text, whole or not at all (a temporary file beside it, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rerender(paths: list[str]) -> int:
+    """`render JSON ...`: each JSON's .md written again beside it."""
+    if not paths:
+        print(
+            "bench_llama_gpu.py render: expected one or more llama-gpu-*.json files, got none",
+            file=sys.stderr,
+        )
+        return 2
+    for p in map(Path, paths):
+        try:
+            res = json.loads(p.read_text())
+            md = render(res)
+        except (OSError, ValueError, KeyError) as e:
+            print(
+                f"bench_llama_gpu.py render: {p}: expected a bench_llama_gpu.py JSON, got {e!r}",
+                file=sys.stderr,
+            )
+            return 2
+        write_text(p.with_suffix(".md"), md)
+        print(p.with_suffix(".md"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["render"]:
+        return rerender(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
     ap.add_argument("--model", required=True)
@@ -151,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         memory.append(kv_size(args, k, v))
         print(json.dumps(rows[-1]), json.dumps(memory[-1]), flush=True)
     res = {
-        "command": "python3 scripts/bench_llama_gpu.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python3 scripts/bench_llama_gpu.py " + " ".join(argv),
         "gpu": gpu_name(),
         "build": build,
         "name": args.name,
@@ -166,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"llama-gpu-{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / f"llama-gpu-{args.name}.md").write_text(render(res))
+    write_text(out / f"llama-gpu-{args.name}.json", json.dumps(res, indent=1) + "\n")
+    write_text(out / f"llama-gpu-{args.name}.md", render(res))
     print(render(res))
     return 1 if any("error" in r for r in rows + memory) else 0
 

@@ -442,7 +442,7 @@ def headline() -> list[str]:
             source = f", same-run A/B ({what})"
             out.append(_gpu_tg_line(label, device_of(docs[0]), depth, source, a, b, f))
     tables = (("smollm2", "SmolLM2-135M", 16384), ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768))
-    for folder, (name, label, depth) in itertools.product((S26_TABLES, "docs/bench/gpu"), tables):
+    for folder, (name, label, depth) in itertools.product((*H100_TABLES, "docs/bench/gpu"), tables):
         path = REPO / folder / f"llama-gpu-{name}.json"
         if not path.exists():
             continue
@@ -474,8 +474,9 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
     )
 
 
-# bench_llama_gpu.py's tables of the series 0001-0039 on an H100 (session 26), listed before the H200's
-S26_TABLES = "docs/gpu/h100-llama/session26/bench-tables"
+# bench_llama_gpu.py's tables on an H100, newest first, listed before the H200's: session 31 (the series
+# 0001-0040 with session 30's encoder header), session 26 (the series 0001-0039)
+H100_TABLES = ("docs/gpu/h100-llama/session31/bench-tables", "docs/gpu/h100-llama/session26/bench-tables")
 
 # the build that docs/bench/gpu/llama-gpu-*.json (bench_llama_gpu.py, `gpu_run.sh bench tables`) last ran on,
 # for the tables written before bench_llama_gpu.py recorded it ("build": llama_bench.build_info)
@@ -502,8 +503,11 @@ S18 = "docs/gpu/h200-llama/session18/series-ab"
 S18_SAME = {"GGML_CUDA_POLAR_NO_EARLY": "1"}
 S23T = "docs/gpu/h200-llama/session23/targets-ab"
 S26T = "docs/gpu/h100-llama/session26/targets-ab"  # an H100: the series 0001-0039, five passes
+S30T = "docs/gpu/h100-llama/session30/targets-ab"  # an H100: 0001-0040, session 30's header, five passes
 S27T = "docs/gpu/h100-llama/session27/targets-ab"  # an H100: the series 0001-0040, ten passes
 AB_LATEST = (
+    (tuple(f"{S30T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 6)), "SmolLM2-135M", 16384, {}, {}),
+    (tuple(f"{S30T}/pass{i}/ab-targets-qwen.json" for i in range(1, 6)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S27T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 11)), "SmolLM2-135M", 16384, {}, {}),
     (tuple(f"{S27T}/pass{i}/ab-targets-qwen.json" for i in range(1, 11)), QWEN_SHAPE, 32768, {}, {}),
     (tuple(f"{S26T}/pass{i}/ab-targets-smollm2.json" for i in range(1, 6)), "SmolLM2-135M", 16384, {}, {}),
