@@ -84,6 +84,9 @@ class AttnConfig:
     since session 19 (H200, B=16, 32768 keys: polar K+V 181.6 -> 176.0 us, fp16 V 327.5 -> 319.0,
     polar3 256.0 -> 247.5; docs/results-gpu.md). Its RB x HD x 2 or 4 bytes of q rows change no
     shape's fallback (head sizes 64-256, 1-8 rows: tests/test_gpu_attention.py).
+    ctas: the CTAs a SM the kernel asks ptxas to fit (`__launch_bounds__(threads, ctas)`, which caps its
+    registers at 65536 / (ctas x threads)); 0 = the kernel's own rule (3 or more where kvsplit's shared memory
+    allows 3 CTAs a SM, else no minimum); 1 = no minimum.
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
@@ -105,6 +108,9 @@ class AttnConfig:
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
     qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE; on in the defaults)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
+    ctas: int = (
+        0  # mma: CTAs a SM asked of ptxas (__launch_bounds__'s minimum; MMA_CTAS): 0 = the kernel's rule
+    )
 
     @property
     def tile(self) -> int:
@@ -222,6 +228,8 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             d["QSTAGE"] = 1
         if cfg.cta_times:  # (only then: the defines of every other variant, and so its cache key, stay)
             d["CTA_TIMES"] = CTA_TIMES_MAX
+        if cfg.ctas:  # (likewise)
+            d["MMA_CTAS"] = cfg.ctas
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
     return d

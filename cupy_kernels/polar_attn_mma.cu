@@ -337,11 +337,14 @@ template <class X> __device__ __forceinline__ float merge_warps(const float * mw
 
 // KVSPLIT exists for occupancy: where the shared memory allows 3 or more CTAs per SM (sm_90: 228 KiB
 // per SM, 1 KiB reserved per CTA), ptxas is asked for them, as far as 80 registers a thread (what the
-// kernel takes unasked) allow; otherwise (and always without KVSPLIT) it is not asked
+// kernel takes unasked) allow; otherwise (and always without KVSPLIT) it is not asked. MMA_CTAS
+// (AttnConfig.ctas) > 0 asks for that many instead (1: no minimum).
 #define SMEM_CTAS (233472 / (MSMEM_TOTAL + 1024))
 #define REG_CTAS (65536 / (80 * NTHREADS))
 #define MIN_CTAS (SMEM_CTAS < REG_CTAS ? SMEM_CTAS : REG_CTAS)
-#if KVSPLIT && MIN_CTAS >= 3
+#if defined(MMA_CTAS) && MMA_CTAS > 0  // AttnConfig.ctas: asked for by the caller instead
+#define MMA_LAUNCH_BOUNDS __launch_bounds__(NTHREADS, MMA_CTAS)
+#elif KVSPLIT && MIN_CTAS >= 3
 #define MMA_LAUNCH_BOUNDS __launch_bounds__(NTHREADS, MIN_CTAS)
 #else
 #define MMA_LAUNCH_BOUNDS __launch_bounds__(NTHREADS)

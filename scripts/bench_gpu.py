@@ -13,6 +13,7 @@ before every timed repetition).
     python scripts/bench_gpu.py anatomy --contexts 4096 ... 131072  where polar K+V's time goes (L2 flush
                                                            by a write or a read, per-CTA timestamps)
     python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
+    python scripts/bench_gpu.py tune-mma --fmts polar3/polar3 polar/polar3 --phases ctas new  (polar3 V)
     python scripts/bench_gpu.py profile --contexts 32768    untimed default kernels, for ncu
     python scripts/bench_gpu.py all --json out.json        everything above
 
@@ -299,6 +300,23 @@ MMA_NEW_SHAPES = (
     dict(nwarps=8, wtile=64, stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True, ptrs=True),
     dict(nwarps=16, wtile=32, stages=2, smlean=1, vunroll=True),
 )
+# polar3 V (POLAR3V_CONFIG is session 6's shape: polar's later default took polar3 K+V from 253 to 302 us,
+# in session 7): phase "ctas" times polar's default on polar3 V with the CTAs a SM asked of ptxas
+# (AttnConfig.ctas; its own rule asks for 3 there: 80 registers, and ptxas spills), and polar3's default
+# with polar's later options
+MMA_TUNE_POLAR3_FMTS = (("polar3", "polar3"), ("polar", "polar3"))
+MMA_CTAS_SETS = (  # (base: "polar" = DEFAULT_CONFIG, "own" = the format's default, AttnConfig kwargs)
+    ("polar", {}),
+    ("polar", dict(ctas=1)),
+    ("polar", dict(ctas=2)),
+    ("polar", dict(ctas=2, vunroll=False)),
+    ("polar", dict(ctas=2, wtile=32)),
+    ("polar", dict(ctas=3, wtile=32)),
+    ("own", {}),
+    ("own", dict(smlean=1, pdw=True, ptrs=True)),
+    ("own", dict(smlean=1, pdw=True, ptrs=True, vunroll=True)),
+    ("own", dict(kvsplit=True, stages=1, ctas=2)),
+)
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
 MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more
 MMA_TUNE_REGS = 80  # registers a thread the occupancy filter assumes (NVRTC 13.2, sm_90: 77-80)
@@ -315,6 +333,7 @@ def mma_label(cfg) -> str:
         + ("+vun" if cfg.vunroll else "")
         + ("+ptrs" if cfg.ptrs else "")
         + ("+qst" if cfg.qstage else "")
+        + (f"+c{cfg.ctas}" if cfg.ctas else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
 
@@ -330,8 +349,11 @@ def mma_occupancy(cfg, vfmt: str, regs: int = MMA_TUNE_REGS) -> tuple[int, int]:
     return smem, attention._per_sm(smem, cfg.nwarps * 32, regs) * cfg.nwarps
 
 
-def tune_mma_grid() -> list[tuple[str, str, str, object]]:
-    """(phase, kfmt, vfmt, config) of every tune-mma timing at MMA_TUNE_SHAPE, without a GPU.
+def tune_mma_grid(
+    fmts=MMA_TUNE_FMTS, phases=("options", "shapes", "new")
+) -> list[tuple[str, str, str, object]]:
+    """(phase, kfmt, vfmt, config) of every tune-mma timing at MMA_TUNE_SHAPE, without a GPU, for the format
+    pairs fmts and the phases named (the default: those of MMA_TUNE_FMTS below).
 
     "options": each of MMA_OPTION_SETS on the kernel without options (8 warps x 32 keys x 2 stages);
     the defaults since session 6 are among them;
@@ -340,7 +362,9 @@ def tune_mma_grid() -> list[tuple[str, str, str, object]]:
     MMA_SWEEP_MIN_WARPS warps per SM (36 configs: 18 options + 13 polar V + 5 fp16 V shapes);
     "new": each of MMA_NEW_OPTION_SETS on each format's default, and MMA_NEW_SHAPES (polar K+V,
     with MMA_SWEEP_OPTIONS) (24 configs on the session-6 defaults; option sets a default already has
-    drop out)."""
+    drop out);
+    "ctas": MMA_CTAS_SETS on each pair (polar3 V: MMA_TUNE_POLAR3_FMTS, `tune-mma --fmts polar3/polar3
+    polar/polar3 --phases ctas new`: 32 configs)."""
     from cupy_kernels import attention
 
     grid, seen = [], set()
@@ -352,7 +376,7 @@ def tune_mma_grid() -> list[tuple[str, str, str, object]]:
                 seen.add((kfmt, vfmt, cfg))
                 grid.append((phase, kfmt, vfmt, cfg))
 
-    for kfmt, vfmt in MMA_TUNE_FMTS:
+    for kfmt, vfmt in fmts if "options" in phases else ():
         # the options on the kernel without them (8 warps x 32 keys x 2 stages, the pre-session-6 default)
         base = dataclasses.replace(
             attention.default_config(vfmt), swizzle=False, lean=0, kvsplit=False, stages=2
@@ -360,19 +384,25 @@ def tune_mma_grid() -> list[tuple[str, str, str, object]]:
         for kw in MMA_OPTION_SETS.values():
             for st in (1, 2) if kw.get("kvsplit") else (base.stages,):
                 add("options", kfmt, vfmt, dataclasses.replace(base, stages=st, **kw))
-    for kfmt, vfmt in MMA_TUNE_FMTS:
+    for kfmt, vfmt in fmts if "shapes" in phases else ():
         base = attention.default_config(vfmt)
         for nw, tw, (kvs, st) in itertools.product(
             (4, 8, 16), (16, 32, 64), ((False, 2), (False, 3), (True, 1))
         ):
             cfg = dataclasses.replace(base, nwarps=nw, wtile=tw, stages=st, kvsplit=kvs, **MMA_SWEEP_OPTIONS)
             add("shapes", kfmt, vfmt, cfg)
-    for kfmt, vfmt in MMA_TUNE_FMTS:
+    for kfmt, vfmt in fmts if "ctas" in phases else ():
+        for base, kw in MMA_CTAS_SETS:
+            cfg = attention.DEFAULT_CONFIG if base == "polar" else attention.default_config(vfmt)
+            add("ctas", kfmt, vfmt, dataclasses.replace(cfg, **kw))
+    for kfmt, vfmt in fmts if "new" in phases else ():
         base = attention.default_config(vfmt)
         for kw in MMA_NEW_OPTION_SETS.values():
             add("new", kfmt, vfmt, dataclasses.replace(base, **kw))
-    for kw in MMA_NEW_SHAPES:
-        add("new", "polar", "polar", dataclasses.replace(attention.DEFAULT_CONFIG, **MMA_SWEEP_OPTIONS, **kw))
+    if "new" in phases and ("polar", "polar") in fmts:
+        for kw in MMA_NEW_SHAPES:
+            cfg = dataclasses.replace(attention.DEFAULT_CONFIG, **MMA_SWEEP_OPTIONS, **kw)
+            add("new", "polar", "polar", cfg)
     return grid
 
 
@@ -385,7 +415,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
     from cupy_kernels import attention
 
     t_start = time.time()
-    grid = tune_mma_grid()
+    grid = tune_mma_grid(args.fmts, args.phases)
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(6)
     fastest: dict[tuple[str, str], list] = {}  # (kfmt, vfmt) -> [(ms, config)] at MMA_TUNE_SHAPE.T
@@ -412,7 +442,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
         print_rows(rows[-1:])
         del k16, v16
         torch.cuda.empty_cache()
-        for kfmt, vfmt in MMA_TUNE_FMTS:
+        for kfmt, vfmt in args.fmts:
             if T == MMA_TUNE_SHAPE.T:
                 todo = [(ph, cfg) for ph, kf, vf, cfg in grid if (kf, vf) == (kfmt, vfmt)]
             else:
@@ -1178,6 +1208,19 @@ def cmd_profile(args, timer) -> list[dict]:
     return rows
 
 
+def fmt_pair(text: str) -> tuple[str, str]:
+    """'polar3/polar3' -> ("polar3", "polar3"): a K format of the kernels and a V format or f16."""
+    from cupy_kernels import formats
+
+    k, _, v = text.partition("/")
+    known = formats.BUILTIN
+    if k not in known or v not in (*known, "f16"):
+        raise argparse.ArgumentTypeError(
+            f"expected K/V with K in {', '.join(known)} and V in {', '.join((*known, 'f16'))}, got {text!r}"
+        )
+    return k, v
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -1216,6 +1259,21 @@ def main(argv=None) -> int:
         metavar="V",
         help="encode: measure these encoder variants (cupy_kernels.codec.ENCODE_VARIANTS, or 'all') "
         "against 'base' and check that their bytes are the same",
+    )
+    ap.add_argument(
+        "--fmts",
+        nargs="+",
+        type=fmt_pair,
+        default=list(MMA_TUNE_FMTS),
+        metavar="K/V",
+        help="tune-mma: these K/V format pairs (default: polar/polar polar/f16)",
+    )
+    ap.add_argument(
+        "--phases",
+        nargs="+",
+        choices=["options", "shapes", "new", "ctas"],
+        default=["options", "shapes", "new"],
+        help="tune-mma: these parts of the grid (tune_mma_grid)",
     )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)

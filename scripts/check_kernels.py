@@ -99,6 +99,9 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     dataclasses.replace(attention.DEFAULT_CONFIG, qstage=False, prec="fp16"),
     dataclasses.replace(attention.F16V_CONFIG, qstage=False),
     dataclasses.replace(attention.POLAR3V_CONFIG, qstage=False),
+    # polar's default with the CTAs a SM asked of ptxas (AttnConfig.ctas; tune-mma's "ctas" phase)
+    dataclasses.replace(attention.DEFAULT_CONFIG, ctas=2),
+    dataclasses.replace(attention.DEFAULT_CONFIG, ctas=1, wtile=32),
 ]
 
 

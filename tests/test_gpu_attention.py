@@ -157,6 +157,24 @@ def test_tune_mma_grid():
     )
 
 
+def test_tune_mma_polar3_grid():
+    """tune-mma's polar3 V grid (`--fmts polar3/polar3 polar/polar3 --phases ctas new`): polar's default with
+    the CTAs a SM asked of ptxas (MMA_CTAS, only where set: every other variant's defines stay), and polar3's
+    own default, for both pairs."""
+    grid = bench_gpu.tune_mma_grid(bench_gpu.MMA_TUNE_POLAR3_FMTS, ("ctas", "new"))
+    assert {ph for ph, *_ in grid} == {"ctas", "new"} and 30 <= len(grid) <= 40
+    for kfmt, vfmt in bench_gpu.MMA_TUNE_POLAR3_FMTS:
+        cfgs = {c for _, k, v, c in grid if (k, v) == (kfmt, vfmt)}
+        assert attn.POLAR3V_CONFIG in cfgs and attn.DEFAULT_CONFIG in cfgs
+        assert dataclasses.replace(attn.DEFAULT_CONFIG, ctas=2) in cfgs
+    d = attn.attn_defines(128, "polar3", "polar3", 4, 1, dataclasses.replace(attn.DEFAULT_CONFIG, ctas=2))
+    assert d["MMA_CTAS"] == 2
+    assert "MMA_CTAS" not in attn.attn_defines(128, "polar3", "polar3", 4, 1, attn.DEFAULT_CONFIG)
+    assert bench_gpu.mma_label(dataclasses.replace(attn.POLAR3V_CONFIG, ctas=3)) == "8w32k2s+swz+lean2+qst+c3"
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["tune-mma", "--fmts", "polar4/polar"])
+
+
 def test_qstage_changes_no_fallback():
     """The q rows of qstage (on in the defaults) move no shape across the shared-memory limit: every default
     config fits with it exactly where it fits without it (head sizes 64-256, 1-8 rows, each q type), as the
@@ -428,7 +446,13 @@ def test_mma_new_options(torch, cfg, kfmt, vfmt, heads, D):
         _check(torch, q, kc, vc, lens, kfmt, vfmt, case, tol=tol, config=c, splits=splits)
 
 
-TUNE_MMA = {f"{ph} {k}+{v} {bench_gpu.mma_label(c)}": (k, v, c) for ph, k, v, c in bench_gpu.tune_mma_grid()}
+TUNE_MMA = {
+    f"{ph} {k}+{v} {bench_gpu.mma_label(c)}": (k, v, c)
+    for ph, k, v, c in [
+        *bench_gpu.tune_mma_grid(),
+        *bench_gpu.tune_mma_grid(bench_gpu.MMA_TUNE_POLAR3_FMTS, ("ctas", "new")),
+    ]
+}
 
 
 @pytest.mark.parametrize("case", list(TUNE_MMA))
