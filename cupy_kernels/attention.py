@@ -144,10 +144,26 @@ DEFAULT_CONFIG = AttnConfig(  # quantized V
 # polar K + fp16 V 336.3 -> 326.9 us at 32768 with separate K/V rings of one stage (equal at 131072;
 # the session-7 options do not change it: 327.0 us)
 F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True, qstage=True)  # float16 V
-# polar3 V: session 6's default. The session-7 default (tuned on polar V) took polar3 K+V from 253.2
-# (session 6, docs/gpu/compare_h200_session6.txt) to 302.0 us (compare_h200_session7.txt) at B=16, 32768
-# keys: polar3's V unpacking is heavier in the fully unrolled V phase
-POLAR3V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2, qstage=True)
+# polar3 V: session 6's shape (8 warps x 32 keys x 2 stages) with the session-7 instruction cuts (pdw,
+# smlean 1, vunroll, ptrs), since session 31. The session-7 default itself (tuned on polar V) took polar3
+# K+V from 253.2 to 302.0 us (H200, B=16, 32768 keys): its kvsplit shared memory makes the kernel ask ptxas
+# for 3 CTAs a SM, so 80 registers and 144 bytes spilled. Without kvsplit ptxas takes 128 registers (2 CTAs
+# a SM). `bench_gpu.py tune-mma --fmts polar3/polar3 polar/polar3 --phases ctas new` (H100, session 31,
+# docs/results-gpu.md): polar3 K+V 245.1 -> 208.5 us at 32768 keys and 930.6 -> 766.5 at 131072; polar K +
+# polar3 V 217.5 -> 201.9 and 826.4 -> 743.8
+POLAR3V_CONFIG = AttnConfig(
+    impl="mma",
+    nwarps=8,
+    wtile=32,
+    stages=2,
+    swizzle=True,
+    lean=2,
+    pdw=True,
+    smlean=1,
+    vunroll=True,
+    ptrs=True,
+    qstage=True,
+)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 

@@ -305,17 +305,19 @@ MMA_NEW_SHAPES = (
 # (AttnConfig.ctas; its own rule asks for 3 there: 80 registers, and ptxas spills), and polar3's default
 # with polar's later options
 MMA_TUNE_POLAR3_FMTS = (("polar3", "polar3"), ("polar", "polar3"))
-MMA_CTAS_SETS = (  # (base: "polar" = DEFAULT_CONFIG, "own" = the format's default, AttnConfig kwargs)
+# session 6's polar3 V shape (AttnConfig kwargs), the default until session 31
+POLAR3V_S6 = dict(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2, qstage=True)
+MMA_CTAS_SETS = (  # (base: "polar" = DEFAULT_CONFIG, "s6" = POLAR3V_S6; AttnConfig kwargs)
     ("polar", {}),
     ("polar", dict(ctas=1)),
     ("polar", dict(ctas=2)),
     ("polar", dict(ctas=2, vunroll=False)),
     ("polar", dict(ctas=2, wtile=32)),
     ("polar", dict(ctas=3, wtile=32)),
-    ("own", {}),
-    ("own", dict(smlean=1, pdw=True, ptrs=True)),
-    ("own", dict(smlean=1, pdw=True, ptrs=True, vunroll=True)),
-    ("own", dict(kvsplit=True, stages=1, ctas=2)),
+    ("s6", {}),
+    ("s6", dict(smlean=1, pdw=True, ptrs=True)),
+    ("s6", dict(smlean=1, pdw=True, ptrs=True, vunroll=True)),
+    ("s6", dict(kvsplit=True, stages=1, ctas=2)),
 )
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
 MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more
@@ -393,7 +395,7 @@ def tune_mma_grid(
             add("shapes", kfmt, vfmt, cfg)
     for kfmt, vfmt in fmts if "ctas" in phases else ():
         for base, kw in MMA_CTAS_SETS:
-            cfg = attention.DEFAULT_CONFIG if base == "polar" else attention.default_config(vfmt)
+            cfg = attention.DEFAULT_CONFIG if base == "polar" else attention.AttnConfig(**POLAR3V_S6)
             add("ctas", kfmt, vfmt, dataclasses.replace(cfg, **kw))
     for kfmt, vfmt in fmts if "new" in phases else ():
         base = attention.default_config(vfmt)
@@ -419,8 +421,9 @@ def cmd_tune_mma(args, timer) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(6)
     fastest: dict[tuple[str, str], list] = {}  # (kfmt, vfmt) -> [(ms, config)] at MMA_TUNE_SHAPE.T
-    for T in (MMA_TUNE_SHAPE.T, MMA_TUNE_LONG):
-        sh = dataclasses.replace(MMA_TUNE_SHAPE, T=T)
+    shape = Shape(*args.tune_shape) if args.tune_shape else MMA_TUNE_SHAPE
+    for T in (shape.T, MMA_TUNE_LONG):
+        sh = dataclasses.replace(shape, T=T)
         q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
         lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
         dev = q.device.index or 0
@@ -443,7 +446,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
         del k16, v16
         torch.cuda.empty_cache()
         for kfmt, vfmt in args.fmts:
-            if T == MMA_TUNE_SHAPE.T:
+            if T == shape.T:
                 todo = [(ph, cfg) for ph, kf, vf, cfg in grid if (kf, vf) == (kfmt, vfmt)]
             else:
                 best = [cfg for _, cfg in sorted(fastest.get((kfmt, vfmt), []), key=lambda x: x[0])]
@@ -481,7 +484,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                         "speedup_vs_sdpa": sdpa_ms / r["ms"],
                     }
                 )
-                if T == MMA_TUNE_SHAPE.T:
+                if T == shape.T:
                     fastest.setdefault((kfmt, vfmt), []).append((r["ms"], cfg))
                 row = rows[-1]
                 print(
@@ -1274,6 +1277,13 @@ def main(argv=None) -> int:
         choices=["options", "shapes", "new", "ctas"],
         default=["options", "shapes", "new"],
         help="tune-mma: these parts of the grid (tune_mma_grid)",
+    )
+    ap.add_argument(
+        "--tune-shape",
+        nargs=5,
+        type=int,
+        metavar=("B", "T", "HQ", "HKV", "D"),
+        help="tune-mma: time the grid at this shape (then T=131072) instead of 16 32768 32 8 128",
     )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
