@@ -170,17 +170,20 @@ def check_includes() -> list[str]:
 
 _PTXAS_USAGE = re.compile(
     r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
-    r"(\d+) bytes spill loads.*?Used (\d+) registers.*?(\d+) bytes smem",
+    r"(\d+) bytes spill loads.*?Used (\d+) registers([^\n]*)",
     re.S,
 )
 
 
 def resources(ptxas_log: str) -> list[str]:
-    """One line per entry function of a ptxas -v log: registers, stack, spills, static smem."""
-    return [
-        f"  {m[1]:<44} regs {m[5]:>3}  stack {m[2]:>3}  spill st/ld {m[3]}/{m[4]}  smem {m[6]}"
-        for m in _PTXAS_USAGE.finditer(ptxas_log)
-    ]
+    """One line per entry function of a ptxas -v log: registers, stack, spills, static smem (ptxas 12 prints
+    it on the registers' line, ptxas 13 only where there is some: "-" then)."""
+    out = []
+    for m in _PTXAS_USAGE.finditer(ptxas_log):
+        smem = re.search(r"(\d+) bytes smem", m[6])
+        spill = f"spill st/ld {m[3]}/{m[4]}"
+        out.append(f"  {m[1]:<44} regs {m[5]:>3}  stack {m[2]:>3}  {spill}  smem {smem[1] if smem else '-'}")
+    return out
 
 
 _SASS_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
