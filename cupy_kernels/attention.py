@@ -147,7 +147,7 @@ F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True,
 # polar3 V: session 6's shape (8 warps x 32 keys x 2 stages) with the session-7 instruction cuts (pdw,
 # smlean 1, vunroll, ptrs), since session 31. The session-7 default itself (tuned on polar V) took polar3
 # K+V from 253.2 to 302.0 us (H200, B=16, 32768 keys): its kvsplit shared memory makes the kernel ask ptxas
-# for 3 CTAs a SM, so 80 registers and 144 bytes spilled. Without kvsplit ptxas takes 128 registers (2 CTAs
+# for 3 CTAs a SM, so 80 registers and spills. Without kvsplit ptxas takes 128 registers (2 CTAs
 # a SM). `bench_gpu.py tune-mma --fmts polar3/polar3 polar/polar3 --phases ctas new` (H100, session 31,
 # docs/results-gpu.md): polar3 K+V 245.1 -> 208.5 us at 32768 keys and 930.6 -> 766.5 at 131072; polar K +
 # polar3 V 217.5 -> 201.9 and 826.4 -> 743.8
