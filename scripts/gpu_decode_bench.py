@@ -11,6 +11,8 @@ Caches (cupy_kernels.torch_cache.StaticPolarCache, storage allocated once for th
   polar      polar K + polar V, the split-K kernel planned for the capacity, reading the filled
              length from the device (it reads only the filled keys)
   polar+f16  polar K + float16 V, the same kernel
+  polar3, polar+polar3  (not in the default list) polar3 K+V and polar K + polar3 V (3.75 bits: the low-memory
+             pair of llama.cpp, without its layer policy), the same kernel
   fp16-mm    (not in the default list) float16 K and V, the same attention as two batched matmuls
              and a float32 softmax: work spread over the keys, where the masked SDPA kernel
              (efficient attention; flash takes no mask) spreads over query rows and heads only
@@ -56,12 +58,16 @@ KINDS = {
     "fp16": ("f16", "f16"),
     "polar": ("polar", "polar"),
     "polar+f16": ("polar", "f16"),
+    "polar3": ("polar3", "polar3"),
+    "polar+polar3": ("polar", "polar3"),
     "fp16-mm": ("f16", "f16"),
 }
 KIND_LABELS = {
     "fp16": "fp16 + SDPA",
     "polar": "polar K+V",
     "polar+f16": "polar K + fp16 V",
+    "polar3": "polar3 K+V",
+    "polar+polar3": "polar K + polar3 V",
     "fp16-mm": "fp16 + matmul",
 }
 DEFAULT_KINDS = ["fp16", "polar", "polar+f16"]

@@ -34,6 +34,9 @@ def test_kv_bytes_per_token():
     assert gdb.kv_bytes_per_token("fp16", 28, 2, 128) == 28 * 2 * 2 * 256
     assert gdb.kv_bytes_per_token("polar", 28, 2, 128) == 28 * 2 * 2 * 2 * ts
     assert gdb.kv_bytes_per_token("polar+f16", 28, 2, 128) == 28 * 2 * (2 * ts + 256)
+    t3 = get_format("polar3").type_size
+    assert gdb.kv_bytes_per_token("polar3", 28, 2, 128) == 28 * 2 * 2 * 2 * t3
+    assert gdb.kv_bytes_per_token("polar+polar3", 28, 2, 128) == 28 * 2 * 2 * (ts + t3)
     with pytest.raises(ValueError, match="cache must be one of"):
         gdb.kv_bytes_per_token("q8_0", 28, 2, 128)
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -205,7 +208,7 @@ def _decode(torch, model, cache, ids, n, graph):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["fp16", "polar", "polar+f16", "fp16-mm"])
+@pytest.mark.parametrize("kind", ["fp16", "polar", "polar+f16", "polar3", "polar+polar3", "fp16-mm"])
 def test_gpu_graph_replay_matches_eager(cuda_torch, kind):
     """The CUDA-graph replay of a decode step computes what the eager step computes (same
     kernels, same launches: the logits agree to float16 rounding, the tokens exactly), and the
