@@ -151,19 +151,8 @@ F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True,
 # a SM). `bench_gpu.py tune-mma --fmts polar3/polar3 polar/polar3 --phases ctas new` (H100, session 31,
 # docs/results-gpu.md): polar3 K+V 245.1 -> 208.5 us at 32768 keys and 930.6 -> 766.5 at 131072; polar K +
 # polar3 V 217.5 -> 201.9 and 826.4 -> 743.8
-POLAR3V_CONFIG = AttnConfig(
-    impl="mma",
-    nwarps=8,
-    wtile=32,
-    stages=2,
-    swizzle=True,
-    lean=2,
-    pdw=True,
-    smlean=1,
-    vunroll=True,
-    ptrs=True,
-    qstage=True,
-)
+# = polar's default with 32-key warp tiles in one ring of 2 stages (no kvsplit)
+POLAR3V_CONFIG = dataclasses.replace(DEFAULT_CONFIG, wtile=32, stages=2, kvsplit=False)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
