@@ -153,23 +153,17 @@ F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True,
 # polar3 V 217.5 -> 201.9 and 826.4 -> 743.8
 # = polar's default with 32-key warp tiles in one ring of 2 stages (no kvsplit)
 POLAR3V_CONFIG = dataclasses.replace(DEFAULT_CONFIG, wtile=32, stages=2, kvsplit=False)
-# polar3 V at head size 64: polar's default with 2 CTAs a SM asked of ptxas (`tune-mma ... --phases ctas
-# --tune-shape 16 32768 9 3 64` and `1 32768 9 3 64`, H100, session 31, docs/results-gpu.md)
-POLAR3V_D64_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=2)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
 
-def default_config(vfmt: str, kmode: str = "gather", D: int | None = None) -> AttnConfig:
-    """The kernel shape `plan` takes for V format vfmt, kmode and head size D (None: as for D=128)."""
+def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
     if kmode != "gather":  # the LUT modes exist in the simt kernel only
         base = SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG
         return dataclasses.replace(base, kmode=kmode)
     if vfmt == V_F16:
         return F16V_CONFIG
-    if vfmt == "polar3":
-        return POLAR3V_D64_CONFIG if D == 64 else POLAR3V_CONFIG
-    return DEFAULT_CONFIG
+    return POLAR3V_CONFIG if vfmt == "polar3" else DEFAULT_CONFIG
 
 
 CTA_TIMES_MAX = 8192  # CTAs that AttnConfig.cta_times stamps (polar_attn_mma.cu's CTA_TIMES)
@@ -415,7 +409,7 @@ def plan(
     config: the kernel shape (default: DEFAULT_CONFIG, with the fallbacks of `select_variant`);
     splits: the number of key splits (default: chosen for the GPU's SM count). Compiles the
     variant. Cached per arguments; raises ValueError naming the allowed values."""
-    cfg = config or default_config(vfmt, D=D)
+    cfg = config or default_config(vfmt)
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
     kf = _format("kfmt", kfmt)

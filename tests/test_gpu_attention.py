@@ -175,11 +175,6 @@ def test_tune_mma_polar3_grid():
     assert attn.POLAR3V_CONFIG == dataclasses.replace(s6, pdw=True, smlean=1, vunroll=True, ptrs=True)
     with pytest.raises(SystemExit):
         bench_gpu.main(["tune-mma", "--fmts", "polar4/polar"])
-    # the default by head size: polar's default asking for 2 CTAs a SM at D=64, the 32-key shape otherwise
-    assert attn.default_config("polar3", D=64) == dataclasses.replace(attn.DEFAULT_CONFIG, ctas=2)
-    for D in (None, 128, 256):
-        assert attn.default_config("polar3", D=D) == attn.POLAR3V_CONFIG
-    assert attn.default_config("polar", D=64) == attn.DEFAULT_CONFIG
 
 
 def test_qstage_changes_no_fallback():
