@@ -47,6 +47,9 @@
 #                                           # (TRACE_HOST=1: the host's side of each step, runtime calls only)
 #           scripts/gpu_run.sh bench ab     # (after the checks if they run, else the build) ab_llama_gpu --set kernel, perf_ops_gpu
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
+#           scripts/gpu_run.sh cupy tests [PYTEST ARGS] | bench ARGS | decode ARGS   # the CuPy kernels alone (no
+#                                           # llama.cpp build; carry .gpurun/whl): pytest (default: the GPU test
+#                                           # files), scripts/bench_gpu.py ARGS, scripts/gpu_decode_bench.py ARGS
 #
 # Results go to $OUT (default ./gpu-run-out). The model is split over three folders (a, b and c) of about
 # 36 MB so that each call's upload, the repository's tracked files included, stays well under 64 MiB; a
@@ -56,9 +59,9 @@
 # step failed (bench: when a benchmark script failed).
 set -euo pipefail
 case ${1:-} in
-prepare | xprepare | xbin | build | parts | ops | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench) ;;
+prepare | xprepare | xbin | build | parts | ops | checks | profile | collect | verify | ab | script | harness | variants | kernel-profile | chain-profile | encode-profile | trace | bench | cupy) ;;
 *)
-    sed -n '2,55p' "${BASH_SOURCE[0]}" >&2
+    awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}" >&2 # the header comment above
     exit 2
     ;;
 esac
@@ -457,6 +460,33 @@ verify)
     cat $B/greedy-summary.txt
     pack
     grep -h -E "FAIL" $B/*.log | head -20 || true # (no FAIL line: grep fails, which pipefail and set -e would turn into the exit status)
+    exit $rc
+    ;;
+cupy)
+    # the CuPy kernels alone, under the machine's own torch/cupy: what a kernel change needs (session 31 ran these
+    # by hand); the output goes to $OUT/cupy-<what>.txt (and what ARGS write there, e.g. --json "$OUT/x.json")
+    what=${2:-}
+    case $what in
+    tests | bench | decode) ;;
+    *)
+        echo "gpu_run cupy: expected tests, bench or decode, got '$what'" >&2
+        exit 2
+        ;;
+    esac
+    shift 2
+    site_wheels
+    export PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts
+    rc=0
+    case $what in
+    tests)
+        [[ $# -gt 0 ]] || set -- tests/test_gpu_attention.py tests/test_gpu_parity.py tests/test_gpu_encode_variants.py \
+            tests/test_torch_cache.py tests/test_gpu_decode_bench.py
+        python3 -m pytest -q -p no:cacheprovider "$@" > "$OUT/cupy-tests.txt" 2>&1 || rc=1
+        ;;
+    bench) python3 scripts/bench_gpu.py "$@" > "$OUT/cupy-bench.txt" 2>&1 || rc=1 ;;
+    decode) python3 scripts/gpu_decode_bench.py "$@" > "$OUT/cupy-decode.txt" 2>&1 || rc=1 ;;
+    esac
+    tail -30 "$OUT/cupy-$what.txt"
     exit $rc
     ;;
 ab)

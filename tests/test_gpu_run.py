@@ -217,3 +217,26 @@ def test_marker_of_another_build_is_ignored(tmp_path):
     line, out = _checks_switches(state, env)
     assert line.startswith("ops=0 model=0 "), line
     assert "ops passed" not in out
+
+
+@pytest.mark.parametrize("args", [["cupy"], ["cupy", "nonsense"]])
+def test_cupy_needs_its_part(args, tmp_path):
+    """`cupy` runs tests, bench or decode; anything else is refused, naming it, before any wheel is sought."""
+    r = subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert r.returncode == 2, r
+    got = args[1] if len(args) > 1 else ""
+    assert f"gpu_run cupy: expected tests, bench or decode, got '{got}'" in r.stderr, r.stderr
+
+
+def test_usage_is_the_whole_header(tmp_path):
+    """The usage printed for a missing step is the script's whole header comment, its last line included."""
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env={"OUT": str(tmp_path)})
+    assert r.returncode == 2
+    assert r.stderr.rstrip().endswith("# step failed (bench: when a benchmark script failed).")
+    assert "gpu_run.sh cupy tests" in r.stderr
