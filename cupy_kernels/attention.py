@@ -108,9 +108,7 @@ class AttnConfig:
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
     qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE; on in the defaults)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
-    ctas: int = (
-        0  # mma: CTAs a SM asked of ptxas (__launch_bounds__'s minimum; MMA_CTAS): 0 = the kernel's rule
-    )
+    ctas: int = 0  # mma: CTAs a SM asked of ptxas (MMA_CTAS): 0 = the kernel's rule
 
     @property
     def tile(self) -> int:

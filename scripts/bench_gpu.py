@@ -300,10 +300,10 @@ MMA_NEW_SHAPES = (
     dict(nwarps=8, wtile=64, stages=1, kvsplit=True, pdw=True, smlean=1, vunroll=True, ptrs=True),
     dict(nwarps=16, wtile=32, stages=2, smlean=1, vunroll=True),
 )
-# polar3 V (POLAR3V_CONFIG is session 6's shape: polar's later default took polar3 K+V from 253 to 302 us,
-# in session 7): phase "ctas" times polar's default on polar3 V with the CTAs a SM asked of ptxas
-# (AttnConfig.ctas; its own rule asks for 3 there: 80 registers, and ptxas spills), and polar3's default
-# with polar's later options
+# polar3 V (until session 31 POLAR3V_CONFIG was session 6's shape: polar's later default took polar3 K+V from
+# 253 to 302 us in session 7): phase "ctas" times polar's default on polar3 V with the CTAs a SM asked of
+# ptxas (AttnConfig.ctas; its own rule asks for 3 there: 80 registers, and ptxas spills), and session 6's
+# shape with polar's later options (one of them the default since session 31)
 MMA_TUNE_POLAR3_FMTS = (("polar3", "polar3"), ("polar", "polar3"))
 # session 6's polar3 V shape (AttnConfig kwargs), the default until session 31
 POLAR3V_S6 = dict(impl="mma", nwarps=8, wtile=32, stages=2, swizzle=True, lean=2, qstage=True)
@@ -366,7 +366,7 @@ def tune_mma_grid(
     with MMA_SWEEP_OPTIONS) (24 configs on the session-6 defaults; option sets a default already has
     drop out);
     "ctas": MMA_CTAS_SETS on each pair (polar3 V: MMA_TUNE_POLAR3_FMTS, `tune-mma --fmts polar3/polar3
-    polar/polar3 --phases ctas new`: 32 configs)."""
+    polar/polar3 --phases ctas new`: 20 + 2 configs since polar3 V's default has the "new" options)."""
     from cupy_kernels import attention
 
     grid, seen = [], set()
