@@ -431,6 +431,8 @@ def plan(
         raise ValueError(f"mma: lean must be one of {LEAN_LEVELS}, got {cfg.lean!r}")
     if cfg.impl == "mma" and cfg.smlean not in SMLEAN_LEVELS:
         raise ValueError(f"mma: smlean must be one of {SMLEAN_LEVELS}, got {cfg.smlean!r}")
+    if cfg.impl == "mma" and not (isinstance(cfg.ctas, int) and 0 <= cfg.ctas <= 8):
+        raise ValueError(f"mma: ctas must be 0 (the kernel's rule) or 1..8 CTAs a SM, got {cfg.ctas!r}")
     if Hkv <= 0 or Hq % Hkv:
         raise ValueError(f"Hq ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
     qt = _q_type(q_dtype)

@@ -131,6 +131,9 @@ def test_mma_options_cpu():
     )  # float16 V: one value (P) an entry
     with pytest.raises(ValueError, match="smlean"):
         attn.plan(1, 8, 2, 1, 128, 64, config=dataclasses.replace(base, smlean=3))
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match=f"ctas must be 0 .* got {bad}"):
+            attn.plan(1, 8, 2, 1, 128, 64, config=dataclasses.replace(base, ctas=bad))
 
 
 def test_tune_mma_grid():
