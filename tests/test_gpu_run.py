@@ -43,9 +43,18 @@ def test_ab_passes_checked_first(passes, tmp_path):
     assert f"AB_PASSES must be a positive integer, got '{passes}'" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("args", [["script"], ["script", "no/such/diagnosis.sh"]])
-def test_script_needs_a_file(args, tmp_path):
-    """`script FILE` refuses a missing file, naming what it got, before waiting for models or a build."""
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["script"], "a script file"),
+        (["script", "no/such/diagnosis.sh"], "a script file"),
+        (["cupy"], "tests, bench or decode"),
+        (["cupy", "nonsense"], "tests, bench or decode"),
+    ],
+)
+def test_step_needs_its_argument(args, expected, tmp_path):
+    """`script FILE` refuses a missing file, `cupy` anything but tests, bench or decode: each names what it
+    got, before it waits for models or a build or looks for a wheel."""
     r = subprocess.run(
         ["bash", str(SCRIPT), *args],
         capture_output=True,
@@ -55,7 +64,7 @@ def test_script_needs_a_file(args, tmp_path):
     )
     assert r.returncode == 2, r
     got = args[1] if len(args) > 1 else ""
-    assert f"gpu_run script: expected a script file, got '{got}'" in r.stderr, r.stderr
+    assert f"gpu_run {args[0]}: expected {expected}, got '{got}'" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(
@@ -217,21 +226,6 @@ def test_marker_of_another_build_is_ignored(tmp_path):
     line, out = _checks_switches(state, env)
     assert line.startswith("ops=0 model=0 "), line
     assert "ops passed" not in out
-
-
-@pytest.mark.parametrize("args", [["cupy"], ["cupy", "nonsense"]])
-def test_cupy_needs_its_part(args, tmp_path):
-    """`cupy` runs tests, bench or decode; anything else is refused, naming it, before any wheel is sought."""
-    r = subprocess.run(
-        ["bash", str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )
-    assert r.returncode == 2, r
-    got = args[1] if len(args) > 1 else ""
-    assert f"gpu_run cupy: expected tests, bench or decode, got '{got}'" in r.stderr, r.stderr
 
 
 def test_usage_is_the_whole_header(tmp_path):
