@@ -340,20 +340,21 @@ def mma_label(cfg) -> str:
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
 
 
-def mma_occupancy(cfg, vfmt: str, regs: int = MMA_TUNE_REGS) -> tuple[int, int]:
-    """(dynamic shared memory bytes, theoretical warps per SM) of polar K + vfmt V with config cfg
+def mma_occupancy(cfg, kfmt: str, vfmt: str, regs: int = MMA_TUNE_REGS) -> tuple[int, int]:
+    """(dynamic shared memory bytes, theoretical warps per SM) of kfmt K + vfmt V with config cfg
     at MMA_TUNE_SHAPE (4 query rows per KV head, fp16 q); needs no GPU."""
     from cupy_kernels import attention
 
     sh = MMA_TUNE_SHAPE
-    d = attention.attn_defines(sh.D, "polar", vfmt, min(sh.Hq // sh.Hkv, 8), 1, cfg)
+    d = attention.attn_defines(sh.D, kfmt, vfmt, min(sh.Hq // sh.Hkv, 8), 1, cfg)
     smem = attention.smem_bytes("mma", d)
     return smem, attention._per_sm(smem, cfg.nwarps * 32, regs) * cfg.nwarps
 
 
-def tune_mma_grid(
-    fmts=MMA_TUNE_FMTS, phases=("options", "shapes", "new")
-) -> list[tuple[str, str, str, object]]:
+MMA_TUNE_PHASES = ("options", "shapes", "new")  # tune-mma's default; "ctas" on request
+
+
+def tune_mma_grid(fmts=MMA_TUNE_FMTS, phases=MMA_TUNE_PHASES) -> list[tuple[str, str, str, object]]:
     """(phase, kfmt, vfmt, config) of every tune-mma timing at MMA_TUNE_SHAPE, without a GPU, for the format
     pairs fmts and the phases named (the default: those of MMA_TUNE_FMTS below).
 
@@ -372,7 +373,7 @@ def tune_mma_grid(
     grid, seen = [], set()
 
     def add(phase, kfmt, vfmt, cfg):
-        smem, warps = mma_occupancy(cfg, vfmt)
+        smem, warps = mma_occupancy(cfg, kfmt, vfmt)
         if smem <= attention.SMEM_LIMIT and (phase != "shapes" or warps >= MMA_SWEEP_MIN_WARPS):
             if (kfmt, vfmt, cfg) not in seen:
                 seen.add((kfmt, vfmt, cfg))
@@ -597,7 +598,9 @@ def cmd_compare(args, timer) -> list[dict]:
                     if "stages" in kw:  # a shape: its stages are (K, V) slots, one ring
                         kw.setdefault("kvsplit", False)
                     cfg = dataclasses.replace(attention.default_config(vfmt), **kw)
-                    if mma_occupancy(cfg, vfmt)[0] > attention.SMEM_LIMIT:  # e.g. 16 warps with fp16 V rows
+                    if (
+                        mma_occupancy(cfg, kfmt, vfmt)[0] > attention.SMEM_LIMIT
+                    ):  # e.g. 16 warps with fp16 V rows
                         print(
                             f"{sh.label} {kfmt}+{vfmt} {name}: does not fit in shared memory, skipped",
                             flush=True,
@@ -1275,7 +1278,7 @@ def main(argv=None) -> int:
         "--phases",
         nargs="+",
         choices=["options", "shapes", "new", "ctas"],
-        default=["options", "shapes", "new"],
+        default=list(MMA_TUNE_PHASES),
         help="tune-mma: these parts of the grid (tune_mma_grid)",
     )
     ap.add_argument(

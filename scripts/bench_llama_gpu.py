@@ -9,8 +9,9 @@ tests pp512 and tg64 at each depth. Memory: the KV bytes per token that llama.cp
 (`llama_kv_cache: size = ...` of a llama-completion run at --ctx-probe tokens, -ngl 99) and
 the largest context whose KV cache fits in --budget-gib of GPU memory at that rate (the model
 weights and compute buffers not counted: the budget is what the KV cache may take).
-Standard library only (runs with any python3 on the GPU machine). Writes <out>/llama-gpu-<name>.json
-and .md; exits non-zero when a run failed.
+Standard library only (runs with any python3 on the GPU machine; it puts converter/ on its path for
+kvpolar.atomic, itself standard library only). Writes <out>/llama-gpu-<name>.json and .md, each whole
+or not at all; exits non-zero when a run failed.
 
     python3 scripts/bench_llama_gpu.py render JSON [JSON ...]
 
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "converter"))  # for kvpolar.atomic
 import llama_bench
+from kvpolar.atomic import atomic_write_text
 
 PAIRS = (
     ("f16", "f16"),
@@ -145,13 +147,6 @@ def render(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_text(path: Path, text: str) -> None:
-    """path's text, whole or not at all (a temporary file beside it, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def rerender(paths: list[str]) -> int:
     """`render JSON ...`: each JSON's .md written again beside it."""
     if not paths:
@@ -170,7 +165,7 @@ def rerender(paths: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        write_text(p.with_suffix(".md"), md)
+        atomic_write_text(p.with_suffix(".md"), md)
         print(p.with_suffix(".md"))
     return 0
 
@@ -213,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / f"llama-gpu-{args.name}.json", json.dumps(res, indent=1) + "\n")
-    write_text(out / f"llama-gpu-{args.name}.md", render(res))
+    atomic_write_text(out / f"llama-gpu-{args.name}.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / f"llama-gpu-{args.name}.md", render(res))
     print(render(res))
     return 1 if any("error" in r for r in rows + memory) else 0
 

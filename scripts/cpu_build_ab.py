@@ -35,31 +35,10 @@ from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
 from kvsetup.cpu import cpu_model
 from study import ggml_lib
-from study.ggml_lib import FROM_FLOAT
+from study.ggml_lib import FROM_FLOAT, TO_FLOAT
 
 MODELS = {"smollm2": paths.SMOLLM2_GGUF, "qwen": paths.QWEN_GGUF}
 ENCODE_TYPES = ("polar", "polar3")
-
-
-class _TraitsCpu(ctypes.Structure):
-    """struct ggml_type_traits_cpu (ggml/include/ggml-cpu.h): from_float, then vec_dot."""
-
-    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p)]
-
-
-# void vec_dot(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc)
-_VEC_DOT = ctypes.CFUNCTYPE(
-    None,
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-)
-_DEQUANT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
 def _best(passes: int, fn) -> float:
@@ -77,11 +56,7 @@ def encode_times(bin_dir: Path, n_blocks: int, passes: int = 3) -> dict:
     each type, in this process (one build's libraries a process)."""
     mode = getattr(ctypes, "RTLD_GLOBAL", 0)
     base = ggml_lib.load_base(bin_dir / "libggml-base.so", mode=mode)
-    cpu = ctypes.CDLL(str(bin_dir / "libggml-cpu.so"), mode=mode)
-    cpu.ggml_cpu_init.restype = None
-    cpu.ggml_cpu_init()
-    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TraitsCpu)
-    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    cpu = ggml_lib.load_cpu(bin_dir / "libggml-cpu.so", mode=mode)
     x = (np.random.default_rng(0).standard_normal(n_blocks * pformat.QK) * 3.0).astype(np.float32)
     out = {}
     for name in ENCODE_TYPES:
@@ -109,7 +84,7 @@ def _read_times(cpu: ctypes.CDLL, name: str, x: np.ndarray, y: np.ndarray, passe
     sha256 of what each returned."""
     fmt = pformat.get_format(name)
     n_blocks = x.size // pformat.QK
-    dot = _VEC_DOT(cpu.ggml_get_type_traits_cpu(fmt.type_id).contents.vec_dot)
+    dot = ggml_lib.VEC_DOT(cpu.ggml_get_type_traits_cpu(fmt.type_id).contents.vec_dot)
     s = ctypes.c_float()
     best = _best(passes, lambda: dot(x.size, ctypes.addressof(s), 0, y.ctypes.data, 0, x.ctypes.data, 0, 1))
     out = {
@@ -118,7 +93,7 @@ def _read_times(cpu: ctypes.CDLL, name: str, x: np.ndarray, y: np.ndarray, passe
             "sha256": hashlib.sha256(np.float32(s.value).tobytes()).hexdigest(),
         }
     }
-    deq = _DEQUANT(ctypes.cast(getattr(cpu, f"ggml_cpu_dequantize_row_{name}"), ctypes.c_void_p).value)
+    deq = TO_FLOAT(ggml_lib.symbol(cpu, f"ggml_cpu_dequantize_row_{name}"))
     v = np.zeros(x.size, np.float32)
     best = _best(passes, lambda: deq(y.ctypes.data, v.ctypes.data, v.size))
     out[f"{name} dequantize (V)"] = {

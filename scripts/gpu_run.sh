@@ -74,6 +74,8 @@ S=${GPU_RUN_STATE:-/tmp}
 CHECK=${GPU_RUN_CHECK:-scripts/cuda_llama_check.sh}
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
+# what the CuPy tests and benchmarks import there: the gguf wheel (site_wheels), kvpolar, cupy_kernels, scripts/
+SITEPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts
 if [[ $1 != prepare && $1 != xprepare ]]; then # (the case above has checked $1)
     mkdir -p "$P"
     for d in a b c x1 x2; do
@@ -122,7 +124,7 @@ cupy_bench() { # cupy_bench NAME TIMEOUT ARGS...: scripts/bench_gpu.py ARGS -> $
         echo "$name: not run (GPU_RUN_CUPY_BENCHES=$GPU_RUN_CUPY_BENCHES)" > "$OUT/$name.txt"
         return 0
     fi
-    PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts timeout "$t" python3 scripts/bench_gpu.py "$@" \
+    PYTHONPATH=$SITEPATH timeout "$t" python3 scripts/bench_gpu.py "$@" \
         --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
 }
 
@@ -153,6 +155,11 @@ wait_build() { # wait for the background build that `build` started on this mach
         sleep 5
     done
     tail -3 "$S/gpu-run-build.log" | tee "$OUT/build-tail.txt"
+}
+
+wait_checks() { # wait for the checks that `checks` started on this machine; their summary to $OUT
+    until grep -q "^check rc=" "$S/gpu-run-check.log" 2>/dev/null; do sleep 5; done
+    cp "$S/gpu-run-check.log" "$OUT/check-summary.txt"
 }
 
 ncu_pages() { # ncu_pages NAME: /tmp/NAME.ncu-rep's details page and SASS-level source page to $OUT/NAME-*
@@ -261,7 +268,7 @@ build)
     # (GPU_RUN_NO_CUPY=1 skips them: a tree whose change is only in ggml-cuda, on a short device budget)
     if [[ -z "${GPU_RUN_NO_CUPY:-}" ]]; then
         site_wheels
-        PYTHONPATH=/tmp/site:$PWD/converter:$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        PYTHONPATH=$SITEPATH timeout 300 python3 -m pytest -q -p no:cacheprovider \
             tests/test_gpu_parity.py tests/test_gpu_encode_variants.py tests/test_torch_cache.py tests/test_trace_decode.py \
             > "$OUT/cupy-tests.txt" 2>&1 || rc=1
         tail -3 "$OUT/cupy-tests.txt"
@@ -414,8 +421,7 @@ script)
     OUT=$OUT bash "$2"
     ;;
 collect)
-    until grep -q "^check rc=" "$S/gpu-run-check.log" 2>/dev/null; do sleep 5; done
-    cp "$S/gpu-run-check.log" "$OUT/check-summary.txt"
+    wait_checks
     # the logs of the failing steps (session 12: all of them did not come back, too large)
     grep -o -E "$S"'/gpu-run-check/[^ ):]+' "$S/gpu-run-check.log" | sort -u | xargs -r tar czf "$OUT/checks-failing.tgz" 2>/dev/null || true
     grep -q "^check rc=0" "$OUT/check-summary.txt"
@@ -475,7 +481,7 @@ cupy)
     esac
     shift 2
     site_wheels
-    export PYTHONPATH=/tmp/site:$PWD/converter:$PWD:$PWD/scripts
+    export PYTHONPATH=$SITEPATH
     rc=0
     case $what in
     tests)
@@ -529,7 +535,7 @@ encode-profile)
     # full, SASS-level stall samples): one launch on 64 Mi float16 values, the input bench_gpu.py encode
     # times (issue 11, item 4); no llama.cpp build needed
     site_wheels
-    PYTHONPATH=/tmp/site:$PWD/converter:$PWD ncu --set full -k regex:polar_encode_rs_polar_f16 --launch-count 1 \
+    PYTHONPATH=$SITEPATH ncu --set full -k regex:polar_encode_rs_polar_f16 --launch-count 1 \
         -f -o /tmp/encode-profile python3 -c "import torch; from cupy_kernels import codec
 x = torch.randn((1 << 19, 128), device='cuda').half(); codec.encode(x, 'polar'); torch.cuda.synchronize()" \
         > "$OUT/encode-profile-run.txt" 2>&1
@@ -572,8 +578,7 @@ bench)
     # Results are packed into $OUT/bench-<what>.tgz (a call brings back at most 8 files).
     # after the checks where they were started on this machine (one GPU job at a time), else after the build
     if [[ -f "$S/gpu-run-check.log" ]]; then
-        until grep -q "^check rc=" "$S/gpu-run-check.log" 2>/dev/null; do sleep 5; done
-        cp "$S/gpu-run-check.log" "$OUT/check-summary.txt"
+        wait_checks
     else
         models_and_build
     fi

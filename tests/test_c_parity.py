@@ -23,29 +23,13 @@ from conftest import require_build
 from kvpolar import codec
 from kvpolar import format as pformat
 from study import ggml_lib
-from study.ggml_lib import FROM_FLOAT, TO_FLOAT, GgmlTypeTraits
+from study.ggml_lib import FROM_FLOAT, TO_FLOAT, VEC_DOT, GgmlTypeTraits, GgmlTypeTraitsCpu
 
 pytestmark = pytest.mark.build
 
 TYPES = ("polar", "polar3")
 QK = pformat.QK
 
-
-class GgmlTypeTraitsCpu(ctypes.Structure):
-    """struct ggml_type_traits_cpu (ggml/include/ggml-cpu.h)."""
-
-    _fields_ = [
-        ("from_float", ctypes.c_void_p),
-        ("vec_dot", ctypes.c_void_p),
-        ("vec_dot_type", ctypes.c_int),
-        ("nrows", ctypes.c_int64),
-    ]
-
-
-VEC_DOT = ctypes.CFUNCTYPE(
-    None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-)  # fmt: skip
 
 GGML_TYPE_F32 = 0
 
@@ -57,17 +41,12 @@ class Ggml:
         ext = ".dylib" if sys.platform == "darwin" else ".so"
         mode = getattr(ctypes, "RTLD_GLOBAL", 0)
         self.base = b = ggml_lib.load_base(bindir / f"libggml-base{ext}", mode=mode)
-        self.cpu = ctypes.CDLL(str(bindir / f"libggml-cpu{ext}"), mode=mode)
+        self.cpu = ggml_lib.load_cpu(bindir / f"libggml-cpu{ext}", mode=mode)
 
         b.ggml_row_size.restype = ctypes.c_size_t
         b.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         b.ggml_validate_row_data.restype = ctypes.c_bool
         b.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-
-        self.cpu.ggml_cpu_init.restype = None
-        self.cpu.ggml_cpu_init()
-        self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(GgmlTypeTraitsCpu)
-        self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
 
     def traits(self, name: str) -> GgmlTypeTraits:
         return ggml_lib.type_traits(self.base, pformat.get_format(name).type_id)
@@ -99,10 +78,7 @@ class Ggml:
 
     def cpu_symbol(self, symbol: str) -> int | None:
         """Address of an internal ggml-cpu function (exported on ELF builds), or None."""
-        try:
-            return ctypes.cast(getattr(self.cpu, symbol), ctypes.c_void_p).value
-        except AttributeError:
-            return None
+        return ggml_lib.symbol(self.cpu, symbol)
 
     def cpu_to_float(self, name: str, b: np.ndarray) -> np.ndarray | None:
         """ggml_cpu_dequantize_row_<name>: the SIMD decoder of the flash-attention V path."""

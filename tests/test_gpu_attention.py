@@ -145,8 +145,8 @@ def test_tune_mma_grid():
     assert len({(k, v, c) for _, k, v, c in grid}) == len(grid)
     for kfmt, vfmt in bench_gpu.MMA_TUNE_FMTS:
         assert (kfmt, vfmt, attn.default_config(vfmt)) in {(k, v, c) for _, k, v, c in grid}
-    for _, _, vfmt, cfg in grid:
-        assert bench_gpu.mma_occupancy(cfg, vfmt)[0] <= attn.SMEM_LIMIT
+    for _, kfmt, vfmt, cfg in grid:
+        assert bench_gpu.mma_occupancy(cfg, kfmt, vfmt)[0] <= attn.SMEM_LIMIT
     assert (
         bench_gpu.mma_label(attn.AttnConfig(impl="mma", nwarps=8, wtile=32, stages=2, lean=2, kvsplit=True))
         == "8w32k2s+lean2+kvs"

@@ -1,7 +1,8 @@
 """ctypes binding of the libggml-base entry points that read and run a type's traits.
 
-Users: `study.baselines` (iq4_nl as a reference point) and tests/test_c_parity.py (the polar
-types of the patched build against `kvpolar.codec`). The shipped package does not load libggml.
+Users: `study.baselines` (iq4_nl as a reference point), tests/test_c_parity.py (the polar
+types of the patched build against `kvpolar.codec`) and scripts/cpu_build_ab.py (libggml-cpu's
+cache write and reads timed in two builds). The shipped package does not load libggml.
 """
 
 from __future__ import annotations
@@ -28,6 +29,44 @@ class GgmlTypeTraits(ctypes.Structure):
         ("to_float", ctypes.c_void_p),
         ("from_float_ref", ctypes.c_void_p),
     ]
+
+
+class GgmlTypeTraitsCpu(ctypes.Structure):
+    """struct ggml_type_traits_cpu (ggml/include/ggml-cpu.h), field for field."""
+
+    _fields_ = [
+        ("from_float", ctypes.c_void_p),
+        ("vec_dot", ctypes.c_void_p),
+        ("vec_dot_type", ctypes.c_int),
+        ("nrows", ctypes.c_int64),
+    ]
+
+
+# ggml_vec_dot_t (ggml/include/ggml-cpu.h):
+# (int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc)
+VEC_DOT = ctypes.CFUNCTYPE(
+    None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+)  # fmt: skip
+
+
+def load_cpu(path: str | os.PathLike, mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
+    """libggml-cpu at `path`, initialized (ggml_cpu_init: its tables), with `ggml_get_type_traits_cpu`
+    typed. Load libggml-base first (RTLD_GLOBAL) where the loader must find it."""
+    lib = ctypes.CDLL(str(path), mode=mode)
+    lib.ggml_cpu_init.restype = None
+    lib.ggml_cpu_init()
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(GgmlTypeTraitsCpu)
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    return lib
+
+
+def symbol(lib: ctypes.CDLL, name: str) -> int | None:
+    """Address of a function `lib` exports (internal ggml-cpu ones are exported on ELF builds), or None."""
+    try:
+        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
 
 
 def load_base(path: str | os.PathLike, mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
