@@ -409,11 +409,18 @@ def tune_mma_grid(fmts=MMA_TUNE_FMTS, phases=MMA_TUNE_PHASES) -> list[tuple[str,
     return grid
 
 
+def tune_call(args, fn):
+    """tune-mma's call as timed: fn itself, or with --graph its replay from a CUDA graph (the kernels
+    alone: an eager call of a small shape is bound by the host's Python, not by the kernel)."""
+    return graph_fn(fn) if args.graph else fn
+
+
 def cmd_tune_mma(args, timer) -> list[dict]:
     """The tensor-core kernel's options and shapes (tune_mma_grid) against its default, same run,
     same data: B=16, 32/8 heads, D=128, fp16 q, splits chosen by the plan; every config at 32768
     keys, then the default and the MMA_TUNE_BEST fastest of each format at MMA_TUNE_LONG; fp16 SDPA
-    at both contexts for the speed-up. One line per timing. ~36 NVRTC compiles (~1-2 s each)."""
+    at both contexts for the speed-up. One line per timing. ~36 NVRTC compiles (~1-2 s each).
+    --graph: every call (SDPA's too) replayed from a CUDA graph."""
     torch = _torch()
     from cupy_kernels import attention
 
@@ -430,14 +437,15 @@ def cmd_tune_mma(args, timer) -> list[dict]:
         dev = q.device.index or 0
         k16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
         v16 = rand_blocks("f16", sh.B, sh.Hkv, T, sh.D, gen)
-        r = timer(sdpa_fns(q, k16, v16)["sdpa_fold"])
+        r = timer(tune_call(args, sdpa_fns(q, k16, v16)["sdpa_fold"]))
         sdpa_ms = r["ms"]
         nbytes = 2 * cache_bytes("f16", sh.B, sh.Hkv, T, sh.D)
         rows.append(
             {
                 "shape": sh.label,
                 **dataclasses.asdict(sh),
-                "variant": "sdpa fp16",
+                "variant": "sdpa fp16 graph" if args.graph else "sdpa fp16",
+                "graph": args.graph,
                 **r,
                 "bytes": nbytes,
                 "GBps": nbytes / r["ms"] / 1e6,
@@ -457,10 +465,10 @@ def cmd_tune_mma(args, timer) -> list[dict]:
             vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
             nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, T, sh.D)
             for phase, cfg in todo:
-                name = f"{sh.label} {kfmt}+{vfmt} {mma_label(cfg)}"
+                name = f"{sh.label} {kfmt}+{vfmt} {mma_label(cfg)}{' graph' if args.graph else ''}"
                 try:
                     p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, None, dev)
-                    r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T))
+                    r = timer(tune_call(args, attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T)))
                 except Exception as e:
                     failed(args, name, e)
                     print(f"{name}: FAILED {str(e)[:300]}", flush=True)
@@ -472,6 +480,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                         **dataclasses.asdict(sh),
                         "variant": f"{kfmt}+{vfmt}",
                         "phase": phase,
+                        "graph": args.graph,
                         "label": mma_label(cfg),
                         "config": dataclasses.asdict(cfg),
                         "splits": p.splits,
@@ -1287,6 +1296,11 @@ def main(argv=None) -> int:
         type=int,
         metavar=("B", "T", "HQ", "HKV", "D"),
         help="tune-mma: time the grid at this shape (then T=131072) instead of 16 32768 32 8 128",
+    )
+    ap.add_argument(
+        "--graph",
+        action="store_true",
+        help="tune-mma: time each call replayed from a CUDA graph (small shapes are host-bound eagerly)",
     )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
