@@ -86,8 +86,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "converter"))  # for kvpolar.atomic
+
 import llama_bench
 from bench_llama_gpu import gpu_name
+from kvpolar.atomic import atomic_write_text
 
 VARIANTS = (  # (K, V, environment)
     ("f16", "f16", {}),
@@ -353,7 +356,7 @@ def summarize(argv) -> int:
         ap.error(str(e))
     text = "\n".join(md) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     print(text, end="")
     return 0
 
@@ -463,8 +466,9 @@ def main(argv=None) -> int:
     command = "python3 scripts/ab_llama_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(
-        json.dumps({"device": where, "build": build, "command": command, "runs": runs}, indent=1) + "\n"
+    atomic_write_text(
+        out / f"{args.name}.json",
+        json.dumps({"device": where, "build": build, "command": command, "runs": runs}, indent=1) + "\n",
     )
     head = " | ".join(f"tg64 d{d}" for d in args.depths)
     md = [
@@ -482,7 +486,7 @@ def main(argv=None) -> int:
         )
         env = " ".join(f"{k}={v}" for k, v in r["env"].items()) or "-"
         md.append(f"| {r['kv']} | {env} | {cells} |")
-    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / f"{args.name}.md", "\n".join(md) + "\n")
     return 1 if failed else 0
 
 
