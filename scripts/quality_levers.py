@@ -789,17 +789,10 @@ def main(argv=None) -> int:
         res = vshape.measure(args.model, args.types, args.c, args.n_seq, args.seq_len, args.nq, log=log)
         res["machine"] = cpu_model()
     elif args.cmd == "vtransform":
-        res = vtransform.measure(
-            args.model,
-            args.types,
-            args.variants,
-            args.n_seq,
-            args.seq_len,
-            args.nq,
-            args.calib,
-            other=args.other_text,
-            log=log,
+        su = vtransform.Setup(
+            args.types, args.variants, args.n_seq, args.seq_len, args.nq, args.calib, other=args.other_text
         )
+        res = vtransform.measure(args.model, su, log=log)
         res["machine"] = cpu_model()
     elif args.cmd == "scalebits":
         bad = [lv for lv in args.levels if lv < 1]

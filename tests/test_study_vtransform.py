@@ -122,4 +122,4 @@ def test_missing_activations_name_the_dump_command(monkeypatch):
     with pytest.raises(SystemExit, match=r"no activations for m at 2 x 40: python -m study.activations dump"):
         vtransform.write_matrices("m", "/nonexistent", "klt-1/4", 2, 40, 20)
     with pytest.raises(SystemExit, match=r"--n-seq 2 --seq-len 40"):
-        vtransform.measure(["m"], ["polar3"], ["klt-1/4"], 2, 40, 8, 20)
+        vtransform.measure(["m"], vtransform.Setup(["polar3"], ["klt-1/4"], 2, 40, 8, 20))

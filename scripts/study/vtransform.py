@@ -23,6 +23,8 @@ per layer the relative output error of the graph's path and each variant's ratio
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import activations
@@ -81,62 +83,57 @@ def shaped_roundtrip(v: np.ndarray, fn, mats: list[tuple[np.ndarray, np.ndarray]
     return out
 
 
-def layer_rows(
-    model: str,
-    layer: int,
-    types: list[str],
-    variants: list[str],
-    n_seq: int,
-    seq_len: int,
-    nq: int,
-    calib: int,
-    other: bool = False,
-) -> dict:
-    """One layer: |o|^2, the graph's output squared error per type and each variant's, the predicted gain.
-    other: the transform from the first sequence's tokens, not the scored one's (a fixed text's transform)."""
-    lays, data, v, ref = scored_window(model, layer, n_seq, seq_len, nq)
-    vc = data["v"][0] if other else v
-    cal = [vc[h, 1:calib] for h in range(v.shape[0])]
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What `measure` runs on every layer: the V types and variants, the activations' window (n_seq x seq_len
+    tokens, nq query positions a head), the calibration tokens 1 .. calib - 1, and other: the transform from
+    the first sequence's tokens, not the scored one's (a fixed text's transform)."""
+
+    types: list[str]
+    variants: list[str]
+    n_seq: int
+    seq_len: int
+    nq: int
+    calib: int
+    other: bool = False
+
+
+def layer_rows(model: str, layer: int, su: Setup) -> dict:
+    """One layer: |o|^2, the graph's output squared error per type and each variant's, the predicted gain."""
+    lays, data, v, ref = scored_window(model, layer, su.n_seq, su.seq_len, su.nq)
+    vc = data["v"][0] if su.other else v
+    cal = [vc[h, 1 : su.calib] for h in range(v.shape[0])]
     row: dict = {
         "out_sq": ref.out_sq,
         "gain_pred": float(np.mean([predicted_gain(c) for c in cal])),
         "se": {},
     }
-    for t in types:
+    for t in su.types:
         row["se"][t] = {"graph": ref.v_sums(codec_roundtrip(lays[t].fn)(v))["outv_se"]}
-        for name in variants:
+        for name in su.variants:
             kind, p = _variant(name)
             mats = [transform(c, kind, p, seed=1000 * layer + h) for h, c in enumerate(cal)]
             row["se"][t][name] = ref.v_sums(shaped_roundtrip(v, lays[t].fn, mats))["outv_se"]
     return row
 
 
-def measure(
-    models: list[str],
-    types: list[str],
-    variants: list[str],
-    n_seq: int,
-    seq_len: int,
-    nq: int,
-    calib: int,
-    other: bool = False,
-    log=None,
-) -> dict:
-    for name in variants:
+def measure(models: list[str], su: Setup, log=None) -> dict:
+    for name in su.variants:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}: expected one of {', '.join(VARIANTS)}")
-    if other and n_seq < 2:
+    if su.other and su.n_seq < 2:
         raise SystemExit("vtransform --other-text: needs 2 sequences or more (--n-seq)")
-    res: dict = {"types": types, "variants": variants, "calib": calib, "other": other, "models": {}}
+    res: dict = {
+        "types": su.types,
+        "variants": su.variants,
+        "calib": su.calib,
+        "other": su.other,
+        "models": {},
+    }
     for model in models:
-        n_layer = activations.require(model, n_seq, seq_len)["n_layer"]
-        rows = activations.per_layer(
-            model,
-            range(n_layer),
-            lambda il, m=model: layer_rows(m, il, types, variants, n_seq, seq_len, nq, calib, other),
-            log,
-        )
-        res["models"][model] = {"layers": rows, "pooled": pooled(rows, types, ["graph", *variants])}
+        n_layer = activations.require(model, su.n_seq, su.seq_len)["n_layer"]
+        rows = activations.per_layer(model, range(n_layer), lambda il, m=model: layer_rows(m, il, su), log)
+        res["models"][model] = {"layers": rows, "pooled": pooled(rows, su.types, ["graph", *su.variants])}
     return res
 
 
