@@ -9,7 +9,7 @@ attention (the CPU vec_dot of K against a float row, the SIMD decoder of V) of t
 process of its own, timed in thread CPU time (the best of 3 passes; --block-rounds N: the two
 builds' processes alternated N times, the least time kept), with the sha256 of what each wrote: the
 builds must write the same bytes and read the same values, or the A/B stops. --rounds 0: only that.
-bench: llama-bench -fa 1 pp512 and tg64 at each depth, K and V of each type, the two builds
+bench: llama-bench -fa 1 pp512 and tg64 at each depth, K and V of each type (or K/V pair), the two builds
 alternated --rounds times, the first of a round switching each round. Prints t/s of each and B / A
 pooled over the rounds; --json keeps every row, the machine and both builds (llama_bench.build_info).
 """
@@ -148,6 +148,14 @@ def pool(rows: list[dict]) -> list[dict]:
     return out
 
 
+def kv_pair(text: str) -> tuple[str, str]:
+    """--types' entry: "polar" for K and V polar, "polar/f16" for polar K and f16 V."""
+    k, _, v = text.partition("/")
+    if not k or (_ and not v) or "/" in v:
+        raise ValueError(f"expected a cache type or K/V (e.g. polar, polar/f16), got {text!r}")
+    return k, v or k
+
+
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_encode":
         print(json.dumps(encode_times(Path(sys.argv[2]), int(sys.argv[3]))))
@@ -156,7 +164,12 @@ def main(argv=None) -> int:
     ap.add_argument("--a", required=True, type=Path, help="bin/ of build A (the baseline)")
     ap.add_argument("--b", required=True, type=Path, help="bin/ of build B")
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    ap.add_argument("--types", nargs="+", default=["f16", "polar", "polar3"])
+    ap.add_argument(
+        "--types",
+        nargs="+",
+        default=["f16", "polar", "polar3"],
+        help="cache types, K and V alike (polar), or K/V pairs (polar/f16)",
+    )
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 4096])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="llama-bench rounds (0: the block timings only)")
@@ -170,6 +183,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    for t in args.types:  # refused before the timings start
+        try:
+            kv_pair(t)
+        except ValueError as e:
+            ap.error(f"--types: {e}")
     builds = {"A": args.a, "B": args.b}
     for label, d in builds.items():
         if not (d / "llama-bench").is_file():
@@ -188,11 +206,12 @@ def main(argv=None) -> int:
         order = ["A", "B"] if rnd % 2 == 0 else ["B", "A"]
         for label in order:
             for t in args.types:
+                ktype, vtype = kv_pair(t)
                 cmd = llama_bench.command(
                     str(builds[label] / "llama-bench"),
                     model,
-                    t,
-                    t,
+                    ktype,
+                    vtype,
                     args.depths,
                     args.reps,
                     ["-t", str(args.threads)],
@@ -205,7 +224,7 @@ def main(argv=None) -> int:
                     rows.append({"build": label, "round": rnd, "type": t, **r})
                     print(json.dumps(rows[-1]), flush=True)
     pooled = pool(rows)
-    print("| K = V | test | A t/s | B t/s | B / A | each round's B / A |\n|---|---|---|---|---|---|")
+    print("| K / V | test | A t/s | B t/s | B / A | each round's B / A |\n|---|---|---|---|---|---|")
     for r in pooled:
         each = ", ".join(f"{x:.3f}" for x in r["rounds"])
         print(

@@ -107,7 +107,7 @@ def cpu_ab_tables() -> list[str]:
         rounds = 1 + max(r["round"] for r in d["rows"])
         out += [
             "",
-            f"| K = V | test | A t/s | B t/s | B / A (pooled over {rounds} alternated rounds) "
+            f"| K / V | test | A t/s | B t/s | B / A (pooled over {rounds} alternated rounds) "
             "| each round's B / A |",
             "|---|---|---|---|---|---|",
         ]

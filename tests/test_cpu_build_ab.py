@@ -98,3 +98,17 @@ def test_block_rounds_alternate_and_keep_the_least(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_build_ab, "_encode_in_child", flaky)
     with pytest.raises(ValueError, match="build B wrote or read different values in two rounds: k"):
         cpu_build_ab.block_times(builds, 10, 2)
+
+
+def test_types_take_k_v_pairs(capsys):
+    assert cpu_build_ab.kv_pair("polar") == ("polar", "polar")
+    assert cpu_build_ab.kv_pair("polar/f16") == ("polar", "f16")
+    for bad in ("polar/", "/f16", "a/b/c"):
+        with pytest.raises(ValueError, match="expected a cache type or K/V"):
+            cpu_build_ab.kv_pair(bad)
+    with pytest.raises(SystemExit):
+        cpu_build_ab.main(["--a", "x", "--b", "y", "--types", "polar/"])
+    assert (
+        "--types: expected a cache type or K/V (e.g. polar, polar/f16), got 'polar/'"
+        in capsys.readouterr().err
+    )
