@@ -12,6 +12,8 @@ builds must write the same bytes and read the same values, or the A/B stops. --r
 bench: llama-bench -fa 1 pp512 and tg64 at each depth, K and V of each type (or K/V pair), the two builds
 alternated --rounds times, the first of a round switching each round. Prints t/s of each and B / A
 pooled over the rounds; --json keeps every row, the machine and both builds (llama_bench.build_info).
+--same-decode CTX: before the timings, each type's logits over CTX tokens decoded one at a time
+(llama-perplexity -ub 1) must be the same bytes for both builds, or the A/B stops.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,6 +151,26 @@ def pool(rows: list[dict]) -> list[dict]:
     return out
 
 
+def decode_logits_sha(bin_dir: Path, model: str, ktype: str, vtype: str, ctx: int, threads: int) -> str:
+    """sha256 of the logits llama-perplexity saves (--kl-divergence-base) over one chunk of ctx SQuAD
+    tokens decoded one token an ubatch (-ub 1: flash attention's decode step from the 512th key on),
+    K ktype, V vtype."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "logits.bin"
+        cmd = [
+            str(bin_dir / "llama-perplexity"),
+            *("-m", model, "-f", str(paths.data_file(paths.SQUAD_TXT)), "-c", str(ctx), "--chunks", "1"),
+            *("-b", str(ctx), "-ub", "1", "-fa", "on", "-t", str(threads), "-ctk", ktype, "-ctv", vtype),
+            *("--kl-divergence-base", str(out)),
+        ]
+        p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if p.returncode != 0 or not out.is_file():
+            raise RuntimeError(
+                f"llama-perplexity failed (exit {p.returncode}): {' '.join(cmd)}\n{p.stderr[-800:]}"
+            )
+        return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
 def kv_pair(text: str) -> tuple[str, str]:
     """--types' entry: "polar" for K and V polar, "polar/f16" for polar K and f16 V."""
     k, _, v = text.partition("/")
@@ -181,6 +204,14 @@ def main(argv=None) -> int:
         default=1,
         help="block timings: the builds' processes alternated this many times, the least time of each kept",
     )
+    ap.add_argument(
+        "--same-decode",
+        type=int,
+        default=0,
+        metavar="CTX",
+        help="first check that both builds decode CTX tokens one at a time to the same logits, each type "
+        "(llama-perplexity; 0: not checked)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     for t in args.types:  # refused before the timings start
@@ -201,6 +232,20 @@ def main(argv=None) -> int:
         a, b = enc["A"][key]["ns_per_block"], enc["B"][key]["ns_per_block"]
         print(f"{key}: A {a:.0f} ns/block, B {b:.0f} ns/block, A / B {a / b:.2f}x (same values)")
     model = str(paths.data_file(MODELS[args.model]))
+    same_decode = {}
+    for t in args.types if args.same_decode else ():
+        sha = {
+            lab: decode_logits_sha(builds[lab], model, *kv_pair(t), args.same_decode, args.threads)
+            for lab in "AB"
+        }
+        if sha["A"] != sha["B"]:
+            print(f"the builds decode to different logits: {t} ({args.same_decode} tokens)", file=sys.stderr)
+            return 1
+        same_decode[t] = sha["A"]
+        print(
+            f"{t}: the same logits over {args.same_decode} tokens decoded one at a time "
+            f"(sha256 {sha['A'][:16]})"
+        )
     rows = []
     for rnd in range(args.rounds):
         order = ["A", "B"] if rnd % 2 == 0 else ["B", "A"]
@@ -240,6 +285,7 @@ def main(argv=None) -> int:
             "seconds": round(time.time() - t_start),
             "builds": {lab: llama_bench.build_info(d) for lab, d in builds.items()},
             "encode": enc,
+            "same_decode": {"tokens": args.same_decode, "sha256": same_decode},
             "pooled": pooled,
             "rows": rows,
         }

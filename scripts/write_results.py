@@ -101,6 +101,13 @@ def cpu_ab_tables() -> list[str]:
                 f"| {key} | {ra['ns_per_block']:.0f} | {rb['ns_per_block']:.0f} | "
                 f"{ra['ns_per_block'] / rb['ns_per_block']:.2f}x | {same} |"
             )
+        sd = d.get("same_decode", {})
+        if sd.get("tokens"):
+            out += [
+                "",
+                f"Decoded one token at a time (llama-perplexity -ub 1, {sd['tokens']} SQuAD tokens), both "
+                f"builds give the same logits, byte for byte, for {', '.join(sd['sha256'])}.",
+            ]
         if not d["rows"]:  # (--rounds 0: the block timings only)
             out.append("")
             continue
