@@ -380,35 +380,82 @@ def _row(d: dict | None, **kw) -> dict | None:
 QWEN_SHAPE = "Qwen2.5-1.5B shape (random Q8_0 weights)"  # the random-weight model of the GPU runs
 
 
-def headline() -> list[str]:
-    """The issues' acceptance numbers, read from the raw files (None-safe: a missing file says so)."""
-    out = ["## Headline (computed from the raw files below)", ""]
-    q = _load("quality", "qwen")
-    r = _row(q, k="polar", v="f16", center=True)
-    r0 = _row(q, k="q4_0", v="f16", center=False)
-    if r and r0:
+def _kld(d: dict | None, **kw) -> float | None:
+    r = _row(d, **kw)
+    return r["mean_kld"] if r else None
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def quality_headline() -> list[str]:
+    """Issue 12's targets from the stock-file quality runs (bench_llama.py quality), with the defaults on."""
+    out = []
+    runs = (("qwen", "Qwen2.5-Coder-1.5B", "0.010"), ("smollm2", "SmolLM2-135M", "0.025"))
+    loaded = [(_load("quality", m), label, target) for m, label, target in runs]
+    for d, label, target in loaded:
+        polar = _kld(d, k="polar", v="f16", center=True, sink=True)
+        if polar is None:
+            continue
+        others = [(t, _kld(d, k=t, v="f16", center=True)) for t in ("iq4_nl", "q4_0", "q5_0")]
         out.append(
-            f"- Qwen2.5-Coder-1.5B, K = polar with centering: mean KLD {r['mean_kld']:.4f}, PPL ratio "
-            f"{r['ppl_ratio']:.3f} (target <= 0.015 and <= 1.01; q4_0 without centering: "
-            f"{r0['mean_kld']:.2f} and {r0['ppl_ratio']:.0f}x)."
+            f"- {label}, K = polar (4.25 bits), V f16: mean KLD **{polar:.4f}** (target <= {target}: "
+            f"{_verdict(polar <= float(target))}); with the same centering "
+            + ", ".join(f"{t} ({BITS_NOTE[t]} bits) {x:.4f}" for t, x in others if x is not None)
+            + f"; {_src_short(d)}."
         )
-        others = [(t, _row(q, k=t, v="f16", center=True)) for t in ("q4_0", "iq4_nl", "q5_0")]
-        out.append(
-            "  With the same centering: "
-            + ", ".join(f"{t} ({BITS_NOTE[t]} bits) {o['mean_kld']:.4f}" for t, o in others if o)
-            + "."
-        )
-    s = _load("quality", "smollm2c")
-    for center in (True, False):
-        r = _row(s, k="polar", v="f16", center=center)
-        iq = _row(s, k="iq4_nl", v="f16", center=center)
-        if r and iq:
-            out.append(
-                f"- SmolLM2-135M, K = polar ({r['bits_k']:g} bits), "
-                f"centering {'on (calibrated offsets)' if center else 'off'}: "
-                f"mean KLD {r['mean_kld']:.4f} (iq4_nl at 4.5 bits, same setting: {iq['mean_kld']:.4f}; "
-                "target <= 0.0345)."
+    for d, label, _ in loaded:
+        pair = _row(d, k="polar", v="polar3", center=True, sink=True, layer_policy=None)
+        q4 = _kld(d, k="q4_0", v="q4_0", center=True)
+        if pair and q4 is not None:
+            policy = (
+                "layer policy"
+                if LAYER_POLICY_PATCH in _patches(d)
+                else "uniform layers: the run predates the layer policy"
             )
+            out.append(
+                f"- {label}, the low-memory pair polar K + polar3 V (3.75 bits/elem, {policy}): "
+                f"**{pair['mean_kld']:.4f}** against centered q4_0 K + q4_0 V (4.5 bits) {q4:.4f} "
+                f"(target <=: {_verdict(pair['mean_kld'] <= q4)})."
+            )
+    for d, label, _ in loaded:
+        p3 = _kld(d, k="polar3", v="f16", center=True, sink=True)
+        q4 = _kld(d, k="q4_0", v="f16", center=True)
+        if p3 is not None and q4:
+            out.append(
+                f"- {label}, K = polar3 (3.25 bits): **{p3:.4f}** = {p3 / q4:.2f}x centered q4_0 K "
+                f"({q4:.4f}) "
+                f"(target <= 2x: {_verdict(p3 <= 2 * q4)})."
+            )
+    return out
+
+
+def _patches(d: dict) -> list[str]:
+    return llama_patch_numbers(d.get("build", {}).get("patches", []))
+
+
+def _src_short(d: dict) -> str:
+    n = _patches(d)
+    build = f"build {d['build']['key']} (patches {n[0]}-{n[-1]})" if n else "build unknown"
+    return f"`{d['command']}`, {d['machine'].split(',')[0]}, {build}"
+
+
+def headline() -> list[str]:
+    """Where each issue's targets stand, read from the raw files (None-safe: a missing file drops its lines):
+    issue 12's quality on the stock model files, the CPU speed and memory, and for llama.cpp on a GPU the
+    newest run of each kind on each GPU model (every run: gpu_runs_section)."""
+    out = ["## Headline (computed from the raw files below)", ""]
+    q = quality_headline()
+    if q:
+        out += [
+            "Quality per bit (issue 12): stock model files, the defaults of `-ctk polar` (centering, "
+            "balancing, the exact sink key), `llama-perplexity --kl-divergence` against f16 with -fa on.",
+            "",
+            *q,
+            "",
+        ]
+    cpu = []
     for model, label in (("smollm2", "SmolLM2-135M"), ("qwen", "Qwen2.5-Coder-1.5B")):
         sp = _load("speed", model)
         if not sp:
@@ -416,13 +463,14 @@ def headline() -> list[str]:
         t = {(r["k"], r["v"], r["test"], r["depth"]): r["tps"] for r in sp["rows"]}
         a, b, f = (t.get((x, x, "tg64", 4096)) for x in ("polar", "q4_0", "f16"))
         if a and b and f:
-            out.append(
+            cpu.append(
                 f"- {label}, tg64 @ depth 4096, K+V polar: {a:.1f} t/s = {a / b:.2f}x K+V q4_0 "
-                f"({b:.1f}), {a / f:.2f}x f16 ({f:.1f}) (target >= 1.0x q4_0)."
+                f"({b:.1f}), {a / f:.2f}x f16 ({f:.1f}) (target >= 1.0x q4_0: {_verdict(a >= b)}); "
+                f"{_src_short(sp)}."
             )
         k1, k0 = t.get(("polar", "f16", "tg64", 4096)), t.get(("q4_0", "f16", "tg64", 4096))
         if k1 and k0:
-            out.append(
+            cpu.append(
                 f"- {label}, tg64 @ depth 4096, K-only polar (V f16): {k1:.1f} t/s = {k1 / k0:.2f}x "
                 f"K-only q4_0 ({k0:.1f}){' (a loss)' if k1 < k0 else ''}."
             )
@@ -431,13 +479,38 @@ def headline() -> list[str]:
         f16 = {r["ctx"]: r["total_mib"] for r in m["rows"] if r["kv"] == "f16"}
         for r in m["rows"]:
             if r["kv"] == "polar":
-                out.append(
+                cpu.append(
                     f"- KV memory at ctx {r['ctx']}: polar K+V {r['total_mib']:.1f} MiB = "
                     f"{f16[r['ctx']] / r['total_mib']:.2f}x smaller than f16."
                 )
                 break
-    # the newest builds' same-run A/Bs of issue 10's tg targets first (ab_llama_gpu.py), then the full tables'
-    # lines (bench_llama_gpu.py, last run on GPU_TABLES_BUILD)
+    if cpu:
+        out += ["llama.cpp on the CPU:", "", *cpu, ""]
+    gpu = [line for _, line in newest_per_gpu(gpu_tg_lines())]
+    if gpu:
+        out += [
+            "llama.cpp with CUDA (issue 10's tg targets): the newest run of each kind on each GPU model; "
+            'every run is listed under "llama.cpp with CUDA: every run of issue 10\'s tg targets" below.',
+            "",
+            *gpu,
+            "",
+        ]
+    nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
+    if nd.exists():
+        d = json.loads(nd.read_text())
+        for name in [k for k in d["cells"][0] if isinstance(d["cells"][0][k], dict)]:
+            n = sum(c[name]["found"] for c in d["cells"])
+            out.append(
+                f"- GPU needle in a haystack, Qwen2.5-Coder-1.5B, 8k/16k/32k x 11 depths: "
+                f"{name} finds {n}/{len(d['cells'])}."
+            )
+    return [*out, "", "GPU decode-attention speed and bandwidth targets: see the GPU section.", ""]
+
+
+def gpu_tg_lines() -> list[tuple[tuple[str, str, str], str]]:
+    """Issue 10's tg targets in every llama.cpp CUDA run, newest first within each kind: ((kind, GPU, model),
+    the line). The kinds: the same-run A/Bs (ab_llama_gpu.py, AB_LATEST), then bench_llama_gpu.py's tables."""
+    lines = []
     for paths, label, depth, same, polar_env in AB_LATEST:
         if not all((REPO / p).exists() for p in paths):
             continue
@@ -449,8 +522,9 @@ def headline() -> list[str]:
             what = paths[0] if len(paths) == 1 else f"{len(paths)} runs pooled, {paths[0].rsplit('/', 2)[0]}"
             if polar_env:
                 what += f"; polar row {env_key(polar_env)}"
-            source = f", same-run A/B ({what})"
-            out.append(_gpu_tg_line(label, device_of(docs[0]), depth, source, a, b, f))
+            gpu = device_of(docs[0])
+            line = _gpu_tg_line(label, gpu, depth, f", same-run A/B ({what})", a, b, f)
+            lines.append((("ab", gpu.split(",")[0], label), line))
     tables = (("smollm2", "SmolLM2-135M", 16384), ("qwen2.5-1.5b-synthetic", QWEN_SHAPE, 32768))
     for folder, (name, label, depth) in itertools.product((*H100_TABLES, "docs/bench/gpu"), tables):
         path = REPO / folder / f"llama-gpu-{name}.json"
@@ -461,17 +535,36 @@ def headline() -> list[str]:
         a, b, f = (t.get((x, x, "tg64", depth)) for x in ("polar", "q4_0", "f16"))
         if a and b and f:
             build = build_label(g.get("build")) or GPU_TABLES_BUILD
-            out.append(_gpu_tg_line(label, g["gpu"], depth, f" (bench_llama_gpu.py table, {build})", a, b, f))
-    nd = REPO / "docs" / "gpu" / "needle_qwen_h100.json"
-    if nd.exists():
-        d = json.loads(nd.read_text())
-        for name in [k for k in d["cells"][0] if isinstance(d["cells"][0][k], dict)]:
-            n = sum(c[name]["found"] for c in d["cells"])
-            out.append(
-                f"- GPU needle in a haystack, Qwen2.5-Coder-1.5B, 8k/16k/32k x 11 depths: "
-                f"{name} finds {n}/{len(d['cells'])}."
-            )
-    return [*out, "", "GPU decode-attention speed and bandwidth targets: see the GPU section.", ""]
+            line = _gpu_tg_line(label, g["gpu"], depth, f" (bench_llama_gpu.py table, {build})", a, b, f)
+            lines.append((("table", g["gpu"].split(",")[0], label), line))
+    return lines
+
+
+def newest_per_gpu(lines: list[tuple[tuple[str, str, str], str]]) -> list[tuple[tuple[str, str, str], str]]:
+    """The first (newest) line of each (kind, GPU, model) of gpu_tg_lines, in their order."""
+    seen, out = set(), []
+    for key, line in lines:
+        if key not in seen:
+            seen.add(key)
+            out.append((key, line))
+    return out
+
+
+def gpu_runs_section() -> list[str]:
+    """Every run of issue 10's tg targets (the runs scatter by several per cent, so none is dropped)."""
+    lines = gpu_tg_lines()
+    if not lines:
+        return []
+    return [
+        "## llama.cpp with CUDA: every run of issue 10's tg targets",
+        "",
+        "Newest first within each kind (same-run A/Bs of `ab_llama_gpu.py`, then `bench_llama_gpu.py`'s "
+        "tables); the headline shows the first of each GPU model. The commands and logs: "
+        "[`results-cuda.md`](results-cuda.md).",
+        "",
+        *(line for _, line in lines),
+        "",
+    ]
 
 
 def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: float, f: float) -> str:
@@ -569,6 +662,7 @@ def render() -> str:
     lines += cpu_extras_section()
     lines += layer_policy_table()
     lines += multiseq_table()
+    lines += gpu_runs_section()
     gpu = REPO / "docs" / "results-gpu.md"
     if gpu.exists():
         lines += ["## GPU (CuPy kernels)", "", *gpu.read_text().splitlines()[1:], ""]

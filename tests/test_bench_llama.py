@@ -80,3 +80,55 @@ def test_quality_runs_the_low_memory_pair_also_without_its_layer_policy(tmp_path
     assert table.count("| polar | polar3 (uniform layers) | on | on |") == 1
     assert table.count("| polar | polar3 | on |") == 2
     assert "unless marked uniform" in table
+
+
+def test_headline_states_issue_12s_targets_from_the_stock_runs(monkeypatch):
+    """The headline's quality lines: polar K with its defaults (centering, exact sink) against the issue's
+    bound, the low-memory pair with its layer policy against centered q4_0 K+V, polar3 K against 2x centered
+    q4_0 K; met or missed as the numbers say, and the rows without the defaults are not the ones taken."""
+    import write_results
+
+    def row(k, v, kld, center=True, sink=None, **kw):
+        return {"k": k, "v": v, "center": center, "sink": sink, "mean_kld": kld, **kw}
+
+    rows = [
+        row("q4_0", "f16", 0.030),
+        row("iq4_nl", "f16", 0.026),
+        row("polar", "f16", 0.050, center=False, sink=False),
+        row("polar", "f16", 0.024, sink=True),
+        row("polar", "f16", 0.031, sink=False),
+        row("polar3", "f16", 0.061, sink=True),
+        row("q4_0", "q4_0", 0.036),
+        row("polar", "polar3", 0.035, sink=True),
+        row("polar", "polar3", 0.045, sink=False),
+        row("polar", "polar3", 0.040, sink=True, layer_policy=False),
+    ]
+    doc = {
+        "rows": rows,
+        "command": "cmd",
+        "machine": "CPU X, 2 cores",
+        "build": {"key": "abc", "patches": []},
+    }
+    monkeypatch.setattr(write_results, "_load", lambda kind, model: doc if model == "smollm2" else None)
+    text = "\n".join(write_results.quality_headline())
+    assert "SmolLM2-135M, K = polar (4.25 bits), V f16: mean KLD **0.0240** (target <= 0.025: met)" in text
+    assert "**0.0350** against centered q4_0 K + q4_0 V (4.5 bits) 0.0360 (target <=: met)" in text
+    assert "**0.0610** = 2.03x centered q4_0 K (0.0300) (target <= 2x: missed)" in text
+    assert "Qwen" not in text
+
+
+def test_headline_takes_the_newest_gpu_run_of_each_kind_and_model():
+    import write_results
+
+    lines = [
+        (("ab", "H100", "m1"), "new ab h100 m1"),
+        (("ab", "H100", "m1"), "old ab h100 m1"),
+        (("ab", "H200", "m1"), "ab h200 m1"),
+        (("table", "H100", "m1"), "table h100 m1"),
+        (("table", "H100", "m1"), "older table h100 m1"),
+    ]
+    assert [line for _, line in write_results.newest_per_gpu(lines)] == [
+        "new ab h100 m1",
+        "ab h200 m1",
+        "table h100 m1",
+    ]
