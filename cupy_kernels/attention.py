@@ -151,17 +151,30 @@ F16V_CONFIG = AttnConfig(impl="mma", nwarps=8, wtile=32, stages=1, kvsplit=True,
 # polar3 V 217.5 -> 201.9 and 826.4 -> 743.8
 # = polar's default with 32-key warp tiles in one ring of 2 stages (no kvsplit)
 POLAR3V_CONFIG = dataclasses.replace(DEFAULT_CONFIG, wtile=32, stages=2, kvsplit=False)
+# polar3 V at head size 64 (SmolLM2's): polar's default with 2 CTAs a SM asked of ptxas (MMA_CTAS=2, 128
+# registers). `bench_gpu.py tune-mma --graph --fmts polar/polar polar3/polar3 polar/polar3 --phases ctas
+# --tune-shape {1,16} 32768 9 3 64` (H100, session 33, each call replayed from a CUDA graph, two runs;
+# docs/gpu/h100-llama/session33/cupy): against POLAR3V_CONFIG (64 registers there), polar3 K+V 1.35x at
+# B=1 and 32768 keys, 1.36x at 131072, 1.10x at B=16 and 32768, 1.12x at 131072; polar K + polar3 V 1.35x
+# at B=1, 1.04-1.06x and 1.12x at B=16. At head sizes 128 and 256 POLAR3V_CONFIG stays (equal or faster
+# in the same runs). polar V keeps DEFAULT_CONFIG at 64: ctas=2 there gained 1.19x at B=1 and 131072 keys
+# but lost 1.6 % at B=16.
+POLAR3V_D64_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=2)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
 
-def default_config(vfmt: str, kmode: str = "gather") -> AttnConfig:
+def default_config(vfmt: str, kmode: str = "gather", D: int | None = None) -> AttnConfig:
+    """The kernel shape `plan` takes for V format `vfmt` (and K mode `kmode`) at head size D (None: the
+    shape of head sizes above 64)."""
     if kmode != "gather":  # the LUT modes exist in the simt kernel only
         base = SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG
         return dataclasses.replace(base, kmode=kmode)
     if vfmt == V_F16:
         return F16V_CONFIG
-    return POLAR3V_CONFIG if vfmt == "polar3" else DEFAULT_CONFIG
+    if vfmt == "polar3":
+        return POLAR3V_D64_CONFIG if D is not None and D <= 64 else POLAR3V_CONFIG
+    return DEFAULT_CONFIG
 
 
 CTA_TIMES_MAX = 8192  # CTAs that AttnConfig.cta_times stamps (polar_attn_mma.cu's CTA_TIMES)
@@ -404,10 +417,10 @@ def plan(
     """The plan of decode attention for q [B, Hq, Tq, D] of `q_dtype` (torch dtype or its name)
     over caches of kfmt/vfmt holding at most `max_len` valid keys, on CUDA device `device`.
 
-    config: the kernel shape (default: DEFAULT_CONFIG, with the fallbacks of `select_variant`);
+    config: the kernel shape (default: `default_config(vfmt, D=D)`, with the fallbacks of `select_variant`);
     splits: the number of key splits (default: chosen for the GPU's SM count). Compiles the
     variant. Cached per arguments; raises ValueError naming the allowed values."""
-    cfg = config or default_config(vfmt)
+    cfg = config or default_config(vfmt, D=D)
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
     kf = _format("kfmt", kfmt)

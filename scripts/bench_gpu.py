@@ -93,7 +93,7 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
             kc = rand_blocks(kfmt, B, Hkv, T, D, gen)
             vc = rand_blocks(vfmt, B, Hkv, T, D, gen)
             fallback = args.best.get(
-                ("polar", "f16" if vfmt == "f16" else "polar"), (attention.default_config(vfmt), 0)
+                ("polar", "f16" if vfmt == "f16" else "polar"), (attention.default_config(vfmt, D=D), 0)
             )
             base_cfg = args.best.get((kfmt, vfmt), fallback)[0]
             cfg = (
@@ -459,7 +459,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                 todo = [(ph, cfg) for ph, kf, vf, cfg in grid if (kf, vf) == (kfmt, vfmt)]
             else:
                 best = [cfg for _, cfg in sorted(fastest.get((kfmt, vfmt), []), key=lambda x: x[0])]
-                default = attention.default_config(vfmt)
+                default = attention.default_config(vfmt, D=sh.D)
                 todo = [("long", cfg) for cfg in dict.fromkeys([default, *best[:MMA_TUNE_BEST]])]
             kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
             vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
@@ -506,12 +506,12 @@ def cmd_tune_mma(args, timer) -> list[dict]:
             del kc, vc
             torch.cuda.empty_cache()
     print(f"tune-mma: {len(rows)} timings in {time.time() - t_start:.0f} s; fastest vs default:")
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, int, int], list[dict]] = {}
     for r in rows:
         if "label" in r:
-            groups.setdefault((r["variant"], r["T"]), []).append(r)
-    for (variant, T), group in groups.items():
-        default = mma_label(attention.default_config(variant.split("+")[1]))
+            groups.setdefault((r["variant"], r["T"], r["D"]), []).append(r)
+    for (variant, T, D), group in groups.items():
+        default = mma_label(attention.default_config(variant.split("+")[1], D=D))
         base = next((r for r in group if r["label"] == default), None)
         best = min(group, key=lambda r: r["ms"])
         vs = f", {base['ms'] / best['ms']:.2f}x the default's {base['ms'] * 1e3:.1f} us" if base else ""

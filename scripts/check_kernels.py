@@ -145,7 +145,7 @@ def variants(full: bool) -> list[Variant]:
         for kfmt, vfmt, kmode in ATTN_CASES:
             for qt in (0, 1, 2):
                 for rb in rows:
-                    _attn(seen, D, kfmt, vfmt, attention.default_config(vfmt, kmode), True, qt, rb)
+                    _attn(seen, D, kfmt, vfmt, attention.default_config(vfmt, kmode, D), True, qt, rb)
                     _attn(seen, D, kfmt, vfmt, attention.AttnConfig(kmode=kmode, impl="simt"), False, qt, rb)
                     for cfg in CONFIGS if full else ():
                         _attn(seen, D, kfmt, vfmt, dataclasses.replace(cfg, kmode=kmode), False, qt, rb)

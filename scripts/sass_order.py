@@ -133,7 +133,7 @@ def cupy_default_sass(kfmt: str, vfmt: str, arch: str) -> str:
     import check_kernels
     from cupy_kernels import attention
 
-    cfg = attention.default_config(vfmt)
+    cfg = attention.default_config(vfmt, D=128)
     v = check_kernels.Variant(
         f"{attention.KERNELS[cfg.impl]}.cu", tuple(attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg).items())
     )

@@ -186,7 +186,7 @@ def test_qstage_changes_no_fallback():
     AttnConfig docstring says. CPU only."""
     for D in attn.HEAD_DIMS:
         for kfmt, vfmt in (("polar", "polar"), ("polar", "f16"), ("polar3", "polar3"), ("polar", "polar3")):
-            cfg = attn.default_config(vfmt)
+            cfg = attn.default_config(vfmt, D=D)
             assert cfg.qstage
             off = dataclasses.replace(cfg, qstage=False)
             for rb in range(1, 9):
@@ -285,7 +285,7 @@ def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode, impl):
     vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
     q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
     # mma: the shipped default shape; simt: the first kernel shape (4 warps, 1 key/thread, 3 stages)
-    cfg = attn.default_config(vfmt) if impl == "mma" else attn.AttnConfig(kmode=kmode, impl="simt")
+    cfg = attn.default_config(vfmt, D=D) if impl == "mma" else attn.AttnConfig(kmode=kmode, impl="simt")
     case = f"{kfmt}/{vfmt}/{kmode}/{impl} D{D} {Hq}/{Hkv} s{seed}"
     _check(torch, q, kc, vc, lens, kfmt, vfmt, case, config=cfg)
 
@@ -589,3 +589,22 @@ def test_qstage_same_bits(torch, qdtype, kfmt, vfmt):
             got = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=base)
             want = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=dataclasses.replace(base, qstage=False))
             assert torch.equal(got, want), f"{kfmt}/{vfmt} {qdtype} Hq {Hq} stride {q.stride()}"
+
+
+def test_default_config_by_head_size():
+    """polar3 V takes polar's default with 2 CTAs a SM at head size 64 (session 33's graph-timed tune), its
+    own shape above; polar and float16 V one shape for every head size; each default fits in shared memory
+    without a fallback at every head size, row count and q type. CPU only."""
+    d64 = dataclasses.replace(attn.DEFAULT_CONFIG, ctas=2)
+    assert attn.default_config("polar3", D=64) == d64 == attn.POLAR3V_D64_CONFIG
+    for D in (None, 128, 256):
+        assert attn.default_config("polar3", D=D) == attn.POLAR3V_CONFIG
+    for D in (None, *attn.HEAD_DIMS):
+        assert attn.default_config("polar", D=D) == attn.DEFAULT_CONFIG
+        assert attn.default_config("f16", D=D) == attn.F16V_CONFIG
+    assert attn.default_config("polar3", "lut", D=64).impl == "simt"
+    for kfmt in ("polar", "polar3"):
+        for rb in range(1, 9):
+            for qt in (0, 1, 2):
+                cfg, _, smem = attn.select_variant(64, kfmt, "polar3", rb, qt, d64, True)
+                assert cfg == d64 and smem <= attn.SMEM_LIMIT, (kfmt, rb, qt)
