@@ -156,9 +156,10 @@ POLAR3V_CONFIG = dataclasses.replace(DEFAULT_CONFIG, wtile=32, stages=2, kvsplit
 # --tune-shape {1,16} 32768 9 3 64` (H100, session 33, each call replayed from a CUDA graph, two runs;
 # docs/gpu/h100-llama/session33/cupy): against POLAR3V_CONFIG (64 registers there), polar3 K+V 1.35x at
 # B=1 and 32768 keys, 1.36x at 131072, 1.10x at B=16 and 32768, 1.12x at 131072; polar K + polar3 V 1.35x
-# at B=1, 1.04-1.06x and 1.12x at B=16. At head sizes 128 and 256 POLAR3V_CONFIG stays (equal or faster
-# in the same runs). polar V keeps DEFAULT_CONFIG at 64: ctas=2 there gained 1.19x at B=1 and 131072 keys
-# but lost 1.6 % at B=16.
+# at B=1, 1.04-1.06x and 1.12x at B=16. At head sizes 128 and 256 POLAR3V_CONFIG stays: the fastest at B=16,
+# D=128 and at B=1, D=256; at B=1, D=128 polar's default with ctas=1 measured 1.09x at 32768 keys, equal at
+# 131072. polar V keeps DEFAULT_CONFIG at 64: ctas=2 there gained 1.19x at B=1 and 131072 keys but lost 1.6 %
+# at B=16.
 POLAR3V_D64_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=2)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
