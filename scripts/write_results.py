@@ -441,6 +441,42 @@ def _src_short(d: dict) -> str:
     return f"`{d['command']}`, {d['machine'].split(',')[0]}, {build}"
 
 
+# bench_gpu.py compare runs of issue 11's decode-attention targets, the newest of each GPU model: the H100's
+# of session 33 (the kernels as they are), the H200's of session 20 (the last H200 lease that ran it)
+COMPARE_LATEST = ("docs/gpu/h100-llama/session33/cupy/compare.json", "docs/gpu/compare_h200_session20.json")
+
+
+def kernel_headline() -> list[str]:
+    """Issue 11's targets for the CuPy decode attention (B=16, 32/8 heads, D=128, each call replayed from a
+    CUDA graph, SDPA's too), from the newest `bench_gpu.py compare` of each GPU model in COMPARE_LATEST."""
+    out = []
+    for path in COMPARE_LATEST:
+        f = REPO / path
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        t = {
+            (r["T"], r["variant"]): r for r in d["compare"] if r["shape"].startswith("B16 ") and r["D"] == 128
+        }
+        kv, kf = (
+            t.get((32768, "polar+polar mma default graph")),
+            t.get((32768, "polar+f16 mma default graph")),
+        )
+        long = t.get((131072, "polar+polar mma default graph"))
+        if not (kv and kf and long):
+            continue
+        gpu, copy = d["device"]["name"], d["copy_rate_Bps"] / 1e9
+        x_kv, x_kf, pct = kv["speedup_vs_sdpa"], kf["speedup_vs_sdpa"], long["pct_copy_rate"]
+        out.append(
+            f"- CuPy decode attention on {gpu}, B=16, 32768 keys: polar K+V {x_kv:.2f}x fp16 SDPA "
+            f"(>= 3.0x: {_verdict(x_kv >= 3.0)}), polar K + fp16 V {x_kf:.2f}x "
+            f"(>= 1.45x: {_verdict(x_kf >= 1.45)}); "
+            f"131072 keys: polar K+V reads at {pct:.0f} % of the copy rate measured in the same run "
+            f"({copy:.0f} GB/s; >= 75 %: {_verdict(pct >= 75)}); [{f.name}]({path.removeprefix('docs/')})."
+        )
+    return out
+
+
 def headline() -> list[str]:
     """Where each issue's targets stand, read from the raw files (None-safe: a missing file drops its lines):
     issue 12's quality on the stock model files, the CPU speed and memory, and for llama.cpp on a GPU the
@@ -504,7 +540,16 @@ def headline() -> list[str]:
                 f"- GPU needle in a haystack, Qwen2.5-Coder-1.5B, 8k/16k/32k x 11 depths: "
                 f"{name} finds {n}/{len(d['cells'])}."
             )
-    return [*out, "", "GPU decode-attention speed and bandwidth targets: see the GPU section.", ""]
+    kern = kernel_headline()
+    if kern:
+        out += [
+            "",
+            "CuPy kernels (issue 11; its targets are set on the H200, the H100 rows show the same kernels on "
+            "the other card), each call replayed from a CUDA graph; the full tables: the GPU section.",
+            "",
+            *kern,
+        ]
+    return [*out, ""]
 
 
 def gpu_tg_lines() -> list[tuple[tuple[str, str, str], str]]:

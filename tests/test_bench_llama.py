@@ -1,7 +1,11 @@
 """scripts/bench_llama.py startup: the time a context that serves several sequences spends on patch 0035's
-built-in text, read from a llama.cpp tool's time-stamped log (a stand-in llama-perplexity here)."""
+built-in text, read from a llama.cpp tool's time-stamped log (a stand-in llama-perplexity here); quality's
+plan; and write_results.py's headline, which reads these runs (and bench_gpu.py compare's) against the
+issues' targets."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -132,3 +136,31 @@ def test_headline_takes_the_newest_gpu_run_of_each_kind_and_model():
         "ab h200 m1",
         "table h100 m1",
     ]
+
+
+def test_headline_states_issue_11s_kernel_targets(tmp_path, monkeypatch):
+    """The headline's CuPy lines: the graph-replayed rows of a compare JSON, each target met or missed."""
+    import write_results
+
+    def row(T, variant, x=None, pct=None):
+        return {"shape": f"B16 T{T} 32/8 D128", "T": T, "D": 128, "variant": variant,
+                "speedup_vs_sdpa": x, "pct_copy_rate": pct}  # fmt: skip
+
+    doc = {
+        "device": {"name": "GPU X"},
+        "copy_rate_Bps": 4.0e12,
+        "compare": [
+            row(32768, "polar+polar mma default", 3.5, 90.0),  # eager: not the one taken
+            row(32768, "polar+polar mma default graph", 2.9, 80.0),
+            row(32768, "polar+f16 mma default graph", 1.5, 99.0),
+            row(131072, "polar+polar mma default graph", 3.1, 74.0),
+        ],
+    }
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "c.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(write_results, "REPO", tmp_path)
+    monkeypatch.setattr(write_results, "COMPARE_LATEST", ("docs/c.json", "docs/missing.json"))
+    (line,) = write_results.kernel_headline()
+    assert "on GPU X, B=16, 32768 keys: polar K+V 2.90x fp16 SDPA (>= 3.0x: missed)" in line
+    assert "polar K + fp16 V 1.50x (>= 1.45x: met)" in line
+    assert "74 % of the copy rate measured in the same run (4000 GB/s; >= 75 %: missed)" in line
