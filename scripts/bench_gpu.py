@@ -190,7 +190,7 @@ def cmd_kmode(args, timer) -> list[dict]:
         vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
         nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
         for mode in modes:
-            cfg = attention.default_config(vfmt, mode)
+            cfg = attention.default_config(vfmt, mode, sh.D)
             try:
                 r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=sh.T))
             except Exception as e:
@@ -606,7 +606,7 @@ def cmd_compare(args, timer) -> list[dict]:
                 else:
                     if "stages" in kw:  # a shape: its stages are (K, V) slots, one ring
                         kw.setdefault("kvsplit", False)
-                    cfg = dataclasses.replace(attention.default_config(vfmt), **kw)
+                    cfg = dataclasses.replace(attention.default_config(vfmt, D=sh.D), **kw)
                     if (
                         mma_occupancy(cfg, kfmt, vfmt)[0] > attention.SMEM_LIMIT
                     ):  # e.g. 16 warps with fp16 V rows
