@@ -561,6 +561,12 @@ class StaticPolarCache(Cache):
             layer.set_length(n)
 
 
+def head_dim(config) -> int:
+    """A transformers config's attention head size: its head_dim, else hidden_size / num_attention_heads."""
+    cfg = config.get_text_config(decoder=True)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def model_offsets(model, gguf_path=None, center_v: bool = False) -> dict:
     """Centering offsets as the patched llama.cpp picks them, for PolarCache(centering=...).
 
@@ -571,7 +577,7 @@ def model_offsets(model, gguf_path=None, center_v: bool = False) -> dict:
     from kvpolar import calibrate
 
     cfg = model.config.get_text_config(decoder=True)
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    D = head_dim(cfg)
     H = cfg.num_key_value_heads
     arch, stored = ("", {})
     if gguf_path is not None:

@@ -325,9 +325,7 @@ def make_cache(model, kind: str, max_len: int, centering=None, attn_prec: str = 
     kfmt, vfmt = KINDS[kind]
     cfg = None
     if attn_prec != "auto":
-        c = model.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        cfg = dataclasses.replace(gpu_attn.default_config(vfmt, D=head_dim), prec=attn_prec)
+        cfg = dataclasses.replace(gpu_attn.default_config(vfmt, D=tc.head_dim(model.config)), prec=attn_prec)
     f16_impl = "matmul" if kind == "fp16-mm" else "sdpa"
     return tc.StaticPolarCache(
         model.config, max_len, kfmt=kfmt, vfmt=vfmt, centering=centering, attn_config=cfg, f16_impl=f16_impl

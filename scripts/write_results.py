@@ -60,7 +60,7 @@ def quality_table(d: dict) -> list[str]:
             f"| {r['mean_kld']:.4f} "
             f"| {r['same_top_pct']:.1f} % | {r['ppl_ratio']:.3f} |"
         )
-    patches = llama_patch_numbers(d.get("build", {}).get("patches", []))
+    patches = _patches(d)
     pair = any(r["k"] == "polar" and r["v"] == "polar3" for r in d["rows"])
     if pair and LAYER_POLICY_PATCH not in patches:
         out += [
@@ -477,10 +477,10 @@ def kernel_headline() -> list[str]:
     return out
 
 
-def headline() -> list[str]:
+def headline(gpu_runs: list[tuple[tuple[str, str, str], str]]) -> list[str]:
     """Where each issue's targets stand, read from the raw files (None-safe: a missing file drops its lines):
     issue 12's quality on the stock model files, the CPU speed and memory, and for llama.cpp on a GPU the
-    newest run of each kind on each GPU model (every run: gpu_runs_section)."""
+    newest run of each kind on each GPU model of `gpu_runs` (gpu_tg_lines; every run: gpu_runs_section)."""
     out = ["## Headline (computed from the raw files below)", ""]
     q = quality_headline()
     if q:
@@ -522,7 +522,7 @@ def headline() -> list[str]:
                 break
     if cpu:
         out += ["llama.cpp on the CPU:", "", *cpu, ""]
-    gpu = [line for _, line in newest_per_gpu(gpu_tg_lines())]
+    gpu = [line for _, line in newest_per_gpu(gpu_runs)]
     if gpu:
         out += [
             "llama.cpp with CUDA (issue 10's tg targets): the newest run of each kind on each GPU model; "
@@ -595,9 +595,9 @@ def newest_per_gpu(lines: list[tuple[tuple[str, str, str], str]]) -> list[tuple[
     return out
 
 
-def gpu_runs_section() -> list[str]:
-    """Every run of issue 10's tg targets (the runs scatter by several per cent, so none is dropped)."""
-    lines = gpu_tg_lines()
+def gpu_runs_section(lines: list[tuple[tuple[str, str, str], str]]) -> list[str]:
+    """Every run of issue 10's tg targets, `lines` of gpu_tg_lines (the runs scatter by several per cent, so
+    none is dropped)."""
     if not lines:
         return []
     return [
@@ -695,7 +695,8 @@ def render() -> str:
         "`converter/`, `cupy_kernels/` or `patches/`.",
         "",
     ]
-    lines += headline()
+    gpu_runs = gpu_tg_lines()  # (read once: the headline and the section of every run)
+    lines += headline(gpu_runs)
     lines += figures.markdown()
     lines += ["## llama.cpp on the CPU", ""]
     for model in ("smollm2", "smollm2c", "qwen"):
@@ -707,7 +708,7 @@ def render() -> str:
     lines += cpu_extras_section()
     lines += layer_policy_table()
     lines += multiseq_table()
-    lines += gpu_runs_section()
+    lines += gpu_runs_section(gpu_runs)
     gpu = REPO / "docs" / "results-gpu.md"
     if gpu.exists():
         lines += ["## GPU (CuPy kernels)", "", *gpu.read_text().splitlines()[1:], ""]

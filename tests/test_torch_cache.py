@@ -213,3 +213,14 @@ def test_prefill_is_causal_matches_masked():
     assert torch.allclose(out, out2, atol=1e-6)
     out3, _ = tc.polar_attention_forward(M(), q[:, :, -3:], h, h, None, scaling=0.1)
     assert torch.allclose(out[:, -3:], out3, atol=1e-6)
+
+
+def test_head_dim_from_the_config():
+    """torch_cache.head_dim: a config's head_dim where it sets one, else hidden_size / attention heads."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    cfg.head_dim = None
+    assert tc.head_dim(cfg) == 64
+    cfg.head_dim = 128
+    assert tc.head_dim(cfg) == 128
