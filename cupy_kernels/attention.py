@@ -158,23 +158,51 @@ POLAR3V_CONFIG = dataclasses.replace(DEFAULT_CONFIG, wtile=32, stages=2, kvsplit
 # B=1 and 32768 keys, 1.36x at 131072, 1.10x at B=16 and 32768, 1.12x at 131072; polar K + polar3 V 1.35x
 # at B=1, 1.04-1.06x and 1.12x at B=16. At head sizes 128 and 256 POLAR3V_CONFIG stays: the fastest at B=16,
 # D=128 and at B=1, D=256; at B=1, D=128 polar's default with ctas=1 measured 1.09x at 32768 keys, equal at
-# 131072. polar V keeps DEFAULT_CONFIG at 64: ctas=2 there gained 1.19x at B=1 and 131072 keys but lost 1.6 %
+# 131072 (taken for calls with few work items since session 34: FEW_UNITS_CONFIG below). polar V keeps DEFAULT_CONFIG at 64: ctas=2 there gained 1.19x at B=1 and 131072 keys but lost 1.6 %
 # at B=16.
 POLAR3V_D64_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=2)
+# Calls with few (sequence, KV head, row group) work items (`work_units`: B x Hkv in a decode step):
+# polar's default with 1 CTA a SM asked of ptxas (MMA_CTAS=1, no 128-register cap), for polar3 V at head
+# sizes 64 and 128 up to POLAR3V_FEW_UNITS items, for polar V at head size 64 up to POLARV_D64_FEW_UNITS.
+# `bench_gpu.py tune-mma --graph --phases ctas --fmts polar3/polar3 polar/polar3 polar/polar --tune-shape B
+# 32768 Hq Hkv D` (H100, 132 SMs, session 34, each call replayed from a CUDA graph;
+# docs/gpu/h100-llama/session34/tune-ctas), against the defaults above, at 32768 / 131072 keys:
+# polar3 V, D=128: 2 items 1.36-1.42x / 1.23-1.25x, 4 items 1.20-1.26x / 1.07-1.10x, 8 items (B=4 x 2 heads,
+# B=1 x 8 heads) 1.07-1.13x / 1.00-1.05x; 16 items 1.00-1.06x / 0.98-1.03x (not taken); D=64: 3 items
+# 1.20-1.25x / 1.12-1.15x, 6 items 1.11-1.13x / 0.97-1.01x, 12 items 1.03-1.04x / 0.94-0.96x (not taken),
+# 48 items 0.84-0.89x. polar V, D=64: 3, 6 and 12 items 1.01-1.17x, 48 items 0.99-1.00x; at D=128 polar V
+# measured 0.99-1.01x at every size (not taken). At D=256 polar's default with ctas=1 lost to polar3 V's
+# default (session 33, B=1), so the rule stops at 128.
+FEW_UNITS_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=1)
+POLAR3V_FEW_UNITS = 8
+POLARV_D64_FEW_UNITS = 12
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
 
-def default_config(vfmt: str, kmode: str = "gather", D: int | None = None) -> AttnConfig:
+def work_units(B: int, Hq: int, Hkv: int, Tq: int) -> int:
+    """The independent work items of a call, before key splits: (sequence, KV head, group of up to 8 query
+    rows), as `plan` launches them."""
+    return B * Hkv * -(-(Hq // Hkv * Tq) // 8)
+
+
+def default_config(
+    vfmt: str, kmode: str = "gather", D: int | None = None, units: int | None = None
+) -> AttnConfig:
     """The kernel shape `plan` takes for V format `vfmt` (and K mode `kmode`) at head size D (None: the
-    shape of head sizes above 64)."""
+    shape of head sizes above 64) for a call of `units` work items (`work_units`; None: many)."""
     if kmode != "gather":  # the LUT modes exist in the simt kernel only
         base = SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG
         return dataclasses.replace(base, kmode=kmode)
     if vfmt == V_F16:
         return F16V_CONFIG
+    few = units is not None and D is not None and D <= 128
     if vfmt == "polar3":
+        if few and units <= POLAR3V_FEW_UNITS:
+            return FEW_UNITS_CONFIG
         return POLAR3V_D64_CONFIG if D is not None and D <= 64 else POLAR3V_CONFIG
+    if vfmt == "polar" and few and D <= 64 and units <= POLARV_D64_FEW_UNITS:
+        return FEW_UNITS_CONFIG
     return DEFAULT_CONFIG
 
 
@@ -418,10 +446,12 @@ def plan(
     """The plan of decode attention for q [B, Hq, Tq, D] of `q_dtype` (torch dtype or its name)
     over caches of kfmt/vfmt holding at most `max_len` valid keys, on CUDA device `device`.
 
-    config: the kernel shape (default: `default_config(vfmt, D=D)`, with the fallbacks of `select_variant`);
+    config: the kernel shape (default: `default_config(vfmt, D=D, units=work_units(B, Hq, Hkv, Tq))`, with
+    the fallbacks of `select_variant`);
     splits: the number of key splits (default: chosen for the GPU's SM count). Compiles the
     variant. Cached per arguments; raises ValueError naming the allowed values."""
-    cfg = config or default_config(vfmt, D=D)
+    units = work_units(B, Hq, Hkv, Tq) if Hkv > 0 and Hq % Hkv == 0 else None  # (else refused below)
+    cfg = config or default_config(vfmt, D=D, units=units)
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
     kf = _format("kfmt", kfmt)

@@ -93,7 +93,8 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
             kc = rand_blocks(kfmt, B, Hkv, T, D, gen)
             vc = rand_blocks(vfmt, B, Hkv, T, D, gen)
             fallback = args.best.get(
-                ("polar", "f16" if vfmt == "f16" else "polar"), (attention.default_config(vfmt, D=D), 0)
+                ("polar", "f16" if vfmt == "f16" else "polar"),
+                (attention.default_config(vfmt, D=D, units=attention.work_units(B, Hq, Hkv, 1)), 0),
             )
             base_cfg = args.best.get((kfmt, vfmt), fallback)[0]
             cfg = (
@@ -190,7 +191,7 @@ def cmd_kmode(args, timer) -> list[dict]:
         vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
         nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
         for mode in modes:
-            cfg = attention.default_config(vfmt, mode, sh.D)
+            cfg = attention.default_config(vfmt, mode, sh.D, attention.work_units(sh.B, sh.Hq, sh.Hkv, 1))
             try:
                 r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=sh.T))
             except Exception as e:
@@ -459,7 +460,9 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                 todo = [(ph, cfg) for ph, kf, vf, cfg in grid if (kf, vf) == (kfmt, vfmt)]
             else:
                 best = [cfg for _, cfg in sorted(fastest.get((kfmt, vfmt), []), key=lambda x: x[0])]
-                default = attention.default_config(vfmt, D=sh.D)
+                default = attention.default_config(
+                    vfmt, D=sh.D, units=attention.work_units(sh.B, sh.Hq, sh.Hkv, 1)
+                )
                 todo = [("long", cfg) for cfg in dict.fromkeys([default, *best[:MMA_TUNE_BEST]])]
             kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
             vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
@@ -509,9 +512,10 @@ def cmd_tune_mma(args, timer) -> list[dict]:
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for r in rows:
         if "label" in r:
-            groups.setdefault((r["variant"], r["T"], r["D"]), []).append(r)
-    for (variant, T, D), group in groups.items():
-        default = mma_label(attention.default_config(variant.split("+")[1], D=D))
+            groups.setdefault((r["variant"], r["T"], r["D"], r["B"], r["Hq"], r["Hkv"]), []).append(r)
+    for (variant, T, D, B, Hq, Hkv), group in groups.items():
+        units = attention.work_units(B, Hq, Hkv, 1)
+        default = mma_label(attention.default_config(variant.split("+")[1], D=D, units=units))
         base = next((r for r in group if r["label"] == default), None)
         best = min(group, key=lambda r: r["ms"])
         vs = f", {base['ms'] / best['ms']:.2f}x the default's {base['ms'] * 1e3:.1f} us" if base else ""
@@ -606,7 +610,8 @@ def cmd_compare(args, timer) -> list[dict]:
                 else:
                     if "stages" in kw:  # a shape: its stages are (K, V) slots, one ring
                         kw.setdefault("kvsplit", False)
-                    cfg = dataclasses.replace(attention.default_config(vfmt, D=sh.D), **kw)
+                    units = attention.work_units(sh.B, sh.Hq, sh.Hkv, 1)
+                    cfg = dataclasses.replace(attention.default_config(vfmt, D=sh.D, units=units), **kw)
                     if (
                         mma_occupancy(cfg, kfmt, vfmt)[0] > attention.SMEM_LIMIT
                     ):  # e.g. 16 warps with fp16 V rows

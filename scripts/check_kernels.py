@@ -146,6 +146,10 @@ def variants(full: bool) -> list[Variant]:
             for qt in (0, 1, 2):
                 for rb in rows:
                     _attn(seen, D, kfmt, vfmt, attention.default_config(vfmt, kmode, D), True, qt, rb)
+                    # the default of calls with few work items (plan's units), where it differs
+                    _attn(
+                        seen, D, kfmt, vfmt, attention.default_config(vfmt, kmode, D, units=1), True, qt, rb
+                    )
                     _attn(seen, D, kfmt, vfmt, attention.AttnConfig(kmode=kmode, impl="simt"), False, qt, rb)
                     for cfg in CONFIGS if full else ():
                         _attn(seen, D, kfmt, vfmt, dataclasses.replace(cfg, kmode=kmode), False, qt, rb)

@@ -284,8 +284,9 @@ def test_decode_attention(torch, seed, D, heads, kfmt, vfmt, kmode, impl):
     kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
     vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
     q = torch.randn((B, Hq, 1, D), generator=gen, device="cuda") * 2
-    # mma: the shipped default shape; simt: the first kernel shape (4 warps, 1 key/thread, 3 stages)
-    cfg = attn.default_config(vfmt, D=D) if impl == "mma" else attn.AttnConfig(kmode=kmode, impl="simt")
+    # mma: the shipped default shape, as plan picks it (4 sequences x Hkv heads: 4-16 work items, the
+    # few-items default at 4 and 8); simt: the first kernel shape (4 warps, 1 key/thread, 3 stages)
+    cfg = None if impl == "mma" else attn.AttnConfig(kmode=kmode, impl="simt")
     case = f"{kfmt}/{vfmt}/{kmode}/{impl} D{D} {Hq}/{Hkv} s{seed}"
     _check(torch, q, kc, vc, lens, kfmt, vfmt, case, config=cfg)
 
@@ -608,3 +609,31 @@ def test_default_config_by_head_size():
             for qt in (0, 1, 2):
                 cfg, _, smem = attn.select_variant(64, kfmt, "polar3", rb, qt, d64, True)
                 assert cfg == d64 and smem <= attn.SMEM_LIMIT, (kfmt, rb, qt)
+
+
+def test_default_config_by_work_units():
+    """Calls with few work items (session 34's graph-timed tune on an H100) take polar's default with 1 CTA a
+    SM: polar3 V at head sizes 64 and 128 up to 8 items, polar V at 64 up to 12; not at 256, not float16 V,
+    not when the count is unknown; the shape fits without a fallback wherever it is taken. CPU only."""
+    few = attn.FEW_UNITS_CONFIG
+    assert few == dataclasses.replace(attn.DEFAULT_CONFIG, ctas=1)
+    assert attn.work_units(1, 9, 3, 1) == 3 and attn.work_units(16, 32, 8, 1) == 128
+    assert attn.work_units(2, 32, 8, 3) == 2 * 8 * 2  # 12 rows a KV head: two groups of up to 8
+    for D in (64, 128):
+        assert attn.default_config("polar3", D=D, units=attn.POLAR3V_FEW_UNITS) == few
+        assert attn.default_config("polar3", D=D, units=attn.POLAR3V_FEW_UNITS + 1) == attn.default_config(
+            "polar3", D=D
+        )
+        assert attn.default_config("polar3", D=D, units=None) != few
+        assert attn.default_config("f16", D=D, units=1) == attn.F16V_CONFIG
+    assert attn.default_config("polar", D=64, units=attn.POLARV_D64_FEW_UNITS) == few
+    assert attn.default_config("polar", D=64, units=attn.POLARV_D64_FEW_UNITS + 1) == attn.DEFAULT_CONFIG
+    assert attn.default_config("polar", D=128, units=1) == attn.DEFAULT_CONFIG
+    assert attn.default_config("polar3", D=256, units=1) == attn.POLAR3V_CONFIG
+    assert attn.default_config("polar3", "lut", D=64, units=1).impl == "simt"
+    for D, vfmt in ((64, "polar"), (64, "polar3"), (128, "polar3")):
+        for kfmt in ("polar", "polar3"):
+            for rb in range(1, 9):
+                for qt in (0, 1, 2):
+                    cfg, _, smem = attn.select_variant(D, kfmt, vfmt, rb, qt, few, True)
+                    assert cfg == few and smem <= attn.SMEM_LIMIT, (D, kfmt, vfmt, rb, qt)
