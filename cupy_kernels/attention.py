@@ -158,8 +158,8 @@ POLAR3V_CONFIG = dataclasses.replace(DEFAULT_CONFIG, wtile=32, stages=2, kvsplit
 # B=1 and 32768 keys, 1.36x at 131072, 1.10x at B=16 and 32768, 1.12x at 131072; polar K + polar3 V 1.35x
 # at B=1, 1.04-1.06x and 1.12x at B=16. At head sizes 128 and 256 POLAR3V_CONFIG stays: the fastest at B=16,
 # D=128 and at B=1, D=256; at B=1, D=128 polar's default with ctas=1 measured 1.09x at 32768 keys, equal at
-# 131072 (taken for calls with few work items since session 34: FEW_UNITS_CONFIG below). polar V keeps DEFAULT_CONFIG at 64: ctas=2 there gained 1.19x at B=1 and 131072 keys but lost 1.6 %
-# at B=16.
+# 131072 (taken for calls with few work items since session 34: FEW_UNITS_CONFIG below). polar V keeps
+# DEFAULT_CONFIG at 64: ctas=2 there gained 1.19x at B=1 and 131072 keys but lost 1.6 % at B=16.
 POLAR3V_D64_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=2)
 # Calls with few (sequence, KV head, row group) work items (`work_units`: B x Hkv in a decode step):
 # polar's default with 1 CTA a SM asked of ptxas (MMA_CTAS=1, no 128-register cap), for polar3 V at head
