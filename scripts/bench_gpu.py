@@ -509,7 +509,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
             del kc, vc
             torch.cuda.empty_cache()
     print(f"tune-mma: {len(rows)} timings in {time.time() - t_start:.0f} s; fastest vs default:")
-    groups: dict[tuple[str, int, int], list[dict]] = {}
+    groups: dict[tuple[str, int, int, int, int, int], list[dict]] = {}  # (variant, T, D, B, Hq, Hkv)
     for r in rows:
         if "label" in r:
             groups.setdefault((r["variant"], r["T"], r["D"], r["B"], r["Hq"], r["Hkv"]), []).append(r)
