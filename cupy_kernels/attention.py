@@ -494,13 +494,13 @@ def plan(
         regs = int(getattr(part, "num_regs", 0) or 0)
     except Exception:  # pragma: no cover - depends on the cupy version
         regs = 0
-    n_groups = -(-R // rb)
+    n_groups = -(-R // rb)  # units = B * Hkv * n_groups: the grid's z and y before the splits
     if splits is None:
         if cfg.impl == "mma":
             per_sm = _per_sm(smem, cfg.nwarps * 32, regs)
-            splits = choose_splits_mma(B * Hkv * n_groups, max_len, cfg.tile, per_sm, loader.sm_count(device))
+            splits = choose_splits_mma(units, max_len, cfg.tile, per_sm, loader.sm_count(device))
         else:
-            splits = choose_splits(B * Hkv * n_groups, max_len, cfg.tile, smem, loader.sm_count(device))
+            splits = choose_splits(units, max_len, cfg.tile, smem, loader.sm_count(device))
     chunk = -(-max(max_len, 1) // splits)
     chunk = -(-chunk // cfg.tile) * cfg.tile
     splits = max(1, -(-max(max_len, 1) // chunk))

@@ -54,6 +54,13 @@ from kvpolar.atomic import atomic_write_text
 log = logging.getLogger("bench_gpu")
 
 
+def shape_default(vfmt: str, sh: Shape, kmode: str = "gather"):
+    """The kernel shape `plan` takes by default for a decode step (one query row a head) of shape sh."""
+    from cupy_kernels import attention
+
+    return attention.default_config(vfmt, kmode, sh.D, attention.work_units(sh.B, sh.Hq, sh.Hkv, 1))
+
+
 def bench_attn(args, timer, shapes, variants) -> list[dict]:
     torch = _torch()
     from cupy_kernels import attention, codec
@@ -94,7 +101,7 @@ def bench_attn(args, timer, shapes, variants) -> list[dict]:
             vc = rand_blocks(vfmt, B, Hkv, T, D, gen)
             fallback = args.best.get(
                 ("polar", "f16" if vfmt == "f16" else "polar"),
-                (attention.default_config(vfmt, D=D, units=attention.work_units(B, Hq, Hkv, 1)), 0),
+                (shape_default(vfmt, sh), 0),
             )
             base_cfg = args.best.get((kfmt, vfmt), fallback)[0]
             cfg = (
@@ -170,7 +177,6 @@ def cmd_attn(args, timer) -> list[dict]:
 def cmd_kmode(args, timer) -> list[dict]:
     """(a) codebook gather + FMA vs (b) per-query LUT, where the LUT fits in shared memory."""
     torch = _torch()
-    from cupy_kernels import attention
 
     register_paperb()
 
@@ -191,7 +197,7 @@ def cmd_kmode(args, timer) -> list[dict]:
         vc = rand_blocks(vfmt, sh.B, sh.Hkv, sh.T, sh.D, gen)
         nbytes = cache_bytes(kfmt, sh.B, sh.Hkv, sh.T, sh.D) + cache_bytes(vfmt, sh.B, sh.Hkv, sh.T, sh.D)
         for mode in modes:
-            cfg = attention.default_config(vfmt, mode, sh.D, attention.work_units(sh.B, sh.Hq, sh.Hkv, 1))
+            cfg = shape_default(vfmt, sh, mode)
             try:
                 r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=sh.T))
             except Exception as e:
@@ -460,9 +466,7 @@ def cmd_tune_mma(args, timer) -> list[dict]:
                 todo = [(ph, cfg) for ph, kf, vf, cfg in grid if (kf, vf) == (kfmt, vfmt)]
             else:
                 best = [cfg for _, cfg in sorted(fastest.get((kfmt, vfmt), []), key=lambda x: x[0])]
-                default = attention.default_config(
-                    vfmt, D=sh.D, units=attention.work_units(sh.B, sh.Hq, sh.Hkv, 1)
-                )
+                default = shape_default(vfmt, sh)
                 todo = [("long", cfg) for cfg in dict.fromkeys([default, *best[:MMA_TUNE_BEST]])]
             kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
             vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
@@ -509,13 +513,12 @@ def cmd_tune_mma(args, timer) -> list[dict]:
             del kc, vc
             torch.cuda.empty_cache()
     print(f"tune-mma: {len(rows)} timings in {time.time() - t_start:.0f} s; fastest vs default:")
-    groups: dict[tuple[str, int, int, int, int, int], list[dict]] = {}  # (variant, T, D, B, Hq, Hkv)
+    groups: dict[tuple[str, int], list[dict]] = {}  # (variant, T); one shape a run
     for r in rows:
         if "label" in r:
-            groups.setdefault((r["variant"], r["T"], r["D"], r["B"], r["Hq"], r["Hkv"]), []).append(r)
-    for (variant, T, D, B, Hq, Hkv), group in groups.items():
-        units = attention.work_units(B, Hq, Hkv, 1)
-        default = mma_label(attention.default_config(variant.split("+")[1], D=D, units=units))
+            groups.setdefault((r["variant"], r["T"]), []).append(r)
+    for (variant, T), group in groups.items():
+        default = mma_label(shape_default(variant.split("+")[1], shape))
         base = next((r for r in group if r["label"] == default), None)
         best = min(group, key=lambda r: r["ms"])
         vs = f", {base['ms'] / best['ms']:.2f}x the default's {base['ms'] * 1e3:.1f} us" if base else ""
@@ -610,8 +613,7 @@ def cmd_compare(args, timer) -> list[dict]:
                 else:
                     if "stages" in kw:  # a shape: its stages are (K, V) slots, one ring
                         kw.setdefault("kvsplit", False)
-                    units = attention.work_units(sh.B, sh.Hq, sh.Hkv, 1)
-                    cfg = dataclasses.replace(attention.default_config(vfmt, D=sh.D, units=units), **kw)
+                    cfg = dataclasses.replace(shape_default(vfmt, sh), **kw)
                     if (
                         mma_occupancy(cfg, kfmt, vfmt)[0] > attention.SMEM_LIMIT
                     ):  # e.g. 16 warps with fp16 V rows

@@ -631,6 +631,9 @@ def test_default_config_by_work_units():
     assert attn.default_config("polar", D=128, units=1) == attn.DEFAULT_CONFIG
     assert attn.default_config("polar3", D=256, units=1) == attn.POLAR3V_CONFIG
     assert attn.default_config("polar3", "lut", D=64, units=1).impl == "simt"
+    # the benchmarks' "default" rows take the same rule from their shape
+    assert bench_gpu.shape_default("polar3", bench_gpu.Shape(1, 32768, 9, 3, 64)) == few
+    assert bench_gpu.shape_default("polar3", bench_gpu.Shape(16, 32768, 9, 3, 64)) == attn.POLAR3V_D64_CONFIG
     for D, vfmt in ((64, "polar"), (64, "polar3"), (128, "polar3")):
         for kfmt in ("polar", "polar3"):
             for rb in range(1, 9):
