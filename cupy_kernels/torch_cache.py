@@ -14,6 +14,15 @@ mu_v) of [Hkv, D] tensors). Decode steps (up to `max_kernel_q` query tokens, no 
 mask) run the split-K attention kernel on the compressed cache; prefill and masked steps
 dequantize the cache and call SDPA.
 
+Left-padded batches (what `generate` runs for prompts of different lengths): when the first
+prefill's mask shows each sequence's padding as a run of masked keys at its start, the layer drops
+those keys after that step (each sequence's tokens move to the start of its rows, `lens` becomes
+its own length, `pads` holds what was dropped). Later steps whose mask is exactly that padding plus
+causality take the kernel path with the per-sequence lengths; any other mask takes the dequantize +
+SDPA path on the padded view (`padded`). `keep_padding=True` keeps the padding (every masked step
+then dequantizes the cache: the behaviour before). The "prefill" centering offsets are the mean
+over the first update's tokens, the padding's included (exact under softmax either way).
+
 Use:
 
     from cupy_kernels.torch_cache import PolarCache, enable
@@ -89,7 +98,9 @@ class PolarKV:
 
 class PolarCacheLayer(CacheLayerMixin):
     """One layer: K and V blocks [B, Hkv, T_max, D/64, type_size] uint8 (V float16 [B, Hkv,
-    T_max, D] for vfmt="f16"), all sequences of the batch of equal length."""
+    T_max, D] for vfmt="f16"). `length`: the tokens every sequence has taken (padding included:
+    what transformers counts); `lens` [B] int32 on the device: the keys stored per sequence,
+    `length` for all unless the layer dropped a left padding (`pads` [B], see the module doc)."""
 
     is_compileable = False
     is_sliding = False
@@ -104,6 +115,7 @@ class PolarCacheLayer(CacheLayerMixin):
         backend: str = "auto",
         max_kernel_q: int = 8,
         attn_config: gpu_attn.AttnConfig | None = None,
+        keep_padding: bool = False,
     ):
         super().__init__()
         if kfmt not in ("polar", "polar3"):
@@ -119,7 +131,9 @@ class PolarCacheLayer(CacheLayerMixin):
         self.backend = backend
         self.max_kernel_q = max_kernel_q
         self.attn_config = attn_config
+        self.keep_padding = keep_padding
         self.length = 0
+        self.pads = None
         self.mu_k = self.mu_v = None
 
     # ---- storage ---------------------------------------------------------------------------
@@ -147,6 +161,7 @@ class PolarCacheLayer(CacheLayerMixin):
             )
         self.lens = torch.zeros((B,), dtype=torch.int32, device=self.device)
         self.length = 0
+        self.pads = None
         if isinstance(self.offsets, tuple):
             mk, mv = self.offsets
             self.mu_k = mk.to(self.device, torch.float32).reshape(1, H, 1, D)
@@ -182,16 +197,23 @@ class PolarCacheLayer(CacheLayerMixin):
         return k, v
 
     def _write(self, x: torch.Tensor, cache: torch.Tensor, fmt: str) -> None:
+        """x [B, H, t, D] into the cache at `length` (every sequence), or at each sequence's own
+        `lens[b]` once the layer has dropped a padding."""
         t = x.shape[2]
+        ragged = self.pads is not None
         if fmt == "f16":
-            cache[:, :, self.length : self.length + t] = x.to(torch.float16)
+            if ragged:
+                _scatter_positions(cache, x, self.lens)
+            else:
+                cache[:, :, self.length : self.length + t] = x.to(torch.float16)
         elif self.backend == "cupy":
-            gpu_codec.encode_into(x.contiguous(), cache, fmt, self.length)
+            gpu_codec.encode_into(x.contiguous(), cache, fmt, self.lens if ragged else self.length)
         else:
             b = codec.quantize_blocks(x.detach().cpu().numpy().reshape(-1, QK), fmt)
-            cache[:, :, self.length : self.length + t] = (
-                torch.from_numpy(b).reshape(x.shape[0], x.shape[1], t, -1, b.shape[-1]).to(cache.device)
-            )
+            b = torch.from_numpy(b).reshape(x.shape[0], x.shape[1], t, -1, b.shape[-1]).to(cache.device)
+            starts = self.lens.tolist() if ragged else [self.length] * x.shape[0]
+            for i, p in enumerate(starts):
+                cache[i, :, p : p + t] = b[i]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Encode the new keys/values [B, Hkv, t, D]; returns PolarKV handles for the
@@ -204,9 +226,50 @@ class PolarCacheLayer(CacheLayerMixin):
         self._write(k, self.keys, self.kfmt)
         self._write(v, self.values, self.vfmt)
         self.length += t
-        self.lens.fill_(self.length)
+        if self.pads is None:
+            self.lens.fill_(self.length)
+        else:
+            self.lens += t
         h = PolarKV(self)
         return h, h
+
+    # ---- left padding ----------------------------------------------------------------------
+
+    def drop_padding(self, pads: torch.Tensor) -> None:
+        """Drop the first pads[b] stored keys of each sequence b (int32 [B] on the device, each
+        below `length`): its other tokens move to the start of its rows, lens = length - pads."""
+        n = self.length
+        src = (torch.arange(n, device=self.device)[None, :] + pads.long()[:, None]).clamp(max=n - 1)
+        for name in ("keys", "values"):
+            c = getattr(self, name)
+            idx = src.view(self.B, 1, n, *([1] * (c.dim() - 3))).expand(self.B, c.shape[1], n, *c.shape[3:])
+            c[:, :, :n] = torch.gather(c[:, :, :n], 2, idx)
+        self.pads = pads.to(torch.int32)
+        self.lens = (n - self.pads).to(torch.int32)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """A dequantized [B, H, length, D] tensor of a layer that dropped its padding, back at the
+        positions transformers counts (the dropped keys' places hold a copy of key 0: mask them)."""
+        n = self.length
+        src = (torch.arange(n, device=x.device)[None, :] - self.pads.long()[:, None]).clamp(min=0)
+        return torch.gather(x, 2, src.view(self.B, 1, n, 1).expand(self.B, x.shape[1], n, x.shape[3]))
+
+    def visible(self, tq: int) -> torch.Tensor:
+        """[B or 1, 1, tq, length] bool at transformers' positions: key j visible to query i of the
+        last tq tokens (causal; the dropped padding masked): the mask under which the kernel path
+        computes what SDPA would."""
+        causal = _causal_tail_mask(tq, self.length, self.device)[None, None]
+        if self.pads is None:
+            return causal
+        j = torch.arange(self.length, device=self.device)
+        return causal & (j.view(1, 1, 1, -1) >= self.pads.view(-1, 1, 1, 1))
+
+    def stored_mask(self, tq: int) -> torch.Tensor:
+        """[B, 1, tq, length] bool over the stored keys: key j visible to query i of the last tq
+        tokens of sequence b iff j <= lens[b] - tq + i (what the kernel computes from lens)."""
+        j = torch.arange(self.length, device=self.device)
+        i = torch.arange(tq, device=self.device)
+        return j.view(1, 1, 1, -1) <= self.lens.long().view(-1, 1, 1, 1) - tq + i.view(1, 1, -1, 1)
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -261,29 +324,31 @@ class PolarCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
+        self.pads = None
         if self.is_initialized:
-            self.lens.zero_()
+            self.lens.zero_()  # in place: a static layer's graphs read this tensor
         if self.offsets == "prefill":
             self.mu_k = self.mu_v = None
 
+    def _per_sequence(self, f) -> None:
+        """Apply f (a batch-dim selection) to every per-sequence tensor, and take B from it."""
+        for name in ("keys", "values", "lens", "pads", "mu_k", "mu_v"):
+            x = getattr(self, name)
+            if x is not None and (name in ("keys", "values", "lens", "pads") or x.shape[0] == self.B > 1):
+                setattr(self, name, f(x))
+        self.B = self.keys.shape[0]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            self.keys = self.keys.index_select(0, beam_idx.to(self.device))
-            self.values = self.values.index_select(0, beam_idx.to(self.device))
+            self._per_sequence(lambda x: x.index_select(0, beam_idx.to(self.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, 0)
-            self.values = self.values.repeat_interleave(repeats, 0)
-            self.lens = self.lens.repeat_interleave(repeats, 0)
-            self.B *= repeats
+            self._per_sequence(lambda x: x.repeat_interleave(repeats, 0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self.keys = self.keys[indices]
-            self.values = self.values[indices]
-            self.lens = self.lens[indices]
-            self.B = self.keys.shape[0]
+            self._per_sequence(lambda x: x[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("PolarCacheLayer does not support crop (assisted decoding)")
@@ -293,6 +358,7 @@ class PolarCache(Cache):
     """A Cache of PolarCacheLayer, one per decoder layer of `config` (or `num_layers`).
 
     centering: None, "prefill", or {layer_idx: (mu_k [Hkv, D], mu_v [Hkv, D])}.
+    keep_padding: keep a left padding in the cache (masked steps dequantize it; the module doc).
     """
 
     def __init__(
@@ -306,6 +372,7 @@ class PolarCache(Cache):
         backend: str = "auto",
         max_kernel_q: int = 8,
         attn_config: gpu_attn.AttnConfig | None = None,
+        keep_padding: bool = False,
     ):
         if num_layers is None:
             if config is None:
@@ -316,7 +383,9 @@ class PolarCache(Cache):
         layers = []
         for i in range(num_layers):
             off = centering.get(i) if isinstance(centering, dict) else centering
-            layers.append(PolarCacheLayer(kfmt, vfmt, rotate, off, backend, max_kernel_q, attn_config))
+            layers.append(
+                PolarCacheLayer(kfmt, vfmt, rotate, off, backend, max_kernel_q, attn_config, keep_padding)
+            )
         super().__init__(layers=layers)
 
 
@@ -612,6 +681,21 @@ def _causal_tail_mask(tq: int, kv: int, device) -> torch.Tensor:
     return j <= (kv - tq) + i  # [tq, kv] True = attend
 
 
+def left_padding(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """pads [B] int32 if the bool mask [B, 1 or H, n, n] of a first prefill is causal with each
+    sequence's first pads[b] keys masked (a left padding, some pads[b] > 0, every pads[b] < n);
+    None for any other mask. The padding's own query rows are not looked at (transformers masks
+    them entirely or not at all, by version)."""
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (n, n):
+        return None
+    pads = (~mask[:, 0, -1, :]).sum(-1)  # the last query sees every key but the padding
+    j = torch.arange(n, device=mask.device)
+    want = _causal_tail_mask(n, n, mask.device)[None, None] & (j.view(1, 1, 1, -1) >= pads.view(-1, 1, 1, 1))
+    real = j.view(1, 1, -1, 1) >= pads.view(-1, 1, 1, 1)  # query rows of real tokens
+    ok = ((mask == want) | ~real).all() & (pads > 0).any() & (pads < n).all()
+    return pads.to(torch.int32) if bool(ok) else None
+
+
 def polar_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -641,9 +725,14 @@ def polar_attention_forward(
         # equal-length batches, causal from lens; under CUDA-graph capture transformers builds a
         # mask (is_tracing) that .all() would read on the host
         attention_mask = None
-    elif attention_mask is not None and attention_mask.dtype == torch.bool and bool(attention_mask.all()):
-        attention_mask = None
-    if layer.backend == "cupy" and Tq <= layer.max_kernel_q and attention_mask is None:
+    elif attention_mask is not None:
+        attention_mask = attention_mask[..., -n:]
+    given = attention_mask
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        # a mask that adds nothing to what the layer knows (causality; its dropped padding) is left out
+        if bool((attention_mask == layer.visible(Tq)).all()):
+            attention_mask = None
+    if attention_mask is None and layer.backend == "cupy" and Tq <= layer.max_kernel_q:
         o = gpu_attn.attention(
             q.contiguous(),
             layer.keys,
@@ -659,19 +748,32 @@ def polar_attention_forward(
         # Prefill / masked steps: dequantize and SDPA (in the model's dtype on CUDA, so long
         # prompts take the flash kernel; float32 elsewhere).
         k, v = layer.dequantized()
+        if attention_mask is not None and layer.pads is not None:
+            # a mask of its own over transformers' positions: the keys back there, the dropped ones masked
+            k, v = layer.padded(k), layer.padded(v)
+            if attention_mask.dtype == torch.bool:
+                attention_mask = attention_mask & layer.visible(Tq)
+            else:
+                attention_mask = attention_mask.masked_fill(~layer.visible(Tq), float("-inf"))
         G = Hq // layer.H
         dt = query.dtype if q.is_cuda else torch.float32
         q, k, v = q.to(dt), k.repeat_interleave(G, 1).to(dt), v.repeat_interleave(G, 1).to(dt)
-        if attention_mask is None and Tq == n:
+        if attention_mask is None and Tq == n and layer.pads is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
         else:
             if attention_mask is None:
-                mask = _causal_tail_mask(Tq, n, q.device)
-            elif attention_mask.dtype == torch.bool:
-                mask = attention_mask[..., -n:]
+                mask = layer.stored_mask(Tq) if layer.pads is not None else _causal_tail_mask(Tq, n, q.device)
             else:
-                mask = attention_mask[..., -n:].to(dt)
+                mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(dt)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    if (
+        layer.pads is None
+        and Tq == n
+        and not (layer.keep_padding or isinstance(layer, StaticPolarCacheLayer))
+    ):
+        pads = left_padding(given, n)
+        if pads is not None:
+            layer.drop_padding(pads)
     o = layer.finish_output(o).to(query.dtype)
     return o.transpose(1, 2).contiguous(), None
 

@@ -4,6 +4,7 @@
     python scripts/gpu_decode_bench.py bench [--batches 1 16] [--contexts 8192 32768]
         [--caches fp16 polar polar+f16] [--steps 32] [--json out.json] [--md out.md]
     python scripts/gpu_decode_bench.py greedy PATH.gguf [--tokens 32] [--json out.json]
+    python scripts/gpu_decode_bench.py padded [--batch 8] [--context 8192] [--steps 16] [--json out.json]
 
 Caches (cupy_kernels.torch_cache.StaticPolarCache, storage allocated once for the capacity):
   fp16       float16 K and V, SDPA over the capacity with a mask built on the device from the
@@ -32,6 +33,12 @@ decode tokens/s of the graph replay (batch x steps / time between two CUDA event
 peak memory (torch.cuda.max_memory_allocated: weights, cache, graph pool, activations).
 Attention precision: PolarCache rotates q in float32, so the kernel runs prec "auto" = "fp32"
 (cupy_kernels.attention.AttnConfig) as in the eager cache; `--attn-prec fp16` picks the fp16 one.
+
+`padded` times eager greedy decode steps of a left-padded batch (prompt b has context - pad_b random
+tokens, pads spread evenly from 0 to context / 2) with the dynamic caches of `generate`: fp16
+(transformers' DynamicCache + SDPA with the padding mask), polar (PolarCache: it drops the padding
+after the prefill, decode steps run the kernel on per-sequence lengths) and polar-keep
+(PolarCache(keep_padding=True): every masked step dequantizes the cache for SDPA, as before session 35).
 
 `greedy` loads a GGUF model (kvpolar.calibrate.load_gguf_model, as scripts/gpu_generate.py) and
 checks, per cache, that the graph replay produces the same greedy tokens as the same static cache
@@ -83,6 +90,7 @@ QWEN15B = dict(
     tie_word_embeddings=True,
 )
 CAPACITY_STEP = 256
+PADDED_KINDS = ("fp16", "polar", "polar-keep")  # `padded`: the dynamic caches of generate()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--profile", action="store_true", help="profile one eager step per row (torch.profiler, GPU kernels)"
     )
+    pd = sub.add_parser("padded", help="eager decode of a left-padded batch, dynamic caches (random weights)")
+    pd.add_argument("--json", type=Path, help="write the results to this file")
+    pd.add_argument("--verbose", action="store_true")
+    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--caches", nargs="+", choices=PADDED_KINDS, default=list(PADDED_KINDS))
+    pd.add_argument("--batch", type=_positive, default=8)
+    pd.add_argument("--context", type=_positive, default=8192, help="the padded prompt length")
+    pd.add_argument("--steps", type=_positive, default=16, help="timed eager decode steps")
+    pd.add_argument("--warmup", type=_nonneg, default=2, help="untimed decode steps before them")
+    pd.add_argument("--layers", type=_positive, default=QWEN15B["num_hidden_layers"])
     g = sub.add_parser("greedy", help="graph replay == eager steps, real weights (GGUF)", parents=[common])
     g.add_argument("path", type=Path)
     g.add_argument("--tokens", type=_positive, default=32, help="greedy tokens compared (N)")
@@ -508,8 +526,120 @@ def cmd_bench(args) -> int:
 def write_results(res: dict, args) -> None:
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=1) + "\n", mkdir=True)
-    if args.md:
+    if getattr(args, "md", None):  # (bench only)
         atomic_write_text(args.md, markdown_report(res), mkdir=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# padded
+
+
+def left_pads(batch: int, context: int) -> list[int]:
+    """Pads of a left-padded batch: spread evenly from 0 (row 0) to context // 2 (the last row)."""
+    return [round(b * (context // 2) / max(batch - 1, 1)) for b in range(batch)]
+
+
+def padded_one(model, kind: str, ids, am, args) -> dict:
+    """Prefill the left-padded ids [B, P] (mask am) into a fresh cache of `kind`, then greedy
+    eager decode steps: `warmup` untimed, `steps` timed."""
+    import torch
+    from transformers import DynamicCache
+
+    from cupy_kernels import torch_cache as tc
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if kind == "fp16":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = tc.PolarCache(model.config, keep_padding=kind == "polar-keep")
+    B = ids.shape[0]
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    tokens = []
+    with torch.no_grad():
+        kw = dict(past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = (
+            model(input_ids=ids, attention_mask=am, position_ids=pos, **kw)
+            .logits[:, -1]
+            .argmax(-1, keepdim=True)
+        )
+        dt = 0.0
+        for s in range(args.warmup + args.steps):
+            tokens.append(nxt[:, 0].tolist())
+            am = torch.cat([am, torch.ones((B, 1), dtype=am.dtype, device=am.device)], 1)
+            p = pos[:, -1:] + 1
+            pos = torch.cat([pos, p], 1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits = model(input_ids=nxt, attention_mask=am, position_ids=p, **kw).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            if s >= args.warmup:
+                dt += time.perf_counter() - t0
+    row = {
+        "cache": kind,
+        "batch": B,
+        "context": ids.shape[1],
+        "steps": args.steps,
+        "tok_per_s": B * args.steps / dt,
+        "ms_per_step": 1e3 * dt / args.steps,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "tokens": [list(t) for t in zip(*tokens, strict=True)],
+    }
+    if kind != "fp16":
+        layer = cache.layers[0]
+        row["dropped_padding"] = layer.pads.tolist() if layer.pads is not None else None
+    del cache
+    return row
+
+
+def cmd_padded(args) -> int:
+    import torch
+
+    model = qwen_like(args.layers)
+    pads = left_pads(args.batch, args.context)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, QWEN15B["vocab_size"], (args.batch, args.context), generator=g).cuda()
+    am = torch.ones_like(ids)
+    for b, p in enumerate(pads):
+        am[b, :p] = 0
+    res = {
+        "what": "eager greedy decode steps, left-padded batch, dynamic caches (gpu_decode_bench.py padded)",
+        "model": f"random-weight Qwen2ForCausalLM, Qwen2.5-1.5B shape, {args.layers} layers, float16",
+        "pads": pads,
+        "device": device_info(),
+        "argv": sys.argv,
+        "rows": [],
+    }
+    print(f"{res['model']}; {res['device']['name']}; B={args.batch}, padded to {args.context}, pads {pads}")
+    for kind in args.caches:
+        try:
+            r = padded_one(model, kind, ids, am, args)
+        except Exception as e:  # a row that cannot run is reported, the others still run
+            r = {"cache": kind, "error": f"{type(e).__name__}: {e}"}
+        res["rows"].append(r)
+        if r.get("error"):
+            print(f"{kind}: FAILED {r['error']}", flush=True)
+        else:
+            dropped = (
+                f", padding dropped: {r['dropped_padding'] is not None}" if "dropped_padding" in r else ""
+            )
+            print(
+                f"{kind:<11} {r['tok_per_s']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step), "
+                f"peak {r['peak_gib']:.2f} GiB{dropped}",
+                flush=True,
+            )
+        write_results(res, args)
+    by = {r["cache"]: r for r in res["rows"] if not r.get("error")}
+    if "polar" in by and "polar-keep" in by:  # the same bytes through two attention paths
+        same = [
+            first_divergence(a, b)
+            for a, b in zip(by["polar"]["tokens"], by["polar-keep"]["tokens"], strict=True)
+        ]
+        res["polar_vs_keep_first_divergence"] = same
+        print(f"polar vs polar-keep, first differing step per row: {same}")
+        write_results(res, args)
+    return 1 if any(r.get("error") for r in res["rows"]) else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,7 +722,7 @@ def main(argv=None) -> int:
     if args.cmd is None:
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    return cmd_bench(args) if args.cmd == "bench" else cmd_greedy(args)
+    return {"bench": cmd_bench, "padded": cmd_padded, "greedy": cmd_greedy}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,20 @@ from kvpolar.format import get_format
 # ---- pure Python -------------------------------------------------------------------------------
 
 
+def test_padded_arguments_and_pads():
+    args = gdb.parse_args(["padded", "--batch", "3", "--context", "64", "--caches", "fp16", "polar"])
+    assert (args.cmd, args.batch, args.context, args.caches, args.steps) == (
+        "padded",
+        3,
+        64,
+        ["fp16", "polar"],
+        16,
+    )
+    assert gdb.left_pads(3, 64) == [0, 16, 32] and gdb.left_pads(1, 64) == [0]
+    with pytest.raises(SystemExit):
+        gdb.parse_args(["padded", "--caches", "polar3"])
+
+
 def test_capacity():
     assert gdb.capacity(8192, 36) == 8448
     assert gdb.capacity(32768, 36) == 33024
@@ -242,3 +256,23 @@ def test_gpu_graph_replay_matches_eager(cuda_torch, kind):
         ref = torch.stack(ref)
         err = ((le - ref).abs().amax() / ref.abs().amax()).item()
         assert err <= 1e-2, err
+
+
+@pytest.mark.gpu
+def test_gpu_padded_bench_rows(cuda_torch):
+    """`padded` on a small shape: every cache runs, the polar cache drops the padding, the kept one does
+    not (the logits of the two paths: tests/test_torch_cache.py::test_gpu_left_padded_teacher_forced)."""
+    torch = cuda_torch
+    args = gdb.parse_args(["padded", "--batch", "3", "--context", "96", "--steps", "4", "--layers", "2"])
+    model = gdb.qwen_like(args.layers)
+    ids = torch.randint(0, 1000, (3, 96), generator=torch.Generator().manual_seed(0)).cuda()
+    am = torch.ones_like(ids)
+    for b, p in enumerate(gdb.left_pads(3, 96)):
+        am[b, :p] = 0
+    rows = {k: gdb.padded_one(model, k, ids, am, args) for k in gdb.PADDED_KINDS}
+    assert rows["polar"]["dropped_padding"] == [0, 24, 48] and rows["polar-keep"]["dropped_padding"] is None
+    assert all(
+        len(r["tokens"]) == 3 and len(r["tokens"][0]) == 6 and r["tok_per_s"] > 0 for r in rows.values()
+    )
+    # the prefill is the same path for both: their first tokens agree
+    assert [t[0] for t in rows["polar"]["tokens"]] == [t[0] for t in rows["polar-keep"]["tokens"]]

@@ -161,6 +161,45 @@ def test_gpu_generate_tiny(cuda, vfmt):
     print(f"tiny llama fp16 vs polar/{vfmt}: first divergence {div}")
 
 
+@pytest.mark.gpu
+def test_gpu_left_padded_teacher_forced(cuda, monkeypatch):
+    """A left-padded batch: after the prefill the layers drop the padding, the decode steps run the
+    kernel on per-sequence lengths (no dequantize + SDPA), and give the logits of the reference path
+    (numpy codec + SDPA over the same bytes) on the real rows."""
+    m = tiny_llama(device=cuda)
+    tc.enable(m)
+    g = torch.Generator().manual_seed(4)
+    n0, pads = 24, [0, 9, 17]
+    ids = torch.randint(1, 512, (3, n0 + 16), generator=g).to(cuda)
+    am = torch.ones(3, n0, dtype=torch.long, device=cuda)
+    for b, p in enumerate(pads):
+        am[b, :p] = 0
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    ca = tc.PolarCache(m.config, backend="cupy")
+    cb = tc.PolarCache(m.config, backend="reference")
+    calls = []
+    real_attention = tc.gpu_attn.attention
+    monkeypatch.setattr(
+        tc.gpu_attn, "attention", lambda *a, **k: calls.append(a[3]) or real_attention(*a, **k)
+    )
+    with torch.no_grad():
+        la = m(ids[:, :n0], attention_mask=am, position_ids=pos, past_key_values=ca).logits[:, -1]
+        lb = m(ids[:, :n0], attention_mask=am, position_ids=pos, past_key_values=cb).logits[:, -1]
+        assert ca.layers[0].pads.tolist() == pads and not calls
+        worst = float((la - lb).abs().max() / lb.abs().max())
+        for t in range(n0, n0 + 16):
+            am = torch.cat([am, torch.ones(3, 1, dtype=torch.long, device=cuda)], 1)
+            p = pos[:, -1:] + 1
+            pos = torch.cat([pos, p], 1)
+            kw = dict(attention_mask=am, position_ids=p)
+            la = m(ids[:, t : t + 1], past_key_values=ca, **kw).logits
+            lb = m(ids[:, t : t + 1], past_key_values=cb, **kw).logits
+            worst = max(worst, float((la - lb).abs().max() / lb.abs().max()))
+    assert len(calls) == 16 * m.config.num_hidden_layers
+    assert calls[-1].tolist() == [n0 + 16 - p for p in pads]  # the kernel's lens: each sequence's own
+    assert worst < 1e-4, worst
+
+
 def test_model_offsets_from_bias_and_gguf(tmp_path):
     """Centering offsets as llama.cpp picks them: the GGUF's attn_k.center (llama dim order
     undone), else the k_proj bias; V only on request."""
@@ -213,6 +252,136 @@ def test_prefill_is_causal_matches_masked():
     assert torch.allclose(out, out2, atol=1e-6)
     out3, _ = tc.polar_attention_forward(M(), q[:, :, -3:], h, h, None, scaling=0.1)
     assert torch.allclose(out[:, -3:], out3, atol=1e-6)
+
+
+def _padded_layers(vfmt: str = "polar", centering=None):
+    """Two layers with the same bytes (B=2, 8 prefill tokens, sequence 1 left-padded by 3): `a` saw
+    the padding mask at its prefill (it drops the padding), `b` saw no mask (it keeps the padding)."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn((2, 2, 8, 128), generator=g) + 0.3
+    v = torch.randn((2, 2, 8, 128), generator=g)
+    q = torch.randn((2, 4, 8, 128), generator=g)
+    pads = torch.tensor([0, 3])
+    j = torch.arange(8)
+    mask = tc._causal_tail_mask(8, 8, "cpu")[None, None] & (j.view(1, 1, 1, -1) >= pads.view(-1, 1, 1, 1))
+
+    class M(torch.nn.Module):
+        num_key_value_groups = 2
+
+    out = {}
+    for name, m in (("a", mask), ("b", None)):
+        layer = tc.PolarCacheLayer("polar", vfmt, offsets=centering, backend="reference")
+        h = tc.PolarKV(layer.update(k, v)[0].layer)
+        o, _ = tc.polar_attention_forward(M(), q, h, h, m, scaling=0.1)
+        out[name] = layer, o
+    return out, M, mask, g
+
+
+@pytest.mark.parametrize("vfmt", ["polar", "f16"])
+def test_left_padding_dropped_cpu(vfmt, monkeypatch):
+    """A left-padded prefill: the layer drops the padding (bytes moved, lens per sequence); a decode
+    step whose mask is that padding takes the mask-free path and computes what SDPA over the padded
+    cache with the mask computes; any other mask takes the padded view (same result as a layer that
+    kept the padding)."""
+    out, M, mask, g = _padded_layers(vfmt, "prefill")
+    (a, _), (b, _) = out["a"], out["b"]
+    assert a.pads.tolist() == [0, 3] and a.lens.tolist() == [8, 5] and b.pads is None
+    assert torch.equal(a.keys[1, :, :5], b.keys[1, :, 3:8]) and torch.equal(
+        a.keys[0, :, :8], b.keys[0, :, :8]
+    )
+    assert torch.equal(a.values[1, :, :5], b.values[1, :, 3:8])
+    k1 = torch.randn((2, 2, 1, 128), generator=g)
+    v1 = torch.randn((2, 2, 1, 128), generator=g)
+    q1 = torch.randn((2, 4, 1, 128), generator=g)
+    a.update(k1, v1)
+    b.update(k1, v1)
+    assert a.lens.tolist() == [9, 6] and a.get_seq_length() == 9
+    assert torch.equal(a.keys[1, :, 5], b.keys[1, :, 8]) and torch.equal(a.values[1, :, 5], b.values[1, :, 8])
+    dmask = mask[:, :, -1:, :].clone()
+    dmask = torch.cat([dmask, torch.ones(2, 1, 1, 1, dtype=torch.bool)], -1)  # [2, 1, 1, 9]
+    ha, hb = tc.PolarKV(a), tc.PolarKV(b)
+    ref, _ = tc.polar_attention_forward(M(), q1, hb, hb, dmask, scaling=0.1)
+
+    def boom(*args, **kw):
+        raise AssertionError("the padded view was taken")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tc.PolarCacheLayer, "padded", boom)
+        got, _ = tc.polar_attention_forward(M(), q1, ha, ha, dmask, scaling=0.1)
+        got_none, _ = tc.polar_attention_forward(M(), q1, ha, ha, None, scaling=0.1)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got_none, ref, atol=1e-5, rtol=1e-4)
+    hole = dmask.clone()
+    hole[1, 0, 0, 5] = False  # one more key masked: not what the layer knows
+    ref2, _ = tc.polar_attention_forward(M(), q1, hb, hb, hole, scaling=0.1)
+    got2, _ = tc.polar_attention_forward(M(), q1, ha, ha, hole, scaling=0.1)
+    assert torch.allclose(got2, ref2, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got2, got, atol=1e-3)
+    fmask = torch.zeros(hole.shape).masked_fill(~hole, float("-inf"))  # the same as an additive mask
+    got3, _ = tc.polar_attention_forward(M(), q1, ha, ha, fmask, scaling=0.1)
+    assert torch.allclose(got3, ref2, atol=1e-5, rtol=1e-4)
+
+
+def test_left_padding_detection():
+    """tc.left_padding: pads of a left-padded causal prefill mask, None for anything else."""
+    n = 6
+    causal = tc._causal_tail_mask(n, n, "cpu")[None, None]
+    j = torch.arange(n).view(1, 1, 1, -1)
+
+    def left(pads):
+        m = causal & (j >= torch.tensor(pads).view(-1, 1, 1, 1))
+        rows = torch.arange(n).view(1, 1, -1, 1) < torch.tensor(pads).view(-1, 1, 1, 1)
+        return m & ~rows  # the padding's own rows fully masked (transformers 5.x)
+
+    assert tc.left_padding(left([0, 2, 5]), n).tolist() == [0, 2, 5]
+    assert tc.left_padding(left([0, 2]).expand(2, 4, n, n), n).tolist() == [0, 2]  # per-head masks
+    assert tc.left_padding(causal & j >= 0, n) is None  # no padding: nothing to drop
+    assert tc.left_padding(None, n) is None
+    assert tc.left_padding(left([0, 2]).float(), n) is None  # additive masks: not looked at
+    assert tc.left_padding(left([0, 6]), n) is None  # a sequence of padding only
+    right = causal & (j < torch.tensor([6, 4]).view(-1, 1, 1, 1))
+    assert tc.left_padding(right, n) is None
+    hole = left([0, 2]).clone()
+    hole[0, 0, 5, 3] = False
+    assert tc.left_padding(hole, n) is None
+    assert tc.left_padding(left([0, 2])[..., :5, :5], n) is None  # not the first prefill's shape
+
+
+def test_left_padded_generate_cpu(monkeypatch):
+    """generate() on a left-padded batch: each row's tokens as when it runs alone, the decode steps
+    on the mask-free path (the layer dropped the padding)."""
+    m = tiny_llama()
+    tc.enable(m)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(1, 512, (1, 12), generator=g)
+    b = torch.randint(1, 512, (1, 7), generator=g)
+    ids = torch.zeros((2, 12), dtype=torch.long)
+    ids[0], ids[1, 5:] = a[0], b[0]
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, :5] = 0
+    cache = tc.PolarCache(m.config, backend="reference")
+    calls = []
+    real_padded = tc.PolarCacheLayer.padded
+    monkeypatch.setattr(tc.PolarCacheLayer, "padded", lambda self, x: calls.append(1) or real_padded(self, x))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = m.generate(ids, attention_mask=am, past_key_values=cache, **kw)
+        o1 = m.generate(a, past_key_values=tc.PolarCache(m.config, backend="reference"), **kw)
+        o2 = m.generate(b, past_key_values=tc.PolarCache(m.config, backend="reference"), **kw)
+    assert torch.equal(out[0, 12:], o1[0, 12:]) and torch.equal(out[1, 12:], o2[0, 7:])
+    layer = cache.layers[0]
+    assert layer.pads.tolist() == [0, 5] and layer.lens.tolist() == [17, 12] and cache.get_seq_length() == 17
+    assert not calls
+    kept = tc.PolarCache(
+        m.config, backend="reference", keep_padding=True
+    )  # the behaviour before: masked steps
+    with torch.no_grad():
+        out_kept = m.generate(ids, attention_mask=am, past_key_values=kept, **kw)
+    assert (
+        torch.equal(out_kept, out)
+        and kept.layers[0].pads is None
+        and kept.layers[0].lens.tolist() == [17, 17]
+    )
 
 
 def test_head_dim_from_the_config():

@@ -118,6 +118,11 @@ BUILD_MARKER = ".kvpolar-build-complete"
 BUILD_INFO = "kvpolar-build.json"
 
 VENV_MARKER = ".kvpolar-venv-complete"
+# The CPU tests of cupy_kernels.torch_cache and the static caches need torch and transformers. torch comes
+# only from a wheel already on the machine (pip's find-links, `--no-index`), never from the index: on
+# PyPI, plain `torch` is a CUDA build of several GB. Without such a wheel those tests skip, as before.
+# transformers: the release the GPU machines hold (device KINDS.md), so both run the same code.
+CPU_TORCH_EXTRAS = ("transformers==5.17.0",)
 
 VENV_LLAMA_MARKER = ".kvpolar-llama-cpp-python"
 

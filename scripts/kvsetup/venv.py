@@ -17,12 +17,12 @@ from pathlib import Path
 from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import cache_dir
 
-from .pins import VENV_MARKER
+from .pins import CPU_TORCH_EXTRAS, VENV_MARKER
 from .util import BootstrapError, RegistryError, file_lock, log, repo_root, run, sha256_file
 
 
 def venv_key(root: Path | None = None) -> str:
-    """Hash of pyproject.toml + interpreter version + checkout path.
+    """Hash of pyproject.toml + the CPU torch extras + interpreter version + checkout path.
 
     The checkout path is part of the key because the venv holds an editable install of this
     checkout: two worktrees must not share one venv (tests would import the other tree).
@@ -30,6 +30,7 @@ def venv_key(root: Path | None = None) -> str:
     root = root or repo_root()
     h = hashlib.sha256()
     h.update((root / "pyproject.toml").read_bytes())
+    h.update("\0".join(CPU_TORCH_EXTRAS).encode())
     h.update(f"\0{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}\0".encode())
     h.update(str(root.resolve()).encode())
     return h.hexdigest()[:12]
@@ -70,6 +71,7 @@ def cmd_venv(args: argparse.Namespace | None = None) -> Path:
         try:
             log("pip install -e '.[test]' (numpy, gguf, tqdm, pytest, scipy, safetensors)")
             pip_install(py, ["-e", f"{root}[test]"], what="pip install -e '.[test]'")
+            install_cpu_torch(py)
         except BootstrapError:
             shutil.rmtree(venv, ignore_errors=True)
             raise
@@ -80,6 +82,31 @@ def cmd_venv(args: argparse.Namespace | None = None) -> Path:
         )
         log(f"venv ready in {time.time() - t0:.0f}s")
         return py
+
+
+def install_cpu_torch(py: Path) -> bool:
+    """torch from a wheel on this machine (pip's find-links, no index) and CPU_TORCH_EXTRAS (pins.py says
+    why); False, and nothing installed, where there is no such wheel. A failure after the wheel is found
+    (its dependencies or the extras from the index) raises."""
+    probe = subprocess.run(
+        [py, "-m", "pip", "install", "--disable-pip-version-check", "--no-index", "--no-deps", "torch"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        log("no torch wheel on this machine (pip --no-index): the torch CPU tests will skip")
+        return False
+    version = subprocess.run(
+        [py, "-c", "import importlib.metadata as m; print(m.version('torch'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    log(f"torch {version} from this machine's wheel; its dependencies and {' '.join(CPU_TORCH_EXTRAS)}")
+    pip_install(
+        py, [f"torch=={version}", *CPU_TORCH_EXTRAS], what="pip install torch's dependencies, transformers"
+    )
+    return True
 
 
 REGISTRY_HINT = (
