@@ -322,6 +322,22 @@ def test_left_padding_dropped_cpu(vfmt, monkeypatch):
     assert torch.allclose(got3, ref2, atol=1e-5, rtol=1e-4)
 
 
+def test_reorder_moves_every_per_sequence_tensor():
+    """Beam reordering / batch selection after a dropped padding: bytes, lens, pads and the per-sequence
+    "prefill" offsets move together (mu_v is added back to each sequence's output)."""
+    out, _M, _mask, _g = _padded_layers("polar", "prefill")
+    a, _ = out["a"]
+    keys, lens, pads, mu_v = a.keys.clone(), a.lens.clone(), a.pads.clone(), a.mu_v.clone()
+    a.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(a.keys, keys.flip(0)) and a.lens.tolist() == lens.flip(0).tolist()
+    assert a.pads.tolist() == pads.flip(0).tolist() and torch.equal(a.mu_v, mu_v.flip(0))
+    a.batch_repeat_interleave(2)
+    assert a.B == 4 and a.lens.tolist() == [5, 5, 8, 8] and a.pads.tolist() == [3, 3, 0, 0]
+    assert a.mu_k.shape[0] == 4
+    a.batch_select_indices(torch.tensor([0, 3]))
+    assert a.B == 2 and a.lens.tolist() == [5, 8] and torch.equal(a.mu_v, mu_v.flip(0))
+
+
 def test_left_padding_detection():
     """tc.left_padding: pads of a left-padded causal prefill mask, None for anything else."""
     n = 6
