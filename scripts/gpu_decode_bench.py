@@ -334,7 +334,9 @@ def greedy_tokens(model, cache, ids, n: int, graph: bool) -> list[list[int]]:
     return torch.stack(out, 1).tolist()
 
 
-def make_cache(model, kind: str, max_len: int, centering=None, attn_prec: str = "auto"):
+def make_cache(model, kind: str, max_len: int, centering=None, attn_prec: str = "auto", batch: int = 1):
+    """The static cache of `kind`; attn_prec other than "auto": the kernel shape plan would take for a
+    decode step of `batch` sequences, with that precision."""
     import dataclasses
 
     from cupy_kernels import attention as gpu_attn
@@ -343,7 +345,10 @@ def make_cache(model, kind: str, max_len: int, centering=None, attn_prec: str = 
     kfmt, vfmt = KINDS[kind]
     cfg = None
     if attn_prec != "auto":
-        cfg = dataclasses.replace(gpu_attn.default_config(vfmt, D=tc.head_dim(model.config)), prec=attn_prec)
+        text = model.config.get_text_config(decoder=True)
+        units = gpu_attn.work_units(batch, text.num_attention_heads, text.num_key_value_heads, 1)
+        cfg = gpu_attn.default_config(vfmt, D=tc.head_dim(model.config), units=units)
+        cfg = dataclasses.replace(cfg, prec=attn_prec)
     f16_impl = "matmul" if kind == "fp16-mm" else "sdpa"
     return tc.StaticPolarCache(
         model.config, max_len, kfmt=kfmt, vfmt=vfmt, centering=centering, attn_config=cfg, f16_impl=f16_impl
@@ -399,7 +404,7 @@ def bench_one(model, kind: str, batch: int, context: int, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     dec = cache = None
     try:
-        cache = make_cache(model, kind, cap, attn_prec=args.attn_prec)
+        cache = make_cache(model, kind, cap, attn_prec=args.attn_prec, batch=batch)
         fill_random(cache, model, batch, context, args.seed)
         row["cache_gib"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / 2**30
         g = torch.Generator().manual_seed(args.seed + 1)

@@ -9,6 +9,8 @@ the float16, polar K+V and polar K + fp16 V static caches, on a tiny random Llam
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import gpu_decode_bench as gdb
@@ -153,6 +155,18 @@ def test_static_f16_attention_matches_sdpa(th, impl):
     assert layer.get_seq_length() == 8 and layer.lens.tolist() == [8, 8]
     with pytest.raises(ValueError, match="impl must be one of"):
         tc.StaticF16CacheLayer(8, "flash")
+
+
+def test_attn_prec_cache_takes_the_steps_default(th):
+    """make_cache with --attn-prec: plan's default for a decode step of `batch` sequences, that precision."""
+    from cupy_kernels import attention as gpu_attn
+
+    m = gpu_generate.tiny_llama()  # 4/2 heads, D=64: 2 work items a sequence
+    few = gdb.make_cache(m, "polar", 64, attn_prec="fp16", batch=1).layers[0].attn_config
+    many = gdb.make_cache(m, "polar", 64, attn_prec="fp16", batch=16).layers[0].attn_config
+    assert few == dataclasses.replace(gpu_attn.FEW_UNITS_CONFIG, prec="fp16")
+    assert many == dataclasses.replace(gpu_attn.DEFAULT_CONFIG, prec="fp16")
+    assert gdb.make_cache(m, "polar", 64).layers[0].attn_config is None  # "auto": plan's own choice
 
 
 @pytest.mark.parametrize("vfmt", ["polar", "f16"])
