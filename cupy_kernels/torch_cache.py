@@ -104,7 +104,7 @@ class PolarCacheLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(
         self,
@@ -351,7 +351,24 @@ class PolarCacheLayer(CacheLayerMixin):
             self._per_sequence(lambda x: x[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("PolarCacheLayer does not support crop (assisted decoding)")
+        """Forget the last tokens (assisted decoding rolls back its rejected drafts), as transformers'
+        DynamicLayer: -n removes n, 0 nothing, n > 0 (the older form) keeps the first n where there are
+        more. The bytes stay; the next update writes over them."""
+        tokens_to_remove = int(tokens_to_remove)  # (generate passes a 0-d tensor)
+        if tokens_to_remove > 0:
+            n = max(self.length - tokens_to_remove, 0)
+        else:
+            n = min(-tokens_to_remove, self.length)
+        if n == 0:
+            return
+        if self.pads is not None and n > int(self.lens.min()):
+            raise ValueError(
+                f"crop of {n} tokens reaches into the dropped padding of a sequence "
+                f"(tokens per sequence: {self.lens.tolist()})"
+            )
+        self.length -= n
+        if self.is_initialized:
+            self.lens -= n  # in place: a static layer's graphs read this tensor
 
 
 class PolarCache(Cache):

@@ -338,6 +338,48 @@ def test_reorder_moves_every_per_sequence_tensor():
     assert a.B == 2 and a.lens.tolist() == [5, 8] and torch.equal(a.mu_v, mu_v.flip(0))
 
 
+def test_crop_forgets_the_last_tokens():
+    """crop(-n) (assisted decoding's roll-back): the next token is written where the first removed one
+    was, and attention reads only what is left; crop(0) does nothing; a crop into a dropped padding fails."""
+    layer, k, v = _layer_roundtrip("reference", "cpu", "polar", None)  # 8 tokens
+    ref = tc.PolarCacheLayer("polar", "polar", backend="reference")
+    ref.update(k[:, :, :5], v[:, :, :5])
+    layer.crop(0)
+    assert layer.get_seq_length() == 8
+    layer.crop(-3)
+    assert layer.get_seq_length() == 5 and layer.lens.tolist() == [5, 5]
+    k9, v9 = torch.randn(2, 2, 1, 128), torch.randn(2, 2, 1, 128)
+    layer.update(k9, v9)
+    ref.update(k9, v9)
+    assert torch.equal(layer.keys[:, :, :6], ref.keys[:, :, :6]) and torch.equal(
+        layer.values[:, :, :6], ref.values[:, :, :6]
+    )
+    layer.crop(4)  # the older form: keep 4
+    assert layer.get_seq_length() == 4 and layer.lens.tolist() == [4, 4]
+    out, _M, _mask, _g = _padded_layers()
+    a, _ = out["a"]  # lens [8, 5]
+    a.crop(-5)
+    assert a.lens.tolist() == [3, 0]
+    with pytest.raises(ValueError, match="dropped padding"):
+        a.crop(-1)
+
+
+def test_assisted_generation_cpu():
+    """Assisted (speculative) greedy decoding with the polar cache: the draft's rejected tokens are cropped
+    away, and the tokens are those of plain greedy decoding with the same cache."""
+    m = tiny_llama()
+    draft = tiny_llama(seed=1)
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        plain = m.generate(ids, past_key_values=tc.PolarCache(m.config, backend="reference"), **kw)
+        cache = tc.PolarCache(m.config, backend="reference")
+        fast = m.generate(ids, past_key_values=cache, assistant_model=draft, **kw)
+    assert torch.equal(fast, plain)
+    n = cache.get_seq_length()
+    assert type(n) is int and n == 10 + 12 - 1 and cache.layers[0].lens.tolist() == [n]
+
+
 def test_left_padding_detection():
     """tc.left_padding: pads of a left-padded causal prefill mask, None for anything else."""
     n = 6
