@@ -200,6 +200,41 @@ def test_gpu_left_padded_teacher_forced(cuda, monkeypatch):
     assert worst < 1e-4, worst
 
 
+@pytest.mark.gpu
+def test_gpu_crop_then_decode(cuda):
+    """After crop(-3) the kernel reads what a cache that never held the removed tokens reads (same
+    bytes: the same output), and assisted greedy decoding runs on the kernel path."""
+    g = torch.Generator(device=cuda).manual_seed(8)
+    k = torch.randn((2, 2, 11, 128), generator=g, device=cuda)
+    v = torch.randn((2, 2, 11, 128), generator=g, device=cuda)
+    q = torch.randn((2, 4, 1, 128), generator=g, device=cuda)
+    a = tc.PolarCacheLayer(backend="cupy")
+    b = tc.PolarCacheLayer(backend="cupy")
+    a.update(k[:, :, :10], v[:, :, :10])
+    a.crop(-3)
+    a.update(k[:, :, 10:], v[:, :, 10:])
+    b.update(torch.cat([k[:, :, :7], k[:, :, 10:]], 2), torch.cat([v[:, :, :7], v[:, :, 10:]], 2))
+
+    class M(torch.nn.Module):
+        num_key_value_groups = 2
+
+    oa, _ = tc.polar_attention_forward(M(), q, tc.PolarKV(a), tc.PolarKV(a), None, scaling=0.1)
+    ob, _ = tc.polar_attention_forward(M(), q, tc.PolarKV(b), tc.PolarKV(b), None, scaling=0.1)
+    assert a.get_seq_length() == 8 and torch.equal(a.keys[:, :, :8], b.keys[:, :, :8]) and torch.equal(oa, ob)
+
+    m = tiny_llama(device=cuda, dtype=torch.float16)
+    draft = tiny_llama(seed=1, device=cuda, dtype=torch.float16)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(3)).to(cuda)
+    cache = tc.PolarCache(m.config)
+    got = m.generate(ids, past_key_values=cache, assistant_model=draft, max_new_tokens=24, do_sample=False)
+    plain = m.generate(ids, past_key_values=tc.PolarCache(m.config), max_new_tokens=24, do_sample=False)
+    n = cache.get_seq_length()
+    assert got.shape == (1, 40) and n == 39 and cache.layers[0].lens.tolist() == [n]
+    print(
+        f"assisted vs plain greedy, polar cache (fp16 tiny llama): first divergence {tc.first_divergence(got, plain)}"
+    )
+
+
 def test_model_offsets_from_bias_and_gguf(tmp_path):
     """Centering offsets as llama.cpp picks them: the GGUF's attn_k.center (llama dim order
     undone), else the k_proj bias; V only on request."""
