@@ -230,9 +230,8 @@ def test_gpu_crop_then_decode(cuda):
     plain = m.generate(ids, past_key_values=tc.PolarCache(m.config), max_new_tokens=24, do_sample=False)
     n = cache.get_seq_length()
     assert got.shape == (1, 40) and n == 39 and cache.layers[0].lens.tolist() == [n]
-    print(
-        f"assisted vs plain greedy, polar cache (fp16 tiny llama): first divergence {tc.first_divergence(got, plain)}"
-    )
+    div = tc.first_divergence(got, plain)
+    print(f"assisted vs plain greedy, polar cache (fp16 tiny llama): first divergence {div}")
 
 
 def test_model_offsets_from_bias_and_gguf(tmp_path):
