@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 
 import numpy as np
 import torch
@@ -245,6 +246,7 @@ class PolarCacheLayer(CacheLayerMixin):
             idx = src.view(self.B, 1, n, *([1] * (c.dim() - 3))).expand(self.B, c.shape[1], n, *c.shape[3:])
             c[:, :, :n] = torch.gather(c[:, :, :n], 2, idx)
         self.pads = pads.to(torch.int32)
+        self.pads_host = tuple(self.pads.tolist())  # for mask_adds_nothing's memo
         self.lens = (n - self.pads).to(torch.int32)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +339,8 @@ class PolarCacheLayer(CacheLayerMixin):
             if x is not None and (name in ("keys", "values", "lens", "pads") or x.shape[0] == self.B > 1):
                 setattr(self, name, f(x))
         self.B = self.keys.shape[0]
+        if self.pads is not None:
+            self.pads_host = tuple(self.pads.tolist())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -713,6 +717,24 @@ def left_padding(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return pads.to(torch.int32) if bool(ok) else None
 
 
+# The last mask mask_adds_nothing compared, and the answer: a step's layers get the same mask object and
+# (after the same prefill) the same padding, so only the first of them reads the comparison on the host.
+_MASK_MEMO: dict = {}
+
+
+def mask_adds_nothing(layer: PolarCacheLayer, mask: torch.Tensor, tq: int) -> bool:
+    """Whether the bool mask (over the layer's `length` keys) is exactly what the layer computes without
+    one (`visible`: causality, its dropped padding). One host read a decode step, not one a layer."""
+    pads = layer.pads_host if layer.pads is not None else None
+    key = (tuple(mask.shape), mask._version, tq, layer.length, pads)
+    ref = _MASK_MEMO.get("mask")
+    if ref is not None and ref() is mask and _MASK_MEMO["key"] == key:
+        return _MASK_MEMO["same"]
+    same = bool((mask == layer.visible(tq)).all())
+    _MASK_MEMO.update(mask=weakref.ref(mask), key=key, same=same)
+    return same
+
+
 def polar_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -742,13 +764,16 @@ def polar_attention_forward(
         # equal-length batches, causal from lens; under CUDA-graph capture transformers builds a
         # mask (is_tracing) that .all() would read on the host
         attention_mask = None
-    elif attention_mask is not None:
+    elif attention_mask is not None and attention_mask.shape[-1] != n:
         attention_mask = attention_mask[..., -n:]
     given = attention_mask
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        # a mask that adds nothing to what the layer knows (causality; its dropped padding) is left out
-        if bool((attention_mask == layer.visible(Tq)).all()):
-            attention_mask = None
+    # a mask that adds nothing to what the layer knows (causality; its dropped padding) is left out
+    if (
+        attention_mask is not None
+        and attention_mask.dtype == torch.bool
+        and mask_adds_nothing(layer, attention_mask, Tq)
+    ):
+        attention_mask = None
     if attention_mask is None and layer.backend == "cupy" and Tq <= layer.max_kernel_q:
         o = gpu_attn.attention(
             q.contiguous(),

@@ -464,16 +464,25 @@ def test_left_padded_generate_cpu(monkeypatch):
     layer = cache.layers[0]
     assert layer.pads.tolist() == [0, 5] and layer.lens.tolist() == [17, 12] and cache.get_seq_length() == 17
     assert not calls
-    kept = tc.PolarCache(
-        m.config, backend="reference", keep_padding=True
-    )  # the behaviour before: masked steps
+    # the decode steps' masks were read on the host once a step, not once a layer
+    seen = []
+    real_visible = tc.PolarCacheLayer.visible
+    monkeypatch.setattr(
+        tc.PolarCacheLayer, "visible", lambda self, tq: seen.append(tq) or real_visible(self, tq)
+    )
+    with torch.no_grad():
+        again = m.generate(
+            ids, attention_mask=am, past_key_values=tc.PolarCache(m.config, backend="reference"), **kw
+        )
+    assert (
+        torch.equal(again, out) and len(seen) == 1 + 5 and m.config.num_hidden_layers == 4
+    )  # prefill, 5 steps
+    # keep_padding: the behaviour before (masked steps on the padded cache)
+    kept = tc.PolarCache(m.config, backend="reference", keep_padding=True)
     with torch.no_grad():
         out_kept = m.generate(ids, attention_mask=am, past_key_values=kept, **kw)
-    assert (
-        torch.equal(out_kept, out)
-        and kept.layers[0].pads is None
-        and kept.layers[0].lens.tolist() == [17, 17]
-    )
+    assert torch.equal(out_kept, out) and kept.layers[0].pads is None
+    assert kept.layers[0].lens.tolist() == [17, 17]
 
 
 def test_head_dim_from_the_config():
