@@ -717,6 +717,22 @@ def left_padding(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return pads.to(torch.int32) if bool(ok) else None
 
 
+def check_static_prefill(layer, mask: torch.Tensor | None, tq: int) -> None:
+    """A static cache's layer computes causal attention over equal-length sequences and ignores the mask
+    (decode steps are captured in CUDA graphs, where the host cannot read it). Its prefill (the first tq ==
+    length tokens: never captured) checks that the mask is that and nothing more, and raises otherwise
+    (a padded batch: PolarCache drops the padding, the static caches do not)."""
+    n = layer.length
+    if mask is None or tq != n:
+        return
+    keep = mask[..., -n:] if mask.dtype == torch.bool else mask[..., -n:] == 0
+    if not bool((keep == _causal_tail_mask(tq, n, keep.device)).all()):
+        raise ValueError(
+            "static caches hold equal-length batches, and this prefill's attention mask masks more than "
+            "the future tokens (a padded batch?): use PolarCache, which drops a left padding"
+        )
+
+
 # The last mask mask_adds_nothing compared, and the answer: a step's layers get the same mask object and
 # (after the same prefill) the same padding, so only the first of them reads the comparison on the host.
 _MASK_MEMO: dict = {}
@@ -748,6 +764,7 @@ def polar_attention_forward(
     """AttentionInterface function "kvpolar": query [B, Hq, Tq, D]; key/value PolarKV handles
     (any other tensors go to SDPA). Returns ([B, Tq, Hq, D], None)."""
     if isinstance(key, StaticKV):
+        check_static_prefill(key.layer, attention_mask, query.shape[2])
         return static_f16_attention(key.layer, query, scaling), None
     if not isinstance(key, PolarKV):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -763,6 +780,7 @@ def polar_attention_forward(
     if isinstance(layer, StaticPolarCacheLayer):
         # equal-length batches, causal from lens; under CUDA-graph capture transformers builds a
         # mask (is_tracing) that .all() would read on the host
+        check_static_prefill(layer, attention_mask, Tq)
         attention_mask = None
     elif attention_mask is not None and attention_mask.shape[-1] != n:
         attention_mask = attention_mask[..., -n:]

@@ -414,6 +414,22 @@ def test_assisted_generation_cpu():
     assert type(n) is int and n == 10 + 12 - 1 and cache.layers[0].lens.tolist() == [n]
 
 
+@pytest.mark.parametrize("kfmt", ["polar", "f16"])
+def test_static_cache_refuses_a_padded_prefill(kfmt):
+    """The static caches ignore masks (their decode steps run in CUDA graphs): a padded batch's prefill
+    raises, naming the cause, instead of attending to the padding; an unpadded one runs."""
+    m = tiny_llama()
+    ids = torch.randint(1, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 12, dtype=torch.long)
+    kw = dict(kfmt=kfmt, vfmt=kfmt, backend="reference")
+    with torch.no_grad():
+        m(ids, attention_mask=am, past_key_values=tc.StaticPolarCache(m.config, 32, **kw))
+        am[1, :5] = 0
+        cache = tc.StaticPolarCache(m.config, 32, **kw)
+        with pytest.raises(ValueError, match=r"equal-length batches.*PolarCache"):
+            m(ids, attention_mask=am, past_key_values=cache)
+
+
 def test_left_padding_detection():
     """tc.left_padding: pads of a left-padded causal prefill mask, None for anything else."""
     n = 6
