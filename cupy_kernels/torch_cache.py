@@ -240,6 +240,8 @@ class PolarCacheLayer(CacheLayerMixin):
         """Drop the first pads[b] stored keys of each sequence b (int32 [B] on the device, each
         below `length`): its other tokens move to the start of its rows, lens = length - pads."""
         n = self.length
+        if tuple(pads.shape) != (self.B,) or bool(((pads < 0) | (pads >= n)).any()):
+            raise ValueError(f"pads must be {self.B} counts in [0, {n}), got {pads.tolist()}")
         src = (torch.arange(n, device=self.device)[None, :] + pads.long()[:, None]).clamp(max=n - 1)
         for name in ("keys", "values"):
             c = getattr(self, name)

@@ -324,6 +324,8 @@ def test_left_padding_dropped_cpu(vfmt, monkeypatch):
         a.keys[0, :, :8], b.keys[0, :, :8]
     )
     assert torch.equal(a.values[1, :, :5], b.values[1, :, 3:8])
+    with pytest.raises(ValueError, match=r"pads must be 2 counts in \[0, 8\)"):
+        b.drop_padding(torch.tensor([0, 8]))
     k1 = torch.randn((2, 2, 1, 128), generator=g)
     v1 = torch.randn((2, 2, 1, 128), generator=g)
     q1 = torch.randn((2, 4, 1, 128), generator=g)
