@@ -503,6 +503,27 @@ def test_left_padded_generate_cpu(monkeypatch):
     assert kept.layers[0].lens.tolist() == [17, 17]
 
 
+@pytest.mark.parametrize("centering", [None, "prefill"])
+def test_left_padded_beam_search_cpu(centering):
+    """Beam search on a left-padded batch (the prompts expanded to 3 beams each, reordered every step) runs
+    with the padding dropped and gives the tokens of the padding kept (the masked path). (The beams of a
+    prompt share its padding and offsets: test_reorder_moves_every_per_sequence_tensor moves different ones.)"""
+    m = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 512, (2, 12), generator=g)
+    am = torch.ones(2, 12, dtype=torch.long)
+    ids[1, :5], am[1, :5] = 0, 0
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=3)
+    out = {}
+    with torch.no_grad():
+        for keep in (False, True):
+            cache = tc.PolarCache(m.config, backend="reference", centering=centering, keep_padding=keep)
+            out[keep] = m.generate(ids, attention_mask=am, past_key_values=cache, **kw)
+            if not keep:
+                assert cache.layers[0].pads.tolist() == [0, 0, 0, 5, 5, 5]
+    assert torch.equal(out[False], out[True])
+
+
 def test_head_dim_from_the_config():
     """torch_cache.head_dim: a config's head_dim where it sets one, else hidden_size / attention heads."""
     from transformers import LlamaConfig
