@@ -507,7 +507,7 @@ def test_left_padded_generate_cpu(monkeypatch):
 def test_left_padded_beam_search_cpu(centering):
     """Beam search on a left-padded batch (the prompts expanded to 3 beams each, reordered every step) runs
     with the padding dropped and gives the tokens of the padding kept (the masked path). (The beams of a
-    prompt share its padding and offsets: test_reorder_moves_every_per_sequence_tensor moves different ones.)"""
+    prompt share its padding and offsets: test_reorder_moves_every_per_sequence_tensor moves unequal ones.)"""
     m = tiny_llama()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 512, (2, 12), generator=g)
