@@ -97,7 +97,62 @@ class PolarKV:
         self.layer = layer
 
 
-class PolarCacheLayer(CacheLayerMixin):
+class LeftPadding:
+    """A left padding dropped from a cache layer's K/V rows (the module doc): what PolarCacheLayer and the
+    static layers share. The layer has B, device, length, keys and values [B, H, T, ...] and lens [B]."""
+
+    keep_padding = False
+    pads = None  # [B] int32 on the device once dropped
+
+    def set_lens(self, n: int) -> None:
+        """lens := n for every sequence, less its dropped padding (in place: a static layer's graphs
+        read this tensor)."""
+        if self.pads is None:
+            self.lens.fill_(n)
+        else:
+            self.lens.copy_(n - self.pads)
+
+    def drop_padding(self, pads: torch.Tensor) -> None:
+        """Drop the first pads[b] stored keys of each sequence b (int32 [B] on the device, each
+        below `length`): its other tokens move to the start of its rows, lens = length - pads."""
+        n = self.length
+        if tuple(pads.shape) != (self.B,) or bool(((pads < 0) | (pads >= n)).any()):
+            raise ValueError(f"pads must be {self.B} counts in [0, {n}), got {pads.tolist()}")
+        src = (torch.arange(n, device=self.device)[None, :] + pads.long()[:, None]).clamp(max=n - 1)
+        for name in ("keys", "values"):
+            c = getattr(self, name)
+            idx = src.view(self.B, 1, n, *([1] * (c.dim() - 3))).expand(self.B, c.shape[1], n, *c.shape[3:])
+            c[:, :, :n] = torch.gather(c[:, :, :n], 2, idx)
+        self.pads = pads.to(torch.int32)
+        self.pads_host = tuple(self.pads.tolist())  # for mask_adds_nothing's memo
+        self.set_lens(n)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """A dequantized [B, H, length, D] tensor of a layer that dropped its padding, back at the
+        positions transformers counts (the dropped keys' places hold a copy of key 0: mask them)."""
+        n = self.length
+        src = (torch.arange(n, device=x.device)[None, :] - self.pads.long()[:, None]).clamp(min=0)
+        return torch.gather(x, 2, src.view(self.B, 1, n, 1).expand(self.B, x.shape[1], n, x.shape[3]))
+
+    def visible(self, tq: int) -> torch.Tensor:
+        """[B or 1, 1, tq, length] bool at transformers' positions: key j visible to query i of the
+        last tq tokens (causal; the dropped padding masked): the mask under which the kernel path
+        computes what SDPA would."""
+        causal = _causal_tail_mask(tq, self.length, self.device)[None, None]
+        if self.pads is None:
+            return causal
+        j = torch.arange(self.length, device=self.device)
+        return causal & (j.view(1, 1, 1, -1) >= self.pads.view(-1, 1, 1, 1))
+
+    def stored_mask(self, tq: int) -> torch.Tensor:
+        """[B, 1, tq, length] bool over the stored keys: key j visible to query i of the last tq
+        tokens of sequence b iff j <= lens[b] - tq + i (what the kernel computes from lens)."""
+        j = torch.arange(self.length, device=self.device)
+        i = torch.arange(tq, device=self.device)
+        return j.view(1, 1, 1, -1) <= self.lens.long().view(-1, 1, 1, 1) - tq + i.view(1, 1, -1, 1)
+
+
+class PolarCacheLayer(LeftPadding, CacheLayerMixin):
     """One layer: K and V blocks [B, Hkv, T_max, D/64, type_size] uint8 (V float16 [B, Hkv,
     T_max, D] for vfmt="f16"). `length`: the tokens every sequence has taken (padding included:
     what transformers counts); `lens` [B] int32 on the device: the keys stored per sequence,
@@ -227,53 +282,9 @@ class PolarCacheLayer(CacheLayerMixin):
         self._write(k, self.keys, self.kfmt)
         self._write(v, self.values, self.vfmt)
         self.length += t
-        if self.pads is None:
-            self.lens.fill_(self.length)
-        else:
-            self.lens += t
+        self.set_lens(self.length)
         h = PolarKV(self)
         return h, h
-
-    # ---- left padding ----------------------------------------------------------------------
-
-    def drop_padding(self, pads: torch.Tensor) -> None:
-        """Drop the first pads[b] stored keys of each sequence b (int32 [B] on the device, each
-        below `length`): its other tokens move to the start of its rows, lens = length - pads."""
-        n = self.length
-        if tuple(pads.shape) != (self.B,) or bool(((pads < 0) | (pads >= n)).any()):
-            raise ValueError(f"pads must be {self.B} counts in [0, {n}), got {pads.tolist()}")
-        src = (torch.arange(n, device=self.device)[None, :] + pads.long()[:, None]).clamp(max=n - 1)
-        for name in ("keys", "values"):
-            c = getattr(self, name)
-            idx = src.view(self.B, 1, n, *([1] * (c.dim() - 3))).expand(self.B, c.shape[1], n, *c.shape[3:])
-            c[:, :, :n] = torch.gather(c[:, :, :n], 2, idx)
-        self.pads = pads.to(torch.int32)
-        self.pads_host = tuple(self.pads.tolist())  # for mask_adds_nothing's memo
-        self.lens = (n - self.pads).to(torch.int32)
-
-    def padded(self, x: torch.Tensor) -> torch.Tensor:
-        """A dequantized [B, H, length, D] tensor of a layer that dropped its padding, back at the
-        positions transformers counts (the dropped keys' places hold a copy of key 0: mask them)."""
-        n = self.length
-        src = (torch.arange(n, device=x.device)[None, :] - self.pads.long()[:, None]).clamp(min=0)
-        return torch.gather(x, 2, src.view(self.B, 1, n, 1).expand(self.B, x.shape[1], n, x.shape[3]))
-
-    def visible(self, tq: int) -> torch.Tensor:
-        """[B or 1, 1, tq, length] bool at transformers' positions: key j visible to query i of the
-        last tq tokens (causal; the dropped padding masked): the mask under which the kernel path
-        computes what SDPA would."""
-        causal = _causal_tail_mask(tq, self.length, self.device)[None, None]
-        if self.pads is None:
-            return causal
-        j = torch.arange(self.length, device=self.device)
-        return causal & (j.view(1, 1, 1, -1) >= self.pads.view(-1, 1, 1, 1))
-
-    def stored_mask(self, tq: int) -> torch.Tensor:
-        """[B, 1, tq, length] bool over the stored keys: key j visible to query i of the last tq
-        tokens of sequence b iff j <= lens[b] - tq + i (what the kernel computes from lens)."""
-        j = torch.arange(self.length, device=self.device)
-        i = torch.arange(tq, device=self.device)
-        return j.view(1, 1, 1, -1) <= self.lens.long().view(-1, 1, 1, 1) - tq + i.view(1, 1, -1, 1)
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -448,7 +459,8 @@ class StaticPolarCacheLayer(PolarCacheLayer):
     """PolarCacheLayer with K/V blocks allocated once for `max_cache_len` tokens (rounded up to a
     multiple of 8) and written at the device positions `lens` (see above). Decode steps plan the
     kernel for the capacity; prefill steps take PolarCacheLayer's dequantize + SDPA path. The
-    attention mask is ignored (equal-length batches, no padding: causal from lens).
+    attention mask is ignored (causal from lens), but for a left padding at the prefill, which is
+    dropped after it as in PolarCacheLayer (`static_prefill_padding`).
     backend "reference" writes polar blocks at the host `length` (numpy codec; not capturable)."""
 
     def __init__(self, max_cache_len: int, *args, **kwargs):
@@ -491,11 +503,12 @@ class StaticPolarCacheLayer(PolarCacheLayer):
         return self.max_cache_len
 
     def set_length(self, n: int) -> None:
-        """Host and device length := n (after graph replays, or to rewind)."""
+        """Host and device length := n (after graph replays, or to rewind; a sequence whose padding was
+        dropped holds n - pads[b] keys)."""
         self._reserve(n)
         self.length = n
         if self.is_initialized:
-            self.lens.fill_(n)
+            self.set_lens(n)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("static caches keep their batch size")
@@ -513,11 +526,12 @@ class StaticKV:
         self.layer = layer
 
 
-class StaticF16CacheLayer(CacheLayerMixin):
+class StaticF16CacheLayer(LeftPadding, CacheLayerMixin):
     """The float16 baseline of the static caches: K and V [B, Hkv, max_cache_len, D] in the
     model's dtype, written at the device positions `lens`; attention (`static_f16_attention`) is
     SDPA over all max_cache_len keys with a mask from `lens` (the mask transformers passes is
-    ignored: equal-length batches, no padding); impl "matmul": the same as two batched matmuls
+    ignored, but for a left padding at the prefill, which is dropped as in PolarCacheLayer); impl
+    "matmul": the same as two batched matmuls
     and a float32 softmax (work spread over the keys, where SDPA's masked kernel spreads over
     query rows and heads only)."""
 
@@ -560,12 +574,13 @@ class StaticF16CacheLayer(CacheLayerMixin):
         return h, h
 
     def set_length(self, n: int) -> None:
-        """Host and device length := n (after graph replays, or to rewind)."""
+        """Host and device length := n (after graph replays, or to rewind; a sequence whose padding was
+        dropped holds n - pads[b] keys)."""
         if n > self.max_cache_len:
             raise ValueError(f"static cache holds {self.max_cache_len} tokens, {n} asked for")
         self.length = n
         if self.is_initialized:
-            self.lens.fill_(n)
+            self.set_lens(n)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -578,6 +593,7 @@ class StaticF16CacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
+        self.pads = None
         if self.is_initialized:
             self.lens.zero_()
 
@@ -719,20 +735,29 @@ def left_padding(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return pads.to(torch.int32) if bool(ok) else None
 
 
-def check_static_prefill(layer, mask: torch.Tensor | None, tq: int) -> None:
-    """A static cache's layer computes causal attention over equal-length sequences and ignores the mask
-    (decode steps are captured in CUDA graphs, where the host cannot read it). Its prefill (the first tq ==
-    length tokens: never captured) checks that the mask is that and nothing more, and raises otherwise
-    (a padded batch: PolarCache drops the padding, the static caches do not)."""
+def static_prefill_padding(layer, mask: torch.Tensor | None, tq: int) -> torch.Tensor | None:
+    """A static cache's layer computes causal attention from `lens` and ignores masks: its decode steps are
+    captured in CUDA graphs, where the host cannot read one. Its prefill (tq == length tokens: never
+    captured) reads the mask: causality alone gives None; a left padding gives the pads (the prefill then
+    runs with the mask, and the padding is dropped after it, as PolarCacheLayer does); any other mask
+    raises (right padding, packed sequences, a sliding window: PolarCache takes those on its masked path)."""
     n = layer.length
     if mask is None or tq != n:
-        return
+        return None
     keep = mask[..., -n:] if mask.dtype == torch.bool else mask[..., -n:] == 0
-    if not bool((keep == _causal_tail_mask(tq, n, keep.device)).all()):
+    pads = left_padding(keep, n)
+    if pads is None and not bool((keep == _causal_tail_mask(tq, n, keep.device)).all()):
         raise ValueError(
-            "static caches hold equal-length batches, and this prefill's attention mask masks more than "
-            "the future tokens (a padded batch?): use PolarCache, which drops a left padding"
+            "static caches take causal attention with at most a left padding, and this prefill's attention "
+            "mask masks other keys (right padding, packed sequences, a sliding window?): use PolarCache"
         )
+    return pads
+
+
+def prefill_mask(pads: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, 1, n, n] bool: causal, each sequence's first pads[b] keys masked (a padding row sees nothing)."""
+    j = torch.arange(n, device=pads.device)
+    return _causal_tail_mask(n, n, pads.device)[None, None] & (j.view(1, 1, 1, -1) >= pads.view(-1, 1, 1, 1))
 
 
 # The last mask mask_adds_nothing compared, and the answer: a step's layers get the same mask object and
@@ -766,8 +791,16 @@ def polar_attention_forward(
     """AttentionInterface function "kvpolar": query [B, Hq, Tq, D]; key/value PolarKV handles
     (any other tensors go to SDPA). Returns ([B, Tq, Hq, D], None)."""
     if isinstance(key, StaticKV):
-        check_static_prefill(key.layer, attention_mask, query.shape[2])
-        return static_f16_attention(key.layer, query, scaling), None
+        layer = key.layer
+        pads = static_prefill_padding(layer, attention_mask, query.shape[2])
+        if pads is None:
+            return static_f16_attention(layer, query, scaling), None
+        n, G = layer.length, query.shape[1] // layer.H
+        k = layer.keys[:, :, :n].repeat_interleave(G, 1)
+        v = layer.values[:, :, :n].repeat_interleave(G, 1)
+        o = F.scaled_dot_product_attention(query, k, v, attn_mask=prefill_mask(pads, n), scale=scaling)
+        layer.drop_padding(pads)
+        return o.transpose(1, 2).contiguous(), None
     if not isinstance(key, PolarKV):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -779,11 +812,12 @@ def polar_attention_forward(
     scaling = D**-0.5 if scaling is None else scaling
     q = layer.rotate_q(query)
     n = layer.length
+    drop = None  # a left padding to drop after this prefill
     if isinstance(layer, StaticPolarCacheLayer):
-        # equal-length batches, causal from lens; under CUDA-graph capture transformers builds a
-        # mask (is_tracing) that .all() would read on the host
-        check_static_prefill(layer, attention_mask, Tq)
-        attention_mask = None
+        # causal from lens; under CUDA-graph capture transformers builds a mask (is_tracing) that a
+        # comparison would read on the host: only the prefill's is read
+        drop = static_prefill_padding(layer, attention_mask, Tq)
+        attention_mask = None if drop is None else prefill_mask(drop, n)
     elif attention_mask is not None and attention_mask.shape[-1] != n:
         attention_mask = attention_mask[..., -n:]
     given = attention_mask
@@ -833,9 +867,9 @@ def polar_attention_forward(
         and Tq == n
         and not (layer.keep_padding or isinstance(layer, StaticPolarCacheLayer))
     ):
-        pads = left_padding(given, n)
-        if pads is not None:
-            layer.drop_padding(pads)
+        drop = left_padding(given, n)
+    if drop is not None:
+        layer.drop_padding(drop)
     o = layer.finish_output(o).to(query.dtype)
     return o.transpose(1, 2).contiguous(), None
 

@@ -230,15 +230,20 @@ class GraphDecoder:
     first_ids: int64 [B] on the model's device, the token fed at host position `position` (the
     cache holds positions 0 .. position - 1). `step()` returns the step's logits [B, vocab]; the
     next input is then `ids[:, 0]`. After `capture()`, steps replay the graph (the logits tensor
-    is then the same static buffer every step: clone it to keep it)."""
+    is then the same static buffer every step: clone it to keep it). A left-padded batch: `positions`
+    [B] are the sequences' own token positions (position - their padding), the cache dropped the padding
+    at its prefill (`prefill(..., attention_mask)`)."""
 
-    def __init__(self, model, cache, first_ids, position: int):
+    def __init__(self, model, cache, first_ids, position: int, positions=None):
         import torch
 
         self.model, self.cache = model, cache
         B = first_ids.shape[0]
         self.ids = first_ids.reshape(B, 1).to(torch.long).clone()
-        self.pos = torch.full((B, 1), position, dtype=torch.long, device=first_ids.device)
+        if positions is None:
+            self.pos = torch.full((B, 1), position, dtype=torch.long, device=first_ids.device)
+        else:
+            self.pos = positions.reshape(B, 1).to(torch.long).clone()
         self.position = position
         self.graph = None
         self.logits = None
@@ -310,20 +315,25 @@ class GraphDecoder:
         self.logits = None
 
 
-def prefill(model, cache, ids):
-    """Run the prompt ids [B, P] into the cache; returns the last position's logits [B, vocab]."""
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+def prefill(model, cache, ids, attention_mask=None):
+    """Run the prompt ids [B, P] into the cache (attention_mask [B, P]: a left padding, each sequence's
+    positions counted from its first token); returns the last position's logits [B, vocab]."""
+    kw = {}
+    if attention_mask is not None:
+        kw = dict(attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0))
+    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
 
 
-def greedy_tokens(model, cache, ids, n: int, graph: bool) -> list[list[int]]:
-    """n greedy tokens after the prompt ids [B, P] (the first from the prefill), the steps eager
-    or replayed from a graph. Returns [B][n] token ids."""
+def greedy_tokens(model, cache, ids, n: int, graph: bool, attention_mask=None) -> list[list[int]]:
+    """n greedy tokens after the prompt ids [B, P] (the first from the prefill; attention_mask: a left
+    padding), the steps eager or replayed from a graph. Returns [B][n] token ids."""
     import torch
 
-    first = prefill(model, cache, ids).argmax(-1)
+    first = prefill(model, cache, ids, attention_mask).argmax(-1)
     out = [first]
     if n > 1:
-        dec = GraphDecoder(model, cache, first, ids.shape[1])
+        positions = None if attention_mask is None else attention_mask.sum(-1)
+        dec = GraphDecoder(model, cache, first, ids.shape[1], positions)
         if graph:
             dec.capture()
         for _ in range(n - 1):

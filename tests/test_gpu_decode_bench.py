@@ -217,6 +217,33 @@ def test_eager_decoder_matches_dynamic_caches_cpu(th):
             assert got == ref[:, 12:].tolist(), kind
 
 
+def test_eager_decoder_left_padded_cpu(th):
+    """A left-padded batch through the static caches (prefill with the mask, the padding dropped, eager
+    steps at each sequence's own positions) = model.generate with the dynamic caches and the mask."""
+    torch = th
+    from cupy_kernels import torch_cache as tc
+
+    m = gpu_generate.tiny_llama()
+    ids = torch.randint(1, 512, (3, 12), generator=torch.Generator().manual_seed(2))
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[1, :4], am[2, :9] = 0, 0
+    ids[am == 0] = 0
+    n = 8
+    with torch.no_grad():
+        for kind, ref_cache in (
+            ("fp16", None),
+            ("fp16-mm", None),
+            ("polar+f16", tc.PolarCache(m.config, kfmt="polar", vfmt="f16", backend="reference")),
+        ):
+            cache = gdb.make_cache(m, kind, gdb.capacity(12, n, step=8))
+            got = gdb.greedy_tokens(m, cache, ids, n, graph=False, attention_mask=am)
+            assert cache.layers[0].pads.tolist() == [0, 4, 9], kind
+            assert cache.layers[0].lens.tolist() == [12 + n - 1, 8 + n - 1, 3 + n - 1], kind
+            kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            ref = m.generate(ids, attention_mask=am, past_key_values=ref_cache, **kw)
+            assert got == ref[:, 12:].tolist(), kind
+
+
 # ---- GPU ---------------------------------------------------------------------------------------
 
 
@@ -290,3 +317,24 @@ def test_gpu_padded_bench_rows(cuda_torch):
     )
     # the prefill is the same path for both: their first tokens agree
     assert [t[0] for t in rows["polar"]["tokens"]] == [t[0] for t in rows["polar-keep"]["tokens"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fp16", "polar", "polar+f16"])
+def test_gpu_graph_replay_left_padded(cuda_torch, kind):
+    """A left-padded batch on a static cache: the CUDA-graph replay of the decode step gives the tokens of
+    the eager steps, each sequence at its own positions after the padding was dropped at the prefill."""
+    torch = cuda_torch
+    m = gpu_generate.tiny_llama(0, "cuda", torch.float16)
+    ids = torch.randint(1, 512, (3, 32), generator=torch.Generator().manual_seed(4)).cuda()
+    am = torch.ones_like(ids)
+    am[1, :7], am[2, :20] = 0, 0
+    n = 17
+    cap = gdb.capacity(32, n + 2, step=8)
+    with torch.no_grad():
+        eager = gdb.greedy_tokens(m, gdb.make_cache(m, kind, cap), ids, n, graph=False, attention_mask=am)
+        cache = gdb.make_cache(m, kind, cap)
+        graph = gdb.greedy_tokens(m, cache, ids, n, graph=True, attention_mask=am)
+    assert graph == eager
+    assert cache.layers[0].pads.tolist() == [0, 7, 20]
+    assert cache.layers[0].lens.tolist() == [32 + n - 1 - p for p in (0, 7, 20)]

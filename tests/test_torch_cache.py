@@ -417,18 +417,18 @@ def test_assisted_generation_cpu():
 
 
 @pytest.mark.parametrize("kfmt", ["polar", "f16"])
-def test_static_cache_refuses_a_padded_prefill(kfmt):
-    """The static caches ignore masks (their decode steps run in CUDA graphs): a padded batch's prefill
-    raises, naming the cause, instead of attending to the padding; an unpadded one runs."""
+def test_static_cache_refuses_other_masks(kfmt):
+    """The static caches ignore masks past the prefill (their decode steps run in CUDA graphs): a prefill
+    mask that is neither causal nor a left padding raises, naming the cause, instead of being ignored."""
     m = tiny_llama()
     ids = torch.randint(1, 512, (2, 12), generator=torch.Generator().manual_seed(1))
     am = torch.ones(2, 12, dtype=torch.long)
     kw = dict(kfmt=kfmt, vfmt=kfmt, backend="reference")
     with torch.no_grad():
         m(ids, attention_mask=am, past_key_values=tc.StaticPolarCache(m.config, 32, **kw))
-        am[1, :5] = 0
+        am[1, 7:] = 0  # right padding
         cache = tc.StaticPolarCache(m.config, 32, **kw)
-        with pytest.raises(ValueError, match=r"equal-length batches.*PolarCache"):
+        with pytest.raises(ValueError, match=r"at most a left padding.*use PolarCache"):
             m(ids, attention_mask=am, past_key_values=cache)
 
 
