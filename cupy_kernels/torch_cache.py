@@ -32,7 +32,10 @@ Use:
 
 StaticPolarCache(config, max_cache_len, ...) is the same cache allocated once for max_cache_len
 tokens, its positions on the device, so that a decode step can be captured in a CUDA graph
-(kfmt="f16": the float16 baseline; see "Static caches" below, scripts/gpu_decode_bench.py).
+(kfmt="f16": the float16 baseline; see "Static caches" below, scripts/gpu_decode_bench.py). Its layers
+read the mask at the prefill only (decode steps are graphs): a left padding is dropped after it as above,
+and the decode steps must then feed each sequence's own positions (gpu_decode_bench.GraphDecoder's
+`positions`); a mask that is neither causal nor a left padding is refused.
 
 backend="reference" runs the same cache on any device with the numpy codec (kvpolar.codec)
 and SDPA: slow, for tests without a GPU.
