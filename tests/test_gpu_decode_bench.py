@@ -193,41 +193,21 @@ def test_static_polar_layer_equals_dynamic_cpu(th, vfmt):
         tc.StaticPolarCache(num_layers=1, max_cache_len=0)
 
 
-def test_eager_decoder_matches_dynamic_caches_cpu(th):
+@pytest.mark.parametrize("padded", [False, True])
+def test_eager_decoder_matches_dynamic_caches_cpu(th, padded):
     """GraphDecoder's eager steps over the static caches = model.generate with the dynamic ones
-    (fp16 baseline: transformers' DynamicCache; polar K + fp16 V: PolarCache, reference codec)."""
-    torch = th
-    from cupy_kernels import torch_cache as tc
-
-    m = gpu_generate.tiny_llama()
-    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(2))
-    n = 8
-    with torch.no_grad():
-        for kind, ref_cache in (
-            ("fp16", None),
-            ("fp16-mm", None),
-            ("polar+f16", tc.PolarCache(m.config, kfmt="polar", vfmt="f16", backend="reference")),
-        ):
-            cache = gdb.make_cache(m, kind, gdb.capacity(12, n, step=8))
-            got = gdb.greedy_tokens(m, cache, ids, n, graph=False)
-            assert cache.get_seq_length() == 12 + n - 1
-            ref = m.generate(
-                ids, past_key_values=ref_cache, max_new_tokens=n, min_new_tokens=n, do_sample=False
-            )
-            assert got == ref[:, 12:].tolist(), kind
-
-
-def test_eager_decoder_left_padded_cpu(th):
-    """A left-padded batch through the static caches (prefill with the mask, the padding dropped, eager
-    steps at each sequence's own positions) = model.generate with the dynamic caches and the mask."""
+    (fp16 baseline: transformers' DynamicCache; polar K + fp16 V: PolarCache, reference codec); padded:
+    a left-padded batch (the static caches drop the padding at the prefill, the steps take each
+    sequence's own positions; generate gets the mask)."""
     torch = th
     from cupy_kernels import torch_cache as tc
 
     m = gpu_generate.tiny_llama()
     ids = torch.randint(1, 512, (3, 12), generator=torch.Generator().manual_seed(2))
     am = torch.ones(3, 12, dtype=torch.long)
-    am[1, :4], am[2, :9] = 0, 0
-    ids[am == 0] = 0
+    pads = [0, 4, 9] if padded else [0, 0, 0]
+    for b, p in enumerate(pads):
+        am[b, :p], ids[b, :p] = 0, 0
     n = 8
     with torch.no_grad():
         for kind, ref_cache in (
@@ -236,11 +216,13 @@ def test_eager_decoder_left_padded_cpu(th):
             ("polar+f16", tc.PolarCache(m.config, kfmt="polar", vfmt="f16", backend="reference")),
         ):
             cache = gdb.make_cache(m, kind, gdb.capacity(12, n, step=8))
-            got = gdb.greedy_tokens(m, cache, ids, n, graph=False, attention_mask=am)
-            assert cache.layers[0].pads.tolist() == [0, 4, 9], kind
-            assert cache.layers[0].lens.tolist() == [12 + n - 1, 8 + n - 1, 3 + n - 1], kind
+            mask = am if padded else None
+            got = gdb.greedy_tokens(m, cache, ids, n, graph=False, attention_mask=mask)
+            assert cache.get_seq_length() == 12 + n - 1
+            assert cache.layers[0].lens.tolist() == [12 + n - 1 - p for p in pads], kind
+            assert (cache.layers[0].pads is not None) == padded, kind
             kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            ref = m.generate(ids, attention_mask=am, past_key_values=ref_cache, **kw)
+            ref = m.generate(ids, attention_mask=mask, past_key_values=ref_cache, **kw)
             assert got == ref[:, 12:].tolist(), kind
 
 
