@@ -206,6 +206,12 @@ def default_config(
     return DEFAULT_CONFIG
 
 
+def call_config(vfmt: str, B: int, Hq: int, Hkv: int, Tq: int, D: int, kmode: str = "gather") -> AttnConfig:
+    """The kernel shape `plan` takes by default for a call of this shape (q [B, Hq, Tq, D], Hkv KV heads):
+    `default_config` for its `work_units`."""
+    return default_config(vfmt, kmode, D, work_units(B, Hq, Hkv, Tq))
+
+
 CTA_TIMES_MAX = 8192  # CTAs that AttnConfig.cta_times stamps (polar_attn_mma.cu's CTA_TIMES)
 
 # ----------------------------------------------------------------------------------------------

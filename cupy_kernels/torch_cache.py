@@ -119,15 +119,15 @@ class LeftPadding:
         """Drop the first pads[b] stored keys of each sequence b (int32 [B] on the device, each
         below `length`): its other tokens move to the start of its rows, lens = length - pads."""
         n = self.length
-        if tuple(pads.shape) != (self.B,) or bool(((pads < 0) | (pads >= n)).any()):
-            raise ValueError(f"pads must be {self.B} counts in [0, {n}), got {pads.tolist()}")
+        host = tuple(pads.tolist())  # the one host read; mask_adds_nothing's memo keys on it
+        if len(host) != self.B or pads.dim() != 1 or not all(0 <= p < n for p in host):
+            raise ValueError(f"pads must be {self.B} counts in [0, {n}), got {list(host)}")
         src = (torch.arange(n, device=self.device)[None, :] + pads.long()[:, None]).clamp(max=n - 1)
         for name in ("keys", "values"):
             c = getattr(self, name)
             idx = src.view(self.B, 1, n, *([1] * (c.dim() - 3))).expand(self.B, c.shape[1], n, *c.shape[3:])
             c[:, :, :n] = torch.gather(c[:, :, :n], 2, idx)
-        self.pads = pads.to(torch.int32)
-        self.pads_host = tuple(self.pads.tolist())  # for mask_adds_nothing's memo
+        self.pads, self.pads_host = pads.to(torch.int32), host
         self.set_lens(n)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +141,7 @@ class LeftPadding:
         """[B or 1, 1, tq, length] bool at transformers' positions: key j visible to query i of the
         last tq tokens (causal; the dropped padding masked): the mask under which the kernel path
         computes what SDPA would."""
-        causal = _causal_tail_mask(tq, self.length, self.device)[None, None]
-        if self.pads is None:
-            return causal
-        j = torch.arange(self.length, device=self.device)
-        return causal & (j.view(1, 1, 1, -1) >= self.pads.view(-1, 1, 1, 1))
+        return padded_causal(tq, self.length, self.pads, self.device)
 
     def stored_mask(self, tq: int) -> torch.Tensor:
         """[B, 1, tq, length] bool over the stored keys: key j visible to query i of the last tq
@@ -723,6 +719,44 @@ def _causal_tail_mask(tq: int, kv: int, device) -> torch.Tensor:
     return j <= (kv - tq) + i  # [tq, kv] True = attend
 
 
+def padded_causal(tq: int, n: int, pads: torch.Tensor | None, device) -> torch.Tensor:
+    """[B or 1, 1, tq, n] bool: key j visible to query i of the last tq of n tokens, causal, and each
+    sequence's first pads[b] keys masked (pads None: none; a padding's own query row sees nothing)."""
+    causal = _causal_tail_mask(tq, n, device)[None, None]
+    if pads is None:
+        return causal
+    return causal & (torch.arange(n, device=device).view(1, 1, 1, -1) >= pads.view(-1, 1, 1, 1))
+
+
+def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling, dtype=None) -> torch.Tensor:
+    """SDPA of q [B, Hq, Tq, D] over k / v [B, Hkv, T, D], each KV head repeated for its Hq / Hkv query heads,
+    all in `dtype` (default q's); mask None: causal (Tq == T)."""
+    G = q.shape[1] // k.shape[1]
+    dtype = dtype or q.dtype
+    q, k, v = q.to(dtype), k.repeat_interleave(G, 1).to(dtype), v.repeat_interleave(G, 1).to(dtype)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    mask = mask if mask.dtype == torch.bool else mask.to(dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+
+
+# The last value per_mask computed for each name, on which mask: a step's layers get the same mask object
+# and (after the same prefill) the same padding, so only the first of them reads its answer on the host.
+_MASK_MEMO: dict = {}
+
+
+def per_mask(name: str, mask: torch.Tensor, key: tuple, compute):
+    """compute(), or its value from the last call of this name on the same mask object (same version) with
+    the same key (what else the answer depends on)."""
+    key = (tuple(mask.shape), mask._version, *key)
+    last = _MASK_MEMO.get(name)
+    if last is not None and last[0]() is mask and last[1] == key:
+        return last[2]
+    value = compute()
+    _MASK_MEMO[name] = (weakref.ref(mask), key, value)
+    return value
+
+
 def left_padding(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """pads [B] int32 if the bool mask [B, 1 or H, n, n] of a first prefill is causal with each
     sequence's first pads[b] keys masked (a left padding, some pads[b] > 0, every pads[b] < n);
@@ -731,9 +765,10 @@ def left_padding(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (n, n):
         return None
     pads = (~mask[:, 0, -1, :]).sum(-1)  # the last query sees every key but the padding
-    j = torch.arange(n, device=mask.device)
-    want = _causal_tail_mask(n, n, mask.device)[None, None] & (j.view(1, 1, 1, -1) >= pads.view(-1, 1, 1, 1))
-    real = j.view(1, 1, -1, 1) >= pads.view(-1, 1, 1, 1)  # query rows of real tokens
+    want = padded_causal(n, n, pads, mask.device)
+    real = torch.arange(n, device=mask.device).view(1, 1, -1, 1) >= pads.view(
+        -1, 1, 1, 1
+    )  # real tokens' rows
     ok = ((mask == want) | ~real).all() & (pads > 0).any() & (pads < n).all()
     return pads.to(torch.int32) if bool(ok) else None
 
@@ -747,9 +782,12 @@ def static_prefill_padding(layer, mask: torch.Tensor | None, tq: int) -> torch.T
     n = layer.length
     if mask is None or tq != n:
         return None
-    keep = mask[..., -n:] if mask.dtype == torch.bool else mask[..., -n:] == 0
-    pads = left_padding(keep, n)
-    if pads is None and not bool((keep == _causal_tail_mask(tq, n, keep.device)).all()):
+    keep = mask if mask.shape[-1] == n else mask[..., -n:]
+    keep = keep if keep.dtype == torch.bool else keep == 0
+    pads = per_mask("left_padding", keep, (n,), lambda: left_padding(keep, n))
+    if pads is None and not per_mask(
+        "causal", keep, (n,), lambda: bool((keep == padded_causal(n, n, None, keep.device)).all())
+    ):
         raise ValueError(
             "static caches take causal attention with at most a left padding, and this prefill's attention "
             "mask masks other keys (right padding, packed sequences, a sliding window?): use PolarCache"
@@ -757,28 +795,13 @@ def static_prefill_padding(layer, mask: torch.Tensor | None, tq: int) -> torch.T
     return pads
 
 
-def prefill_mask(pads: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, 1, n, n] bool: causal, each sequence's first pads[b] keys masked (a padding row sees nothing)."""
-    j = torch.arange(n, device=pads.device)
-    return _causal_tail_mask(n, n, pads.device)[None, None] & (j.view(1, 1, 1, -1) >= pads.view(-1, 1, 1, 1))
-
-
-# The last mask mask_adds_nothing compared, and the answer: a step's layers get the same mask object and
-# (after the same prefill) the same padding, so only the first of them reads the comparison on the host.
-_MASK_MEMO: dict = {}
-
-
 def mask_adds_nothing(layer: PolarCacheLayer, mask: torch.Tensor, tq: int) -> bool:
     """Whether the bool mask (over the layer's `length` keys) is exactly what the layer computes without
     one (`visible`: causality, its dropped padding). One host read a decode step, not one a layer."""
     pads = layer.pads_host if layer.pads is not None else None
-    key = (tuple(mask.shape), mask._version, tq, layer.length, pads)
-    ref = _MASK_MEMO.get("mask")
-    if ref is not None and ref() is mask and _MASK_MEMO["key"] == key:
-        return _MASK_MEMO["same"]
-    same = bool((mask == layer.visible(tq)).all())
-    _MASK_MEMO.update(mask=weakref.ref(mask), key=key, same=same)
-    return same
+    return per_mask(
+        "adds_nothing", mask, (tq, layer.length, pads), lambda: bool((mask == layer.visible(tq)).all())
+    )
 
 
 def polar_attention_forward(
@@ -798,10 +821,9 @@ def polar_attention_forward(
         pads = static_prefill_padding(layer, attention_mask, query.shape[2])
         if pads is None:
             return static_f16_attention(layer, query, scaling), None
-        n, G = layer.length, query.shape[1] // layer.H
-        k = layer.keys[:, :, :n].repeat_interleave(G, 1)
-        v = layer.values[:, :, :n].repeat_interleave(G, 1)
-        o = F.scaled_dot_product_attention(query, k, v, attn_mask=prefill_mask(pads, n), scale=scaling)
+        n = layer.length
+        mask = padded_causal(n, n, pads, query.device)
+        o = _sdpa_gqa(query, layer.keys[:, :, :n], layer.values[:, :, :n], mask, scaling)
         layer.drop_padding(pads)
         return o.transpose(1, 2).contiguous(), None
     if not isinstance(key, PolarKV):
@@ -811,7 +833,7 @@ def polar_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     layer = key.layer
-    _B, Hq, Tq, D = query.shape
+    Tq, D = query.shape[2:]
     scaling = D**-0.5 if scaling is None else scaling
     q = layer.rotate_q(query)
     n = layer.length
@@ -820,13 +842,15 @@ def polar_attention_forward(
         # causal from lens; under CUDA-graph capture transformers builds a mask (is_tracing) that a
         # comparison would read on the host: only the prefill's is read
         drop = static_prefill_padding(layer, attention_mask, Tq)
-        attention_mask = None if drop is None else prefill_mask(drop, n)
+        attention_mask = None if drop is None else padded_causal(n, n, drop, q.device)
     elif attention_mask is not None and attention_mask.shape[-1] != n:
         attention_mask = attention_mask[..., -n:]
     given = attention_mask
     # a mask that adds nothing to what the layer knows (causality; its dropped padding) is left out
+    # (a static layer's padded prefill mask, just built, adds its padding)
     if (
-        attention_mask is not None
+        drop is None
+        and attention_mask is not None
         and attention_mask.dtype == torch.bool
         and mask_adds_nothing(layer, attention_mask, Tq)
     ):
@@ -854,23 +878,20 @@ def polar_attention_forward(
                 attention_mask = attention_mask & layer.visible(Tq)
             else:
                 attention_mask = attention_mask.masked_fill(~layer.visible(Tq), float("-inf"))
-        G = Hq // layer.H
-        dt = query.dtype if q.is_cuda else torch.float32
-        q, k, v = q.to(dt), k.repeat_interleave(G, 1).to(dt), v.repeat_interleave(G, 1).to(dt)
-        if attention_mask is None and Tq == n and layer.pads is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
-        else:
-            if attention_mask is None:
-                mask = layer.stored_mask(Tq) if layer.pads is not None else _causal_tail_mask(Tq, n, q.device)
-            else:
-                mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(dt)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        mask = attention_mask
+        if mask is None and layer.pads is not None:
+            mask = layer.stored_mask(Tq)
+        elif mask is None and Tq != n:
+            mask = _causal_tail_mask(Tq, n, q.device)  # (Tq == n: SDPA's is_causal)
+        o = _sdpa_gqa(q, k, v, mask, scaling, query.dtype if q.is_cuda else torch.float32)
     if (
         layer.pads is None
         and Tq == n
         and not (layer.keep_padding or isinstance(layer, StaticPolarCacheLayer))
     ):
-        drop = left_padding(given, n)
+        drop = (
+            None if given is None else per_mask("left_padding", given, (n,), lambda: left_padding(given, n))
+        )
     if drop is not None:
         layer.drop_padding(drop)
     o = layer.finish_output(o).to(query.dtype)

@@ -58,7 +58,7 @@ def shape_default(vfmt: str, sh: Shape, kmode: str = "gather"):
     """The kernel shape `plan` takes by default for a decode step (one query row a head) of shape sh."""
     from cupy_kernels import attention
 
-    return attention.default_config(vfmt, kmode, sh.D, attention.work_units(sh.B, sh.Hq, sh.Hkv, 1))
+    return attention.call_config(vfmt, sh.B, sh.Hq, sh.Hkv, 1, sh.D, kmode)
 
 
 def bench_attn(args, timer, shapes, variants) -> list[dict]:

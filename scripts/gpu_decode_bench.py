@@ -356,8 +356,8 @@ def make_cache(model, kind: str, max_len: int, centering=None, attn_prec: str = 
     cfg = None
     if attn_prec != "auto":
         text = model.config.get_text_config(decoder=True)
-        units = gpu_attn.work_units(batch, text.num_attention_heads, text.num_key_value_heads, 1)
-        cfg = gpu_attn.default_config(vfmt, D=tc.head_dim(model.config), units=units)
+        H = (text.num_attention_heads, text.num_key_value_heads)
+        cfg = gpu_attn.call_config(vfmt, batch, *H, 1, tc.head_dim(model.config))
         cfg = dataclasses.replace(cfg, prec=attn_prec)
     f16_impl = "matmul" if kind == "fp16-mm" else "sdpa"
     return tc.StaticPolarCache(

@@ -442,7 +442,7 @@ def _src_short(d: dict) -> str:
 
 
 # bench_gpu.py compare runs of issue 11's decode-attention targets, the newest of each GPU model: the H100's
-# of session 33 (the kernels as they are), the H200's of session 20 (the last H200 lease that ran it)
+# of session 34 (the kernels as they are), the H200's of session 20 (the last H200 lease that ran it)
 COMPARE_LATEST = ("docs/gpu/h100-llama/session34/cupy/compare.json", "docs/gpu/compare_h200_session20.json")
 
 

@@ -619,6 +619,8 @@ def test_default_config_by_work_units():
     assert few == dataclasses.replace(attn.DEFAULT_CONFIG, ctas=1)
     assert attn.work_units(1, 9, 3, 1) == 3 and attn.work_units(16, 32, 8, 1) == 128
     assert attn.work_units(2, 32, 8, 3) == 2 * 8 * 2  # 12 rows a KV head: two groups of up to 8
+    assert attn.call_config("polar3", 1, 9, 3, 1, 64) == attn.FEW_UNITS_CONFIG  # 3 items
+    assert attn.call_config("polar3", 16, 9, 3, 1, 64) == attn.POLAR3V_D64_CONFIG  # 48 items
     for D in (64, 128):
         assert attn.default_config("polar3", D=D, units=attn.POLAR3V_FEW_UNITS) == few
         assert attn.default_config("polar3", D=D, units=attn.POLAR3V_FEW_UNITS + 1) == attn.default_config(

@@ -84,10 +84,10 @@ def cmd_venv(args: argparse.Namespace | None = None) -> Path:
         return py
 
 
-def install_cpu_torch(py: Path) -> bool:
+def install_cpu_torch(py: Path) -> None:
     """torch from a wheel on this machine (pip's find-links, no index) and CPU_TORCH_EXTRAS (pins.py says
-    why); False, and nothing installed, where there is no such wheel. A failure after the wheel is found
-    (its dependencies or the extras from the index) raises."""
+    why); nothing installed, and a line saying so, where there is no such wheel. A failure after the wheel
+    is found (its dependencies or the extras from the index) raises."""
     probe = subprocess.run(
         [py, "-m", "pip", "install", "--disable-pip-version-check", "--no-index", "--no-deps", "torch"],
         capture_output=True,
@@ -95,7 +95,7 @@ def install_cpu_torch(py: Path) -> bool:
     )
     if probe.returncode != 0:
         log("no torch wheel on this machine (pip --no-index): the torch CPU tests will skip")
-        return False
+        return
     version = subprocess.run(
         [py, "-c", "import importlib.metadata as m; print(m.version('torch'))"],
         capture_output=True,
@@ -106,7 +106,6 @@ def install_cpu_torch(py: Path) -> bool:
     pip_install(
         py, [f"torch=={version}", *CPU_TORCH_EXTRAS], what="pip install torch's dependencies, transformers"
     )
-    return True
 
 
 REGISTRY_HINT = (
