@@ -18,7 +18,8 @@ attention kernel, `docs/results-cuda.md`). Exit status 1 when no kernel matches 
 128, 4 query rows a KV head, float16 q: issue 11's benchmark) from cupy_kernels' own defines and source.
 --loops lists each loop (a backward branch) with its instruction count and its shared-memory traffic in
 wavefronts of 128 bytes, as if conflict-free: a 32-bit LDS or STS is 1, a 64-bit one 2, a 128-bit one 4
-(narrower loads 1), a 16-byte cp.async (LDGSTS) 4; --per N divides both by N (keys a loop iteration takes).
+(narrower loads 1), a 16-byte cp.async (LDGSTS) 4, one that never executes (`@!PT LDS RZ, [RZ]`, ptxas's
+placeholders after cp.async copies) 0; --per N divides both by N (keys a loop iteration takes).
 An SM serves one wavefront a cycle, so a loop that needs more wavefronts than it issues instructions per
 scheduler is bound by shared memory (session 18, `docs/results-gpu.md`).
 """
@@ -35,7 +36,13 @@ import tempfile
 from pathlib import Path
 
 KINDS = ("LDG", "LDS", "HMMA", "MUFU.EX2", "BRA", "BAR")
-_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def never(pred: str | None) -> bool:
+    """Whether a predicate guard never holds: `@!PT` (not true), which ptxas puts on placeholder instructions
+    such as `@!PT LDS RZ, [RZ]` after cp.async copies; they take an issue slot and move no bytes."""
+    return bool(pred) and pred.strip() in ("@!PT", "@!UPT")
 
 
 def kernels(sass: str) -> dict[str, list[str]]:
@@ -49,7 +56,7 @@ def kernels(sass: str) -> dict[str, list[str]]:
             continue
         m = _INSN.search(line)
         if m and cur is not None:
-            cur.append(m.group(1))
+            cur.append("NOP" if never(m.group(1)) else m.group(2))  # (a never-executed load is no load)
     return out
 
 
@@ -94,9 +101,9 @@ def loops(sass_fn: str) -> list[dict]:
     of the body counted, also those a given iteration skips)."""
     ins = []
     for line in sass_fn.splitlines():
-        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
-        if m:
-            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
+        if m:  # a never-executed instruction counts as an instruction, not as shared-memory traffic
+            ins.append((int(m.group(1), 16), "NOP" if never(m.group(2)) else m.group(3), m.group(4)))
     out = []
     for addr, op, rest in ins:
         m = re.search(r"0x([0-9a-f]+)\s*$", rest.strip())
