@@ -102,7 +102,8 @@ class PolarKV:
 
 class LeftPadding:
     """A left padding dropped from a cache layer's K/V rows (the module doc): what PolarCacheLayer and the
-    static layers share. The layer has B, device, length, keys and values [B, H, T, ...] and lens [B]."""
+    static layers share. The layer has B, device, length, is_initialized, keys and values [B, H, T, ...]
+    and lens [B]."""
 
     keep_padding = False
     pads = None  # [B] int32 on the device once dropped
@@ -114,6 +115,13 @@ class LeftPadding:
             self.lens.fill_(n)
         else:
             self.lens.copy_(n - self.pads)
+
+    def reset_lengths(self) -> None:
+        """No token taken and no padding dropped (lens zeroed in place: a static layer's graphs read it)."""
+        self.length = 0
+        self.pads = None
+        if self.is_initialized:
+            self.lens.zero_()
 
     def drop_padding(self, pads: torch.Tensor) -> None:
         """Drop the first pads[b] stored keys of each sequence b (int32 [B] on the device, each
@@ -337,10 +345,7 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         return self.length
 
     def reset(self) -> None:
-        self.length = 0
-        self.pads = None
-        if self.is_initialized:
-            self.lens.zero_()  # in place: a static layer's graphs read this tensor
+        self.reset_lengths()
         if self.offsets == "prefill":
             self.mu_k = self.mu_v = None
 
@@ -591,10 +596,7 @@ class StaticF16CacheLayer(LeftPadding, CacheLayerMixin):
         return self.max_cache_len
 
     def reset(self) -> None:
-        self.length = 0
-        self.pads = None
-        if self.is_initialized:
-            self.lens.zero_()
+        self.reset_lengths()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("StaticF16CacheLayer does not support crop")
