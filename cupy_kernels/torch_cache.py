@@ -21,7 +21,9 @@ its own length, `pads` holds what was dropped). Later steps whose mask is exactl
 causality take the kernel path with the per-sequence lengths; any other mask takes the dequantize +
 SDPA path on the padded view (`padded`). `keep_padding=True` keeps the padding (every masked step
 then dequantizes the cache: the behaviour before). The "prefill" centering offsets are the mean
-over the first update's tokens, the padding's included (exact under softmax either way).
+over the first update's tokens, the padding's included (exact under softmax either way; measured
+against the mean over each sequence's own tokens by scripts/padded_centering.py, it is not a loss:
+docs/results-gpu.md, session 36).
 
 Use:
 
