@@ -11,7 +11,7 @@ before every timed repetition).
     python scripts/bench_gpu.py copy                       device-to-device copy rate
     python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
     python scripts/bench_gpu.py anatomy --contexts 4096 ... 131072  where polar K+V's time goes (L2 flush
-                                                           by a write or a read, per-CTA timestamps)
+                                                           by a write or a read, per-CTA timestamps, clocks)
     python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
     python scripts/bench_gpu.py tune-mma --fmts polar3/polar3 polar/polar3 --phases ctas new  (polar3 V)
     python scripts/bench_gpu.py profile --contexts 32768    untimed default kernels, for ncu
@@ -41,6 +41,7 @@ from bench_gpu_lib import (
     _torch,
     attn_fn,
     cache_bytes,
+    clock_samples,
     device_info,
     failed,
     graph_fn,
@@ -768,6 +769,21 @@ def print_stamped(label: str, what: str, ms: float, splits: int, st: dict) -> No
     )
 
 
+def clocks(rows: list, sh, variant: str, fn) -> None:
+    """A row of the SM and memory clocks and power while fn runs back to back (clock_samples), printed."""
+    c = clock_samples(fn)
+    if c is None:
+        return
+    rows.append({"shape": sh.label, "T": sh.T, "variant": f"{variant} clocks", **c})
+    v = {k: "-" if x is None else f"{x:.0f}" for k, x in c.items()}
+    print(
+        f"{sh.label:<24} {variant} clocks: SM {v['sm_mhz_med']} MHz (min {v['sm_mhz_min']}, "
+        f"max {v['sm_mhz_max']}), memory {v['mem_mhz_med']} MHz, {v['power_w_med']} W; "
+        f"{c['samples']} samples over {c['calls']} calls",
+        flush=True,
+    )
+
+
 def cmd_anatomy(args, timer) -> list[dict]:
     """Where polar K+V's time goes (issue 11: B=16, 32/8 heads, D=128, fp16 q; the default kernel).
 
@@ -777,7 +793,9 @@ def cmd_anatomy(args, timer) -> list[dict]:
        part that does not grow with the context.
     2. At each context, launches of the same kernel with per-CTA %globaltimer stamps (AttnConfig.cta_times,
        the median launch of --reps): prologue, main loop, epilogue, the spread of the CTAs' starts and
-       ends, and the partial kernel's span against the timed call (partial + combine)."""
+       ends, and the partial kernel's span against the timed call (partial + combine).
+    3. At each context, the SM and memory clocks and the power (nvidia-smi, `clock_samples`) while SDPA and
+       the default kernel each run back to back for a second: what turns a loop's cycles into time."""
     import numpy as np
 
     torch = _torch()
@@ -797,13 +815,16 @@ def cmd_anatomy(args, timer) -> list[dict]:
             base[fl] = r["ms"]
             rows.append(timed_row(sh, "sdpa fp16", r, sdpa_bytes, flush=fl))
             print_rows(rows[-1:])
+        clocks(rows, sh, "sdpa fp16", sdpa)
         del sdpa
         kc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         vc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, T, sh.D)
         for name, c in (("default", cfg), ("no-qstage", cfg_q)):
+            p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, c, None, 0)
+            fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T)
             for fl, tm in timers.items():
-                r = tm(attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T))
+                r = tm(fn)
                 rows.append(
                     timed_row(
                         sh,
@@ -813,9 +834,13 @@ def cmd_anatomy(args, timer) -> list[dict]:
                         flush=fl,
                         pct_copy_rate=100 * nbytes / (r["ms"] * 1e-3) / args.copy_rate,
                         speedup_vs_sdpa=base[fl] / r["ms"],
+                        splits=p.splits,
+                        regs=p.regs,
                     )
                 )
                 print_rows(rows[-1:])
+            if name == "default":
+                clocks(rows, sh, f"polar+polar mma {name}", fn)
         # the stamped kernel: timed like the others (the stamps should cost nothing), then launched --reps
         # times alone after each kind of flush, and the launch of median span kept (its stamps too); at
         # --stamp-splits contexts also with other split counts (more CTAs than slots: the block scheduler

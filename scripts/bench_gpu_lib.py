@@ -175,3 +175,81 @@ def device_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+# what clock_samples asks nvidia-smi for, in this order
+CLOCK_QUERY = "timestamp,clocks.sm,clocks.mem,power.draw"
+
+
+def parse_clock_samples(text: str, t0, t1) -> dict:
+    """The samples of `nvidia-smi --query-gpu=CLOCK_QUERY --format=csv,noheader,nounits` taken between the
+    datetimes t0 and t1: {"samples", "sm_mhz_med", "sm_mhz_min", "sm_mhz_max", "mem_mhz_med", "power_w_med"}
+    (None for a field with no sample; lines that do not parse are skipped)."""
+    import datetime
+
+    sm, mem, pw = [], [], []
+    for line in text.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
+            vals = [float(x) for x in parts[1:]]
+        except ValueError:
+            continue
+        if t0 <= ts <= t1:
+            sm.append(vals[0])
+            mem.append(vals[1])
+            pw.append(vals[2])
+
+    def med(xs):
+        return statistics.median(xs) if xs else None
+
+    return {
+        "samples": len(sm),
+        "sm_mhz_med": med(sm),
+        "sm_mhz_min": min(sm) if sm else None,
+        "sm_mhz_max": max(sm) if sm else None,
+        "mem_mhz_med": med(mem),
+        "power_w_med": med(pw),
+    }
+
+
+def clock_samples(fn, seconds: float = 1.0, period_ms: int = 20, device: int = 0) -> dict | None:
+    """The GPU's SM and memory clocks and power while fn() runs back to back for `seconds` (nvidia-smi
+    sampling every period_ms; parse_clock_samples's dict, plus "calls"), or None without nvidia-smi. What a
+    kernel's time in cycles needs: a boost clock of 1.98 GHz may not hold under a memory-bound load."""
+    import datetime
+    import shutil
+    import subprocess
+    import time
+
+    torch = _torch()
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    cmd = [
+        smi,
+        f"--query-gpu={CLOCK_QUERY}",
+        "--format=csv,noheader,nounits",
+        f"-lms={period_ms}",
+        f"-i={device}",
+    ]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.5)  # nvidia-smi's own start
+        fn()
+        torch.cuda.synchronize()
+        t0 = datetime.datetime.now()
+        end = time.monotonic() + seconds
+        calls = 0
+        while time.monotonic() < end:
+            for _ in range(16):
+                fn()
+            calls += 16
+            torch.cuda.synchronize()
+        t1 = datetime.datetime.now()
+    finally:
+        p.terminate()
+        out = p.communicate(timeout=10)[0]
+    return dict(parse_clock_samples(out, t0, t1), calls=calls)
