@@ -18,6 +18,8 @@ reference codec (backend "reference", bit-exact with the GPU encoder):
   none           PolarCache polar K+V, no centering
   prefill        centering="prefill" as built: the mean over the first update, padding included
   prefill-real   the same, the mean over each sequence's own tokens only (the padding left out)
+  prefill-sink   prefill-real with K's offset 0.75 x that mean + 0.25 x the sequence's first key (llama.cpp's
+                 sink-weighted offset, patch 0012, before its exact sink key; V as prefill-real)
 and, for each, the mean KL divergence of the decode steps' next-token distributions from `exact`'s, per prompt
 (over the starts: the mean of each batch's mean), and how often the top token is `exact`'s.
 """
@@ -33,12 +35,14 @@ from pathlib import Path
 from bench_llama import machine
 from kvpolar.atomic import atomic_write_text
 
-CACHES = ("exact", "none", "prefill", "prefill-real")
+CACHES = ("exact", "none", "prefill", "prefill-real", "prefill-sink")
+SINK_WEIGHT = 0.25  # prefill-sink's weight of the first key (llama.cpp's LLAMA_KV_CENTER_SINK of patch 0012)
 
 
-def real_mean_prep(real):
+def real_mean_prep(real, sink: float = 0.0):
     """A PolarCacheLayer._prep whose "prefill" offsets average each sequence's own tokens (`real` [B, T]
-    bool: True where a token is not padding) instead of the whole first update."""
+    bool: True where a token is not padding) instead of the whole first update; K's offset moved toward
+    the sequence's first key by `sink`: (1 - sink) mean + sink k_first."""
     from cupy_kernels import torch_cache
 
     plain = torch_cache.PolarCacheLayer._prep
@@ -50,6 +54,12 @@ def real_mean_prep(real):
             n = w.sum(2, keepdim=True)
             self.mu_k = (key_states.float() * w).sum(2, keepdim=True) / n
             self.mu_v = (value_states.float() * w).sum(2, keepdim=True) / n
+            if sink:
+                first = real[:, :T].long().argmax(1).to(key_states.device)  # each sequence's first own token
+                k0 = key_states.float()[torch_cache.torch.arange(len(first)), :, first].unsqueeze(
+                    2
+                )  # [B, H, 1, D]
+                self.mu_k = (1 - sink) * self.mu_k + sink * k0
         return plain(self, key_states, value_states)
 
     return prep
@@ -123,8 +133,9 @@ def main(argv=None) -> int:
         logp = {}
         for name in CACHES:
             plain = torch_cache.PolarCacheLayer._prep
-            if name == "prefill-real":
-                torch_cache.PolarCacheLayer._prep = real_mean_prep(mask.bool())
+            if name in ("prefill-real", "prefill-sink"):
+                sink = SINK_WEIGHT if name == "prefill-sink" else 0.0
+                torch_cache.PolarCacheLayer._prep = real_mean_prep(mask.bool(), sink)
             try:
                 if name == "exact":
                     cache = DynamicCache()

@@ -50,3 +50,15 @@ def test_run_teacher_forced_equals_one_pass():
         0, 1
     )  # the logits at the last prefill token and steps
     torch.testing.assert_close(logp, want, atol=2e-4, rtol=0)
+
+
+def test_real_mean_prep_sink_weight():
+    _, mask = _batch(pad=3, n=10, steps=1)
+    k = torch.randn(2, 2, 10, 64)
+    v = torch.randn(2, 2, 10, 64)
+    layer = tc.PolarCacheLayer("polar", "polar", rotate=False, offsets="prefill", backend="reference")
+    pc.real_mean_prep(mask.bool(), sink=0.25)(layer, k, v)
+    want = 0.75 * k[1, :, 3:].mean(1, keepdim=True) + 0.25 * k[1, :, 3:4]  # its first own key: token 3
+    torch.testing.assert_close(layer.mu_k[1], want)
+    torch.testing.assert_close(layer.mu_k[0], 0.75 * k[0].mean(1, keepdim=True) + 0.25 * k[0, :, :1])
+    torch.testing.assert_close(layer.mu_v[1], v[1, :, 3:].mean(1, keepdim=True))  # V: the plain own mean
