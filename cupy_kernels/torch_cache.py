@@ -723,6 +723,12 @@ def _causal_tail_mask(tq: int, kv: int, device) -> torch.Tensor:
     return j <= (kv - tq) + i  # [tq, kv] True = attend
 
 
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, T] of a left-padded batch from its attention_mask [B, T] (1 = token, 0 = padding):
+    each token counted from its sequence's first one, the padding at 0 (what `generate` passes)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def padded_causal(tq: int, n: int, pads: torch.Tensor | None, device) -> torch.Tensor:
     """[B or 1, 1, tq, n] bool: key j visible to query i of the last tq of n tokens, causal, and each
     sequence's first pads[b] keys masked (pads None: none; a padding's own query row sees nothing)."""
@@ -770,9 +776,8 @@ def left_padding(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
         return None
     pads = (~mask[:, 0, -1, :]).sum(-1)  # the last query sees every key but the padding
     want = padded_causal(n, n, pads, mask.device)
-    real = torch.arange(n, device=mask.device).view(1, 1, -1, 1) >= pads.view(
-        -1, 1, 1, 1
-    )  # real tokens' rows
+    rows = torch.arange(n, device=mask.device).view(1, 1, -1, 1)
+    real = rows >= pads.view(-1, 1, 1, 1)  # the query rows of real tokens
     ok = ((mask == want) | ~real).all() & (pads > 0).any() & (pads < n).all()
     return pads.to(torch.int32) if bool(ok) else None
 

@@ -769,6 +769,15 @@ def print_stamped(label: str, what: str, ms: float, splits: int, st: dict) -> No
     )
 
 
+def headline_plan(sh: Shape, cfg, splits: int | None = None):
+    """attention.plan of polar K+V at headline_inputs' shape sh (one float16 query row a head) for cfg."""
+    from cupy_kernels import attention
+
+    return attention.plan(
+        sh.B, sh.Hq, sh.Hkv, 1, sh.D, sh.T, "polar", "polar", _torch().float16, cfg, splits, 0
+    )
+
+
 def clocks(rows: list, sh, variant: str, fn) -> None:
     """A row of the SM and memory clocks and power while fn runs back to back (clock_samples), printed."""
     c = clock_samples(fn)
@@ -821,7 +830,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
         vc = rand_blocks("polar", sh.B, sh.Hkv, T, sh.D, gen)
         nbytes = 2 * cache_bytes("polar", sh.B, sh.Hkv, T, sh.D)
         for name, c in (("default", cfg), ("no-qstage", cfg_q)):
-            p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, c, None, 0)
+            p = headline_plan(sh, c)
             fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T)
             for fl, tm in timers.items():
                 r = tm(fn)
@@ -851,7 +860,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
             stamped += [("no-qstage", dataclasses.replace(cfg_t, qstage=False), None)]
         for name, c, splits in stamped:
             fn = attn_fn(q, kc, vc, lens, "polar", "polar", config=c, max_len=T, splits=splits)
-            p = attention.plan(16, 32, 8, 1, 128, T, "polar", "polar", torch.float16, c, splits, 0)
+            p = headline_plan(sh, c, splits)
             r = timer(fn)
             for fl, tm in timers.items():
                 launches = stamped_launches(fn, p, tm.flush_l2, timer.reps)

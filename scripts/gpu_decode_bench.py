@@ -318,9 +318,11 @@ class GraphDecoder:
 def prefill(model, cache, ids, attention_mask=None):
     """Run the prompt ids [B, P] into the cache (attention_mask [B, P]: a left padding, each sequence's
     positions counted from its first token); returns the last position's logits [B, vocab]."""
+    from cupy_kernels import torch_cache as tc
+
     kw = {}
     if attention_mask is not None:
-        kw = dict(attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0))
+        kw = dict(attention_mask=attention_mask, position_ids=tc.padded_positions(attention_mask))
     return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
 
 
@@ -569,7 +571,7 @@ def padded_one(model, kind: str, ids, am, args) -> dict:
     else:
         cache = tc.PolarCache(model.config, keep_padding=kind == "polar-keep")
     B = ids.shape[0]
-    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    pos = tc.padded_positions(am)
     tokens = []
     with torch.no_grad():
         kw = dict(past_key_values=cache, use_cache=True, logits_to_keep=1)

@@ -70,6 +70,8 @@ def run(model, ids, mask, steps, cache):
     each step's logits [steps, B, vocab]."""
     import torch
 
+    from cupy_kernels import torch_cache
+
     n0 = ids.shape[1] - steps
     out = []
     with torch.no_grad():
@@ -77,7 +79,7 @@ def run(model, ids, mask, steps, cache):
             lo = 0 if t == 0 else n0 + t - 1
             hi = n0 + t
             m = mask[:, :hi]
-            pos = (m.long().cumsum(-1) - 1).clamp(min=0)[:, lo:hi]
+            pos = torch_cache.padded_positions(m)[:, lo:hi]
             r = model(
                 input_ids=ids[:, lo:hi],
                 attention_mask=m,

@@ -533,3 +533,8 @@ def test_head_dim_from_the_config():
     assert tc.head_dim(cfg) == 64
     cfg.head_dim = 128
     assert tc.head_dim(cfg) == 128
+
+
+def test_padded_positions():
+    am = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    assert tc.padded_positions(am).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
