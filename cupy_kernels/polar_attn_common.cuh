@@ -13,7 +13,8 @@
 // one CTA takes RB of them and one chunk of keys, and writes float32 partials per (row, split):
 //   o_part [B * Hkv][R][n_splits][HD]  sum_t 2^(s_t - m) v_t,   m_part, l_part [B * Hkv][R][n_splits]
 // (m = the running max of the scores s in log2 units, l = sum_t 2^(s_t - m)); polar_attn_combine
-// merges the splits.
+// merges the splits. `units` (= B * Hkv * row groups) is read by polar_attn_mma's STREAM mode only, which
+// launches a grid (n_ctas) instead and writes n_splits partial slots per row (polar_attn_mma.cu).
 //
 // Compile-time constants (#defines from cupy_kernels.attention): HD, KFMT, VFMT (POLAR_KERNEL_ID,
 // POLAR3_KERNEL_ID of ggml-polar-format.h or F16_KERNEL_ID), KTS, VTS, KNC, VNC, RB, NWARPS, QT;
@@ -39,7 +40,10 @@ static_assert(HD % 64 == 0, "head dim must be a multiple of 64");
     const void * __restrict__ q, long long sqb, long long sqh, long long sqt, const u8 * __restrict__ kc, \
         const u8 * __restrict__ vc, const float2 * __restrict__ ktab_g, const float2 * __restrict__ vtab_g, \
         const int * __restrict__ lens, int Hkv, int G, int Tq, int T_max, int chunk, float scale_log2,       \
-        float * __restrict__ o_part, float * __restrict__ m_part, float * __restrict__ l_part
+        float * __restrict__ o_part, float * __restrict__ m_part, float * __restrict__ l_part, int units
+// ... and their names, to pass them on
+#define POLAR_ATTN_ARGS \
+    q, sqb, sqh, sqt, kc, vc, ktab_g, vtab_g, lens, Hkv, G, Tq, T_max, chunk, scale_log2, o_part, m_part, l_part, units
 
 __device__ __forceinline__ u32 smem_u32(const void * p) {
     u32 r;
@@ -100,6 +104,28 @@ struct attn_cta {
     }
 };
 
+// Partial slot `split` of nspl of KV head z's rows r0 .. r0 + RB - 1, keys c0 .. c1 - 1 (c1 capped at the
+// sequence's length).
+__device__ __forceinline__ attn_cta attn_cta_at(const int * __restrict__ lens, int Hkv, int G, int Tq, int z, int r0,
+                                                int split, int nspl, int c0, int c1) {
+    attn_cta t;
+    t.split = split;
+    t.r0    = r0;
+    t.z     = z;
+    t.b     = z / Hkv;
+    t.hkv   = z % Hkv;
+    t.R     = G * Tq;
+    t.nspl  = nspl;
+    t.len   = lens[t.b];
+    t.c0    = c0;
+    t.c1    = min(c1, t.len);
+    t.G     = G;
+    t.Tq    = Tq;
+    return t;
+}
+
+// The CTA's place on the grid (split, row group, z). (attn_cta_at's fields written out in this order: the
+// kernels' code as before attn_cta_at existed, instruction for instruction.)
 __device__ __forceinline__ attn_cta attn_cta_get(const int * __restrict__ lens, int Hkv, int G, int Tq, int chunk) {
     attn_cta t;
     t.split = blockIdx.x;

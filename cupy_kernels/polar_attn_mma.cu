@@ -63,6 +63,9 @@
 
 #include "polar_attn_common.cuh"
 
+#ifndef STREAM
+#define STREAM 0
+#endif
 #ifndef QSTAGE
 #define QSTAGE 0
 #endif
@@ -378,15 +381,15 @@ __device__ __forceinline__ void cta_mark(int k) {
 #define CTA_MARK(k)
 #endif
 
-extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
+// The CTA's work for one chunk of keys of one (KV head, row group) (cta): its partials written. The kernel
+// (at the end of the file) calls it once, or with STREAM once a segment.
+__device__ __forceinline__ void attn_mma_chunk(const attn_cta & cta, POLAR_ATTN_PARAMS) {
     extern __shared__ __align__(16) u8 smem[];
-    CTA_MARK(0);
     const int      tid  = threadIdx.x;
     const int      lane = tid & 31;
     const int      warp = tid >> 5;
     const int      g    = lane >> 2;
     const int      c    = lane & 3;
-    const attn_cta cta  = attn_cta_get(lens, Hkv, G, Tq, chunk);
     const int      r0 = cta.r0, z = cta.z, R = cta.R, c0 = cta.c0, c1 = cta.c1;
 
     if (c0 >= c1) {
@@ -1153,5 +1156,59 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
 #if CTA_TIMES
     __syncthreads();
     CTA_MARK(5);
+#endif
+}
+
+// STREAM 1 (AttnConfig.stream): the grid is (n_ctas) instead of (splits, row groups, B * Hkv). The `units`
+// work items u = z * row groups + y lie end to end in warp tiles, `chunk` = W tiles (of TW keys) an item; CTA
+// i of n = gridDim.x (<= units W) takes tiles [i total / n, (i + 1) total / n), total = units W, as one
+// segment a work item it touches. Every CTA takes the same number of tiles to within one whatever units is
+// (128 items on 132 SMs: no SM idle). A segment of item u writes u's partial slot i - first(u) (first(u):
+// the CTA that holds u's first tile) of nspl = ceil(n / units) + 1, a bound of the CTAs that touch an item,
+// and u's last CTA writes the slots after its own empty, so polar_attn_combine merges nspl slots as splits.
+extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
+    CTA_MARK(0);
+#if STREAM
+    // the CTA's next tile and end in shared memory, read back (volatile) each segment: nothing of the loop stays
+    // in registers through the body (with ~8 registers of loop state held, ptxas at 128 recomputes addresses
+    // in the main loop: +100 instructions a tile)
+    __shared__ long long seg[2];
+    if (threadIdx.x == 0) {
+        const long long total = (long long) units * chunk;
+        seg[0]                = (long long) blockIdx.x * total / gridDim.x;
+        seg[1]                = (long long) (blockIdx.x + 1) * total / gridDim.x;
+    }
+    __syncthreads();
+    for (;;) {
+        const long long f  = reinterpret_cast<volatile long long *>(seg)[0];
+        const long long fe = reinterpret_cast<volatile long long *>(seg)[1];
+        if (f >= fe) {
+            break;
+        }
+        const long long total = (long long) units * chunk;
+        const int       u     = (int) (f / chunk);
+        const long long ub    = (long long) u * chunk;  // u's first tile
+        const long long se    = min(fe, ub + chunk);    // the segment: tiles f .. se - 1
+        const int       ngr   = (G * Tq + RB - 1) / RB;  // row groups
+        const int       nspl  = (gridDim.x + units - 1) / units + 1;
+        const int       slot  = (int) blockIdx.x - (int) (((ub + 1) * gridDim.x - 1) / total);
+        const attn_cta  cta   = attn_cta_at(lens, Hkv, G, Tq, u / ngr, (u % ngr) * RB, slot, nspl,
+                                            (int) (f - ub) * TW, (int) (se - ub) * TW);
+        if (se == ub + chunk) {  // u's last CTA: the slots after its own are empty
+            for (int s = slot + 1; s < nspl; ++s) {
+                attn_cta e = cta;
+                e.split    = s;
+                attn_write_empty(e, threadIdx.x, o_part, m_part, l_part);
+            }
+        }
+        __syncthreads();  // every thread has read seg
+        if (threadIdx.x == 0) {
+            seg[0] = se;
+        }
+        attn_mma_chunk(cta, POLAR_ATTN_ARGS);
+        __syncthreads();  // shared memory free for the next segment (and seg written)
+    }
+#else
+    attn_mma_chunk(attn_cta_get(lens, Hkv, G, Tq, chunk), POLAR_ATTN_ARGS);
 #endif
 }

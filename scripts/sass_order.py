@@ -27,6 +27,7 @@ scheduler is bound by shared memory (session 18, `docs/results-gpu.md`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -134,13 +135,14 @@ def function_text(sass: str, name: str) -> str:
     return next((p for p in parts if f"Function : {name}" in p), "")
 
 
-def cupy_default_sass(kfmt: str, vfmt: str, arch: str) -> str:
+def cupy_default_sass(kfmt: str, vfmt: str, arch: str, overrides: dict | None = None) -> str:
     """SASS (and resource usage) of the CuPy attention kernel's default variant (head size 128, 4 rows,
-    float16 q), compiled as scripts/check_kernels.py compiles every variant."""
+    float16 q), with the AttnConfig fields in `overrides` changed, compiled as scripts/check_kernels.py
+    compiles every variant."""
     import check_kernels
     from cupy_kernels import attention
 
-    cfg = attention.default_config(vfmt, D=128)
+    cfg = dataclasses.replace(attention.default_config(vfmt, D=128), **(overrides or {}))
     v = check_kernels.Variant(
         f"{attention.KERNELS[cfg.impl]}.cu", tuple(attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg).items())
     )
@@ -195,6 +197,18 @@ def compile_sass(tree: Path, file: str, arch: str) -> str:
         return _listings(obj)
 
 
+def config_field(text: str) -> tuple[str, int]:
+    """FIELD=INT of --set: an integer or boolean field of cupy_kernels.attention.AttnConfig."""
+    from cupy_kernels import attention
+
+    name, eq, value = text.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(attention.AttnConfig)}
+    if not eq or fields.get(name) not in ("int", "bool") or not value.lstrip("-").isdigit():
+        ints = sorted(n for n, t in fields.items() if t in ("int", "bool"))
+        raise argparse.ArgumentTypeError(f"expected FIELD=INT with FIELD one of {ints}, got {text!r}")
+    return name, bool(int(value)) if fields[name] == "bool" else int(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("tree", nargs="?", type=Path, help="a patched llama.cpp source tree")
@@ -204,6 +218,14 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90")
     ap.add_argument("--cupy-default", nargs=2, metavar=("KFMT", "VFMT"), help="the CuPy attention default")
     ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        type=config_field,
+        metavar="FIELD=INT",
+        help="--cupy-default: AttnConfig fields changed, e.g. stream=1 wtile=32",
+    )
+    ap.add_argument(
         "--loops", action="store_true", help="each loop's instructions and shared-memory wavefronts"
     )
     ap.add_argument("--per", type=int, default=0, help="--loops: divide by N (keys a loop iteration takes)")
@@ -211,7 +233,7 @@ def main(argv=None) -> int:
     if args.sass:
         text = args.sass.read_text()
     elif args.cupy_default:
-        text = cupy_default_sass(*args.cupy_default, args.arch)
+        text = cupy_default_sass(*args.cupy_default, args.arch, dict(args.set))
     elif args.tree and args.file:
         text = compile_sass(args.tree, args.file, args.arch)
     else:

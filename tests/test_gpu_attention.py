@@ -568,6 +568,43 @@ def test_cta_times(torch):
         )
 
 
+STREAM_SHAPES = {  # name: (lens, Hq, Hkv, Tq, D): the CTAs' ranges against the work items
+    "items split over CTAs": ([3000, 1, 1234], 8, 2, 1, 128),  # ranges shorter than an item, empty tails
+    "CTAs over items": ([256] * 40, 8, 8, 1, 128),  # 320 items on fewer CTAs: a range spans several items
+    "row groups, causal tail": ([700, 33, 1], 20, 2, 3, 64),  # 30 rows a KV head: 4 row groups
+}
+
+
+@pytest.mark.parametrize("shape", list(STREAM_SHAPES))
+@pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
+def test_stream(torch, shape, kfmt, vfmt):
+    """AttnConfig.stream (equal ranges of the call's whole work, one a CTA; partial slots a row) against the
+    reference, and against the default on the same inputs to rounding; its stamped build gives its bits."""
+    import dataclasses
+
+    lens_l, Hq, Hkv, Tq, D = STREAM_SHAPES[shape]
+    B, T_max = len(lens_l), -(-max(lens_l) // 8) * 8
+    gen = torch.Generator(device="cuda").manual_seed(15)
+    lens = torch.tensor(lens_l, dtype=torch.int32, device="cuda")
+    kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
+    vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
+    q = torch.randn((B, Hq, Tq, D), generator=gen, device="cuda").half()
+    cfg = dataclasses.replace(attn.default_config(vfmt, D=D), stream=True)
+    p = attn.plan(B, Hq, Hkv, Tq, D, T_max, kfmt, vfmt, q.dtype, cfg, None, q.device.index or 0)
+    units = attn.work_units(B, Hq, Hkv, Tq)
+    assert p.config.stream and p.stream_ctas == p.n_ctas > 0 and p.splits == -(-p.n_ctas // units) + 1
+    _check(torch, q, kc, vc, lens, kfmt, vfmt, f"stream {shape} {kfmt}/{vfmt}", config=cfg, max_len=T_max)
+    got = attn.run(p, q, kc, vc, lens)
+    want = attn.attention(q, kc, vc, lens, kfmt, vfmt)
+    assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+    stamped = dataclasses.replace(cfg, cta_times=True)
+    ps = attn.plan(B, Hq, Hkv, Tq, D, T_max, kfmt, vfmt, q.dtype, stamped, None, q.device.index or 0)
+    assert torch.equal(attn.run(ps, q, kc, vc, lens), got)
+    assert attn.cta_times(ps).shape[0] == p.n_ctas
+    with pytest.raises(ValueError, match="stream"):
+        attn.plan(B, Hq, Hkv, Tq, D, T_max, kfmt, vfmt, q.dtype, cfg, 2, q.device.index or 0)
+
+
 @pytest.mark.parametrize("qdtype", ["float16", "float32", "bfloat16"])
 @pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
 def test_qstage_same_bits(torch, qdtype, kfmt, vfmt):
