@@ -1169,31 +1169,20 @@ __device__ __forceinline__ void attn_mma_chunk(const attn_cta & cta, POLAR_ATTN_
 extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     CTA_MARK(0);
 #if STREAM
-    // the CTA's next tile and end in shared memory, read back (volatile) each segment: nothing of the loop stays
-    // in registers through the body (with ~8 registers of loop state held, ptxas at 128 recomputes addresses
-    // in the main loop: +100 instructions a tile)
-    __shared__ long long seg[2];
-    if (threadIdx.x == 0) {
-        const long long total = (long long) units * chunk;
-        seg[0]                = (long long) blockIdx.x * total / gridDim.x;
-        seg[1]                = (long long) (blockIdx.x + 1) * total / gridDim.x;
-    }
-    __syncthreads();
-    for (;;) {
-        const long long f  = reinterpret_cast<volatile long long *>(seg)[0];
-        const long long fe = reinterpret_cast<volatile long long *>(seg)[1];
-        if (f >= fe) {
-            break;
-        }
-        const long long total = (long long) units * chunk;
-        const int       u     = (int) (f / chunk);
-        const long long ub    = (long long) u * chunk;  // u's first tile
-        const long long se    = min(fe, ub + chunk);    // the segment: tiles f .. se - 1
-        const int       ngr   = (G * Tq + RB - 1) / RB;  // row groups
-        const int       nspl  = (gridDim.x + units - 1) / units + 1;
-        const int       slot  = (int) blockIdx.x - (int) (((ub + 1) * gridDim.x - 1) / total);
-        const attn_cta  cta   = attn_cta_at(lens, Hkv, G, Tq, u / ngr, (u % ngr) * RB, slot, nspl,
-                                            (int) (f - ub) * TW, (int) (se - ub) * TW);
+    // (tile indices in 32 bits, all else recomputed a segment from the arguments: the fewer registers the loop
+    // holds through the body, the fewer addresses ptxas, at 128 registers, recomputes in the main loop)
+    const int total = units * chunk;
+    int       f     = (int) ((long long) blockIdx.x * total / gridDim.x);
+    const int fe    = (int) ((long long) (blockIdx.x + 1) * total / gridDim.x);
+    while (f < fe) {
+        const int      u    = f / chunk;
+        const int      ub   = u * chunk;               // u's first tile
+        const int      se   = min(fe, ub + chunk);     // the segment: tiles f .. se - 1
+        const int      ngr  = (G * Tq + RB - 1) / RB;  // row groups
+        const int      nspl = (gridDim.x + units - 1) / units + 1;
+        const int      slot = (int) blockIdx.x - (int) (((long long) (ub + 1) * gridDim.x - 1) / total);
+        const attn_cta cta  = attn_cta_at(lens, Hkv, G, Tq, u / ngr, (u % ngr) * RB, slot, nspl, (f - ub) * TW,
+                                          (se - ub) * TW);
         if (se == ub + chunk) {  // u's last CTA: the slots after its own are empty
             for (int s = slot + 1; s < nspl; ++s) {
                 attn_cta e = cta;
@@ -1201,12 +1190,9 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
                 attn_write_empty(e, threadIdx.x, o_part, m_part, l_part);
             }
         }
-        __syncthreads();  // every thread has read seg
-        if (threadIdx.x == 0) {
-            seg[0] = se;
-        }
         attn_mma_chunk(cta, POLAR_ATTN_ARGS);
-        __syncthreads();  // shared memory free for the next segment (and seg written)
+        __syncthreads();  // shared memory free for the next segment
+        f = se;
     }
 #else
     attn_mma_chunk(attn_cta_get(lens, Hkv, G, Tq, chunk), POLAR_ATTN_ARGS);
