@@ -92,7 +92,14 @@ struct attn_cta {
     int split, r0, z, b, hkv, R, nspl, len, c0, c1, G, Tq;
 
     // index of the (row r0 + r, split) partial in m_part / l_part (times HD in o_part)
-    __device__ __forceinline__ long long part(int r) const { return (long long) (z * R + r0 + r) * nspl + split; }
+    __device__ __forceinline__ long long part(int r) const {
+#if defined(STREAM) && STREAM
+        return pbase + (long long) r * nspl;
+#else
+        return (long long) (z * R + r0 + r) * nspl + split;
+#endif
+    }
+    int pbase;  // STREAM: part(0)
 
     // causal limit of row rr < R in this chunk: key t is visible to the row iff t < limit(rr)
     __device__ __forceinline__ int limit(int rr) const { return min(c1, len - Tq + (rr % Tq) + 1); }
@@ -121,6 +128,7 @@ __device__ __forceinline__ attn_cta attn_cta_at(const int * __restrict__ lens, i
     t.c1    = min(c1, t.len);
     t.G     = G;
     t.Tq    = Tq;
+    t.pbase = (z * t.R + r0) * nspl + split;
     return t;
 }
 

@@ -385,7 +385,11 @@ __device__ __forceinline__ void cta_mark(int k) {
 // (at the end of the file) calls it once, or with STREAM once a segment.
 __device__ __forceinline__ void attn_mma_chunk(const attn_cta & cta, POLAR_ATTN_PARAMS) {
     extern __shared__ __align__(16) u8 smem[];
-    const int      tid  = threadIdx.x;
+    int            tidv = threadIdx.x;
+#if STREAM
+    asm volatile("" : "+r"(tidv));  // (derived a segment afresh, not hoisted out of the segment loop)
+#endif
+    const int      tid  = tidv;
     const int      lane = tid & 31;
     const int      warp = tid >> 5;
     const int      g    = lane >> 2;
@@ -1169,21 +1173,30 @@ __device__ __forceinline__ void attn_mma_chunk(const attn_cta & cta, POLAR_ATTN_
 extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     CTA_MARK(0);
 #if STREAM
-    // (tile indices in 32 bits, all else recomputed a segment from the arguments: the fewer registers the loop
-    // holds through the body, the fewer addresses ptxas, at 128 registers, recomputes in the main loop)
-    const int total = units * chunk;
-    int       f     = (int) ((long long) blockIdx.x * total / gridDim.x);
-    const int fe    = (int) ((long long) (blockIdx.x + 1) * total / gridDim.x);
-    while (f < fe) {
-        const int      u    = f / chunk;
-        const int      ub   = u * chunk;               // u's first tile
-        const int      se   = min(fe, ub + chunk);     // the segment: tiles f .. se - 1
+    int f = -1;  // the next tile (-1: the CTA's first)
+    for (;;) {
+        // every value of the loop derived a segment afresh from opaque copies of the arguments (nothing hoisted
+        // out of the loop and held in registers through the body: ptxas, at 128, would recompute addresses
+        // in the main loop instead)
+        int bx = blockIdx.x, nx = gridDim.x, un = units, ch = chunk;
+        asm volatile("" : "+r"(bx), "+r"(nx), "+r"(un), "+r"(ch), "+r"(f));
+        const int total = un * ch;
+        const int fe    = (int) ((long long) (bx + 1) * total / nx);
+        if (f < 0) {
+            f = (int) ((long long) bx * total / nx);
+        }
+        if (f >= fe) {
+            break;
+        }
+        const int      u    = f / ch;
+        const int      ub   = u * ch;                  // u's first tile
+        const int      se   = min(fe, ub + ch);        // the segment: tiles f .. se - 1
         const int      ngr  = (G * Tq + RB - 1) / RB;  // row groups
-        const int      nspl = (gridDim.x + units - 1) / units + 1;
-        const int      slot = (int) blockIdx.x - (int) (((long long) (ub + 1) * gridDim.x - 1) / total);
+        const int      nspl = (nx + un - 1) / un + 1;
+        const int      slot = bx - (int) (((long long) (ub + 1) * nx - 1) / total);
         const attn_cta cta  = attn_cta_at(lens, Hkv, G, Tq, u / ngr, (u % ngr) * RB, slot, nspl, (f - ub) * TW,
                                           (se - ub) * TW);
-        if (se == ub + chunk) {  // u's last CTA: the slots after its own are empty
+        if (se == ub + ch) {  // u's last CTA: the slots after its own are empty
             for (int s = slot + 1; s < nspl; ++s) {
                 attn_cta e = cta;
                 e.split    = s;
