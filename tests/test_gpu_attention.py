@@ -209,6 +209,34 @@ def test_choose_splits_mma():
         assert 1 <= s <= 256
 
 
+def test_stream_plan(monkeypatch):
+    """AttnConfig.stream's grid (no GPU: 132 SMs given): one wave of CTAs at the headline (B=16, 8 KV heads,
+    32768 keys: 264 CTAs on 128 items, 4 partial slots a row, an item's keys in whole warp tiles); fewer
+    CTAs where the work is small (2 x nwarps warp tiles a CTA at least)."""
+    import dataclasses
+
+    monkeypatch.setattr(attn.loader, "sm_count", lambda device=0: 132)
+    cfg = dataclasses.replace(attn.DEFAULT_CONFIG, stream=True)
+    d = attn.attn_defines(128, "polar", "polar", 4, 1, cfg)
+    smem = attn.smem_bytes("mma", d)
+
+    def grid(B, Hkv, max_len, regs=128):
+        p = attn.Plan(
+            B, 4 * Hkv, Hkv, 1, 128, "polar", "polar", 1, cfg, tuple(d.items()), smem, 4, 1, 0, 0, regs
+        )
+        return attn._stream_plan(p, max_len, 0)
+
+    p = grid(16, 8, 32768)
+    assert (p.stream_ctas, p.n_ctas, p.splits, p.chunk) == (264, 264, 4, 32768)
+    p = grid(16, 8, 1000)  # 16 warp tiles an item (the last one partial)
+    assert (p.stream_ctas, p.splits, p.chunk) == (128, 2, 1024)
+    p = grid(1, 1, 100)  # 2 warp tiles in all: one CTA
+    assert (p.stream_ctas, p.splits) == (1, 2)
+    p = grid(40, 8, 32768)  # 320 items on 264 CTAs: a CTA's range spans more than one item
+    assert (p.stream_ctas, p.splits) == (264, 2)
+    assert grid(16, 8, 32768, regs=168).stream_ctas == 132  # one CTA a SM by registers
+
+
 # ---- GPU -------------------------------------------------------------------------------------
 
 
