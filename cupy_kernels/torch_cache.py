@@ -21,9 +21,10 @@ its own length, `pads` holds what was dropped). Later steps whose mask is exactl
 causality take the kernel path with the per-sequence lengths; any other mask takes the dequantize +
 SDPA path on the padded view (`padded`). `keep_padding=True` keeps the padding (every masked step
 then dequantizes the cache: the behaviour before). The "prefill" centering offsets are the mean
-over the first update's tokens, the padding's included (exact under softmax either way; measured
-against the mean over each sequence's own tokens by scripts/padded_centering.py, it is not a loss:
-docs/results-gpu.md, session 36).
+over each sequence's own tokens of the first update: when its mask shows a left padding, the layer
+re-encodes that update from its key and value states with them (`recenter_prefill`; with keep_padding
+too), so a sequence's offsets do not depend on its batch. (Until session 37 the padding's keys were in
+the mean: scripts/padded_centering.py measured both, docs/results-gpu.md.)
 
 Use:
 
@@ -200,6 +201,7 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         self.length = 0
         self.pads = None
         self.mu_k = self.mu_v = None
+        self._first = None  # "prefill": the first update's key and value states until its attention
 
     # ---- storage ---------------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         if self.offsets == "prefill" and self.mu_k is None:
             self.mu_k = k.mean(2, keepdim=True)
             self.mu_v = v.mean(2, keepdim=True)
+            self._first = (key_states, value_states)  # (recenter_prefill: a left padding found later)
         if self.mu_k is not None:
             k = k - self.mu_k
             v = v - self.mu_v
@@ -280,9 +283,37 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
             for i, p in enumerate(starts):
                 cache[i, :, p : p + t] = b[i]
 
+    def recenter_prefill(self, pads: torch.Tensor) -> None:
+        """centering="prefill" when the first update's attention finds a left padding (pads [B], before the
+        layer drops it): the offsets become the mean over each sequence's own tokens (its last length -
+        pads[b]), not the padding's too, and the first update is encoded again with them from its key and
+        value states (kept until then: no second rounding). So a sequence's offsets do not depend on what it
+        was batched with. A no-op once the first update's attention has run."""
+        first, self._first = self._first, None
+        if first is None:
+            return
+        ks, vs = first
+        n = ks.shape[2]
+        own = torch.arange(n, device=ks.device)[None, :] >= pads.to(ks.device).long()[:, None]
+        own = own.view(ks.shape[0], 1, n, 1).float()
+        count = own.sum(2, keepdim=True).clamp(min=1.0)
+        self.mu_k = (ks.float() * own).sum(2, keepdim=True) / count
+        self.mu_v = (vs.float() * own).sum(2, keepdim=True) / count
+        k, v = self._prep(ks, vs)
+        length, self.length = (
+            self.length,
+            0,
+        )  # (the first update sits at 0 in every row: no padding dropped yet)
+        try:
+            PolarCacheLayer._write(self, k, self.keys, self.kfmt)
+            PolarCacheLayer._write(self, v, self.values, self.vfmt)
+        finally:
+            self.length = length
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Encode the new keys/values [B, Hkv, t, D]; returns PolarKV handles for the
         "kvpolar" attention function (which reads the blocks)."""
+        self._first = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[2]
@@ -348,6 +379,7 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
 
     def reset(self) -> None:
         self.reset_lengths()
+        self._first = None
         if self.offsets == "prefill":
             self.mu_k = self.mu_v = None
 
@@ -397,7 +429,8 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
 class PolarCache(Cache):
     """A Cache of PolarCacheLayer, one per decoder layer of `config` (or `num_layers`).
 
-    centering: None, "prefill", or {layer_idx: (mu_k [Hkv, D], mu_v [Hkv, D])}.
+    centering: None, "prefill" (per sequence and KV head, the mean of its first update's keys and values
+    over its own tokens: a left padding left out), or {layer_idx: (mu_k [Hkv, D], mu_v [Hkv, D])}.
     keep_padding: keep a left padding in the cache (masked steps dequantize it; the module doc).
     """
 
@@ -485,6 +518,7 @@ class StaticPolarCacheLayer(PolarCacheLayer):
             raise ValueError(f"static cache holds {self.max_cache_len} tokens, {n} asked for")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._first = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[2]
@@ -855,6 +889,19 @@ def polar_attention_forward(
     elif attention_mask is not None and attention_mask.shape[-1] != n:
         attention_mask = attention_mask[..., -n:]
     given = attention_mask
+    found = drop  # a left padding at the first prefill
+    if (
+        layer.pads is None
+        and Tq == n
+        and given is not None
+        and not isinstance(layer, StaticPolarCacheLayer)
+        and (not layer.keep_padding or layer._first is not None)
+    ):
+        found = per_mask("left_padding", given, (n,), lambda: left_padding(given, n))
+        drop = None if layer.keep_padding else found
+    if found is not None:
+        layer.recenter_prefill(found)  # ("prefill" centering: the offsets over each sequence's own tokens)
+    layer._first = None
     # a mask that adds nothing to what the layer knows (causality; its dropped padding) is left out
     # (a static layer's padded prefill mask, just built, adds its padding)
     if (
@@ -893,14 +940,6 @@ def polar_attention_forward(
         elif mask is None and Tq != n:
             mask = _causal_tail_mask(Tq, n, q.device)  # (Tq == n: SDPA's is_causal)
         o = _sdpa_gqa(q, k, v, mask, scaling, query.dtype if q.is_cuda else torch.float32)
-    if (
-        layer.pads is None
-        and Tq == n
-        and not (layer.keep_padding or isinstance(layer, StaticPolarCacheLayer))
-    ):
-        drop = (
-            None if given is None else per_mask("left_padding", given, (n,), lambda: left_padding(given, n))
-        )
     if drop is not None:
         layer.drop_padding(drop)
     o = layer.finish_output(o).to(query.dtype)

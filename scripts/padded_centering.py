@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Does a left padding spoil PolarCache's "prefill" centering offsets? A measurement on the CPU.
+"""Should a left padding count in PolarCache's "prefill" centering offsets? A measurement on the CPU.
 
     python3 scripts/padded_centering.py [--model PATH.gguf] [--long 512] [--short 128] [--steps 64]
         [--starts 0 ...] [--json docs/torch-cache/padded-centering.json]
 
 `PolarCache(centering="prefill")` takes, per sequence and KV head, the mean of the first update's keys and
 values as its offsets (cupy_kernels.torch_cache). In a left-padded batch that first update holds the
-padding's keys and values too, so a short prompt's offsets are mostly the padding's. That is exact under
-softmax (a constant per sequence and head), but the blocks are centered on the offsets: it can cost precision.
+padding's keys and values too; until session 37 a short prompt's offsets were therefore mostly the padding's
+(exact under softmax either way, but the blocks are centered on the offsets). Since session 37 the layer
+takes the mean over each sequence's own tokens once the prefill's mask shows the padding
+(`PolarCacheLayer.recenter_prefill`); this script measured both.
 
 Two prompts from the SQuAD text (`--long` and `--short` tokens, from token `--starts` on; one batch per
 start) run as one left-padded batch through a model loaded from GGUF (SmolLM2-135M by default; float32 on the
@@ -16,8 +18,10 @@ tokens, the padding mask and per-sequence positions as `generate` passes them). 
 reference codec (backend "reference", bit-exact with the GPU encoder):
   exact          float32 DynamicCache (the reference)
   none           PolarCache polar K+V, no centering
-  prefill        centering="prefill" as built: the mean over the first update, padding included
-  prefill-real   the same, the mean over each sequence's own tokens only (the padding left out)
+  prefill-padded centering="prefill" before session 37: the mean over the first update, padding included
+  prefill        centering="prefill" as built: the mean over each sequence's own tokens (the padding left out)
+  prefill-real   the same offsets set by this script from the start (no padded first encoding); must equal
+                 prefill's results bit for bit (checked)
   prefill-sink   prefill-real with K's offset 0.75 x that mean + 0.25 x the sequence's first key (llama.cpp's
                  sink-weighted offset, patch 0012, before its exact sink key; V as prefill-real)
 and, for each, the mean KL divergence of the decode steps' next-token distributions from `exact`'s, per prompt
@@ -35,7 +39,7 @@ from pathlib import Path
 from bench_llama import machine
 from kvpolar.atomic import atomic_write_text
 
-CACHES = ("exact", "none", "prefill", "prefill-real", "prefill-sink")
+CACHES = ("exact", "none", "prefill-padded", "prefill", "prefill-real", "prefill-sink")
 SINK_WEIGHT = 0.25  # prefill-sink's weight of the first key (llama.cpp's LLAMA_KV_CENTER_SINK of patch 0012)
 
 
@@ -94,7 +98,7 @@ def run(model, ids, mask, steps, cache):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", type=Path, default=None, help="a GGUF model (default: SmolLM2-135M of the data dir)"
+        "--model", type=Path, default=None, help="a GGUF model, or a data file's name (default: SmolLM2-135M)"
     )
     ap.add_argument("--long", type=int, default=512)
     ap.add_argument("--short", type=int, default=128)
@@ -113,7 +117,9 @@ def main(argv=None) -> int:
     from cupy_kernels import torch_cache
     from kvpolar import calibrate, paths
 
-    path = a.model or paths.data_file("SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = a.model or paths.data_file(paths.SMOLLM2_GGUF)
+    if not path.exists() and path.name == str(path):  # a data file's name (e.g. gemma-3-270m-q4_k_m.gguf)
+        path = paths.data_file(path.name)
     t0 = time.time()
     model, tok = calibrate.load_gguf_model(path, "float32")
     torch_cache.enable(model)
@@ -134,10 +140,12 @@ def main(argv=None) -> int:
         mask[1, :pad] = 0
         logp = {}
         for name in CACHES:
-            plain = torch_cache.PolarCacheLayer._prep
+            plain, recenter = torch_cache.PolarCacheLayer._prep, torch_cache.PolarCacheLayer.recenter_prefill
             if name in ("prefill-real", "prefill-sink"):
                 sink = SINK_WEIGHT if name == "prefill-sink" else 0.0
                 torch_cache.PolarCacheLayer._prep = real_mean_prep(mask.bool(), sink)
+            if name == "prefill-padded":  # the padded first encoding kept
+                torch_cache.PolarCacheLayer.recenter_prefill = lambda self, pads: None
             try:
                 if name == "exact":
                     cache = DynamicCache()
@@ -147,6 +155,11 @@ def main(argv=None) -> int:
                 logp[name] = run(model, ids, mask, a.steps, cache)
             finally:
                 torch_cache.PolarCacheLayer._prep = plain
+                torch_cache.PolarCacheLayer.recenter_prefill = recenter
+        if not torch.equal(logp["prefill"], logp["prefill-real"]):
+            raise SystemExit(
+                "prefill (as built) and prefill-real differ: recenter_prefill is not the own-token mean"
+            )
         ref = logp["exact"]
         for name in CACHES[1:]:
             kl[name].append((ref.exp() * (ref - logp[name])).sum(-1))

@@ -289,8 +289,9 @@ def test_prefill_is_causal_matches_masked():
 
 
 def _padded_layers(vfmt: str = "polar", centering=None):
-    """Two layers with the same bytes (B=2, 8 prefill tokens, sequence 1 left-padded by 3): `a` saw
-    the padding mask at its prefill (it drops the padding), `b` saw no mask (it keeps the padding)."""
+    """Two layers with the same bytes (B=2, 8 prefill tokens, sequence 1 left-padded by 3), both shown the
+    padding mask at their prefill: `a` drops the padding, `b` keeps it (keep_padding; with "prefill"
+    centering both take the offsets over each sequence's own tokens)."""
     g = torch.Generator().manual_seed(5)
     k = torch.randn((2, 2, 8, 128), generator=g) + 0.3
     v = torch.randn((2, 2, 8, 128), generator=g)
@@ -303,10 +304,10 @@ def _padded_layers(vfmt: str = "polar", centering=None):
         num_key_value_groups = 2
 
     out = {}
-    for name, m in (("a", mask), ("b", None)):
-        layer = tc.PolarCacheLayer("polar", vfmt, offsets=centering, backend="reference")
+    for name, keep in (("a", False), ("b", True)):
+        layer = tc.PolarCacheLayer("polar", vfmt, offsets=centering, backend="reference", keep_padding=keep)
         h = tc.PolarKV(layer.update(k, v)[0].layer)
-        o, _ = tc.polar_attention_forward(M(), q, h, h, m, scaling=0.1)
+        o, _ = tc.polar_attention_forward(M(), q, h, h, mask, scaling=0.1)
         out[name] = layer, o
     return out, M, mask, g
 
@@ -457,6 +458,62 @@ def test_left_padding_detection():
     assert tc.left_padding(left([0, 2])[..., :5, :5], n) is None  # not the first prefill's shape
 
 
+def test_prefill_offsets_batch_invariant_cpu():
+    """centering="prefill" on a left-padded batch: each sequence's offsets are the mean over its own tokens
+    (as when it runs alone, to float rounding), not the padding's too, in both padding modes; the first
+    update is encoded again with them (its bytes are those of a layer given these offsets from the start)."""
+    m = tiny_llama()
+    tc.enable(m)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(1, 512, (1, 12), generator=g)
+    b = torch.randint(1, 512, (1, 7), generator=g)
+    ids = torch.zeros((2, 12), dtype=torch.long)
+    ids[0], ids[1, 5:] = a[0], b[0]
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, :5] = 0
+    pos = tc.padded_positions(am)
+    alone = {}
+    for name, x in (("a", a), ("b", b)):
+        c = tc.PolarCache(m.config, backend="reference", centering="prefill")
+        with torch.no_grad():
+            m(input_ids=x, past_key_values=c, use_cache=True)
+        alone[name] = c.layers[1]
+    for keep in (False, True):
+        c = tc.PolarCache(m.config, backend="reference", centering="prefill", keep_padding=keep)
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=c, use_cache=True)
+        layer = c.layers[1]
+        assert (layer.pads is None) == keep and layer._first is None
+        for i, name in enumerate("ab"):
+            for mu in ("mu_k", "mu_v"):
+                torch.testing.assert_close(
+                    getattr(layer, mu)[i], getattr(alone[name], mu)[0], atol=1e-5, rtol=0
+                )
+    # the padded mean differs (it is what the layer encodes first)
+    padded = tc.PolarCache(m.config, backend="reference", centering="prefill", keep_padding=True)
+    real = tc.PolarCacheLayer.recenter_prefill
+    try:
+        tc.PolarCacheLayer.recenter_prefill = lambda self, pads: None
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=padded, use_cache=True)
+    finally:
+        tc.PolarCacheLayer.recenter_prefill = real
+    assert not torch.allclose(padded.layers[1].mu_k[1], layer.mu_k[1], atol=1e-3)
+    import padded_centering  # (its "prefill-real" offsets: the own-token mean set before the first encoding)
+
+    plain = tc.PolarCacheLayer._prep
+    try:
+        tc.PolarCacheLayer._prep = padded_centering.real_mean_prep(am.bool())
+        direct = tc.PolarCache(m.config, backend="reference", centering="prefill", keep_padding=True)
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=direct, use_cache=True)
+    finally:
+        tc.PolarCacheLayer._prep = plain
+    assert torch.equal(direct.layers[1].keys, layer.keys) and torch.equal(
+        direct.layers[1].values, layer.values
+    )
+
+
 def test_left_padded_generate_cpu(monkeypatch):
     """generate() on a left-padded batch: each row's tokens as when it runs alone, the decode steps
     on the mask-free path (the layer dropped the padding)."""
@@ -492,9 +549,8 @@ def test_left_padded_generate_cpu(monkeypatch):
         again = m.generate(
             ids, attention_mask=am, past_key_values=tc.PolarCache(m.config, backend="reference"), **kw
         )
-    assert (
-        torch.equal(again, out) and len(seen) == 1 + 5 and m.config.num_hidden_layers == 4
-    )  # prefill, 5 steps
+    # 5 steps (the prefill's padding is found by left_padding, once for all layers, not by `visible`)
+    assert torch.equal(again, out) and len(seen) == 5 and m.config.num_hidden_layers == 4
     # keep_padding: the behaviour before (masked steps on the padded cache)
     kept = tc.PolarCache(m.config, backend="reference", keep_padding=True)
     with torch.no_grad():
