@@ -458,19 +458,26 @@ def test_left_padding_detection():
     assert tc.left_padding(left([0, 2])[..., :5, :5], n) is None  # not the first prefill's shape
 
 
-def test_prefill_offsets_batch_invariant_cpu():
-    """centering="prefill" on a left-padded batch: each sequence's offsets are the mean over its own tokens
-    (as when it runs alone, to float rounding), not the padding's too, in both padding modes; the first
-    update is encoded again with them (its bytes are those of a layer given these offsets from the start)."""
+def _two_prompts(seed: int):
+    """A tiny model (the "kvpolar" attention) and prompts a (12 tokens) and b (7) as one left-padded batch:
+    (model, a, b, ids [2, 12], attention mask)."""
     m = tiny_llama()
     tc.enable(m)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     a = torch.randint(1, 512, (1, 12), generator=g)
     b = torch.randint(1, 512, (1, 7), generator=g)
     ids = torch.zeros((2, 12), dtype=torch.long)
     ids[0], ids[1, 5:] = a[0], b[0]
     am = torch.ones(2, 12, dtype=torch.long)
     am[1, :5] = 0
+    return m, a, b, ids, am
+
+
+def test_prefill_offsets_batch_invariant_cpu():
+    """centering="prefill" on a left-padded batch: each sequence's offsets are the mean over its own tokens
+    (as when it runs alone, to float rounding), not the padding's too, in both padding modes; the first
+    update is encoded again with them (its bytes are those of a layer given these offsets from the start)."""
+    m, a, b, ids, am = _two_prompts(2)
     pos = tc.padded_positions(am)
     alone = {}
     for name, x in (("a", a), ("b", b)):
@@ -517,15 +524,7 @@ def test_prefill_offsets_batch_invariant_cpu():
 def test_left_padded_generate_cpu(monkeypatch):
     """generate() on a left-padded batch: each row's tokens as when it runs alone, the decode steps
     on the mask-free path (the layer dropped the padding)."""
-    m = tiny_llama()
-    tc.enable(m)
-    g = torch.Generator().manual_seed(1)
-    a = torch.randint(1, 512, (1, 12), generator=g)
-    b = torch.randint(1, 512, (1, 7), generator=g)
-    ids = torch.zeros((2, 12), dtype=torch.long)
-    ids[0], ids[1, 5:] = a[0], b[0]
-    am = torch.ones(2, 12, dtype=torch.long)
-    am[1, :5] = 0
+    m, a, b, ids, am = _two_prompts(1)
     cache = tc.PolarCache(m.config, backend="reference")
     calls = []
     real_padded = tc.PolarCacheLayer.padded
