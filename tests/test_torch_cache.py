@@ -162,10 +162,12 @@ def test_gpu_generate_tiny(cuda, vfmt):
 
 
 @pytest.mark.gpu
-def test_gpu_left_padded_teacher_forced(cuda, monkeypatch):
+@pytest.mark.parametrize("centering", [None, "prefill"])
+def test_gpu_left_padded_teacher_forced(cuda, monkeypatch, centering):
     """A left-padded batch: after the prefill the layers drop the padding, the decode steps run the
     kernel on per-sequence lengths (no dequantize + SDPA), and give the logits of the reference path
-    (numpy codec + SDPA over the same bytes) on the real rows."""
+    (numpy codec + SDPA over the same bytes) on the real rows; with "prefill" centering, the first update
+    re-encoded on the GPU with each sequence's own-token offsets."""
     m = tiny_llama(device=cuda)
     tc.enable(m)
     g = torch.Generator().manual_seed(4)
@@ -175,8 +177,8 @@ def test_gpu_left_padded_teacher_forced(cuda, monkeypatch):
     for b, p in enumerate(pads):
         am[b, :p] = 0
     pos = (am.cumsum(-1) - 1).clamp(min=0)
-    ca = tc.PolarCache(m.config, backend="cupy")
-    cb = tc.PolarCache(m.config, backend="reference")
+    ca = tc.PolarCache(m.config, backend="cupy", centering=centering)
+    cb = tc.PolarCache(m.config, backend="reference", centering=centering)
     calls = []
     real_attention = tc.gpu_attn.attention
     monkeypatch.setattr(
