@@ -87,12 +87,6 @@ class AttnConfig:
     ctas: the CTAs a SM the kernel asks ptxas to fit (`__launch_bounds__(threads, ctas)`, which caps its
     registers at 65536 / (ctas x threads)); 0 = the kernel's own rule (3 or more where kvsplit's shared memory
     allows 3 CTAs a SM, else no minimum); 1 = no minimum.
-    stream: the work of the call (every sequence, KV head and row group, its keys in warp tiles) laid end
-    to end and cut into one equal range a CTA for as many CTAs as fit on the GPU at once (2 a SM for the
-    default: 264 on 132 SMs), instead of `splits` equal chunks of each work item (256 CTAs for 128 items:
-    4 SMs idle at B=16, 8 KV heads); a CTA's range that crosses from one item into the next is two
-    segments with a partial each (slots of `splits` = ceil(CTAs / items) + 1 per row, the unused ones
-    written empty). The same keys and rows, summed in other groups: results equal to rounding.
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
@@ -115,7 +109,6 @@ class AttnConfig:
     qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE; on in the defaults)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
     ctas: int = 0  # mma: CTAs a SM asked of ptxas (MMA_CTAS): 0 = the kernel's rule
-    stream: bool = False  # mma: equal ranges of the call's whole work a CTA, one wave (STREAM)
 
     @property
     def tile(self) -> int:
@@ -288,8 +281,6 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             d["CTA_TIMES"] = CTA_TIMES_MAX
         if cfg.ctas:  # (likewise)
             d["MMA_CTAS"] = cfg.ctas
-        if cfg.stream:  # (likewise)
-            d["STREAM"] = 1
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
     return d
@@ -429,15 +420,9 @@ class Plan:
     smem: int  # dynamic shared memory bytes of the partial kernel
     rb: int  # query rows per CTA
     n_groups: int  # row groups: grid.y
-    splits: int  # key splits: grid.x (config.stream: partial slots a row)
-    chunk: int  # keys per split, a multiple of the tile (config.stream: keys of a work item, in warp tiles)
+    splits: int  # key splits: grid.x
+    chunk: int  # keys per split (a multiple of the tile)
     regs: int  # registers a thread of the compiled partial kernel (0 where CuPy does not say)
-    stream_ctas: int = 0  # config.stream: the grid (CTAs), else 0
-
-    @property
-    def n_ctas(self) -> int:
-        """The CTAs the partial kernel launches."""
-        return self.stream_ctas or self.splits * self.n_groups * self.B * self.Hkv
 
     @property
     def kernel(self) -> str:
@@ -487,11 +472,7 @@ def plan(
     if cfg.prec not in PRECS:
         raise ValueError(f"prec must be one of {PRECS}, got {cfg.prec!r}")
     if cfg.impl == "mma" and cfg.kmode != "gather":  # the LUT modes are simt-only
-        cfg = dataclasses.replace(cfg, impl="simt", stream=False)
-    if cfg.stream and (cfg.impl != "mma" or splits is not None):
-        raise ValueError(
-            f"stream: the mma kernel only, and it chooses its CTAs (no splits), got {cfg}, splits {splits}"
-        )
+        cfg = dataclasses.replace(cfg, impl="simt")
     if cfg.impl == "mma" and (cfg.wtile % 16 or cfg.wtile <= 0 or cfg.stages < (1 if cfg.kvsplit else 2)):
         raise ValueError(
             f"mma: wtile must be a positive multiple of 16 and stages >= 2 (>= 1 with kvsplit), got {cfg}"
@@ -520,12 +501,6 @@ def plan(
     except Exception:  # pragma: no cover - depends on the cupy version
         regs = 0
     n_groups = -(-R // rb)  # units = B * Hkv * n_groups: the grid's z and y before the splits
-    if cfg.impl == "mma" and cfg.stream:  # (a fallback from an mma config is not stream)
-        return _stream_plan(
-            Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, 0, 0, regs),
-            max_len,
-            device,
-        )
     if splits is None:
         if cfg.impl == "mma":
             per_sm = _per_sm(smem, cfg.nwarps * 32, regs)
@@ -536,18 +511,6 @@ def plan(
     chunk = -(-chunk // cfg.tile) * cfg.tile
     splits = max(1, -(-max(max_len, 1) // chunk))
     return Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk, regs)
-
-
-def _stream_plan(p: Plan, max_len: int, device: int) -> Plan:
-    """p (config.stream) with its grid: as many CTAs as fit on the GPU at once, at most one a 2 x nwarps warp
-    tiles of the call's work (each warp 2 tiles or more), and the partial slots a row that polar_attn_mma's
-    STREAM mode writes."""
-    cfg = p.config
-    units = p.B * p.Hkv * p.n_groups
-    w = max(1, -(-max_len // cfg.wtile))  # warp tiles a work item
-    slots = _per_sm(p.smem, cfg.nwarps * 32, p.regs) * loader.sm_count(device)
-    n = max(1, min(slots, units * w // (2 * cfg.nwarps)))
-    return dataclasses.replace(p, splits=-(-n // units) + 1, chunk=w * cfg.wtile, stream_ctas=n)
 
 
 def check_cache(name: str, c, B: int, H: int, D: int, fmt: str) -> None:
@@ -628,15 +591,13 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
         np.int32(Hq // Hkv),
         np.int32(Tq),
         np.int32(k_cache.shape[2]),
-        np.int32(p.chunk // p.config.wtile if p.stream_ctas else p.chunk),  # (stream: warp tiles an item)
+        np.int32(p.chunk),
         np.float32(scale * math.log2(math.e)),
         ptr(o_part),
         ptr(m_part),
         ptr(l_part),
-        np.int32(B * Hkv * p.n_groups),
     )
-    grid = (p.stream_ctas, 1, 1) if p.stream_ctas else (p.splits, p.n_groups, B * Hkv)
-    loader.launch(part, grid, (p.config.nwarps * 32,), args, shared_mem=p.smem)
+    loader.launch(part, (p.splits, p.n_groups, B * Hkv), (p.config.nwarps * 32,), args, shared_mem=p.smem)
     cargs = (
         ptr(o_part),
         ptr(m_part),
@@ -661,13 +622,12 @@ CTA_MARKS = ("entry", "issued", "q_done", "tables", "loop_done", "written")
 def cta_times(p: Plan, reset: bool = False):
     """The per-CTA stamps of the last launch of plan p (its config has cta_times): a numpy uint64
     array [n_ctas, 7] = %globaltimer (ns) at CTA_MARKS, then the SM; the CTAs in launch order
-    (x + splits (y + n_groups z); config.stream: x, its last segment's stamps); a CTA with no keys has zeros
-    past its entry. reset=True zeroes the
+    (x + splits (y + n_groups z)); a CTA with no keys has zeros past its entry. reset=True zeroes the
     array instead (before a launch)."""
     if p.config.impl != "mma" or not p.config.cta_times:
         raise ValueError(f"cta_times needs an mma plan with config.cta_times=True, got {p.config}")
     cp = loader.cupy()
-    n = p.n_ctas
+    n = p.splits * p.n_groups * p.B * p.Hkv
     if n > CTA_TIMES_MAX:
         raise ValueError(f"cta_times keeps at most {CTA_TIMES_MAX} CTAs, the plan has {n}")
     g = loader.module(f"{p.kernel}.cu", p.defines).get_global("polar_attn_cta_times")

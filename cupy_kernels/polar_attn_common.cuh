@@ -13,8 +13,7 @@
 // one CTA takes RB of them and one chunk of keys, and writes float32 partials per (row, split):
 //   o_part [B * Hkv][R][n_splits][HD]  sum_t 2^(s_t - m) v_t,   m_part, l_part [B * Hkv][R][n_splits]
 // (m = the running max of the scores s in log2 units, l = sum_t 2^(s_t - m)); polar_attn_combine
-// merges the splits. `units` (= B * Hkv * row groups) is read by polar_attn_mma's STREAM mode only, which
-// launches a grid (n_ctas) instead and writes n_splits partial slots per row (polar_attn_mma.cu).
+// merges the splits.
 //
 // Compile-time constants (#defines from cupy_kernels.attention): HD, KFMT, VFMT (POLAR_KERNEL_ID,
 // POLAR3_KERNEL_ID of ggml-polar-format.h or F16_KERNEL_ID), KTS, VTS, KNC, VNC, RB, NWARPS, QT;
@@ -40,10 +39,7 @@ static_assert(HD % 64 == 0, "head dim must be a multiple of 64");
     const void * __restrict__ q, long long sqb, long long sqh, long long sqt, const u8 * __restrict__ kc, \
         const u8 * __restrict__ vc, const float2 * __restrict__ ktab_g, const float2 * __restrict__ vtab_g, \
         const int * __restrict__ lens, int Hkv, int G, int Tq, int T_max, int chunk, float scale_log2,       \
-        float * __restrict__ o_part, float * __restrict__ m_part, float * __restrict__ l_part, int units
-// ... and their names, to pass them on
-#define POLAR_ATTN_ARGS \
-    q, sqb, sqh, sqt, kc, vc, ktab_g, vtab_g, lens, Hkv, G, Tq, T_max, chunk, scale_log2, o_part, m_part, l_part, units
+        float * __restrict__ o_part, float * __restrict__ m_part, float * __restrict__ l_part
 
 __device__ __forceinline__ u32 smem_u32(const void * p) {
     u32 r;
@@ -92,14 +88,7 @@ struct attn_cta {
     int split, r0, z, b, hkv, R, nspl, len, c0, c1, G, Tq;
 
     // index of the (row r0 + r, split) partial in m_part / l_part (times HD in o_part)
-    __device__ __forceinline__ long long part(int r) const {
-#if defined(STREAM) && STREAM
-        return pbase + (long long) r * nspl;
-#else
-        return (long long) (z * R + r0 + r) * nspl + split;
-#endif
-    }
-    int pbase;  // STREAM: part(0)
+    __device__ __forceinline__ long long part(int r) const { return (long long) (z * R + r0 + r) * nspl + split; }
 
     // causal limit of row rr < R in this chunk: key t is visible to the row iff t < limit(rr)
     __device__ __forceinline__ int limit(int rr) const { return min(c1, len - Tq + (rr % Tq) + 1); }
@@ -111,29 +100,6 @@ struct attn_cta {
     }
 };
 
-// Partial slot `split` of nspl of KV head z's rows r0 .. r0 + RB - 1, keys c0 .. c1 - 1 (c1 capped at the
-// sequence's length).
-__device__ __forceinline__ attn_cta attn_cta_at(const int * __restrict__ lens, int Hkv, int G, int Tq, int z, int r0,
-                                                int split, int nspl, int c0, int c1) {
-    attn_cta t;
-    t.split = split;
-    t.r0    = r0;
-    t.z     = z;
-    t.b     = z / Hkv;
-    t.hkv   = z % Hkv;
-    t.R     = G * Tq;
-    t.nspl  = nspl;
-    t.len   = lens[t.b];
-    t.c0    = c0;
-    t.c1    = min(c1, t.len);
-    t.G     = G;
-    t.Tq    = Tq;
-    t.pbase = (z * t.R + r0) * nspl + split;
-    return t;
-}
-
-// The CTA's place on the grid (split, row group, z). (attn_cta_at's fields written out in this order: the
-// kernels' code as before attn_cta_at existed, instruction for instruction.)
 __device__ __forceinline__ attn_cta attn_cta_get(const int * __restrict__ lens, int Hkv, int G, int Tq, int chunk) {
     attn_cta t;
     t.split = blockIdx.x;

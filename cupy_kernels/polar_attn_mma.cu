@@ -63,9 +63,6 @@
 
 #include "polar_attn_common.cuh"
 
-#ifndef STREAM
-#define STREAM 0
-#endif
 #ifndef QSTAGE
 #define QSTAGE 0
 #endif
@@ -381,19 +378,15 @@ __device__ __forceinline__ void cta_mark(int k) {
 #define CTA_MARK(k)
 #endif
 
-// The CTA's work for one chunk of keys of one (KV head, row group) (cta): its partials written. The kernel
-// (at the end of the file) calls it once, or with STREAM once a segment.
-__device__ __forceinline__ void attn_mma_chunk(const attn_cta & cta, POLAR_ATTN_PARAMS) {
+extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     extern __shared__ __align__(16) u8 smem[];
-    int            tidv = threadIdx.x;
-#if STREAM
-    asm volatile("" : "+r"(tidv));  // (derived a segment afresh, not hoisted out of the segment loop)
-#endif
-    const int      tid  = tidv;
+    CTA_MARK(0);
+    const int      tid  = threadIdx.x;
     const int      lane = tid & 31;
     const int      warp = tid >> 5;
     const int      g    = lane >> 2;
     const int      c    = lane & 3;
+    const attn_cta cta  = attn_cta_get(lens, Hkv, G, Tq, chunk);
     const int      r0 = cta.r0, z = cta.z, R = cta.R, c0 = cta.c0, c1 = cta.c1;
 
     if (c0 >= c1) {
@@ -1160,54 +1153,5 @@ __device__ __forceinline__ void attn_mma_chunk(const attn_cta & cta, POLAR_ATTN_
 #if CTA_TIMES
     __syncthreads();
     CTA_MARK(5);
-#endif
-}
-
-// STREAM 1 (AttnConfig.stream): the grid is (n_ctas) instead of (splits, row groups, B * Hkv). The `units`
-// work items u = z * row groups + y lie end to end in warp tiles, `chunk` = W tiles (of TW keys) an item; CTA
-// i of n = gridDim.x (<= units W) takes tiles [i total / n, (i + 1) total / n), total = units W, as one
-// segment a work item it touches. Every CTA takes the same number of tiles to within one whatever units is
-// (128 items on 132 SMs: no SM idle). A segment of item u writes u's partial slot i - first(u) (first(u):
-// the CTA that holds u's first tile) of nspl = ceil(n / units) + 1, a bound of the CTAs that touch an item,
-// and u's last CTA writes the slots after its own empty, so polar_attn_combine merges nspl slots as splits.
-extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
-    CTA_MARK(0);
-#if STREAM
-    int f = -1;  // the next tile (-1: the CTA's first)
-    for (;;) {
-        // every value of the loop derived a segment afresh from opaque copies of the arguments (nothing hoisted
-        // out of the loop and held in registers through the body: ptxas, at 128, would recompute addresses
-        // in the main loop instead)
-        int bx = blockIdx.x, nx = gridDim.x, un = units, ch = chunk;
-        asm volatile("" : "+r"(bx), "+r"(nx), "+r"(un), "+r"(ch), "+r"(f));
-        const int total = un * ch;
-        const int fe    = (int) ((long long) (bx + 1) * total / nx);
-        if (f < 0) {
-            f = (int) ((long long) bx * total / nx);
-        }
-        if (f >= fe) {
-            break;
-        }
-        const int      u    = f / ch;
-        const int      ub   = u * ch;                  // u's first tile
-        const int      se   = min(fe, ub + ch);        // the segment: tiles f .. se - 1
-        const int      ngr  = (G * Tq + RB - 1) / RB;  // row groups
-        const int      nspl = (nx + un - 1) / un + 1;
-        const int      slot = bx - (int) (((long long) (ub + 1) * nx - 1) / total);
-        const attn_cta cta  = attn_cta_at(lens, Hkv, G, Tq, u / ngr, (u % ngr) * RB, slot, nspl, (f - ub) * TW,
-                                          (se - ub) * TW);
-        if (se == ub + ch) {  // u's last CTA: the slots after its own are empty
-            for (int s = slot + 1; s < nspl; ++s) {
-                attn_cta e = cta;
-                e.split    = s;
-                attn_write_empty(e, threadIdx.x, o_part, m_part, l_part);
-            }
-        }
-        attn_mma_chunk(cta, POLAR_ATTN_ARGS);
-        __syncthreads();  // shared memory free for the next segment
-        f = se;
-    }
-#else
-    attn_mma_chunk(attn_cta_get(lens, Hkv, G, Tq, chunk), POLAR_ATTN_ARGS);
 #endif
 }

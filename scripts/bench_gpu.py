@@ -327,8 +327,6 @@ MMA_CTAS_SETS = (  # (base: "polar" = DEFAULT_CONFIG, "s6" = POLAR3V_S6; AttnCon
     ("s6", dict(smlean=1, pdw=True, ptrs=True, vunroll=True)),
     ("s6", dict(kvsplit=True, stages=1, ctas=2)),
 )
-# phase "stream": each pair's default with AttnConfig.stream (equal ranges of the call's work, one a CTA)
-MMA_STREAM_SETS = (dict(stream=True),)
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
 MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more
 MMA_TUNE_REGS = 80  # registers a thread the occupancy filter assumes (NVRTC 13.2, sm_90: 77-80)
@@ -346,7 +344,6 @@ def mma_label(cfg) -> str:
         + ("+ptrs" if cfg.ptrs else "")
         + ("+qst" if cfg.qstage else "")
         + (f"+c{cfg.ctas}" if cfg.ctas else "")
-        + ("+strm" if cfg.stream else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
 
@@ -377,7 +374,6 @@ def tune_mma_grid(fmts=MMA_TUNE_FMTS, phases=MMA_TUNE_PHASES) -> list[tuple[str,
     "new": each of MMA_NEW_OPTION_SETS on each format's default, and MMA_NEW_SHAPES (polar K+V,
     with MMA_SWEEP_OPTIONS) (24 configs on the session-6 defaults; option sets a default already has
     drop out);
-    "stream": each pair's default, and with MMA_STREAM_SETS;
     "ctas": MMA_CTAS_SETS on each pair (polar3 V: MMA_TUNE_POLAR3_FMTS, `tune-mma --fmts polar3/polar3
     polar/polar3 --phases ctas new`: 20 + 2 configs since polar3 V's default has the "new" options)."""
     from cupy_kernels import attention
@@ -410,10 +406,6 @@ def tune_mma_grid(fmts=MMA_TUNE_FMTS, phases=MMA_TUNE_PHASES) -> list[tuple[str,
         for base, kw in MMA_CTAS_SETS:
             cfg = attention.DEFAULT_CONFIG if base == "polar" else attention.AttnConfig(**POLAR3V_S6)
             add("ctas", kfmt, vfmt, dataclasses.replace(cfg, **kw))
-    for kfmt, vfmt in fmts if "stream" in phases else ():
-        for kw in MMA_STREAM_SETS:
-            add("stream", kfmt, vfmt, attention.default_config(vfmt))
-            add("stream", kfmt, vfmt, dataclasses.replace(attention.default_config(vfmt), **kw))
     for kfmt, vfmt in fmts if "new" in phases else ():
         base = attention.default_config(vfmt)
         for kw in MMA_NEW_OPTION_SETS.values():
@@ -1335,7 +1327,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--phases",
         nargs="+",
-        choices=["options", "shapes", "new", "ctas", "stream"],
+        choices=["options", "shapes", "new", "ctas"],
         default=list(MMA_TUNE_PHASES),
         help="tune-mma: these parts of the grid (tune_mma_grid)",
     )

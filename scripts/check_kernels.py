@@ -102,11 +102,6 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     # polar's default with the CTAs a SM asked of ptxas (AttnConfig.ctas; tune-mma's "ctas" phase)
     dataclasses.replace(attention.DEFAULT_CONFIG, ctas=2),
     dataclasses.replace(attention.DEFAULT_CONFIG, ctas=1, wtile=32),
-    # one equal range of the whole call a CTA (AttnConfig.stream; tune-mma's "stream" phase)
-    dataclasses.replace(attention.DEFAULT_CONFIG, stream=True),
-    dataclasses.replace(attention.F16V_CONFIG, stream=True),
-    dataclasses.replace(attention.POLAR3V_CONFIG, stream=True),
-    dataclasses.replace(attention.DEFAULT_CONFIG, stream=True, cta_times=True),
 ]
 
 

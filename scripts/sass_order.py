@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         default=[],
         type=config_field,
         metavar="FIELD=INT",
-        help="--cupy-default: AttnConfig fields changed, e.g. stream=1 wtile=32",
+        help="--cupy-default: AttnConfig fields changed, e.g. ctas=1 wtile=32",
     )
     ap.add_argument(
         "--loops", action="store_true", help="each loop's instructions and shared-memory wavefronts"

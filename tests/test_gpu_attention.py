@@ -209,34 +209,6 @@ def test_choose_splits_mma():
         assert 1 <= s <= 256
 
 
-def test_stream_plan(monkeypatch):
-    """AttnConfig.stream's grid (no GPU: 132 SMs given): one wave of CTAs at the headline (B=16, 8 KV heads,
-    32768 keys: 264 CTAs on 128 items, 4 partial slots a row, an item's keys in whole warp tiles); fewer
-    CTAs where the work is small (2 x nwarps warp tiles a CTA at least)."""
-    import dataclasses
-
-    monkeypatch.setattr(attn.loader, "sm_count", lambda device=0: 132)
-    cfg = dataclasses.replace(attn.DEFAULT_CONFIG, stream=True)
-    d = attn.attn_defines(128, "polar", "polar", 4, 1, cfg)
-    smem = attn.smem_bytes("mma", d)
-
-    def grid(B, Hkv, max_len, regs=128):
-        p = attn.Plan(
-            B, 4 * Hkv, Hkv, 1, 128, "polar", "polar", 1, cfg, tuple(d.items()), smem, 4, 1, 0, 0, regs
-        )
-        return attn._stream_plan(p, max_len, 0)
-
-    p = grid(16, 8, 32768)
-    assert (p.stream_ctas, p.n_ctas, p.splits, p.chunk) == (264, 264, 4, 32768)
-    p = grid(16, 8, 1000)  # 16 warp tiles an item (the last one partial)
-    assert (p.stream_ctas, p.splits, p.chunk) == (128, 2, 1024)
-    p = grid(1, 1, 100)  # 2 warp tiles in all: one CTA
-    assert (p.stream_ctas, p.splits) == (1, 2)
-    p = grid(40, 8, 32768)  # 320 items on 264 CTAs: a CTA's range spans more than one item
-    assert (p.stream_ctas, p.splits) == (264, 2)
-    assert grid(16, 8, 32768, regs=168).stream_ctas == 132  # one CTA a SM by registers
-
-
 # ---- GPU -------------------------------------------------------------------------------------
 
 
@@ -594,43 +566,6 @@ def test_cta_times(torch):
         attn.cta_times(
             attn.plan(2, 8, 2, 1, 128, 1024, "polar", "polar", q.dtype, device=q.device.index or 0)
         )
-
-
-STREAM_SHAPES = {  # name: (lens, Hq, Hkv, Tq, D): the CTAs' ranges against the work items
-    "items split over CTAs": ([3000, 1, 1234], 8, 2, 1, 128),  # ranges shorter than an item, empty tails
-    "CTAs over items": ([256] * 40, 8, 8, 1, 128),  # 320 items on fewer CTAs: a range spans several items
-    "row groups, causal tail": ([700, 33, 1], 20, 2, 3, 64),  # 30 rows a KV head: 4 row groups
-}
-
-
-@pytest.mark.parametrize("shape", list(STREAM_SHAPES))
-@pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
-def test_stream(torch, shape, kfmt, vfmt):
-    """AttnConfig.stream (equal ranges of the call's whole work, one a CTA; partial slots a row) against the
-    reference, and against the default on the same inputs to rounding; its stamped build gives its bits."""
-    import dataclasses
-
-    lens_l, Hq, Hkv, Tq, D = STREAM_SHAPES[shape]
-    B, T_max = len(lens_l), -(-max(lens_l) // 8) * 8
-    gen = torch.Generator(device="cuda").manual_seed(15)
-    lens = torch.tensor(lens_l, dtype=torch.int32, device="cuda")
-    kc = _rand_cache(torch, kfmt, B, Hkv, T_max, D, gen)
-    vc = _rand_cache(torch, vfmt, B, Hkv, T_max, D, gen)
-    q = torch.randn((B, Hq, Tq, D), generator=gen, device="cuda").half()
-    cfg = dataclasses.replace(attn.default_config(vfmt, D=D), stream=True)
-    p = attn.plan(B, Hq, Hkv, Tq, D, T_max, kfmt, vfmt, q.dtype, cfg, None, q.device.index or 0)
-    units = attn.work_units(B, Hq, Hkv, Tq)
-    assert p.config.stream and p.stream_ctas == p.n_ctas > 0 and p.splits == -(-p.n_ctas // units) + 1
-    _check(torch, q, kc, vc, lens, kfmt, vfmt, f"stream {shape} {kfmt}/{vfmt}", config=cfg, max_len=T_max)
-    got = attn.run(p, q, kc, vc, lens)
-    want = attn.attention(q, kc, vc, lens, kfmt, vfmt)
-    assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
-    stamped = dataclasses.replace(cfg, cta_times=True)
-    ps = attn.plan(B, Hq, Hkv, Tq, D, T_max, kfmt, vfmt, q.dtype, stamped, None, q.device.index or 0)
-    assert torch.equal(attn.run(ps, q, kc, vc, lens), got)
-    assert attn.cta_times(ps).shape[0] == p.n_ctas
-    with pytest.raises(ValueError, match="stream"):
-        attn.plan(B, Hq, Hkv, Tq, D, T_max, kfmt, vfmt, q.dtype, cfg, 2, q.device.index or 0)
 
 
 @pytest.mark.parametrize("qdtype", ["float16", "float32", "bfloat16"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import sass_order
 
 LISTING = """
@@ -105,3 +107,14 @@ def test_resources():
         "_Z3fooPf": {"REG": 219, "STACK": 0, "LOCAL": 8},
         "_Z3barv": {"REG": 40, "STACK": 16, "LOCAL": 0},
     }
+
+
+def test_config_field():
+    """--set FIELD=INT: an integer or boolean AttnConfig field; anything else is refused, naming them."""
+    import argparse
+
+    assert sass_order.config_field("ctas=1") == ("ctas", 1)
+    assert sass_order.config_field("swizzle=0") == ("swizzle", False)
+    for bad in ("ctas", "prec=1", "nope=2", "wtile=x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="FIELD=INT with FIELD one of"):
+            sass_order.config_field(bad)
