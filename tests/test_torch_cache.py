@@ -477,8 +477,9 @@ def _two_prompts(seed: int):
 
 def test_prefill_offsets_batch_invariant_cpu():
     """centering="prefill" on a left-padded batch: each sequence's offsets are the mean over its own tokens
-    (as when it runs alone, to float rounding), not the padding's too, in both padding modes; the first
-    update is encoded again with them (its bytes are those of a layer given these offsets from the start)."""
+    (as when it runs alone, to float rounding), not the padding's too, in both padding modes and in the
+    static cache; the first update is encoded again with them (its bytes are those of a layer given these
+    offsets from the start)."""
     m, a, b, ids, am = _two_prompts(2)
     pos = tc.padded_positions(am)
     alone = {}
@@ -487,12 +488,16 @@ def test_prefill_offsets_batch_invariant_cpu():
         with torch.no_grad():
             m(input_ids=x, past_key_values=c, use_cache=True)
         alone[name] = c.layers[1]
-    for keep in (False, True):
-        c = tc.PolarCache(m.config, backend="reference", centering="prefill", keep_padding=keep)
+    caches = {
+        "dropped": tc.PolarCache(m.config, backend="reference", centering="prefill"),
+        "static": tc.StaticPolarCache(m.config, 32, backend="reference", centering="prefill"),
+        "kept": tc.PolarCache(m.config, backend="reference", centering="prefill", keep_padding=True),
+    }
+    for kind, c in caches.items():
         with torch.no_grad():
             m(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=c, use_cache=True)
         layer = c.layers[1]
-        assert (layer.pads is None) == keep and layer._first is None
+        assert (layer.pads is None) == (kind == "kept") and layer._first is None
         for i, name in enumerate("ab"):
             for mu in ("mu_k", "mu_v"):
                 torch.testing.assert_close(
