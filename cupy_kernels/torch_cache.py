@@ -300,25 +300,27 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         self.mu_k = (ks.float() * own).sum(2, keepdim=True) / count
         self.mu_v = (vs.float() * own).sum(2, keepdim=True) / count
         k, v = self._prep(ks, vs)
-        length, self.length = (
-            self.length,
-            0,
-        )  # (the first update sits at 0 in every row: no padding dropped yet)
+        length = self.length
+        self.length = 0  # (the first update sits at 0 in every row: no padding dropped yet)
         try:
             PolarCacheLayer._write(self, k, self.keys, self.kfmt)
             PolarCacheLayer._write(self, v, self.values, self.vfmt)
         finally:
             self.length = length
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Encode the new keys/values [B, Hkv, t, D]; returns PolarKV handles for the
-        "kvpolar" attention function (which reads the blocks)."""
+    def _take(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """The start of an update: room for its t tokens, the states centered and rotated: (t, k, v)."""
         self._first = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[2]
         self._reserve(self.length + t)
-        k, v = self._prep(key_states, value_states)
+        return (t, *self._prep(key_states, value_states))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Encode the new keys/values [B, Hkv, t, D]; returns PolarKV handles for the
+        "kvpolar" attention function (which reads the blocks)."""
+        t, k, v = self._take(key_states, value_states)
         self._write(k, self.keys, self.kfmt)
         self._write(v, self.values, self.vfmt)
         self.length += t
@@ -518,12 +520,7 @@ class StaticPolarCacheLayer(PolarCacheLayer):
             raise ValueError(f"static cache holds {self.max_cache_len} tokens, {n} asked for")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self._first = None
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        t = key_states.shape[2]
-        self._reserve(self.length + t)
-        k, v = self._prep(key_states, value_states)
+        t, k, v = self._take(key_states, value_states)
         for x, cache, fmt in ((k, self.keys, self.kfmt), (v, self.values, self.vfmt)):
             if fmt == "f16":
                 _scatter_positions(cache, x, self.lens)
