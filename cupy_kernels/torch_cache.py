@@ -162,6 +162,27 @@ class LeftPadding:
         return j.view(1, 1, 1, -1) <= self.lens.long().view(-1, 1, 1, 1) - tq + i.view(1, 1, -1, 1)
 
 
+def balance_factors(dk: torch.Tensor, q: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """K balancing (llama.cpp's, patch 0012): per sequence, KV head and RoPE pair a power of two
+    D = 2^round(log2 (E q^2 / E dk^2) / 4), log2 D centred per head and within [-8, 8]: the cache stores
+    D (k - mu), the query is multiplied by D^-1 (logits unchanged), which with white quantization error after
+    the rotation minimises the logit error (sum_j E q_j^2 / D_j^2)(sum_j D_j^2 E dk_j^2).
+    dk [B, Hkv, n, D]: the first update's keys less the offsets; q [B, Hq, n, D]: its queries (the Hq / Hkv
+    heads of a KV head pooled); own [B, 1, n, 1]: 1 on each sequence's own tokens. Both channels of a RoPE
+    pair (i, i + D/2, transformers' rotate_half) get one factor, so D commutes with RoPE.
+    Returns D [B, Hkv, 1, D] float32."""
+    B, H, _, D = dk.shape
+    count = own.sum(2, keepdim=True).clamp(min=1.0)
+    ek = (dk.square() * own).sum(2, keepdim=True) / count
+    eq = (q.square() * own).sum(2, keepdim=True) / count  # [B, Hq, 1, D]
+    eq = eq.view(B, H, -1, 1, D).mean(2)
+    pair = lambda t: (t + t.roll(D // 2, -1)) / 2  # noqa: E731 (the mean over each RoPE pair)
+    ratio = pair(eq).clamp(min=1e-30) / pair(ek).clamp(min=1e-30)
+    lg = 0.25 * torch.log2(ratio)
+    lg = (lg - lg.mean(-1, keepdim=True)).round().clamp(-8.0, 8.0)
+    return torch.exp2(lg)
+
+
 class PolarCacheLayer(LeftPadding, CacheLayerMixin):
     """One layer: K and V blocks [B, Hkv, T_max, D/64, type_size] uint8 (V float16 [B, Hkv,
     T_max, D] for vfmt="f16"). `length`: the tokens every sequence has taken (padding included:
@@ -182,8 +203,13 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         max_kernel_q: int = 8,
         attn_config: gpu_attn.AttnConfig | None = None,
         keep_padding: bool = False,
+        balance: bool = False,
     ):
         super().__init__()
+        if balance and offsets != "prefill":
+            raise ValueError(
+                f"balance needs offsets='prefill' (factors from the first update), got {offsets!r}"
+            )
         if kfmt not in ("polar", "polar3"):
             raise ValueError(f"kfmt must be 'polar' or 'polar3', got {kfmt!r}")
         if vfmt not in ("polar", "polar3", "f16"):
@@ -201,6 +227,8 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         self.length = 0
         self.pads = None
         self.mu_k = self.mu_v = None
+        self.balance = balance
+        self.bal_k = self.bal_q = None  # balance: K's factors D [B, Hkv, 1, D] and Q's D^-1 [B, Hq, 1, D]
         self._first = None  # "prefill": the first update's key and value states until its attention
 
     # ---- storage ---------------------------------------------------------------------------
@@ -259,6 +287,8 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         if self.mu_k is not None:
             k = k - self.mu_k
             v = v - self.mu_v
+        if self.bal_k is not None:
+            k = k * self.bal_k
         if self.rotate:
             k = k @ self.hd
             v = rotate_blocks(v, self.h64)
@@ -283,22 +313,29 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
             for i, p in enumerate(starts):
                 cache[i, :, p : p + t] = b[i]
 
-    def recenter_prefill(self, pads: torch.Tensor) -> None:
+    def recenter_prefill(self, pads: torch.Tensor | None, query: torch.Tensor | None = None) -> None:
         """centering="prefill" when the first update's attention finds a left padding (pads [B], before the
         layer drops it): the offsets become the mean over each sequence's own tokens (its last length -
         pads[b]), not the padding's too, and the first update is encoded again with them from its key and
         value states (kept until then: no second rounding). So a sequence's offsets do not depend on what it
-        was batched with. A no-op once the first update's attention has run."""
+        was batched with. With `balance`, also K's balancing factors from this prefill's `query` (see
+        `balance_factors`), pads None where there is no padding. A no-op once the first update's attention
+        has run."""
         first, self._first = self._first, None
-        if first is None:
+        if first is None or (pads is None and not (self.balance and query is not None)):
             return
         ks, vs = first
         n = ks.shape[2]
-        own = torch.arange(n, device=ks.device)[None, :] >= pads.to(ks.device).long()[:, None]
+        lead = torch.zeros(ks.shape[0], dtype=torch.long, device=ks.device) if pads is None else pads
+        own = torch.arange(n, device=ks.device)[None, :] >= lead.to(ks.device).long()[:, None]
         own = own.view(ks.shape[0], 1, n, 1).float()
-        count = own.sum(2, keepdim=True).clamp(min=1.0)
-        self.mu_k = (ks.float() * own).sum(2, keepdim=True) / count
-        self.mu_v = (vs.float() * own).sum(2, keepdim=True) / count
+        if pads is not None:
+            count = own.sum(2, keepdim=True).clamp(min=1.0)
+            self.mu_k = (ks.float() * own).sum(2, keepdim=True) / count
+            self.mu_v = (vs.float() * own).sum(2, keepdim=True) / count
+        if self.balance and query is not None:
+            self.bal_k = balance_factors(ks.float() - self.mu_k, query.float(), own)
+            self.bal_q = (1.0 / self.bal_k).repeat_interleave(query.shape[1] // ks.shape[1], 1)
         k, v = self._prep(ks, vs)
         length = self.length
         self.length = 0  # (the first update sits at 0 in every row: no padding dropped yet)
@@ -353,6 +390,8 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
 
     def rotate_q(self, q: torch.Tensor) -> torch.Tensor:
         q = q.float()
+        if self.bal_q is not None:
+            q = q * self.bal_q
         return q @ self.hd if self.rotate else q
 
     def finish_output(self, o: torch.Tensor) -> torch.Tensor:
@@ -384,10 +423,11 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         self._first = None
         if self.offsets == "prefill":
             self.mu_k = self.mu_v = None
+            self.bal_k = self.bal_q = None
 
     def _per_sequence(self, f) -> None:
         """Apply f (a batch-dim selection) to every per-sequence tensor, and take B from it."""
-        for name in ("keys", "values", "lens", "pads", "mu_k", "mu_v"):
+        for name in ("keys", "values", "lens", "pads", "mu_k", "mu_v", "bal_k", "bal_q"):
             x = getattr(self, name)
             if x is not None and (name in ("keys", "values", "lens", "pads") or x.shape[0] == self.B > 1):
                 setattr(self, name, f(x))
@@ -434,6 +474,8 @@ class PolarCache(Cache):
     centering: None, "prefill" (per sequence and KV head, the mean of its first update's keys and values
     over its own tokens: a left padding left out), or {layer_idx: (mu_k [Hkv, D], mu_v [Hkv, D])}.
     keep_padding: keep a left padding in the cache (masked steps dequantize it; the module doc).
+    balance: with centering="prefill", K balancing (`balance_factors`) from the first prefill's keys and
+    queries.
     """
 
     def __init__(
@@ -448,6 +490,7 @@ class PolarCache(Cache):
         max_kernel_q: int = 8,
         attn_config: gpu_attn.AttnConfig | None = None,
         keep_padding: bool = False,
+        balance: bool = False,
     ):
         if num_layers is None:
             if config is None:
@@ -459,7 +502,9 @@ class PolarCache(Cache):
         for i in range(num_layers):
             off = centering.get(i) if isinstance(centering, dict) else centering
             layers.append(
-                PolarCacheLayer(kfmt, vfmt, rotate, off, backend, max_kernel_q, attn_config, keep_padding)
+                PolarCacheLayer(
+                    kfmt, vfmt, rotate, off, backend, max_kernel_q, attn_config, keep_padding, balance
+                )
             )
         super().__init__(layers=layers)
 
@@ -875,14 +920,13 @@ def polar_attention_forward(
     layer = key.layer
     Tq, D = query.shape[2:]
     scaling = D**-0.5 if scaling is None else scaling
-    q = layer.rotate_q(query)
     n = layer.length
     drop = None  # a left padding to drop after this prefill
     if isinstance(layer, StaticPolarCacheLayer):
         # causal from lens; under CUDA-graph capture transformers builds a mask (is_tracing) that a
         # comparison would read on the host: only the prefill's is read
         drop = static_prefill_padding(layer, attention_mask, Tq)
-        attention_mask = None if drop is None else padded_causal(n, n, drop, q.device)
+        attention_mask = None if drop is None else padded_causal(n, n, drop, query.device)
     elif attention_mask is not None and attention_mask.shape[-1] != n:
         attention_mask = attention_mask[..., -n:]
     given = attention_mask
@@ -896,9 +940,10 @@ def polar_attention_forward(
     ):
         found = per_mask("left_padding", given, (n,), lambda: left_padding(given, n))
         drop = None if layer.keep_padding else found
-    if found is not None:
-        layer.recenter_prefill(found)  # ("prefill" centering: the offsets over each sequence's own tokens)
+    if layer._first is not None:  # the first prefill ("prefill" centering: offsets, balancing factors)
+        layer.recenter_prefill(found, query)
     layer._first = None
+    q = layer.rotate_q(query)
     # a mask that adds nothing to what the layer knows (causality; its dropped padding) is left out
     # (a static layer's padded prefill mask, just built, adds its padding)
     if (

@@ -22,6 +22,8 @@ reference codec (backend "reference", bit-exact with the GPU encoder):
   prefill        centering="prefill" as built: the mean over each sequence's own tokens (the padding left out)
   prefill-real   the same offsets set by this script from the start (no padded first encoding); must equal
                  prefill's results bit for bit (checked)
+  prefill-balance  prefill with K balancing (`PolarCache(balance=True)`: llama.cpp's power-of-two factors per
+                 RoPE pair from the first prefill's keys and queries, torch_cache.balance_factors)
   prefill-sink   prefill-real with K's offset 0.75 x that mean + 0.25 x the sequence's first key (llama.cpp's
                  sink-weighted offset, patch 0012, before its exact sink key; V as prefill-real)
 and, for each, the mean KL divergence of the decode steps' next-token distributions from `exact`'s, per prompt
@@ -39,7 +41,7 @@ from pathlib import Path
 from bench_llama import machine
 from kvpolar.atomic import atomic_write_text
 
-CACHES = ("exact", "none", "prefill-padded", "prefill", "prefill-real", "prefill-sink")
+CACHES = ("exact", "none", "prefill-padded", "prefill", "prefill-real", "prefill-sink", "prefill-balance")
 SINK_WEIGHT = 0.25  # prefill-sink's weight of the first key (llama.cpp's LLAMA_KV_CENTER_SINK of patch 0012)
 
 
@@ -145,13 +147,18 @@ def main(argv=None) -> int:
                 sink = SINK_WEIGHT if name == "prefill-sink" else 0.0
                 torch_cache.PolarCacheLayer._prep = real_mean_prep(mask.bool(), sink)
             if name == "prefill-padded":  # the padded first encoding kept
-                torch_cache.PolarCacheLayer.recenter_prefill = lambda self, pads: None
+                torch_cache.PolarCacheLayer.recenter_prefill = lambda self, pads, query=None: None
             try:
                 if name == "exact":
                     cache = DynamicCache()
                 else:
                     centering = None if name == "none" else "prefill"
-                    cache = torch_cache.PolarCache(model.config, centering=centering, backend="reference")
+                    cache = torch_cache.PolarCache(
+                        model.config,
+                        centering=centering,
+                        backend="reference",
+                        balance=name == "prefill-balance",
+                    )
                 logp[name] = run(model, ids, mask, a.steps, cache)
             finally:
                 torch_cache.PolarCacheLayer._prep = plain

@@ -507,7 +507,7 @@ def test_prefill_offsets_batch_invariant_cpu():
     padded = tc.PolarCache(m.config, backend="reference", centering="prefill", keep_padding=True)
     real = tc.PolarCacheLayer.recenter_prefill
     try:
-        tc.PolarCacheLayer.recenter_prefill = lambda self, pads: None
+        tc.PolarCacheLayer.recenter_prefill = lambda self, pads, query=None: None
         with torch.no_grad():
             m(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=padded, use_cache=True)
     finally:
@@ -600,3 +600,58 @@ def test_head_dim_from_the_config():
 def test_padded_positions():
     am = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     assert tc.padded_positions(am).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+
+
+def test_balance_factors():
+    """K balancing's factors: powers of two within 2^-8 .. 2^8, one per RoPE pair (i, i + D/2), centred per
+    head in log2; a channel pair with more query energy and less key energy gets a larger factor."""
+    g = torch.Generator().manual_seed(3)
+    dk = torch.randn(2, 2, 10, 64, generator=g)
+    q = torch.randn(2, 4, 10, 64, generator=g)
+    dk[..., [3, 35]] *= 1 / 16  # key energy / 256 on RoPE pair (3, 35): E q^2 / E k^2 ~ 256 -> D = 4
+    own = torch.ones(2, 1, 10, 1)
+    d = tc.balance_factors(dk, q, own)
+    assert d.shape == (2, 2, 1, 64)
+    lg = torch.log2(d)
+    assert torch.equal(lg, lg.round()) and lg.abs().max() <= 8
+    assert torch.equal(d[..., :32], d[..., 32:])  # one factor a RoPE pair
+    assert (d[..., 3] == 4).all() and (d[..., 3] >= d.amax(-1)).all()
+    own[1, :, :4] = 0  # sequence 1's first 4 tokens are padding: left out of its statistics
+    d2 = tc.balance_factors(dk, q, own)
+    assert torch.equal(d2[0], d[0])
+    assert torch.equal(d2[1], tc.balance_factors(dk[1:, :, 4:], q[1:, :, 4:], torch.ones(1, 1, 6, 1))[0])
+
+
+def test_balance_is_exact_and_decodes_cpu():
+    """PolarCache(balance=True): the query scaled by D^-1 and the stored keys by D leave every logit as it was
+    (powers of two); factors per sequence and KV head from the first prefill; a tiny model's logits as near an
+    exact cache's as without balancing; balance without centering="prefill" is refused."""
+    with pytest.raises(ValueError, match="balance needs offsets='prefill'"):
+        tc.PolarCacheLayer("polar", "polar", offsets=None, balance=True)
+    m, _a, _b, ids, am = _two_prompts(4)
+    pos = tc.padded_positions(am)
+    err = {}
+    with torch.no_grad():
+        want = m(input_ids=ids, attention_mask=am, position_ids=pos).logits
+        for bal in (False, True):
+            c = tc.PolarCache(m.config, backend="reference", centering="prefill", balance=bal)
+            got = m(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=c).logits
+            err[bal] = float((got - want)[am.bool()].abs().max() / want[am.bool()].abs().max())
+    layer = c.layers[1]
+    assert layer.bal_k.shape == (2, 2, 1, 64) and layer.bal_q.shape == (2, 4, 1, 64)
+    assert not torch.equal(layer.bal_k, torch.ones_like(layer.bal_k))
+    assert err[True] < 1.25 * err[False], err
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 2, 7, 64, generator=g)
+    q = torch.randn(2, 4, 1, 64, generator=g)
+    lay = tc.PolarCacheLayer(
+        "polar", "polar", rotate=False, offsets="prefill", backend="reference", balance=True
+    )
+    lay.update(k, torch.randn(2, 2, 7, 64, generator=g))
+    lay.recenter_prefill(None, torch.randn(2, 4, 7, 64, generator=g))
+    kb = (k - lay.mu_k) * lay.bal_k  # what the cache stores before quantization
+    qb = lay.rotate_q(q)
+    for h in range(4):
+        torch.testing.assert_close(
+            qb[:, h] @ kb[:, h // 2].transpose(-1, -2), q[:, h] @ (k - lay.mu_k)[:, h // 2].transpose(-1, -2)
+        )
