@@ -283,7 +283,7 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         if self.offsets == "prefill" and self.mu_k is None:
             self.mu_k = k.mean(2, keepdim=True)
             self.mu_v = v.mean(2, keepdim=True)
-            self._first = (key_states, value_states)  # (recenter_prefill: a left padding found later)
+            self._first = (key_states, value_states)  # (for recenter_prefill, at the prefill's attention)
         if self.mu_k is not None:
             k = k - self.mu_k
             v = v - self.mu_v
@@ -325,11 +325,11 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         if first is None or (pads is None and not (self.balance and query is not None)):
             return
         ks, vs = first
-        n = ks.shape[2]
-        lead = torch.zeros(ks.shape[0], dtype=torch.long, device=ks.device) if pads is None else pads
-        own = torch.arange(n, device=ks.device)[None, :] >= lead.to(ks.device).long()[:, None]
-        own = own.view(ks.shape[0], 1, n, 1).float()
+        B, _, n, _ = ks.shape
+        own = torch.ones((B, 1, n, 1), device=ks.device)  # 1 on each sequence's own tokens
         if pads is not None:
+            own = (torch.arange(n, device=ks.device)[None, :] >= pads.to(ks.device).long()[:, None]).float()
+            own = own.view(B, 1, n, 1)
             count = own.sum(2, keepdim=True).clamp(min=1.0)
             self.mu_k = (ks.float() * own).sum(2, keepdim=True) / count
             self.mu_v = (vs.float() * own).sum(2, keepdim=True) / count
@@ -340,8 +340,8 @@ class PolarCacheLayer(LeftPadding, CacheLayerMixin):
         length = self.length
         self.length = 0  # (the first update sits at 0 in every row: no padding dropped yet)
         try:
-            PolarCacheLayer._write(self, k, self.keys, self.kfmt)
-            PolarCacheLayer._write(self, v, self.values, self.vfmt)
+            self._write(k, self.keys, self.kfmt)
+            self._write(v, self.values, self.vfmt)
         finally:
             self.length = length
 
@@ -941,8 +941,7 @@ def polar_attention_forward(
         found = per_mask("left_padding", given, (n,), lambda: left_padding(given, n))
         drop = None if layer.keep_padding else found
     if layer._first is not None:  # the first prefill ("prefill" centering: offsets, balancing factors)
-        layer.recenter_prefill(found, query)
-    layer._first = None
+        layer.recenter_prefill(found, query)  # (and the kept states let go)
     q = layer.rotate_q(query)
     # a mask that adds nothing to what the layer knows (causality; its dropped padding) is left out
     # (a static layer's padded prefill mask, just built, adds its padding)

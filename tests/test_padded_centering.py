@@ -32,7 +32,7 @@ def test_real_mean_prep_leaves_the_padding_out():
     torch.testing.assert_close(layer.mu_v[1], v[1, :, 5:].mean(1, keepdim=True))
     plain = tc.PolarCacheLayer("polar", "polar", rotate=False, offsets="prefill", backend="reference")
     plain._prep(k, v)
-    assert not torch.allclose(plain.mu_k[1], layer.mu_k[1])  # as built: the padding's keys are in the mean
+    assert not torch.allclose(plain.mu_k[1], layer.mu_k[1])  # the layer's first encoding: padding in the mean
 
 
 def test_run_teacher_forced_equals_one_pass():
