@@ -162,12 +162,13 @@ def test_gpu_generate_tiny(cuda, vfmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("centering", [None, "prefill"])
+@pytest.mark.parametrize("centering", [None, "prefill", "balance"])
 def test_gpu_left_padded_teacher_forced(cuda, monkeypatch, centering):
     """A left-padded batch: after the prefill the layers drop the padding, the decode steps run the
     kernel on per-sequence lengths (no dequantize + SDPA), and give the logits of the reference path
     (numpy codec + SDPA over the same bytes) on the real rows; with "prefill" centering, the first update
-    re-encoded on the GPU with each sequence's own-token offsets."""
+    re-encoded on the GPU with each sequence's own-token offsets; "balance": that with K balancing
+    (PolarCache(balance=True): keys stored times D, queries times D^-1)."""
     m = tiny_llama(device=cuda)
     tc.enable(m)
     g = torch.Generator().manual_seed(4)
@@ -177,8 +178,9 @@ def test_gpu_left_padded_teacher_forced(cuda, monkeypatch, centering):
     for b, p in enumerate(pads):
         am[b, :p] = 0
     pos = (am.cumsum(-1) - 1).clamp(min=0)
-    ca = tc.PolarCache(m.config, backend="cupy", centering=centering)
-    cb = tc.PolarCache(m.config, backend="reference", centering=centering)
+    opts = dict(centering="prefill", balance=True) if centering == "balance" else dict(centering=centering)
+    ca = tc.PolarCache(m.config, backend="cupy", **opts)
+    cb = tc.PolarCache(m.config, backend="reference", **opts)
     calls = []
     real_attention = tc.gpu_attn.attention
     monkeypatch.setattr(
@@ -198,6 +200,9 @@ def test_gpu_left_padded_teacher_forced(cuda, monkeypatch, centering):
             lb = m(ids[:, t : t + 1], past_key_values=cb, **kw).logits
             worst = max(worst, float((la - lb).abs().max() / lb.abs().max()))
     assert len(calls) == 16 * m.config.num_hidden_layers
+    if centering == "balance":  # the factors were taken (not all ones) and the GPU path used them
+        assert not torch.equal(ca.layers[1].bal_k, torch.ones_like(ca.layers[1].bal_k))
+        assert torch.equal(ca.layers[1].bal_k, cb.layers[1].bal_k)
     assert calls[-1].tolist() == [n0 + 16 - p for p in pads]  # the kernel's lens: each sequence's own
     assert worst < 1e-4, worst
 
