@@ -463,7 +463,7 @@ def main(argv=None) -> int:
             continue
         runs.append({"kv": kv, "env": env, "command": " ".join(cmd), "rows": rows})
         print(json.dumps(runs[-1]["rows"]), flush=True)
-    command = "python3 scripts/ab_llama_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = llama_bench.command_line("ab_llama_gpu.py", argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         memory.append(kv_size(args, k, v))
         print(json.dumps(rows[-1]), json.dumps(memory[-1]), flush=True)
     res = {
-        "command": "python3 scripts/bench_llama_gpu.py " + " ".join(argv),
+        "command": llama_bench.command_line("bench_llama_gpu.py", argv),
         "gpu": gpu_name(),
         "build": build,
         "name": args.name,

@@ -278,8 +278,7 @@ def main(argv=None) -> int:
         )
     if args.json:
         doc = {
-            "command": "python3 scripts/cpu_build_ab.py "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": llama_bench.command_line("cpu_build_ab.py", argv),
             "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "seconds": round(time.time() - t_start),

@@ -356,7 +356,7 @@ def main(argv=None) -> int:
         print(render(json.loads(Path(args.json).read_text())))
         return 0
     res = {"scan": run_scan, "eval": run_eval, "speed": run_speed}[args.cmd](args)
-    res["command"] = "python3 scripts/layer_policy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = llama_bench.command_line("layer_policy.py", argv)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n", mkdir=True)
     print(render(res))

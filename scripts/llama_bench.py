@@ -1,15 +1,24 @@
 """One llama-bench run: the command line and its JSON output as rows, for the benchmark scripts
 (bench_llama.py on the CPU, bench_llama_gpu.py on a GPU, bench_cpu_flags.py); and the KV cache's size
-as llama-completion logs it (their memory tables). Standard library only: the GPU machine runs it with
-any python3."""
+as llama-completion logs it (their memory tables); and the command line every result file records
+(command_line). Standard library only: the GPU machine runs it with any python3."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """How a result was made, as its file records it: `python3 scripts/SCRIPT ARGS`, ARGS being argv (None:
+    this process's arguments), each quoted where the shell needs it."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python3", f"scripts/{script}", *map(shlex.quote, args)])
 
 
 def command(

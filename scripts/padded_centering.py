@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bench_llama import machine
 from kvpolar.atomic import atomic_write_text
+from llama_bench import command_line
 
 CACHES = ("exact", "none", "prefill-padded", "prefill", "prefill-real", "prefill-sink", "prefill-balance")
 SINK_WEIGHT = 0.25  # prefill-sink's weight of the first key (llama.cpp's LLAMA_KV_CENTER_SINK of patch 0012)
@@ -201,8 +202,7 @@ def main(argv=None) -> int:
         )
     if a.json:
         doc = {
-            "command": "python3 scripts/padded_centering.py "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line("padded_centering.py", argv),
             "machine": machine(),
             "model": path.name,
             "long": a.long,

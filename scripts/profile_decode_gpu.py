@@ -31,6 +31,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bench_llama_gpu import gpu_name
+from llama_bench import command_line
 
 METRIC = "gpu__time_duration.sum"
 # the parts of a decode layer that the polar cache changes, by kernel name (the first match counts)
@@ -95,7 +96,7 @@ def write_tables(
     out: Path, name: str, script: str, argv, gpu: str, depth: int, runs: list, render_md
 ) -> dict:
     """OUT/NAME.json (the runs, the GPU and the command that made them) and OUT/NAME.md (render_md of it)."""
-    command = f"python3 scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(script, argv)
     data = {"gpu": gpu, "command": command, "depth": depth, "runs": runs}
     (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / f"{name}.md").write_text(render_md(data))

@@ -62,7 +62,7 @@ from bench_llama import BITS
 from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import GEMMA3_GGUF, QWEN_GGUF, SMOLLM2_GGUF, SQUAD_TXT, data_file
 from kvsetup.cpu import cpu_model
-from llama_bench import build_info
+from llama_bench import build_info, command_line
 from study import AttentionRef, activations, layouts, scalebits, vshape, vtransform
 from study.run import hadamard_rows, k_rot_size, pick_layers
 
@@ -806,8 +806,7 @@ def main(argv=None) -> int:
         res["machine"] = cpu_model()
     else:
         res = run_study(args) if args.cmd == "study" else run_kld(args)
-    argv = sys.argv[1:] if argv is None else argv
-    res["command"] = "python3 scripts/quality_levers.py " + " ".join(argv)
+    res["command"] = command_line("quality_levers.py", argv)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n", mkdir=True)
     print(render_any(res))

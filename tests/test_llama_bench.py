@@ -26,6 +26,15 @@ def test_command_has_types_depths_and_extra_args():
     }
 
 
+def test_command_line_records_the_arguments_quoted(monkeypatch):
+    """What a result file records: the script and its arguments, re-runnable in a shell (quoted where needed);
+    without argv, this process's arguments."""
+    assert llama_bench.command_line("x.py", ["--a", "1", "b c"]) == "python3 scripts/x.py --a 1 'b c'"
+    assert llama_bench.command_line("x.py", []) == "python3 scripts/x.py"
+    monkeypatch.setattr("sys.argv", ["prog", "--fmts", "polar/f16"])
+    assert llama_bench.command_line("y.py") == "python3 scripts/y.py --fmts polar/f16"
+
+
 def test_results_from_output_with_log_lines_around_the_json():
     records = [
         {"n_prompt": 512, "n_gen": 0, "n_depth": 16384, "avg_ts": 2048.5, "stddev_ts": 3.25},
