@@ -9,7 +9,8 @@ for the LUT modes and where the mma variant's shared memory does not fit), its #
 shared-memory bytes, and the number of key splits for the GPU; it compiles the variant and
 returns a `Plan` (a small frozen dataclass). `run` checks the tensors against the plan, launches
 the partial kernel on the grid (splits, row groups, B * Hkv) and polar_attn_combine to merge the
-splits. The kernels and their contract: polar_attn_common.cuh.
+splits (with one split the mma kernel writes the output itself: no partials, no combine). The kernels
+and their contract: polar_attn_common.cuh.
 """
 
 from __future__ import annotations
@@ -559,15 +560,25 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
         raise ValueError("q's last dimension must be contiguous")
     if out is None:
         out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
-    elif tuple(out.shape) != (B, Hq, Tq, D) or out.stride(3) != 1:
+    elif (
+        tuple(out.shape) != (B, Hq, Tq, D)
+        or out.stride(3) != 1
+        or out.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    ):
         raise ValueError(
-            f"out must be [{B}, {Hq}, {Tq}, {D}] with a contiguous last dim, got {tuple(out.shape)}"
+            f"out must be float32, float16 or bfloat16 [{B}, {Hq}, {Tq}, {D}] with a contiguous last dim, "
+            f"got {out.dtype} {tuple(out.shape)} strides {tuple(out.stride())}"
         )
     part, comb = _kernels(p.config.impl, p.defines, p.smem)
     R = Hq // Hkv * Tq
-    o_part = torch.empty((B * Hkv * R * p.splits * D,), dtype=torch.float32, device=q.device)
-    m_part = torch.empty((B * Hkv * R * p.splits,), dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
+    # one split of the mma kernel: its CTAs write the final rows into a contiguous out (no partials, combine)
+    direct = p.config.impl == "mma" and p.splits == 1 and out.is_contiguous()
+    if direct:
+        o_part = m_part = l_part = out
+    else:
+        o_part = torch.empty((B * Hkv * R * p.splits * D,), dtype=torch.float32, device=q.device)
+        m_part = torch.empty((B * Hkv * R * p.splits,), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
     scale = D**-0.5 if scale is None else float(scale)
     dev = str(q.device)
     if p.config.impl == "mma":
@@ -597,7 +608,11 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
         ptr(m_part),
         ptr(l_part),
     )
+    if p.config.impl == "mma":  # out_type: the type of out where the CTAs write it (direct), else -1
+        args += (np.int32(_q_type(out.dtype) if direct else -1),)
     loader.launch(part, (p.splits, p.n_groups, B * Hkv), (p.config.nwarps * 32,), args, shared_mem=p.smem)
+    if direct:
+        return out
     cargs = (
         ptr(o_part),
         ptr(m_part),

@@ -35,12 +35,5 @@ extern "C" __global__ void polar_attn_combine(const float * __restrict__ o_part,
         }
         o = o / L;
     }
-    const long long oi = (long long) b * sob + (long long) hq * soh + (long long) tq * sot + d;
-    if (OT == 0) {
-        reinterpret_cast<float *>(out)[oi] = o;
-    } else if (OT == 1) {
-        reinterpret_cast<u16 *>(out)[oi] = f2h(o);
-    } else {
-        reinterpret_cast<u16 *>(out)[oi] = f2bf(o);
-    }
+    store_out(out, (long long) b * sob + (long long) hq * soh + (long long) tq * sot + d, o, OT);
 }

@@ -378,7 +378,13 @@ __device__ __forceinline__ void cta_mark(int k) {
 #define CTA_MARK(k)
 #endif
 
-extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
+// out_type (run-time; cupy_kernels.attention.run): -1 = write the partials (polar_attn_common.cuh) for
+// polar_attn_combine to merge; 0 float32, 1 float16, 2 bfloat16 = the launch has one split (gridDim.x 1) and
+// o_part is the contiguous output [B][Hq][Tq][HD] of that type: the CTA writes its final rows there, o / l
+// (0 for a row without keys), at the index its partial would have (row z R + r = (b, hq, tq) with one split),
+// and no m / l; the combine kernel is not launched. The same operations as the combine's on one split
+// (weight 2^0 = 1), so the same values.
+extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS, int out_type) {
     extern __shared__ __align__(16) u8 smem[];
     CTA_MARK(0);
     const int      tid  = threadIdx.x;
@@ -390,7 +396,15 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     const int      r0 = cta.r0, z = cta.z, R = cta.R, c0 = cta.c0, c1 = cta.c1;
 
     if (c0 >= c1) {
-        attn_write_empty(cta, tid, o_part, m_part, l_part);
+        if (out_type < 0) {
+            attn_write_empty(cta, tid, o_part, m_part, l_part);
+        } else {
+            for (int e = tid; e < RB * HD; e += NTHREADS) {
+                if (r0 + e / HD < R) {
+                    store_out(o_part, cta.part(e / HD) * HD + e % HD, 0.0f, out_type);
+                }
+            }
+        }
         return;
     }
 
@@ -1140,11 +1154,17 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         const int r = e / HD;
         const int d = e % HD;
         if (r0 + r < R) {
-            float M;
-            o_part[cta.part(r) * HD + d] = merge_warps(mw, r, M, [&](int w) { return red[(w * RBP + r) * HD + d]; });
+            float       M;
+            const float o = merge_warps(mw, r, M, [&](int w) { return red[(w * RBP + r) * HD + d]; });
+            if (out_type < 0) {
+                o_part[cta.part(r) * HD + d] = o;
+            } else {
+                const float L = merge_warps(mw, r, M, [&](int w) { return lw[w * RBP + r]; });
+                store_out(o_part, cta.part(r) * HD + d, M == NEG_INF ? 0.0f : o / L, out_type);
+            }
         }
     }
-    if (tid < RB && r0 + tid < R) {
+    if (out_type < 0 && tid < RB && r0 + tid < R) {
         float       M;
         const float L = merge_warps(mw, tid, M, [&](int w) { return lw[w * RBP + tid]; });
         m_part[cta.part(tid)] = M;

@@ -45,6 +45,18 @@ __device__ __forceinline__ u16 f2bf(float f) {
     return b;
 }
 
+// Element i of an output of type OT (0 float32, 1 float16, 2 bfloat16; a run-time value) set to v rounded to
+// nearest: the attention kernels' final rows (polar_attn_combine, polar_attn_mma with one split).
+__device__ __forceinline__ void store_out(void * out, long long i, float v, int OT) {
+    if (OT == 0) {
+        reinterpret_cast<float *>(out)[i] = v;
+    } else if (OT == 1) {
+        reinterpret_cast<u16 *>(out)[i] = f2h(v);
+    } else {
+        reinterpret_cast<u16 *>(out)[i] = f2bf(v);
+    }
+}
+
 // Input element types of the encoder (converted to float32 exactly).
 struct in_f32 {
     typedef float T;

@@ -531,6 +531,32 @@ def test_plan_run(torch):
         attn.run(p, q, kc, kc, lens)
 
 
+@pytest.mark.parametrize("odtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
+def test_one_split_writes_out_directly(torch, odtype, kfmt, vfmt):
+    """With one split the mma kernel writes the output itself (no partials, no combine): the same values as
+    the combine path (taken for an out that is not contiguous) in each output type, zeros for a sequence
+    without keys, several row groups (Hq 20 over 2 KV heads: 10 rows, CTAs of 8 and 2) and causal rows
+    (Tq 2)."""
+    gen = torch.Generator(device="cuda").manual_seed(15)
+    lens = torch.tensor([900, 0, 41], dtype=torch.int32, device="cuda")
+    kc = _rand_cache(torch, kfmt, 3, 2, 904, 128, gen)
+    vc = _rand_cache(torch, vfmt, 3, 2, 904, 128, gen)
+    dt = getattr(torch, odtype)
+    for Hq, Tq in ((8, 1), (20, 1), (8, 2)):
+        q = torch.randn((3, Hq, Tq, 128), generator=gen, device="cuda").half()
+        p = attn.plan(3, Hq, 2, Tq, 128, 904, kfmt, vfmt, q.dtype, splits=1, device=q.device.index or 0)
+        assert p.kernel == "polar_attn_mma" and p.splits == 1
+        direct = torch.full(q.shape, float("nan"), dtype=dt, device="cuda")
+        attn.run(p, q, kc, vc, lens, out=direct)
+        combined = torch.full((3, Tq, Hq, 128), float("nan"), dtype=dt, device="cuda").transpose(1, 2)
+        attn.run(p, q, kc, vc, lens, out=combined)
+        assert not combined.is_contiguous() and torch.equal(direct, combined), f"Hq {Hq} Tq {Tq}"
+        assert (direct[1] == 0).all() and torch.isfinite(direct).all()
+    with pytest.raises(ValueError, match="out must be float32, float16 or bfloat16"):
+        attn.run(p, q, kc, vc, lens, out=torch.empty(q.shape, dtype=torch.float64, device="cuda"))
+
+
 def test_cta_times(torch):
     """The stamped kernel (AttnConfig.cta_times, bench_gpu.py anatomy) gives the default's bits, and each
     CTA with keys has stamps in order on a real SM; a CTA without keys (lens 17 < the second split) none
