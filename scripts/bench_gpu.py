@@ -528,9 +528,14 @@ def cmd_tune_mma(args, timer) -> list[dict]:
     return rows
 
 
-COMPARE_CFGS = {  # name: AttnConfig kwargs (cupy_kernels.attention) + optional "splits"; None = simt
+# name: AttnConfig kwargs (cupy_kernels.attention) + optional "splits", "combine"; None = the simt kernel
+COMPARE_CFGS = {
     "simt (before)": None,
     "mma default": {},
+    # the default's output written through the partials and the combine kernel, as before session 38 (an out
+    # whose rows are padded, so not contiguous, takes that path; the default writes it from the kernel
+    # when the plan has one split)
+    "mma combine": dict(combine=True),
     "mma no-qstage": dict(qstage=False),  # (the default before session 19)
     "mma fp32-prec": dict(prec="fp32"),
     "mma 8w32k2s splits4": dict(nwarps=8, wtile=32, stages=2, splits=4),
@@ -609,6 +614,11 @@ def cmd_compare(args, timer) -> list[dict]:
                 kw = COMPARE_CFGS[name]
                 kw = dict(kw or {}) if kw is not None else None
                 splits = kw.pop("splits", None) if kw else None
+                extra = {}
+                if kw and kw.pop("combine", False):
+                    extra["out"] = torch.empty((*q.shape[:3], sh.D + 8), dtype=q.dtype, device="cuda")[
+                        ..., : sh.D
+                    ]
                 if kw is None:
                     cfg = attention.SIMT_CONFIG_F16V if vfmt == "f16" else attention.SIMT_CONFIG
                 else:
@@ -624,7 +634,9 @@ def cmd_compare(args, timer) -> list[dict]:
                         )
                         continue
                 try:
-                    r = timer(attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits))
+                    r = timer(
+                        attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits, **extra)
+                    )
                 except Exception as e:
                     failed(args, f"{sh.label} {kfmt} {name}", e)
                     print(f"{sh.label} {kfmt}+{vfmt} {name}: FAILED {str(e)[:300]}", flush=True)
