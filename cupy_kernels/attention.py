@@ -511,7 +511,18 @@ def plan(
     chunk = -(-max(max_len, 1) // splits)
     chunk = -(-chunk // cfg.tile) * cfg.tile
     splits = max(1, -(-max(max_len, 1) // chunk))
-    return Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk, regs)
+    p = Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk, regs)
+    if (
+        cfg.impl == "mma" and splits == 1
+    ):  # run's kernel for an out of q's type, compiled now (not in a capture)
+        _kernels(cfg.impl, direct_defines(p, q_dtype), smem)
+    return p
+
+
+def direct_defines(p: Plan, out_dtype) -> tuple[tuple[str, int], ...]:
+    """The defines of plan p's mma kernel writing the output itself (one split, OUT_TYPE of polar_attn_mma.cu:
+    the type of out)."""
+    return (*p.defines, ("OUT_TYPE", _q_type(out_dtype)))
 
 
 def check_cache(name: str, c, B: int, H: int, D: int, fmt: str) -> None:
@@ -569,10 +580,10 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
             f"out must be float32, float16 or bfloat16 [{B}, {Hq}, {Tq}, {D}] with a contiguous last dim, "
             f"got {out.dtype} {tuple(out.shape)} strides {tuple(out.stride())}"
         )
-    part, comb = _kernels(p.config.impl, p.defines, p.smem)
     R = Hq // Hkv * Tq
     # one split of the mma kernel: its CTAs write the final rows into a contiguous out (no partials, combine)
     direct = p.config.impl == "mma" and p.splits == 1 and out.is_contiguous()
+    part, comb = _kernels(p.config.impl, direct_defines(p, out.dtype) if direct else p.defines, p.smem)
     if direct:
         o_part = m_part = l_part = out
     else:
@@ -608,8 +619,6 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
         ptr(m_part),
         ptr(l_part),
     )
-    if p.config.impl == "mma":  # out_type: the type of out where the CTAs write it (direct), else -1
-        args += (np.int32(_q_type(out.dtype) if direct else -1),)
     loader.launch(part, (p.splits, p.n_groups, B * Hkv), (p.config.nwarps * 32,), args, shared_mem=p.smem)
     if direct:
         return out

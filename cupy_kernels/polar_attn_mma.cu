@@ -378,13 +378,17 @@ __device__ __forceinline__ void cta_mark(int k) {
 #define CTA_MARK(k)
 #endif
 
-// out_type (run-time; cupy_kernels.attention.run): -1 = write the partials (polar_attn_common.cuh) for
-// polar_attn_combine to merge; 0 float32, 1 float16, 2 bfloat16 = the launch has one split (gridDim.x 1) and
-// o_part is the contiguous output [B][Hq][Tq][HD] of that type: the CTA writes its final rows there, o / l
-// (0 for a row without keys), at the index its partial would have (row z R + r = (b, hq, tq) with one split),
-// and no m / l; the combine kernel is not launched. The same operations as the combine's on one split
-// (weight 2^0 = 1), so the same values.
-extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS, int out_type) {
+// OUT_TYPE (cupy_kernels.attention.run, for a launch of one split into a contiguous output; absent: -1): 0
+// float32, 1 float16, 2 bfloat16. Then o_part is the output [B][Hq][Tq][HD] of that type, and each CTA writes
+// its final rows there, o / l (0 for a row without keys), at the index its partial would have (with one split,
+// row z R + r is (b, hq, tq)); no m / l, and no combine kernel. The same operations as the combine's on one
+// split (weight 2^0 = 1), so the same values. A define, not an argument: with a run-time choice ptxas
+// allocated the main loop differently (nvcc 13.0: 1676 instructions a 64-key tile against 1643).
+#ifndef OUT_TYPE
+#define OUT_TYPE (-1)
+#endif
+
+extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     extern __shared__ __align__(16) u8 smem[];
     CTA_MARK(0);
     const int      tid  = threadIdx.x;
@@ -396,15 +400,15 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS, i
     const int      r0 = cta.r0, z = cta.z, R = cta.R, c0 = cta.c0, c1 = cta.c1;
 
     if (c0 >= c1) {
-        if (out_type < 0) {
-            attn_write_empty(cta, tid, o_part, m_part, l_part);
-        } else {
-            for (int e = tid; e < RB * HD; e += NTHREADS) {
-                if (r0 + e / HD < R) {
-                    store_out(o_part, cta.part(e / HD) * HD + e % HD, 0.0f, out_type);
-                }
+#if OUT_TYPE >= 0
+        for (int e = tid; e < RB * HD; e += NTHREADS) {
+            if (r0 + e / HD < R) {
+                store_out(o_part, cta.part(e / HD) * HD + e % HD, 0.0f, OUT_TYPE);
             }
         }
+#else
+        attn_write_empty(cta, tid, o_part, m_part, l_part);
+#endif
         return;
     }
 
@@ -1150,26 +1154,35 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS, i
         }
     }
     __syncthreads();
+#if OUT_TYPE >= 0
+    float * lrow = reinterpret_cast<float *>(smem + MOFF_WS);  // [RB] each row's l (0 iff no keys, else >= 1)
+    if (tid < RB) {                                             // (the P slots are free now)
+        float M;
+        lrow[tid] = merge_warps(mw, tid, M, [&](int w) { return lw[w * RBP + tid]; });
+    }
+    __syncthreads();
+#endif
     for (int e = tid; e < RB * HD; e += NTHREADS) {
         const int r = e / HD;
         const int d = e % HD;
         if (r0 + r < R) {
             float       M;
             const float o = merge_warps(mw, r, M, [&](int w) { return red[(w * RBP + r) * HD + d]; });
-            if (out_type < 0) {
-                o_part[cta.part(r) * HD + d] = o;
-            } else {
-                const float L = merge_warps(mw, r, M, [&](int w) { return lw[w * RBP + r]; });
-                store_out(o_part, cta.part(r) * HD + d, M == NEG_INF ? 0.0f : o / L, out_type);
-            }
+#if OUT_TYPE >= 0
+            store_out(o_part, cta.part(r) * HD + d, lrow[r] == 0.0f ? 0.0f : o / lrow[r], OUT_TYPE);
+#else
+            o_part[cta.part(r) * HD + d] = o;
+#endif
         }
     }
-    if (out_type < 0 && tid < RB && r0 + tid < R) {
+#if OUT_TYPE < 0
+    if (tid < RB && r0 + tid < R) {
         float       M;
         const float L = merge_warps(mw, tid, M, [&](int w) { return lw[w * RBP + tid]; });
         m_part[cta.part(tid)] = M;
         l_part[cta.part(tid)] = L;
     }
+#endif
 #if CTA_TIMES
     __syncthreads();
     CTA_MARK(5);

@@ -122,11 +122,15 @@ class Variant:
 
 
 def _attn(seen: dict, D: int, kfmt: str, vfmt: str, cfg, fallback: bool, qt: int, rb: int) -> None:
+    """The variant of cfg (and, for a default (fallback) mma variant, the one writing the output itself in q's
+    type: OUT_TYPE, run's kernel for a plan of one split)."""
     if cfg.kmode != "gather" and cfg.impl == "mma":
         cfg = dataclasses.replace(cfg, impl="simt")
     c, d, smem = attention.select_variant(D, kfmt, vfmt, rb, qt, cfg, fallback)
     if smem <= attention.SMEM_LIMIT:
         seen.setdefault(Variant(f"{attention.KERNELS[c.impl]}.cu", tuple(d.items())), None)
+        if fallback and c.impl == "mma":
+            seen.setdefault(Variant(f"{attention.KERNELS[c.impl]}.cu", (*d.items(), ("OUT_TYPE", qt))), None)
 
 
 def variants(full: bool) -> list[Variant]:

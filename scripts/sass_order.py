@@ -135,17 +135,21 @@ def function_text(sass: str, name: str) -> str:
     return next((p for p in parts if f"Function : {name}" in p), "")
 
 
-def cupy_default_sass(kfmt: str, vfmt: str, arch: str, overrides: dict | None = None) -> str:
+def cupy_default_sass(
+    kfmt: str, vfmt: str, arch: str, overrides: dict | None = None, out_type: int | None = None
+) -> str:
     """SASS (and resource usage) of the CuPy attention kernel's default variant (head size 128, 4 rows,
-    float16 q), with the AttnConfig fields in `overrides` changed, compiled as scripts/check_kernels.py
+    float16 q), with the AttnConfig fields in `overrides` changed (out_type: the variant writing the output
+    itself in that type, OUT_TYPE, as a plan of one split runs it), compiled as scripts/check_kernels.py
     compiles every variant."""
     import check_kernels
     from cupy_kernels import attention
 
     cfg = dataclasses.replace(attention.default_config(vfmt, D=128), **(overrides or {}))
-    v = check_kernels.Variant(
-        f"{attention.KERNELS[cfg.impl]}.cu", tuple(attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg).items())
-    )
+    d = attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg)
+    if out_type is not None:
+        d["OUT_TYPE"] = out_type
+    v = check_kernels.Variant(f"{attention.KERNELS[cfg.impl]}.cu", tuple(d.items()))
     nvcc = shutil.which("nvcc")
     if not nvcc or not shutil.which("cuobjdump"):
         raise SystemExit("sass_order: nvcc and cuobjdump must be on PATH (pip install nvidia-cuda-nvcc)")
@@ -226,6 +230,12 @@ def main(argv=None) -> int:
         help="--cupy-default: AttnConfig fields changed, e.g. ctas=1 wtile=32",
     )
     ap.add_argument(
+        "--out-type",
+        type=int,
+        choices=[0, 1, 2],
+        help="--cupy-default: the variant writing the output itself (one split): float32, float16, bfloat16",
+    )
+    ap.add_argument(
         "--loops", action="store_true", help="each loop's instructions and shared-memory wavefronts"
     )
     ap.add_argument("--per", type=int, default=0, help="--loops: divide by N (keys a loop iteration takes)")
@@ -233,7 +243,7 @@ def main(argv=None) -> int:
     if args.sass:
         text = args.sass.read_text()
     elif args.cupy_default:
-        text = cupy_default_sass(*args.cupy_default, args.arch, dict(args.set))
+        text = cupy_default_sass(*args.cupy_default, args.arch, dict(args.set), args.out_type)
     elif args.tree and args.file:
         text = compile_sass(args.tree, args.file, args.arch)
     else:
