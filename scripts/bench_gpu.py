@@ -327,6 +327,16 @@ MMA_CTAS_SETS = (  # (base: "polar" = DEFAULT_CONFIG, "s6" = POLAR3V_S6; AttnCon
     ("s6", dict(smlean=1, pdw=True, ptrs=True, vunroll=True)),
     ("s6", dict(kvsplit=True, stages=1, ctas=2)),
 )
+# phase "depth": deeper cp.async rings on polar's default. On the GPU machines' NVRTC the default takes 164
+# registers (session 37, H100), so one CTA a SM, and its 70 KiB of stages leave shared memory unused: more
+# bytes in flight a warp cost no occupancy there (AttnConfig kwargs; tune_mma_grid drops what does not fit)
+MMA_DEPTH_SETS = (
+    dict(stages=2),  # K and V rings of 2 slots each (64-key tiles: 136 KiB of stages)
+    dict(stages=2, kvsplit=False),  # one ring of 2 (K, V) slots: the same bytes, the order before kvsplit
+    dict(wtile=32, stages=3),  # 32-key tiles, rings of 3 and 4 slots
+    dict(wtile=32, stages=4),
+    dict(stages=2, ctas=1),  # no register cap asked (the kernel's rule asks none here either)
+)
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
 MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more
 MMA_TUNE_REGS = 80  # registers a thread the occupancy filter assumes (NVRTC 13.2, sm_90: 77-80)
@@ -359,7 +369,7 @@ def mma_occupancy(cfg, kfmt: str, vfmt: str, regs: int = MMA_TUNE_REGS) -> tuple
     return smem, attention._per_sm(smem, cfg.nwarps * 32, regs) * cfg.nwarps
 
 
-MMA_TUNE_PHASES = ("options", "shapes", "new")  # tune-mma's default; "ctas" on request
+MMA_TUNE_PHASES = ("options", "shapes", "new")  # tune-mma's default; "ctas" and "depth" on request
 
 
 def tune_mma_grid(fmts=MMA_TUNE_FMTS, phases=MMA_TUNE_PHASES) -> list[tuple[str, str, str, object]]:
@@ -375,7 +385,8 @@ def tune_mma_grid(fmts=MMA_TUNE_FMTS, phases=MMA_TUNE_PHASES) -> list[tuple[str,
     with MMA_SWEEP_OPTIONS) (24 configs on the session-6 defaults; option sets a default already has
     drop out);
     "ctas": MMA_CTAS_SETS on each pair (polar3 V: MMA_TUNE_POLAR3_FMTS, `tune-mma --fmts polar3/polar3
-    polar/polar3 --phases ctas new`: 20 + 2 configs since polar3 V's default has the "new" options)."""
+    polar/polar3 --phases ctas new`: 20 + 2 configs since polar3 V's default has the "new" options);
+    "depth": polar's default and MMA_DEPTH_SETS on it, on each pair."""
     from cupy_kernels import attention
 
     grid, seen = [], set()
@@ -406,6 +417,9 @@ def tune_mma_grid(fmts=MMA_TUNE_FMTS, phases=MMA_TUNE_PHASES) -> list[tuple[str,
         for base, kw in MMA_CTAS_SETS:
             cfg = attention.DEFAULT_CONFIG if base == "polar" else attention.AttnConfig(**POLAR3V_S6)
             add("ctas", kfmt, vfmt, dataclasses.replace(cfg, **kw))
+    for kfmt, vfmt in fmts if "depth" in phases else ():
+        for kw in ({}, *MMA_DEPTH_SETS):
+            add("depth", kfmt, vfmt, dataclasses.replace(attention.DEFAULT_CONFIG, **kw))
     for kfmt, vfmt in fmts if "new" in phases else ():
         base = attention.default_config(vfmt)
         for kw in MMA_NEW_OPTION_SETS.values():
@@ -1339,7 +1353,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--phases",
         nargs="+",
-        choices=["options", "shapes", "new", "ctas"],
+        choices=["options", "shapes", "new", "ctas", "depth"],
         default=list(MMA_TUNE_PHASES),
         help="tune-mma: these parts of the grid (tune_mma_grid)",
     )

@@ -180,6 +180,17 @@ def test_tune_mma_polar3_grid():
         bench_gpu.main(["tune-mma", "--fmts", "polar4/polar"])
 
 
+def test_tune_mma_depth_grid():
+    """tune-mma's "depth" phase: polar's default and deeper rings of it (2 slots of 64 keys each, one ring or
+    two; 3 and 4 slots of 32), each fitting in shared memory and named by its label."""
+    grid = bench_gpu.tune_mma_grid((("polar", "polar"),), ("depth",))
+    cfgs = [c for _, _, _, c in grid]
+    assert {ph for ph, *_ in grid} == {"depth"} and cfgs[0] == attn.DEFAULT_CONFIG and len(cfgs) == 6
+    labels = {bench_gpu.mma_label(c) for c in cfgs}
+    assert "8w64k2s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst" in labels
+    assert "8w32k4s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst" in labels
+
+
 def test_qstage_changes_no_fallback():
     """The q rows of qstage (on in the defaults) move no shape across the shared-memory limit: every default
     config fits with it exactly where it fits without it (head sizes 64-256, 1-8 rows, each q type), as the
@@ -457,6 +468,7 @@ TUNE_MMA = {
     for ph, k, v, c in [
         *bench_gpu.tune_mma_grid(),
         *bench_gpu.tune_mma_grid(bench_gpu.MMA_TUNE_POLAR3_FMTS, ("ctas", "new")),
+        *bench_gpu.tune_mma_grid(phases=("depth",)),
     ]
 }
 
