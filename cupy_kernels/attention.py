@@ -515,14 +515,17 @@ def plan(
     if (
         cfg.impl == "mma" and splits == 1
     ):  # run's kernel for an out of q's type, compiled now (not in a capture)
-        _kernels(cfg.impl, direct_defines(p, q_dtype), smem)
+        _kernels(cfg.impl, direct_defines(p, qt), smem)
     return p
 
 
-def direct_defines(p: Plan, out_dtype) -> tuple[tuple[str, int], ...]:
-    """The defines of plan p's mma kernel writing the output itself (one split, OUT_TYPE of polar_attn_mma.cu:
-    the type of out)."""
-    return (*p.defines, ("OUT_TYPE", _q_type(out_dtype)))
+_last_defines: dict[Plan, tuple[tuple[str, int], ...]] = {}  # the variant of a stamped plan's last launch
+
+
+def direct_defines(p: Plan, ot: int) -> tuple[tuple[str, int], ...]:
+    """The defines of plan p's mma kernel writing the output itself in type ot (one split; OUT_TYPE of
+    polar_attn_mma.cu: 0 float32, 1 float16, 2 bfloat16)."""
+    return (*p.defines, ("OUT_TYPE", ot))
 
 
 def check_cache(name: str, c, B: int, H: int, D: int, fmt: str) -> None:
@@ -583,7 +586,10 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
     R = Hq // Hkv * Tq
     # one split of the mma kernel: its CTAs write the final rows into a contiguous out (no partials, combine)
     direct = p.config.impl == "mma" and p.splits == 1 and out.is_contiguous()
-    part, comb = _kernels(p.config.impl, direct_defines(p, out.dtype) if direct else p.defines, p.smem)
+    defines = direct_defines(p, _q_type(out.dtype)) if direct else p.defines
+    part, comb = _kernels(p.config.impl, defines, p.smem)
+    if p.config.cta_times:  # (where cta_times finds this launch's stamps)
+        _last_defines[p] = defines
     if direct:
         o_part = m_part = l_part = out
     else:
@@ -654,12 +660,16 @@ def cta_times(p: Plan, reset: bool = False):
     n = p.splits * p.n_groups * p.B * p.Hkv
     if n > CTA_TIMES_MAX:
         raise ValueError(f"cta_times keeps at most {CTA_TIMES_MAX} CTAs, the plan has {n}")
-    g = loader.module(f"{p.kernel}.cu", p.defines).get_global("polar_attn_cta_times")
-    a = cp.ndarray((CTA_TIMES_MAX, len(CTA_MARKS) + 1), dtype=cp.uint64, memptr=g)
-    if reset:
-        a.fill(0)
+
+    def stamps(defines):
+        g = loader.module(f"{p.kernel}.cu", defines).get_global("polar_attn_cta_times")
+        return cp.ndarray((CTA_TIMES_MAX, len(CTA_MARKS) + 1), dtype=cp.uint64, memptr=g)
+
+    if reset:  # both modules run may launch: the partials' and (one split) the direct write's in q's type
+        for defines in (p.defines, direct_defines(p, p.qt)) if p.splits == 1 else (p.defines,):
+            stamps(defines).fill(0)
         return None
-    return cp.asnumpy(a[:n])
+    return cp.asnumpy(stamps(_last_defines.get(p, p.defines))[:n])
 
 
 def attention(

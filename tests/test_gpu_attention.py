@@ -600,6 +600,14 @@ def test_cta_times(torch):
     assert all((full[:, k] <= full[:, k + 1]).all() for k in range(nm - 1)) and (full[:, nm - 1] > 0).all()
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     assert (t[:, nm] < sm_count).all()
+    # one split: the launch writes the output itself (another module); its stamps are the ones read
+    p1 = attn.plan(2, 8, 2, 1, 128, 1024, "polar", "polar", q.dtype, cfg, 1, q.device.index or 0)
+    attn.cta_times(p1, reset=True)
+    got = attn.run(p1, q, kc, vc, lens)
+    torch.cuda.synchronize()
+    t1 = attn.cta_times(p1)
+    assert torch.equal(got, attn.attention(q, kc, vc, lens, "polar", "polar", splits=1))
+    assert t1.shape == (4, nm + 1) and (t1[:, nm - 1] > 0).all() and (t1[:, nm - 1] >= t1[:, 0]).all()
     with pytest.raises(ValueError, match="cta_times"):
         attn.cta_times(
             attn.plan(2, 8, 2, 1, 128, 1024, "polar", "polar", q.dtype, device=q.device.index or 0)
