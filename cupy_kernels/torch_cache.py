@@ -704,8 +704,8 @@ def static_f16_attention(layer: StaticF16CacheLayer, query: torch.Tensor, scalin
 
 
 class StaticPolarCache(Cache):
-    """A Cache of StaticPolarCacheLayer (kfmt/vfmt as PolarCache) or, with kfmt="f16", of
-    StaticF16CacheLayer (the float16 baseline; f16_impl "sdpa" or "matmul"), every layer holding
+    """A Cache of StaticPolarCacheLayer (kfmt/vfmt, centering and balance as PolarCache) or, with kfmt="f16",
+    of StaticF16CacheLayer (the float16 baseline; f16_impl "sdpa" or "matmul"), every layer holding
     `max_cache_len` tokens."""
 
     def __init__(
@@ -720,6 +720,7 @@ class StaticPolarCache(Cache):
         backend: str = "auto",
         attn_config: gpu_attn.AttnConfig | None = None,
         f16_impl: str = "sdpa",
+        balance: bool = False,
     ):
         if num_layers is None:
             if config is None:
@@ -737,7 +738,9 @@ class StaticPolarCache(Cache):
                 continue
             off = centering.get(i) if isinstance(centering, dict) else centering
             layers.append(
-                StaticPolarCacheLayer(max_cache_len, kfmt, vfmt, rotate, off, backend, 8, attn_config)
+                StaticPolarCacheLayer(
+                    max_cache_len, kfmt, vfmt, rotate, off, backend, 8, attn_config, balance=balance
+                )
             )
         super().__init__(layers=layers)
         self.capacity = _round_capacity(max_cache_len)

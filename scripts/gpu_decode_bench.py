@@ -346,9 +346,11 @@ def greedy_tokens(model, cache, ids, n: int, graph: bool, attention_mask=None) -
     return torch.stack(out, 1).tolist()
 
 
-def make_cache(model, kind: str, max_len: int, centering=None, attn_prec: str = "auto", batch: int = 1):
-    """The static cache of `kind`; attn_prec other than "auto": the kernel shape plan would take for a
-    decode step of `batch` sequences, with that precision."""
+def make_cache(
+    model, kind: str, max_len: int, centering=None, attn_prec: str = "auto", batch: int = 1, balance=False
+):
+    """The static cache of `kind` (centering and balance as StaticPolarCache takes them); attn_prec other than
+    "auto": the kernel shape plan would take for a decode step of `batch` sequences, with that precision."""
     import dataclasses
 
     from cupy_kernels import attention as gpu_attn
@@ -363,7 +365,14 @@ def make_cache(model, kind: str, max_len: int, centering=None, attn_prec: str = 
         cfg = dataclasses.replace(cfg, prec=attn_prec)
     f16_impl = "matmul" if kind == "fp16-mm" else "sdpa"
     return tc.StaticPolarCache(
-        model.config, max_len, kfmt=kfmt, vfmt=vfmt, centering=centering, attn_config=cfg, f16_impl=f16_impl
+        model.config,
+        max_len,
+        kfmt=kfmt,
+        vfmt=vfmt,
+        centering=centering,
+        attn_config=cfg,
+        f16_impl=f16_impl,
+        balance=balance,
     )
 
 

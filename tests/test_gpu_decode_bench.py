@@ -302,10 +302,11 @@ def test_gpu_padded_bench_rows(cuda_torch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["fp16", "polar", "polar+f16"])
+@pytest.mark.parametrize("kind", ["fp16", "polar", "polar+f16", "polar balance"])
 def test_gpu_graph_replay_left_padded(cuda_torch, kind):
     """A left-padded batch on a static cache: the CUDA-graph replay of the decode step gives the tokens of
-    the eager steps, each sequence at its own positions after the padding was dropped at the prefill."""
+    the eager steps, each sequence at its own positions after the padding was dropped at the prefill ("polar
+    balance": with "prefill" offsets and K balancing, their factors taken at the eager prefill)."""
     torch = cuda_torch
     m = gpu_generate.tiny_llama(0, "cuda", torch.float16)
     ids = torch.randint(1, 512, (3, 32), generator=torch.Generator().manual_seed(4)).cuda()
@@ -313,10 +314,16 @@ def test_gpu_graph_replay_left_padded(cuda_torch, kind):
     am[1, :7], am[2, :20] = 0, 0
     n = 17
     cap = gdb.capacity(32, n + 2, step=8)
+    kw = dict(centering="prefill", balance=True) if kind == "polar balance" else {}
+    kind = kind.split()[0]
     with torch.no_grad():
-        eager = gdb.greedy_tokens(m, gdb.make_cache(m, kind, cap), ids, n, graph=False, attention_mask=am)
-        cache = gdb.make_cache(m, kind, cap)
+        eager = gdb.greedy_tokens(
+            m, gdb.make_cache(m, kind, cap, **kw), ids, n, graph=False, attention_mask=am
+        )
+        cache = gdb.make_cache(m, kind, cap, **kw)
         graph = gdb.greedy_tokens(m, cache, ids, n, graph=True, attention_mask=am)
     assert graph == eager
+    if kw:
+        assert cache.layers[0].bal_q is not None
     assert cache.layers[0].pads.tolist() == [0, 7, 20]
     assert cache.layers[0].lens.tolist() == [32 + n - 1 - p for p in (0, 7, 20)]

@@ -627,6 +627,40 @@ def test_balance_factors():
     assert torch.equal(d2[1], tc.balance_factors(dk[1:, :, 4:], q[1:, :, 4:], torch.ones(1, 1, 6, 1))[0])
 
 
+def test_static_cache_balance_cpu():
+    """StaticPolarCache(balance=True) on a left-padded batch: the factors, offsets and bytes of the dynamic
+    cache's, and the same logits at the prefill and at decode steps."""
+    m, _a, _b, ids, am = _two_prompts(6)
+    pos = tc.padded_positions(am)
+    opts = dict(backend="reference", centering="prefill", balance=True)
+    dyn, sta = tc.PolarCache(m.config, **opts), tc.StaticPolarCache(m.config, 32, **opts)
+    nxt = torch.randint(1, 512, (2, 3), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = []
+        for c in (dyn, sta):
+            got = [m(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=c).logits[:, -1]]
+            a, p = am, pos
+            for t in range(3):
+                a = torch.cat([a, torch.ones(2, 1, dtype=a.dtype)], 1)
+                p = p[:, -1:] + 1
+                got.append(
+                    m(
+                        input_ids=nxt[:, t : t + 1], attention_mask=a, position_ids=p, past_key_values=c
+                    ).logits[:, -1]
+                )
+            out.append(torch.stack(got))
+    ld, ls = dyn.layers[1], sta.layers[1]
+    assert ls.balance and not torch.equal(ls.bal_k, torch.ones_like(ls.bal_k))
+    for name in ("bal_k", "bal_q", "mu_k", "mu_v"):
+        assert torch.equal(getattr(ld, name), getattr(ls, name)), name
+    for b, p in enumerate((0, 5)):  # each sequence's stored rows (the static cache writes at its own lens)
+        n = 12 - p + 3
+        assert torch.equal(ld.keys[b, :, :n], ls.keys[b, :, :n]) and torch.equal(
+            ld.values[b, :, :n], ls.values[b, :, :n]
+        )
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+
+
 def test_balance_is_exact_and_decodes_cpu():
     """PolarCache(balance=True): the query scaled by D^-1 and the stored keys by D leave every logit as it was
     (powers of two); factors per sequence and KV head from the first prefill; a tiny model's logits as near an
