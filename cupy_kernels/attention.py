@@ -512,9 +512,8 @@ def plan(
     chunk = -(-chunk // cfg.tile) * cfg.tile
     splits = max(1, -(-max(max_len, 1) // chunk))
     p = Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk, regs)
-    if (
-        cfg.impl == "mma" and splits == 1
-    ):  # run's kernel for an out of q's type, compiled now (not in a capture)
+    # one split: run's kernel for an out of q's type (direct_defines), compiled now, not in a graph capture
+    if cfg.impl == "mma" and splits == 1:
         _kernels(cfg.impl, direct_defines(p, qt), smem)
     return p
 
