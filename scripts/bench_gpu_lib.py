@@ -134,6 +134,9 @@ def print_rows(rows) -> None:
             extra += f"  {r['pct_copy_rate']:.0f}% of copy"
         if r.get("flush"):
             extra += f"  (L2 flush: {r['flush']})"
+        if "splits" in r:  # (compare's kernel rows: what the call launched)
+            extra += f"  [{r['splits']} split{'s' if r['splits'] > 1 else ''}, {r['regs']} regs"
+            extra += ", out from the kernel]" if r.get("direct") else "]"
         print(
             f"{r['shape']:<24} {r['variant']:<26} {r['ms'] * 1e3:9.1f} us  {r['GBps']:7.0f} GB/s{extra}",
             flush=True,
