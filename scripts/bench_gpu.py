@@ -651,18 +651,18 @@ def cmd_compare(args, timer) -> list[dict]:
                     r = timer(
                         attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits, **extra)
                     )
+                    # what the call launched (attention() plans it the same way; cached): its key splits,
+                    # registers, and whether the kernel wrote the output (one split, contiguous out) or a combine
+                    p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, splits)
+                    launched = dict(
+                        splits=p.splits,
+                        regs=p.regs,
+                        direct=p.config.impl == "mma" and p.splits == 1 and "out" not in extra,
+                    )
                 except Exception as e:
                     failed(args, f"{sh.label} {kfmt} {name}", e)
                     print(f"{sh.label} {kfmt}+{vfmt} {name}: FAILED {str(e)[:300]}", flush=True)
                     continue
-                # what the call launched (attention() plans it the same way; cached): its key splits,
-                # registers, and whether the kernel wrote the output (one split, contiguous out) or a combine
-                p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, splits)
-                launched = dict(
-                    splits=p.splits,
-                    regs=p.regs,
-                    direct=p.config.impl == "mma" and p.splits == 1 and "out" not in extra,
-                )
                 rows.append(
                     timed_row(
                         sh,
