@@ -651,8 +651,8 @@ def cmd_compare(args, timer) -> list[dict]:
                     r = timer(
                         attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=splits, **extra)
                     )
-                    # what the call launched (attention() plans it the same way; cached): its key splits,
-                    # registers, and whether the kernel wrote the output (one split, contiguous out) or a combine
+                    # what the call launched (attention() plans it so; cached): key splits, registers,
+                    # and whether the kernel wrote the output (one split, contiguous out) or a combine
                     p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, splits)
                     launched = dict(
                         splits=p.splits,
