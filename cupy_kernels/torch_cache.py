@@ -492,21 +492,26 @@ class PolarCache(Cache):
         keep_padding: bool = False,
         balance: bool = False,
     ):
-        if num_layers is None:
-            if config is None:
-                raise ValueError("PolarCache needs a model config or num_layers")
-            num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        if not (centering is None or centering == "prefill" or isinstance(centering, dict)):
-            raise ValueError(f"centering must be None, 'prefill' or a dict, got {centering!r}")
-        layers = []
-        for i in range(num_layers):
-            off = centering.get(i) if isinstance(centering, dict) else centering
-            layers.append(
-                PolarCacheLayer(
-                    kfmt, vfmt, rotate, off, backend, max_kernel_q, attn_config, keep_padding, balance
-                )
+        layers = [
+            PolarCacheLayer(
+                kfmt, vfmt, rotate, off, backend, max_kernel_q, attn_config, keep_padding, balance
             )
+            for off in layer_offsets("PolarCache", config, num_layers, centering)
+        ]
         super().__init__(layers=layers)
+
+
+def layer_offsets(cache: str, config, num_layers: int | None, centering) -> list:
+    """Each layer's `offsets` argument of a `cache` (PolarCache, StaticPolarCache) of `num_layers` layers
+    (None: the decoder layers of `config`) from its `centering`: None, "prefill" or {layer_idx: (mu_k, mu_v)}.
+    ValueError naming what is missing or what was received."""
+    if num_layers is None:
+        if config is None:
+            raise ValueError(f"{cache} needs a model config or num_layers")
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+    if not (centering is None or centering == "prefill" or isinstance(centering, dict)):
+        raise ValueError(f"centering must be None, 'prefill' or a dict, got {centering!r}")
+    return [centering.get(i) if isinstance(centering, dict) else centering for i in range(num_layers)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,21 +727,15 @@ class StaticPolarCache(Cache):
         f16_impl: str = "sdpa",
         balance: bool = False,
     ):
-        if num_layers is None:
-            if config is None:
-                raise ValueError("StaticPolarCache needs a model config or num_layers")
-            num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        if not (centering is None or centering == "prefill" or isinstance(centering, dict)):
-            raise ValueError(f"centering must be None, 'prefill' or a dict, got {centering!r}")
+        offsets = layer_offsets("StaticPolarCache", config, num_layers, centering)
         _round_capacity(max_cache_len)
+        if kfmt == "f16" and vfmt != "f16":
+            raise ValueError(f"kfmt 'f16' (the float16 baseline) needs vfmt 'f16', got {vfmt!r}")
         layers = []
-        for i in range(num_layers):
+        for off in offsets:
             if kfmt == "f16":
-                if vfmt != "f16":
-                    raise ValueError(f"kfmt 'f16' (the float16 baseline) needs vfmt 'f16', got {vfmt!r}")
                 layers.append(StaticF16CacheLayer(max_cache_len, f16_impl))
                 continue
-            off = centering.get(i) if isinstance(centering, dict) else centering
             layers.append(
                 StaticPolarCacheLayer(
                     max_cache_len, kfmt, vfmt, rotate, off, backend, 8, attn_config, balance=balance
