@@ -336,6 +336,11 @@ MMA_DEPTH_SETS = (
     dict(wtile=32, stages=3),  # 32-key tiles, rings of 3 and 4 slots
     dict(wtile=32, stages=4),
     dict(stages=2, ctas=1),  # no register cap asked (the kernel's rule asks none here either)
+    # more warps in the one CTA a SM: 12 (10) x 32 threads x 164 registers fit the SM's 65536 (16 would not),
+    # so 50 % (25 %) more warps to hide latency and more tiles in flight, without a register cap (session 38;
+    # not yet timed on a GPU)
+    dict(nwarps=12),
+    dict(nwarps=10),
 )
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
 MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more

@@ -102,6 +102,9 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     # polar's default with the CTAs a SM asked of ptxas (AttnConfig.ctas; tune-mma's "ctas" phase)
     dataclasses.replace(attention.DEFAULT_CONFIG, ctas=2),
     dataclasses.replace(attention.DEFAULT_CONFIG, ctas=1, wtile=32),
+    # tune-mma's "depth" phase: deeper rings, more warps in the CTA
+    dataclasses.replace(attention.DEFAULT_CONFIG, stages=2),
+    dataclasses.replace(attention.DEFAULT_CONFIG, nwarps=12),
 ]
 
 
