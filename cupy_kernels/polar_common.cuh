@@ -45,8 +45,8 @@ __device__ __forceinline__ u16 f2bf(float f) {
     return b;
 }
 
-// Element i of an output of type OT (0 float32, 1 float16, 2 bfloat16; a run-time value) set to v rounded to
-// nearest: the attention kernels' final rows (polar_attn_combine, polar_attn_mma with one split).
+// Element i of an output of type OT (0 float32, 1 float16, 2 bfloat16) set to v rounded to nearest: the final
+// rows of the attention kernels (polar_attn_combine's argument OT; polar_attn_mma's OUT_TYPE, a constant).
 __device__ __forceinline__ void store_out(void * out, long long i, float v, int OT) {
     if (OT == 0) {
         reinterpret_cast<float *>(out)[i] = v;
