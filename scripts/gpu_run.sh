@@ -50,6 +50,10 @@
 #           scripts/gpu_run.sh cupy tests [PYTEST ARGS] | bench ARGS | decode ARGS   # the CuPy kernels alone (no
 #                                           # llama.cpp build; carry .gpurun/whl): pytest (default: the GPU test
 #                                           # files), scripts/bench_gpu.py ARGS, scripts/gpu_decode_bench.py ARGS
+#           scripts/gpu_run.sh cupy issue11 [SECONDS] # issue 11's kernel measurements, most important first,
+#                                           # within SECONDS (default 540): bench_gpu.py compare, tune-mma's
+#                                           # depth and ctas phases on polar K+V, anatomy, encode -> issue11-*.txt,
+#                                           # their JSONs in issue11-json.tgz (a device run returns 8 files)
 #
 # Results go to $OUT (default ./gpu-run-out). The model is split over three folders (a, b and c) of about
 # 36 MB so that each call's upload, the repository's tracked files included, stays well under 64 MiB; a
@@ -473,13 +477,17 @@ cupy)
     # by hand); the output goes to $OUT/cupy-<what>.txt (and what ARGS write there, e.g. --json "$OUT/x.json")
     what=${2:-}
     case $what in
-    tests | bench | decode) ;;
+    tests | bench | decode | issue11) ;;
     *)
-        echo "gpu_run cupy: expected tests, bench or decode, got '$what'" >&2
+        echo "gpu_run cupy: expected tests, bench, decode or issue11, got '$what'" >&2
         exit 2
         ;;
     esac
     shift 2
+    if [[ $what == issue11 && ! ${1:-540} =~ ^[0-9]+$ ]]; then
+        echo "gpu_run cupy issue11: expected SECONDS (an integer), got '$1'" >&2
+        exit 2
+    fi
     site_wheels
     export PYTHONPATH=$SITEPATH
     rc=0
@@ -491,6 +499,31 @@ cupy)
         ;;
     bench) python3 scripts/bench_gpu.py "$@" > "$OUT/cupy-bench.txt" 2>&1 || rc=1 ;;
     decode) python3 scripts/gpu_decode_bench.py "$@" > "$OUT/cupy-decode.txt" 2>&1 || rc=1 ;;
+    issue11)
+        budget=${1:-540}
+        t0=$SECONDS
+        i11() { # NAME LIMIT ARGS...: bench_gpu.py ARGS for at most LIMIT s of what is left (skipped under 20 s)
+            local name=$1 lim=$2 left=$((budget - (SECONDS - t0)))
+            shift 2
+            ((lim <= left)) || lim=$left
+            if ((lim < 20)); then
+                echo "gpu_run cupy issue11: $name skipped, $left s of $budget left" | tee "$OUT/issue11-$name.txt"
+                rc=1
+                return 0
+            fi
+            timeout "$lim" python3 scripts/bench_gpu.py "$@" --json "$OUT/issue11-$name.json" \
+                > "$OUT/issue11-$name.txt" 2>&1 || rc=1
+        }
+        i11 compare 100 compare --contexts 32768 131072
+        i11 tune 170 tune-mma --fmts polar/polar --phases depth ctas
+        i11 anatomy $((budget - (SECONDS - t0) - 40)) anatomy --contexts 32768
+        i11 encode 40 encode
+        if compgen -G "$OUT/issue11-*.json" > /dev/null; then
+            (cd "$OUT" && tar czf issue11-json.tgz issue11-*.json && rm -f issue11-*.json)
+        fi
+        tail -n 8 "$OUT"/issue11-*.txt
+        exit $rc
+        ;;
     esac
     tail -30 "$OUT/cupy-$what.txt"
     exit $rc

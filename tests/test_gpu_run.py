@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -48,13 +49,13 @@ def test_ab_passes_checked_first(passes, tmp_path):
     [
         (["script"], "a script file"),
         (["script", "no/such/diagnosis.sh"], "a script file"),
-        (["cupy"], "tests, bench or decode"),
-        (["cupy", "nonsense"], "tests, bench or decode"),
+        (["cupy"], "tests, bench, decode or issue11"),
+        (["cupy", "nonsense"], "tests, bench, decode or issue11"),
     ],
 )
 def test_step_needs_its_argument(args, expected, tmp_path):
-    """`script FILE` refuses a missing file, `cupy` anything but tests, bench or decode: each names what it
-    got, before it waits for models or a build or looks for a wheel."""
+    """`script FILE` refuses a missing file, `cupy` anything but tests, bench, decode or issue11: each names
+    what it got, before it waits for models or a build or looks for a wheel."""
     r = subprocess.run(
         ["bash", str(SCRIPT), *args],
         capture_output=True,
@@ -234,3 +235,55 @@ def test_usage_is_the_whole_header(tmp_path):
     assert r.returncode == 2
     assert r.stderr.rstrip().endswith("# step failed (bench: when a benchmark script failed).")
     assert "gpu_run.sh cupy tests" in r.stderr
+
+
+FAKE_PYTHON = """#!/bin/bash
+# a stand-in python3: pip succeeds; scripts/bench_gpu.py logs its arguments and writes its --json file
+if [[ $1 == -m ]]; then exit 0; fi
+echo "$*" >> "$FAKE_LOG"
+while [[ $# -gt 0 ]]; do
+    if [[ $1 == --json ]]; then echo '{}' > "$2"; fi
+    shift
+done
+echo "measured"
+"""
+
+
+def _issue11(tmp_path, *args):
+    bin_dir, out, runs = tmp_path / "bin", tmp_path / "out", tmp_path / "gpurun"
+    for d in (bin_dir, out, runs / "whl"):
+        d.mkdir(parents=True)
+    (runs / "whl" / "gguf-0.1-py3-none-any.whl").write_text("")
+    fake = bin_dir / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {
+        "OUT": str(out),
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "GPU_RUN_DIR": str(runs),
+        "GPU_RUN_PARTS": str(tmp_path / "parts"),
+        "FAKE_LOG": str(tmp_path / "log"),
+    }
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "cupy", "issue11", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+    log = (tmp_path / "log").read_text().splitlines() if (tmp_path / "log").exists() else []
+    return r, out, log
+
+
+def test_cupy_issue11_runs_the_measurements_in_order(tmp_path):
+    """`cupy issue11`: compare, tune-mma's depth and ctas phases, anatomy, encode, in that order, each with
+    its JSON, which are packed in one archive; a budget too small for a step skips it, says so and fails."""
+    r, out, log = _issue11(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[1] for line in log] == ["compare", "tune-mma", "anatomy", "encode"]
+    assert "--phases depth ctas" in log[1] and f"--json {out}/issue11-compare.json" in log[0]
+    with tarfile.open(out / "issue11-json.tgz") as t:
+        assert sorted(t.getnames()) == [f"issue11-{n}.json" for n in ("anatomy", "compare", "encode", "tune")]
+    assert not list(out.glob("issue11-*.json")) and (out / "issue11-tune.txt").read_text() == "measured\n"
+    r, out, log = _issue11(tmp_path / "short", "10")
+    assert r.returncode == 1 and log == []
+    assert "compare skipped, 10 s of 10 left" in (out / "issue11-compare.txt").read_text()
+    r, _, _ = _issue11(tmp_path / "bad", "ten")
+    assert r.returncode == 2 and "expected SECONDS (an integer), got 'ten'" in r.stderr
