@@ -546,7 +546,7 @@ def test_plan_run(torch):
 
 @pytest.mark.parametrize("odtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "f16"), ("polar3", "polar3")])
-def test_one_split_writes_out_directly(torch, odtype, kfmt, vfmt):
+def test_one_split_writes_out_directly(torch, monkeypatch, odtype, kfmt, vfmt):
     """With one split the mma kernel writes the output itself (no partials, no combine): the same values as
     the combine path (taken for an out that is not contiguous) in each output type, zeros for a sequence
     without keys, several row groups (Hq 20 over 2 KV heads: 10 rows, CTAs of 8 and 2) and causal rows
@@ -556,6 +556,11 @@ def test_one_split_writes_out_directly(torch, odtype, kfmt, vfmt):
     kc = _rand_cache(torch, kfmt, 3, 2, 904, 128, gen)
     vc = _rand_cache(torch, vfmt, 3, 2, 904, 128, gen)
     dt = getattr(torch, odtype)
+    launched = []  # the defines of each launch's partial kernel: the direct one has OUT_TYPE
+    real = attn._kernels
+    monkeypatch.setattr(
+        attn, "_kernels", lambda impl, d, smem: launched.append(dict(d)) or real(impl, d, smem)
+    )
     for Hq, Tq in ((8, 1), (20, 1), (8, 2)):
         q = torch.randn((3, Hq, Tq, 128), generator=gen, device="cuda").half()
         p = attn.plan(3, Hq, 2, Tq, 128, 904, kfmt, vfmt, q.dtype, splits=1, device=q.device.index or 0)
@@ -565,6 +570,7 @@ def test_one_split_writes_out_directly(torch, odtype, kfmt, vfmt):
         combined = torch.full((3, Hq, Tq, 136), float("nan"), dtype=dt, device="cuda")[..., :128]
         attn.run(p, q, kc, vc, lens, out=combined)
         assert not combined.is_contiguous() and torch.equal(direct, combined), f"Hq {Hq} Tq {Tq}"
+        assert launched[-2].get("OUT_TYPE") == attn._q_type(dt) and "OUT_TYPE" not in launched[-1]
         assert (direct[1] == 0).all() and torch.isfinite(direct).all()
     with pytest.raises(ValueError, match="out must be float32, float16 or bfloat16"):
         attn.run(p, q, kc, vc, lens, out=torch.empty(q.shape, dtype=torch.float64, device="cuda"))
