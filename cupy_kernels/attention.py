@@ -513,18 +513,24 @@ def plan(
     splits = max(1, -(-max(max_len, 1) // chunk))
     p = Plan(B, Hq, Hkv, Tq, D, kfmt, vfmt, qt, cfg, defines, smem, rb, n_groups, splits, chunk, regs)
     # one split: run's kernel for an out of q's type (direct_defines), compiled now, not in a graph capture
-    if cfg.impl == "mma" and splits == 1:
-        _kernels(cfg.impl, direct_defines(p, qt), smem)
+    if writes_out(p):
+        _kernels(cfg.impl, direct_defines(defines, qt), smem)
     return p
 
 
 _last_defines: dict[Plan, tuple[tuple[str, int], ...]] = {}  # the variant of a stamped plan's last launch
 
 
-def direct_defines(p: Plan, ot: int) -> tuple[tuple[str, int], ...]:
-    """The defines of plan p's mma kernel writing the output itself in type ot (one split; OUT_TYPE of
+def direct_defines(defines: tuple[tuple[str, int], ...], ot: int) -> tuple[tuple[str, int], ...]:
+    """The defines of an mma variant (`defines`) writing the output itself in type ot (one split; OUT_TYPE of
     polar_attn_mma.cu: 0 float32, 1 float16, 2 bfloat16)."""
-    return (*p.defines, ("OUT_TYPE", ot))
+    return (*defines, ("OUT_TYPE", ot))
+
+
+def writes_out(p: Plan, out=None) -> bool:
+    """Whether `run(p, ..., out=out)` has the partial kernel write the output itself (the mma kernel with one
+    split, out None or contiguous) instead of partials merged by polar_attn_combine."""
+    return p.config.impl == "mma" and p.splits == 1 and (out is None or out.is_contiguous())
 
 
 def check_cache(name: str, c, B: int, H: int, D: int, fmt: str) -> None:
@@ -584,8 +590,8 @@ def run(p: Plan, q, k_cache, v_cache, lens, scale: float | None = None, out=None
         )
     R = Hq // Hkv * Tq
     # one split of the mma kernel: its CTAs write the final rows into a contiguous out (no partials, combine)
-    direct = p.config.impl == "mma" and p.splits == 1 and out.is_contiguous()
-    defines = direct_defines(p, _q_type(out.dtype)) if direct else p.defines
+    direct = writes_out(p, out)
+    defines = direct_defines(p.defines, _q_type(out.dtype)) if direct else p.defines
     part, comb = _kernels(p.config.impl, defines, p.smem)
     if p.config.cta_times:  # (where cta_times finds this launch's stamps)
         _last_defines[p] = defines
@@ -665,7 +671,7 @@ def cta_times(p: Plan, reset: bool = False):
         return cp.ndarray((CTA_TIMES_MAX, len(CTA_MARKS) + 1), dtype=cp.uint64, memptr=g)
 
     if reset:  # both modules run may launch: the partials' and (one split) the direct write's in q's type
-        for defines in (p.defines, direct_defines(p, p.qt)) if p.splits == 1 else (p.defines,):
+        for defines in (p.defines, direct_defines(p.defines, p.qt)) if writes_out(p) else (p.defines,):
             stamps(defines).fill(0)
         return None
     return cp.asnumpy(stamps(_last_defines.get(p, p.defines))[:n])

@@ -660,9 +660,7 @@ def cmd_compare(args, timer) -> list[dict]:
                     # and whether the kernel wrote the output (one split, contiguous out) or a combine
                     p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, splits)
                     launched = dict(
-                        splits=p.splits,
-                        regs=p.regs,
-                        direct=p.config.impl == "mma" and p.splits == 1 and "out" not in extra,
+                        splits=p.splits, regs=p.regs, direct=attention.writes_out(p, extra.get("out"))
                     )
                 except Exception as e:
                     failed(args, f"{sh.label} {kfmt} {name}", e)

@@ -133,7 +133,8 @@ def _attn(seen: dict, D: int, kfmt: str, vfmt: str, cfg, fallback: bool, qt: int
     if smem <= attention.SMEM_LIMIT:
         seen.setdefault(Variant(f"{attention.KERNELS[c.impl]}.cu", tuple(d.items())), None)
         if fallback and c.impl == "mma":
-            seen.setdefault(Variant(f"{attention.KERNELS[c.impl]}.cu", (*d.items(), ("OUT_TYPE", qt))), None)
+            direct = attention.direct_defines(tuple(d.items()), qt)
+            seen.setdefault(Variant(f"{attention.KERNELS[c.impl]}.cu", direct), None)
 
 
 def variants(full: bool) -> list[Variant]:

@@ -146,10 +146,10 @@ def cupy_default_sass(
     from cupy_kernels import attention
 
     cfg = dataclasses.replace(attention.default_config(vfmt, D=128), **(overrides or {}))
-    d = attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg)
+    d = tuple(attention.attn_defines(128, kfmt, vfmt, 4, 1, cfg).items())
     if out_type is not None:
-        d["OUT_TYPE"] = out_type
-    v = check_kernels.Variant(f"{attention.KERNELS[cfg.impl]}.cu", tuple(d.items()))
+        d = attention.direct_defines(d, out_type)
+    v = check_kernels.Variant(f"{attention.KERNELS[cfg.impl]}.cu", d)
     nvcc = shutil.which("nvcc")
     if not nvcc or not shutil.which("cuobjdump"):
         raise SystemExit("sass_order: nvcc and cuobjdump must be on PATH (pip install nvidia-cuda-nvcc)")

@@ -180,6 +180,21 @@ def test_tune_mma_polar3_grid():
         bench_gpu.main(["tune-mma", "--fmts", "polar4/polar"])
 
 
+def test_writes_out_rule_cpu():
+    """Which launches write the output from the partial kernel (run's rule, and compare's record of it): the
+    mma kernel with one split into a contiguous out (or run's own); not with 2 splits, a padded out, or the
+    simt kernel. The direct variant's defines are the plan's plus OUT_TYPE."""
+    import torch
+
+    d = tuple(attn.attn_defines(128, "polar", "polar", 4, 1, attn.DEFAULT_CONFIG).items())
+    p = attn.Plan(1, 4, 1, 1, 128, "polar", "polar", 1, attn.DEFAULT_CONFIG, d, 0, 4, 1, 1, 512, 0)
+    assert attn.writes_out(p) and attn.writes_out(p, torch.empty(1, 4, 1, 128))
+    assert not attn.writes_out(p, torch.empty(1, 4, 1, 136)[..., :128])
+    assert not attn.writes_out(dataclasses.replace(p, splits=2))
+    assert not attn.writes_out(dataclasses.replace(p, config=attn.SIMT_CONFIG))
+    assert attn.direct_defines(d, 2) == (*d, ("OUT_TYPE", 2))
+
+
 def test_tune_mma_depth_grid():
     """tune-mma's "depth" phase: polar's default and deeper rings of it (2 slots of 64 keys each, one ring or
     two; 3 and 4 slots of 32) or more warps (12, 10), each fitting in shared memory and named by its label."""
