@@ -415,3 +415,20 @@ def test_llama_source_only_prepares_the_tree_and_builds_nothing(bs, monkeypatch)
     # a second call finds the tree and still builds nothing
     llama.cmd_llama(argparse.Namespace(source_only=True))
     assert prepared == [res["key"]]
+
+
+def test_smoke_run_fetches_its_data_first(bs, tmp_path, monkeypatch):
+    """`bootstrap.py llama` alone on a fresh machine: the smoke run gets the model and text it reads
+    before it runs a tool (it used to fail with 'failed to open GGUF file'); a recorded pass skips both."""
+    from kvsetup import smoke
+
+    calls = []
+    monkeypatch.setattr(smoke, "fetch_smoke_data", lambda: calls.append("data"))
+    monkeypatch.setattr(smoke, "_check", lambda name, cmd, env=None: calls.append(name) or 0.0)
+    build = tmp_path / "build"
+    smoke.run_smoke(build, "k1", None)
+    assert calls[0] == "data" and "llama-completion" in calls[1:]
+    assert (build / smoke.SMOKE_FILE).is_file()
+    calls.clear()
+    smoke.run_smoke(build, "k1", None)  # recorded for this key and machine: nothing runs
+    assert calls == []

@@ -181,6 +181,15 @@ def fetch_parted(pin: dict, name: str) -> Path:
     return out
 
 
+def fetch_smoke_data() -> None:
+    """What the smoke run reads (the default model and the SQuAD text), so that `bootstrap.py llama`
+    alone works on a fresh machine."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with file_lock("data"):
+        fetch_smollm2()
+        fetch_nvidia_texts(True, False)
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     cache_dir().mkdir(parents=True, exist_ok=True)
     with file_lock("data"):

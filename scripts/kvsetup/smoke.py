@@ -21,6 +21,7 @@ from kvpolar.atomic import atomic_write_text
 from kvpolar.paths import SMOLLM2_GGUF, SQUAD_TXT, data_dir
 
 from .cpu import cpu_identity_digest
+from .data import fetch_smoke_data
 from .util import BootstrapError, log, signal_name
 
 SMOKE_FILE = "kvpolar-smoke.json"
@@ -116,6 +117,7 @@ def run_smoke(build: Path, key: str, py: Path | None, *, force: bool = False) ->
                 return
         except ValueError:
             pass
+    fetch_smoke_data()  # `bootstrap.py llama` alone: the data step may not have run
     threads = max(1, min(4, os.cpu_count() or 1))
     times = {}
     for name, cmd in smoke_commands(build, threads):
