@@ -103,6 +103,27 @@ def gemma3_path() -> Path:
     return _data(paths.GEMMA3_GGUF)
 
 
+def _f32_copy(tmp_path_factory, src: Path, name: str) -> Path:
+    """src with every tensor dequantized to float32 (scripts/synth_gguf.py dequant): float32 matrix
+    products, no 8-bit rounding of the activations, so a float32 rounding change in attention stays one
+    in the logits (the quantized file amplifies it to order 1: docs/centering-online.md)."""
+    import synth_gguf
+
+    out = tmp_path_factory.mktemp("f32") / name
+    synth_gguf.dequant(src, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(tmp_path_factory, smollm2_path) -> Path:
+    return _f32_copy(tmp_path_factory, smollm2_path, "smollm2-f32.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma3_f32(tmp_path_factory, gemma3_path) -> Path:
+    return _f32_copy(tmp_path_factory, gemma3_path, "gemma3-f32.gguf")
+
+
 @pytest.fixture(scope="session")
 def squad_text_path() -> Path:
     """SQuAD v2 dev articles joined as ' = Title = ' + paragraphs (~971 KB of prose)."""

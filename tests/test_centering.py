@@ -268,26 +268,6 @@ def test_k_shift_uses_online_offsets(llama_cpp, kv_env, smollm2_path, tokens):
     assert kl < 0.02 and np.abs(out["1"] - out["0"]).max() < 2.0, (kl, np.abs(out["1"] - out["0"]).max())
 
 
-def f32_copy(tmp_path_factory, src, name):
-    """src with every tensor dequantized to float32 (scripts/synth_gguf.py dequant): float32
-    matrix products, no 8-bit rounding of the activations."""
-    import synth_gguf
-
-    out = tmp_path_factory.mktemp("f32") / name
-    synth_gguf.dequant(src, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smollm2_f32(tmp_path_factory, smollm2_path):
-    return f32_copy(tmp_path_factory, smollm2_path, "smollm2-f32.gguf")
-
-
-@pytest.fixture(scope="module")
-def gemma3_f32(tmp_path_factory, gemma3_path):
-    return f32_copy(tmp_path_factory, gemma3_path, "gemma3-f32.gguf")
-
-
 @pytest.mark.parametrize("n_ubatch", [512, 32])
 def test_online_centering_is_exact_in_float32(llama_cpp, kv_env, smollm2_f32, tokens, n_ubatch):
     """With float32 weights and a float32 cache, the logits of every token with online K offsets

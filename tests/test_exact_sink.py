@@ -128,13 +128,16 @@ def test_off_for_other_k_types(llama_cpp, kv_env, smollm2_path, tokens):
 
 
 @pytest.mark.parametrize("n_prompt", [96, 600])
-def test_replaces_key_0(llama_cpp, kv_env, smollm2_path, squad_head, n_prompt):
+def test_replaces_key_0(llama_cpp, kv_env, smollm2_path, smollm2_f32, squad_head, n_prompt):
     """One state, three ways to take one more token: with its exact keys (A); with cell 0's codes decoded
     as the exact key (B: the state's keys dropped); in a context without the exact key, reading its
-    codes (C). B must equal C (measured: bit for bit) and A must differ (by about 1.5): the exact key
-    replaces key 0. One token: the CPU's plain decode at 96 tokens, its split-KV decode at 600 (> 512
-    keys). Over more tokens B and C drift apart by float rounding alone (this model amplifies a 1e-7
-    change to order 1: docs/centering-online.md), so the check takes one."""
+    codes (C). B must equal C up to float rounding and A must differ by far more: the exact key replaces
+    key 0 (not added to it, not another key). One token: the CPU's plain decode at 96 tokens, its split-KV
+    decode at 600 (> 512 keys). The model's weights are float32 (smollm2_f32): B's score of key 0 is a
+    float32 dot product of the decoded key, C's the polar dot product of its codes, and they may round
+    apart, which the Q4_1 file amplifies to order 1 (docs/centering-online.md). Measured (session 39, an
+    AVX2-only AMD EPYC, 96 tokens): B - C 0.82 with the Q4_1 file, 0.009 with float32 weights, A - C
+    1.0-1.3; the Q4_1 file's B and C had been equal bit for bit on AVX-512 machines."""
     llm0 = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=1024, vocab_only=True, verbose=False)
     toks = llm0.tokenize(squad_head.read_text(encoding="utf-8").encode())
     assert len(toks) > n_prompt + 1
@@ -143,7 +146,7 @@ def test_replaces_key_0(llama_cpp, kv_env, smollm2_path, squad_head, n_prompt):
     def make(env):
         kv_env(**env)
         return llama_cpp.Llama(
-            model_path=str(smollm2_path),
+            model_path=str(smollm2_f32),
             n_ctx=1024,
             n_batch=1024,
             type_k=llama_cpp.GGML_TYPE_POLAR,
@@ -174,8 +177,8 @@ def test_replaces_key_0(llama_cpp, kv_env, smollm2_path, squad_head, n_prompt):
         llm.load_state(state)
         out[name] = cont_logits(llm)
     assert np.array_equal(out["A"], want)
-    assert np.abs(out["B"] - out["C"]).max() < 1e-3, np.abs(out["B"] - out["C"]).max()
-    assert np.abs(out["A"] - out["C"]).max() > 0.05, np.abs(out["A"] - out["C"]).max()
+    bc, ac = (float(np.abs(out[x] - out["C"]).max()) for x in "BA")
+    assert bc < 0.05 and ac > 0.3, (bc, ac)
     assert np.abs(rows).max() > 0.1
 
 

@@ -139,13 +139,11 @@ def test_greedy_generation(bindir, smollm2_path, f16_text, ctk, ctv, fa, record_
     assert len(words) >= 5, text
     assert sum(w.isascii() for w in words) >= 0.9 * len(words), text
     assert words[0].startswith("Paris"), text
-    # After "Paris." the model is unsure what to write next, so any change of the cache can
-    # change the continuation. Measured (rotation on, 2 threads): polar K+V with flash attention
-    # follows f16 for 9 of 21 words ("... approximately 31.3 million" vs "311 million"); polar K
-    # without flash attention (MUL_MAT path) and polar3 diverge right after the answer, as q4_0 K
-    # does without flash attention.
-    if (ctk, ctv, fa) == ("polar", "polar", "on"):
-        assert at >= 5, (f16_text, text)
+    # After "Paris." the model is unsure what to write next, so any change of the cache, or of the
+    # float rounding, can change the continuation: polar K+V with flash attention followed f16 for 9 of
+    # 21 words on AVX-512 machines and for 2 on an AVX2-only AMD EPYC (session 39; with float32 weights
+    # for 1 there). How closely a cache follows f16 is measured over many tokens instead:
+    # test_kld_against_f16.
 
 
 def perplexity(bindir, model, text_file, ctk, ctv) -> float:
@@ -168,6 +166,34 @@ def test_perplexity(bindir, smollm2_path, squad_head, record_property):
     # polar3 25.87 (+23 %); q4_0 22.02 (+5.0 %) and q8_0 21.05 for comparison
     assert ppl["polar"] < 1.06 * ppl["f16"], ppl
     assert ppl["polar3"] < 1.35 * ppl["f16"], ppl
+
+
+def kld(bindir, model, text_file, ctk, ctv, base) -> tuple[float, float]:
+    """(mean KLD, same top-1 %) of llama-perplexity --kl-divergence against the f16 logits in base."""
+    out = run([
+        binary(bindir, "llama-perplexity"), "-m", model, "-f", text_file, "-c", 512, "--chunks", 3, "-b", 512,
+        "-ctk", ctk, "-ctv", ctv, "-fa", "on", "-t", 2, "--kl-divergence-base", base, "--kl-divergence",
+    ], timeout=600)  # fmt: skip
+    out = out.stdout + out.stderr
+    m, top = re.search(r"Mean +KLD: +([0-9.]+)", out), re.search(r"Same top p: +([0-9.]+)", out)
+    assert m and top, out[-2000:]
+    return float(m.group(1)), float(top.group(1))
+
+
+def test_kld_against_f16(bindir, smollm2_path, squad_head, tmp_path, record_property):
+    """Teacher-forced, over 3 x 512 tokens: polar K+V against the f16 cache's logits, beside q4_0 K+V in the
+    same runs. Measured (session 39, AVX2-only AMD EPYC, 2 threads): polar KLD 0.0192 (same top-1 92.8 %),
+    q4_0 0.0313 (91.5 %), polar3 0.0805 (86.4 %); each ± 3-7 % of itself."""
+    base = tmp_path / "f16.kld"
+    run([
+        binary(bindir, "llama-perplexity"), "-m", smollm2_path, "-f", squad_head, "-c", 512, "--chunks", 3,
+        "-b", 512, "-ctk", "f16", "-ctv", "f16", "-fa", "on", "-t", 2, "--kl-divergence-base", base,
+    ], timeout=600)  # fmt: skip
+    res = {t: kld(bindir, smollm2_path, squad_head, t, t, base) for t in ("polar", "q4_0")}
+    record_property("kld", res)
+    print("KLD against f16, same top-1 %:", res)
+    assert res["polar"][0] < 0.8 * res["q4_0"][0], res
+    assert res["polar"][1] >= 88.0, res
 
 
 # ----------------------------------------------------------------------------------------------
