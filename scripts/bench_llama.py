@@ -35,7 +35,7 @@ import llama_bench
 from kvpolar import format as pformat
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
-from kvsetup.cpu import cpu_model
+from kvsetup.cpu import cpu_model, simd_label
 
 REPO = paths.repo_root()
 
@@ -50,7 +50,7 @@ SINK_K = ("polar", "polar3")  # K types with the exact sink key (patch 0024, on 
 
 
 def machine() -> str:
-    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}"
+    return f"{cpu_model()} ({simd_label()}), {os.cpu_count()} cores, {platform.system()}"
 
 
 def run(cmd: list[str], env_extra: dict | None = None, log=None) -> str:

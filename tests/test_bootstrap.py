@@ -432,3 +432,21 @@ def test_smoke_run_fetches_its_data_first(bs, tmp_path, monkeypatch):
     calls.clear()
     smoke.run_smoke(build, "k1", None)  # recorded for this key and machine: nothing runs
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        (("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_AVX512=ON"), "AVX-512"),
+        (("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_AVX512=OFF"), "AVX2"),
+        (("-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=OFF"), "SSE4.2"),
+        (("-DGGML_NATIVE=ON",), "native"),
+    ],
+)
+def test_simd_label_names_the_widest_isa_built(monkeypatch, flags, want):
+    """Result files name the vector ISA of the build (an "AMD EPYC" VM had AVX-512 one session and
+    AVX2 only the next), from the same flags the build takes."""
+    from kvsetup import cpu
+
+    monkeypatch.setattr(cpu, "cpu_cmake_flags", lambda: flags)
+    assert cpu.simd_label() == want

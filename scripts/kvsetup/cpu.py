@@ -130,6 +130,22 @@ def cpu_model() -> str:
     return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def simd_label() -> str:
+    """The widest x86 vector ISA the set-up builds llama.cpp with on this machine ("AVX-512", "AVX2",
+    "AVX", "SSE4.2"; "native" elsewhere): one "AMD EPYC" VM may have AVX-512 and the next not, and the
+    CPU paths and their rounding differ (session 39)."""
+    flags = cpu_cmake_flags()
+    for opt, label in (
+        ("GGML_AVX512", "AVX-512"),
+        ("GGML_AVX2", "AVX2"),
+        ("GGML_AVX", "AVX"),
+        ("GGML_SSE42", "SSE4.2"),
+    ):
+        if f"-D{opt}=ON" in flags:
+            return label
+    return "native" if "-DGGML_NATIVE=ON" in flags else "no SIMD"
+
+
 @functools.cache
 def _cpu_identity() -> str:
     """What the probe result depends on: CPU model and flags, kernel, compiler."""
