@@ -146,19 +146,34 @@ def test_greedy_generation(bindir, smollm2_path, f16_text, ctk, ctv, fa, record_
     # test_kld_against_f16.
 
 
-def perplexity(bindir, model, text_file, ctk, ctv) -> float:
+def llama_perplexity(bindir, model, text_file, ctk, ctv, *extra) -> str:
+    """llama-perplexity's output over 3 chunks of 512 tokens of text_file, flash attention on, 2 threads."""
     out = run([
         binary(bindir, "llama-perplexity"), "-m", model, "-f", text_file, "-c", 512, "--chunks", 3, "-b", 512,
-        "-ctk", ctk, "-ctv", ctv, "-fa", "on", "-t", 2,
+        "-ctk", ctk, "-ctv", ctv, "-fa", "on", "-t", 2, *extra,
     ], timeout=600)  # fmt: skip
-    out = out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def final_ppl(out: str) -> float:
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     assert m, out[-2000:]
     return float(m.group(1))
 
 
-def test_perplexity(bindir, smollm2_path, squad_head, record_property):
-    ppl = {t: perplexity(bindir, smollm2_path, squad_head, t, t) for t in ("f16", "polar", "polar3")}
+@pytest.fixture(scope="module")
+def f16_base(bindir, smollm2_path, squad_head, tmp_path_factory) -> tuple[Path, float]:
+    """One f16 run: its logits (llama-perplexity --kl-divergence-base) and its perplexity."""
+    base = tmp_path_factory.mktemp("kld") / "f16.kld"
+    out = llama_perplexity(bindir, smollm2_path, squad_head, "f16", "f16", "--kl-divergence-base", base)
+    return base, final_ppl(out)
+
+
+def test_perplexity(bindir, smollm2_path, squad_head, f16_base, record_property):
+    ppl = {"f16": f16_base[1]}
+    ppl |= {
+        t: final_ppl(llama_perplexity(bindir, smollm2_path, squad_head, t, t)) for t in ("polar", "polar3")
+    }
     record_property("ppl", ppl)
     print("perplexity, 3 x 512 tokens of SQuAD, K and V of one type:", ppl)
     assert all(math.isfinite(v) and v > 1 for v in ppl.values()), ppl
@@ -170,26 +185,19 @@ def test_perplexity(bindir, smollm2_path, squad_head, record_property):
 
 def kld(bindir, model, text_file, ctk, ctv, base) -> tuple[float, float]:
     """(mean KLD, same top-1 %) of llama-perplexity --kl-divergence against the f16 logits in base."""
-    out = run([
-        binary(bindir, "llama-perplexity"), "-m", model, "-f", text_file, "-c", 512, "--chunks", 3, "-b", 512,
-        "-ctk", ctk, "-ctv", ctv, "-fa", "on", "-t", 2, "--kl-divergence-base", base, "--kl-divergence",
-    ], timeout=600)  # fmt: skip
-    out = out.stdout + out.stderr
+    out = llama_perplexity(
+        bindir, model, text_file, ctk, ctv, "--kl-divergence-base", base, "--kl-divergence"
+    )
     m, top = re.search(r"Mean +KLD: +([0-9.]+)", out), re.search(r"Same top p: +([0-9.]+)", out)
     assert m and top, out[-2000:]
     return float(m.group(1)), float(top.group(1))
 
 
-def test_kld_against_f16(bindir, smollm2_path, squad_head, tmp_path, record_property):
+def test_kld_against_f16(bindir, smollm2_path, squad_head, f16_base, record_property):
     """Teacher-forced, over 3 x 512 tokens: polar K+V against the f16 cache's logits, beside q4_0 K+V in the
     same runs. Measured (session 39, AVX2-only AMD EPYC, 2 threads): polar KLD 0.0192 (same top-1 92.8 %),
-    q4_0 0.0313 (91.5 %), polar3 0.0805 (86.4 %); each ± 3-7 % of itself."""
-    base = tmp_path / "f16.kld"
-    run([
-        binary(bindir, "llama-perplexity"), "-m", smollm2_path, "-f", squad_head, "-c", 512, "--chunks", 3,
-        "-b", 512, "-ctk", "f16", "-ctv", "f16", "-fa", "on", "-t", 2, "--kl-divergence-base", base,
-    ], timeout=600)  # fmt: skip
-    res = {t: kld(bindir, smollm2_path, squad_head, t, t, base) for t in ("polar", "q4_0")}
+    q4_0 0.0313 (91.5 %); each ± 5-6 % of itself."""
+    res = {t: kld(bindir, smollm2_path, squad_head, t, t, f16_base[0]) for t in ("polar", "q4_0")}
     record_property("kld", res)
     print("KLD against f16, same top-1 %:", res)
     assert res["polar"][0] < 0.8 * res["q4_0"][0], res
