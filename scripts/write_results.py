@@ -2,10 +2,11 @@
 
     python scripts/write_results.py
 
-Reads docs/bench/{quality,speed,memory}-<model>.json (written by scripts/bench_llama.py) and
-docs/results-gpu.md (written by scripts/bench_gpu.py); every table names the command and the
-machine it came from. Nothing here is typed by hand. Also draws the figures (scripts/figures.py)
-into docs/figures/ and embeds them, each with a caption naming its raw files and commands.
+Reads docs/bench/{quality,speed,memory}-<model>.json (written by scripts/bench_llama.py),
+docs/bench/profile-decode-<model>.json (scripts/profile_decode_cpu.py) and docs/results-gpu.md
+(written by scripts/bench_gpu.py); every table names the command and the machine it came from.
+Nothing here is typed by hand. Also draws the figures (scripts/figures.py) into docs/figures/ and
+embeds them, each with a caption naming its raw files and commands.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ab_llama_gpu import device_of, env_key, mean_ci95, per_run_ratios, pool, su
 from kvpolar.atomic import atomic_write_text
 from layer_policy import LAYER_POLICY_PATCH, speed_means
 from llama_bench import build_label, llama_patch_numbers
+from profile_decode_cpu import render as profile_rows
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "docs" / "bench"
@@ -270,6 +272,23 @@ def multiseq_table() -> list[str]:
                 f"`{d['command']}`, {d['machine']})"
             )
     return [*out, "", *sources, ""] if out else []
+
+
+def profile_table(d: dict) -> list[str]:
+    """profile_decode_cpu.py's run: each group's share of a decode's CPU samples, by cache type."""
+    return [
+        f"### Where a decode step's CPU time goes: {d['model']}, llama-bench -fa 1 tg{d['n']} from an empty "
+        f"cache, {d['threads']} threads, under perf, {d['machine'].split(',')[0]}",
+        "",
+        _src(d),
+        "",
+        "Each cell: the group's share of the samples (CPU microseconds a token). One run of each, on a VM",
+        "whose speed moves by several per cent from run to run: the cache's own groups (its write and reads)",
+        "are the measurement, the tokens/s are not an A/B.",
+        "",
+        profile_rows(d),
+        "",
+    ]
 
 
 def speed_table(d: dict) -> list[str]:
@@ -706,7 +725,8 @@ def render() -> str:
     lines += ["## llama.cpp on the CPU", ""]
     # smollm2-avx2: the speed table on a VM without AVX-512 (session 39), whose CPU paths differ
     for model in ("smollm2", "smollm2c", "qwen", "smollm2-avx2"):
-        for kind, fn in (("quality", quality_table), ("speed", speed_table), ("memory", memory_table)):
+        tables = (("quality", quality_table), ("speed", speed_table), ("memory", memory_table))
+        for kind, fn in (*tables, ("profile-decode", profile_table)):
             d = _load(kind, model)
             if d:
                 lines += fn(d)

@@ -70,3 +70,58 @@ def test_decode_bench_cmd_prefills_the_depth_as_one_batch():
     )
     assert cmd[cmd.index("-d") + 1] == "32768" and cmd[-4:] == ["-b", "32768", "-ub", "32768"]
     assert "-b" not in decode_bench_cmd("b", "m.gguf", "f16", "f16", 6, 0)
+
+
+# ---- scripts/profile_decode_cpu.py: perf report's text, and symbols into the decode step's groups
+
+PERF_REPORT = """# To display the perf.data header info, please use --header/--header-only options.
+#
+# Samples: 54K of event 'cpu-clock:ppp'
+# Event count (approx.): 13626750000
+#
+# Overhead  Shared Object          Symbol
+# ........  .....................  ......
+#
+    46.80%  libggml-cpu.so.0.25.3  [.] ggml_vec_dot_q4_1_q8_1
+     9.58%  libgomp.so.1.0.0       [.] 0x000000000001f7da
+     4.97%  libggml-cpu.so.0.25.3  [.] ggml_vec_dot_polar_f32
+     3.51%  libggml-cpu.so.0.25.3  [.] ggml_cpu_dequantize_row_polar
+     2.06%  libggml-cpu.so.0.25.3  [.] polar_encode_at_scale.constprop.1
+     0.47%  [kernel.kallsyms]      [k] do_syscall_64
+     0.22%  libggml-cpu.so.0.25.3  [.] ggml::cpu::repack::extra_buffer_type::get_tensor_traits
+"""
+
+
+def test_cpu_profile_report_parsed():
+    from profile_decode_cpu import parse_report
+
+    rows, ms = parse_report(PERF_REPORT)
+    assert ms == pytest.approx(13626.75)
+    assert len(rows) == 7
+    assert rows[0] == (46.80, "libggml-cpu.so.0.25.3", "ggml_vec_dot_q4_1_q8_1")
+    assert rows[5] == (0.47, "[kernel.kallsyms]", "do_syscall_64")
+    assert rows[6][2] == "ggml::cpu::repack::extra_buffer_type::get_tensor_traits"
+    with pytest.raises(ValueError, match="Event count"):
+        parse_report("    1.00%  libc.so.6  [.] memcpy\n")
+
+
+@pytest.mark.parametrize(
+    "dso, symbol, group",
+    [
+        ("libggml-cpu.so", "polar_encode_at_scale.constprop.1", "cache write"),
+        ("libggml-cpu.so", "quantize_row_q4_0", "cache write"),
+        ("libggml-cpu.so", "dequantize_row_q4_0", "V read"),  # not the cache write: "de" first
+        ("libggml-cpu.so", "ggml_cpu_dequantize_row_polar", "V read"),
+        ("libggml-cpu.so", "ggml_vec_dot_polar_f32", "K read"),
+        ("libggml-cpu.so", "ggml_vec_dot_q4_0_q8_0", "K read"),
+        ("libggml-cpu.so", "ggml_vec_dot_q4_1_q8_1", "weights matmul"),
+        ("libggml-cpu.so", "quantize_row_q8_1", "weights matmul"),
+        ("libggml-cpu.so", "ggml_compute_forward_flash_attn_ext", "attention, rest"),
+        ("libgomp.so.1.0.0", "0x000000000001f7da", "thread wait"),  # unresolved: by its library
+        ("libc.so.6", "__memmove_avx_unaligned_erms", "other"),
+    ],
+)
+def test_cpu_profile_groups(dso, symbol, group):
+    from profile_decode_cpu import group_of
+
+    assert group_of(dso, symbol) == group
