@@ -6,12 +6,13 @@
 Each K/V pair runs `llama-bench -fa 1 -p 0 -n N` under `perf record` (cpu-clock samples of every
 thread, no call graphs): decode from an empty cache, where the cache's own work (its write above
 all) weighs most against the model's. No depth option: llama-bench decodes a depth's prompt in each
-rep, and its samples would count as the decode's. The samples of each symbol are summed into the groups below (GROUPS:
-first matching pattern wins); a group's CPU microseconds a token are its share of the samples times
-the samples' CPU time over the tokens the run generated (N a rep and llama-bench's one warm-up
-token; model loading is in the samples too, under 2 % of them on SmolLM2).
-The tokens/s are llama-bench's own, measured under perf. Needs Linux `perf` (linux-tools): without it
-the script stops and says so. One run of each pair: a profile, not an A/B (cpu_build_ab.py is that).
+rep, and its samples would count as the decode's. The samples of each symbol are summed into the
+groups below (GROUPS: first matching pattern wins); a group's CPU microseconds a token are its share
+of the samples times the samples' CPU time over the tokens the run generated (N a rep and
+llama-bench's one warm-up token; model loading is in the samples too: on SmolLM2 the groups sum to
+within 2 % of threads / (tokens/s)). The tokens/s are llama-bench's own, measured under perf. Needs
+Linux `perf` (linux-tools): without it the script stops and says so. One run of each pair: a
+profile, not an A/B (cpu_build_ab.py is that).
 """
 
 from __future__ import annotations
