@@ -119,11 +119,12 @@ def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
 
 
 def render(res: dict) -> str:
-    names = COLUMNS
-    head = "| K / V | tg t/s | " + " | ".join(names) + " |"
-    lines = [head, "|" + "---|" * (len(names) + 2)]
+    """The markdown table of a run: a row a K/V pair, each cell a group's share (CPU us a token)."""
+    lines = ["| K / V | tg t/s | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in res["rows"]:
-        cells = [f"{r['percent'].get(g, 0.0):.1f} % ({r['cpu_us_per_token'].get(g, 0.0):.0f})" for g in names]
+        cells = [
+            f"{r['percent'].get(g, 0.0):.1f} % ({r['cpu_us_per_token'].get(g, 0.0):.0f})" for g in COLUMNS
+        ]
         lines.append(f"| {r['k']} / {r['v']} | {r['tg_tps']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

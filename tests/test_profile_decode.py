@@ -125,3 +125,25 @@ def test_cpu_profile_groups(dso, symbol, group):
     from profile_decode_cpu import group_of
 
     assert group_of(dso, symbol) == group
+
+
+def test_cpu_profile_table_and_results_section():
+    """render: the cache's groups first, a group the run did not see as 0; write_results' section of it."""
+    import write_results
+    from profile_decode_cpu import COLUMNS, render
+
+    row = {"k": "polar", "v": "polar", "tg_tps": 117.9, "percent": {"K read": 3.4, "cache write": 3.7}}
+    row["cpu_us_per_token"] = {"K read": 578.0, "cache write": 642.0}
+    res = {
+        "rows": [row],
+        "model": "m.gguf",
+        "n": 256,
+        "threads": 2,
+        "machine": "AMD EPYC (AVX2), 2 cores, Linux",
+    }
+    table = render(res).splitlines()
+    assert table[0] == "| K / V | tg t/s | " + " | ".join(COLUMNS) + " |"
+    assert table[2].startswith("| polar / polar | 117.9 | 3.7 % (642) | 3.4 % (578) | 0.0 % (0) |")
+    res.update(command="python3 scripts/profile_decode_cpu.py", date="2026-12-07", seconds=54)
+    text = "\n".join(write_results.profile_table(res))
+    assert "tg256 from an empty cache, 2 threads, under perf, AMD EPYC (AVX2)" in text and table[2] in text
