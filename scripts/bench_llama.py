@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import llama_bench
 from kvpolar import format as pformat
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
-from kvsetup.cpu import cpu_model, simd_label
+from kvsetup.cpu import machine_label
 
 REPO = paths.repo_root()
 
@@ -47,10 +46,6 @@ BITS = {"f16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "iq4_nl": 4.5, "q4_1": 5.0, "q4_0
 BITS.update({f.name: f.bits_per_elem for f in pformat.FORMATS.values()})
 QUALITY_K = ["q8_0", "q5_0", "iq4_nl", "q4_0", "polar", "polar3"]
 SINK_K = ("polar", "polar3")  # K types with the exact sink key (patch 0024, on by default)
-
-
-def machine() -> str:
-    return f"{cpu_model()} ({simd_label()}), {os.cpu_count()} cores, {platform.system()}"
 
 
 def run(cmd: list[str], env_extra: dict | None = None, log=None) -> str:
@@ -272,7 +267,7 @@ def main(argv=None) -> int:
             "kind": args.cmd,
             "model": args.model,
             "model_file": MODELS[args.model],
-            "machine": machine(),
+            "machine": machine_label(),
             "command": "python scripts/bench_llama.py "
             + " ".join(argv if argv is not None else sys.argv[1:]),
             "build": paths.build_info() if hasattr(paths, "build_info") else None,

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
-from kvsetup.cpu import cpu_model
+from kvsetup.cpu import machine_label
 from kvsetup.util import signal_name
 
 SLACK_TOKENS = 64  # per slot, beyond prompt + n_predict
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     shown[1] = args.model.name
     result = {
         "command": " ".join(["python scripts/bench_server.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "machine": machine_label(),
         "model": args.model.name,
         "threads": args.threads,
         "prompt_tokens": args.prompt_tokens,

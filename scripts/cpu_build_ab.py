@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 import llama_bench
-from bench_llama import machine
 from kvpolar import format as pformat
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
+from kvsetup.cpu import machine_label
 from study import ggml_lib
 from study.ggml_lib import FROM_FLOAT, TO_FLOAT
 
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     if args.json:
         doc = {
             "command": llama_bench.command_line("cpu_build_ab.py", argv),
-            "machine": machine(),
+            "machine": machine_label(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "seconds": round(time.time() - t_start),
             "builds": {lab: llama_bench.build_info(d) for lab, d in builds.items()},

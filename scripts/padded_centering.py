@@ -38,8 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_llama import machine
 from kvpolar.atomic import atomic_write_text
+from kvsetup.cpu import machine_label
 from llama_bench import command_line
 
 CACHES = ("exact", "none", "prefill-padded", "prefill", "prefill-real", "prefill-sink", "prefill-balance")
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
             }
         )
     print(
-        f"{machine()}; model {path.name}; prompts {a.long} and {a.short} tokens (padding {pad}), "
+        f"{machine_label()}; model {path.name}; prompts {a.long} and {a.short} tokens (padding {pad}), "
         f"{a.steps} steps, starts {a.starts}; polar K+V"
     )
     print(
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     if a.json:
         doc = {
             "command": command_line("padded_centering.py", argv),
-            "machine": machine(),
+            "machine": machine_label(),
             "model": path.name,
             "long": a.long,
             "short": a.short,

@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 
 import llama_bench
-from bench_llama import MODELS, machine
+from bench_llama import MODELS
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
+from kvsetup.cpu import machine_label
 
 # (group, regular expression on the symbol): the cache's write, its K and V reads, the rest of
 # attention, the model's matmuls, the thread pool's waiting; the first that matches names the group.
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(profile_pair(k, v, args, Path(td)))
             print(json.dumps(rows[-1]), flush=True)
     res = {
-        "machine": machine(),
+        "machine": machine_label(),
         "build": llama_bench.build_info(paths.bin_path("llama-bench").parent),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": round(time.time() - t0),

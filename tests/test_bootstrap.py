@@ -450,3 +450,16 @@ def test_simd_label_names_the_widest_isa_built(monkeypatch, flags, want):
 
     monkeypatch.setattr(cpu, "cpu_cmake_flags", lambda: flags)
     assert cpu.simd_label() == want
+
+
+def test_machine_label_names_model_isa_cores_and_system(monkeypatch):
+    """The machine every CPU result file records (bench_llama, cpu_build_ab, profile_decode_cpu,
+    bench_server, padded_centering): model, the build's ISA, cores, system."""
+    import os
+    import platform
+
+    from kvsetup import cpu
+
+    monkeypatch.setattr(cpu, "cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr(cpu, "simd_label", lambda: "AVX2")
+    assert cpu.machine_label() == f"AMD EPYC (AVX2), {os.cpu_count()} cores, {platform.system()}"

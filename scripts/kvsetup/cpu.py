@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -128,6 +129,11 @@ def cpuinfo_field(name: str) -> str:
 
 def cpu_model() -> str:
     return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def machine_label() -> str:
+    """The machine a result file names: "AMD EPYC (AVX2), 2 cores, Linux" (simd_label: the build's ISA)."""
+    return f"{cpu_model()} ({simd_label()}), {os.cpu_count()} cores, {platform.system()}"
 
 
 def simd_label() -> str:
