@@ -12,6 +12,9 @@ before every timed repetition).
     python scripts/bench_gpu.py compare --contexts 32768 131072   simt (before) vs tensor-core kernel
     python scripts/bench_gpu.py anatomy --contexts 4096 ... 131072  where polar K+V's time goes (L2 flush
                                                            by a write or a read, per-CTA timestamps, clocks)
+    python scripts/bench_gpu.py scaling --batches 1 2 4 8 16 --contexts 65536
+                                                           what binds the loop: a CTA alone against all of
+                                                           them (the headroom that faster memory would use)
     python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
     python scripts/bench_gpu.py tune-mma --fmts polar3/polar3 polar/polar3 --phases ctas new  (polar3 V)
     python scripts/bench_gpu.py profile --contexts 32768    untimed default kernels, for ncu
@@ -948,6 +951,97 @@ def cmd_anatomy(args, timer) -> list[dict]:
     return rows
 
 
+def scaling_row(B: int, Hkv: int, T: int, us: float, nbytes: int, copy_rate: float) -> dict:
+    """scaling's numbers of one timed call at one key split: its CTAs (one a (sequence, KV head)), the
+    nanoseconds a CTA spends on a key, and the call's bytes a second against the copy rate."""
+    if B < 1 or Hkv < 1 or T < 1 or us <= 0 or nbytes < 1 or copy_rate <= 0:
+        raise ValueError(
+            "scaling_row: expected positive B, Hkv, T, us, nbytes, copy_rate, "
+            f"got {B}, {Hkv}, {T}, {us}, {nbytes}, {copy_rate}"
+        )
+    rate = nbytes / (us * 1e-6)
+    return {
+        "ctas": B * Hkv,
+        "us": us,
+        "ns_per_key": us * 1e3 / T,
+        "GBps": rate / 1e9,
+        "pct_copy_rate": 100 * rate / copy_rate,
+    }
+
+
+def scaling_headroom(rows: list[dict]) -> dict[str, float]:
+    """For each format pair and context ("polar/polar @ 65536"): the ns a key with the most CTAs over the ns
+    with the fewest, the factor by which a CTA's loop slows when all of them share the memory. 1.0: the
+    loop's own speed binds it (faster memory, the H200's, would not help); 1.4: a CTA alone runs 1.4x
+    faster than under the full load."""
+    out = {}
+    for fmts, T in sorted({(r["fmts"], r["T"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["fmts"], r["T"]) == (fmts, T)), key=lambda r: r["ctas"])
+        if len(mine) >= 2:
+            out[f"{fmts} @ {T}"] = mine[-1]["ns_per_key"] / mine[0]["ns_per_key"]
+    return out
+
+
+def cmd_scaling(args, timer) -> list[dict]:
+    """What binds the attention loop: the loop alone against the loop under the full memory load.
+
+    The default kernel of each --fmts pair at one key split (one CTA a (sequence, KV head), its whole
+    context in one loop) for each of --batches (B x 8 KV heads: 8 to 128 CTAs, one a SM) at each of
+    --contexts, 32/8 heads, D=128, fp16 q. With few CTAs the memory is far from busy and a CTA's ns a key
+    is its loop's own speed; with 128 it is what the shared memory leaves. Their ratio (scaling_headroom)
+    is how much faster the loop could go on faster memory: what an H100 says about the H200. The SM clock
+    is sampled at the fewest and the most CTAs (a lightly loaded GPU may boost higher)."""
+    torch = _torch()
+    from cupy_kernels import attention
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    for T in args.contexts:
+        for kfmt, vfmt in args.fmts:
+            fmts = f"{kfmt}/{vfmt}"
+            cfg = attention.default_config(vfmt)
+            for B in sorted(args.batches):
+                sh = Shape(B, T, 32, 8, 128)
+                q = torch.randn((B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+                lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+                kc = rand_blocks(kfmt, B, sh.Hkv, T, sh.D, gen)
+                vc = rand_blocks(vfmt, B, sh.Hkv, T, sh.D, gen)
+                nbytes = cache_bytes(kfmt, B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, B, sh.Hkv, T, sh.D)
+                try:
+                    fn = attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=1)
+                    p = attention.plan(B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, 1)
+                    r = timer(fn)
+                except Exception as e:
+                    failed(args, f"scaling {sh.label} {fmts}", e)
+                    continue
+                row = {
+                    "shape": sh.label,
+                    **dataclasses.asdict(sh),
+                    "fmts": fmts,
+                    "variant": f"{kfmt}+{vfmt} mma default, 1 split",
+                    "splits": p.splits,
+                    "regs": p.regs,
+                    "bytes": nbytes,
+                    **r,
+                    **scaling_row(B, sh.Hkv, T, r["ms"] * 1e3, nbytes, args.copy_rate),
+                }
+                rows.append(row)
+                print(
+                    f"{sh.label:<24} {fmts:<14} {row['ctas']:4d} CTAs  {row['us']:9.1f} us  "
+                    f"{row['ns_per_key']:6.2f} ns a key a CTA  {row['GBps']:7.0f} GB/s  "
+                    f"{row['pct_copy_rate']:4.0f}% of copy",
+                    flush=True,
+                )
+                if B in (min(args.batches), max(args.batches)):
+                    clocks(rows, sh, f"{kfmt}+{vfmt} mma default, 1 split, {B * sh.Hkv} CTAs", fn)
+                del kc, vc, fn
+                torch.cuda.empty_cache()
+    for fmts, h in scaling_headroom([r for r in rows if "ns_per_key" in r]).items():
+        rows.append({"variant": f"{fmts} headroom", "headroom": h})
+        print(f"headroom {fmts}: a CTA's loop {h:.2f}x faster alone than under the full load", flush=True)
+    return rows
+
+
 def cmd_small(args, timer) -> list[dict]:
     """Small shapes: simt vs mma, eager vs CUDA-graph replay (host time vs kernel time), split counts."""
     torch = _torch()
@@ -1330,6 +1424,7 @@ def main(argv=None) -> int:
             "copy",
             "compare",
             "anatomy",
+            "scaling",
             "small",
             "profile",
             "all",

@@ -1,10 +1,14 @@
-"""scripts/bench_gpu_lib.py: the clock samples the kernel analysis reads (no GPU needed)."""
+"""scripts/bench_gpu_lib.py: the clock samples the kernel analysis reads; scripts/bench_gpu.py scaling's
+numbers (no GPU needed)."""
 
 from __future__ import annotations
 
 import datetime
 import shutil
 
+import pytest
+
+import bench_gpu
 import bench_gpu_lib as lib
 
 SAMPLES = """2026/12/06 22:30:00.100, 1980, 2619, 250.10
@@ -62,3 +66,29 @@ def test_clock_samples_reads_a_sampler(tmp_path, monkeypatch):
     c = lib.clock_samples(lambda: calls.append(1), seconds=0.3)
     assert c["samples"] >= 3 and c["sm_mhz_med"] == 1650.0 and c["power_w_med"] == 690.0
     assert c["calls"] == len(calls) - 1 >= 16  # (one call before the window)
+
+
+def test_scaling_row_per_key_and_copy_share():
+    # 16 sequences x 8 KV heads at 32768 keys in 200 us, 570 MB against a 3 TB/s copy
+    r = bench_gpu.scaling_row(16, 8, 32768, 200.0, 570_000_000, 3e12)
+    assert r["ctas"] == 128
+    assert r["ns_per_key"] == pytest.approx(200e3 / 32768)
+    assert r["GBps"] == pytest.approx(2850.0)
+    assert r["pct_copy_rate"] == pytest.approx(95.0)
+    with pytest.raises(ValueError, match="expected positive B"):
+        bench_gpu.scaling_row(0, 8, 32768, 200.0, 1, 3e12)
+
+
+def test_scaling_headroom_most_over_fewest_ctas():
+    rows = [
+        {"fmts": "polar/polar", "T": 65536, "ctas": 128, "ns_per_key": 6.0},
+        {"fmts": "polar/polar", "T": 65536, "ctas": 8, "ns_per_key": 4.0},
+        {"fmts": "polar/polar", "T": 65536, "ctas": 32, "ns_per_key": 5.0},
+        {"fmts": "polar/polar", "T": 8192, "ctas": 8, "ns_per_key": 8.0},  # another context: its own ratio
+        {"fmts": "polar/polar", "T": 8192, "ctas": 128, "ns_per_key": 8.0},
+        {"fmts": "polar/f16", "T": 65536, "ctas": 8, "ns_per_key": 9.0},  # one point: no ratio
+    ]
+    assert bench_gpu.scaling_headroom(rows) == {
+        "polar/polar @ 8192": pytest.approx(1.0),
+        "polar/polar @ 65536": pytest.approx(1.5),
+    }
