@@ -51,7 +51,7 @@
 #                                           # llama.cpp build; carry .gpurun/whl): pytest (default: the GPU test
 #                                           # files), scripts/bench_gpu.py ARGS, scripts/gpu_decode_bench.py ARGS
 #           scripts/gpu_run.sh cupy issue11 [SECONDS] # issue 11's kernel measurements, most important first,
-#                                           # within SECONDS (default 540): bench_gpu.py compare, tune-mma's
+#                                           # within SECONDS (default 540): bench_gpu.py compare, scaling, tune-mma's
 #                                           # depth and ctas phases on polar K+V, anatomy, encode -> issue11-*.txt,
 #                                           # their JSONs in issue11-json.tgz (a device run returns 8 files)
 #
@@ -515,6 +515,8 @@ cupy)
                 > "$OUT/issue11-$name.txt" 2>&1 || rc=1
         }
         i11 compare 100 compare --contexts 32768 131072
+        # what binds the loop there: a CTA alone against the full load (session 41: on an H100 the memory)
+        i11 scaling 60 scaling --batches 2 4 8 16 --contexts 32768 131072 --fmts polar/polar polar/f16
         i11 tune 170 tune-mma --fmts polar/polar --phases depth ctas
         i11 anatomy $((budget - (SECONDS - t0) - 40)) anatomy --contexts 32768
         i11 encode 40 encode

@@ -273,14 +273,18 @@ def _issue11(tmp_path, *args):
 
 
 def test_cupy_issue11_runs_the_measurements_in_order(tmp_path):
-    """`cupy issue11`: compare, tune-mma's depth and ctas phases, anatomy, encode, in that order, each with
-    its JSON, which are packed in one archive; a budget too small for a step skips it, says so and fails."""
+    """`cupy issue11`: compare, scaling, tune-mma's depth and ctas phases, anatomy, encode, in that order,
+    each with its JSON, which are packed in one archive; a budget too small for a step skips it, says so
+    and fails."""
     r, out, log = _issue11(tmp_path)
     assert r.returncode == 0, r.stderr
-    assert [line.split()[1] for line in log] == ["compare", "tune-mma", "anatomy", "encode"]
-    assert "--phases depth ctas" in log[1] and f"--json {out}/issue11-compare.json" in log[0]
+    assert [line.split()[1] for line in log] == ["compare", "scaling", "tune-mma", "anatomy", "encode"]
+    assert "--phases depth ctas" in log[2] and f"--json {out}/issue11-compare.json" in log[0]
+    assert "--batches 2 4 8 16" in log[1]
     with tarfile.open(out / "issue11-json.tgz") as t:
-        assert sorted(t.getnames()) == [f"issue11-{n}.json" for n in ("anatomy", "compare", "encode", "tune")]
+        assert sorted(t.getnames()) == [
+            f"issue11-{n}.json" for n in ("anatomy", "compare", "encode", "scaling", "tune")
+        ]
     assert not list(out.glob("issue11-*.json")) and (out / "issue11-tune.txt").read_text() == "measured\n"
     r, out, log = _issue11(tmp_path / "short", "10")
     assert r.returncode == 1 and log == []
