@@ -1014,17 +1014,16 @@ def cmd_scaling(args, timer) -> list[dict]:
                 except Exception as e:
                     failed(args, f"scaling {sh.label} {fmts}", e)
                     continue
-                row = {
-                    "shape": sh.label,
-                    **dataclasses.asdict(sh),
-                    "fmts": fmts,
-                    "variant": f"{kfmt}+{vfmt} mma default, 1 split",
-                    "splits": p.splits,
-                    "regs": p.regs,
-                    "bytes": nbytes,
-                    **r,
+                row = timed_row(
+                    sh,
+                    f"{kfmt}+{vfmt} mma default, 1 split",
+                    r,
+                    nbytes,
+                    fmts=fmts,
+                    splits=p.splits,
+                    regs=p.regs,
                     **scaling_row(B, sh.Hkv, T, r["ms"] * 1e3, nbytes, args.copy_rate),
-                }
+                )
                 rows.append(row)
                 print(
                     f"{sh.label:<24} {fmts:<14} {row['ctas']:4d} CTAs  {row['us']:9.1f} us  "
