@@ -15,6 +15,9 @@ before every timed repetition).
     python scripts/bench_gpu.py scaling --batches 1 2 4 8 16 --contexts 65536
                                                            what binds the loop: a CTA alone against all of
                                                            them (the headroom that faster memory would use)
+    python scripts/bench_gpu.py project --from scaling.json --copy-gbps 4221 --sdpa-us 485.6
+                                                           (no GPU) what a scaling run says about a GPU
+                                                           with faster memory: the loop's bound, the ratio
     python scripts/bench_gpu.py tune-mma [--json out.json]   tensor-core kernel options and shapes
     python scripts/bench_gpu.py tune-mma --fmts polar3/polar3 polar/polar3 --phases ctas new  (polar3 V)
     python scripts/bench_gpu.py profile --contexts 32768    untimed default kernels, for ncu
@@ -1041,6 +1044,154 @@ def cmd_scaling(args, timer) -> list[dict]:
     return rows
 
 
+def scaling_projection(
+    rows: list[dict],
+    copy_Bps: float,
+    sdpa_us: float,
+    target_ratio: float = 3.0,
+    wavefronts_per_key: float | None = None,
+    context: int | None = None,
+    fmts_pairs: list[str] | None = None,
+) -> list[dict]:
+    """What a scaling run on one GPU says about another with a faster memory (copy_Bps, its measured copy
+    rate) where fp16 SDPA takes sdpa_us: for each format pair and context, the call's time there is at
+    least its loop's (the fastest call below the most CTAs: a CTA alone, at the light-load SM clock of
+    the fewest CTAs) and at least the full load's bytes at copy_Bps; the loop's time also at the SM clock
+    the full load held (it may drop under load). Their larger one gives the projected ratio to SDPA (a
+    range over the two clocks), and the loop's speed-up that target_ratio needs. Only the rows at context
+    and of fmts_pairs (K/V names) where given: sdpa_us and wavefronts_per_key are one shape's and one
+    kernel's. With wavefronts_per_key
+    (shared-memory wavefronts a key of the loop's SASS, sass_order.py): the loop's SM cycles a key and the
+    share of the shared-memory pipe's rate it runs at."""
+    if copy_Bps <= 0 or sdpa_us <= 0 or target_ratio <= 0:
+        raise ValueError(
+            "scaling_projection: expected positive copy_Bps, sdpa_us, target_ratio, "
+            f"got {copy_Bps}, {sdpa_us}, {target_ratio}"
+        )
+    timed = [r for r in rows if "ns_per_key" in r and (context is None or r["T"] == context)]
+    if fmts_pairs is not None:
+        timed = [r for r in timed if r["fmts"] in fmts_pairs]
+    if not timed:
+        raise ValueError(
+            f"scaling_projection: expected timed rows for {fmts_pairs or 'any format'} at "
+            f"{context or 'any context'}, got none of {len(rows)} rows"
+        )
+    clock = {
+        (r["T"], r["variant"].removesuffix(" clocks")): r.get("sm_mhz_med")
+        for r in rows
+        if r.get("variant", "").endswith(" clocks")
+    }
+    out = []
+    for fmts, T in sorted({(r["fmts"], r["T"]) for r in timed}):
+        mine = sorted((r for r in timed if (r["fmts"], r["T"]) == (fmts, T)), key=lambda r: r["ctas"])
+        if len(mine) < 2:
+            raise ValueError(
+                f"scaling_projection: {fmts} @ {T}: expected rows at 2 or more CTA counts, got 1"
+            )
+        full = mine[-1]
+        alone = min(mine[:-1], key=lambda r: r["us"])
+        light = clock.get((T, f"{mine[0]['variant']}, {mine[0]['ctas']} CTAs"))
+        loaded = clock.get((T, f"{full['variant']}, {full['ctas']} CTAs"))
+        if not light or not loaded:
+            raise ValueError(
+                f"scaling_projection: {fmts} @ {T}: expected SM clock rows at {mine[0]['ctas']} and "
+                f"{full['ctas']} CTAs (scaling samples them), got {light} and {loaded}"
+            )
+        loop_us = alone["us"]
+        loop_us_loaded = loop_us * light / loaded
+        memory_us = full["bytes"] / copy_Bps * 1e6
+        best, worst = max(loop_us, memory_us), max(loop_us_loaded, memory_us)
+        row = {
+            "fmts": fmts,
+            "T": T,
+            "full_ctas": full["ctas"],
+            "alone_ctas": alone["ctas"],
+            "alone_ns_per_key": alone["ns_per_key"],
+            "sm_mhz_light": light,
+            "sm_mhz_full": loaded,
+            "loop_us": loop_us,
+            "loop_us_full_load_clock": loop_us_loaded,
+            "memory_us": memory_us,
+            "projected_us": [best, worst],
+            "ratio_to_sdpa": [sdpa_us / best, sdpa_us / worst],
+            "bound": "loop" if loop_us_loaded > memory_us else "memory",
+            "target_ratio": target_ratio,
+            # None where the bytes alone take longer than the target allows: no loop reaches it
+            "loop_speedup_needed": None
+            if memory_us * target_ratio > sdpa_us
+            else [
+                max(1.0, loop_us * target_ratio / sdpa_us),
+                max(1.0, loop_us_loaded * target_ratio / sdpa_us),
+            ],
+            "cycles_per_key": alone["ns_per_key"] * light / 1e3,
+        }
+        if wavefronts_per_key is not None:
+            row["wavefronts_per_key"] = wavefronts_per_key
+            row["pct_smem_rate"] = 100 * wavefronts_per_key / row["cycles_per_key"]
+        out.append(row)
+    return out
+
+
+def cmd_project(args) -> list[dict]:
+    """bench_gpu.py project --from SCALING.json --copy-GBps G --sdpa-us U: scaling_projection of a scaling
+    run's rows, printed (no GPU needed)."""
+    try:
+        data = json.loads(Path(args.from_json).read_text())
+        rows = data["scaling"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(
+            f"bench_gpu project: expected --from a JSON of `bench_gpu.py scaling --json` (a 'scaling' list), "
+            f"got {args.from_json}: {type(e).__name__}: {e}"
+        ) from None
+    fmts = [f"{k}/{v}" for k, v in args.fmts]
+    try:
+        out = scaling_projection(
+            rows,
+            args.copy_gbps * 1e9,
+            args.sdpa_us,
+            args.target_ratio,
+            args.wavefronts_per_key,
+            args.context,
+            fmts,
+        )
+    except ValueError as e:
+        raise SystemExit(f"bench_gpu project: {e}") from None
+    dev = (
+        data.get("device", {}).get("name", "?")
+        if isinstance(data.get("device"), dict)
+        else data.get("device")
+    )
+    print(
+        f"from {args.from_json} ({dev}, copy {data.get('copy_rate_Bps', 0) / 1e9:.0f} GB/s there) to a GPU "
+        f"with copy {args.copy_gbps:.0f} GB/s and fp16 SDPA {args.sdpa_us:.1f} us:"
+    )
+    for r in out:
+        lo, hi = r["projected_us"]
+        rb, rw = r["ratio_to_sdpa"]
+        need = r["loop_speedup_needed"]
+        goal = f"{r['target_ratio']:.2f}x " + (
+            f"needs the loop {100 * (need[0] - 1):.1f}-{100 * (need[1] - 1):.1f} % faster"
+            if need
+            else "is out of the loop's reach (the bytes alone take longer)"
+        )
+        line = (
+            f"{r['fmts']:<14} @ {r['T']:>6}: loop {r['loop_us']:.1f} us ({r['alone_ctas']} CTAs, "
+            f"{r['alone_ns_per_key']:.2f} ns a key = {r['cycles_per_key']:.2f} SM cycles at "
+            f"{r['sm_mhz_light']:.0f} MHz), "
+            f"{r['loop_us_full_load_clock']:.1f} us at the full load's {r['sm_mhz_full']:.0f} MHz; "
+            f"bytes {r['memory_us']:.1f} us -> {lo:.1f}-{hi:.1f} us, {rw:.2f}-{rb:.2f}x SDPA "
+            f"({r['bound']}-bound); "
+            f"{goal}"
+        )
+        if "pct_smem_rate" in r:
+            line += (
+                f"; {r['wavefronts_per_key']:.2f} wavefronts a key = {r['pct_smem_rate']:.0f} % of the "
+                "shared-memory rate"
+            )
+        print(line, flush=True)
+    return out
+
+
 def cmd_small(args, timer) -> list[dict]:
     """Small shapes: simt vs mma, eager vs CUDA-graph replay (host time vs kernel time), split counts."""
     torch = _torch()
@@ -1424,6 +1575,7 @@ def main(argv=None) -> int:
             "compare",
             "anatomy",
             "scaling",
+            "project",
             "small",
             "profile",
             "all",
@@ -1475,11 +1627,33 @@ def main(argv=None) -> int:
         action="store_true",
         help="tune-mma: time each call replayed from a CUDA graph (small shapes are host-bound eagerly)",
     )
+    ap.add_argument("--from", dest="from_json", help="project: a `scaling --json` file")
+    ap.add_argument("--context", type=int, help="project: the context (keys) --sdpa-us was timed at")
+    ap.add_argument("--copy-gbps", type=float, help="project: the other GPU's measured copy rate, GB/s")
+    ap.add_argument("--sdpa-us", type=float, help="project: fp16 SDPA's time there at the same shape, us")
+    ap.add_argument("--target-ratio", type=float, default=3.0, help="project: the ratio to SDPA aimed at")
+    ap.add_argument(
+        "--wavefronts-per-key",
+        type=float,
+        help="project: the loop's shared-memory wavefronts a key (sass_order.py --loops --per 64, over 64)",
+    )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.cmd is None:
         ap.print_help()
+        return 0
+    if args.cmd == "project":  # arithmetic on a scaling run's JSON: no GPU
+        if not args.from_json or args.copy_gbps is None or args.sdpa_us is None or args.context is None:
+            ap.error("project: expected --from, --context, --copy-gbps and --sdpa-us")
+        if args.wavefronts_per_key is not None and len(args.fmts) != 1:
+            ap.error(
+                "project: --wavefronts-per-key is one kernel's: expected one --fmts pair, "
+                f"got {len(args.fmts)}"
+            )
+        out = {"argv": sys.argv, "project": cmd_project(args)}
+        if args.json:
+            atomic_write_text(Path(args.json), json.dumps(out, indent=1) + "\n", mkdir=True)
         return 0
     args.tune_grid = [
         (4, 1, 3, 16),

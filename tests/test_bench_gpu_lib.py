@@ -92,3 +92,68 @@ def test_scaling_headroom_most_over_fewest_ctas():
         "polar/polar @ 8192": pytest.approx(1.0),
         "polar/polar @ 65536": pytest.approx(1.5),
     }
+
+
+def _scaling_rows():
+    """A scaling run's rows for one format pair at one context: 8, 32 and 128 CTAs and the SM clocks sampled
+    at the fewest and the most."""
+    v = "polar+polar mma default, 1 split"
+    row = dict(fmts="polar/polar", T=32768, variant=v)
+    return [
+        {**row, "ctas": 8, "us": 170.0, "ns_per_key": 170e3 / 32768, "bytes": 100},
+        {**row, "ctas": 32, "us": 160.0, "ns_per_key": 160e3 / 32768, "bytes": 400},
+        {**row, "ctas": 128, "us": 200.0, "ns_per_key": 200e3 / 32768, "bytes": 1_600_000_000},
+        {"T": 32768, "variant": f"{v}, 8 CTAs clocks", "sm_mhz_med": 2000.0},
+        {"T": 32768, "variant": f"{v}, 128 CTAs clocks", "sm_mhz_med": 1600.0},
+        {"fmts": "polar/f16", "T": 8192, "variant": "x", "ctas": 8, "us": 1.0, "ns_per_key": 1.0, "bytes": 1},
+    ]
+
+
+def test_scaling_projection_loop_or_memory_bound():
+    # a GPU with 16 TB/s: the full load's 1.6 GB take 100 us, less than the loop's 160 us (200 at 1600 MHz)
+    (r,) = bench_gpu.scaling_projection(
+        _scaling_rows(), 16e12, 480.0, 3.0, wavefronts_per_key=8.0, context=32768, fmts_pairs=["polar/polar"]
+    )
+    assert r["alone_ctas"] == 32 and r["loop_us"] == 160.0  # the fastest below the most CTAs
+    assert r["loop_us_full_load_clock"] == pytest.approx(200.0)
+    assert r["memory_us"] == pytest.approx(100.0)
+    assert r["projected_us"] == pytest.approx([160.0, 200.0]) and r["bound"] == "loop"
+    assert r["ratio_to_sdpa"] == pytest.approx([3.0, 2.4])
+    assert r["loop_speedup_needed"] == pytest.approx([1.0, 1.25])  # 200 us -> 160 us for 3.0x
+    assert r["cycles_per_key"] == pytest.approx(160e3 / 32768 * 2.0)
+    assert r["pct_smem_rate"] == pytest.approx(100 * 8.0 / r["cycles_per_key"])
+    # 4 TB/s: the bytes alone take 400 us, so 3.0x (160 us) is out of any loop's reach
+    (m,) = bench_gpu.scaling_projection(
+        _scaling_rows(), 4e12, 480.0, context=32768, fmts_pairs=["polar/polar"]
+    )
+    assert m["bound"] == "memory" and m["projected_us"] == pytest.approx([400.0, 400.0])
+    assert m["loop_speedup_needed"] is None and "pct_smem_rate" not in m
+
+
+def test_scaling_projection_says_what_is_missing():
+    rows = _scaling_rows()
+    with pytest.raises(ValueError, match="expected positive copy_Bps"):
+        bench_gpu.scaling_projection(rows, 0, 480.0)
+    with pytest.raises(ValueError, match=r"expected timed rows for \['polar3/polar3'\] at any context"):
+        bench_gpu.scaling_projection(rows, 4e12, 480.0, fmts_pairs=["polar3/polar3"])
+    with pytest.raises(ValueError, match="polar/f16 @ 8192: expected rows at 2 or more CTA counts"):
+        bench_gpu.scaling_projection(rows, 4e12, 480.0, context=8192)
+    no_clock = [r for r in rows if r.get("sm_mhz_med") != 1600.0]
+    with pytest.raises(ValueError, match="expected SM clock rows at 8 and 128 CTAs"):
+        bench_gpu.scaling_projection(no_clock, 4e12, 480.0, context=32768, fmts_pairs=["polar/polar"])
+
+
+def test_project_command_without_a_gpu(tmp_path, capsys):
+    src = tmp_path / "scaling.json"
+    src.write_text(
+        bench_gpu.json.dumps({"device": {"name": "X"}, "copy_rate_Bps": 3e12, "scaling": _scaling_rows()})
+    )
+    out = tmp_path / "p.json"
+    argv = ["project", "--from", str(src), "--context", "32768", "--copy-gbps", "16000", "--sdpa-us", "480"]
+    assert bench_gpu.main([*argv, "--fmts", "polar/polar", "--json", str(out)]) == 0
+    assert "2.40-3.00x SDPA (loop-bound); 3.00x needs the loop 0.0-25.0 % faster" in capsys.readouterr().out
+    assert bench_gpu.json.loads(out.read_text())["project"][0]["bound"] == "loop"
+    with pytest.raises(SystemExit, match=r"expected --from a JSON of `bench_gpu\.py scaling --json`"):
+        bench_gpu.main(["project", "--from", str(tmp_path / "none.json"), *argv[3:]])
+    with pytest.raises(SystemExit):  # --context missing: argparse's error
+        bench_gpu.main(["project", "--from", str(src), "--copy-gbps", "1", "--sdpa-us", "1"])
