@@ -1,18 +1,22 @@
 """Where a CPU decode step spends its time, by KV-cache type: llama-bench tg under `perf record`.
 
     python scripts/profile_decode_cpu.py [--model smollm2] [--pairs f16/f16 q4_0/q4_0 polar/polar]
-        [--n 256] [--reps 2] [--threads 2] [--out docs/bench/profile-decode-<model>.json]
+        [--n 256] [--reps 2] [--threads 2] [--depth D] [--out docs/bench/profile-decode-<model>.json]
 
-Each K/V pair runs `llama-bench -fa 1 -p 0 -n N` under `perf record` (cpu-clock samples of every
-thread, no call graphs): decode from an empty cache, where the cache's own work (its write above
-all) weighs most against the model's. No depth option: llama-bench decodes a depth's prompt in each
-rep, and its samples would count as the decode's. The samples of each symbol are summed into the
-groups below (GROUPS: first matching pattern wins); a group's CPU microseconds a token are its share
-of the samples times the samples' CPU time over the tokens the run generated (N a rep and
-llama-bench's one warm-up token; model loading is in the samples too: on SmolLM2 the groups sum to
-within 2 % of threads / (tokens/s)). The tokens/s are llama-bench's own, measured under perf. Needs
-Linux `perf` (linux-tools): without it the script stops and says so. One run of each pair: a
-profile, not an A/B (cpu_build_ab.py is that).
+Each K/V pair runs `llama-bench -fa 1 -p 0 -n N [-d D]` under `perf record` (cpu-clock samples of
+every thread, no call graphs). The samples of each symbol are summed into the groups below (GROUPS:
+first matching pattern wins); a group's CPU microseconds a token are its share of the samples times
+the samples' CPU time over the tokens they cover.
+- Depth 0 (the default): decode from an empty cache, where the cache's own work (its write above all)
+  weighs most against the model's. Every sample counts, over the tokens the run generated (N a rep and
+  llama-bench's one warm-up token); model loading is in the samples too: on SmolLM2 the groups sum to
+  within 2 % of threads / (tokens/s).
+- --depth D: llama-bench decodes a D-token prompt before each rep's N tokens, so only a time window of
+  the last rep's decode counts (decode_window): it ends at the last sample of the model's matmuls (the
+  last token's) and spans WINDOW_SHARE of N tokens at llama-bench's tokens/s, so that no sample of the
+  prompt, which a faster last rep would bring into a full-length window, is in it.
+The tokens/s are llama-bench's own, measured under perf. Needs Linux `perf` (linux-tools): without it
+the script stops and says so. One run of each pair: a profile, not an A/B (cpu_build_ab.py is that).
 """
 
 from __future__ import annotations
@@ -78,11 +82,45 @@ def parse_report(text: str) -> tuple[list[tuple[float, str, str]], float]:
     return rows, int(m.group(1)) / 1e6
 
 
+WINDOW_SHARE = 0.8  # --depth: the share of the last rep's N tokens whose decode time the window spans
+
+
+def parse_samples(text: str) -> list[tuple[float, int, str, str]]:
+    """(time s, period ns, dso file name, symbol) of each line of `perf script -F time,period,ip,sym,dso`;
+    an unresolved symbol ("[unknown]") becomes its address, as perf report shows it (group_of goes by
+    the library then)."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+\.\d+):\s+(\d+)\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)\s*$", line)
+        if m:
+            sym = m.group(4)
+            if sym == "[unknown]":
+                sym = "0x" + m.group(3)
+            out.append((float(m.group(1)), int(m.group(2)), Path(m.group(5)).name, sym))
+    if not out:
+        raise ValueError(f"expected perf script's 'time: period ip symbol (dso)' lines, got {text[:300]!r}")
+    return out
+
+
+def decode_window(samples: list[tuple[float, int, str, str]], n: int, tps: float) -> tuple[float, float]:
+    """The last rep's decode as a time window (seconds): it ends at the last sample of the model's
+    matmuls (the last token's step) and spans WINDOW_SHARE * n tokens at tps."""
+    if n < 1 or tps <= 0:
+        raise ValueError(f"decode_window: expected positive n and tps, got {n} and {tps}")
+    ends = [t for t, _, dso, sym in samples if group_of(dso, sym) == "weights matmul"]
+    if not ends:
+        raise ValueError("decode_window: expected samples of the model's matmuls, got none")
+    t1 = max(ends)
+    return t1 - WINDOW_SHARE * n / tps, t1
+
+
 def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
     binp = str(paths.bin_path("llama-bench"))
     model = str(paths.data_file(MODELS[args.model]))
     cmd = [binp, "-m", model, "-fa", "1", "-ctk", k, "-ctv", v, "-p", "0", "-n", str(args.n)]
     cmd += ["-r", str(args.reps), "-t", str(args.threads), "-o", "json"]
+    if args.depth:
+        cmd += ["-d", str(args.depth)]
     data = workdir / f"{k}-{v}.perf"
     p = subprocess.run(
         ["perf", "record", "-q", "-F", "2000", "-o", str(data), "--", *cmd],
@@ -94,20 +132,50 @@ def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
         raise RuntimeError(f"perf record of {k}/{v} failed (exit {p.returncode}): {p.stderr[-800:]}")
     rows = llama_bench.results(p.stdout)
     tg = next(r for r in rows if r["test"].startswith("tg"))
-    report = subprocess.run(
-        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "-g", "none", "--stdio"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    symbols, cpu_ms = parse_report(report)
     groups: dict[str, float] = {}
-    for pct, dso, sym in symbols:
-        g = group_of(dso, sym)
-        groups[g] = groups.get(g, 0.0) + pct
-    tokens = args.n * args.reps + 1  # each rep's N and the warm-up's one
+    window = None
+    if args.depth:  # the last rep's decode: a window of the samples, by their times
+        script = subprocess.run(
+            ["perf", "script", "-i", str(data), "-F", "time,period,ip,sym,dso"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        samples = parse_samples(script)
+        t0, t1 = decode_window(samples, args.n, tg["tps"])
+        inside = [(p, dso, sym) for t, p, dso, sym in samples if t0 <= t <= t1]
+        cpu_ms = sum(p for p, _, _ in inside) / 1e6
+        for p, dso, sym in inside:
+            g = group_of(dso, sym)
+            groups[g] = groups.get(g, 0.0) + 100 * p / 1e6 / cpu_ms
+        tokens = WINDOW_SHARE * args.n
+        window = {"seconds": round(t1 - t0, 3), "tokens": tokens, "samples": len(inside)}
+    else:
+        report = subprocess.run(
+            [
+                "perf",
+                "report",
+                "-i",
+                str(data),
+                "--no-children",
+                "--sort",
+                "dso,symbol",
+                "-g",
+                "none",
+                "--stdio",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        symbols, cpu_ms = parse_report(report)
+        for pct, dso, sym in symbols:
+            g = group_of(dso, sym)
+            groups[g] = groups.get(g, 0.0) + pct
+        tokens = args.n * args.reps + 1  # each rep's N and the warm-up's one
     us_tok = {g: round(pct / 100 * cpu_ms * 1e3 / tokens, 1) for g, pct in groups.items()}
     return {
+        **({"window": window} if window else {}),
         "k": k,
         "v": v,
         "tg_tps": tg["tps"],
@@ -137,8 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=256, help="tokens generated a rep (default 256)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help="decode after a prompt of this many tokens (a window of the last rep)",
+    )
     ap.add_argument("--out", type=Path, help="JSON of every row, the machine and the build")
     args = ap.parse_args(argv)
+    if args.depth < 0 or args.n < 1 or args.reps < 1:
+        ap.error(
+            f"expected --depth >= 0, --n >= 1 and --reps >= 1, got {args.depth}, {args.n} and {args.reps}"
+        )
     pairs = []
     for s in args.pairs:
         if s.count("/") != 1 or not all(s.split("/")):
@@ -161,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": llama_bench.command_line("profile_decode_cpu.py", argv),
         "model": MODELS[args.model],
         "n": args.n,
+        "depth": args.depth,
         "reps": args.reps,
         "threads": args.threads,
         "rows": rows,

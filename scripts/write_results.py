@@ -276,9 +276,16 @@ def multiseq_table() -> list[str]:
 
 def profile_table(d: dict) -> list[str]:
     """profile_decode_cpu.py's run: each group's share of a decode's CPU samples, by cache type."""
+    depth = d.get("depth", 0)
+    where = "from an empty cache"
+    if depth:
+        tokens = d["rows"][0]["window"]["tokens"]
+        where = (
+            f"at depth {depth} (a time window of the last rep's decode, the samples of {tokens:.0f} tokens)"
+        )
     return [
-        f"### Where a decode step's CPU time goes: {d['model']}, llama-bench -fa 1 tg{d['n']} from an empty "
-        f"cache, {d['threads']} threads, under perf, {d['machine'].split(',')[0]}",
+        f"### Where a decode step's CPU time goes: {d['model']}, llama-bench -fa 1 tg{d['n']} {where}, "
+        f"{d['threads']} threads, under perf, {d['machine'].split(',')[0]}",
         "",
         _src(d),
         "",
@@ -730,6 +737,8 @@ def render() -> str:
             d = _load(kind, model)
             if d:
                 lines += fn(d)
+        for p in sorted(BENCH.glob(f"profile-decode-{model}-d*.json")):  # profile_decode_cpu.py --depth
+            lines += profile_table(json.loads(p.read_text()))
     lines += cpu_ab_tables()
     lines += cpu_extras_section()
     lines += layer_policy_table()

@@ -147,3 +147,40 @@ def test_cpu_profile_table_and_results_section():
     res.update(command="python3 scripts/profile_decode_cpu.py", date="2026-12-07", seconds=54)
     text = "\n".join(write_results.profile_table(res))
     assert "tg256 from an empty cache, 2 threads, under perf, AMD EPYC (AVX2)" in text and table[2] in text
+    row["window"] = {"seconds": 1.5, "tokens": 102.4, "samples": 6000}
+    text = "\n".join(write_results.profile_table({**res, "depth": 4096}))
+    assert (
+        "tg256 at depth 4096 (a time window of the last rep's decode, the samples of 102 tokens), 2 threads"
+        in text
+    )
+
+
+# perf script -F time,period,ip,sym,dso: a prompt's matmuls, the decode's steps, the exit's tail
+PERF_SCRIPT = """   100.000100:     500000      7f00000000a1 ggml_gemm_q4_0_8x8_q8_0 (/b/libggml-cpu.so)
+   100.500000:     500000      7f00000000a2 ggml_vec_dot_q4_1_q8_1 (/b/libggml-cpu.so)
+   101.000000:     500000      7f00000000a3 ggml_vec_dot_polar_f32 (/b/libggml-cpu.so)
+   101.200000:     500000      7f00000000a4 [unknown] (/usr/lib/libgomp.so.1.0.0)
+   101.400000:    1000000      7f00000000a5 ggml_vec_dot_q4_1_q8_1 (/b/libggml-cpu.so)
+   101.450000:     500000  ffffffff81621188 do_exit ([kernel.kallsyms])
+not a sample line
+"""
+
+
+def test_cpu_profile_samples_and_the_decode_window():
+    from profile_decode_cpu import WINDOW_SHARE, decode_window, parse_samples
+
+    s = parse_samples(PERF_SCRIPT)
+    assert len(s) == 6
+    assert s[0] == (100.0001, 500000, "libggml-cpu.so", "ggml_gemm_q4_0_8x8_q8_0")
+    assert s[3] == (101.2, 500000, "libgomp.so.1.0.0", "0x7f00000000a4")  # unresolved: its address
+    assert s[5][2:] == ("[kernel.kallsyms]", "do_exit")
+    # the window ends at the last matmul sample (101.4, not the exit's 101.45) and spans
+    # WINDOW_SHARE of 10 tokens at 10 tokens/s
+    t0, t1 = decode_window(s, 10, 10.0)
+    assert t1 == 101.4 and t0 == pytest.approx(101.4 - WINDOW_SHARE * 1.0)
+    with pytest.raises(ValueError, match="expected samples of the model's matmuls"):
+        decode_window([x for x in s if "q4_1" not in x[3] and "gemm" not in x[3]], 10, 10.0)
+    with pytest.raises(ValueError, match="expected positive n and tps"):
+        decode_window(s, 10, 0.0)
+    with pytest.raises(ValueError, match="expected perf script's"):
+        parse_samples("nothing here\n")
