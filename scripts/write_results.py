@@ -292,6 +292,15 @@ def profile_table(d: dict) -> list[str]:
         "Each cell: the group's share of the samples (CPU microseconds a token). One run of each, on a VM",
         "whose speed moves by several per cent from run to run: the cache's own groups (its write and reads)",
         "are the measurement, the tokens/s are not an A/B.",
+        *(
+            [
+                "The groups go by function name. With a polar or polar3 K the decode step (patch 0042) turns",
+                "K rows into floats with V's function (`dequantize_row_polar`), so its K read shows as 0 and",
+                "its V read holds both; its scores and V sums (inlined: 0044-0045) count as attention.",
+            ]
+            if depth
+            else []
+        ),
         "",
         profile_rows(d),
         "",
