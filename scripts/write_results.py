@@ -658,9 +658,11 @@ def _gpu_tg_line(label: str, gpu: str, depth: int, source: str, a: float, b: flo
     )
 
 
-# bench_llama_gpu.py's tables on an H100, newest first, listed before the H200's: session 34 (the series
-# 0001-0042), session 31 (the series 0001-0040 with session 30's encoder header), session 26 (0001-0039)
+# bench_llama_gpu.py's tables on an H100, newest first, listed before the H200's: session 42 (the series
+# 0001-0045), session 34 (0001-0042), session 31 (the series 0001-0040 with session 30's encoder header),
+# session 26 (0001-0039)
 H100_TABLES = (
+    "docs/gpu/h100-llama/session42/bench-tables",
     "docs/gpu/h100-llama/session34/bench-tables",
     "docs/gpu/h100-llama/session31/bench-tables",
     "docs/gpu/h100-llama/session26/bench-tables",
