@@ -114,6 +114,22 @@ def decode_window(samples: list[tuple[float, int, str, str]], n: int, tps: float
     return t1 - WINDOW_SHARE * n / tps, t1
 
 
+def window_groups(
+    samples: list[tuple[float, int, str, str]], t0: float, t1: float
+) -> tuple[dict[str, float], float, int]:
+    """Each group's percent of the CPU time of the samples in [t0, t1], that CPU time in ms (the samples'
+    periods), and how many samples it holds."""
+    inside = [(period, dso, sym) for t, period, dso, sym in samples if t0 <= t <= t1]
+    cpu_ns = sum(period for period, _, _ in inside)
+    if not cpu_ns:
+        raise ValueError(f"window_groups: expected samples between {t0:.3f} and {t1:.3f} s, got none")
+    groups: dict[str, float] = {}
+    for period, dso, sym in inside:
+        g = group_of(dso, sym)
+        groups[g] = groups.get(g, 0.0) + 100 * period / cpu_ns
+    return groups, cpu_ns / 1e6, len(inside)
+
+
 def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
     binp = str(paths.bin_path("llama-bench"))
     model = str(paths.data_file(MODELS[args.model]))
@@ -132,7 +148,6 @@ def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
         raise RuntimeError(f"perf record of {k}/{v} failed (exit {p.returncode}): {p.stderr[-800:]}")
     rows = llama_bench.results(p.stdout)
     tg = next(r for r in rows if r["test"].startswith("tg"))
-    groups: dict[str, float] = {}
     window = None
     if args.depth:  # the last rep's decode: a window of the samples, by their times
         script = subprocess.run(
@@ -143,32 +158,29 @@ def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
         ).stdout
         samples = parse_samples(script)
         t0, t1 = decode_window(samples, args.n, tg["tps"])
-        inside = [(p, dso, sym) for t, p, dso, sym in samples if t0 <= t <= t1]
-        cpu_ms = sum(p for p, _, _ in inside) / 1e6
-        for p, dso, sym in inside:
-            g = group_of(dso, sym)
-            groups[g] = groups.get(g, 0.0) + 100 * p / 1e6 / cpu_ms
+        groups, cpu_ms, inside = window_groups(samples, t0, t1)
         tokens = WINDOW_SHARE * args.n
-        window = {"seconds": round(t1 - t0, 3), "tokens": tokens, "samples": len(inside)}
+        window = {"seconds": round(t1 - t0, 3), "tokens": tokens, "samples": inside}
     else:
+        report_cmd = [
+            "perf",
+            "report",
+            "-i",
+            str(data),
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "-g",
+            "none",
+        ]
         report = subprocess.run(
-            [
-                "perf",
-                "report",
-                "-i",
-                str(data),
-                "--no-children",
-                "--sort",
-                "dso,symbol",
-                "-g",
-                "none",
-                "--stdio",
-            ],
+            [*report_cmd, "--stdio"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
         symbols, cpu_ms = parse_report(report)
+        groups: dict[str, float] = {}
         for pct, dso, sym in symbols:
             g = group_of(dso, sym)
             groups[g] = groups.get(g, 0.0) + pct

@@ -184,3 +184,15 @@ def test_cpu_profile_samples_and_the_decode_window():
         decode_window(s, 10, 0.0)
     with pytest.raises(ValueError, match="expected perf script's"):
         parse_samples("nothing here\n")
+
+
+def test_cpu_profile_window_groups_by_period():
+    from profile_decode_cpu import parse_samples, window_groups
+
+    s = parse_samples(PERF_SCRIPT)
+    # 101.0-101.4: a K read (0.5 ms), the thread pool (0.5 ms, by its library), a matmul (1.0 ms)
+    groups, cpu_ms, n = window_groups(s, 101.0, 101.4)
+    assert n == 3 and cpu_ms == pytest.approx(2.0)
+    assert groups == pytest.approx({"K read": 25.0, "thread wait": 25.0, "weights matmul": 50.0})
+    with pytest.raises(ValueError, match=r"expected samples between 50\.000 and 60\.000 s"):
+        window_groups(s, 50.0, 60.0)
