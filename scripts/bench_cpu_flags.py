@@ -28,7 +28,7 @@ import llama_bench
 from kvpolar import paths
 from kvpolar.atomic import atomic_write_text
 from kvsetup import llama as setup_llama
-from kvsetup.cpu import cpu_model, cpuinfo_field
+from kvsetup.cpu import cpuinfo_field, machine_label
 from kvsetup.pins import CMAKE_FLAGS
 from kvsetup.util import signal_name
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python scripts/bench_cpu_flags.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "machine": machine_label(),  # the ISA the set-up builds with, as every result file names it
         "cpu_flags": cpu_flags_of_interest(),
         "probed_cmake_flags": info.get("cmake_flags"),
         "native_cmake_flags": list(native_flags),
