@@ -972,6 +972,12 @@ def scaling_row(B: int, Hkv: int, T: int, us: float, nbytes: int, copy_rate: flo
     }
 
 
+def scaling_clock_variant(variant: str, ctas: int) -> str:
+    """The variant name under which scaling samples a timed row's SM clocks (`clocks` adds " clocks"):
+    cmd_scaling writes it, scaling_projection looks it up."""
+    return f"{variant}, {ctas} CTAs"
+
+
 def scaling_headroom(rows: list[dict]) -> dict[str, float]:
     """For each format pair and context ("polar/polar @ 65536"): the ns a key with the most CTAs over the ns
     with the fewest, the factor by which a CTA's loop slows when all of them share the memory. 1.0: the
@@ -1035,7 +1041,7 @@ def cmd_scaling(args, timer) -> list[dict]:
                     flush=True,
                 )
                 if B in (min(args.batches), max(args.batches)):
-                    clocks(rows, sh, f"{kfmt}+{vfmt} mma default, 1 split, {B * sh.Hkv} CTAs", fn)
+                    clocks(rows, sh, scaling_clock_variant(row["variant"], row["ctas"]), fn)
                 del kc, vc, fn
                 torch.cuda.empty_cache()
     for fmts, h in scaling_headroom([r for r in rows if "ns_per_key" in r]).items():
@@ -1060,9 +1066,8 @@ def scaling_projection(
     the full load held (it may drop under load). Their larger one gives the projected ratio to SDPA (a
     range over the two clocks), and the loop's speed-up that target_ratio needs. Only the rows at context
     and of fmts_pairs (K/V names) where given: sdpa_us and wavefronts_per_key are one shape's and one
-    kernel's. With wavefronts_per_key
-    (shared-memory wavefronts a key of the loop's SASS, sass_order.py): the loop's SM cycles a key and the
-    share of the shared-memory pipe's rate it runs at."""
+    kernel's. With wavefronts_per_key (shared-memory wavefronts a key of the loop's SASS, sass_order.py):
+    the loop's SM cycles a key and the share of the shared-memory pipe's rate it runs at."""
     if copy_Bps <= 0 or sdpa_us <= 0 or target_ratio <= 0:
         raise ValueError(
             "scaling_projection: expected positive copy_Bps, sdpa_us, target_ratio, "
@@ -1090,8 +1095,8 @@ def scaling_projection(
             )
         full = mine[-1]
         alone = min(mine[:-1], key=lambda r: r["us"])
-        light = clock.get((T, f"{mine[0]['variant']}, {mine[0]['ctas']} CTAs"))
-        loaded = clock.get((T, f"{full['variant']}, {full['ctas']} CTAs"))
+        light = clock.get((T, scaling_clock_variant(mine[0]["variant"], mine[0]["ctas"])))
+        loaded = clock.get((T, scaling_clock_variant(full["variant"], full["ctas"])))
         if not light or not loaded:
             raise ValueError(
                 f"scaling_projection: {fmts} @ {T}: expected SM clock rows at {mine[0]['ctas']} and "
@@ -1133,7 +1138,7 @@ def scaling_projection(
 
 
 def cmd_project(args) -> list[dict]:
-    """bench_gpu.py project --from SCALING.json --copy-GBps G --sdpa-us U: scaling_projection of a scaling
+    """bench_gpu.py project --from SCALING.json --copy-gbps G --sdpa-us U: scaling_projection of a scaling
     run's rows, printed (no GPU needed)."""
     try:
         data = json.loads(Path(args.from_json).read_text())
@@ -1156,13 +1161,9 @@ def cmd_project(args) -> list[dict]:
         )
     except ValueError as e:
         raise SystemExit(f"bench_gpu project: {e}") from None
-    dev = (
-        data.get("device", {}).get("name", "?")
-        if isinstance(data.get("device"), dict)
-        else data.get("device")
-    )
+    dev, there = data.get("device", {}).get("name", "?"), data.get("copy_rate_Bps", 0) / 1e9
     print(
-        f"from {args.from_json} ({dev}, copy {data.get('copy_rate_Bps', 0) / 1e9:.0f} GB/s there) to a GPU "
+        f"from {args.from_json} ({dev}, copy {there:.0f} GB/s there) to a GPU "
         f"with copy {args.copy_gbps:.0f} GB/s and fp16 SDPA {args.sdpa_us:.1f} us:"
     )
     for r in out:
@@ -1635,7 +1636,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--wavefronts-per-key",
         type=float,
-        help="project: the loop's shared-memory wavefronts a key (sass_order.py --loops --per 64, over 64)",
+        help="project: the loop's shared-memory wavefronts a key (sass_order.py --loops --per 64)",
     )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ the script stops and says so. One run of each pair: a profile, not an A/B (cpu_b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -60,6 +61,7 @@ COLUMNS = ("cache write", "K read", "V read", "attention, rest", "weights matmul
 assert {g for g, _ in GROUPS} | {"other"} == set(COLUMNS)
 
 
+@functools.cache  # (a --depth run asks for every sample, twice: its symbols repeat)
 def group_of(dso: str, symbol: str) -> str:
     key = symbol if not symbol.startswith("0x") else dso  # unresolved addresses: by their library
     for name, pat in GROUPS:
@@ -197,6 +199,15 @@ def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
         "cpu_ms_sampled": round(cpu_ms, 1),
         "command": " ".join(cmd),
     }
+
+
+CACHE_GROUPS = ("cache write", "K read", "V read")  # the cache's own work
+
+
+def cpu_totals(row: dict) -> tuple[float, float]:
+    """A row's CPU microseconds a token: the cache's own groups (CACHE_GROUPS) and all groups."""
+    us = row["cpu_us_per_token"]
+    return sum(us.get(g, 0.0) for g in CACHE_GROUPS), sum(us.values())
 
 
 def render(res: dict) -> str:

@@ -20,6 +20,7 @@ from ab_llama_gpu import device_of, env_key, mean_ci95, per_run_ratios, pool, su
 from kvpolar.atomic import atomic_write_text
 from layer_policy import LAYER_POLICY_PATCH, speed_means
 from llama_bench import build_label, llama_patch_numbers
+from profile_decode_cpu import cpu_totals
 from profile_decode_cpu import render as profile_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,6 +304,13 @@ def profile_table(d: dict) -> list[str]:
         ),
         "",
         profile_rows(d),
+        "",
+        "CPU milliseconds a token, the cache's own (write, K read, V read) and all groups: "
+        + "; ".join(
+            "{} / {}: {:.1f} of {:.1f}".format(r["k"], r["v"], *(x / 1e3 for x in cpu_totals(r)))
+            for r in d["rows"]
+        )
+        + ".",
         "",
     ]
 

@@ -196,3 +196,17 @@ def test_cpu_profile_window_groups_by_period():
     assert groups == pytest.approx({"K read": 25.0, "thread wait": 25.0, "weights matmul": 50.0})
     with pytest.raises(ValueError, match=r"expected samples between 50\.000 and 60\.000 s"):
         window_groups(s, 50.0, 60.0)
+
+
+def test_cpu_profile_totals_in_the_results_section():
+    """cpu_totals: the cache's own groups and every group, CPU us a token; write_results prints them in ms."""
+    import write_results
+    from profile_decode_cpu import cpu_totals
+
+    row = {"k": "polar", "v": "polar", "tg_tps": 44.5, "percent": {"V read": 16.8, "weights matmul": 27.3}}
+    row["cpu_us_per_token"] = {"cache write": 669.0, "V read": 7534.0, "attention, rest": 17222.0}
+    assert cpu_totals(row) == pytest.approx((8203.0, 25425.0))
+    res = {"rows": [row], "model": "m.gguf", "n": 128, "threads": 2, "machine": "AMD EPYC (AVX2), 2 cores"}
+    res.update(command="c", date="d", seconds=1)
+    text = "\n".join(write_results.profile_table(res))
+    assert "the cache's own (write, K read, V read) and all groups: polar / polar: 8.2 of 25.4." in text
