@@ -307,6 +307,7 @@ MMA_NEW_OPTION_SETS = {
     "pdw+sml2+vun": dict(pdw=True, smlean=2, vunroll=True),
     "sml1+vun+ptrs": dict(smlean=1, vunroll=True, ptrs=True),
     "pdw+sml1+vun+ptrs": dict(pdw=True, smlean=1, vunroll=True, ptrs=True),
+    "krot": dict(krot=True),  # session 43: polar K rows in aligned words (no effect with polar3 K)
 }
 MMA_NEW_SHAPES = (
     dict(nwarps=8, wtile=32, stages=1, kvsplit=True, smlean=1, vunroll=True),
@@ -364,6 +365,7 @@ def mma_label(cfg) -> str:
         + ("+vun" if cfg.vunroll else "")
         + ("+ptrs" if cfg.ptrs else "")
         + ("+qst" if cfg.qstage else "")
+        + ("+krot" if cfg.krot else "")
         + (f"+c{cfg.ctas}" if cfg.ctas else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
@@ -972,6 +974,19 @@ def scaling_row(B: int, Hkv: int, T: int, us: float, nbytes: int, copy_rate: flo
     }
 
 
+# scaling --config-sets: AttnConfig fields set on each format's default config (an A/B of one option on
+# the same data; "krot": KROT, polar K rows in aligned words, session 43)
+SCALING_CONFIG_SETS = {"default": {}, "krot": dict(krot=True)}
+
+
+def scaling_fmts(kfmt: str, vfmt: str, cset: str) -> str:
+    """scaling's format key of a row: "K/V" for the default config (what `project --fmts` selects), "K/V+SET"
+    for another of SCALING_CONFIG_SETS (its own headroom; `project --config-sets SET` projects it)."""
+    if cset not in SCALING_CONFIG_SETS:
+        raise ValueError(f"scaling: expected a config set of {sorted(SCALING_CONFIG_SETS)}, got {cset!r}")
+    return f"{kfmt}/{vfmt}" + ("" if cset == "default" else f"+{cset}")
+
+
 def scaling_clock_variant(variant: str, ctas: int) -> str:
     """The variant name under which scaling samples a timed row's SM clocks (`clocks` adds " clocks"):
     cmd_scaling writes it, scaling_projection looks it up."""
@@ -999,51 +1014,53 @@ def cmd_scaling(args, timer) -> list[dict]:
     --contexts, 32/8 heads, D=128, fp16 q. With few CTAs the memory is far from busy and a CTA's ns a key
     is its loop's own speed; with 128 it is what the shared memory leaves. Their ratio (scaling_headroom)
     is how much faster the loop could go on faster memory: what an H100 says about the H200. The SM clock
-    is sampled at the fewest and the most CTAs (a lightly loaded GPU may boost higher)."""
+    is sampled at the fewest and the most CTAs (a lightly loaded GPU may boost higher). --config-sets: each
+    shape also with those changes to the default config (SCALING_CONFIG_SETS), right after it on the same
+    data, as format pair "K/V+SET"."""
     torch = _torch()
     from cupy_kernels import attention
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(6)
-    for T in args.contexts:
-        for kfmt, vfmt in args.fmts:
-            fmts = f"{kfmt}/{vfmt}"
-            cfg = attention.default_config(vfmt)
-            for B in sorted(args.batches):
-                sh = Shape(B, T, 32, 8, 128)
-                q = torch.randn((B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
-                lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
-                kc = rand_blocks(kfmt, B, sh.Hkv, T, sh.D, gen)
-                vc = rand_blocks(vfmt, B, sh.Hkv, T, sh.D, gen)
-                nbytes = cache_bytes(kfmt, B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, B, sh.Hkv, T, sh.D)
-                try:
-                    fn = attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=1)
-                    p = attention.plan(B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, 1)
-                    r = timer(fn)
-                except Exception as e:
-                    failed(args, f"scaling {sh.label} {fmts}", e)
-                    continue
-                row = timed_row(
-                    sh,
-                    f"{kfmt}+{vfmt} mma default, 1 split",
-                    r,
-                    nbytes,
-                    fmts=fmts,
-                    splits=p.splits,
-                    regs=p.regs,
-                    **scaling_row(B, sh.Hkv, T, r["ms"] * 1e3, nbytes, args.copy_rate),
-                )
-                rows.append(row)
-                print(
-                    f"{sh.label:<24} {fmts:<14} {row['ctas']:4d} CTAs  {row['us']:9.1f} us  "
-                    f"{row['ns_per_key']:6.2f} ns a key a CTA  {row['GBps']:7.0f} GB/s  "
-                    f"{row['pct_copy_rate']:4.0f}% of copy",
-                    flush=True,
-                )
-                if B in (min(args.batches), max(args.batches)):
-                    clocks(rows, sh, scaling_clock_variant(row["variant"], row["ctas"]), fn)
-                del kc, vc, fn
-                torch.cuda.empty_cache()
+    for T, (kfmt, vfmt), B in itertools.product(args.contexts, args.fmts, sorted(args.batches)):
+        sh = Shape(B, T, 32, 8, 128)
+        q = torch.randn((B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+        lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+        kc = rand_blocks(kfmt, B, sh.Hkv, T, sh.D, gen)
+        vc = rand_blocks(vfmt, B, sh.Hkv, T, sh.D, gen)
+        nbytes = cache_bytes(kfmt, B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, B, sh.Hkv, T, sh.D)
+        for cset in args.config_sets:  # each set on the same data, one after the other
+            fmts = scaling_fmts(kfmt, vfmt, cset)
+            cfg = dataclasses.replace(attention.default_config(vfmt), **SCALING_CONFIG_SETS[cset])
+            try:
+                fn = attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=1)
+                p = attention.plan(B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, 1)
+                r = timer(fn)
+            except Exception as e:
+                failed(args, f"scaling {sh.label} {fmts}", e)
+                continue
+            row = timed_row(
+                sh,
+                f"{kfmt}+{vfmt} mma {cset}, 1 split",
+                r,
+                nbytes,
+                fmts=fmts,
+                splits=p.splits,
+                regs=p.regs,
+                **scaling_row(B, sh.Hkv, T, r["ms"] * 1e3, nbytes, args.copy_rate),
+            )
+            rows.append(row)
+            print(
+                f"{sh.label:<24} {fmts:<19} {row['ctas']:4d} CTAs  {row['us']:9.1f} us  "
+                f"{row['ns_per_key']:6.2f} ns a key a CTA  {row['GBps']:7.0f} GB/s  "
+                f"{row['pct_copy_rate']:4.0f}% of copy",
+                flush=True,
+            )
+            if B in (min(args.batches), max(args.batches)):
+                clocks(rows, sh, scaling_clock_variant(row["variant"], row["ctas"]), fn)
+            del fn
+        del kc, vc
+        torch.cuda.empty_cache()
     for fmts, h in scaling_headroom([r for r in rows if "ns_per_key" in r]).items():
         rows.append({"variant": f"{fmts} headroom", "headroom": h})
         print(f"headroom {fmts}: a CTA's loop {h:.2f}x faster alone than under the full load", flush=True)
@@ -1148,7 +1165,7 @@ def cmd_project(args) -> list[dict]:
             f"bench_gpu project: expected --from a JSON of `bench_gpu.py scaling --json` (a 'scaling' list), "
             f"got {args.from_json}: {type(e).__name__}: {e}"
         ) from None
-    fmts = [f"{k}/{v}" for k, v in args.fmts]
+    fmts = [scaling_fmts(k, v, c) for k, v in args.fmts for c in args.config_sets]
     try:
         out = scaling_projection(
             rows,
@@ -1628,6 +1645,14 @@ def main(argv=None) -> int:
         action="store_true",
         help="tune-mma: time each call replayed from a CUDA graph (small shapes are host-bound eagerly)",
     )
+    ap.add_argument(
+        "--config-sets",
+        nargs="+",
+        choices=sorted(SCALING_CONFIG_SETS),
+        default=["default"],
+        help="scaling: time each format's default config with these AttnConfig changes (same data); "
+        "project: project those rows",
+    )
     ap.add_argument("--from", dest="from_json", help="project: a `scaling --json` file")
     ap.add_argument("--context", type=int, help="project: the context (keys) --sdpa-us was timed at")
     ap.add_argument("--copy-gbps", type=float, help="project: the other GPU's measured copy rate, GB/s")
@@ -1647,10 +1672,10 @@ def main(argv=None) -> int:
     if args.cmd == "project":  # arithmetic on a scaling run's JSON: no GPU
         if not args.from_json or args.copy_gbps is None or args.sdpa_us is None or args.context is None:
             ap.error("project: expected --from, --context, --copy-gbps and --sdpa-us")
-        if args.wavefronts_per_key is not None and len(args.fmts) != 1:
+        if args.wavefronts_per_key is not None and len(args.fmts) * len(args.config_sets) != 1:
             ap.error(
-                "project: --wavefronts-per-key is one kernel's: expected one --fmts pair, "
-                f"got {len(args.fmts)}"
+                "project: --wavefronts-per-key is one kernel's: expected one --fmts pair and one "
+                f"--config-sets, got {len(args.fmts)} and {len(args.config_sets)}"
             )
         out = {"argv": sys.argv, "project": cmd_project(args)}
         if args.json:

@@ -157,3 +157,42 @@ def test_project_command_without_a_gpu(tmp_path, capsys):
         bench_gpu.main(["project", "--from", str(tmp_path / "none.json"), *argv[3:]])
     with pytest.raises(SystemExit):  # --context missing: argparse's error
         bench_gpu.main(["project", "--from", str(src), "--copy-gbps", "1", "--sdpa-us", "1"])
+
+
+def test_scaling_config_sets_keep_their_own_rows(tmp_path, capsys):
+    """scaling --config-sets: a set's rows carry "K/V+SET", so the default's headroom and projection never mix
+    with the set's; `project --config-sets SET` projects the set's rows."""
+    assert bench_gpu.scaling_fmts("polar", "polar", "default") == "polar/polar"
+    assert bench_gpu.scaling_fmts("polar", "f16", "krot") == "polar/f16+krot"
+    with pytest.raises(ValueError, match=r"expected a config set of \['default', 'krot'\], got 'nope'"):
+        bench_gpu.scaling_fmts("polar", "polar", "nope")
+    base = _scaling_rows()
+    v, vk = "polar+polar mma default, 1 split", "polar+polar mma krot, 1 split"
+    fast = [
+        dict(r, variant=r["variant"].replace(v, vk), fmts="polar/polar+krot")
+        for r in base
+        if v in r["variant"]
+    ]
+    for r in fast:
+        if "ns_per_key" in r:
+            r["ns_per_key"] *= 0.5
+            r["us"] *= 0.5
+    assert set(bench_gpu.scaling_headroom([r for r in base + fast if "ns_per_key" in r])) == {
+        "polar/polar @ 32768",
+        "polar/polar+krot @ 32768",
+    }
+    src = tmp_path / "scaling.json"
+    src.write_text(
+        bench_gpu.json.dumps({"device": {"name": "X"}, "copy_rate_Bps": 3e12, "scaling": base + fast})
+    )
+    argv = ["project", "--from", str(src), "--context", "32768", "--copy-gbps", "16000", "--sdpa-us", "480"]
+    out = tmp_path / "p.json"
+    assert bench_gpu.main([*argv, "--fmts", "polar/polar", "--json", str(out)]) == 0
+    (row,) = bench_gpu.json.loads(out.read_text())["project"]
+    assert bench_gpu.main([*argv, "--fmts", "polar/polar", "--config-sets", "krot", "--json", str(out)]) == 0
+    (krow,) = bench_gpu.json.loads(out.read_text())["project"]
+    assert krow["fmts"] == "polar/polar+krot" and row["fmts"] == "polar/polar"
+    assert krow["loop_us"] == pytest.approx(0.5 * row["loop_us"]) and krow["sm_mhz_light"] == 2000.0
+    with pytest.raises(SystemExit):  # --wavefronts-per-key is one kernel's
+        bench_gpu.main([*argv, "--config-sets", "default", "krot", "--wavefronts-per-key", "7"])
+    capsys.readouterr()
