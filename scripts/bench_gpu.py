@@ -1564,6 +1564,53 @@ def cmd_profile(args, timer) -> list[dict]:
     return rows
 
 
+def cmd_cubins(args, timer) -> list[dict]:
+    """The binaries this machine's CuPy compiles for each --fmts pair's default kernel with each of
+    --config-sets (SCALING_CONFIG_SETS), for `sass_order.py --cubin` on a machine without a GPU: each set's
+    first call (B=16, 32/8 heads, D=128, fp16 q, the first of --contexts) compiles into its own CuPy cache
+    folder --cubin-dir/K_V_SET (CUPY_CACHE_DIR), and the row names the kernel's registers and the
+    compiler's versions. Untimed."""
+    import os
+
+    import cupy
+
+    from cupy_kernels import attention
+
+    if not args.cubin_dir:
+        raise SystemExit("bench_gpu cubins: expected --cubin-dir DIR")
+    torch = _torch()
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    T = args.contexts[0]
+    sh = Shape(16, T, 32, 8, 128)
+    q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
+    lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
+    versions = {
+        "cupy": cupy.__version__,
+        "nvrtc": ".".join(map(str, cupy.cuda.nvrtc.getVersion())),
+        "driver": cupy.cuda.runtime.driverGetVersion(),
+        "runtime": cupy.cuda.runtime.runtimeGetVersion(),
+    }
+    rows = []
+    for kfmt, vfmt in args.fmts:
+        kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
+        vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
+        for cset in args.config_sets:
+            folder = Path(args.cubin_dir) / f"{kfmt}_{vfmt}_{cset}"
+            folder.mkdir(parents=True, exist_ok=True)
+            os.environ["CUPY_CACHE_DIR"] = str(folder)  # (CuPy reads it at each compile)
+            cfg = dataclasses.replace(attention.default_config(vfmt), **SCALING_CONFIG_SETS[cset])
+            attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T)()
+            torch.cuda.synchronize()
+            p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg)
+            files = sorted(f.name for f in folder.iterdir())
+            rows.append({"fmts": scaling_fmts(kfmt, vfmt, cset), "regs": p.regs, "files": files, **versions})
+            print(
+                f"{scaling_fmts(kfmt, vfmt, cset)}: {p.regs} registers, {len(files)} files in {folder}",
+                flush=True,
+            )
+    return rows
+
+
 def fmt_pair(text: str) -> tuple[str, str]:
     """'polar3/polar3' -> ("polar3", "polar3"): a K format of the kernels and a V format or f16."""
     from cupy_kernels import formats
@@ -1594,6 +1641,7 @@ def main(argv=None) -> int:
             "anatomy",
             "scaling",
             "project",
+            "cubins",
             "small",
             "profile",
             "all",
@@ -1653,6 +1701,7 @@ def main(argv=None) -> int:
         help="scaling: time each format's default config with these AttnConfig changes (same data); "
         "project: project those rows",
     )
+    ap.add_argument("--cubin-dir", help="cubins: the folder of the CuPy caches (one a format pair and set)")
     ap.add_argument("--from", dest="from_json", help="project: a `scaling --json` file")
     ap.add_argument("--context", type=int, help="project: the context (keys) --sdpa-us was timed at")
     ap.add_argument("--copy-gbps", type=float, help="project: the other GPU's measured copy rate, GB/s")

@@ -4,6 +4,12 @@
     python3 scripts/sass_order.py TREE FILE.cu --kernel REGEX [--arch 90]
     python3 scripts/sass_order.py --sass FILE.sass --kernel REGEX
     python3 scripts/sass_order.py --cupy-default KFMT VFMT --kernel polar_attn_mma --loops [--per 64]
+    python3 scripts/sass_order.py --cubin FILE.cubin --kernel polar_attn_mma --loops --per 64
+
+--cubin reads a binary the GPU machine itself compiled (`bench_gpu.py cubins`: CuPy's kernel cache, whose
+files are the cubin behind a 32-byte checksum) with cuobjdump: CuPy's compiler there need not schedule or
+allocate registers as the nvcc here does (session 43: the polar K+V default, 128 registers here, took 164
+there).
 
 Compiles FILE.cu of a patched llama.cpp tree (with scripts/ggml_cuda_nvcc.sh: nvcc and cuobjdump on PATH,
 PyPI's nvidia-cuda-nvcc has them) or reads a `cuobjdump -sass` listing, and prints, for every kernel whose
@@ -161,6 +167,33 @@ def cupy_default_sass(
         return _listings(str(Path(tmp) / f"{v.key}.cubin"))
 
 
+def cubin_bytes(data: bytes) -> bytes:
+    """A cubin (ELF) from a file's bytes: the file itself, or an entry of CuPy's kernel cache (an ASCII md5 of
+    the cubin, 32 bytes, then the cubin). Raises ValueError for anything else."""
+    if data[:4] == b"\x7fELF":
+        return data
+    if data[32:36] == b"\x7fELF":
+        return data[32:]
+    raise ValueError(
+        "sass_order: expected a cubin (ELF) or a CuPy kernel-cache entry (32-byte md5, then ELF), "
+        f"got {data[:8]!r}"
+    )
+
+
+def cubin_sass(path: Path) -> str:
+    """cuobjdump's listing (and resource usage) of a cubin or CuPy kernel-cache file."""
+    try:
+        elf = cubin_bytes(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"sass_order --cubin {path}: {e}") from None
+    if not shutil.which("cuobjdump"):
+        raise SystemExit("sass_order: cuobjdump must be on PATH (pip install nvidia-cuda-cuobjdump)")
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = Path(tmp) / "k.cubin"
+        obj.write_bytes(elf)
+        return _listings(str(obj))
+
+
 def _listings(obj: str) -> str:
     """cuobjdump -sass of an object, followed by its -res-usage lines (registers, stack, local memory)."""
     cuobjdump = shutil.which("cuobjdump")
@@ -218,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("tree", nargs="?", type=Path, help="a patched llama.cpp source tree")
     ap.add_argument("file", nargs="?", help="a .cu file under the tree")
     ap.add_argument("--sass", type=Path, help="a cuobjdump -sass listing instead of a compile")
+    ap.add_argument("--cubin", type=Path, help="a cubin, or a CuPy kernel-cache file (bench_gpu.py cubins)")
     ap.add_argument("--kernel", required=True, help="regular expression over the mangled kernel names")
     ap.add_argument("--arch", default="90")
     ap.add_argument("--cupy-default", nargs=2, metavar=("KFMT", "VFMT"), help="the CuPy attention default")
@@ -242,12 +276,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.sass:
         text = args.sass.read_text()
+    elif args.cubin:
+        text = cubin_sass(args.cubin)
     elif args.cupy_default:
         text = cupy_default_sass(*args.cupy_default, args.arch, dict(args.set), args.out_type)
     elif args.tree and args.file:
         text = compile_sass(args.tree, args.file, args.arch)
     else:
-        ap.error("give TREE FILE.cu, or --sass FILE")
+        ap.error("give TREE FILE.cu, --sass FILE, --cubin FILE or --cupy-default KFMT VFMT")
     found = {n: ops for n, ops in kernels(text).items() if re.search(args.kernel, n)}
     if not found:
         print(f"sass_order: no kernel matches {args.kernel!r}", file=sys.stderr)

@@ -118,3 +118,19 @@ def test_config_field():
     for bad in ("ctas", "prec=1", "nope=2", "wtile=x"):
         with pytest.raises(argparse.ArgumentTypeError, match="FIELD=INT with FIELD one of"):
             sass_order.config_field(bad)
+
+
+def test_cubin_bytes_of_a_cupy_cache_entry(tmp_path):
+    """--cubin: a cubin as it is, or CuPy's cache entry (32 bytes of md5 hex, then the cubin); anything else
+    is refused with what was expected and what came, before cuobjdump is looked for."""
+    elf = b"\x7fELF" + bytes(60)
+    assert sass_order.cubin_bytes(elf) == elf
+    assert sass_order.cubin_bytes(b"0123456789abcdef0123456789abcdef" + elf) == elf
+    with pytest.raises(
+        ValueError, match=r"expected a cubin \(ELF\) or a CuPy kernel-cache entry .* got b'PK"
+    ):
+        sass_order.cubin_bytes(b"PK\x03\x04" + bytes(60))
+    bad = tmp_path / "x.cubin"
+    bad.write_bytes(b"not a cubin at all, not even close to one ....")
+    with pytest.raises(SystemExit, match=r"sass_order --cubin .*x\.cubin: sass_order: expected a cubin"):
+        sass_order.main(["--cubin", str(bad), "--kernel", "x"])
