@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from bench_gpu_lib import (
     attn_fn,
     cache_bytes,
     clock_samples,
+    config_set,
     device_info,
     failed,
     graph_fn,
@@ -974,16 +976,10 @@ def scaling_row(B: int, Hkv: int, T: int, us: float, nbytes: int, copy_rate: flo
     }
 
 
-# scaling --config-sets: AttnConfig fields set on each format's default config (an A/B of one option on
-# the same data; "krot": KROT, polar K rows in aligned words, session 43)
-SCALING_CONFIG_SETS = {"default": {}, "krot": dict(krot=True)}
-
-
 def scaling_fmts(kfmt: str, vfmt: str, cset: str) -> str:
     """scaling's format key of a row: "K/V" for the default config (what `project --fmts` selects), "K/V+SET"
-    for another of SCALING_CONFIG_SETS (its own headroom; `project --config-sets SET` projects it)."""
-    if cset not in SCALING_CONFIG_SETS:
-        raise ValueError(f"scaling: expected a config set of {sorted(SCALING_CONFIG_SETS)}, got {cset!r}")
+    for a --config-sets entry SET such as "krot=1" (its own headroom; `project --config-sets SET` projects
+    it)."""
     return f"{kfmt}/{vfmt}" + ("" if cset == "default" else f"+{cset}")
 
 
@@ -1015,8 +1011,8 @@ def cmd_scaling(args, timer) -> list[dict]:
     is its loop's own speed; with 128 it is what the shared memory leaves. Their ratio (scaling_headroom)
     is how much faster the loop could go on faster memory: what an H100 says about the H200. The SM clock
     is sampled at the fewest and the most CTAs (a lightly loaded GPU may boost higher). --config-sets: each
-    shape also with those changes to the default config (SCALING_CONFIG_SETS), right after it on the same
-    data, as format pair "K/V+SET"."""
+    shape with each set of changes to the default config ("default": none; "krot=1"), one after the other on
+    the same data, as format pair "K/V+SET"."""
     torch = _torch()
     from cupy_kernels import attention
 
@@ -1029,9 +1025,9 @@ def cmd_scaling(args, timer) -> list[dict]:
         kc = rand_blocks(kfmt, B, sh.Hkv, T, sh.D, gen)
         vc = rand_blocks(vfmt, B, sh.Hkv, T, sh.D, gen)
         nbytes = cache_bytes(kfmt, B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, B, sh.Hkv, T, sh.D)
-        for cset in args.config_sets:  # each set on the same data, one after the other
+        for cset, changes in args.config_sets:  # each set on the same data, one after the other
             fmts = scaling_fmts(kfmt, vfmt, cset)
-            cfg = dataclasses.replace(attention.default_config(vfmt), **SCALING_CONFIG_SETS[cset])
+            cfg = dataclasses.replace(attention.default_config(vfmt), **changes)
             try:
                 fn = attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=1)
                 p = attention.plan(B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, 1)
@@ -1165,7 +1161,7 @@ def cmd_project(args) -> list[dict]:
             f"bench_gpu project: expected --from a JSON of `bench_gpu.py scaling --json` (a 'scaling' list), "
             f"got {args.from_json}: {type(e).__name__}: {e}"
         ) from None
-    fmts = [scaling_fmts(k, v, c) for k, v in args.fmts for c in args.config_sets]
+    fmts = [scaling_fmts(k, v, c) for k, v in args.fmts for c, _ in args.config_sets]
     try:
         out = scaling_projection(
             rows,
@@ -1566,7 +1562,7 @@ def cmd_profile(args, timer) -> list[dict]:
 
 def cmd_cubins(args, timer) -> list[dict]:
     """The binaries this machine's CuPy compiles for each --fmts pair's default kernel with each of
-    --config-sets (SCALING_CONFIG_SETS), for `sass_order.py --cubin` on a machine without a GPU: each set's
+    --config-sets, for `sass_order.py --cubin` on a machine without a GPU: each set's
     first call (B=16, 32/8 heads, D=128, fp16 q, the first of --contexts) compiles into its own CuPy cache
     folder --cubin-dir/K_V_SET (CUPY_CACHE_DIR), and the row names the kernel's registers and the
     compiler's versions. Untimed."""
@@ -1594,11 +1590,11 @@ def cmd_cubins(args, timer) -> list[dict]:
     for kfmt, vfmt in args.fmts:
         kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
         vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
-        for cset in args.config_sets:
-            folder = Path(args.cubin_dir) / f"{kfmt}_{vfmt}_{cset}"
+        for cset, changes in args.config_sets:
+            folder = Path(args.cubin_dir) / re.sub(r"[^\w.=-]", "_", f"{kfmt}_{vfmt}_{cset}")
             folder.mkdir(parents=True, exist_ok=True)
             os.environ["CUPY_CACHE_DIR"] = str(folder)  # (CuPy reads it at each compile)
-            cfg = dataclasses.replace(attention.default_config(vfmt), **SCALING_CONFIG_SETS[cset])
+            cfg = dataclasses.replace(attention.default_config(vfmt), **changes)
             attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T)()
             torch.cuda.synchronize()
             p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg)
@@ -1696,10 +1692,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--config-sets",
         nargs="+",
-        choices=sorted(SCALING_CONFIG_SETS),
-        default=["default"],
-        help="scaling: time each format's default config with these AttnConfig changes (same data); "
-        "project: project those rows",
+        type=config_set,
+        default=[config_set("default")],
+        metavar="SET",
+        help="scaling, cubins: each format's default config with these AttnConfig changes, 'default' (none) "
+        "or FIELD=INT[,FIELD=INT...] (scaling: on the same data); project: project those rows",
     )
     ap.add_argument("--cubin-dir", help="cubins: the folder of the CuPy caches (one a format pair and set)")
     ap.add_argument("--from", dest="from_json", help="project: a `scaling --json` file")

@@ -5,6 +5,7 @@ CUDA events, warm-ups, median of the repetitions, L2 flushed before every timed 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import statistics
@@ -256,3 +257,24 @@ def clock_samples(fn, seconds: float = 1.0, period_ms: int = 20, device: int = 0
         p.terminate()
         out = p.communicate(timeout=10)[0]
     return dict(parse_clock_samples(out, t0, t1), calls=calls)
+
+
+def config_field(text: str) -> tuple[str, int]:
+    """FIELD=INT (sass_order.py --set, bench_gpu.py --config-sets): an integer or boolean field of
+    cupy_kernels.attention.AttnConfig."""
+    from cupy_kernels import attention
+
+    name, eq, value = text.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(attention.AttnConfig)}
+    if not eq or fields.get(name) not in ("int", "bool") or not value.lstrip("-").isdigit():
+        ints = sorted(n for n, t in fields.items() if t in ("int", "bool"))
+        raise argparse.ArgumentTypeError(f"expected FIELD=INT with FIELD one of {ints}, got {text!r}")
+    return name, bool(int(value)) if fields[name] == "bool" else int(value)
+
+
+def config_set(text: str) -> tuple[str, dict]:
+    """One of bench_gpu.py --config-sets: "default" (the format's default config as it is) or FIELD=INT
+    changes to it, comma-separated ("krot=1", "ctas=2,wtile=32"): (the text, {field: value})."""
+    if text == "default":
+        return text, {}
+    return text, dict(config_field(t) for t in text.split(","))

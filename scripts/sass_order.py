@@ -42,6 +42,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_gpu_lib import config_field
+
 KINDS = ("LDG", "LDS", "HMMA", "MUFU.EX2", "BRA", "BAR")
 _INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
@@ -232,18 +234,6 @@ def compile_sass(tree: Path, file: str, arch: str) -> str:
             print(p.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"sass_order: nvcc failed on {tree / file}")
         return _listings(obj)
-
-
-def config_field(text: str) -> tuple[str, int]:
-    """FIELD=INT of --set: an integer or boolean field of cupy_kernels.attention.AttnConfig."""
-    from cupy_kernels import attention
-
-    name, eq, value = text.partition("=")
-    fields = {f.name: f.type for f in dataclasses.fields(attention.AttnConfig)}
-    if not eq or fields.get(name) not in ("int", "bool") or not value.lstrip("-").isdigit():
-        ints = sorted(n for n, t in fields.items() if t in ("int", "bool"))
-        raise argparse.ArgumentTypeError(f"expected FIELD=INT with FIELD one of {ints}, got {text!r}")
-    return name, bool(int(value)) if fields[name] == "bool" else int(value)
 
 
 def main(argv=None) -> int:
