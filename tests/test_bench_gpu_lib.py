@@ -167,7 +167,7 @@ def test_scaling_config_sets_keep_their_own_rows(tmp_path, capsys):
     assert lib.config_set("default") == ("default", {})
     assert lib.config_set("ctas=2,krot=1") == ("ctas=2,krot=1", {"ctas": 2, "krot": True})
     for bad in ("nope", "krot", "ctas=x", "wtile=32,"):
-        with pytest.raises(lib.argparse.ArgumentTypeError, match="expected FIELD=INT .* got '"):
+        with pytest.raises(lib.argparse.ArgumentTypeError, match=r"expected FIELD=INT .* got '"):
             lib.config_set(bad)
     base = _scaling_rows()
     v, vk = "polar+polar mma default, 1 split", "polar+polar mma krot=1, 1 split"
