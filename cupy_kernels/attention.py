@@ -108,7 +108,6 @@ class AttnConfig:
     ptrs: bool = False  # mma: staging from running per-lane pointers (PTRS)
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
     qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE; on in the defaults)
-    krot: bool = False  # mma: polar K rows read in aligned 32-bit words, q rotated to match (KROT)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
     ctas: int = 0  # mma: CTAs a SM asked of ptxas (MMA_CTAS): 0 = the kernel's rule
 
@@ -279,8 +278,6 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
         )
         if cfg.qstage:  # (only then: the defines of a variant without it, and so its cache key, stay)
             d["QSTAGE"] = 1
-        if cfg.krot:  # (likewise)
-            d["KROT"] = 1
         if cfg.cta_times:  # (only then: the defines of every other variant, and so its cache key, stay)
             d["CTA_TIMES"] = CTA_TIMES_MAX
         if cfg.ctas:  # (likewise)

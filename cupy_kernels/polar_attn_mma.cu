@@ -55,14 +55,6 @@
 //     tile's key, bounds and addresses recomputed from its index.
 //   VUNROLL 1: the V phase's loop over the TW / 8 key steps fully unrolled (instead of by 2): every
 //     staged-row and P offset is a per-lane base plus a constant.
-//   KROT 1 (polar K, an even number of blocks a row): the K phase reads each 68-byte unit of two blocks
-//     (d_j, 32 codes, d_j+1, 32 codes: words 0..16, 4-byte aligned) with 6 aligned 32-bit loads a row
-//     instead of 2 scale loads + 3 + 2 code-word loads and 2 funnel shifts: words 0 (d_j in its low half)
-//     and 8 (d_j+1 in its high half) are loaded whole, lane c takes words 1 + 2c, 2 + 2c of block j (codes
-//     2 + 8c .. 9 + 8c; lane 3 builds its second word from the codes 30, 31, 0, 1 in words 8 and 0) and
-//     words 9 + 2c, 10 + 2c of block j+1. So lane c's codes of block j are pairs (8c + 2 + i) mod 32 and
-//     q's fragments of block j are rotated by 2 pairs to match (an order of the products; the sums
-//     differ from KROT 0's in rounding only).
 //   QSTAGE 1: the CTA's q rows are copied into shared memory (16-byte cp.async, the oldest group, issued
 //     before the tables and the first stages; a row not 16-byte aligned is copied by plain loads), and the
 //     q max and fragments read them there, instead of 2 + 1 dependent rounds of 2-byte global loads issued
@@ -74,10 +66,6 @@
 #ifndef QSTAGE
 #define QSTAGE 0
 #endif
-#ifndef KROT
-#define KROT 0
-#endif
-#define KROT_ON (KROT && KFMT == POLAR_KERNEL_ID && NB % 2 == 0)  // (polar rows of 34 NB bytes: 4-aligned)
 
 #define RBP (RB <= 4 ? 4 : 8)                  // rows padded
 #define QPARTS (PREC ? 2 : 1)
@@ -261,25 +249,6 @@ template <> __device__ __forceinline__ void k_quads<POLAR3_KERNEL_ID>(const u8 *
         w[i] = ((qs[i] >> s4) & 0x0F0F0F0Fu) | (((qh[i] >> s2) & 0x03030303u) << 4);
     }
 }
-
-#if KROT_ON
-// KROT: the unit of polar blocks j, j+1 at byte `off` (4-byte aligned) of a staged row: lane c's code
-// words of block j (pairs (8c + 2 + i) mod 32, i = 0..7, by byte) and of block j+1 (pairs 8c + i), and
-// both scales
-__device__ __forceinline__ void k_unit(const u8 * st, u32 off, int c, u32 (&w0)[2], u32 (&w1)[2], float & d0,
-                                       float & d1) {
-    const u32 s0 = lds_u32(st, off);           // d_j, codes 0, 1 of block j
-    const u32 s8 = lds_u32(st, off + 32);      // codes 30, 31 of block j, d_j+1
-    const u32 a  = lds_u32(st, off + 4 + 8 * c);
-    const u32 b  = lds_u32(st, off + 8 + 8 * c);  // lane 3: word 8 again
-    w0[0]        = a;
-    w0[1]        = c == 3 ? __byte_perm(b, s0, 0x7610u) : b;  // lane 3: codes 30, 31, 0, 1
-    w1[0]        = lds_u32(st, off + 36 + 8 * c);
-    w1[1]        = lds_u32(st, off + 40 + 8 * c);
-    d0           = h2f((u16) (s0 & 0xFFFFu));
-    d1           = h2f((u16) (s8 >> 16));
-}
-#endif
 
 #if PDW
 // n consecutive u32 words at p (n * 4-byte aligned) in vector loads
@@ -762,7 +731,7 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             for (int ks = 0; ks < 4; ++ks) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int p = 32 * j + ((8 * c + 2 * ks + e + (KROT_ON && j % 2 == 0 ? 2 : 0)) & 31);
+                    const int p = 32 * j + 8 * c + 2 * ks + e;
                     u32 v = 0;
                     if (ok) {
                         u32 hi, lo;
@@ -856,28 +825,13 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
                     sc[t][e] = 0.0f;
                 }
             }
-#if KROT_ON
-            u32   kwa[NB][2], kwb[NB][2];
-            float kda[NB], kdb[NB];
-#pragma unroll
-            for (int j = 0; j < NB; j += 2) {
-                k_unit(kst, rowg + j * KTS, c, kwa[j], kwa[j + 1], kda[j], kda[j + 1]);
-                k_unit(kst, rowg8 + j * KTS, c, kwb[j], kwb[j + 1], kdb[j], kdb[j + 1]);
-            }
-#endif
 #pragma unroll
             for (int j = 0; j < NB; ++j) {
-#if KROT_ON
-                const float dg = kda[j], dg8 = kdb[j];
-                const u32(&wa)[2] = kwa[j];
-                const u32(&wb)[2] = kwb[j];
-#else
                 const float dg  = h2f(lds_u16(kst, rowg + j * KTS));
                 const float dg8 = h2f(lds_u16(kst, rowg8 + j * KTS));
                 u32 wa[2], wb[2];
                 k_quads<KFMT>(kst, rowg + j * KTS, c, wa);
                 k_quads<KFMT>(kst, rowg8 + j * KTS, c, wb);
-#endif
                 float C[NQT][4];
 #pragma unroll
                 for (int t = 0; t < NQT; ++t) {

@@ -37,7 +37,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -309,7 +308,6 @@ MMA_NEW_OPTION_SETS = {
     "pdw+sml2+vun": dict(pdw=True, smlean=2, vunroll=True),
     "sml1+vun+ptrs": dict(smlean=1, vunroll=True, ptrs=True),
     "pdw+sml1+vun+ptrs": dict(pdw=True, smlean=1, vunroll=True, ptrs=True),
-    "krot": dict(krot=True),  # session 43: polar K rows in aligned words (no effect with polar3 K)
 }
 MMA_NEW_SHAPES = (
     dict(nwarps=8, wtile=32, stages=1, kvsplit=True, smlean=1, vunroll=True),
@@ -367,7 +365,6 @@ def mma_label(cfg) -> str:
         + ("+vun" if cfg.vunroll else "")
         + ("+ptrs" if cfg.ptrs else "")
         + ("+qst" if cfg.qstage else "")
-        + ("+krot" if cfg.krot else "")
         + (f"+c{cfg.ctas}" if cfg.ctas else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
@@ -978,7 +975,7 @@ def scaling_row(B: int, Hkv: int, T: int, us: float, nbytes: int, copy_rate: flo
 
 def scaling_fmts(kfmt: str, vfmt: str, cset: str) -> str:
     """scaling's format key of a row: "K/V" for the default config (what `project --fmts` selects), "K/V+SET"
-    for a --config-sets entry SET such as "krot=1" (its own headroom; `project --config-sets SET` projects
+    for a --config-sets entry SET such as "ctas=2" (its own headroom; `project --config-sets SET` projects
     it)."""
     return f"{kfmt}/{vfmt}" + ("" if cset == "default" else f"+{cset}")
 
@@ -1011,7 +1008,7 @@ def cmd_scaling(args, timer) -> list[dict]:
     is its loop's own speed; with 128 it is what the shared memory leaves. Their ratio (scaling_headroom)
     is how much faster the loop could go on faster memory: what an H100 says about the H200. The SM clock
     is sampled at the fewest and the most CTAs (a lightly loaded GPU may boost higher). --config-sets: each
-    shape with each set of changes to the default config ("default": none; "krot=1"), one after the other on
+    shape with each set of changes to the default config ("default": none; "ctas=2"), one after the other on
     the same data, as format pair "K/V+SET"."""
     torch = _torch()
     from cupy_kernels import attention
@@ -1560,53 +1557,6 @@ def cmd_profile(args, timer) -> list[dict]:
     return rows
 
 
-def cmd_cubins(args, timer) -> list[dict]:
-    """The binaries this machine's CuPy compiles for each --fmts pair's default kernel with each of
-    --config-sets, for `sass_order.py --cubin` on a machine without a GPU: each set's
-    first call (B=16, 32/8 heads, D=128, fp16 q, the first of --contexts) compiles into its own CuPy cache
-    folder --cubin-dir/K_V_SET (CUPY_CACHE_DIR), and the row names the kernel's registers and the
-    compiler's versions. Untimed."""
-    import os
-
-    import cupy
-
-    from cupy_kernels import attention
-
-    if not args.cubin_dir:
-        raise SystemExit("bench_gpu cubins: expected --cubin-dir DIR")
-    torch = _torch()
-    gen = torch.Generator(device="cuda").manual_seed(4)
-    T = args.contexts[0]
-    sh = Shape(16, T, 32, 8, 128)
-    q = torch.randn((sh.B, sh.Hq, 1, sh.D), generator=gen, device="cuda", dtype=torch.float16)
-    lens = torch.full((sh.B,), T, dtype=torch.int32, device="cuda")
-    versions = {
-        "cupy": cupy.__version__,
-        "nvrtc": ".".join(map(str, cupy.cuda.nvrtc.getVersion())),
-        "driver": cupy.cuda.runtime.driverGetVersion(),
-        "runtime": cupy.cuda.runtime.runtimeGetVersion(),
-    }
-    rows = []
-    for kfmt, vfmt in args.fmts:
-        kc = rand_blocks(kfmt, sh.B, sh.Hkv, T, sh.D, gen)
-        vc = rand_blocks(vfmt, sh.B, sh.Hkv, T, sh.D, gen)
-        for cset, changes in args.config_sets:
-            folder = Path(args.cubin_dir) / re.sub(r"[^\w.=-]", "_", f"{kfmt}_{vfmt}_{cset}")
-            folder.mkdir(parents=True, exist_ok=True)
-            os.environ["CUPY_CACHE_DIR"] = str(folder)  # (CuPy reads it at each compile)
-            cfg = dataclasses.replace(attention.default_config(vfmt), **changes)
-            attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T)()
-            torch.cuda.synchronize()
-            p = attention.plan(sh.B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg)
-            files = sorted(f.name for f in folder.iterdir())
-            rows.append({"fmts": scaling_fmts(kfmt, vfmt, cset), "regs": p.regs, "files": files, **versions})
-            print(
-                f"{scaling_fmts(kfmt, vfmt, cset)}: {p.regs} registers, {len(files)} files in {folder}",
-                flush=True,
-            )
-    return rows
-
-
 def fmt_pair(text: str) -> tuple[str, str]:
     """'polar3/polar3' -> ("polar3", "polar3"): a K format of the kernels and a V format or f16."""
     from cupy_kernels import formats
@@ -1637,7 +1587,6 @@ def main(argv=None) -> int:
             "anatomy",
             "scaling",
             "project",
-            "cubins",
             "small",
             "profile",
             "all",
@@ -1695,10 +1644,9 @@ def main(argv=None) -> int:
         type=config_set,
         default=[config_set("default")],
         metavar="SET",
-        help="scaling, cubins: each format's default config with these AttnConfig changes, 'default' (none) "
+        help="scaling: each format's default config with these AttnConfig changes, 'default' (none) "
         "or FIELD=INT[,FIELD=INT...] (scaling: on the same data); project: project those rows",
     )
-    ap.add_argument("--cubin-dir", help="cubins: the folder of the CuPy caches (one a format pair and set)")
     ap.add_argument("--from", dest="from_json", help="project: a `scaling --json` file")
     ap.add_argument("--context", type=int, help="project: the context (keys) --sdpa-us was timed at")
     ap.add_argument("--copy-gbps", type=float, help="project: the other GPU's measured copy rate, GB/s")

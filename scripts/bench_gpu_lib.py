@@ -274,7 +274,7 @@ def config_field(text: str) -> tuple[str, int]:
 
 def config_set(text: str) -> tuple[str, dict]:
     """One of bench_gpu.py --config-sets: "default" (the format's default config as it is) or FIELD=INT
-    changes to it, comma-separated ("krot=1", "ctas=2,wtile=32"): (the text, {field: value})."""
+    changes to it, comma-separated ("ctas=2", "ctas=2,wtile=32"): (the text, {field: value})."""
     if text == "default":
         return text, {}
     return text, dict(config_field(t) for t in text.split(","))

@@ -105,9 +105,6 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     # tune-mma's "depth" phase: deeper rings, more warps in the CTA
     dataclasses.replace(attention.DEFAULT_CONFIG, stages=2),
     dataclasses.replace(attention.DEFAULT_CONFIG, nwarps=12),
-    # session 43's krot (polar K rows in aligned words): on the default, on a 48-key tile without the swizzle
-    dataclasses.replace(attention.DEFAULT_CONFIG, krot=True),
-    attention.AttnConfig(nwarps=2, wtile=48, stages=3, kvsplit=True, krot=True, prec="fp16"),
 ]
 
 

@@ -4,12 +4,14 @@
     python3 scripts/sass_order.py TREE FILE.cu --kernel REGEX [--arch 90]
     python3 scripts/sass_order.py --sass FILE.sass --kernel REGEX
     python3 scripts/sass_order.py --cupy-default KFMT VFMT --kernel polar_attn_mma --loops [--per 64]
-    python3 scripts/sass_order.py --cubin FILE.cubin --kernel polar_attn_mma --loops --per 64
+    python3 scripts/sass_order.py --cupy-default KFMT VFMT --nvrtc LIB --kernel polar_attn_mma --loops
 
---cubin reads a binary the GPU machine itself compiled (`bench_gpu.py cubins`: CuPy's kernel cache, whose
-files are the cubin behind a 32-byte checksum) with cuobjdump: CuPy's compiler there need not schedule or
-allocate registers as the nvcc here does (session 43: the polar K+V default, 128 registers here, took 164
-there).
+--nvrtc LIB compiles the CuPy default with that libnvrtc.so (PyPI's nvidia-cuda-nvrtc) and the options CuPy
+passes on the GPU machine (DEVICE_NVRTC_OPTIONS), instead of with nvcc: the binary the GPU machine runs.
+Session 43: the GPU machine's CuPy reports NVRTC 13.0, and its polar K+V default took 164 registers there
+against 128 from nvcc 13.0 here; NVRTC 13.0.88 with DEVICE_NVRTC_OPTIONS gives 164 too (and 128 for the two
+variants that took 128 there), so the instruction counts of --nvrtc are the GPU's (`pip install
+nvidia-cuda-nvrtc==13.0.88`, LIB = .../nvidia/cu13/lib/libnvrtc.so.13).
 
 Compiles FILE.cu of a patched llama.cpp tree (with scripts/ggml_cuda_nvcc.sh: nvcc and cuobjdump on PATH,
 PyPI's nvidia-cuda-nvcc has them) or reads a `cuobjdump -sass` listing, and prints, for every kernel whose
@@ -144,12 +146,17 @@ def function_text(sass: str, name: str) -> str:
 
 
 def cupy_default_sass(
-    kfmt: str, vfmt: str, arch: str, overrides: dict | None = None, out_type: int | None = None
+    kfmt: str,
+    vfmt: str,
+    arch: str,
+    overrides: dict | None = None,
+    out_type: int | None = None,
+    nvrtc: Path | None = None,
 ) -> str:
     """SASS (and resource usage) of the CuPy attention kernel's default variant (head size 128, 4 rows,
     float16 q), with the AttnConfig fields in `overrides` changed (out_type: the variant writing the output
     itself in that type, OUT_TYPE, as a plan of one split runs it), compiled as scripts/check_kernels.py
-    compiles every variant."""
+    compiles every variant; with nvrtc (a libnvrtc.so), as CuPy compiles it on the GPU machine instead."""
     import check_kernels
     from cupy_kernels import attention
 
@@ -158,6 +165,16 @@ def cupy_default_sass(
     if out_type is not None:
         d = attention.direct_defines(d, out_type)
     v = check_kernels.Variant(f"{attention.KERNELS[cfg.impl]}.cu", d)
+    if nvrtc is not None:  # as CuPy compiles it on the GPU machine
+        from cupy_kernels import loader
+
+        opts = [*loader.OPTIONS, *loader.include_options(), *DEVICE_NVRTC_OPTIONS, f"-arch=sm_{arch}"]
+        cubin = nvrtc_cubin(nvrtc, loader.build_source(v.file, dict(d)), opts)
+        if not shutil.which("cuobjdump"):
+            raise SystemExit("sass_order: cuobjdump must be on PATH (pip install nvidia-cuda-cuobjdump)")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "k.cubin").write_bytes(cubin)
+            return _listings(str(Path(tmp) / "k.cubin"))
     nvcc = shutil.which("nvcc")
     if not nvcc or not shutil.which("cuobjdump"):
         raise SystemExit("sass_order: nvcc and cuobjdump must be on PATH (pip install nvidia-cuda-nvcc)")
@@ -169,31 +186,43 @@ def cupy_default_sass(
         return _listings(str(Path(tmp) / f"{v.key}.cubin"))
 
 
-def cubin_bytes(data: bytes) -> bytes:
-    """A cubin (ELF) from a file's bytes: the file itself, or an entry of CuPy's kernel cache (an ASCII md5 of
-    the cubin, 32 bytes, then the cubin). Raises ValueError for anything else."""
-    if data[:4] == b"\x7fELF":
-        return data
-    if data[32:36] == b"\x7fELF":
-        return data[32:]
-    raise ValueError(
-        "sass_order: expected a cubin (ELF) or a CuPy kernel-cache entry (32-byte md5, then ELF), "
-        f"got {data[:8]!r}"
-    )
+# What CuPy adds to cupy_kernels.loader's options on the GPU machine, as far as a compile here can tell:
+# -ftz=true is CuPy's default; -default-device lets NVRTC 13.0.88 take the kernel's lambdas (it refuses them
+# without it). With both, the three variants session 43 timed take the registers they took there
+# (164, 128, 128).
+DEVICE_NVRTC_OPTIONS = ("-default-device", "-ftz=true")
 
 
-def cubin_sass(path: Path) -> str:
-    """cuobjdump's listing (and resource usage) of a cubin or CuPy kernel-cache file."""
+def nvrtc_cubin(lib: Path, source: str, options: list[str]) -> bytes:
+    """source compiled to a cubin by the libnvrtc at lib (ctypes), with options; SystemExit with NVRTC's log
+    when it fails."""
+    import ctypes
+
     try:
-        elf = cubin_bytes(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"sass_order --cubin {path}: {e}") from None
-    if not shutil.which("cuobjdump"):
-        raise SystemExit("sass_order: cuobjdump must be on PATH (pip install nvidia-cuda-cuobjdump)")
-    with tempfile.TemporaryDirectory() as tmp:
-        obj = Path(tmp) / "k.cubin"
-        obj.write_bytes(elf)
-        return _listings(str(obj))
+        nv = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise SystemExit(f"sass_order --nvrtc: expected a libnvrtc.so, got {lib}: {e}") from None
+    prog = ctypes.c_void_p()
+    if nv.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None):
+        raise SystemExit("sass_order --nvrtc: nvrtcCreateProgram failed")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        rc = nv.nvrtcCompileProgram(prog, len(options), opts)
+        n = ctypes.c_size_t()
+        nv.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        nv.nvrtcGetProgramLog(prog, log)
+        if rc:
+            raise SystemExit(
+                f"sass_order --nvrtc: the compile failed ({' '.join(options)}):\n{log.value.decode()}"
+            )
+        nv.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+        out = ctypes.create_string_buffer(n.value)
+        if nv.nvrtcGetCUBIN(prog, out):
+            raise SystemExit("sass_order --nvrtc: no cubin (an NVRTC older than 11.1?)")
+        return out.raw
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def _listings(obj: str) -> str:
@@ -241,7 +270,12 @@ def main(argv=None) -> int:
     ap.add_argument("tree", nargs="?", type=Path, help="a patched llama.cpp source tree")
     ap.add_argument("file", nargs="?", help="a .cu file under the tree")
     ap.add_argument("--sass", type=Path, help="a cuobjdump -sass listing instead of a compile")
-    ap.add_argument("--cubin", type=Path, help="a cubin, or a CuPy kernel-cache file (bench_gpu.py cubins)")
+    ap.add_argument(
+        "--nvrtc",
+        type=Path,
+        metavar="LIB",
+        help="--cupy-default: compile with this libnvrtc.so as CuPy does there",
+    )
     ap.add_argument("--kernel", required=True, help="regular expression over the mangled kernel names")
     ap.add_argument("--arch", default="90")
     ap.add_argument("--cupy-default", nargs=2, metavar=("KFMT", "VFMT"), help="the CuPy attention default")
@@ -266,14 +300,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.sass:
         text = args.sass.read_text()
-    elif args.cubin:
-        text = cubin_sass(args.cubin)
     elif args.cupy_default:
-        text = cupy_default_sass(*args.cupy_default, args.arch, dict(args.set), args.out_type)
+        text = cupy_default_sass(*args.cupy_default, args.arch, dict(args.set), args.out_type, args.nvrtc)
     elif args.tree and args.file:
         text = compile_sass(args.tree, args.file, args.arch)
     else:
-        ap.error("give TREE FILE.cu, --sass FILE, --cubin FILE or --cupy-default KFMT VFMT")
+        ap.error("give TREE FILE.cu, --sass FILE or --cupy-default KFMT VFMT")
     found = {n: ops for n, ops in kernels(text).items() if re.search(args.kernel, n)}
     if not found:
         print(f"sass_order: no kernel matches {args.kernel!r}", file=sys.stderr)

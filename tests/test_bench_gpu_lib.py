@@ -163,16 +163,16 @@ def test_scaling_config_sets_keep_their_own_rows(tmp_path, capsys):
     """scaling --config-sets: a set's rows carry "K/V+SET", so the default's headroom and projection never mix
     with the set's; `project --config-sets SET` projects the set's rows."""
     assert bench_gpu.scaling_fmts("polar", "polar", "default") == "polar/polar"
-    assert bench_gpu.scaling_fmts("polar", "f16", "krot=1") == "polar/f16+krot=1"
+    assert bench_gpu.scaling_fmts("polar", "f16", "ctas=2") == "polar/f16+ctas=2"
     assert lib.config_set("default") == ("default", {})
-    assert lib.config_set("ctas=2,krot=1") == ("ctas=2,krot=1", {"ctas": 2, "krot": True})
-    for bad in ("nope", "krot", "ctas=x", "wtile=32,"):
+    assert lib.config_set("ctas=2,wtile=32") == ("ctas=2,wtile=32", {"ctas": 2, "wtile": 32})
+    for bad in ("nope", "ctas2", "ctas=x", "wtile=32,"):
         with pytest.raises(lib.argparse.ArgumentTypeError, match=r"expected FIELD=INT .* got '"):
             lib.config_set(bad)
     base = _scaling_rows()
-    v, vk = "polar+polar mma default, 1 split", "polar+polar mma krot=1, 1 split"
+    v, vk = "polar+polar mma default, 1 split", "polar+polar mma ctas=2, 1 split"
     fast = [
-        dict(r, variant=r["variant"].replace(v, vk), fmts="polar/polar+krot=1")
+        dict(r, variant=r["variant"].replace(v, vk), fmts="polar/polar+ctas=2")
         for r in base
         if v in r["variant"]
     ]
@@ -182,7 +182,7 @@ def test_scaling_config_sets_keep_their_own_rows(tmp_path, capsys):
             r["us"] *= 0.5
     assert set(bench_gpu.scaling_headroom([r for r in base + fast if "ns_per_key" in r])) == {
         "polar/polar @ 32768",
-        "polar/polar+krot=1 @ 32768",
+        "polar/polar+ctas=2 @ 32768",
     }
     src = tmp_path / "scaling.json"
     src.write_text(
@@ -193,11 +193,11 @@ def test_scaling_config_sets_keep_their_own_rows(tmp_path, capsys):
     assert bench_gpu.main([*argv, "--fmts", "polar/polar", "--json", str(out)]) == 0
     (row,) = bench_gpu.json.loads(out.read_text())["project"]
     assert (
-        bench_gpu.main([*argv, "--fmts", "polar/polar", "--config-sets", "krot=1", "--json", str(out)]) == 0
+        bench_gpu.main([*argv, "--fmts", "polar/polar", "--config-sets", "ctas=2", "--json", str(out)]) == 0
     )
     (krow,) = bench_gpu.json.loads(out.read_text())["project"]
-    assert krow["fmts"] == "polar/polar+krot=1" and row["fmts"] == "polar/polar"
+    assert krow["fmts"] == "polar/polar+ctas=2" and row["fmts"] == "polar/polar"
     assert krow["loop_us"] == pytest.approx(0.5 * row["loop_us"]) and krow["sm_mhz_light"] == 2000.0
     with pytest.raises(SystemExit):  # --wavefronts-per-key is one kernel's
-        bench_gpu.main([*argv, "--config-sets", "default", "krot=1", "--wavefronts-per-key", "7"])
+        bench_gpu.main([*argv, "--config-sets", "default", "ctas=2", "--wavefronts-per-key", "7"])
     capsys.readouterr()

@@ -454,10 +454,6 @@ NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll, ptrs) with the opt
     "pdw sml2 ptrs 2w48k3s kvs fp16": dict(
         nwarps=2, wtile=48, stages=3, kvsplit=True, pdw=True, smlean=2, ptrs=True, prec="fp16"
     ),
-    # session 43's krot on the polar default (D=64: one block a row, so off), and on a 48-key tile without
-    # the swizzle (the last 16 keys of a tile; rows read in k_row's plain order)
-    "default krot": dict(dataclasses.asdict(attn.DEFAULT_CONFIG), krot=True),
-    "krot 2w48k3s kvs fp16": dict(nwarps=2, wtile=48, stages=3, kvsplit=True, krot=True, prec="fp16"),
 }
 
 

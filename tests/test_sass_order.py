@@ -120,17 +120,11 @@ def test_config_field():
             sass_order.config_field(bad)
 
 
-def test_cubin_bytes_of_a_cupy_cache_entry(tmp_path):
-    """--cubin: a cubin as it is, or CuPy's cache entry (32 bytes of md5 hex, then the cubin); anything else
-    is refused with what was expected and what came, before cuobjdump is looked for."""
-    elf = b"\x7fELF" + bytes(60)
-    assert sass_order.cubin_bytes(elf) == elf
-    assert sass_order.cubin_bytes(b"0123456789abcdef0123456789abcdef" + elf) == elf
+def test_nvrtc_errors_say_what_was_expected(tmp_path):
+    """--nvrtc: a path that is no libnvrtc is refused with what was expected and what came."""
+    bad = tmp_path / "libnvrtc.so.13"
+    bad.write_text("not a library")
     with pytest.raises(
-        ValueError, match=r"expected a cubin \(ELF\) or a CuPy kernel-cache entry .* got b'PK"
+        SystemExit, match=r"sass_order --nvrtc: expected a libnvrtc\.so, got .*libnvrtc\.so\.13"
     ):
-        sass_order.cubin_bytes(b"PK\x03\x04" + bytes(60))
-    bad = tmp_path / "x.cubin"
-    bad.write_bytes(b"not a cubin at all, not even close to one ....")
-    with pytest.raises(SystemExit, match=r"sass_order --cubin .*x\.cubin: sass_order: expected a cubin"):
-        sass_order.main(["--cubin", str(bad), "--kernel", "x"])
+        sass_order.nvrtc_cubin(bad, "", [])
