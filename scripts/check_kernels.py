@@ -7,10 +7,13 @@
     python scripts/check_kernels.py --list       print the variants, compile nothing
     python scripts/check_kernels.py --resources --only polar_encode   ptxas -v: registers, spills, smem
     python scripts/check_kernels.py --sass-count --only polar_encode  SASS instructions per entry (cuobjdump)
+    python scripts/check_kernels.py --nvrtc LIB [--resources]   with the GPU machine's compiler (NVRTC 13.0)
 
 The source of each variant is the text cupy_kernels.loader gives NVRTC (`build_source`: the
 #defines of cupy_kernels.attention's plan, then the file), compiled with the loader's options
-plus -arch. Variants: the encoder, its throughput and latency variants (cupy_kernels.codec.ENCODE_VARIANTS,
+plus -arch; --nvrtc LIB: by that libnvrtc.so (PyPI's nvidia-cuda-nvrtc==13.0.88, the version CuPy reports on
+the GPU machine) with the options CuPy adds there (DEVICE_NVRTC_OPTIONS), whose registers and code differ from
+nvcc's. Variants: the encoder, its throughput and latency variants (cupy_kernels.codec.ENCODE_VARIANTS,
 CTA_VARIANTS),
 polar_attn_combine per head dim, and polar_attn_mma / polar_attn_simt for head dims
 64/128/256, K/V formats polar, polar3, paperb (the research
@@ -216,6 +219,45 @@ def sass_counts(sass: str) -> dict[str, int]:
     return counts
 
 
+# What CuPy adds to cupy_kernels.loader's options on the GPU machine, as far as a compile here can tell:
+# -ftz=true is CuPy's default; -default-device lets NVRTC 13.0.88 take the kernel's lambdas (it refuses them
+# without it). With both, the three variants session 43 timed take the registers they took there
+# (164, 128, 128).
+DEVICE_NVRTC_OPTIONS = ("-default-device", "-ftz=true")
+
+
+def nvrtc_cubin(lib: Path, source: str, options: list[str]) -> tuple[bytes, str]:
+    """(cubin, NVRTC's log) of source compiled by the libnvrtc at lib (ctypes) with options; RuntimeError with
+    the log when it fails."""
+    import ctypes
+
+    try:
+        nv = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise RuntimeError(f"expected a libnvrtc.so, got {lib}: {e}") from None
+    prog = ctypes.c_void_p()
+    if nv.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        rc = nv.nvrtcCompileProgram(prog, len(options), opts)
+        n = ctypes.c_size_t()
+        nv.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        nv.nvrtcGetProgramLog(prog, log)
+        if rc:
+            raise SystemExit(
+                f"sass_order --nvrtc: the compile failed ({' '.join(options)}):\n{log.value.decode()}"
+            )
+        nv.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+        out = ctypes.create_string_buffer(n.value)
+        if nv.nvrtcGetCUBIN(prog, out):
+            raise RuntimeError("NVRTC gave no cubin (older than 11.1?)")
+        return out.raw, log.value.decode(errors="replace")
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 def compile_one(
     v: Variant,
     nvcc: str,
@@ -225,22 +267,37 @@ def compile_one(
     out: Path | None,
     usage: bool = False,
     cuobjdump: str | None = None,
+    nvrtc: Path | None = None,
 ) -> str | None:
     """None if `v` compiles, else the compiler's message; usage: the ptxas -v lines (resources);
-    cuobjdump: the SASS instruction count of each entry (a cubin)."""
-    src = tmp / f"{v.key}.cu"
-    src.write_text(loader.build_source(v.file, dict(v.defines)))
+    cuobjdump: the SASS instruction count of each entry (a cubin); nvrtc: compiled by that libnvrtc with
+    DEVICE_NVRTC_OPTIONS (a cubin), as CuPy compiles it on the GPU machine, instead of by nvcc."""
+    source = loader.build_source(v.file, dict(v.defines))
     opts = [*loader.OPTIONS, *loader.include_options(), *(loader.EXACT_OPTIONS if v.exact else ())]
     dst = (out or tmp) / f"{v.key}.{emit}"
-    cmd = [nvcc, *opts, f"-arch={arch}", f"--{emit}", str(src), "-o", str(dst)]
-    cmd += ["-Xptxas=-v"] if usage else []
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode or not dst.is_file():
-        return f"nvcc exit status {r.returncode}\n" + (r.stderr + r.stdout).strip()[-3000:]
+    if nvrtc is not None:
+        try:
+            cubin, text = nvrtc_cubin(
+                nvrtc,
+                source,
+                [*opts, *DEVICE_NVRTC_OPTIONS, f"-arch={arch}", *(["-Xptxas=-v"] if usage else [])],
+            )
+        except RuntimeError as e:
+            return str(e)[-3000:]
+        dst.write_bytes(cubin)
+    else:
+        src = tmp / f"{v.key}.cu"
+        src.write_text(source)
+        cmd = [nvcc, *opts, f"-arch={arch}", f"--{emit}", str(src), "-o", str(dst)]
+        cmd += ["-Xptxas=-v"] if usage else []
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode or not dst.is_file():
+            return f"nvcc exit status {r.returncode}\n" + (r.stderr + r.stdout).strip()[-3000:]
+        text = r.stderr + r.stdout
     if out is not None:
         (out / f"{v.key}.txt").write_text(v.label + "\n")
     if usage:
-        log.info("%s\n%s", v.label, "\n".join(resources(r.stderr + r.stdout)))
+        log.info("%s\n%s", v.label, "\n".join(resources(text)))
     if cuobjdump:
         d = subprocess.run([cuobjdump, "-sass", str(dst)], capture_output=True, text=True)
         if d.returncode:
@@ -259,6 +316,12 @@ def main(argv=None) -> int:
     ap.add_argument("--emit", choices=("cubin", "ptx"), default="cubin", help="cubin also runs ptxas")
     ap.add_argument("--out", type=Path, help="keep the outputs here, with a .txt naming each variant")
     ap.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/bin/nvcc")
+    ap.add_argument(
+        "--nvrtc",
+        type=Path,
+        metavar="LIB",
+        help="compile with this libnvrtc.so and CuPy's options there (DEVICE_NVRTC_OPTIONS; cubin)",
+    )
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
     ap.add_argument(
@@ -281,7 +344,14 @@ def main(argv=None) -> int:
     if args.list:
         print(*(v.label for v in vs), sep="\n")
         return 1 if bad else 0
-    if not Path(args.nvcc).exists():
+    if args.nvrtc is not None and (args.emit != "cubin" or not args.nvrtc.is_file()):
+        log.error(
+            "--nvrtc: expected a libnvrtc.so file and --emit cubin, got %s and --emit %s",
+            args.nvrtc,
+            args.emit,
+        )
+        return 1
+    if args.nvrtc is None and not Path(args.nvcc).exists():
         log.error("nvcc not found (%s): pass --nvcc", args.nvcc)
         return 1
     cuobjdump = None
@@ -294,7 +364,13 @@ def main(argv=None) -> int:
             return 1
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    log.info("compiling %d variants with %s (-arch=%s, %d jobs)", len(vs), args.nvcc, args.arch, args.jobs)
+    log.info(
+        "compiling %d variants with %s (-arch=%s, %d jobs)",
+        len(vs),
+        args.nvrtc or args.nvcc,
+        args.arch,
+        args.jobs,
+    )
     failed = 0
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as ex:
         jobs = {
@@ -308,6 +384,7 @@ def main(argv=None) -> int:
                 args.out,
                 args.resources,
                 cuobjdump,
+                args.nvrtc,
             ): v
             for v in vs
         }

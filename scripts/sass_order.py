@@ -7,9 +7,10 @@
     python3 scripts/sass_order.py --cupy-default KFMT VFMT --nvrtc LIB --kernel polar_attn_mma --loops
 
 --nvrtc LIB compiles the CuPy default with that libnvrtc.so (PyPI's nvidia-cuda-nvrtc) and the options CuPy
-passes on the GPU machine (DEVICE_NVRTC_OPTIONS), instead of with nvcc: the binary the GPU machine runs.
+passes on the GPU machine (check_kernels.DEVICE_NVRTC_OPTIONS), instead of with nvcc: the binary the GPU
+machine runs.
 Session 43: the GPU machine's CuPy reports NVRTC 13.0, and its polar K+V default took 164 registers there
-against 128 from nvcc 13.0 here; NVRTC 13.0.88 with DEVICE_NVRTC_OPTIONS gives 164 too (and 128 for the two
+against 128 from nvcc 13.0 here; NVRTC 13.0.88 with those options gives 164 too (and 128 for the two
 variants that took 128 there), so the instruction counts of --nvrtc are the GPU's (`pip install
 nvidia-cuda-nvrtc==13.0.88`, LIB = .../nvidia/cu13/lib/libnvrtc.so.13).
 
@@ -168,8 +169,16 @@ def cupy_default_sass(
     if nvrtc is not None:  # as CuPy compiles it on the GPU machine
         from cupy_kernels import loader
 
-        opts = [*loader.OPTIONS, *loader.include_options(), *DEVICE_NVRTC_OPTIONS, f"-arch=sm_{arch}"]
-        cubin = nvrtc_cubin(nvrtc, loader.build_source(v.file, dict(d)), opts)
+        opts = [
+            *loader.OPTIONS,
+            *loader.include_options(),
+            *check_kernels.DEVICE_NVRTC_OPTIONS,
+            f"-arch=sm_{arch}",
+        ]
+        try:
+            cubin = check_kernels.nvrtc_cubin(nvrtc, loader.build_source(v.file, dict(d)), opts)
+        except RuntimeError as e:
+            raise SystemExit(f"sass_order --nvrtc: {e}") from None
         if not shutil.which("cuobjdump"):
             raise SystemExit("sass_order: cuobjdump must be on PATH (pip install nvidia-cuda-cuobjdump)")
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,45 +193,6 @@ def cupy_default_sass(
             print(err, file=sys.stderr)
             raise SystemExit(f"sass_order: nvcc failed on {v.label}")
         return _listings(str(Path(tmp) / f"{v.key}.cubin"))
-
-
-# What CuPy adds to cupy_kernels.loader's options on the GPU machine, as far as a compile here can tell:
-# -ftz=true is CuPy's default; -default-device lets NVRTC 13.0.88 take the kernel's lambdas (it refuses them
-# without it). With both, the three variants session 43 timed take the registers they took there
-# (164, 128, 128).
-DEVICE_NVRTC_OPTIONS = ("-default-device", "-ftz=true")
-
-
-def nvrtc_cubin(lib: Path, source: str, options: list[str]) -> bytes:
-    """source compiled to a cubin by the libnvrtc at lib (ctypes), with options; SystemExit with NVRTC's log
-    when it fails."""
-    import ctypes
-
-    try:
-        nv = ctypes.CDLL(str(lib))
-    except OSError as e:
-        raise SystemExit(f"sass_order --nvrtc: expected a libnvrtc.so, got {lib}: {e}") from None
-    prog = ctypes.c_void_p()
-    if nv.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None):
-        raise SystemExit("sass_order --nvrtc: nvrtcCreateProgram failed")
-    try:
-        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-        rc = nv.nvrtcCompileProgram(prog, len(options), opts)
-        n = ctypes.c_size_t()
-        nv.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-        log = ctypes.create_string_buffer(n.value)
-        nv.nvrtcGetProgramLog(prog, log)
-        if rc:
-            raise SystemExit(
-                f"sass_order --nvrtc: the compile failed ({' '.join(options)}):\n{log.value.decode()}"
-            )
-        nv.nvrtcGetCUBINSize(prog, ctypes.byref(n))
-        out = ctypes.create_string_buffer(n.value)
-        if nv.nvrtcGetCUBIN(prog, out):
-            raise SystemExit("sass_order --nvrtc: no cubin (an NVRTC older than 11.1?)")
-        return out.raw
-    finally:
-        nv.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def _listings(obj: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import check_kernels
 import sass_order
 
 LISTING = """
@@ -121,10 +122,14 @@ def test_config_field():
 
 
 def test_nvrtc_errors_say_what_was_expected(tmp_path):
-    """--nvrtc: a path that is no libnvrtc is refused with what was expected and what came."""
+    """--nvrtc: a path that is no libnvrtc is refused with what was expected and what came, by the compile
+    helper, by sass_order and by check_kernels (which checks the path before compiling)."""
     bad = tmp_path / "libnvrtc.so.13"
     bad.write_text("not a library")
+    with pytest.raises(RuntimeError, match=r"expected a libnvrtc\.so, got .*libnvrtc\.so\.13"):
+        check_kernels.nvrtc_cubin(bad, "", [])
     with pytest.raises(
         SystemExit, match=r"sass_order --nvrtc: expected a libnvrtc\.so, got .*libnvrtc\.so\.13"
     ):
-        sass_order.nvrtc_cubin(bad, "", [])
+        sass_order.main(["--cupy-default", "polar", "polar", "--nvrtc", str(bad), "--kernel", "x"])
+    assert check_kernels.main(["--nvrtc", str(tmp_path / "none.so"), "--only", "polar_encode"]) == 1
