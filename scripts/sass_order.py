@@ -176,7 +176,7 @@ def cupy_default_sass(
             f"-arch=sm_{arch}",
         ]
         try:
-            cubin = check_kernels.nvrtc_cubin(nvrtc, loader.build_source(v.file, dict(d)), opts)
+            cubin, _ = check_kernels.nvrtc_cubin(nvrtc, loader.build_source(v.file, dict(d)), opts)
         except RuntimeError as e:
             raise SystemExit(f"sass_order --nvrtc: {e}") from None
         if not shutil.which("cuobjdump"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 import check_kernels
@@ -133,3 +136,21 @@ def test_nvrtc_errors_say_what_was_expected(tmp_path):
     ):
         sass_order.main(["--cupy-default", "polar", "polar", "--nvrtc", str(bad), "--kernel", "x"])
     assert check_kernels.main(["--nvrtc", str(tmp_path / "none.so"), "--only", "polar_encode"]) == 1
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("KVPOLAR_NVRTC") and shutil.which("cuobjdump")),
+    reason="KVPOLAR_NVRTC (a libnvrtc.so.13 of nvidia-cuda-nvrtc 13.0.88) and cuobjdump not both here",
+)
+def test_nvrtc_compiles_as_the_gpu_machine(capsys):
+    """sass_order --nvrtc with NVRTC 13.0.88: the polar K+V default takes the 164 registers it took on the GPU
+    machine in session 43 (nvcc here: 128), and its main loop the 7.5 wavefronts a key of every build."""
+    lib = os.environ["KVPOLAR_NVRTC"]
+    argv = ["--cupy-default", "polar", "polar", "--nvrtc", lib, "--kernel", "polar_attn_mma", "--loops"]
+    assert sass_order.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "164 registers" in out
+    assert (
+        "LDGSTS.E.BYPASS.128 x18 (72), LDGSTS.E.BYPASS.128.ZFILL x14 (56), LDS x360 (360), LDS.U16 x32 (32)"
+        in out
+    )
