@@ -1644,8 +1644,8 @@ def main(argv=None) -> int:
         type=config_set,
         default=[config_set("default")],
         metavar="SET",
-        help="scaling: each format's default config with these AttnConfig changes, 'default' (none) "
-        "or FIELD=INT[,FIELD=INT...] (scaling: on the same data); project: project those rows",
+        help="scaling: time each format's default config with each of these AttnConfig changes on the same "
+        "data, 'default' (none) or FIELD=INT[,FIELD=INT...]; project: project those rows",
     )
     ap.add_argument("--from", dest="from_json", help="project: a `scaling --json` file")
     ap.add_argument("--context", type=int, help="project: the context (keys) --sdpa-us was timed at")

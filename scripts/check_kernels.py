@@ -232,6 +232,8 @@ def nvrtc_cubin(lib: Path, source: str, options: list[str]) -> tuple[bytes, str]
     import ctypes
 
     try:
+        for builtins in sorted(Path(lib).parent.glob("libnvrtc-builtins.so.*")):  # NVRTC opens them by name:
+            ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)  # loaded first, no LD_LIBRARY_PATH needed
         nv = ctypes.CDLL(str(lib))
     except OSError as e:
         raise RuntimeError(f"expected a libnvrtc.so, got {lib}: {e}") from None
@@ -246,9 +248,7 @@ def nvrtc_cubin(lib: Path, source: str, options: list[str]) -> tuple[bytes, str]
         log = ctypes.create_string_buffer(n.value)
         nv.nvrtcGetProgramLog(prog, log)
         if rc:
-            raise SystemExit(
-                f"sass_order --nvrtc: the compile failed ({' '.join(options)}):\n{log.value.decode()}"
-            )
+            raise RuntimeError(f"NVRTC failed ({' '.join(options)}):\n{log.value.decode(errors='replace')}")
         nv.nvrtcGetCUBINSize(prog, ctypes.byref(n))
         out = ctypes.create_string_buffer(n.value)
         if nv.nvrtcGetCUBIN(prog, out):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,14 @@ def test_nvrtc_compiles_as_the_gpu_machine(capsys):
         "LDGSTS.E.BYPASS.128 x18 (72), LDGSTS.E.BYPASS.128.ZFILL x14 (56), LDS x360 (360), LDS.U16 x32 (32)"
         in out
     )
+
+
+@pytest.mark.skipif(not os.environ.get("KVPOLAR_NVRTC"), reason="KVPOLAR_NVRTC (a libnvrtc.so.13) not set")
+def test_check_kernels_nvrtc_reports_a_failed_compile(tmp_path):
+    """check_kernels --nvrtc: a variant NVRTC refuses comes back as its message (the run goes on)."""
+    lib = Path(os.environ["KVPOLAR_NVRTC"])
+    ok = check_kernels.Variant("polar_attn_combine.cu", (("HD", 128),))
+    assert check_kernels.compile_one(ok, "", "sm_90", "cubin", tmp_path, None, nvrtc=lib) is None
+    bad = check_kernels.Variant("polar_attn_combine.cu", (("HD", "not_a_number"),))
+    err = check_kernels.compile_one(bad, "", "sm_90", "cubin", tmp_path, None, nvrtc=lib)
+    assert err and err.startswith("NVRTC failed (") and "error" in err
