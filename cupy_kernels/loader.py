@@ -27,7 +27,10 @@ log = logging.getLogger("cupy_kernels")
 
 CUPY_PACKAGE = "cupy-cuda13x"
 # NVRTC options of every module; EXACT_OPTIONS are added for the encoder (IEEE float32 as
-# docs/FORMAT.md requires: no contraction, IEEE division and square root, subnormals kept).
+# docs/FORMAT.md requires: no contraction, IEEE division and square root, subnormals kept). CuPy
+# appends -ftz=true after them and NVRTC takes the last of the two, so on CuPy the encoder is built
+# with ftz; its bytes do not depend on it (polar_block.cuh: every float32 operation of the encoder
+# is inline PTX without .ftz), and its GPU parity tests check them against numpy.
 OPTIONS = ("--std=c++17",)
 EXACT_OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false")
 
