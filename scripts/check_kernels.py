@@ -219,10 +219,10 @@ def sass_counts(sass: str) -> dict[str, int]:
     return counts
 
 
-# What CuPy adds to cupy_kernels.loader's options on the GPU machine, as far as a compile here can tell:
-# -ftz=true is CuPy's default; -default-device lets NVRTC 13.0.88 take the kernel's lambdas (it refuses them
-# without it). With both, the three variants session 43 timed take the registers they took there
-# (164, 128, 128).
+# What CuPy adds after cupy_kernels.loader's options on the GPU machine: -ftz=true (cupy.cuda.compiler's
+# _compile_with_cache_cuda appends it, and NVRTC takes the last of --ftz=false / -ftz=true); -default-device
+# is inferred, not read: NVRTC 13.0.88 refuses the kernel's lambdas without it. With both, the three variants
+# session 43 timed take the registers they took there (164, 128, 128).
 DEVICE_NVRTC_OPTIONS = ("-default-device", "-ftz=true")
 
 
