@@ -49,7 +49,8 @@
 #           scripts/gpu_run.sh bench tables # bench_llama_gpu.py on both models
 #           scripts/gpu_run.sh cupy tests [PYTEST ARGS] | bench ARGS | decode ARGS   # the CuPy kernels alone (no
 #                                           # llama.cpp build; carry .gpurun/whl): pytest (default: the GPU test
-#                                           # files), scripts/bench_gpu.py ARGS, scripts/gpu_decode_bench.py ARGS
+#                                           # files, more than 330 s on an H100 in session 43: give the call 600 s,
+#                                           # or name files), scripts/bench_gpu.py ARGS, scripts/gpu_decode_bench.py ARGS
 #           scripts/gpu_run.sh cupy issue11 [SECONDS] # issue 11's kernel measurements, most important first,
 #                                           # within SECONDS (default 540): bench_gpu.py compare, scaling, tune-mma's
 #                                           # depth and ctas phases on polar K+V, anatomy, encode -> issue11-*.txt,
