@@ -88,6 +88,9 @@ class AttnConfig:
     ctas: the CTAs a SM the kernel asks ptxas to fit (`__launch_bounds__(threads, ctas)`, which caps its
     registers at 65536 / (ctas x threads)); 0 = the kernel's own rule (3 or more where kvsplit's shared memory
     allows 3 CTAs a SM, else no minimum); 1 = no minimum.
+    maxrreg: the register budget of the compile (NVRTC --maxrregcount, loader.define_options); 0 = the
+    compiler's own. Session 43: on NVRTC 13.0 (the GPU machine's) the polar K+V default takes 164 registers
+    and 1725 loop instructions a 64-key tile by itself, 183 and 1548 with 255 (scripts/sass_order.py --nvrtc).
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
@@ -110,6 +113,7 @@ class AttnConfig:
     qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE; on in the defaults)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
     ctas: int = 0  # mma: CTAs a SM asked of ptxas (MMA_CTAS): 0 = the kernel's rule
+    maxrreg: int = 0  # mma: --maxrregcount of the compile (MAXRREG): 0 = the compiler's own budget
 
     @property
     def tile(self) -> int:
@@ -282,6 +286,8 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             d["CTA_TIMES"] = CTA_TIMES_MAX
         if cfg.ctas:  # (likewise)
             d["MMA_CTAS"] = cfg.ctas
+        if cfg.maxrreg:  # (likewise; loader.define_options turns it into --maxrregcount)
+            d["MAXRREG"] = cfg.maxrreg
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
     return d
@@ -482,6 +488,12 @@ def plan(
         raise ValueError(f"mma: lean must be one of {LEAN_LEVELS}, got {cfg.lean!r}")
     if cfg.impl == "mma" and cfg.smlean not in SMLEAN_LEVELS:
         raise ValueError(f"mma: smlean must be one of {SMLEAN_LEVELS}, got {cfg.smlean!r}")
+    if cfg.impl == "mma" and not (
+        isinstance(cfg.maxrreg, int) and (cfg.maxrreg == 0 or 32 <= cfg.maxrreg <= 255)
+    ):
+        raise ValueError(
+            f"mma: maxrreg must be 0 (the compiler's budget) or 32..255 registers, got {cfg.maxrreg!r}"
+        )
     if cfg.impl == "mma" and not (isinstance(cfg.ctas, int) and 0 <= cfg.ctas <= 8):
         raise ValueError(f"mma: ctas must be 0 (the kernel's rule) or 1..8 CTAs a SM, got {cfg.ctas!r}")
     if Hkv <= 0 or Hq % Hkv:

@@ -80,11 +80,18 @@ def torch():
     return torch
 
 
+def define_options(defines) -> tuple[str, ...]:
+    """Compiler options a variant's defines ask for besides the #defines: MAXRREG N -> --maxrregcount=N
+    (cupy_kernels.attention's AttnConfig.maxrreg: a register budget the front end also plans with, which
+    __launch_bounds__ and __maxnreg__ do not give)."""
+    return tuple(f"--maxrregcount={int(v)}" for k, v in dict(defines).items() if k == "MAXRREG")
+
+
 @functools.cache
 def module(name: str, defines: tuple[tuple[str, int | float], ...] = (), exact: bool = False):
     """cupy.RawModule of kernel file `name` with `defines` (compiled once per process)."""
     cp = cupy()
-    opts = OPTIONS + include_options() + (EXACT_OPTIONS if exact else ())
+    opts = OPTIONS + include_options() + (EXACT_OPTIONS if exact else ()) + define_options(defines)
     log.debug("compiling %s %s", name, defines)
     return cp.RawModule(code=build_source(name, dict(defines)), options=opts)
 

@@ -108,6 +108,8 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     # tune-mma's "depth" phase: deeper rings, more warps in the CTA
     dataclasses.replace(attention.DEFAULT_CONFIG, stages=2),
     dataclasses.replace(attention.DEFAULT_CONFIG, nwarps=12),
+    # session 43: the compile's register budget (AttnConfig.maxrreg, --maxrregcount)
+    dataclasses.replace(attention.DEFAULT_CONFIG, maxrreg=255),
 ]
 
 
@@ -273,7 +275,12 @@ def compile_one(
     cuobjdump: the SASS instruction count of each entry (a cubin); nvrtc: compiled by that libnvrtc with
     DEVICE_NVRTC_OPTIONS (a cubin), as CuPy compiles it on the GPU machine, instead of by nvcc."""
     source = loader.build_source(v.file, dict(v.defines))
-    opts = [*loader.OPTIONS, *loader.include_options(), *(loader.EXACT_OPTIONS if v.exact else ())]
+    opts = [
+        *loader.OPTIONS,
+        *loader.include_options(),
+        *(loader.EXACT_OPTIONS if v.exact else ()),
+        *loader.define_options(v.defines),
+    ]
     dst = (out or tmp) / f"{v.key}.{emit}"
     if nvrtc is not None:
         try:

@@ -172,6 +172,7 @@ def cupy_default_sass(
         opts = [
             *loader.OPTIONS,
             *loader.include_options(),
+            *loader.define_options(d),
             *check_kernels.DEVICE_NVRTC_OPTIONS,
             f"-arch=sm_{arch}",
         ]

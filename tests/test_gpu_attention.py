@@ -17,7 +17,7 @@ import pytest
 import bench_gpu
 from cupy_kernels import attention as attn
 from cupy_kernels import codec as gpu_codec
-from cupy_kernels import formats
+from cupy_kernels import formats, loader
 from study import paperb_kernel_ref as pb
 
 # float32 q/out: max over 2 seeds x 169 cases on an H100 was 1.7e-6 (docs/gpu/attn_errors_h100.jsonl):
@@ -134,6 +134,12 @@ def test_mma_options_cpu():
     for bad in (-1, 9):
         with pytest.raises(ValueError, match=f"ctas must be 0 .* got {bad}"):
             attn.plan(1, 8, 2, 1, 128, 64, config=dataclasses.replace(base, ctas=bad))
+    for bad in (-1, 16, 256):
+        with pytest.raises(ValueError, match=f"maxrreg must be 0 .* got {bad}"):
+            attn.plan(1, 8, 2, 1, 128, 64, config=dataclasses.replace(base, maxrreg=bad))
+    d255 = attn.attn_defines(128, "polar", "polar", 4, 1, dataclasses.replace(base, maxrreg=255))
+    assert d255["MAXRREG"] == 255 and "MAXRREG" not in attn.attn_defines(128, "polar", "polar", 4, 1, base)
+    assert loader.define_options(d255) == ("--maxrregcount=255",) and loader.define_options(d) == ()
 
 
 def test_tune_mma_grid():
@@ -454,6 +460,8 @@ NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll, ptrs) with the opt
     "pdw sml2 ptrs 2w48k3s kvs fp16": dict(
         nwarps=2, wtile=48, stages=3, kvsplit=True, pdw=True, smlean=2, ptrs=True, prec="fp16"
     ),
+    # session 43: the polar default compiled with --maxrregcount=255 (AttnConfig.maxrreg)
+    "default maxrreg255": dict(dataclasses.asdict(attn.DEFAULT_CONFIG), maxrreg=255),
 }
 
 
