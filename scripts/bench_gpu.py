@@ -348,6 +348,11 @@ MMA_DEPTH_SETS = (
     # not yet timed on a GPU)
     dict(nwarps=12),
     dict(nwarps=10),
+    # the compile's register budget (AttnConfig.maxrreg, session 43; not yet timed): with 255 NVRTC 13.0 gives
+    # the default 183 registers and 1548 loop instructions a tile (164 and 1725 without), and the 2-slot rings
+    # 206 (128 without: the rings' measured loss may be the registers)
+    dict(maxrreg=255),
+    dict(stages=2, maxrreg=255),
 )
 MMA_SWEEP_OPTIONS = dict(swizzle=True, lean=2)  # the options of the shape sweep
 MMA_SWEEP_MIN_WARPS = 16  # sweep only shapes with the occupancy of the default polar K+V or more
@@ -366,6 +371,7 @@ def mma_label(cfg) -> str:
         + ("+ptrs" if cfg.ptrs else "")
         + ("+qst" if cfg.qstage else "")
         + (f"+c{cfg.ctas}" if cfg.ctas else "")
+        + (f"+r{cfg.maxrreg}" if cfg.maxrreg else "")
     )
     return f"{cfg.nwarps}w{cfg.wtile}k{cfg.stages}s{opts}"
 
