@@ -164,19 +164,19 @@ def profile_pair(k: str, v: str, args, workdir: Path) -> dict:
         tokens = WINDOW_SHARE * args.n
         window = {"seconds": round(t1 - t0, 3), "tokens": tokens, "samples": inside}
     else:
-        report_cmd = [
-            "perf",
-            "report",
-            "-i",
-            str(data),
-            "--no-children",
-            "--sort",
-            "dso,symbol",
-            "-g",
-            "none",
-        ]
         report = subprocess.run(
-            [*report_cmd, "--stdio"],
+            [
+                "perf",
+                "report",
+                "-i",
+                str(data),
+                "--no-children",
+                "--sort",
+                "dso,symbol",
+                "-g",
+                "none",
+                "--stdio",
+            ],
             capture_output=True,
             text=True,
             check=True,

@@ -166,33 +166,18 @@ def cupy_default_sass(
     if out_type is not None:
         d = attention.direct_defines(d, out_type)
     v = check_kernels.Variant(f"{attention.KERNELS[cfg.impl]}.cu", d)
-    if nvrtc is not None:  # as CuPy compiles it on the GPU machine
-        from cupy_kernels import loader
-
-        opts = [
-            *loader.OPTIONS,
-            *loader.include_options(),
-            *loader.define_options(d),
-            *check_kernels.DEVICE_NVRTC_OPTIONS,
-            f"-arch=sm_{arch}",
-        ]
-        try:
-            cubin, _ = check_kernels.nvrtc_cubin(nvrtc, loader.build_source(v.file, dict(d)), opts)
-        except RuntimeError as e:
-            raise SystemExit(f"sass_order --nvrtc: {e}") from None
-        if not shutil.which("cuobjdump"):
-            raise SystemExit("sass_order: cuobjdump must be on PATH (pip install nvidia-cuda-cuobjdump)")
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "k.cubin").write_bytes(cubin)
-            return _listings(str(Path(tmp) / "k.cubin"))
     nvcc = shutil.which("nvcc")
-    if not nvcc or not shutil.which("cuobjdump"):
+    if nvrtc is None and not nvcc:
         raise SystemExit("sass_order: nvcc and cuobjdump must be on PATH (pip install nvidia-cuda-nvcc)")
-    with tempfile.TemporaryDirectory() as tmp:
-        err = check_kernels.compile_one(v, nvcc, f"sm_{arch}", "cubin", Path(tmp), None)
+    with tempfile.TemporaryDirectory() as tmp:  # with nvrtc: as CuPy compiles it on the GPU machine
+        err = check_kernels.compile_one(v, nvcc or "", f"sm_{arch}", "cubin", Path(tmp), None, nvrtc=nvrtc)
+        if err and nvrtc is not None:
+            raise SystemExit(f"sass_order --nvrtc: {err}")
         if err:
             print(err, file=sys.stderr)
             raise SystemExit(f"sass_order: nvcc failed on {v.label}")
+        if not shutil.which("cuobjdump"):
+            raise SystemExit("sass_order: cuobjdump must be on PATH (pip install nvidia-cuda-cuobjdump)")
         return _listings(str(Path(tmp) / f"{v.key}.cubin"))
 
 

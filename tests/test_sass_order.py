@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,11 @@ import pytest
 
 import check_kernels
 import sass_order
+
+NVRTC = pytest.mark.skipif(
+    not (os.environ.get("KVPOLAR_NVRTC") and shutil.which("cuobjdump")),
+    reason="KVPOLAR_NVRTC (a libnvrtc.so.13 of nvidia-cuda-nvrtc 13.0.88) and cuobjdump not both here",
+)
 
 LISTING = """
 	code for sm_90
@@ -125,7 +131,7 @@ def test_config_field():
             sass_order.config_field(bad)
 
 
-def test_nvrtc_errors_say_what_was_expected(tmp_path):
+def test_nvrtc_errors_say_what_was_expected(tmp_path, caplog):
     """--nvrtc: a path that is no libnvrtc is refused with what was expected and what came, by the compile
     helper, by sass_order and by check_kernels (which checks the path before compiling)."""
     bad = tmp_path / "libnvrtc.so.13"
@@ -137,12 +143,10 @@ def test_nvrtc_errors_say_what_was_expected(tmp_path):
     ):
         sass_order.main(["--cupy-default", "polar", "polar", "--nvrtc", str(bad), "--kernel", "x"])
     assert check_kernels.main(["--nvrtc", str(tmp_path / "none.so"), "--only", "polar_encode"]) == 1
+    assert "--nvrtc: expected a libnvrtc.so file and --emit cubin, got" in caplog.text  # before any compile
 
 
-@pytest.mark.skipif(
-    not (os.environ.get("KVPOLAR_NVRTC") and shutil.which("cuobjdump")),
-    reason="KVPOLAR_NVRTC (a libnvrtc.so.13 of nvidia-cuda-nvrtc 13.0.88) and cuobjdump not both here",
-)
+@NVRTC
 def test_nvrtc_compiles_as_the_gpu_machine(capsys):
     """sass_order --nvrtc with NVRTC 13.0.88: the polar K+V default takes the 164 registers it took on the GPU
     machine in session 43 (nvcc here: 128), and its main loop the 7.5 wavefronts a key of every build."""
@@ -157,7 +161,7 @@ def test_nvrtc_compiles_as_the_gpu_machine(capsys):
     )
 
 
-@pytest.mark.skipif(not os.environ.get("KVPOLAR_NVRTC"), reason="KVPOLAR_NVRTC (a libnvrtc.so.13) not set")
+@NVRTC
 def test_check_kernels_nvrtc_reports_a_failed_compile(tmp_path):
     """check_kernels --nvrtc: a variant NVRTC refuses comes back as its message (the run goes on)."""
     lib = Path(os.environ["KVPOLAR_NVRTC"])
@@ -166,3 +170,49 @@ def test_check_kernels_nvrtc_reports_a_failed_compile(tmp_path):
     bad = check_kernels.Variant("polar_attn_combine.cu", (("HD", "not_a_number"),))
     err = check_kernels.compile_one(bad, "", "sm_90", "cubin", tmp_path, None, nvrtc=lib)
     assert err and err.startswith("NVRTC failed (") and "error" in err
+
+
+@NVRTC
+def test_nvrtc_gives_the_registers_the_h100_run_recorded():
+    """Every polar K+V variant of session 41's tune-mma run on an H100 (its text records each one's registers
+    there) takes the same registers compiled here with --nvrtc: the check behind results-gpu's "all 30"."""
+    import re
+
+    import bench_gpu
+    from cupy_kernels import attention
+
+    text = (Path(__file__).parents[1] / "docs/gpu/h100-llama/session41/tune-b8.txt").read_text()
+    there = dict(re.findall(r"B8 T32768 32/8 D128 polar\+polar (\S+)\s+\w+\s+splits.*?regs\s+(\d+)", text))
+    base = attention.default_config("polar")
+    seen = {}
+    for _, k, v, cfg in bench_gpu.tune_mma_grid(bench_gpu.MMA_TUNE_FMTS, ("depth", "ctas", "shapes")):
+        label = bench_gpu.mma_label(cfg)
+        if (k, v) != ("polar", "polar") or label not in there:
+            continue
+        changes = {
+            f.name: getattr(cfg, f.name)
+            for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(base, f.name)
+        }
+        text = sass_order.cupy_default_sass(k, v, "90", changes, None, Path(os.environ["KVPOLAR_NVRTC"]))
+        name = next(n for n in sass_order.kernels(text) if "polar_attn_mma" in n)
+        seen[label] = (sass_order.resources(text)[name]["REG"], int(there[label]))
+    assert len(seen) == 30
+    assert {lab: r for lab, r in seen.items() if r[0] != r[1]} == {}
+
+
+@NVRTC
+def test_nvrtc_takes_the_last_ftz_option(tmp_path):
+    """CuPy appends -ftz=true after the caller's options (the encoder's --ftz=false among them): NVRTC takes
+    the last, as loader.py's comment says."""
+    import subprocess
+
+    src = 'extern "C" __global__ void k(float* o, const float* a) { o[threadIdx.x] = a[threadIdx.x] * a[0]; }'
+    lib = Path(os.environ["KVPOLAR_NVRTC"])
+    for opts, ftz in ((["--ftz=false", "-ftz=true"], True), (["-ftz=true", "--ftz=false"], False)):
+        cubin, _ = check_kernels.nvrtc_cubin(lib, src, [*opts, "-arch=sm_90"])
+        (tmp_path / "k.cubin").write_bytes(cubin)
+        sass = subprocess.run(
+            ["cuobjdump", "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True
+        )
+        assert ("FMUL.FTZ" in sass.stdout) == ftz, opts
