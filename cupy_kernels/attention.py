@@ -181,6 +181,15 @@ POLAR3V_D64_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=2)
 FEW_UNITS_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=1)
 POLAR3V_FEW_UNITS = 8
 POLARV_D64_FEW_UNITS = 12
+# polar V at head size 128 on a GPU whose memory feeds each SM more than LOOP_BOUND_BYTES bytes a cycle
+# (loader.memory_bytes_per_sm_cycle; an H200: 18.8, an H100 SXM: 12.8): 12 warps in the one CTA a SM. On
+# the H200 polar K+V's loop, not the memory, binds the default (session 44, `bench_gpu.py scaling`: a CTA's
+# loop 1.04x faster alone than under the full batch-16 load, 1.26x on the H100), and 12 warps hide more of
+# its latency (`tune-mma --phases depth`: 166.6 against 172.5 us at B=16 and 32768 keys, 678.8 against
+# 790.1 at 131072); on the H100, where the memory binds, 12 warps lost (204.6 against 200.4 us, session
+# 40). docs/results-gpu.md.
+LOOP_BOUND_BYTES = 15.0
+LOOP_BOUND_CONFIG = dataclasses.replace(DEFAULT_CONFIG, nwarps=12)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 
@@ -192,10 +201,15 @@ def work_units(B: int, Hq: int, Hkv: int, Tq: int) -> int:
 
 
 def default_config(
-    vfmt: str, kmode: str = "gather", D: int | None = None, units: int | None = None
+    vfmt: str,
+    kmode: str = "gather",
+    D: int | None = None,
+    units: int | None = None,
+    loop_bound: bool = False,
 ) -> AttnConfig:
     """The kernel shape `plan` takes for V format `vfmt` (and K mode `kmode`) at head size D (None: the
-    shape of head sizes above 64) for a call of `units` work items (`work_units`; None: many)."""
+    shape of head sizes above 64) for a call of `units` work items (`work_units`; None: many), on a GPU
+    whose memory outruns the polar K+V loop (`loop_bound`, see `loop_bound_device`) or not."""
     if kmode != "gather":  # the LUT modes exist in the simt kernel only
         base = SIMT_CONFIG_F16V if vfmt == V_F16 else SIMT_CONFIG
         return dataclasses.replace(base, kmode=kmode)
@@ -208,13 +222,24 @@ def default_config(
         return POLAR3V_D64_CONFIG if D is not None and D <= 64 else POLAR3V_CONFIG
     if vfmt == "polar" and few and D <= 64 and units <= POLARV_D64_FEW_UNITS:
         return FEW_UNITS_CONFIG
+    if vfmt == "polar" and loop_bound and D == 128:
+        return LOOP_BOUND_CONFIG
     return DEFAULT_CONFIG
 
 
-def call_config(vfmt: str, B: int, Hq: int, Hkv: int, Tq: int, D: int, kmode: str = "gather") -> AttnConfig:
-    """The kernel shape `plan` takes by default for a call of this shape (q [B, Hq, Tq, D], Hkv KV heads):
-    `default_config` for its `work_units`."""
-    return default_config(vfmt, kmode, D, work_units(B, Hq, Hkv, Tq))
+def loop_bound_device(device: int) -> bool:
+    """Whether CUDA device `device` feeds each SM more than LOOP_BOUND_BYTES bytes a cycle (False where
+    its attributes cannot be read)."""
+    rate = loader.memory_bytes_per_sm_cycle(device)
+    return rate is not None and rate > LOOP_BOUND_BYTES
+
+
+def call_config(
+    vfmt: str, B: int, Hq: int, Hkv: int, Tq: int, D: int, kmode: str = "gather", device: int = 0
+) -> AttnConfig:
+    """The kernel shape `plan` takes by default for a call of this shape (q [B, Hq, Tq, D], Hkv KV heads) on
+    CUDA device `device`: `default_config` for its `work_units`."""
+    return default_config(vfmt, kmode, D, work_units(B, Hq, Hkv, Tq), loop_bound_device(device))
 
 
 CTA_TIMES_MAX = 8192  # CTAs that AttnConfig.cta_times stamps (polar_attn_mma.cu's CTA_TIMES)
@@ -459,12 +484,12 @@ def plan(
     """The plan of decode attention for q [B, Hq, Tq, D] of `q_dtype` (torch dtype or its name)
     over caches of kfmt/vfmt holding at most `max_len` valid keys, on CUDA device `device`.
 
-    config: the kernel shape (default: `default_config(vfmt, D=D, units=work_units(B, Hq, Hkv, Tq))`, with
-    the fallbacks of `select_variant`);
+    config: the kernel shape (default: `default_config(vfmt, D=D, units=work_units(B, Hq, Hkv, Tq),
+    loop_bound=loop_bound_device(device))`, with the fallbacks of `select_variant`);
     splits: the number of key splits (default: chosen for the GPU's SM count). Compiles the
     variant. Cached per arguments; raises ValueError naming the allowed values."""
     units = work_units(B, Hq, Hkv, Tq) if Hkv > 0 and Hq % Hkv == 0 else None  # (else refused below)
-    cfg = config or default_config(vfmt, D=D, units=units)
+    cfg = config or default_config(vfmt, D=D, units=units, loop_bound=loop_bound_device(device))
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
     kf = _format("kfmt", kfmt)

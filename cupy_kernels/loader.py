@@ -123,6 +123,26 @@ def sm_count(device_index: int) -> int:
     return torch().cuda.get_device_properties(device_index).multi_processor_count
 
 
+# cudaDeviceAttr values (driver_types.h): cudaDevAttrMemoryClockRate (kHz), cudaDevAttrGlobalMemoryBusWidth
+# (bits), cudaDevAttrClockRate (kHz), cudaDevAttrMultiProcessorCount
+DEVICE_ATTRIBUTES = (36, 37, 13, 16)
+
+
+@functools.cache
+def memory_bytes_per_sm_cycle(device_index: int) -> float | None:
+    """Peak DRAM bytes a cycle of one SM of CUDA device `device_index`, from the device's attributes (memory
+    clock x 2 x bus width / (SMs x SM clock)): about 12.8 on an H100 SXM, 18.8 on an H200. None where CuPy or
+    the attributes are missing (no GPU, a runtime that no longer reports a clock)."""
+    try:
+        get = cupy().cuda.runtime.deviceGetAttribute
+        mem_khz, bus_bits, sm_khz, sms = (get(a, device_index) for a in DEVICE_ATTRIBUTES)
+    except Exception:  # no CuPy, no device, or an attribute this runtime does not give
+        return None
+    if min(mem_khz, bus_bits, sm_khz, sms) <= 0:
+        return None
+    return 2 * mem_khz * bus_bits / 8 / (sms * sm_khz)
+
+
 def ptr(t) -> np.uint64:
     """Device address of a torch tensor, as a kernel argument."""
     return np.uint64(t.data_ptr())

@@ -719,3 +719,55 @@ def test_default_config_by_work_units():
                 for qt in (0, 1, 2):
                     cfg, _, smem = attn.select_variant(D, kfmt, vfmt, rb, qt, few, True)
                     assert cfg == few and smem <= attn.SMEM_LIMIT, (D, kfmt, vfmt, rb, qt)
+
+
+def test_default_config_by_memory_rate(monkeypatch):
+    """On a GPU whose memory feeds each SM more than LOOP_BOUND_BYTES bytes a cycle (an H200) polar V at head
+    size 128 takes 12 warps (session 44); every other case keeps its shape; the rate comes from the
+    device's attributes (an H200's give 18.8, an H100 SXM's 12.8) and an unreadable one keeps the default;
+    the shape fits without a fallback at every row count, q type and K format. CPU only."""
+    lb = attn.LOOP_BOUND_CONFIG
+    assert lb == dataclasses.replace(attn.DEFAULT_CONFIG, nwarps=12)
+    assert attn.default_config("polar", D=128, loop_bound=True) == lb
+    assert attn.default_config("polar", D=128, units=128, loop_bound=True) == lb
+    for D in (None, 64, 256):
+        assert attn.default_config("polar", D=D, loop_bound=True) == attn.default_config("polar", D=D)
+    for D in (None, *attn.HEAD_DIMS):
+        for vfmt in ("polar3", "f16"):
+            assert attn.default_config(vfmt, D=D, loop_bound=True) == attn.default_config(vfmt, D=D)
+    assert attn.default_config("polar", "lut", D=128, loop_bound=True).impl == "simt"
+    for kfmt in ("polar", "polar3"):
+        for rb in range(1, 9):
+            for qt in (0, 1, 2):
+                cfg, _, smem = attn.select_variant(128, kfmt, "polar", rb, qt, lb, True)
+                assert cfg == lb and smem <= attn.SMEM_LIMIT, (kfmt, rb, qt)
+
+    class Runtime:  # cudaDeviceGetAttribute of one device: memory kHz, bus bits, SM kHz, SMs
+        def __init__(self, attrs):
+            self.attrs = dict(zip(loader.DEVICE_ATTRIBUTES, attrs, strict=True))
+
+        def deviceGetAttribute(self, attr, device):
+            if device != 0:
+                raise RuntimeError("invalid device ordinal")
+            return self.attrs[attr]
+
+    def fake(attrs):
+        rt = Runtime(attrs)
+        cp = type("cp", (), {"cuda": type("cuda", (), {"runtime": rt})})
+        monkeypatch.setattr(loader, "cupy", lambda: cp)
+        loader.memory_bytes_per_sm_cycle.cache_clear()
+
+    try:
+        fake((3201000, 6144, 1980000, 132))  # H200
+        assert loader.memory_bytes_per_sm_cycle(0) == pytest.approx(18.81, abs=0.01)
+        assert attn.loop_bound_device(0) and not attn.loop_bound_device(1)  # device 1: no attributes
+        assert attn.call_config("polar", 16, 32, 8, 1, 128) == lb
+        assert attn.call_config("polar", 16, 32, 8, 1, 128, device=1) == attn.DEFAULT_CONFIG
+        fake((2619000, 5120, 1980000, 132))  # H100 SXM
+        assert loader.memory_bytes_per_sm_cycle(0) == pytest.approx(12.83, abs=0.01)
+        assert not attn.loop_bound_device(0)
+        assert attn.call_config("polar", 16, 32, 8, 1, 128) == attn.DEFAULT_CONFIG
+        fake((0, 6144, 1980000, 132))  # a runtime that reports no memory clock
+        assert loader.memory_bytes_per_sm_cycle(0) is None and not attn.loop_bound_device(0)
+    finally:
+        loader.memory_bytes_per_sm_cycle.cache_clear()
