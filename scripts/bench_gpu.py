@@ -348,6 +348,9 @@ MMA_DEPTH_SETS = (
     # not yet timed on a GPU)
     dict(nwarps=12),
     dict(nwarps=10),
+    # 16 warps (127 registers under the cap 16 x 32 threads puts on them): on an H100 a lone CTA's loop 1.07x
+    # faster than the default's, 12 warps 1.05x; under the full load both lost there (session 44)
+    dict(nwarps=16),
     # the compile's register budget (AttnConfig.maxrreg, session 43; not yet timed): with 255 NVRTC 13.0 gives
     # the default 183 registers and 1548 loop instructions a tile (164 and 1725 without), and the 2-slot rings
     # 206 (128 without: the rings' measured loss may be the registers)
