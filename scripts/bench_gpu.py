@@ -867,7 +867,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(5)
     timers = {"write": timer, "read": Timer(timer.reps, timer.warmup, flush="read")}
-    cfg = attention.default_config("polar")
+    cfg = shape_default("polar", Shape(16, max(args.contexts), 32, 8, 128))  # this GPU's (loop_bound_device)
     cfg_t = dataclasses.replace(cfg, cta_times=True)
     cfg_q = dataclasses.replace(cfg, qstage=False)  # q from global memory (the default before session 19)
     for T in args.contexts:
@@ -1011,14 +1011,14 @@ def scaling_headroom(rows: list[dict]) -> dict[str, float]:
 def cmd_scaling(args, timer) -> list[dict]:
     """What binds the attention loop: the loop alone against the loop under the full memory load.
 
-    The default kernel of each --fmts pair at one key split (one CTA a (sequence, KV head), its whole
-    context in one loop) for each of --batches (B x 8 KV heads: 8 to 128 CTAs, one a SM) at each of
-    --contexts, 32/8 heads, D=128, fp16 q. With few CTAs the memory is far from busy and a CTA's ns a key
-    is its loop's own speed; with 128 it is what the shared memory leaves. Their ratio (scaling_headroom)
-    is how much faster the loop could go on faster memory: what an H100 says about the H200. The SM clock
-    is sampled at the fewest and the most CTAs (a lightly loaded GPU may boost higher). --config-sets: each
-    shape with each set of changes to the default config ("default": none; "ctas=2"), one after the other on
-    the same data, as format pair "K/V+SET"."""
+    The default kernel of each --fmts pair (batch 16's, on this GPU) at one key split (one CTA a (sequence,
+    KV head), its whole context in one loop) for each of --batches (B x 8 KV heads: 8 to 128 CTAs, one a SM)
+    at each of --contexts, 32/8 heads, D=128, fp16 q. With few CTAs the memory is far from busy and a CTA's
+    ns a key is its loop's own speed; with 128 it is what the shared memory leaves. Their ratio
+    (scaling_headroom) is how much faster the loop could go on faster memory: what an H100 says about the
+    H200. The SM clock is sampled at the fewest and the most CTAs (a lightly loaded GPU may boost higher).
+    --config-sets: each shape with each set of changes to the default config ("default": none; "ctas=2"),
+    one after the other on the same data, as format pair "K/V+SET"."""
     torch = _torch()
     from cupy_kernels import attention
 
@@ -1033,7 +1033,7 @@ def cmd_scaling(args, timer) -> list[dict]:
         nbytes = cache_bytes(kfmt, B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, B, sh.Hkv, T, sh.D)
         for cset, changes in args.config_sets:  # each set on the same data, one after the other
             fmts = scaling_fmts(kfmt, vfmt, cset)
-            cfg = dataclasses.replace(attention.default_config(vfmt), **changes)
+            cfg = dataclasses.replace(shape_default(vfmt, Shape(16, T, 32, 8, 128)), **changes)
             try:
                 fn = attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=1)
                 p = attention.plan(B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, 1)
