@@ -517,8 +517,9 @@ cupy)
         }
         i11 compare 100 compare --contexts 32768 131072
         # what binds the loop there: a CTA alone against the full load (session 41: on an H100 the memory)
+        # (session 44: this GPU's default against 8 warps, the default where the memory binds, and 16)
         i11 scaling 90 scaling --batches 2 4 8 16 --contexts 32768 131072 --fmts polar/polar polar/f16 \
-            --config-sets default maxrreg=255  # (session 43: the compile's register budget, not yet timed)
+            --config-sets default nwarps=8 nwarps=16
         i11 tune 170 tune-mma --fmts polar/polar --phases depth ctas
         i11 anatomy $((budget - (SECONDS - t0) - 40)) anatomy --contexts 32768
         i11 encode 40 encode

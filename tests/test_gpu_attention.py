@@ -464,6 +464,8 @@ NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll, ptrs) with the opt
     ),
     # session 43: the polar default compiled with --maxrregcount=255 (AttnConfig.maxrreg)
     "default maxrreg255": dict(dataclasses.asdict(attn.DEFAULT_CONFIG), maxrreg=255),
+    # session 44: polar V's default at head size 128 on a GPU whose memory outruns its loop (12 warps)
+    "loop-bound default": dataclasses.asdict(attn.LOOP_BOUND_CONFIG),
 }
 
 
