@@ -238,7 +238,8 @@ def nvrtc_cubin(lib: Path, source: str, options: list[str]) -> tuple[bytes, str]
 
     try:
         for builtins in sorted(Path(lib).parent.glob("libnvrtc-builtins.so.*")):  # NVRTC opens them by name:
-            ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)  # loaded first, no LD_LIBRARY_PATH needed
+            if re.fullmatch(r"libnvrtc-builtins\.so(\.[0-9]+)+", builtins.name):  # (not bootstrap's stamps)
+                ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)  # loaded first, no LD_LIBRARY_PATH needed
         nv = ctypes.CDLL(str(lib))
     except OSError as e:
         raise RuntimeError(f"expected a libnvrtc.so, got {lib}: {e}") from None

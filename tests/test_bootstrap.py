@@ -193,6 +193,51 @@ def test_squad_json_roundtrip_through_member_pipeline(bs, tmp_path, monkeypatch)
     assert "1" * 64 in str(ei.value) and spec["member_sha256"] in str(ei.value)
 
 
+def test_sass_tools_are_verified_executable_and_exported(bs, tmp_path, monkeypatch, capsys):
+    """`data --sass-tools`: each member of SASS_TOOLS from its wheel, verified, the programs executable, kept
+    once (no second download); `env` exports KVPOLAR_NVRTC and the tools' folder on PATH only when they are
+    there; a member whose bytes differ from the pin is refused by name."""
+    from kvsetup import cli
+
+    blobs = {m: f"bytes of {m}".encode() for members in pins.SASS_TOOLS.values() for m in members}
+    pinned = {
+        spec: {m: hashlib.sha256(blobs[m]).hexdigest() for m in members}
+        for spec, members in pins.SASS_TOOLS.items()
+    }
+    monkeypatch.setattr(data, "SASS_TOOLS", pinned)
+    asked = []
+
+    def fake_pip_download(spec, dest):
+        asked.append(spec)
+        wheel = dest / "w.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            for m in pinned[spec]:
+                z.writestr(m, blobs[m])
+        return wheel
+
+    monkeypatch.setattr(data, "pip_download", fake_pip_download)
+    cli.cmd_env(None)
+    assert "KVPOLAR_NVRTC" not in capsys.readouterr().out
+    data.fetch_sass_tools()
+    assert asked == list(pinned)
+    for m in blobs:
+        assert data.sass_tool(m).read_bytes() == blobs[m]
+        assert os.access(data.sass_tool(m), os.X_OK) == ("/bin/" in m)
+    data.fetch_sass_tools()
+    assert asked == list(pinned)  # verified copies are kept
+    cli.cmd_env(None)
+    out = capsys.readouterr().out
+    assert f"export KVPOLAR_NVRTC={data.sass_tool('lib/libnvrtc.so.13')}" in out
+    assert f'export PATH={data.sass_tool("bin/cuobjdump").parent}:"$PATH"' in out
+
+    data.sass_tool("bin/cuobjdump").unlink()
+    spec = next(s for s, members in pinned.items() if "nvidia/cu13/bin/cuobjdump" in members)
+    monkeypatch.setitem(pinned, spec, {"nvidia/cu13/bin/cuobjdump": "2" * 64})
+    with pytest.raises(util.ChecksumError, match="2" * 64):
+        data.fetch_sass_tools()
+    assert not data.sass_tool("bin/cuobjdump").exists()  # nothing half-written
+
+
 # ---------------------------------------------------------------------------- patches
 
 

@@ -9,13 +9,25 @@ from pathlib import Path
 
 import pytest
 
+import bench_gpu
 import check_kernels
 import sass_order
+from conftest import _missing
 
-NVRTC = pytest.mark.skipif(
-    not (os.environ.get("KVPOLAR_NVRTC") and shutil.which("cuobjdump")),
-    reason="KVPOLAR_NVRTC (a libnvrtc.so.13 of nvidia-cuda-nvrtc 13.0.88) and cuobjdump not both here",
-)
+
+@pytest.fixture
+def nvrtc() -> Path:
+    """NVRTC 13.0.88's libnvrtc.so.13 ($KVPOLAR_NVRTC), with cuobjdump on PATH: `bootstrap.py data
+    --sass-tools` and `bootstrap.py env` provide both, as the test command does (then a missing one fails,
+    not skips)."""
+    lib = os.environ.get("KVPOLAR_NVRTC")
+    if not (lib and shutil.which("cuobjdump")):
+        _missing(
+            "KVPOLAR_NVRTC (a libnvrtc.so.13 of nvidia-cuda-nvrtc 13.0.88) and cuobjdump not both here: "
+            "python3 scripts/bootstrap.py data --sass-tools, then eval $(python3 scripts/bootstrap.py env)"
+        )
+    return Path(lib)
+
 
 LISTING = """
 	code for sm_90
@@ -146,12 +158,19 @@ def test_nvrtc_errors_say_what_was_expected(tmp_path, caplog):
     assert "--nvrtc: expected a libnvrtc.so file and --emit cubin, got" in caplog.text  # before any compile
 
 
-@NVRTC
-def test_nvrtc_compiles_as_the_gpu_machine(capsys):
+def test_nvrtc_compiles_as_the_gpu_machine(capsys, nvrtc):
     """sass_order --nvrtc with NVRTC 13.0.88: the polar K+V default takes the 164 registers it took on the GPU
     machine in session 43 (nvcc here: 128), and its main loop the 7.5 wavefronts a key of every build."""
-    lib = os.environ["KVPOLAR_NVRTC"]
-    argv = ["--cupy-default", "polar", "polar", "--nvrtc", lib, "--kernel", "polar_attn_mma", "--loops"]
+    argv = [
+        "--cupy-default",
+        "polar",
+        "polar",
+        "--nvrtc",
+        str(nvrtc),
+        "--kernel",
+        "polar_attn_mma",
+        "--loops",
+    ]
     assert sass_order.main(argv) == 0
     out = capsys.readouterr().out
     assert "164 registers" in out
@@ -161,10 +180,9 @@ def test_nvrtc_compiles_as_the_gpu_machine(capsys):
     )
 
 
-@NVRTC
-def test_check_kernels_nvrtc_reports_a_failed_compile(tmp_path):
+def test_check_kernels_nvrtc_reports_a_failed_compile(tmp_path, nvrtc):
     """check_kernels --nvrtc: a variant NVRTC refuses comes back as its message (the run goes on)."""
-    lib = Path(os.environ["KVPOLAR_NVRTC"])
+    lib = nvrtc
     ok = check_kernels.Variant("polar_attn_combine.cu", (("HD", 128),))
     assert check_kernels.compile_one(ok, "", "sm_90", "cubin", tmp_path, None, nvrtc=lib) is None
     bad = check_kernels.Variant("polar_attn_combine.cu", (("HD", "not_a_number"),))
@@ -172,43 +190,49 @@ def test_check_kernels_nvrtc_reports_a_failed_compile(tmp_path):
     assert err and err.startswith("NVRTC failed (") and "error" in err
 
 
-@NVRTC
-def test_nvrtc_gives_the_registers_the_h100_run_recorded():
-    """Every polar K+V variant of session 41's tune-mma run on an H100 (its text records each one's registers
-    there) takes the same registers compiled here with --nvrtc: the check behind results-gpu's "all 30"."""
+@pytest.mark.parametrize(
+    "run,batch,fmts,phases,count",
+    [  # session 41: tune-mma --phases ctas depth shapes on an H100 (B=8); session 44: depth ctas on the H200
+        ("h100-llama/session41/tune-b8.txt", 8, bench_gpu.MMA_TUNE_FMTS, ("depth", "ctas", "shapes"), 30),
+        ("h200-llama/session44/issue11-tune.txt", 16, (("polar", "polar"),), ("depth", "ctas"), 19),
+    ],
+)
+def test_nvrtc_gives_the_registers_the_gpu_runs_recorded(nvrtc, run, batch, fmts, phases, count):
+    """Every polar K+V variant of a tune-mma run on a GPU (its text records each one's registers there) takes
+    the same registers compiled here with --nvrtc: the check behind results-gpu's register counts (session
+    43's "all 30"; session 44's 12 warps, 143)."""
     import re
 
-    import bench_gpu
     from cupy_kernels import attention
 
-    text = (Path(__file__).parents[1] / "docs/gpu/h100-llama/session41/tune-b8.txt").read_text()
-    there = dict(re.findall(r"B8 T32768 32/8 D128 polar\+polar (\S+)\s+\w+\s+splits.*?regs\s+(\d+)", text))
+    text = (Path(__file__).parents[1] / "docs/gpu" / run).read_text()
+    row = rf"B{batch} T32768 32/8 D128 polar\+polar (\S+)\s+\w+\s+splits.*?regs\s+(\d+)"
+    there = dict(re.findall(row, text))
     base = attention.default_config("polar")
     seen = {}
-    for _, k, v, cfg in bench_gpu.tune_mma_grid(bench_gpu.MMA_TUNE_FMTS, ("depth", "ctas", "shapes")):
+    for _, k, v, cfg in bench_gpu.tune_mma_grid(fmts, phases):
         label = bench_gpu.mma_label(cfg)
-        if (k, v) != ("polar", "polar") or label not in there:
+        if (k, v) != ("polar", "polar") or label not in there or label in seen:
             continue
         changes = {
             f.name: getattr(cfg, f.name)
             for f in dataclasses.fields(cfg)
             if getattr(cfg, f.name) != getattr(base, f.name)
         }
-        text = sass_order.cupy_default_sass(k, v, "90", changes, None, Path(os.environ["KVPOLAR_NVRTC"]))
+        text = sass_order.cupy_default_sass(k, v, "90", changes, None, nvrtc)
         name = next(n for n in sass_order.kernels(text) if "polar_attn_mma" in n)
         seen[label] = (sass_order.resources(text)[name]["REG"], int(there[label]))
-    assert len(seen) == 30
+    assert len(seen) == count
     assert {lab: r for lab, r in seen.items() if r[0] != r[1]} == {}
 
 
-@NVRTC
-def test_nvrtc_takes_the_last_ftz_option(tmp_path):
+def test_nvrtc_takes_the_last_ftz_option(tmp_path, nvrtc):
     """CuPy appends -ftz=true after the caller's options (the encoder's --ftz=false among them): NVRTC takes
     the last, as loader.py's comment says."""
     import subprocess
 
     src = 'extern "C" __global__ void k(float* o, const float* a) { o[threadIdx.x] = a[threadIdx.x] * a[0]; }'
-    lib = Path(os.environ["KVPOLAR_NVRTC"])
+    lib = nvrtc
     for opts, ftz in ((["--ftz=false", "-ftz=true"], True), (["-ftz=true", "--ftz=false"], False)):
         cubin, _ = check_kernels.nvrtc_cubin(lib, src, [*opts, "-arch=sm_90"])
         (tmp_path / "k.cubin").write_bytes(cubin)

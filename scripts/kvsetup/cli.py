@@ -15,7 +15,7 @@ from pathlib import Path
 from kvpolar.paths import cache_dir, data_dir
 
 from . import util
-from .data import cmd_data
+from .data import cmd_data, sass_tool
 from .llama import cmd_llama, compute_build_key
 from .patches import export_series
 from .pins import BUILD_INFO, GEMMA3, HAYSTACK, PATCH_DIRS, QWEN, SMOLLM2, SQUAD, VENDOR, VENV_MARKER
@@ -61,6 +61,12 @@ def cmd_env(args: argparse.Namespace) -> None:
         ]
     else:
         lines.append("# patched llama.cpp not built yet: python3 scripts/bootstrap.py llama")
+    nvrtc, cuobjdump = (sass_tool(m) for m in ("lib/libnvrtc.so.13", "bin/cuobjdump"))
+    if nvrtc.is_file() and cuobjdump.is_file():  # (bootstrap.py data --sass-tools)
+        lines += [
+            f"export KVPOLAR_NVRTC={sh_quote(str(nvrtc))}",
+            f'export PATH={sh_quote(str(cuobjdump.parent))}:"$PATH"',
+        ]
     print("\n".join(lines))
 
 
@@ -149,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-1.5B Q4_K_M (1.1 GB)")
         p.add_argument("--gemma", action="store_true", help="also Gemma 3 270M Q4_K_M (253 MB)")
         p.add_argument("--haystack", action="store_true", help="also the Paul Graham essays text")
+        p.add_argument(
+            "--sass-tools",
+            action="store_true",
+            help="also NVRTC 13.0, cuobjdump and nvdisasm (~95 MB of wheels): the kernels' register tests",
+        )
         if name == "all":
             p.add_argument("--verify", action="store_true", help="re-check that llama_cpp loads our libs")
     p = sub.add_parser("llama", help="patched llama.cpp build + llama-cpp-python binding")

