@@ -33,6 +33,15 @@ def _load(kind: str, model: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def model_files(kind: str, model: str) -> list[Path]:
+    """docs/bench/KIND-MODEL.json, then its variants KIND-MODEL-SUFFIX.json: another machine
+    (speed-smollm2-avx2.json: a VM without AVX-512, whose CPU paths differ), another depth (-d4096 of
+    profile_decode_cpu.py --depth), or both."""
+    main = BENCH / f"{kind}-{model}.json"
+    variants = sorted(BENCH.glob(f"{kind}-{model}-*.json"), key=lambda p: (p.stem.count("-"), p.name))
+    return [main] * main.exists() + variants  # (a machine's own file before its depths)
+
+
 def _src(d: dict) -> str:
     build = d.get("build", {})
     patches = build.get("patches", [])
@@ -749,15 +758,11 @@ def render() -> str:
     lines += headline(gpu_runs)
     lines += figures.markdown()
     lines += ["## llama.cpp on the CPU", ""]
-    # smollm2-avx2: the speed table on a VM without AVX-512 (session 39), whose CPU paths differ
-    for model in ("smollm2", "smollm2c", "qwen", "smollm2-avx2"):
+    for model in ("smollm2", "smollm2c", "qwen"):
         tables = (("quality", quality_table), ("speed", speed_table), ("memory", memory_table))
         for kind, fn in (*tables, ("profile-decode", profile_table)):
-            d = _load(kind, model)
-            if d:
-                lines += fn(d)
-        for p in sorted(BENCH.glob(f"profile-decode-{model}-d*.json")):  # profile_decode_cpu.py --depth
-            lines += profile_table(json.loads(p.read_text()))
+            for p in model_files(kind, model):
+                lines += fn(json.loads(p.read_text()))
     lines += cpu_ab_tables()
     lines += cpu_extras_section()
     lines += layer_policy_table()

@@ -164,3 +164,27 @@ def test_headline_states_issue_11s_kernel_targets(tmp_path, monkeypatch):
     assert "on GPU X, B=16, 32768 keys: polar K+V 2.90x fp16 SDPA (>= 3.0x: missed)" in line
     assert "polar K + fp16 V 1.50x (>= 1.45x: met)" in line
     assert "74 % of the copy rate measured in the same run (4000 GB/s; >= 75 %: missed)" in line
+
+
+def test_model_files_take_a_models_variants_in_order(tmp_path, monkeypatch):
+    """write_results.model_files: KIND-MODEL.json, then KIND-MODEL-SUFFIX.json (another machine, then its
+    depths), never another model whose name starts alike (smollm2c for smollm2)."""
+    import write_results
+
+    for name in (
+        "speed-m.json",
+        "speed-m-avx2.json",
+        "speed-mc.json",
+        "profile-decode-m-avx2-d4096.json",
+        "profile-decode-m-avx2.json",
+    ):
+        (tmp_path / name).write_text("{}")
+    monkeypatch.setattr(write_results, "BENCH", tmp_path)
+    names = [
+        [p.name for p in write_results.model_files(k, "m")] for k in ("speed", "profile-decode", "memory")
+    ]
+    assert names == [
+        ["speed-m.json", "speed-m-avx2.json"],
+        ["profile-decode-m-avx2.json", "profile-decode-m-avx2-d4096.json"],
+        [],
+    ]
