@@ -343,17 +343,19 @@ MMA_DEPTH_SETS = (
     dict(wtile=32, stages=3),  # 32-key tiles, rings of 3 and 4 slots
     dict(wtile=32, stages=4),
     dict(stages=2, ctas=1),  # no register cap asked (the kernel's rule asks none here either)
-    # more warps in the one CTA a SM: 12 (10) x 32 threads x 164 registers fit the SM's 65536 (16 would not),
-    # so 50 % (25 %) more warps to hide latency and more tiles in flight, without a register cap (session 38;
-    # not yet timed on a GPU)
+    # more warps in the one CTA a SM: 12 (10) x 32 threads x 164 registers fit the SM's 65536, so 50 % (25 %)
+    # more warps to hide latency and more tiles in flight (session 38). Timed: on an H100 12 lost (session
+    # 40); on the H200 12 took 166.6 against the default's 172.5 us (session 44), the default there since
+    # (attention.LOOP_BOUND_CONFIG), 10 took 188.2
     dict(nwarps=12),
     dict(nwarps=10),
-    # 16 warps (127 registers under the cap 16 x 32 threads puts on them): on an H100 a lone CTA's loop 1.07x
-    # faster than the default's, 12 warps 1.05x; under the full load both lost there (session 44)
+    # 16 warps (127 registers under the cap 16 x 32 threads puts on them). On an H100 (session 44, `scaling`)
+    # a lone CTA's loop 1.07-1.22x faster than the default's (12 warps 1.05-1.20x), and both lost under the
+    # full load there; not yet timed on an H200
     dict(nwarps=16),
-    # the compile's register budget (AttnConfig.maxrreg, session 43; not yet timed): with 255 NVRTC 13.0 gives
-    # the default 183 registers and 1548 loop instructions a tile (164 and 1725 without), and the 2-slot rings
-    # 206 (128 without: the rings' measured loss may be the registers)
+    # the compile's register budget (AttnConfig.maxrreg, session 43): with 255 NVRTC 13.0 gives the default
+    # 183 registers and 1548 loop instructions a tile (164 and 1725 without), and the 2-slot rings 206 (128
+    # without). On the H200 (session 44) the first took 186.4 us, the second 167.7 (the default 172.5)
     dict(maxrreg=255),
     dict(stages=2, maxrreg=255),
 )
