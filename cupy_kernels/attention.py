@@ -90,7 +90,8 @@ class AttnConfig:
     allows 3 CTAs a SM, else no minimum); 1 = no minimum.
     maxrreg: the register budget of the compile (NVRTC --maxrregcount, loader.define_options); 0 = the
     compiler's own. Session 43: on NVRTC 13.0 (the GPU machine's) the polar K+V default takes 164 registers
-    and 1725 loop instructions a 64-key tile by itself, 183 and 1548 with 255 (scripts/sass_order.py --nvrtc).
+    and 1725 loop instructions a 64-key tile by itself, 183 and 1548 with 255 (scripts/sass_order.py --nvrtc);
+    session 44, on the H200: 12-24 % slower on polar K+V all the same, so no default takes it.
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
