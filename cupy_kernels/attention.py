@@ -183,7 +183,7 @@ FEW_UNITS_CONFIG = dataclasses.replace(DEFAULT_CONFIG, ctas=1)
 POLAR3V_FEW_UNITS = 8
 POLARV_D64_FEW_UNITS = 12
 # polar V at head size 128 on a GPU whose memory feeds each SM more than LOOP_BOUND_BYTES bytes a cycle
-# (loader.memory_bytes_per_sm_cycle; an H200: 18.8, an H100 SXM: 12.8): 12 warps in the one CTA a SM. On
+# (loader.memory_bytes_per_sm_cycle; an H200: ~18.8, an H100 SXM: 12.8): 12 warps in the one CTA a SM. On
 # the H200 polar K+V's loop, not the memory, binds the default (session 44, `bench_gpu.py scaling`: a CTA's
 # loop 1.04x faster alone than under the full batch-16 load, 1.26x on the H100), and 12 warps hide more of
 # its latency (`tune-mma --phases depth`: 166.6 against 172.5 us at B=16 and 32768 keys, 678.8 against

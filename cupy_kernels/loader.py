@@ -131,7 +131,7 @@ DEVICE_ATTRIBUTES = (36, 37, 13, 16)
 @functools.cache
 def memory_bytes_per_sm_cycle(device_index: int) -> float | None:
     """Peak DRAM bytes a cycle of one SM of CUDA device `device_index`, from the device's attributes (memory
-    clock x 2 x bus width / (SMs x SM clock)): about 12.8 on an H100 SXM, 18.8 on an H200. None where CuPy or
+    clock x 2 x bus width / (SMs x SM clock)): 12.8 on an H100 SXM, ~18.8 on an H200. None where CuPy or
     the attributes are missing (no GPU, a runtime that no longer reports a clock)."""
     try:
         get = cupy().cuda.runtime.deviceGetAttribute

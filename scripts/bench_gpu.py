@@ -1538,6 +1538,14 @@ def cmd_copy(args, timer) -> list[dict]:
     r = timer(lambda: b.copy_(a))
     rate = 2 * a.numel() / r["ms"] / 1e6
     print(f"device copy 1 GiB: {r['ms']:.3f} ms = {rate:.0f} GB/s (read + written)")
+    from cupy_kernels import attention, loader
+
+    feed = loader.memory_bytes_per_sm_cycle(0)  # (the device's attributes: what the default rests on)
+    label = mma_label(shape_default("polar", Shape(16, 32768, 32, 8, 128)))
+    print(
+        f"memory feeds {feed if feed is None else round(feed, 1)} bytes a SM cycle (loop-bound above "
+        f"{attention.LOOP_BOUND_BYTES}): polar K+V's default at head size 128 is {label}"
+    )
     a = b = None
     torch.cuda.empty_cache()
     return [{"variant": "copy 1GiB", **r, "GBps": rate}]

@@ -171,6 +171,10 @@ def device_info() -> dict:
     torch = _torch()
     p = torch.cuda.get_device_properties(0)
     info = {"name": p.name, "sm_count": p.multi_processor_count, "torch": torch.__version__}
+    from cupy_kernels import loader
+
+    # what the attention's default rests on (attention.loop_bound_device): None where it cannot be read
+    info["memory_bytes_per_sm_cycle"] = loader.memory_bytes_per_sm_cycle(0)
     try:
         import cupy
 

@@ -164,8 +164,8 @@ def variants(full: bool) -> list[Variant]:
                         seen, D, kfmt, vfmt, attention.default_config(vfmt, kmode, D, units=1), True, qt, rb
                     )
                     # the default on a GPU whose memory outruns the polar K+V loop (an H200), where it differs
-                    cfg = attention.default_config(vfmt, kmode, D, loop_bound=True)
-                    _attn(seen, D, kfmt, vfmt, cfg, True, qt, rb)
+                    loop_bound = attention.default_config(vfmt, kmode, D, loop_bound=True)
+                    _attn(seen, D, kfmt, vfmt, loop_bound, True, qt, rb)
                     _attn(seen, D, kfmt, vfmt, attention.AttnConfig(kmode=kmode, impl="simt"), False, qt, rb)
                     for cfg in CONFIGS if full else ():
                         _attn(seen, D, kfmt, vfmt, dataclasses.replace(cfg, kmode=kmode), False, qt, rb)

@@ -727,8 +727,9 @@ def test_default_config_by_work_units():
 def test_default_config_by_memory_rate(monkeypatch):
     """On a GPU whose memory feeds each SM more than LOOP_BOUND_BYTES bytes a cycle (an H200) polar V at head
     size 128 takes 12 warps (session 44); every other case keeps its shape; the rate comes from the
-    device's attributes (an H200's give 18.8, an H100 SXM's 12.8) and an unreadable one keeps the default;
-    the shape fits without a fallback at every row count, q type and K format. CPU only."""
+    device's attributes (an H200's, by its specification, give 18.8; an H100 SXM's 12.8) and an unreadable
+    one keeps the default; the shape fits without a fallback at every row count, q type and K format. CPU
+    only."""
     lb = attn.LOOP_BOUND_CONFIG
     assert lb == dataclasses.replace(attn.DEFAULT_CONFIG, nwarps=12)
     assert attn.default_config("polar", D=128, loop_bound=True) == lb
