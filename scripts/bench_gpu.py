@@ -353,6 +353,9 @@ MMA_DEPTH_SETS = (
     # a lone CTA's loop 1.07-1.22x faster than the default's (12 warps 1.05-1.20x), and both lost under the
     # full load there; not yet timed on an H200
     dict(nwarps=16),
+    # 12 warps with the register budget their 384 threads leave (65536 / 384 = 170): NVRTC 13.0.88 gives 150
+    # registers and 1707 loop instructions a tile (143 and 1732 without); not yet timed
+    dict(nwarps=12, maxrreg=168),
     # the compile's register budget (AttnConfig.maxrreg, session 43): with 255 NVRTC 13.0 gives the default
     # 183 registers and 1548 loop instructions a tile (164 and 1725 without), and the 2-slot rings 206 (128
     # without). On the H200 (session 44) the first took 186.4 us, the second 167.7 (the default 172.5)
