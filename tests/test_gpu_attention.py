@@ -203,8 +203,8 @@ def test_writes_out_rule_cpu():
 
 def test_tune_mma_depth_grid():
     """tune-mma's "depth" phase: polar's default and deeper rings of it (2 slots of 64 keys each, one ring or
-    two; 3 and 4 slots of 32) or more warps (12, 10, 16; 12 with 168 registers), each fitting in shared memory,
-    named by label."""
+    two; 3 and 4 slots of 32) or more warps (12, 10, 16; 12 with 168 registers), each fitting in shared
+    memory, named by label."""
     grid = bench_gpu.tune_mma_grid((("polar", "polar"),), ("depth",))
     cfgs = [c for _, _, _, c in grid]
     assert {ph for ph, *_ in grid} == {"depth"} and cfgs[0] == attn.DEFAULT_CONFIG and len(cfgs) == 12
