@@ -92,6 +92,12 @@ class AttnConfig:
     compiler's own. Session 43: on NVRTC 13.0 (the GPU machine's) the polar K+V default takes 164 registers
     and 1725 loop instructions a 64-key tile by itself, 183 and 1548 with 255 (scripts/sass_order.py --nvrtc);
     session 44, on the H200: 12-24 % slower on polar K+V all the same, so no default takes it.
+    pshfl: the P d words (pdw) reach the V phase by warp shuffles, not through the warp's P slots in shared
+    memory: 16 shuffles a 64-key tile instead of 8 64-bit stores and 16 loads (polar_attn_mma.cu's header);
+    taken where pdw, swizzle, vunroll and a quantized V meet at 4 padded rows and 32-key blocks (else the
+    kernel as without it). The same words into the same products: the same results. Session 45: 32 fewer
+    shared-memory wavefronts and 65 fewer instructions a tile (NVRTC 13.0.88), not yet run on a GPU
+    (docs/results-gpu.md).
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
     anatomy`); the results are the same."""
@@ -112,6 +118,7 @@ class AttnConfig:
     ptrs: bool = False  # mma: staging from running per-lane pointers (PTRS)
     vunroll: bool = False  # mma: V phase key steps fully unrolled (VUNROLL)
     qstage: bool = False  # mma: q rows copied into shared memory first (QSTAGE; on in the defaults)
+    pshfl: bool = False  # mma: P d by warp shuffles, not shared memory (PSHFL)
     cta_times: bool = False  # mma: instrumentation, per-CTA %globaltimer stamps (CTA_TIMES; cta_times())
     ctas: int = 0  # mma: CTAs a SM asked of ptxas (MMA_CTAS): 0 = the kernel's rule
     maxrreg: int = 0  # mma: --maxrregcount of the compile (MAXRREG): 0 = the compiler's own budget
@@ -314,6 +321,8 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             d["MMA_CTAS"] = cfg.ctas
         if cfg.maxrreg:  # (likewise; loader.define_options turns it into --maxrregcount)
             d["MAXRREG"] = cfg.maxrreg
+        if cfg.pshfl:  # (likewise)
+            d["PSHFL"] = 1
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
     return d

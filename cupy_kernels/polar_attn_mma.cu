@@ -60,6 +60,14 @@
 //     q max and fragments read them there, instead of 2 + 1 dependent rounds of 2-byte global loads issued
 //     behind the CTA's copies (~11 us of a ~12 us prologue at B=16 on the H200, bench_gpu.py anatomy,
 //     session 18). The same q values: the same results.
+//   PSHFL 1 (taken where PSH below holds: PDW, KSWZ, quantized V, 4 padded rows, VUNROLL, 32-key blocks):
+//     the P d words reach the V phase by warp shuffles instead of a store to and a load from the warp's P
+//     slots (8 64-bit stores and 16 32-bit loads of shared memory a 64-key tile, 16 shuffles instead).
+//     With the swizzled orders the V phase's key v_key(k8, h, c) is the K phase's k_row(2 (k8 >> 2) + h,
+//     (k8 >> 1) & 1, 2 c + (k8 & 1)), and row r is held by lanes c' with c' & 1 = r >> 1 (both of a pair of
+//     lanes c', c' ^ 2 hold rows ra, ra + 1, QDUP or not), so lane (g, c) reads row g >> 1 from lane
+//     4 (2 c + (k8 & 1)) + (r >> 1) + 2 (r & 1), which offers the word of row ra where c' < 2 and of ra + 1
+//     where c' >= 2. The same words into the same products: the same results.
 
 #include "polar_attn_common.cuh"
 
@@ -104,6 +112,10 @@ static_assert(STAGES >= (KVSPLIT ? 1 : 2), "STAGES >= 2 (>= 1 with KVSPLIT)");
 
 #define QDUP (SMLEAN && !PREC && RBP == 4)               // q rows repeated in the zero B columns
 #define KSWZ (SWZ && KROW % 4 == 0)                      // the swizzle pays off for 4-byte aligned rows
+#ifndef PSHFL
+#define PSHFL 0
+#endif
+#define PSH (PSHFL && PDW && KSWZ && VQUANT && RBP == 4 && VUNROLL && TW % 32 == 0)  // P d by shuffles
 #define FULL32(blk) (TW % 32 == 0 || 32 * (blk) + 32 <= TW)  // keys 32 blk .. 32 blk + 31 in the tile
 
 // Key row (of the warp tile) of the K phase's m-tile mt, A rows g (kk 0) / g + 8 (kk 1).
@@ -271,10 +283,8 @@ template <int N> __device__ __forceinline__ void lds_vec(const u32 * p, u32 (&w)
 }
 
 // PDW: the words of rows ra, ra + 1 (P = pa, pb) of the key whose staged V row starts at byte vrow of
-// vst, to dst = the (slot, ra) entry (2 WN words, row ra's then row ra + 1's) if `store` (computed by
-// every lane: only the store is predicated, no branch)
-__device__ __forceinline__ void write_pdw(u32 * dst, const u8 * vst, u32 vrow, float pa, float pb, bool store) {
-    u32 w[2 * WN];
+// vst, in w (2 WN words, row ra's then row ra + 1's)
+__device__ __forceinline__ void pdw_words(u32 (&w)[2 * WN], const u8 * vst, u32 vrow, float pa, float pb) {
 #pragma unroll
     for (int jj = 0; jj < WH; ++jj) {
         float x[2][2];  // [row][j & 1]
@@ -300,6 +310,13 @@ __device__ __forceinline__ void write_pdw(u32 * dst, const u8 * vst, u32 vrow, f
 #endif
         }
     }
+}
+
+// PDW: pdw_words to dst = the (slot, ra) entry if `store` (computed by every lane: only the store is
+// predicated, no branch)
+__device__ __forceinline__ void write_pdw(u32 * dst, const u8 * vst, u32 vrow, float pa, float pb, bool store) {
+    u32 w[2 * WN];
+    pdw_words(w, vst, vrow, pa, pb);
     if (!store) {
         return;
     }
@@ -946,6 +963,9 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             grew |= alpha[r] != 1.0f;
         }
 #endif
+#if PSH
+        u32 pw[TW / 16][2][WN];  // the P d words this lane offers the V phase: row ra's (c < 2), else ra + 1's
+#endif
         {
             const float ma = sel_arr(m_run, ra), mb = sel_arr(m_run, ra + 1);
 #if SMLEAN >= 2
@@ -971,7 +991,16 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
 #endif
                     l_a += pa;
                     l_b += pb;
-#if PDW
+#if PSH
+                    {
+                        u32 w[2 * WN];
+                        pdw_words(w, vst, (u32) k_row(mt, kk, g) * VROWS, pa, pb);
+#pragma unroll
+                        for (int n = 0; n < WN; ++n) {
+                            pw[mt][kk][n] = (c & 2) ? w[WN + n] : w[n];
+                        }
+                    }
+#elif PDW
                     write_pdw(wsw + (ws_slot_k(mt, kk, g) * RBP + ra) * WN, vst, (u32) k_row(mt, kk, g) * VROWS, pa, pb,
                               owner);
 #else
@@ -1021,12 +1050,25 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
         for (int k8 = 0; k8 < TW / 8; ++k8) {
 #if KSWZ
             const int kc0 = v_key(k8, 0, c), kc1 = v_key(k8, 1, c);  // keys of B slots c, c + 4
+#if !PSH
             const int pc0 = ws_slot_v(k8, 0, c), pc1 = ws_slot_v(k8, 1, c);
+#endif
 #else
             const int kc0 = k8 * 8 + c, kc1 = kc0 + 4;
             const int pc0 = kc0, pc1 = kc1;
 #endif
-#if PDW
+#if PSH
+            u32 w0[NVT][WN], w1[NVT][WN];  // P d of keys kc0, kc1 for row g >> 1 (NVT = 1), from the K phase's
+            {                              // lanes that hold them (the header's PSHFL)
+                const int r   = g >> 1;
+                const int src = 4 * (2 * c + (k8 & 1)) + (r >> 1) + 2 * (r & 1);
+#pragma unroll
+                for (int n = 0; n < WN; ++n) {
+                    w0[0][n] = __shfl_sync(0xffffffffu, pw[2 * (k8 >> 2)][(k8 >> 1) & 1][n], src);
+                    w1[0][n] = __shfl_sync(0xffffffffu, pw[2 * (k8 >> 2) + 1][(k8 >> 1) & 1][n], src);
+                }
+            }
+#elif PDW
             u32 w0[NVT][WN], w1[NVT][WN];  // P d of keys kc0, kc1 for row 4 nt + (g >> 1)
 #pragma unroll
             for (int nt = 0; nt < NVT; ++nt) {

@@ -356,6 +356,10 @@ MMA_DEPTH_SETS = (
     # 12 warps with the register budget their 384 threads leave (65536 / 384 = 170): NVRTC 13.0.88 gives 150
     # registers and 1707 loop instructions a tile (143 and 1732 without); not yet timed
     dict(nwarps=12, maxrreg=168),
+    # P d by warp shuffles (AttnConfig.pshfl, session 45: 32 fewer shared-memory wavefronts a 64-key tile,
+    # 16 shuffles more); not yet timed
+    dict(pshfl=True),
+    dict(nwarps=12, pshfl=True),
     # the compile's register budget (AttnConfig.maxrreg, session 43): with 255 NVRTC 13.0 gives the default
     # 183 registers and 1548 loop instructions a tile (164 and 1725 without), and the 2-slot rings 206 (128
     # without). On the H200 (session 44) the first took 186.4 us, the second 167.7 (the default 172.5)
@@ -378,6 +382,7 @@ def mma_label(cfg) -> str:
         + ("+vun" if cfg.vunroll else "")
         + ("+ptrs" if cfg.ptrs else "")
         + ("+qst" if cfg.qstage else "")
+        + ("+psh" if cfg.pshfl else "")
         + (f"+c{cfg.ctas}" if cfg.ctas else "")
         + (f"+r{cfg.maxrreg}" if cfg.maxrreg else "")
     )

@@ -108,9 +108,10 @@ def wavefronts(op: str) -> int:
 
 def loops(sass_fn: str) -> list[dict]:
     """The loops of one kernel's listing (cuobjdump -sass text of one function): a backward branch and its
-    target; per loop its instruction count, shared-memory wavefronts (see `wavefronts`) and, by opcode, the
-    shared-memory instructions and their wavefronts ("by_op": {opcode: [instructions, wavefronts]}, all paths
-    of the body counted, also those a given iteration skips)."""
+    target; per loop its instruction count, shared-memory wavefronts (see `wavefronts`), warp shuffles (SHFL:
+    no shared memory, but 32 results a cycle an SM in CUDA's throughput table, one wavefront's rate) and, by
+    opcode, the shared-memory instructions and their wavefronts ("by_op": {opcode: [instructions,
+    wavefronts]}, all paths of the body counted, also those a given iteration skips)."""
     ins = []
     for line in sass_fn.splitlines():
         m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
@@ -134,6 +135,7 @@ def loops(sass_fn: str) -> list[dict]:
                     "end": addr,
                     "instructions": len(body),
                     "wavefronts": sum(map(wavefronts, body)),
+                    "shuffles": sum(1 for o in body if o.split(".")[0] == "SHFL"),
                     "by_op": dict(sorted(by_op.items())),
                 }
             )
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
                     per = f" = {lp['instructions'] / n:.1f} and {lp['wavefronts'] / n:.1f} per key"
                 print(
                     f"  loop 0x{lp['start']:x}-0x{lp['end']:x}: {lp['instructions']} instructions, "
-                    f"{lp['wavefronts']} shared-memory wavefronts{per}"
+                    f"{lp['wavefronts']} shared-memory wavefronts{per}, {lp['shuffles']} shuffles"
                 )
                 if lp["by_op"]:
                     print("    " + ", ".join(f"{o} x{n} ({w})" for o, (n, w) in lp["by_op"].items()))

@@ -203,11 +203,11 @@ def test_writes_out_rule_cpu():
 
 def test_tune_mma_depth_grid():
     """tune-mma's "depth" phase: polar's default and deeper rings of it (2 slots of 64 keys each, one ring or
-    two; 3 and 4 slots of 32) or more warps (12, 10, 16; 12 with 168 registers), each fitting in shared
-    memory, named by label."""
+    two; 3 and 4 slots of 32) or more warps (12, 10, 16; 12 with 168 registers), P d by shuffles (pshfl,
+    8 and 12 warps), each fitting in shared memory, named by label."""
     grid = bench_gpu.tune_mma_grid((("polar", "polar"),), ("depth",))
     cfgs = [c for _, _, _, c in grid]
-    assert {ph for ph, *_ in grid} == {"depth"} and cfgs[0] == attn.DEFAULT_CONFIG and len(cfgs) == 12
+    assert {ph for ph, *_ in grid} == {"depth"} and cfgs[0] == attn.DEFAULT_CONFIG and len(cfgs) == 14
     assert "12w64k1s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst" in {bench_gpu.mma_label(c) for c in cfgs}
     assert "16w64k1s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst" in {bench_gpu.mma_label(c) for c in cfgs}
     labels = {bench_gpu.mma_label(c) for c in cfgs}
@@ -215,6 +215,7 @@ def test_tune_mma_depth_grid():
     assert "8w32k4s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst" in labels
     assert "8w64k2s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst+r255" in labels  # (maxrreg, session 43)
     assert "12w64k1s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst+r168" in labels
+    assert "12w64k1s+swz+lean2+kvs+pdw+sml1+vun+ptrs+qst+psh" in labels  # (pshfl, session 45)
 
 
 def test_qstage_changes_no_fallback():
@@ -468,6 +469,9 @@ NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll, ptrs) with the opt
     "default maxrreg255": dict(dataclasses.asdict(attn.DEFAULT_CONFIG), maxrreg=255),
     # session 44: polar V's default at head size 128 on a GPU whose memory outruns its loop (12 warps)
     "loop-bound default": dataclasses.asdict(attn.LOOP_BOUND_CONFIG),
+    # session 45: P d by warp shuffles (taken at 3 rows, not at 8, nor at D=64 where the swizzle is off)
+    "default pshfl": dict(dataclasses.asdict(attn.DEFAULT_CONFIG), pshfl=True),
+    "loop-bound pshfl": dict(dataclasses.asdict(attn.LOOP_BOUND_CONFIG), pshfl=True),
 }
 
 
@@ -672,6 +676,29 @@ def test_qstage_same_bits(torch, qdtype, kfmt, vfmt):
             got = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=base)
             want = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=dataclasses.replace(base, qstage=False))
             assert torch.equal(got, want), f"{kfmt}/{vfmt} {qdtype} Hq {Hq} stride {q.stride()}"
+
+
+@pytest.mark.parametrize("qdtype", ["float16", "float32", "bfloat16"])
+@pytest.mark.parametrize("kfmt,vfmt", [("polar", "polar"), ("polar", "polar3"), ("polar3", "polar3")])
+@pytest.mark.parametrize("nwarps", [8, 12])
+def test_pshfl_same_bits(torch, qdtype, kfmt, vfmt, nwarps):
+    """AttnConfig.pshfl (P d by warp shuffles) gives the bits of the same config without it: 4 rows a CTA
+    (where it is taken), float16/bfloat16 q (one word a P entry) and float32 q (two), ragged lengths (a
+    partial last tile, an empty chunk), one split and 3."""
+    import dataclasses
+
+    gen = torch.Generator(device="cuda").manual_seed(45)
+    lens = torch.tensor([2100, 1, 777], dtype=torch.int32, device="cuda")
+    kc = _rand_cache(torch, kfmt, 3, 2, 2112, 128, gen)
+    vc = _rand_cache(torch, vfmt, 3, 2, 2112, 128, gen)
+    q = torch.randn((3, 8, 1, 128), generator=gen, device="cuda").to(getattr(torch, qdtype))
+    base = dataclasses.replace(attn.default_config(vfmt, D=128), nwarps=nwarps)
+    for splits in (1, 3):
+        want = attn.attention(q, kc, vc, lens, kfmt, vfmt, config=base, splits=splits)
+        got = attn.attention(
+            q, kc, vc, lens, kfmt, vfmt, config=dataclasses.replace(base, pshfl=True), splits=splits
+        )
+        assert torch.equal(got, want), f"{kfmt}/{vfmt} {qdtype} {nwarps} warps splits={splits}"
 
 
 def test_default_config_by_head_size():

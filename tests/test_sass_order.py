@@ -74,6 +74,7 @@ LOOP = """
         /*0030*/                   LDS.U16 R6, [R1+0x10] ;                          /* 0x0000100001067984 */
         /*0040*/                   STS.128 [R1+0x20], R8 ;                          /* 0x0000200801007388 */
         /*0050*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;     /* 0x0000000002017fae */
+        /*0054*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;                /* 0x0c201f0002037f89 */
         /*0058*/              @!PT LDS RZ, [RZ] ;                                   /* 0x00000000ff00b984 */
         /*0060*/               @P0 BRA 0x10 ;                                       /* 0xfffffffc00000947 */
         /*0070*/                   EXIT ;                                           /* 0x000000000000794d */
@@ -101,8 +102,8 @@ def test_loops_and_wavefronts():
         "STS.128": [1, 4],
     }
     assert sass_order.loops(fn) == [
-        {"start": 0x10, "end": 0x60, "instructions": 7, "wavefronts": 12, "by_op": by_op}
-    ]  # the @!PT LDS (never executed) is an instruction without traffic
+        {"start": 0x10, "end": 0x60, "instructions": 8, "wavefronts": 12, "shuffles": 1, "by_op": by_op}
+    ]  # the @!PT LDS (never executed) is an instruction without traffic; a shuffle moves no shared memory
     assert sass_order.never("@!PT ") and not sass_order.never("@!P0 ") and not sass_order.never(None)
     assert sass_order.runs(sass_order.kernels(LOOP)["_Z4loopv"]) == [("LDS", 3), ("BRA", 1)]
 
@@ -112,7 +113,9 @@ def test_main_loops_per_key(tmp_path, capsys):
     f.write_text(LOOP)
     assert sass_order.main(["--sass", str(f), "--kernel", "loop", "--loops", "--per", "4"]) == 0
     out = capsys.readouterr().out
-    assert "loop 0x10-0x60: 7 instructions, 12 shared-memory wavefronts = 1.8 and 3.0 per key" in out
+    assert (
+        "loop 0x10-0x60: 8 instructions, 12 shared-memory wavefronts = 2.0 and 3.0 per key, 1 shuffles" in out
+    )
     assert "LDGSTS.E.BYPASS.128 x1 (4), LDS x1 (1), LDS.64 x1 (2), LDS.U16 x1 (1), STS.128 x1 (4)" in out
 
 
