@@ -139,31 +139,48 @@ def test_headline_takes_the_newest_gpu_run_of_each_kind_and_model():
 
 
 def test_headline_states_issue_11s_kernel_targets(tmp_path, monkeypatch):
-    """The headline's CuPy lines: the graph-replayed rows of a compare JSON, each target met or missed."""
+    """The headline's CuPy lines: the graph-replayed rows of the newest compare JSON of each GPU that has
+    them (by its recorded time, a plain file or a member of a .tgz), each target met or missed."""
+    import tarfile
+
     import write_results
 
     def row(T, variant, x=None, pct=None):
         return {"shape": f"B16 T{T} 32/8 D128", "T": T, "D": 128, "variant": variant,
                 "speedup_vs_sdpa": x, "pct_copy_rate": pct}  # fmt: skip
 
-    doc = {
-        "device": {"name": "GPU X"},
-        "copy_rate_Bps": 4.0e12,
-        "compare": [
+    def doc(gpu, time, x, full=True):
+        rows = [
             row(32768, "polar+polar mma default", 3.5, 90.0),  # eager: not the one taken
-            row(32768, "polar+polar mma default graph", 2.9, 80.0),
+            row(32768, "polar+polar mma default graph", x, 80.0),
             row(32768, "polar+f16 mma default graph", 1.5, 99.0),
-            row(131072, "polar+polar mma default graph", 3.1, 74.0),
-        ],
-    }
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "c.json").write_text(json.dumps(doc))
+        ]
+        if full:
+            rows.append(row(131072, "polar+polar mma default graph", 3.1, 74.0))
+        return {"device": {"name": gpu}, "time": time, "copy_rate_Bps": 4.0e12, "compare": rows}
+
+    gpu = tmp_path / "docs" / "gpu"
+    (gpu / "s1").mkdir(parents=True)
+    (gpu / "s1" / "compare.json").write_text(json.dumps(doc("GPU X", "2026-12-01 10:00:00", 2.5)))
+    (gpu / "s1" / "compare-y.json").write_text(json.dumps(doc("GPU Y", "2026-12-01 11:00:00", 3.2)))
+    (gpu / "s2").mkdir()
+    (gpu / "s2" / "issue11-compare.json").write_text(json.dumps(doc("GPU X", "2026-12-02 10:00:00", 2.9)))
+    with tarfile.open(gpu / "s2" / "issue11-json.tgz", "w:gz") as t:
+        t.add(gpu / "s2" / "issue11-compare.json", arcname="issue11-compare.json")
+    (gpu / "s2" / "issue11-compare.json").unlink()
+    # newer, but without the 131072-key row: not taken
+    (gpu / "s2" / "contexts.json").write_text(
+        json.dumps(doc("GPU X", "2026-12-03 10:00:00", 9.9, full=False))
+    )
+    (gpu / "s2" / "other.json").write_text(json.dumps({"rows": []}))  # not a compare
     monkeypatch.setattr(write_results, "REPO", tmp_path)
-    monkeypatch.setattr(write_results, "COMPARE_LATEST", ("docs/c.json", "docs/missing.json"))
-    (line,) = write_results.kernel_headline()
-    assert "on GPU X, B=16, 32768 keys: polar K+V 2.90x fp16 SDPA (>= 3.0x: missed)" in line
-    assert "polar K + fp16 V 1.50x (>= 1.45x: met)" in line
-    assert "74 % of the copy rate measured in the same run (4000 GB/s; >= 75 %: missed)" in line
+    x, y = write_results.kernel_headline()
+    assert "on GPU X, B=16, 32768 keys: polar K+V 2.90x fp16 SDPA (>= 3.0x: missed)" in x
+    assert "polar K + fp16 V 1.50x (>= 1.45x: met)" in x
+    assert "74 % of the copy rate measured in the same run (4000 GB/s; >= 75 %: missed)" in x
+    assert "2026-12-02 10:00:00, [issue11-json.tgz: issue11-compare.json](gpu/s2/issue11-json.tgz)" in x
+    assert "on GPU Y, B=16, 32768 keys: polar K+V 3.20x fp16 SDPA (>= 3.0x: met)" in y
+    assert "[compare-y.json](gpu/s1/compare-y.json)" in y
 
 
 def test_model_files_take_a_models_variants_in_order(tmp_path, monkeypatch):

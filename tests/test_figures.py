@@ -70,6 +70,30 @@ def test_results_md_is_up_to_date():
     assert write_results.render() == committed, f"docs/results.md {STALE}"
 
 
+def test_readme_headline_is_up_to_date():
+    """README.md's "Where it stands" is results.md's headline, with links from the repository root."""
+    readme = (REPO / "README.md").read_text()
+    want = write_results.readme_with_headline(readme, write_results.readme_headline(write_results.render()))
+    assert readme == want, f"README.md's headline {STALE} and README.md"
+    block = readme.split(write_results.README_BEGIN)[1].split(write_results.README_END)[0]
+    assert (
+        "CuPy decode attention on NVIDIA H200" in block and "](docs/gpu/" in block and "](gpu/" not in block
+    )
+
+
+def test_readme_headline_markers(tmp_path):
+    text = f"intro\n{write_results.README_BEGIN}\nold\nlines\n{write_results.README_END}\nrest\n"
+    assert write_results.readme_with_headline(text, ["- new", ""]) == (
+        f"intro\n{write_results.README_BEGIN}\n- new\n{write_results.README_END}\nrest\n"
+    )
+    with pytest.raises(ValueError, match="expected the markers"):
+        write_results.readme_with_headline("no markers\n", ["x"])
+    with pytest.raises(ValueError, match="in that order"):
+        write_results.readme_with_headline(
+            f"{write_results.README_END}\n{write_results.README_BEGIN}\n", ["x"]
+        )
+
+
 def test_committed_figures_match_results_md_and_their_sources():
     text = (REPO / "docs" / "results.md").read_text()
     referenced = re.findall(r"!\[[^\]]*\]\(figures/([^)]+)\)", text)
