@@ -96,7 +96,8 @@ class AttnConfig:
     memory: 16 shuffles a 64-key tile instead of 8 64-bit stores and 16 loads (polar_attn_mma.cu's header);
     taken where pdw, swizzle, vunroll and a quantized V meet at 4 padded rows and 32-key blocks (else the
     kernel as without it). The same words into the same products: the same results. Session 45: 32 fewer
-    shared-memory wavefronts and 65 fewer instructions a tile (NVRTC 13.0.88), not yet run on a GPU
+    shared-memory wavefronts and 65 fewer instructions a tile (NVRTC 13.0.88); on an H100 a lone CTA's loop
+    3.6-3.9 % faster, the memory-bound full load unchanged, so LOOP_BOUND_CONFIG takes it
     (docs/results-gpu.md).
     cta_times: instrumentation, not a tuning option: each CTA's thread 0 writes %globaltimer at six
     points (CTA_MARKS) and its SM into a device array that `cta_times(plan)` returns (`scripts/bench_gpu.py
@@ -195,9 +196,11 @@ POLARV_D64_FEW_UNITS = 12
 # loop 1.04x faster alone than under the full batch-16 load, 1.26x on the H100), and 12 warps hide more of
 # its latency (`tune-mma --phases depth`: 166.6 against 172.5 us at B=16 and 32768 keys, 678.8 against
 # 790.1 at 131072); on the H100, where the memory binds, 12 warps lost (204.6 against 200.4 us, session
-# 40). docs/results-gpu.md.
+# 40). With pshfl (P d by shuffles, the same bits): on an H100 a lone CTA's loop (the H200's regime) 3.8-3.9 %
+# faster than 12 warps without it, the memory-bound full load equal (session 45; not yet timed on an
+# H200). docs/results-gpu.md.
 LOOP_BOUND_BYTES = 15.0
-LOOP_BOUND_CONFIG = dataclasses.replace(DEFAULT_CONFIG, nwarps=12)
+LOOP_BOUND_CONFIG = dataclasses.replace(DEFAULT_CONFIG, nwarps=12, pshfl=True)
 # where DEFAULT_CONFIG's shared memory does not fit (D=256 with float16 V)
 SMALL_MMA_CONFIG = AttnConfig(impl="mma", nwarps=4, wtile=16, stages=2)
 

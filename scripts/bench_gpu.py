@@ -357,7 +357,8 @@ MMA_DEPTH_SETS = (
     # registers and 1707 loop instructions a tile (143 and 1732 without); not yet timed
     dict(nwarps=12, maxrreg=168),
     # P d by warp shuffles (AttnConfig.pshfl, session 45: 32 fewer shared-memory wavefronts a 64-key tile,
-    # 16 shuffles more); not yet timed
+    # 16 shuffles more); on an H100 a lone CTA 3.6-3.9 % faster, the full load equal; 12 warps with it are
+    # the loop-bound default (attention.LOOP_BOUND_CONFIG), not yet timed on an H200
     dict(pshfl=True),
     dict(nwarps=12, pshfl=True),
     # the compile's register budget (AttnConfig.maxrreg, session 43): with 255 NVRTC 13.0 gives the default

@@ -517,10 +517,10 @@ cupy)
         }
         i11 compare 100 compare --contexts 32768 131072
         # what binds the loop there: a CTA alone against the full load (session 41: on an H100 the memory)
-        # (session 44: this GPU's default against 8 warps, the default where the memory binds, and 16;
-        # session 45: P d by warp shuffles, pshfl, on this GPU's default)
+        # (this GPU's default against: the default where the memory binds, 8 warps without pshfl; session 44's
+        # rule, 12 warps without pshfl; 16 warps)
         i11 scaling 110 scaling --batches 2 4 8 16 --contexts 32768 131072 --fmts polar/polar polar/f16 \
-            --config-sets default nwarps=8 nwarps=16 pshfl=1
+            --config-sets default nwarps=8,pshfl=0 pshfl=0 nwarps=16
         i11 tune 170 tune-mma --fmts polar/polar --phases depth ctas
         i11 anatomy $((budget - (SECONDS - t0) - 40)) anatomy --contexts 32768
         i11 encode 40 encode

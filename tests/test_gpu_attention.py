@@ -471,7 +471,7 @@ NEW_OPTION_CFGS = {  # issue 11's cuts (pdw, smlean, vunroll, ptrs) with the opt
     "loop-bound default": dataclasses.asdict(attn.LOOP_BOUND_CONFIG),
     # session 45: P d by warp shuffles (taken at 3 rows, not at 8, nor at D=64 where the swizzle is off)
     "default pshfl": dict(dataclasses.asdict(attn.DEFAULT_CONFIG), pshfl=True),
-    "loop-bound pshfl": dict(dataclasses.asdict(attn.LOOP_BOUND_CONFIG), pshfl=True),
+    "loop-bound without pshfl": dict(dataclasses.asdict(attn.LOOP_BOUND_CONFIG), pshfl=False),
 }
 
 
@@ -755,12 +755,12 @@ def test_default_config_by_work_units():
 
 def test_default_config_by_memory_rate(monkeypatch):
     """On a GPU whose memory feeds each SM more than LOOP_BOUND_BYTES bytes a cycle (an H200) polar V at head
-    size 128 takes 12 warps (session 44); every other case keeps its shape; the rate comes from the
-    device's attributes (an H200's, by its specification, give 18.8; an H100 SXM's 12.8) and an unreadable
-    one keeps the default; the shape fits without a fallback at every row count, q type and K format. CPU
-    only."""
+    size 128 takes 12 warps (session 44) and P d by shuffles (session 45); every other case keeps its shape;
+    the rate comes from the device's attributes (an H200's, by its specification, give 18.8; an H100 SXM's
+    12.8) and an unreadable one keeps the default; the shape fits without a fallback at every row count, q
+    type and K format. CPU only."""
     lb = attn.LOOP_BOUND_CONFIG
-    assert lb == dataclasses.replace(attn.DEFAULT_CONFIG, nwarps=12)
+    assert lb == dataclasses.replace(attn.DEFAULT_CONFIG, nwarps=12, pshfl=True)
     assert attn.default_config("polar", D=128, loop_bound=True) == lb
     assert attn.default_config("polar", D=128, units=128, loop_bound=True) == lb
     for D in (None, 64, 256):
