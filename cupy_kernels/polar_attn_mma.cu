@@ -796,7 +796,9 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
     }
     float * ws = reinterpret_cast<float *>(smem + MOFF_WS) + warp * TW * RBP * WN;  // P [TW][RBP]
 #if PDW
+#if !PSH  // (PSH: the P d words go by shuffles, not through ws)
     u32 *     wsw   = reinterpret_cast<u32 *>(ws);  // PDW: P d [TW][RBP][WN]
+#endif
     const u32 psel0 = (g & 1) ? 0x1044u : 0x4410u;  // byte permutes: half 0 / 1 of a word to half g & 1
     const u32 psel1 = (g & 1) ? 0x3244u : 0x4432u;
 #endif

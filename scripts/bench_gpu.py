@@ -878,7 +878,7 @@ def cmd_anatomy(args, timer) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(5)
     timers = {"write": timer, "read": Timer(timer.reps, timer.warmup, flush="read")}
-    cfg = shape_default("polar", Shape(16, max(args.contexts), 32, 8, 128))  # this GPU's (loop_bound_device)
+    cfg = shape_default("polar", MMA_TUNE_SHAPE)  # this GPU's at batch 16 (loop_bound_device)
     cfg_t = dataclasses.replace(cfg, cta_times=True)
     cfg_q = dataclasses.replace(cfg, qstage=False)  # q from global memory (the default before session 19)
     for T in args.contexts:
@@ -1044,7 +1044,7 @@ def cmd_scaling(args, timer) -> list[dict]:
         nbytes = cache_bytes(kfmt, B, sh.Hkv, T, sh.D) + cache_bytes(vfmt, B, sh.Hkv, T, sh.D)
         for cset, changes in args.config_sets:  # each set on the same data, one after the other
             fmts = scaling_fmts(kfmt, vfmt, cset)
-            cfg = dataclasses.replace(shape_default(vfmt, Shape(16, T, 32, 8, 128)), **changes)
+            cfg = dataclasses.replace(shape_default(vfmt, MMA_TUNE_SHAPE), **changes)  # (batch 16's)
             try:
                 fn = attn_fn(q, kc, vc, lens, kfmt, vfmt, config=cfg, max_len=T, splits=1)
                 p = attention.plan(B, sh.Hq, sh.Hkv, 1, sh.D, T, kfmt, vfmt, q.dtype, cfg, 1)
@@ -1550,7 +1550,7 @@ def cmd_copy(args, timer) -> list[dict]:
     from cupy_kernels import attention, loader
 
     feed = loader.memory_bytes_per_sm_cycle(0)  # (the device's attributes: what the default rests on)
-    label = mma_label(shape_default("polar", Shape(16, 32768, 32, 8, 128)))
+    label = mma_label(shape_default("polar", MMA_TUNE_SHAPE))
     print(
         f"memory feeds {feed if feed is None else round(feed, 1)} bytes a SM cycle (loop-bound above "
         f"{attention.LOOP_BOUND_BYTES}): polar K+V's default at head size 128 is {label}"

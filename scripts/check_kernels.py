@@ -110,9 +110,9 @@ CONFIGS = [  # kernel shapes besides default_config: tests/test_gpu_attention.py
     dataclasses.replace(attention.DEFAULT_CONFIG, nwarps=12),
     # session 43: the compile's register budget (AttnConfig.maxrreg, --maxrregcount)
     dataclasses.replace(attention.DEFAULT_CONFIG, maxrreg=255),
-    # session 45: P d by warp shuffles (AttnConfig.pshfl), on the defaults and 32-key tiles
+    # session 45: P d by warp shuffles (AttnConfig.pshfl), on the defaults and 32-key tiles (12 warps without
+    # it, the loop-bound default before it, is the depth phase's nwarps=12 above)
     dataclasses.replace(attention.DEFAULT_CONFIG, pshfl=True),
-    dataclasses.replace(attention.LOOP_BOUND_CONFIG, pshfl=False),
     dataclasses.replace(attention.POLAR3V_CONFIG, pshfl=True),
     dataclasses.replace(attention.DEFAULT_CONFIG, pshfl=True, wtile=32, stages=2),
 ]

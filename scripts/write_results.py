@@ -597,7 +597,8 @@ def headline(gpu_runs: list[tuple[tuple[str, str, str], str]]) -> list[str]:
     if gpu:
         out += [
             "llama.cpp with CUDA (issue 10's tg targets): the newest run of each kind on each GPU model; "
-            'every run is listed under "llama.cpp with CUDA: every run of issue 10\'s tg targets" below.',
+            "every run is listed in docs/results.md under \"llama.cpp with CUDA: every run of issue 10's tg "
+            'targets".',
             "",
             *gpu,
             "",
@@ -616,7 +617,8 @@ def headline(gpu_runs: list[tuple[tuple[str, str, str], str]]) -> list[str]:
         out += [
             "",
             "CuPy kernels (issue 11; its targets are set on the H200, the H100 rows show the same kernels on "
-            "the other card), each call replayed from a CUDA graph; the full tables: the GPU section.",
+            "the other card), each call replayed from a CUDA graph; the full tables: docs/results.md's GPU "
+            "section.",
             "",
             *kern,
         ]
@@ -819,10 +821,6 @@ def readme_headline(results_md: str) -> list[str]:
     head = results_md.split("## Headline", 1)[1].split("\n## ", 1)[0]
     body = head.split("\n", 1)[1]
     body = re.sub(r"\]\((?![a-z]+:|/|#)", "](docs/", body)
-    # what results.md calls "below" is in results.md
-    body = body.replace('" below', '" in docs/results.md').replace(
-        "the GPU section.", "docs/results.md's GPU section."
-    )
     return [
         "From the raw files, with their commands and machines (the full tables: "
         "[`docs/results.md`](docs/results.md)).",
