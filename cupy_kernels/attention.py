@@ -324,11 +324,27 @@ def attn_defines(D: int, kfmt: str, vfmt: str, rb: int, qt: int, cfg: AttnConfig
             d["MMA_CTAS"] = cfg.ctas
         if cfg.maxrreg:  # (likewise; loader.define_options turns it into --maxrregcount)
             d["MAXRREG"] = cfg.maxrreg
-        if cfg.pshfl:  # (likewise)
+        if cfg.pshfl and pshfl_applies(d):  # (likewise; elsewhere the kernel is the one without it)
             d["PSHFL"] = 1
     else:
         d.update(KMODE=kmode, TPT=cfg.tpt, REPL=cfg.repl)
     return d
+
+
+def pshfl_applies(d: dict[str, int]) -> bool:
+    """Whether the P d words can go by shuffles (the kernel's PSHFL, which static_asserts the same): PDW,
+    the swizzled key orders on 4-byte aligned K rows (KSWZ), quantized V, at most 4 rows (RBP 4), the V
+    phase unrolled and whole 32-key blocks in a warp tile."""
+    krow = d["HD"] // QK * d["KTS"]
+    return bool(
+        d["PDW"]
+        and d["SWZ"]
+        and krow % 4 == 0
+        and d["VFMT"] != F16_KERNEL_ID
+        and d["RB"] <= 4
+        and d["VUNROLL"]
+        and d["TW"] % 32 == 0
+    )
 
 
 def smem_bytes(impl: str, d: dict[str, int]) -> int:
@@ -354,11 +370,13 @@ def smem_bytes(impl: str, d: dict[str, int]) -> int:
         if d.get("PDW"):
             nbw = nb if vquant else 1
             wn = (nbw + 1) // 2 * (2 if d["PREC"] else 1)
+        # the warp's P slots; PSHFL: none, only the epilogue's RB floats of l
+        ws = rbp * 4 if d.get("PSHFL") else d["NWARPS"] * d["TW"] * rbp * 4 * wn
         return (
             _a16(ktab)
             + _a16(vtab)
             + _a16(max(stage, red))
-            + _a16(d["NWARPS"] * d["TW"] * rbp * 4 * wn)
+            + _a16(ws)
             + _a16(d["NWARPS"] * rbp * 8)
             + _a16(RB * HD * (4 if d["QT"] == 0 else 2) if d.get("QSTAGE") else 0)  # QSTAGE: the q rows
         )

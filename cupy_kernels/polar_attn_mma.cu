@@ -60,7 +60,7 @@
 //     q max and fragments read them there, instead of 2 + 1 dependent rounds of 2-byte global loads issued
 //     behind the CTA's copies (~11 us of a ~12 us prologue at B=16 on the H200, bench_gpu.py anatomy,
 //     session 18). The same q values: the same results.
-//   PSHFL 1 (taken where PSH below holds: PDW, KSWZ, quantized V, 4 padded rows, VUNROLL, 32-key blocks):
+//   PSHFL 1 (only where PDW, KSWZ, quantized V, 4 padded rows, VUNROLL and 32-key blocks; the plan sets it):
 //     the P d words reach the V phase by warp shuffles instead of a store to and a load from the warp's P
 //     slots (8 64-bit stores and 16 32-bit loads of shared memory a 64-key tile, 16 shuffles instead).
 //     With the swizzled orders the V phase's key v_key(k8, h, c) is the K phase's k_row(2 (k8 >> 2) + h,
@@ -100,7 +100,8 @@
 #define MOFF_VTAB (MOFF_KTAB + ALIGN16(MKTAB_BYTES))
 #define MOFF_STAGE (MOFF_VTAB + ALIGN16(MVTAB_BYTES))
 #define MOFF_WS (MOFF_STAGE + ALIGN16(MSTAGE_BYTES > MRED_BYTES ? MSTAGE_BYTES : MRED_BYTES))
-#define MOFF_ML (MOFF_WS + ALIGN16(NWARPS * TW * RBP * 4 * WN))
+#define MWS_BYTES (PSH ? RBP * 4 : NWARPS * TW * RBP * 4 * WN)  // P slots (PSH: none, the epilogue's l)
+#define MOFF_ML (MOFF_WS + ALIGN16(MWS_BYTES))
 #define QES (QT == 0 ? 4 : 2)                  // bytes of a q element
 #define MQS_BYTES (QSTAGE ? RB * HD * QES : 0)   // QSTAGE: the CTA's q rows as they are in memory
 #define MOFF_QS (MOFF_ML + ALIGN16(NWARPS * RBP * 4 * 2))
@@ -115,7 +116,9 @@ static_assert(STAGES >= (KVSPLIT ? 1 : 2), "STAGES >= 2 (>= 1 with KVSPLIT)");
 #ifndef PSHFL
 #define PSHFL 0
 #endif
-#define PSH (PSHFL && PDW && KSWZ && VQUANT && RBP == 4 && VUNROLL && TW % 32 == 0)  // P d by shuffles
+#define PSH PSHFL  // P d by shuffles (cupy_kernels.attention.pshfl_applies sets it only where it can)
+static_assert(!PSHFL || (PDW && KSWZ && VQUANT && RBP == 4 && VUNROLL && TW % 32 == 0),
+              "PSHFL needs PDW, KSWZ, quantized V, 4 padded rows, VUNROLL and 32-key blocks");
 #define FULL32(blk) (TW % 32 == 0 || 32 * (blk) + 32 <= TW)  // keys 32 blk .. 32 blk + 31 in the tile
 
 // Key row (of the warp tile) of the K phase's m-tile mt, A rows g (kk 0) / g + 8 (kk 1).
@@ -794,9 +797,11 @@ extern "C" __global__ void MMA_LAUNCH_BOUNDS polar_attn_mma(POLAR_ATTN_PARAMS) {
             }
         }
     }
+#if !PSH  // (PSH: the P d words go by shuffles; MOFF_WS holds no P slots)
     float * ws = reinterpret_cast<float *>(smem + MOFF_WS) + warp * TW * RBP * WN;  // P [TW][RBP]
+#endif
 #if PDW
-#if !PSH  // (PSH: the P d words go by shuffles, not through ws)
+#if !PSH
     u32 *     wsw   = reinterpret_cast<u32 *>(ws);  // PDW: P d [TW][RBP][WN]
 #endif
     const u32 psel0 = (g & 1) ? 0x1044u : 0x4410u;  // byte permutes: half 0 / 1 of a word to half g & 1

@@ -7,14 +7,18 @@ Tolerance: max |out - ref| / max |ref| per case. Measured on an NVIDIA H100 80GB
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 
 import bench_gpu
+import check_kernels
 from cupy_kernels import attention as attn
 from cupy_kernels import codec as gpu_codec
 from cupy_kernels import formats, loader
@@ -140,6 +144,54 @@ def test_mma_options_cpu():
     d255 = attn.attn_defines(128, "polar", "polar", 4, 1, dataclasses.replace(base, maxrreg=255))
     assert d255["MAXRREG"] == 255 and "MAXRREG" not in attn.attn_defines(128, "polar", "polar", 4, 1, base)
     assert loader.define_options(d255) == ("--maxrregcount=255",) and loader.define_options(d) == ()
+
+
+def test_pshfl_only_where_it_applies_and_frees_the_p_slots():
+    """AttnConfig.pshfl sets PSHFL only where the kernel can take it (pshfl_applies; the kernel static_asserts
+    the same), elsewhere the variant is the one without it; with it the warps' P slots are not reserved, only
+    the epilogue's RBP floats of l."""
+    lb = attn.LOOP_BOUND_CONFIG
+    assert lb.pshfl
+    off = dataclasses.replace(lb, pshfl=False)
+    d = attn.attn_defines(128, "polar", "polar", 4, 1, lb)
+    d0 = attn.attn_defines(128, "polar", "polar", 4, 1, off)
+    assert d["PSHFL"] == 1 and attn.pshfl_applies(d0)
+    # 12 warps x 64 keys x 4 rows x 4 bytes x WN 1 -> 16 bytes
+    assert attn.smem_bytes("mma", d0) - attn.smem_bytes("mma", d) == 12 * 64 * 4 * 4 - 16
+    for args in ((128, "polar", "polar", 8, 1), (128, "polar", "f16", 4, 1)):  # 8 rows; float16 V
+        assert attn.attn_defines(*args, lb) == attn.attn_defines(*args, off)
+    for change in (dict(wtile=16), dict(vunroll=False), dict(swizzle=False), dict(pdw=False)):
+        c = dataclasses.replace(lb, **change)
+        assert "PSHFL" not in attn.attn_defines(128, "polar", "polar", 4, 1, c), change
+
+
+def test_smem_bytes_mirror_the_kernels(tmp_path):
+    """smem_bytes equals the kernels' own MSMEM_TOTAL (mma) / SMEM_TOTAL (simt) for every attention variant
+    check_kernels compiles: each variant's NVRTC source (loader.build_source) run through the C preprocessor
+    with a #if that fails where they differ; and a wrong value does fail."""
+    cpp = shutil.which("cpp")
+    if cpp is None:
+        pytest.skip("no C preprocessor (cpp) on PATH")
+
+    def differs(file: str, defines: dict, n: int) -> str:
+        mac = "MSMEM_TOTAL" if file == "polar_attn_mma.cu" else "SMEM_TOTAL"
+        src = loader.build_source(file, defines) + f"\n#if {mac} != {n}\n#error {mac} is not {n}\n#endif\n"
+        cmd = [cpp, "-x", "c++", "-P", *loader.include_options(), "-o", os.devnull, "-"]
+        r = subprocess.run(cmd, input=src, text=True, capture_output=True)
+        return r.stderr if r.returncode else ""
+
+    impls = {"polar_attn_mma.cu": "mma", "polar_attn_simt.cu": "simt"}
+    vs = [v for v in check_kernels.variants(False) if v.file in impls]
+    assert len(vs) > 600 and {v.file for v in vs} == set(impls)
+    assert any(dict(v.defines).get("PSHFL") for v in vs)
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        errs = ex.map(
+            lambda v: differs(v.file, dict(v.defines), attn.smem_bytes(impls[v.file], dict(v.defines))), vs
+        )
+        bad = [(v.label, e) for v, e in zip(vs, errs, strict=True) if e]
+    assert not bad, f"{len(bad)} of {len(vs)} variants differ, e.g. {bad[0]}"
+    d = dict(vs[0].defines)
+    assert "is not" in differs(vs[0].file, d, attn.smem_bytes(impls[vs[0].file], d) + 16)
 
 
 def test_tune_mma_grid():
