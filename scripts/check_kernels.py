@@ -5,6 +5,8 @@
     python scripts/check_kernels.py --all        every shape with every format, q type and row count
     python scripts/check_kernels.py --emit ptx --out DIR   keep the PTX of each variant in DIR
     python scripts/check_kernels.py --list       print the variants, compile nothing
+    python scripts/check_kernels.py --smem       each attention variant's shared memory and the CTAs a SM that
+                                                 the plan counts against what a SM holds (compile nothing)
     python scripts/check_kernels.py --resources --only polar_encode   ptxas -v: registers, spills, smem
     python scripts/check_kernels.py --sass-count --only polar_encode  SASS instructions per entry (cuobjdump)
     python scripts/check_kernels.py --nvrtc LIB [--resources]   with the GPU machine's compiler (NVRTC 13.0)
@@ -180,6 +182,29 @@ def variants(full: bool) -> list[Variant]:
     return out + list(seen)
 
 
+SM_SMEM = 228 * 1024  # shared memory a SM of sm_90 (polar_attn_mma.cu's SMEM_CTAS divides it)
+
+
+def smem_report(vs: list[Variant]) -> list[str]:
+    """A line per attention variant of vs: its dynamic shared memory (attention.smem_bytes), the CTAs a SM the
+    plan counts by it (attention._per_sm, registers left out) and those a SM holds (SM_SMEM / (smem + 1 KiB),
+    threads and the 16-CTA cap applied alike); then how many of them differ."""
+    out, differ, n = [], 0, 0
+    for v in vs:
+        impl = next((i for i, k in attention.KERNELS.items() if v.file == f"{k}.cu"), None)
+        if impl is None:
+            continue
+        d = dict(v.defines)
+        smem = attention.smem_bytes(impl, d)
+        nthreads = d["NWARPS"] * 32
+        plan = attention._per_sm(smem, nthreads, 0)
+        sm = max(1, min(SM_SMEM // (smem + 1024), 2048 // nthreads, 16))
+        n += 1
+        differ += plan != sm
+        out.append(f"{smem:7d} bytes  plan {plan}  SM {sm}{'  differs' if plan != sm else ''}  {v.label}")
+    return [*out, f"{n} attention variants, {differ} where the plan's CTAs a SM differ from the SM's"]
+
+
 def check_includes() -> list[str]:
     """Problems with the #includes of the kernel sources: NVRTC finds only the include path."""
     dirs = (loader.kernel_dir(), loader.header_dir())
@@ -341,6 +366,9 @@ def main(argv=None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
     ap.add_argument(
+        "--smem", action="store_true", help="print the attention variants' smem and CTAs a SM, exit"
+    )
+    ap.add_argument(
         "--only", metavar="FILE", help="only the variants of this kernel file (e.g. polar_encode)"
     )
     ap.add_argument("--resources", action="store_true", help="print ptxas -v registers/spills/smem per entry")
@@ -359,6 +387,9 @@ def main(argv=None) -> int:
         vs = [v for v in vs if v.file.removesuffix(".cu") == args.only.removesuffix(".cu")]
     if args.list:
         print(*(v.label for v in vs), sep="\n")
+        return 1 if bad else 0
+    if args.smem:
+        print(*smem_report(vs), sep="\n")
         return 1 if bad else 0
     if args.nvrtc is not None and (args.emit != "cubin" or not args.nvrtc.is_file()):
         log.error(

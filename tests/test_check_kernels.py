@@ -1,12 +1,14 @@
 """scripts/check_kernels.py's SASS count (--sass-count): instructions per function of `cuobjdump -sass`
 output, the lines with an address only (the count behind the encoder variants' SASS numbers in
-docs/results-gpu.md); and its --resources lines from ptxas -v logs."""
+docs/results-gpu.md); its --resources lines from ptxas -v logs; and its --smem report."""
 
 from __future__ import annotations
 
 import pytest
 
+import check_kernels
 from check_kernels import resources, sass_counts
+from cupy_kernels import attention
 
 SASS = """
 	code for sm_90
@@ -62,3 +64,31 @@ def test_resources_of_a_ptxas_log(log, smem):
         "smem",
         smem,
     ]
+
+
+def test_smem_report():
+    """--smem: a line per attention variant (not the encoder's or the combine's), its bytes from smem_bytes;
+    a variant is flagged where the plan's CTAs a SM (227 KiB per block) differ from the SM's 228 KiB: D=64
+    polar K+V's default with a 16-bit q (76544 bytes: 2 against 3), and not the D=128 default."""
+    vs = check_kernels.variants(False)
+    lines = check_kernels.smem_report(vs)
+    attn_vs = [v for v in vs if v.file in ("polar_attn_mma.cu", "polar_attn_simt.cu")]
+    assert len(lines) == len(attn_vs) + 1 and len(attn_vs) < len(vs)
+    flagged = [ln for ln in lines if "differs" in ln]
+    tail = f"{len(attn_vs)} attention variants, {len(flagged)} where the plan's CTAs a SM differ"
+    assert lines[-1] == tail + " from the SM's"
+    d64 = check_kernels.Variant(
+        "polar_attn_mma.cu",
+        tuple(attention.attn_defines(64, "polar", "polar", 4, 1, attention.DEFAULT_CONFIG).items()),
+    )
+    d128 = check_kernels.Variant(
+        "polar_attn_mma.cu",
+        tuple(attention.attn_defines(128, "polar", "polar", 4, 1, attention.DEFAULT_CONFIG).items()),
+    )
+    one = check_kernels.smem_report([d64, d128])
+    assert one[0].startswith("  76544 bytes  plan 2  SM 3  differs  polar_attn_mma.cu HD=64")
+    assert (
+        "differs" not in one[1]
+        and one[2] == "2 attention variants, 1 where the plan's CTAs a SM differ from the SM's"
+    )
+    assert any(ln.startswith("  76544 bytes  plan 2  SM 3  differs") for ln in flagged)
